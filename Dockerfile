@@ -1,0 +1,25 @@
+# The segstream worker image. Built by docker-compose.yml (service `worker`).
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    SEGSTREAM_WEB_HOST=0.0.0.0 \
+    SEGSTREAM_WEB_PORT=6066
+
+RUN groupadd --system --gid 10001 segstream \
+    && useradd --system --uid 10001 --gid segstream --create-home \
+       --home-dir /home/segstream --shell /usr/sbin/nologin segstream
+
+# Every dependency ships manylinux wheels for CPython 3.11, so no compiler is needed.
+COPY . /src
+RUN pip install --no-cache-dir /src && rm -rf /src
+
+# Faust keeps its data directory relative to the working directory.
+WORKDIR /app
+RUN chown segstream:segstream /app
+
+USER 10001:10001
+
+EXPOSE 6066
+CMD ["segstream", "worker"]

@@ -1,0 +1,1 @@
+"""Pure per-customer feature state, its transitions, and the Redis store adapter."""

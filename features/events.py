@@ -1,0 +1,83 @@
+"""Validated, normalised input events as the pure feature logic sees them.
+
+The stream layer turns raw Kafka records into these objects; everything in
+``features/`` and ``scorers/`` works on them without touching I/O.
+
+Money is kept in integer *units* of 1/10,000 of the currency so that sums are
+exact and independent of the order in which events arrive.
+
+>>> to_units(12.34)
+123400
+>>> from_units(123400)
+12.34
+>>> day_of(86_400_000 * 3 + 5)
+3
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Literal
+
+MS_PER_DAY = 86_400_000
+UNITS_PER_CURRENCY = 10_000
+
+#: Click event types with a meaning of their own in the engagement features.
+LOGIN = "login"
+FEATURE_USE = "feature_use"
+SUPPORT_TICKET = "support_ticket"
+
+
+def to_units(amount: float) -> int:
+    """Convert a currency amount to integer units of 1/10,000 (half-even rounding)."""
+    return round(amount * UNITS_PER_CURRENCY)
+
+
+def from_units(units: int) -> float:
+    """Convert integer units back to a currency amount."""
+    return units / UNITS_PER_CURRENCY
+
+
+def day_of(ts_ms: int) -> int:
+    """UTC day number (days since 1970-01-01) of an epoch-millisecond timestamp."""
+    return ts_ms // MS_PER_DAY
+
+
+def id_hash(value: str) -> int:
+    """A stable 63-bit hash of an identifier (event or session id).
+
+    Stable across processes and machines, unlike :func:`hash`.
+
+    >>> id_hash("e1") == id_hash("e1")
+    True
+    """
+    digest = hashlib.blake2b(value.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
+
+
+@dataclass(frozen=True, slots=True)
+class ClickEvent:
+    """A clickstream event: something the customer did in the product."""
+
+    event_id: str
+    customer_id: str
+    ts_ms: int
+    event_type: str
+    session_id: str | None = None
+
+    kind: Literal["click"] = "click"
+
+
+@dataclass(frozen=True, slots=True)
+class TransactionEvent:
+    """A purchase or refund. ``amount_units`` is always >= 0; ``kind`` gives the sign."""
+
+    event_id: str
+    customer_id: str
+    ts_ms: int
+    amount_units: int
+    kind: Literal["purchase", "refund"] = "purchase"
+
+
+Event = ClickEvent | TransactionEvent

@@ -1,0 +1,373 @@
+"""Per-customer behavioural state and its pure transitions.
+
+``apply(state, event) -> state`` folds one event into a customer's state and
+``derive(state, now_ms) -> dict`` produces every feature of the public contract
+at engine time ``now_ms``. Both are pure: :func:`apply` never mutates its input.
+
+Windows are day-bucketed trailing windows in UTC: the W-day window covers the
+days ``[day(now) - (W - 1), day(now)]``. Day buckets older than the retention
+(the longest window, or the allowed lateness if that is longer) are folded into
+totals and dropped, so state stays bounded. Because the retention is longer
+than the allowed lateness, a late event never needs a dropped bucket, and every
+count stays exact.
+
+Lateness is judged per input topic-partition (the engine rejects an event more
+than ``lateness_ms`` behind the newest one accepted from its topic-partition), and
+a customer's clicks and transactions each come through one topic-partition. So
+click state is pruned relative to the customer's newest click and transaction
+state relative to the newest transaction: however far one topic runs ahead of the
+other, a late event never needs anything pruned. Event ids are remembered for
+``lateness_ms`` behind the newest event of the same kind; a duplicate of anything
+older is rejected as too late upstream.
+
+Example:
+
+>>> from features.events import ClickEvent, TransactionEvent, MS_PER_DAY, to_units
+>>> s = empty()
+>>> s = apply(s, TransactionEvent("t1", "c1", 10 * MS_PER_DAY, to_units(20.0)))
+>>> s = apply(s, TransactionEvent("t2", "c1", 12 * MS_PER_DAY, to_units(5.0)))
+>>> s = apply(s, TransactionEvent("t2", "c1", 12 * MS_PER_DAY, to_units(5.0)))  # duplicate
+>>> f = derive(s, 15 * MS_PER_DAY)
+>>> f["purchases_total"], f["monetary_total"], f["recency_days"]
+(2, 25.0, 3)
+>>> f["bgnbd_frequency"], f["bgnbd_recency"], f["bgnbd_T"], f["bgnbd_monetary"]
+(1, 2, 5, 5.0)
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from features.events import (
+    FEATURE_USE,
+    LOGIN,
+    MS_PER_DAY,
+    SUPPORT_TICKET,
+    ClickEvent,
+    Event,
+    TransactionEvent,
+    day_of,
+    from_units,
+    id_hash,
+)
+
+#: Default allowed lateness (7 days), matching the engine setting's default.
+DEFAULT_LATENESS_MS = 7 * MS_PER_DAY
+#: Longest trailing window of any feature, in days.
+LONGEST_WINDOW_DAYS = 90
+#: Weeks in the activity-trend regression.
+TREND_WEEKS = 8
+#: Distinct-value windows (sessions, event types) look back this many days.
+DISTINCT_WINDOW_DAYS = 30
+
+# Indexes into a click day bucket.
+_EV, _LOGIN, _FEAT, _TICKET = 0, 1, 2, 3
+# Indexes into a purchase day bucket.
+_NPUR, _SPEND = 0, 1
+
+
+@dataclass(slots=True)
+class CustomerState:
+    """Compact per-customer state. Treat as immutable outside this module."""
+
+    max_ts: int = -1
+    first_seen_ts: int = -1
+    seen_ids: dict[int, int] = field(default_factory=dict)
+    max_txn_ts: int = -1
+    txn_ids: dict[int, int] = field(default_factory=dict)
+    # transactions
+    first_purchase_ts: int = -1
+    last_purchase_ts: int = -1
+    purchases_total: int = 0
+    refunds_total: int = 0
+    monetary_units: int = 0
+    pdays: dict[int, list[int]] = field(default_factory=dict)
+    old_purchase_days: int = 0
+    old_pday_spend: int = 0
+    first_day_spend: int | None = None
+    # clickstream
+    last_event_ts: int = -1
+    events_total: int = 0
+    cdays: dict[int, list[int]] = field(default_factory=dict)
+    sessions: dict[int, int] = field(default_factory=dict)
+    event_types: dict[str, int] = field(default_factory=dict)
+
+    def copy(self) -> CustomerState:
+        """A deep copy, safe to mutate."""
+        return copy.deepcopy(self)
+
+
+def empty() -> CustomerState:
+    """The state of a customer the engine has never seen."""
+    return CustomerState()
+
+
+def retention_days(lateness_ms: int = DEFAULT_LATENESS_MS) -> int:
+    """Days of buckets kept behind a customer's newest event.
+
+    >>> retention_days(7 * MS_PER_DAY)
+    90
+    >>> retention_days(200 * MS_PER_DAY)
+    202
+    """
+    return max(LONGEST_WINDOW_DAYS, TREND_WEEKS * 7, lateness_ms // MS_PER_DAY + 2)
+
+
+def _ids(state: CustomerState, event: Event) -> dict[int, int]:
+    return state.txn_ids if isinstance(event, TransactionEvent) else state.seen_ids
+
+
+def is_duplicate(state: CustomerState, event: Event) -> bool:
+    """Whether this event id was already applied to the state."""
+    return id_hash(event.event_id) in _ids(state, event)
+
+
+def apply(
+    state: CustomerState, event: Event, lateness_ms: int = DEFAULT_LATENESS_MS
+) -> CustomerState:
+    """Fold one event into a copy of ``state``; duplicates leave it unchanged."""
+    return apply_many(state, (event,), lateness_ms)
+
+
+def apply_many(
+    state: CustomerState, events: Iterable[Event], lateness_ms: int = DEFAULT_LATENESS_MS
+) -> CustomerState:
+    """Fold several events into one copy of ``state`` (cheaper than repeated :func:`apply`)."""
+    new = state.copy()
+    for event in events:
+        _apply_in_place(new, event, lateness_ms)
+    _prune(new, lateness_ms)
+    return new
+
+
+def _apply_in_place(s: CustomerState, event: Event, lateness_ms: int) -> None:
+    h = id_hash(event.event_id)
+    ids = _ids(s, event)
+    if h in ids:
+        return
+    ts = event.ts_ms
+    ids[h] = ts
+    if ts > s.max_ts:
+        s.max_ts = ts
+    if s.first_seen_ts < 0 or ts < s.first_seen_ts:
+        s.first_seen_ts = ts
+    day = day_of(ts)
+    if isinstance(event, TransactionEvent):
+        _apply_transaction(s, event, day)
+    else:
+        _apply_click(s, event, day)
+
+
+def _apply_transaction(s: CustomerState, event: TransactionEvent, day: int) -> None:
+    if event.ts_ms > s.max_txn_ts:
+        s.max_txn_ts = event.ts_ms
+    bucket = s.pdays.get(day)
+    if bucket is None:
+        bucket = s.pdays[day] = [0, 0]
+    if event.kind == "refund":
+        s.refunds_total += 1
+        s.monetary_units -= event.amount_units
+        bucket[_SPEND] -= event.amount_units
+        return
+    s.purchases_total += 1
+    s.monetary_units += event.amount_units
+    bucket[_NPUR] += 1
+    bucket[_SPEND] += event.amount_units
+    ts = event.ts_ms
+    if s.first_purchase_ts < 0 or ts < s.first_purchase_ts:
+        s.first_purchase_ts = ts
+    if ts > s.last_purchase_ts:
+        s.last_purchase_ts = ts
+
+
+def _apply_click(s: CustomerState, event: ClickEvent, day: int) -> None:
+    s.events_total += 1
+    if event.ts_ms > s.last_event_ts:
+        s.last_event_ts = event.ts_ms
+    bucket = s.cdays.get(day)
+    if bucket is None:
+        bucket = s.cdays[day] = [0, 0, 0, 0]
+    bucket[_EV] += 1
+    et = event.event_type
+    if et == LOGIN:
+        bucket[_LOGIN] += 1
+    elif et == FEATURE_USE:
+        bucket[_FEAT] += 1
+    elif et == SUPPORT_TICKET:
+        bucket[_TICKET] += 1
+    if s.event_types.get(et, -1) < day:
+        s.event_types[et] = day
+    if event.session_id is not None:
+        sh = id_hash(event.session_id)
+        if s.sessions.get(sh, -1) < day:
+            s.sessions[sh] = day
+
+
+def _prune(s: CustomerState, lateness_ms: int) -> None:
+    """Drop what no window and no late event can reach any more."""
+    keep = retention_days(lateness_ms)
+    if s.max_txn_ts >= 0:
+        _prune_transactions(s, day_of(s.max_txn_ts) - keep + 1)
+        floor = s.max_txn_ts - lateness_ms
+        s.txn_ids = {k: t for k, t in s.txn_ids.items() if t >= floor}
+    if s.last_event_ts >= 0:
+        _prune_clicks(s, day_of(s.last_event_ts), keep, lateness_ms)
+
+
+def _prune_transactions(s: CustomerState, oldest: int) -> None:
+    first_pday = day_of(s.first_purchase_ts) if s.first_purchase_ts >= 0 else None
+    for d in [d for d in s.pdays if d < oldest]:
+        npur, spend = s.pdays.pop(d)
+        if npur > 0:
+            s.old_purchase_days += 1
+            if d == first_pday:
+                s.first_day_spend = spend
+            else:
+                s.old_pday_spend += spend
+
+
+def _prune_clicks(s: CustomerState, top: int, keep: int, lateness_ms: int) -> None:
+    oldest = top - keep + 1
+    for d in [d for d in s.cdays if d < oldest]:
+        del s.cdays[d]
+    distinct_oldest = top - DISTINCT_WINDOW_DAYS + 1
+    if s.sessions:
+        s.sessions = {k: d for k, d in s.sessions.items() if d >= distinct_oldest}
+    if s.event_types:
+        s.event_types = {k: d for k, d in s.event_types.items() if d >= distinct_oldest}
+    id_floor = s.last_event_ts - lateness_ms
+    if s.seen_ids:
+        s.seen_ids = {k: t for k, t in s.seen_ids.items() if t >= id_floor}
+
+
+def iso(ts_ms: int) -> str | None:
+    """RFC 3339 UTC string of an epoch-millisecond timestamp, ``None`` for -1.
+
+    >>> iso(0)
+    '1970-01-01T00:00:00.000Z'
+    """
+    if ts_ms < 0:
+        return None
+    return datetime.fromtimestamp(ts_ms / 1000, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def _window(buckets: dict[int, list[int]], today: int, days: int, idx: int) -> int:
+    lo = today - days + 1
+    return sum(b[idx] for d, b in buckets.items() if lo <= d <= today)
+
+
+def _active_days(buckets: dict[int, list[int]], today: int, days: int) -> int:
+    lo = today - days + 1
+    return sum(1 for d, b in buckets.items() if lo <= d <= today and b[_EV] > 0)
+
+
+def _trend(buckets: dict[int, list[int]], today: int) -> float:
+    """Least-squares slope of weekly event counts over the last 8 weeks (events/week)."""
+    weeks = [0] * TREND_WEEKS
+    lo = today - TREND_WEEKS * 7 + 1
+    for d, b in buckets.items():
+        if lo <= d <= today:
+            weeks[(d - lo) // 7] += b[_EV]
+    n = TREND_WEEKS
+    mean_x = (n - 1) / 2
+    mean_y = sum(weeks) / n
+    sxx = sum((x - mean_x) ** 2 for x in range(n))
+    sxy = sum((x - mean_x) * (y - mean_y) for x, y in enumerate(weeks))
+    return sxy / sxx
+
+
+def _bgnbd(s: CustomerState, today: int) -> dict[str, Any]:
+    if s.first_purchase_ts < 0:
+        return {"bgnbd_frequency": None, "bgnbd_recency": None, "bgnbd_T": None,
+                "bgnbd_monetary": None}
+    first_day = day_of(s.first_purchase_ts)
+    pdays = s.old_purchase_days + sum(1 for b in s.pdays.values() if b[_NPUR] > 0)
+    repeat = pdays - 1
+    spend_all = s.old_pday_spend + (s.first_day_spend or 0)
+    spend_all += sum(b[_SPEND] for b in s.pdays.values() if b[_NPUR] > 0)
+    first_spend = s.first_day_spend
+    if first_spend is None:
+        first_spend = s.pdays[first_day][_SPEND]
+    repeat_spend = spend_all - first_spend
+    return {
+        "bgnbd_frequency": repeat,
+        "bgnbd_recency": day_of(s.last_purchase_ts) - first_day,
+        "bgnbd_T": today - first_day,
+        "bgnbd_monetary": from_units(repeat_spend) / repeat if repeat > 0 else 0.0,
+    }
+
+
+def purchase_days(s: CustomerState) -> int:
+    """Distinct UTC days with at least one purchase."""
+    return s.old_purchase_days + sum(1 for b in s.pdays.values() if b[_NPUR] > 0)
+
+
+def derive(state: CustomerState, now_ms: int) -> dict[str, Any]:
+    """Every contract feature of the customer at engine time ``now_ms``."""
+    s = state
+    today = day_of(now_ms)
+    f: dict[str, Any] = {
+        "first_seen_at": iso(s.first_seen_ts),
+        "tenure_days": today - day_of(s.first_seen_ts) if s.first_seen_ts >= 0 else None,
+        # transactions
+        "first_purchase_at": iso(s.first_purchase_ts),
+        "last_purchase_at": iso(s.last_purchase_ts),
+        "purchases_total": s.purchases_total,
+        "refunds_total": s.refunds_total,
+        "purchase_days": purchase_days(s),
+        "monetary_total": from_units(s.monetary_units),
+        "recency_days": today - day_of(s.last_purchase_ts) if s.last_purchase_ts >= 0 else None,
+    }
+    for w in (7, 30, 90):
+        f[f"purchases_{w}d"] = _window(s.pdays, today, w, _NPUR)
+        f[f"spend_{w}d"] = from_units(_window(s.pdays, today, w, _SPEND))
+    f.update(_bgnbd(s, today))
+    # clickstream
+    f["last_event_at"] = iso(s.last_event_ts)
+    f["days_since_last_event"] = today - day_of(s.last_event_ts) if s.last_event_ts >= 0 else None
+    f["events_total"] = s.events_total
+    for w in (1, 7, 30):
+        f[f"events_{w}d"] = _window(s.cdays, today, w, _EV)
+    for w in (7, 30):
+        lo = today - w + 1
+        f[f"sessions_{w}d"] = sum(1 for d in s.sessions.values() if lo <= d <= today)
+        f[f"active_days_{w}d"] = _active_days(s.cdays, today, w)
+        f[f"logins_{w}d"] = _window(s.cdays, today, w, _LOGIN)
+    lo30 = today - DISTINCT_WINDOW_DAYS + 1
+    f["distinct_event_types_30d"] = sum(1 for d in s.event_types.values() if lo30 <= d <= today)
+    f["feature_uses_30d"] = _window(s.cdays, today, 30, _FEAT)
+    f["support_tickets_30d"] = _window(s.cdays, today, 30, _TICKET)
+    f["activity_trend_8w"] = _trend(s.cdays, today)
+    return f
+
+
+#: Names of every feature :func:`derive` produces, in order.
+FEATURE_NAMES: tuple[str, ...] = tuple(derive(empty(), 0))
+
+
+def last_activity_ts(state: CustomerState) -> int:
+    """Timestamp of the customer's newest event of any kind, -1 if none."""
+    return state.max_ts
+
+
+def days_between(a_ms: int, b_ms: int) -> int:
+    """Whole UTC days from the day of ``a_ms`` to the day of ``b_ms``."""
+    return day_of(b_ms) - day_of(a_ms)
+
+
+__all__ = [
+    "FEATURE_NAMES",
+    "MS_PER_DAY",
+    "CustomerState",
+    "apply",
+    "apply_many",
+    "derive",
+    "empty",
+    "is_duplicate",
+    "iso",
+    "retention_days",
+]

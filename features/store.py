@@ -1,0 +1,401 @@
+"""Redis feature store: customer states committed atomically with Kafka offset watermarks.
+
+Layout (``P`` is the deployment's Redis prefix, ``n`` the input partition number)::
+
+    P{pn}:meta        hash: ver, now, wm:<topic> (last applied offset per input topic),
+                      hi:<topic> (newest accepted event time per input topic, for lateness)
+    P{pn}:outbox      hash: id -> record still to publish (dead letters, migrations)
+    P{pn}:c:<id>      string: the customer's encoded state
+    Pnow              string: engine time, the largest accepted event timestamp (ms)
+
+Every key one commit touches carries the hash tag ``{pn}``, so each commit is a
+single-slot Lua script that also works on Redis Cluster. Input topics are
+co-partitioned by customer id, so a customer's keys always live with the
+partition that owns them.
+
+Commits are optimistic: the script applies only if the partition's ``ver`` is
+still the one read at load time, which fences off a zombie owner after a
+rebalance and a concurrent writer on the partition's other topic. A lost reply
+(timeout) is handled by reloading: the watermark tells whether the write landed,
+so every write is idempotent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError, RedisError
+
+_COMMIT = """
+local ver = redis.call('HGET', KEYS[1], 'ver') or '0'
+if ver ~= ARGV[1] then return 0 end
+local i = 2
+local nwm = tonumber(ARGV[i]); i = i + 1
+for _ = 1, nwm do
+  local cur = tonumber(redis.call('HGET', KEYS[1], ARGV[i]) or '-1')
+  if tonumber(ARGV[i + 1]) > cur then redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+  i = i + 2
+end
+local now = tonumber(redis.call('HGET', KEYS[1], 'now') or '-1')
+if tonumber(ARGV[i]) > now then redis.call('HSET', KEYS[1], 'now', ARGV[i]) end
+i = i + 1
+local nout = tonumber(ARGV[i]); i = i + 1
+for _ = 1, nout do
+  redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
+  i = i + 2
+end
+for k = 3, #KEYS do
+  if ARGV[i] == '' then redis.call('DEL', KEYS[k]) else redis.call('SET', KEYS[k], ARGV[i]) end
+  i = i + 1
+end
+redis.call('HINCRBY', KEYS[1], 'ver', 1)
+return 1
+"""
+
+_MAX_SET = """
+local cur = tonumber(redis.call('GET', KEYS[1]) or '-1')
+if tonumber(ARGV[1]) > cur then redis.call('SET', KEYS[1], ARGV[1]); return tonumber(ARGV[1]) end
+return cur
+"""
+
+
+class StoreUnavailable(Exception):
+    """Redis failed; the write may or may not have been applied (reload to find out)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """Names of every Redis key of one deployment."""
+
+    prefix: str
+
+    def meta(self, partition: int) -> str:
+        return f"{self.prefix}{{p{partition}}}:meta"
+
+    def outbox(self, partition: int) -> str:
+        return f"{self.prefix}{{p{partition}}}:outbox"
+
+    def customer(self, partition: int, customer_id: str) -> str:
+        return f"{self.prefix}{{p{partition}}}:c:{customer_id}"
+
+    def customer_pattern(self, partition: int) -> str:
+        return f"{self.prefix}{{p{partition}}}:c:*"
+
+    def now(self) -> str:
+        return f"{self.prefix}now"
+
+    def all_pattern(self) -> str:
+        return f"{self.prefix}*"
+
+
+@dataclass(slots=True)
+class PartitionSnapshot:
+    """What a batch needs of one partition: version, watermarks and customer states."""
+
+    ver: int
+    now_ms: int
+    watermarks: dict[str, int]
+    states: dict[str, bytes | None]
+    high_ts: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class PartitionCommit:
+    """New states of one partition's customers and the offsets they cover."""
+
+    partition: int
+    expected_ver: int
+    watermarks: dict[str, int]
+    now_ms: int
+    states: dict[str, bytes] = field(default_factory=dict)
+    outbox: dict[str, bytes] = field(default_factory=dict)
+    high_ts: dict[str, int] = field(default_factory=dict)
+
+
+class FeatureStore(Protocol):
+    """What the stream layer needs of a state store."""
+
+    async def load(
+        self, wanted: Mapping[int, Iterable[str]], topics: Sequence[str]
+    ) -> tuple[int, dict[int, PartitionSnapshot]]: ...
+
+    async def commit(self, commits: Sequence[PartitionCommit]) -> dict[int, bool]: ...
+
+    async def get_customer(
+        self, customer_id: str, partitions: int
+    ) -> tuple[int, bytes] | None: ...
+
+    async def now(self) -> int: ...
+
+    async def outbox_pending(self, partitions: Iterable[int]) -> dict[int, dict[str, bytes]]: ...
+
+    async def outbox_done(self, done: Mapping[int, Iterable[str]]) -> None: ...
+
+
+def _wm_field(topic: str) -> str:
+    return f"wm:{topic}"
+
+
+def _hi_field(topic: str) -> str:
+    return f"hi:{topic}"
+
+
+def _int(v: Any, default: int = -1) -> int:
+    return default if v is None else int(v)
+
+
+class RedisFeatureStore:
+    """The Redis implementation of :class:`FeatureStore`."""
+
+    def __init__(self, client: aioredis.Redis, prefix: str) -> None:
+        self.r = client
+        self.keys = Keys(prefix)
+        self._commit_sha: str | None = None
+        self._max_sha: str | None = None
+        self.roundtrips = 0
+
+    async def _script(self, pipe: Any, body: str, attr: str, keys: list[str],
+                      args: list[Any]) -> None:
+        sha = getattr(self, attr)
+        if sha is None:
+            sha = await self.r.script_load(body)
+            self.roundtrips += 1
+            setattr(self, attr, sha)
+        pipe.evalsha(sha, len(keys), *keys, *args)
+
+    async def load(
+        self, wanted: Mapping[int, Iterable[str]], topics: Sequence[str]
+    ) -> tuple[int, dict[int, PartitionSnapshot]]:
+        """Read engine time and, per partition, meta and the named customers' states."""
+        fields = ["ver", "now", *(_wm_field(t) for t in topics), *(_hi_field(t) for t in topics)]
+        order: list[tuple[int, list[str]]] = []
+        try:
+            async with self.r.pipeline(transaction=False) as pipe:
+                pipe.get(self.keys.now())
+                for p, cids in wanted.items():
+                    ids = list(dict.fromkeys(cids))
+                    order.append((p, ids))
+                    pipe.hmget(self.keys.meta(p), fields)
+                    if ids:
+                        pipe.mget([self.keys.customer(p, c) for c in ids])
+                res = await pipe.execute()
+        except RedisError as exc:
+            raise StoreUnavailable(f"redis load failed: {exc}") from None
+        self.roundtrips += 1
+        now = _int(res[0])
+        out: dict[int, PartitionSnapshot] = {}
+        i = 1
+        for p, ids in order:
+            meta = res[i]
+            i += 1
+            states: dict[str, bytes | None] = {}
+            if ids:
+                states = dict(zip(ids, res[i], strict=True))
+                i += 1
+            out[p] = PartitionSnapshot(
+                ver=_int(meta[0], 0),
+                now_ms=_int(meta[1]),
+                watermarks={t: _int(v) for t, v in zip(topics, meta[2:], strict=False)},
+                high_ts={t: _int(v) for t, v in zip(topics, meta[2 + len(topics):],
+                                                     strict=True)},
+                states=states,
+            )
+            now = max(now, out[p].now_ms)
+        return now, out
+
+    async def commit(self, commits: Sequence[PartitionCommit]) -> dict[int, bool]:
+        """Apply each partition's commit atomically; False where the version moved on."""
+        if not commits:
+            return {}
+        top = max(c.now_ms for c in commits)
+        try:
+            async with self.r.pipeline(transaction=False) as pipe:
+                for c in commits:
+                    keys = [self.keys.meta(c.partition), self.keys.outbox(c.partition)]
+                    args: list[Any] = [c.expected_ver, len(c.watermarks) + len(c.high_ts)]
+                    for t, off in c.watermarks.items():
+                        args += [_wm_field(t), off]
+                    for t, ts in c.high_ts.items():
+                        args += [_hi_field(t), ts]
+                    args += [c.now_ms, len(c.outbox)]
+                    for oid, rec in c.outbox.items():
+                        args += [oid, rec]
+                    for cid, blob in c.states.items():
+                        keys.append(self.keys.customer(c.partition, cid))
+                        args.append(blob)
+                    await self._script(pipe, _COMMIT, "_commit_sha", keys, args)
+                await self._script(pipe, _MAX_SET, "_max_sha", [self.keys.now()], [top])
+                res = await pipe.execute(raise_on_error=False)
+        except RedisError as exc:
+            raise StoreUnavailable(f"redis commit failed: {exc}") from None
+        self.roundtrips += 1
+        if any(isinstance(x, NoScriptError) for x in res):
+            # Redis restarted without its script cache: load again and report a conflict
+            # so the caller reloads and retries.
+            self._commit_sha = self._max_sha = None
+            return {c.partition: False for c in commits}
+        errors = [x for x in res if isinstance(x, Exception)]
+        if errors:
+            raise StoreUnavailable(f"redis commit failed: {errors[0]}")
+        return {c.partition: bool(ok) for c, ok in zip(commits, res, strict=False)}
+
+    async def get_customer(self, customer_id: str, partitions: int) -> tuple[int, bytes] | None:
+        """Find a customer's state in whichever partition holds it."""
+        try:
+            async with self.r.pipeline(transaction=False) as pipe:
+                for p in range(partitions):
+                    pipe.get(self.keys.customer(p, customer_id))
+                res = await pipe.execute()
+        except RedisError as exc:
+            raise StoreUnavailable(f"redis read failed: {exc}") from None
+        for p, blob in enumerate(res):
+            if blob is not None:
+                return p, blob
+        return None
+
+    async def outbox_pending(self, partitions: Iterable[int]) -> dict[int, dict[str, bytes]]:
+        """Records committed to the outbox of these partitions and not yet published."""
+        parts = list(partitions)
+        try:
+            async with self.r.pipeline(transaction=False) as pipe:
+                for p in parts:
+                    pipe.hgetall(self.keys.outbox(p))
+                res = await pipe.execute()
+        except RedisError as exc:
+            raise StoreUnavailable(f"redis read failed: {exc}") from None
+        self.roundtrips += 1
+        return {
+            p: {(k.decode() if isinstance(k, bytes) else k): v for k, v in rows.items()}
+            for p, rows in zip(parts, res, strict=True)
+            if rows
+        }
+
+    async def outbox_done(self, done: Mapping[int, Iterable[str]]) -> None:
+        """Forget outbox records once Kafka acknowledged them."""
+        try:
+            async with self.r.pipeline(transaction=False) as pipe:
+                for p, ids in done.items():
+                    ids = list(ids)
+                    if ids:
+                        pipe.hdel(self.keys.outbox(p), *ids)
+                await pipe.execute()
+        except RedisError as exc:
+            raise StoreUnavailable(f"redis write failed: {exc}") from None
+        self.roundtrips += 1
+
+    async def now(self) -> int:
+        """Engine time in epoch milliseconds (-1 before the first event)."""
+        try:
+            return _int(await self.r.get(self.keys.now()))
+        except RedisError as exc:
+            raise StoreUnavailable(f"redis read failed: {exc}") from None
+
+    async def watermarks(self, partitions: int, topics: Sequence[str]) -> dict[tuple[str, int], int]:
+        """Last applied offset of every (topic, partition)."""
+        fields = [_wm_field(t) for t in topics]
+        async with self.r.pipeline(transaction=False) as pipe:
+            for p in range(partitions):
+                pipe.hmget(self.keys.meta(p), fields)
+            res = await pipe.execute()
+        return {
+            (t, p): _int(v) for p, row in enumerate(res) for t, v in zip(topics, row, strict=True)
+        }
+
+    async def iter_customers(self, partitions: int, count: int = 1000) -> Any:
+        """Yield ``(partition, customer_id, state bytes)`` for every stored customer."""
+        for p in range(partitions):
+            head = len(self.keys.customer(p, ""))
+            async for batch in _scan_batches(self.r, self.keys.customer_pattern(p), count):
+                values = await self.r.mget(batch)
+                for k, v in zip(batch, values, strict=True):
+                    if v is not None:
+                        key = k.decode() if isinstance(k, bytes) else k
+                        yield p, key[head:], v
+
+
+async def _scan_batches(r: aioredis.Redis, pattern: str, count: int) -> Any:
+    batch: list[Any] = []
+    async for k in r.scan_iter(match=pattern, count=count):
+        batch.append(k)
+        if len(batch) >= count:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+class MemoryFeatureStore:
+    """An in-memory twin of :class:`RedisFeatureStore` for fast unit tests."""
+
+    def __init__(self) -> None:
+        self.meta: dict[int, dict[str, int]] = {}
+        self.customers: dict[tuple[int, str], bytes] = {}
+        self.outboxes: dict[int, dict[str, bytes]] = {}
+        self.global_now = -1
+        self.roundtrips = 0
+        self.fail_next_commit_after_apply = False
+
+    async def load(
+        self, wanted: Mapping[int, Iterable[str]], topics: Sequence[str]
+    ) -> tuple[int, dict[int, PartitionSnapshot]]:
+        self.roundtrips += 1
+        out = {}
+        now = self.global_now
+        for p, cids in wanted.items():
+            m = self.meta.get(p, {})
+            out[p] = PartitionSnapshot(
+                ver=m.get("ver", 0),
+                now_ms=m.get("now", -1),
+                watermarks={t: m.get(_wm_field(t), -1) for t in topics},
+                high_ts={t: m.get(_hi_field(t), -1) for t in topics},
+                states={c: self.customers.get((p, c)) for c in cids},
+            )
+            now = max(now, out[p].now_ms)
+        return now, out
+
+    async def commit(self, commits: Sequence[PartitionCommit]) -> dict[int, bool]:
+        self.roundtrips += 1
+        result = {}
+        for c in commits:
+            m = self.meta.setdefault(c.partition, {})
+            if m.get("ver", 0) != c.expected_ver:
+                result[c.partition] = False
+                continue
+            for t, off in c.watermarks.items():
+                m[_wm_field(t)] = max(m.get(_wm_field(t), -1), off)
+            for t, ts in c.high_ts.items():
+                m[_hi_field(t)] = max(m.get(_hi_field(t), -1), ts)
+            m["now"] = max(m.get("now", -1), c.now_ms)
+            for cid, blob in c.states.items():
+                self.customers[(c.partition, cid)] = blob
+            self.outboxes.setdefault(c.partition, {}).update(c.outbox)
+            m["ver"] = m.get("ver", 0) + 1
+            result[c.partition] = True
+        if commits:
+            self.global_now = max(self.global_now, max(c.now_ms for c in commits))
+        if self.fail_next_commit_after_apply:
+            self.fail_next_commit_after_apply = False
+            raise StoreUnavailable("simulated timeout after the write was applied")
+        return result
+
+    async def get_customer(self, customer_id: str, partitions: int) -> tuple[int, bytes] | None:
+        for p in range(partitions):
+            blob = self.customers.get((p, customer_id))
+            if blob is not None:
+                return p, blob
+        return None
+
+    async def now(self) -> int:
+        return self.global_now
+
+    async def outbox_pending(self, partitions: Iterable[int]) -> dict[int, dict[str, bytes]]:
+        return {p: dict(self.outboxes[p]) for p in partitions if self.outboxes.get(p)}
+
+    async def outbox_done(self, done: Mapping[int, Iterable[str]]) -> None:
+        for p, ids in done.items():
+            for i in ids:
+                self.outboxes.get(p, {}).pop(i, None)
+

@@ -1,0 +1,1 @@
+"""Scores derived from features: RFM, CLV, online models, segment rules."""

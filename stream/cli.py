@@ -1,0 +1,302 @@
+"""The ``segstream`` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from stream.errors import SegstreamError
+from stream.settings import Settings, load_settings
+
+app = typer.Typer(no_args_is_help=True, add_completion=False,
+                  help="segstream: real-time streaming customer segmentation.")
+replay_app = typer.Typer(no_args_is_help=True, help="Produce events into the input topics.")
+app.add_typer(replay_app, name="replay")
+err = Console(stderr=True)
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document.")]
+
+
+def _settings() -> Settings:
+    return load_settings()
+
+
+def _print_json(doc: Any) -> None:
+    sys.stdout.write(json.dumps(doc, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def _api_url(s: Settings) -> str:
+    return f"http://{s.web_host}:{s.web_port}"
+
+
+@app.command()
+def up(json_: JsonOpt = False) -> None:
+    """Start (or reuse) local Kafka and Redis and wait until both answer."""
+    from stream import services
+
+    s = _settings()
+    done = services.up(s)
+    if json_:
+        _print_json({"kafka": {"bootstrap": s.kafka_bootstrap, "action": done["kafka"]},
+                     "redis": {"url": s.redis_url, "action": done["redis"]}})
+        return
+    err.print(f"kafka  {s.kafka_bootstrap}  ({done['kafka']})")
+    err.print(f"redis  {s.redis_url}  ({done['redis']})")
+
+
+@app.command()
+def down() -> None:
+    """Stop the local services that `up` started (never ones it reused)."""
+    from stream import services
+
+    stopped = services.down(_settings())
+    for name, was in stopped.items():
+        err.print(f"{name}: {'stopped' if was else 'not started by segstream'}")
+
+
+@app.command()
+def status(json_: JsonOpt = False) -> None:
+    """Health of Kafka and Redis, and the worker API address."""
+    from stream import services
+
+    s = _settings()
+    h = services.health(s)
+    doc = {"kafka": {"bootstrap": s.kafka_bootstrap, "healthy": h.kafka},
+           "redis": {"url": s.redis_url, "healthy": h.redis},
+           "api": _api_url(s)}
+    if json_:
+        _print_json(doc)
+    else:
+        for name in ("kafka", "redis"):
+            ok = doc[name]["healthy"]  # type: ignore[index]
+            err.print(f"{name}: {'[green]healthy' if ok else '[red]down'}")
+        err.print(f"api: {doc['api']}")
+    if not (h.kafka and h.redis):
+        raise typer.Exit(1)
+
+
+@app.command()
+def worker() -> None:
+    """Run a Faust worker of the engine in this process (signals reach it)."""
+    from faust.worker import Worker
+
+    from stream.app import create_engine
+    from stream.kafka import ensure_topics
+
+    s = _settings()
+    ensure_topics(s)
+    engine = create_engine(s)
+    w = Worker(engine.app, loglevel=s.log_level, quiet=True, redirect_stdouts=False)
+    w.execute_from_commandline()
+
+
+@replay_app.command("cdnow")
+def replay_cdnow(
+    path: Annotated[Path | None, typer.Option(help="CDNOW_master.txt (default: lifetimes')")]
+    = None,
+    until: Annotated[str | None, typer.Option(help="Only purchases before this YYYY-MM-DD")]
+    = None,
+    rate: Annotated[float | None, typer.Option(help="Events per second (default: unthrottled)")]
+    = None,
+) -> None:
+    """Replay the CDNOW transaction log as purchase events, in time order."""
+    from stream.kafka import ensure_topics
+    from stream.replay import cdnow_events, cdnow_path, produce, to_records
+
+    s = _settings()
+    ensure_topics(s)
+    events = cdnow_events(path or cdnow_path(), until)
+    n = produce(s, to_records(s.transactions_topic, events), total=len(events), rate=rate,
+                label="cdnow")
+    err.print(f"produced {n} transactions to {s.transactions_topic}")
+
+
+@replay_app.command("jsonl")
+def replay_jsonl(
+    path: Path,
+    topic: Annotated[str, typer.Option(help="clickstream or transactions")],
+    rate: Annotated[float | None, typer.Option(help="Events per second")] = None,
+) -> None:
+    """Replay a JSON-lines file into an input topic (bad lines go through to the DLQ)."""
+    from stream.kafka import ensure_topics
+    from stream.replay import jsonl_records, produce
+
+    if topic not in ("clickstream", "transactions"):
+        raise typer.BadParameter("--topic must be clickstream or transactions")
+    s = _settings()
+    ensure_topics(s)
+    n = produce(s, jsonl_records(path, s.topic(topic)), rate=rate, label=path.name)
+    err.print(f"produced {n} records to {s.topic(topic)}")
+
+
+@replay_app.command("synthetic")
+def replay_synthetic(
+    customers: Annotated[int, typer.Option(min=1)] = 1000,
+    days: Annotated[int, typer.Option(min=1)] = 60,
+    seed: int = 0,
+    rate: Annotated[float | None, typer.Option(help="Events per second")] = None,
+    truth: Annotated[Path | None, typer.Option(help="Write each customer's persona here")]
+    = None,
+) -> None:
+    """Generate clickstream and transactions from latent personas and replay them."""
+    from stream import synthetic
+    from stream.kafka import ensure_topics
+    from stream.replay import OutRecord, produce
+
+    s = _settings()
+    ensure_topics(s)
+    if truth is not None:
+        _, _, truths = synthetic.generate(customers, days, seed)
+        synthetic.write_truth(truth, truths)
+
+    def records() -> Any:
+        import orjson
+
+        for kind, event in synthetic.iter_events(customers, days, seed):
+            yield OutRecord(s.topic(kind), str(event["customer_id"]).encode(),
+                            orjson.dumps(event))
+
+    n = produce(s, records(), rate=rate, label="synthetic")
+    err.print(f"produced {n} events")
+
+
+@app.command()
+def wait(
+    timeout: Annotated[float, typer.Option(help="Seconds before giving up")] = 600.0,
+) -> None:
+    """Return once every event now in the input topics is processed and published."""
+    from stream.kafka import end_offsets
+
+    s = _settings()
+    ends = end_offsets(s, s.input_topics)
+
+    async def run() -> bool:
+        from stream.app import redis_client
+        from features.store import RedisFeatureStore
+
+        r = redis_client(s)
+        store = RedisFeatureStore(r, s.redis_prefix)
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline:
+                wms = await store.watermarks(s.partitions, list(s.input_topics))
+                behind = sum(1 for tp, end in ends.items() if end > 0 and wms.get(tp, -1) < end - 1)
+                if behind == 0 and not await store.outbox_pending(range(s.partitions)):
+                    return True
+                await asyncio.sleep(0.25)
+            return False
+        finally:
+            await r.aclose()
+
+    if not asyncio.run(run()):
+        err.print(f"[red]not caught up after {timeout:.0f}s")
+        raise typer.Exit(1)
+
+
+def customer_doc(s: Settings, customer_id: str) -> dict[str, Any] | None:
+    """The customer document shared by the CLI and the API."""
+    from features import serial
+    from features.state import derive
+    from features.store import RedisFeatureStore
+    from stream.app import redis_client
+
+    async def run() -> dict[str, Any] | None:
+        r = redis_client(s)
+        try:
+            store = RedisFeatureStore(r, s.redis_prefix)
+            found = await store.get_customer(customer_id, s.partitions)
+            if found is None:
+                return None
+            now = await store.now()
+            state = serial.decode(found[1])
+            return {"customer_id": customer_id, "as_of": now,
+                    "features": derive(state, now), "scores": {}, "segments": {}, "history": []}
+        finally:
+            await r.aclose()
+
+    return asyncio.run(run())
+
+
+@app.command()
+def customer(customer_id: str, json_: JsonOpt = False) -> None:
+    """A customer's features, scores, segments and migration history."""
+    s = _settings()
+    doc = customer_doc(s, customer_id)
+    if doc is None:
+        err.print(f"[red]unknown customer {customer_id!r}")
+        raise typer.Exit(2)
+    if json_:
+        _print_json(doc)
+    else:
+        from rich.table import Table
+
+        t = Table("feature", "value", title=f"customer {customer_id}")
+        for k, v in doc["features"].items():
+            t.add_row(k, str(v))
+        Console().print(t)
+
+
+@app.command()
+def reset(yes: Annotated[bool, typer.Option("--yes", help="Really delete")] = False) -> None:
+    """Delete this deployment's topics, consumer group and Redis keys (development)."""
+    if not yes:
+        err.print("refusing without --yes")
+        raise typer.Exit(2)
+    import redis
+
+    from stream.kafka import admin, delete_topics
+
+    s = _settings()
+    names = delete_topics(s)
+    a = admin(s)
+    try:
+        a.delete_consumer_groups([s.app_id])
+    except Exception:  # noqa: BLE001 - the group may not exist yet
+        pass
+    finally:
+        a.close()
+    r = redis.from_url(s.redis_url)
+    n = 0
+    batch = []
+    for k in r.scan_iter(match=f"{s.redis_prefix}*", count=1000):
+        batch.append(k)
+        if len(batch) >= 1000:
+            n += r.unlink(*batch)
+            batch = []
+    if batch:
+        n += r.unlink(*batch)
+    r.close()
+    _wait_topics_gone(s, names)
+    err.print(f"deleted topics {names} and {n} Redis keys")
+
+
+def _wait_topics_gone(s: Settings, names: list[str], timeout: float = 30.0) -> None:
+    from stream.kafka import admin
+
+    deadline = time.monotonic() + timeout
+    while names and time.monotonic() < deadline:
+        a = admin(s)
+        try:
+            if not set(names) & set(a.list_topics()):
+                return
+        finally:
+            a.close()
+        time.sleep(0.5)
+
+
+def main() -> None:
+    try:
+        app()
+    except SegstreamError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,23 @@
+"""The engine's exception hierarchy. Third-party errors are translated at the adapters."""
+
+from __future__ import annotations
+
+
+class SegstreamError(Exception):
+    """Base class of every error the engine raises on purpose."""
+
+
+class SettingsError(SegstreamError):
+    """A setting is missing or invalid; the message names the environment variable."""
+
+
+class ServiceError(SegstreamError):
+    """A local service (Kafka, Redis) could not be installed, started or reached."""
+
+
+class StoreError(SegstreamError):
+    """The state store failed; the operation may or may not have been applied."""
+
+
+class CommitConflict(StoreError):
+    """Another writer committed to the partition since the batch was loaded."""

@@ -1,0 +1,225 @@
+"""Event schemas of the Kafka contract (pydantic) and the raw-record decoder.
+
+Agents decode raw bytes themselves so that nothing is silently skipped: every
+record either becomes a validated event or a :class:`Rejection` with a reason
+for the dead-letter topic.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from features.events import ClickEvent, Event, TransactionEvent, to_units
+
+MAX_ID_CHARS = 256
+MAX_NESTING = 8
+# Epoch-ms bounds accepted at all: 1970 .. 2200. Finer checks are event-time ones.
+_TS_MIN, _TS_MAX = 0, 7_258_118_400_000
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS)]
+
+
+def parse_ts(value: Any) -> int:
+    """Epoch milliseconds from an RFC 3339 string or an epoch-ms number.
+
+    >>> parse_ts("1997-01-01T00:00:00Z")
+    852076800000
+    >>> parse_ts(852076800000)
+    852076800000
+    """
+    if isinstance(value, bool):
+        raise ValueError("timestamp must be RFC 3339 or epoch milliseconds")
+    if isinstance(value, int | float):
+        if not math.isfinite(value):
+            raise ValueError("timestamp is not finite")
+        ms = int(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        if text.endswith(("Z", "z")):
+            text = text[:-1] + "+00:00"
+        try:
+            dt = datetime.fromisoformat(text)
+        except ValueError:
+            raise ValueError("timestamp is not RFC 3339") from None
+        if dt.tzinfo is None:
+            raise ValueError("timestamp has no UTC offset")
+        ms = int(dt.astimezone(UTC).timestamp() * 1000)
+    else:
+        raise ValueError("timestamp must be RFC 3339 or epoch milliseconds")
+    if not _TS_MIN <= ms <= _TS_MAX:
+        raise ValueError("timestamp out of range")
+    return ms
+
+
+def _no_control(v: str | None) -> str | None:
+    if v is not None and _CONTROL.search(v):
+        raise ValueError("contains control characters")
+    return v
+
+
+def _depth(obj: Any, level: int = 0) -> int:
+    if level > MAX_NESTING:
+        return level
+    if isinstance(obj, dict):
+        return max((_depth(v, level + 1) for v in obj.values()), default=level + 1)
+    if isinstance(obj, list):
+        return max((_depth(v, level + 1) for v in obj), default=level + 1)
+    return level
+
+
+class _Input(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    event_id: Id
+    customer_id: Id
+    ts: int
+
+    @field_validator("ts", mode="before")
+    @classmethod
+    def _ts(cls, v: Any) -> int:
+        return parse_ts(v)
+
+    @field_validator("event_id", "customer_id")
+    @classmethod
+    def _ids(cls, v: str) -> str:
+        return _no_control(v)  # type: ignore[return-value]
+
+
+class ClickstreamIn(_Input):
+    """A clickstream record."""
+
+    event_type: Annotated[str, Field(min_length=1, max_length=64)]
+    session_id: Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS)] | None = None
+    properties: dict[str, Any] | None = None
+
+    @field_validator("event_type", "session_id")
+    @classmethod
+    def _plain(cls, v: str | None) -> str | None:
+        return _no_control(v)
+
+    @field_validator("properties")
+    @classmethod
+    def _shallow(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is not None and _depth(v) > MAX_NESTING:
+            raise ValueError(f"properties nested deeper than {MAX_NESTING} levels")
+        return v
+
+    def to_event(self) -> ClickEvent:
+        return ClickEvent(self.event_id, self.customer_id, self.ts, self.event_type,
+                          self.session_id)
+
+
+class TransactionIn(_Input):
+    """A transactions record: a purchase or a refund of a non-negative amount."""
+
+    amount: Annotated[float, Field(ge=0, le=1e12, allow_inf_nan=False)]
+    kind: Literal["purchase", "refund"] = "purchase"
+    currency: Annotated[str, Field(min_length=1, max_length=8)] | None = None
+    items: int | list[Any] | None = None
+
+    def to_event(self) -> TransactionEvent:
+        return TransactionEvent(self.event_id, self.customer_id, self.ts, to_units(self.amount),
+                                self.kind)
+
+
+class DlqRecord(BaseModel):
+    """A record of ``segmentation-dlq``: a rejected input and why."""
+
+    source_topic: str
+    partition: int
+    offset: int
+    reason: str
+    error: str
+    payload: str
+    payload_truncated: bool = False
+    payload_encoding: Literal["utf-8", "base64"] = "utf-8"
+    key: str | None = None
+    at: str
+
+
+class Action(BaseModel):
+    """The next-best action attached to a migration."""
+
+    action_id: str
+    channel: str
+    holdout: bool = False
+    priority: int = 0
+
+
+class Migration(BaseModel):
+    """A record of ``segment-migrations``: a customer moved from one segment to another."""
+
+    migration_id: str
+    customer_id: str
+    scheme: str
+    from_segment: str | None
+    to_segment: str
+    at: str
+    emitted_at: str
+    reason: str
+    features: dict[str, Any]
+    scores: dict[str, Any]
+    rules_version: str
+    model_versions: dict[str, str]
+    action: Action | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """Why a raw record cannot be processed."""
+
+    reason: str
+    error: str
+
+
+_MODELS: dict[str, type[ClickstreamIn] | type[TransactionIn]] = {
+    "clickstream": ClickstreamIn,
+    "transactions": TransactionIn,
+}
+
+
+def decode(kind: str, key: bytes | None, value: bytes | None, max_bytes: int) -> Event | Rejection:
+    """Turn a raw record of input topic ``kind`` into an event or a rejection.
+
+    >>> decode("transactions", b"c1", b'{"event_id":"e","customer_id":"c1","ts":0,"amount":1}',
+    ...        1000).amount_units
+    10000
+    >>> decode("transactions", b"c1", b'not json', 1000).reason
+    'not_json'
+    """
+    if value is None:
+        return Rejection("empty", "record has no value")
+    if len(value) > max_bytes:
+        return Rejection("too_large", f"{len(value)} bytes > limit {max_bytes}")
+    try:
+        text = value.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return Rejection("not_utf8", str(exc))
+    try:
+        doc = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        return Rejection("not_json", str(exc))
+    if not isinstance(doc, dict):
+        return Rejection("invalid_schema", f"expected a JSON object, got {type(doc).__name__}")
+    try:
+        model = _MODELS[kind].model_validate(doc)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(x) for x in first["loc"]) or "record"
+        return Rejection("invalid_schema", f"{where}: {first['msg']}")
+    event = model.to_event()
+    try:
+        key_text = key.decode("utf-8") if key is not None else None
+    except UnicodeDecodeError:
+        key_text = None
+    if key_text != event.customer_id:
+        return Rejection("key_mismatch", "record key must equal customer_id")
+    return event

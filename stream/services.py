@@ -1,0 +1,319 @@
+"""Local Kafka (KRaft, single node) and Redis for development, tests and the demo.
+
+``up`` reuses healthy running services, otherwise starts them as local processes:
+Kafka from jars resolved by Maven (``deploy/kafka/pom.xml``) into a cache outside the
+repository, Redis from the system's ``redis-server`` (installed with apt when
+missing). When a Docker engine is reachable and ``SEGSTREAM_USE_DOCKER=1``, the
+``kafka`` and ``redis`` services of ``docker-compose.yml`` are used instead.
+``down`` stops only what ``up`` started (it keeps pid files).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+from stream.errors import ServiceError
+from stream.settings import Settings
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+KAFKA_POM = REPO_ROOT / "deploy" / "kafka" / "pom.xml"
+KAFKA_VERSION = "4.4.0"
+START_TIMEOUT_S = 120.0
+
+
+@dataclass(frozen=True)
+class Health:
+    kafka: bool
+    redis: bool
+
+
+def _hostport(bootstrap: str) -> tuple[str, int]:
+    host, _, port = bootstrap.split(",")[0].strip().rpartition(":")
+    return host, int(port)
+
+
+def _redis_hostport(url: str) -> tuple[str, int]:
+    u = urlparse(url)
+    return u.hostname or "127.0.0.1", u.port or 6379
+
+
+def _port_open(host: str, port: int, timeout: float = 1.0) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def kafka_healthy(settings: Settings) -> bool:
+    """The broker answers a metadata request."""
+    host, port = _hostport(settings.kafka_bootstrap)
+    if not _port_open(host, port):
+        return False
+    from kafka import KafkaAdminClient
+    from kafka.errors import KafkaError
+
+    from stream.kafka import client_config
+
+    try:
+        cfg = client_config(settings)
+        cfg["request_timeout_ms"] = 5000
+        a = KafkaAdminClient(**cfg)
+        try:
+            a.list_topics()
+        finally:
+            a.close()
+        return True
+    except (KafkaError, OSError, ValueError):
+        return False
+
+
+def redis_healthy(settings: Settings) -> bool:
+    """Redis answers PING."""
+    import redis
+    from redis.exceptions import RedisError
+
+    try:
+        r = redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
+        try:
+            return bool(r.ping())
+        finally:
+            r.close()
+    except (RedisError, OSError):
+        return False
+
+
+def health(settings: Settings) -> Health:
+    return Health(kafka=kafka_healthy(settings), redis=redis_healthy(settings))
+
+
+def _pid_alive(pid_file: Path) -> int | None:
+    try:
+        pid = int(pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return None
+    return pid
+
+
+def _wait(check: object, what: str, timeout: float = START_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():  # type: ignore[operator]
+            return
+        time.sleep(0.5)
+    raise ServiceError(f"{what} did not become healthy within {timeout:.0f}s")
+
+
+# -- Redis -------------------------------------------------------------------------
+
+
+def redis_server_binary() -> str:
+    """Path of redis-server, installing Debian's package when missing (needs root)."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    if shutil.which("apt-get") and os.geteuid() == 0:
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        subprocess.run(["apt-get", "update", "-qq"], check=False, env=env)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "redis-server"], check=True, env=env)
+        found = shutil.which("redis-server")
+        if found:
+            return found
+    raise ServiceError("redis-server is not installed; install it (apt-get install redis-server)"
+                       " or point SEGSTREAM_REDIS_URL at a running Redis")
+
+
+def start_redis(settings: Settings) -> None:
+    host, port = _redis_hostport(settings.redis_url)
+    if host not in ("127.0.0.1", "localhost"):
+        raise ServiceError(f"SEGSTREAM_REDIS_URL points at {host}; `up` only starts a local Redis")
+    d = settings.data_dir / "redis"
+    d.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1",
+         "--appendonly", "yes", "--appendfsync", "everysec", "--dir", str(d),
+         "--daemonize", "yes", "--pidfile", str(d / "redis.pid"),
+         "--logfile", str(d / "redis.log"), "--save", ""],
+        check=True,
+    )
+    _wait(lambda: redis_healthy(settings), f"Redis on port {port}")
+
+
+def stop_redis(settings: Settings) -> bool:
+    return _stop(settings.data_dir / "redis" / "redis.pid")
+
+
+# -- Kafka -------------------------------------------------------------------------
+
+
+def kafka_libs(settings: Settings, version: str = KAFKA_VERSION) -> Path:
+    """The broker's jars, resolved from Maven Central on first use and cached."""
+    libs = settings.data_dir / "kafka" / f"libs-{version}"
+    if libs.is_dir() and any(libs.glob("kafka_2.13-*.jar")):
+        return libs
+    if not shutil.which("mvn"):
+        raise ServiceError("Maven (mvn) is needed to fetch Kafka's jars; install maven")
+    tmp = libs.with_suffix(".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    proc = subprocess.run(
+        ["mvn", "-q", "-B", "-f", str(KAFKA_POM), "dependency:copy-dependencies",
+         f"-DoutputDirectory={tmp}", f"-Dkafka.version={version}"],
+        capture_output=True, text=True,
+    )
+    if proc.returncode != 0:
+        raise ServiceError(f"resolving Kafka {version} jars failed:\n{proc.stdout[-2000:]}"
+                           f"{proc.stderr[-2000:]}")
+    tmp.rename(libs)
+    return libs
+
+
+def _kafka_properties(settings: Settings, data: Path) -> str:
+    host, port = _hostport(settings.kafka_bootstrap)
+    ctl = port + 1
+    return "\n".join([
+        "process.roles=broker,controller",
+        "node.id=1",
+        f"controller.quorum.voters=1@127.0.0.1:{ctl}",
+        f"listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{ctl}",
+        f"advertised.listeners=PLAINTEXT://{host}:{port}",
+        "controller.listener.names=CONTROLLER",
+        "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+        "inter.broker.listener.name=PLAINTEXT",
+        f"log.dirs={data}",
+        "num.partitions=1",
+        "offsets.topic.replication.factor=1",
+        "offsets.topic.num.partitions=10",
+        "transaction.state.log.replication.factor=1",
+        "transaction.state.log.min.isr=1",
+        "group.initial.rebalance.delay.ms=0",
+        "auto.create.topics.enable=false",
+        "delete.topic.enable=true",
+        "message.max.bytes=10485760",
+        "log.retention.hours=-1",
+        "",
+    ])
+
+
+def start_kafka(settings: Settings) -> None:
+    host, port = _hostport(settings.kafka_bootstrap)
+    if host not in ("127.0.0.1", "localhost"):
+        raise ServiceError(f"SEGSTREAM_KAFKA_BOOTSTRAP points at {host}; "
+                           "`up` only starts a local broker")
+    if not shutil.which("java"):
+        raise ServiceError("Java 17+ is needed to run the Kafka broker")
+    libs = kafka_libs(settings)
+    base = settings.data_dir / "kafka" / f"node-{port}"
+    data = base / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    props = base / "server.properties"
+    props.write_text(_kafka_properties(settings, data))
+    log4j = base / "log4j2.properties"
+    log4j.write_text(
+        "status = warn\nappender.f.type = File\nappender.f.name = F\n"
+        f"appender.f.fileName = {base / 'server.log'}\n"
+        "appender.f.layout.type = PatternLayout\n"
+        "appender.f.layout.pattern = [%d] %p %m (%c)%n\n"
+        "rootLogger.level = info\nrootLogger.appenderRef.f.ref = F\n"
+        "logger.kafka.name = kafka\nlogger.kafka.level = warn\n"
+        "logger.apache.name = org.apache.kafka\nlogger.apache.level = warn\n"
+    )
+    cp = f"{libs}/*"
+    if not (data / "meta.properties").exists():
+        subprocess.run(
+            ["java", "-cp", cp, "kafka.tools.StorageTool", "format", "-t",
+             uuid.uuid4().hex[:22], "-c", str(props), "--ignore-formatted"],
+            check=True, capture_output=True,
+        )
+    out = open(base / "stdout.log", "ab")  # noqa: SIM115 - handed to the child
+    proc = subprocess.Popen(
+        ["java", "-Xms256m", "-Xmx1g", "-XX:+UseG1GC",
+         f"-Dlog4j2.configurationFile={log4j}", "-cp", cp, "kafka.Kafka", str(props)],
+        stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    (settings.data_dir / "kafka" / "kafka.pid").write_text(str(proc.pid))
+    _wait(lambda: kafka_healthy(settings), f"Kafka on port {port}")
+
+
+def stop_kafka(settings: Settings) -> bool:
+    return _stop(settings.data_dir / "kafka" / "kafka.pid")
+
+
+def _stop(pid_file: Path, timeout: float = 30.0) -> bool:
+    pid = _pid_alive(pid_file)
+    if pid is None:
+        pid_file.unlink(missing_ok=True)
+        return False
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except OSError:
+            break
+        time.sleep(0.2)
+    else:
+        os.kill(pid, signal.SIGKILL)
+    pid_file.unlink(missing_ok=True)
+    return True
+
+
+# -- Docker --------------------------------------------------------------------------
+
+
+def docker_available() -> bool:
+    """A Docker engine answers (the client alone is not enough)."""
+    if not shutil.which("docker"):
+        return False
+    try:
+        return subprocess.run(["docker", "info"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def _compose_up() -> None:
+    subprocess.run(["docker", "compose", "-f", str(REPO_ROOT / "docker-compose.yml"),
+                    "up", "-d", "kafka", "redis"], check=True)
+
+
+# -- entry points ---------------------------------------------------------------------
+
+
+def up(settings: Settings) -> dict[str, str]:
+    """Make Kafka and Redis healthy; returns what was done for each."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    done: dict[str, str] = {}
+    h = health(settings)
+    if not (h.kafka and h.redis) and os.environ.get("SEGSTREAM_USE_DOCKER") == "1" \
+            and docker_available():
+        _compose_up()
+        _wait(lambda: health(settings).kafka and health(settings).redis, "docker services")
+        return {"kafka": "docker", "redis": "docker"}
+    if h.redis:
+        done["redis"] = "reused"
+    else:
+        start_redis(settings)
+        done["redis"] = "started"
+    if h.kafka:
+        done["kafka"] = "reused"
+    else:
+        start_kafka(settings)
+        done["kafka"] = "started"
+    return done
+
+
+def down(settings: Settings) -> dict[str, bool]:
+    """Stop what ``up`` started."""
+    return {"kafka": stop_kafka(settings), "redis": stop_redis(settings)}

@@ -1,0 +1,131 @@
+"""One settings object, read from ``SEGSTREAM_*`` environment variables once at start."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from stream.errors import SettingsError
+
+ENV_PREFIX = "SEGSTREAM_"
+_NAME_RE = re.compile(r"^[A-Za-z0-9._:-]*$")
+
+
+class Settings(BaseSettings):
+    """Engine configuration. Every field is ``SEGSTREAM_<FIELD>`` in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="ignore")
+
+    app_id: str = Field("segstream", min_length=1, max_length=100)
+    topic_prefix: str = Field("", max_length=100)
+    redis_prefix: str = Field("segstream:", max_length=100)
+
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = (
+        "PLAINTEXT"
+    )
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_cafile: Path | None = None
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_timeout_s: float = Field(5.0, gt=0, le=120)
+
+    partitions: int = Field(6, ge=1, le=1024)
+    web_host: str = "127.0.0.1"
+    web_port: int = Field(6066, ge=1, le=65535)
+    api_token: SecretStr | None = None
+
+    allowed_lateness_days: float = Field(7.0, ge=0, le=3650)
+    max_future_skew_s: float = Field(300.0, ge=0)
+    max_event_bytes: int = Field(65_536, ge=256, le=10_000_000)
+    dlq_payload_bytes: int = Field(4_096, ge=64, le=1_000_000)
+
+    batch_max: int = Field(2_000, ge=1, le=100_000)
+    batch_within_s: float = Field(0.05, gt=0, le=10)
+
+    data_dir: Path = Path.home() / ".cache" / "segstream"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("topic_prefix", "redis_prefix", "app_id")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        # Braces would change Redis Cluster hash slots; spaces break topic names.
+        if not _NAME_RE.match(v):
+            raise ValueError("use only letters, digits and . _ : -")
+        return v
+
+    @field_validator("kafka_bootstrap")
+    @classmethod
+    def _bootstrap(cls, v: str) -> str:
+        for part in v.split(","):
+            host, _, port = part.strip().rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError("expected host:port[,host:port...]")
+        return v
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, v: str) -> str:
+        if not v.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("expected redis://, rediss:// or unix:// URL")
+        return v
+
+    # -- derived names -------------------------------------------------------------
+    def topic(self, name: str) -> str:
+        """The deployment's name of a contract topic."""
+        return f"{self.topic_prefix}{name}"
+
+    @property
+    def clickstream_topic(self) -> str:
+        return self.topic("clickstream")
+
+    @property
+    def transactions_topic(self) -> str:
+        return self.topic("transactions")
+
+    @property
+    def migrations_topic(self) -> str:
+        return self.topic("segment-migrations")
+
+    @property
+    def dlq_topic(self) -> str:
+        return self.topic("segmentation-dlq")
+
+    @property
+    def input_topics(self) -> tuple[str, str]:
+        return (self.clickstream_topic, self.transactions_topic)
+
+    @property
+    def lateness_ms(self) -> int:
+        return int(self.allowed_lateness_days * 86_400_000)
+
+    @property
+    def future_skew_ms(self) -> int:
+        return int(self.max_future_skew_s * 1000)
+
+    @property
+    def kafka_url(self) -> str:
+        return ";".join(f"kafka://{h.strip()}" for h in self.kafka_bootstrap.split(","))
+
+
+def env_name(field: str) -> str:
+    """The environment variable of a settings field."""
+    return f"{ENV_PREFIX}{field.upper()}"
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build the settings once; an invalid value raises :class:`SettingsError` naming it."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            field = str(err["loc"][0]) if err["loc"] else "?"
+            lines.append(f"{env_name(field)}: {err['msg']} (got {err.get('input')!r})")
+        raise SettingsError("invalid setting: " + "; ".join(lines)) from None

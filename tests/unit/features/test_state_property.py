@@ -1,0 +1,683 @@
+"""Property tests of the incremental feature state against an independent batch oracle.
+
+The oracle (:func:`oracle`) recomputes every contract feature from the raw list of
+events with pandas group-bys and filters; it never calls into ``features.state``.
+The incremental state is then fed the same events in arbitrary batch splits (one
+by one, random consecutive chunks, with encode/decode round trips between
+chunks) and must always produce exactly the oracle's features.
+
+Event sequences respect the engine's lateness rule: every event's timestamp is
+at least the largest timestamp seen so far across *all* customers minus
+``lateness_ms``; duplicates re-emit an earlier event verbatim (and so respect
+the rule too).
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime, timedelta
+from itertools import pairwise
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from features.events import (
+    FEATURE_USE,
+    LOGIN,
+    MS_PER_DAY,
+    SUPPORT_TICKET,
+    UNITS_PER_CURRENCY,
+    ClickEvent,
+    Event,
+    TransactionEvent,
+    day_of,
+    from_units,
+    id_hash,
+)
+from features.serial import decode, encode
+from features.state import (
+    DEFAULT_LATENESS_MS,
+    FEATURE_NAMES,
+    CustomerState,
+    apply,
+    apply_many,
+    derive,
+    empty,
+    retention_days,
+)
+
+# ---------------------------------------------------------------------------------------
+# Independent batch oracle
+# ---------------------------------------------------------------------------------------
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _iso(ts_ms: Any) -> str | None:
+    """RFC 3339 UTC with milliseconds and ``Z``, by integer arithmetic only."""
+    if ts_ms is None or pd.isna(ts_ms):
+        return None
+    secs, ms = divmod(int(ts_ms), 1000)
+    return f"{_EPOCH + timedelta(seconds=secs):%Y-%m-%dT%H:%M:%S}.{ms:03d}Z"
+
+
+def _frame(events: list[Event]) -> pd.DataFrame:
+    """One row per distinct event id (duplicates carry identical content)."""
+    rows: dict[str, tuple[Any, ...]] = {}
+    for e in events:
+        if isinstance(e, TransactionEvent):
+            row = (e.customer_id, e.ts_ms, e.kind, e.amount_units, None, None)
+        else:
+            row = (e.customer_id, e.ts_ms, "click", 0, e.event_type, e.session_id)
+        rows.setdefault(e.event_id, row)
+    cols = list(zip(*rows.values(), strict=True)) or [()] * 6
+    df = pd.DataFrame({
+        "event_id": pd.Series(list(rows), dtype=object),
+        "customer_id": pd.Series(cols[0], dtype=object),
+        "ts": pd.Series(cols[1], dtype="int64"),
+        "kind": pd.Series(cols[2], dtype=object),
+        "amount": pd.Series(cols[3], dtype="int64"),
+        "event_type": pd.Series(cols[4], dtype=object),
+        "session_id": pd.Series(cols[5], dtype=object),
+    })
+    assert not df["event_id"].duplicated().any()
+    df["day"] = df["ts"] // MS_PER_DAY
+    df["signed"] = df["amount"].where(df["kind"] == "purchase",
+                                      (-df["amount"]).where(df["kind"] == "refund", 0))
+    df["is_purchase"] = (df["kind"] == "purchase").astype("int64")
+    return df
+
+
+def oracle(
+    events: list[Event], now_ms: int, customers: tuple[str, ...] = ()
+) -> dict[str, dict[str, Any]]:
+    """Every contract feature of every customer, recomputed in batch from the raw events.
+
+    ``customers`` adds customers that may have no events at all. Every window or kind
+    filter is a boolean mask over the deduplicated event frame; counts, sums, distinct
+    counts and extremes are then a handful of pandas group-bys per customer.
+    """
+    df = _frame(events)
+    today = day_of(now_ms)
+    idx = pd.Index(sorted(set(df["customer_id"]) | set(customers)), name="customer_id")
+    cid = df["customer_id"].to_numpy(dtype=object)
+    day = df["day"].to_numpy()
+    ts = df["ts"].to_numpy()
+    kind = df["kind"].to_numpy(dtype=object)
+    etype = df["event_type"].to_numpy(dtype=object)
+    session = df["session_id"].to_numpy(dtype=object)
+    signed = df["signed"].to_numpy()
+    is_pur = kind == "purchase"
+    is_ref = kind == "refund"
+    is_tx = is_pur | is_ref
+    is_clk = kind == "click"
+
+    def in_window(days: int) -> np.ndarray:
+        return (day >= today - (days - 1)) & (day <= today)
+
+    def masked(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        return np.where(mask, values, None).astype(object)
+
+    # Additive quantities: one 0/1 (or signed money) column each, summed per customer.
+    add: dict[str, np.ndarray] = {
+        "purchases_total": is_pur,
+        "refunds_total": is_ref,
+        "monetary_units": np.where(is_tx, signed, 0),
+        "events_total": is_clk,
+    }
+    for w in (7, 30, 90):
+        add[f"purchases_{w}d"] = is_pur & in_window(w)
+        add[f"spend_units_{w}d"] = np.where(is_tx & in_window(w), signed, 0)
+    for w in (1, 7, 30):
+        add[f"events_{w}d"] = is_clk & in_window(w)
+    for w in (7, 30):
+        add[f"logins_{w}d"] = is_clk & in_window(w) & (etype == LOGIN)
+    add["feature_uses_30d"] = is_clk & in_window(30) & (etype == FEATURE_USE)
+    add["support_tickets_30d"] = is_clk & in_window(30) & (etype == SUPPORT_TICKET)
+    # Week k covers days [today - 7*(8-k) + 1, today - 7*(7-k)], k = 0..7.
+    for k in range(8):
+        lo, hi = today - 7 * (8 - k) + 1, today - 7 * (7 - k)
+        add[f"week{k}"] = is_clk & (day >= lo) & (day <= hi)
+    sums = (pd.DataFrame({k: v.astype("int64") for k, v in add.items()}, index=cid)
+            .groupby(level=0).sum().reindex(idx, fill_value=0))
+
+    # Distinct counts: values masked to None outside their filter (nunique skips them).
+    distinct = pd.DataFrame({
+        "purchase_days": masked(day, is_pur),
+        "sessions_7d": masked(session, is_clk & in_window(7)),
+        "sessions_30d": masked(session, is_clk & in_window(30)),
+        "active_days_7d": masked(day, is_clk & in_window(7)),
+        "active_days_30d": masked(day, is_clk & in_window(30)),
+        "distinct_event_types_30d": masked(etype, is_clk & in_window(30)),
+    }, index=cid).groupby(level=0).nunique().reindex(idx, fill_value=0)
+
+    # Extremes: NaN outside the filter (min/max skip it), NaN for customers without any.
+    ext = pd.DataFrame({
+        "first_seen_ts": ts.astype(float),
+        "purchase_ts": np.where(is_pur, ts, np.nan),
+        "click_ts": np.where(is_clk, ts, np.nan),
+    }, index=cid).groupby(level=0)
+    lows, highs = ext.min().reindex(idx), ext.max().reindex(idx)
+
+    # BG/NBD inputs: one row per (customer, purchase day) with the day's net spend.
+    per_day = df[is_tx].groupby(["customer_id", "day"])[["is_purchase", "signed"]].sum()
+    pdays = per_day[per_day["is_purchase"] > 0].reset_index()
+    first_day = pdays.groupby("customer_id")["day"].transform("min")
+    pdays["repeat"] = (pdays["day"] != first_day).astype("int64")
+    pdays["repeat_net"] = pdays["signed"].where(pdays["repeat"] == 1, 0)
+    g = pdays.groupby("customer_id")
+    bg = pd.DataFrame({
+        "n_days": g.size(), "first_day": g["day"].min(), "last_day": g["day"].max(),
+        "n_repeat": g["repeat"].sum(), "repeat_net": g["repeat_net"].sum(),
+    }).reindex(idx)
+
+    def opt_int(v: Any) -> int | None:
+        return None if pd.isna(v) else int(v)
+
+    out: dict[str, dict[str, Any]] = {}
+    for c in idx:
+        s, u, b = sums.loc[c], distinct.loc[c], bg.loc[c]
+        first_seen = opt_int(lows.loc[c, "first_seen_ts"])
+        first_pur = opt_int(lows.loc[c, "purchase_ts"])
+        last_pur = opt_int(highs.loc[c, "purchase_ts"])
+        last_click = opt_int(highs.loc[c, "click_ts"])
+        f: dict[str, Any] = {
+            "first_seen_at": _iso(first_seen),
+            "tenure_days": None if first_seen is None else today - first_seen // MS_PER_DAY,
+            "first_purchase_at": _iso(first_pur),
+            "last_purchase_at": _iso(last_pur),
+            "purchases_total": int(s["purchases_total"]),
+            "refunds_total": int(s["refunds_total"]),
+            "purchase_days": int(u["purchase_days"]),
+            "monetary_total": from_units(int(s["monetary_units"])),
+            "recency_days": None if last_pur is None else today - last_pur // MS_PER_DAY,
+        }
+        for w in (7, 30, 90):
+            f[f"purchases_{w}d"] = int(s[f"purchases_{w}d"])
+            f[f"spend_{w}d"] = from_units(int(s[f"spend_units_{w}d"]))
+        if pd.isna(b["n_days"]):
+            f.update(bgnbd_frequency=None, bgnbd_recency=None, bgnbd_T=None,
+                     bgnbd_monetary=None)
+        else:
+            n_rep = int(b["n_repeat"])
+            f["bgnbd_frequency"] = int(b["n_days"]) - 1
+            f["bgnbd_recency"] = int(b["last_day"]) - int(b["first_day"])
+            f["bgnbd_T"] = today - int(b["first_day"])
+            f["bgnbd_monetary"] = (int(b["repeat_net"]) / n_rep / UNITS_PER_CURRENCY
+                                   if n_rep else 0.0)
+        f["last_event_at"] = _iso(last_click)
+        f["days_since_last_event"] = (None if last_click is None
+                                      else today - last_click // MS_PER_DAY)
+        f["events_total"] = int(s["events_total"])
+        for w in (1, 7, 30):
+            f[f"events_{w}d"] = int(s[f"events_{w}d"])
+        for w in (7, 30):
+            f[f"sessions_{w}d"] = int(u[f"sessions_{w}d"])
+            f[f"active_days_{w}d"] = int(u[f"active_days_{w}d"])
+            f[f"logins_{w}d"] = int(s[f"logins_{w}d"])
+        f["feature_uses_30d"] = int(s["feature_uses_30d"])
+        f["support_tickets_30d"] = int(s["support_tickets_30d"])
+        f["distinct_event_types_30d"] = int(u["distinct_event_types_30d"])
+        weeks = np.array([s[f"week{k}"] for k in range(8)], dtype=float)
+        f["activity_trend_8w"] = float(np.polyfit(np.arange(8, dtype=float), weeks, 1)[0])
+        out[c] = f
+    return out
+
+
+_FLOAT_FEATURES = frozenset(
+    {"monetary_total", "spend_7d", "spend_30d", "spend_90d", "bgnbd_monetary",
+     "activity_trend_8w"})
+_STR_FEATURES = frozenset({"first_seen_at", "first_purchase_at", "last_purchase_at",
+                           "last_event_at"})
+_INT_FEATURES = frozenset(FEATURE_NAMES) - _FLOAT_FEATURES - _STR_FEATURES
+
+
+def assert_features_equal(got: dict[str, Any], want: dict[str, Any], ctx: str = "") -> None:
+    assert tuple(got) == FEATURE_NAMES, ctx
+    assert set(want) == set(FEATURE_NAMES), ctx
+    bad = []
+    for name in FEATURE_NAMES:
+        g, w = got[name], want[name]
+        if w is None or g is None:
+            ok = g is None and w is None
+        elif name in _FLOAT_FEATURES:
+            ok = isinstance(g, float) and math.isclose(g, w, rel_tol=1e-9, abs_tol=1e-9)
+        elif name in _STR_FEATURES:
+            ok = isinstance(g, str) and g == w
+        else:
+            ok = isinstance(g, int) and not isinstance(g, bool) and g == w
+        if not ok:
+            bad.append(f"{name}: got {g!r}, want {w!r}")
+    assert not bad, f"{ctx}\n" + "\n".join(bad)
+
+
+def check_all(states: dict[str, CustomerState], events: list[Event], now_ms: int,
+              ctx: str = "") -> None:
+    """Every customer's derived features equal the oracle's at ``now_ms``."""
+    want = oracle(events, now_ms, CUSTOMERS)
+    for cid in CUSTOMERS:
+        got = derive(states.get(cid, empty()), now_ms)
+        assert_features_equal(got, want[cid], f"{ctx} customer={cid} now={now_ms}")
+
+
+# ---------------------------------------------------------------------------------------
+# Event-sequence generators
+# ---------------------------------------------------------------------------------------
+
+CUSTOMERS = ("alice", "bob", "carol")
+EVENT_TYPES = (LOGIN, FEATURE_USE, SUPPORT_TICKET, "page_view", "search", "add_to_cart")
+LATENESSES = (
+    0,
+    MS_PER_DAY * 3 // 2,  # 1.5 days: not a whole number of days
+    DEFAULT_LATENESS_MS,
+    30 * MS_PER_DAY,
+    200 * MS_PER_DAY,
+)
+#: Day offsets around every window edge (1, 7, 30, 56 = 8 weeks, 90 days).
+EDGE_DAYS = (0, 1, 2, 6, 7, 8, 13, 14, 28, 29, 30, 31, 48, 49, 55, 56, 57, 88, 89, 90, 91)
+
+time_of_day = st.one_of(
+    st.sampled_from([0, 1, 999, 1_000, MS_PER_DAY // 2, MS_PER_DAY - 1_000, MS_PER_DAY - 1]),
+    st.integers(0, MS_PER_DAY - 1),
+)
+amounts = st.one_of(st.sampled_from([0, 1, 9_999, 10_000, 123_456]), st.integers(0, 10**9))
+session_ids = st.one_of(st.none(), st.integers(0, 40).map(lambda i: f"sess-{i}"))
+
+
+def _stream(e: Event) -> str:
+    return "click" if isinstance(e, ClickEvent) else "txn"
+
+
+@st.composite
+def new_event(draw: st.DrawFn, eid: int, ts: int, stream: str,
+              customers: tuple[str, ...]) -> Event:
+    cid = draw(st.sampled_from(customers))
+    if stream == "click":
+        return ClickEvent(f"e{eid}", cid, ts, draw(st.sampled_from(EVENT_TYPES)),
+                          draw(session_ids))
+    kind = draw(st.sampled_from(["purchase", "purchase", "refund"]))
+    return TransactionEvent(f"e{eid}", cid, ts, draw(amounts), kind)
+
+
+@st.composite
+def event_sequences(
+    draw: st.DrawFn,
+    lateness_ms: int,
+    *,
+    customers: tuple[str, ...] = CUSTOMERS,
+    max_segments: int = 4,
+    max_segment_events: int = 12,
+    long_span: bool = False,
+    per_topic: bool = False,
+) -> list[Event]:
+    """A sequence of events in arrival order that respects the lateness rule.
+
+    By default the rule is the contract's: no event is more than ``lateness_ms``
+    behind the largest timestamp seen so far across all customers and kinds. With
+    ``per_topic`` the rule is the engine's per-topic-partition check instead:
+    clicks and transactions each have their own running maximum (so one stream may
+    run far ahead of the other, and a stream's first event may be much older than
+    everything else) -- a superset of the default sequences.
+
+    The sequence is made of segments separated by forward jumps of an anchor time
+    (up to 400 days, so windows slide and old day buckets are pruned); inside a
+    segment events land on the anchor, move forward a little, arrive late (up to
+    exactly ``lateness_ms``), land on day starts/ends, or re-emit an earlier event
+    verbatim. With ``long_span`` the first jump is at least 200 days.
+    """
+    L = lateness_ms
+
+    def key(stream: str) -> str:
+        return stream if per_topic else "all"
+
+    events: list[Event] = []
+    his: dict[str, int] = {}  # running max per lateness scope
+    anchor = draw(st.integers(10_957, 47_000)) * MS_PER_DAY + draw(time_of_day)  # 2000..2098
+    n_segments = draw(st.integers(2 if long_span else 1, max_segments))
+    for seg in range(n_segments):
+        if seg > 0:
+            if long_span and seg == 1:
+                jump = draw(st.integers(200, 400))
+            else:
+                jump = draw(st.one_of(st.sampled_from(EDGE_DAYS[1:] + (120, 201, 250)),
+                                      st.integers(1, 400)))
+            anchor = (day_of(anchor) + jump) * MS_PER_DAY + draw(time_of_day)
+        for i in range(draw(st.integers(1, max_segment_events))):
+            stream = draw(st.sampled_from(["click", "click", "click", "txn", "txn"]))
+            hi = his.get(key(stream))
+            mode = "anchor" if i == 0 else draw(st.sampled_from(
+                ["anchor", "forward", "forward", "same_day", "late", "late", "late_edge",
+                 "day_start", "day_end", "dup", "dup"]))
+            if mode == "dup":
+                eligible = [e for e in events if e.ts_ms >= his[key(_stream(e))] - L]
+                if eligible:
+                    events.append(draw(st.sampled_from(eligible)))
+                    continue
+                mode = "anchor"
+            if hi is None:
+                # The first event of its scope: nothing to be late against.
+                back = draw(st.integers(0, 300)) if per_topic else 0
+                ts = anchor - back * MS_PER_DAY
+            elif mode == "anchor":
+                ts = anchor
+            elif mode == "forward":
+                ts = (day_of(hi) + draw(st.integers(0, 3))) * MS_PER_DAY + draw(time_of_day)
+            elif mode == "same_day":
+                ts = day_of(hi) * MS_PER_DAY + draw(time_of_day)
+            elif mode == "late":
+                ts = hi - draw(st.integers(0, L))
+            elif mode == "late_edge":
+                ts = hi - L
+            elif mode == "day_start":
+                ts = (day_of(hi) - draw(st.integers(0, L // MS_PER_DAY + 1))) * MS_PER_DAY
+            else:  # day_end
+                ts = (day_of(hi) - draw(st.integers(0, L // MS_PER_DAY + 1))) * MS_PER_DAY - 1
+            if hi is not None:
+                ts = max(ts, hi - L)  # never later than the engine accepts
+            his[key(stream)] = ts if hi is None else max(hi, ts)
+            events.append(draw(new_event(len(events), ts, stream, customers)))
+    return events
+
+
+@st.composite
+def now_after(draw: st.DrawFn, events: list[Event]) -> int:
+    """An engine time ``>=`` every event: at the newest event, at the end of its day,
+    on a window edge of some event's day, or much later."""
+    hi = max(e.ts_ms for e in events)
+    mode = draw(st.sampled_from(["hi", "end_of_day", "edge", "edge", "later"]))
+    if mode == "hi":
+        return hi
+    if mode == "end_of_day":
+        return day_of(hi) * MS_PER_DAY + MS_PER_DAY - 1
+    if mode == "edge":
+        anchor = draw(st.sampled_from(events))
+        d = day_of(anchor.ts_ms) + draw(st.sampled_from(EDGE_DAYS))
+        return max(hi, d * MS_PER_DAY + draw(time_of_day))
+    return hi + draw(st.integers(0, 400 * MS_PER_DAY))
+
+
+def feed(states: dict[str, CustomerState], chunk: list[Event], lateness_ms: int) -> None:
+    """Route a chunk to the customers' states the way the pipeline does (apply_many)."""
+    by_customer: dict[str, list[Event]] = {}
+    for e in chunk:
+        by_customer.setdefault(e.customer_id, []).append(e)
+    for cid, evs in by_customer.items():
+        states[cid] = apply_many(states.get(cid, empty()), evs, lateness_ms)
+
+
+def roundtrip(states: dict[str, CustomerState]) -> dict[str, CustomerState]:
+    return {cid: decode(encode(s)) for cid, s in states.items()}
+
+
+def prop(max_examples: int) -> settings:
+    return settings(
+        max_examples=max_examples,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Tests
+# ---------------------------------------------------------------------------------------
+
+
+def test_oracle_covers_every_feature_name() -> None:
+    e = [TransactionEvent("t", "alice", 5 * MS_PER_DAY, 10_000),
+         ClickEvent("c", "alice", 5 * MS_PER_DAY, LOGIN, "s")]
+    want = oracle(e, 6 * MS_PER_DAY, CUSTOMERS)
+    assert set(want) == set(CUSTOMERS)
+    for feats in want.values():
+        assert set(feats) == set(FEATURE_NAMES)
+    assert tuple(derive(empty(), 0)) == FEATURE_NAMES
+
+
+def test_oracle_hand_computed_example() -> None:
+    """Pin the oracle itself to hand-computed values so both sides can't drift together."""
+    d = 20_000
+    M = MS_PER_DAY
+    events: list[Event] = [
+        TransactionEvent("p1", "alice", d * M + 5, 100_000),  # day d: +10
+        TransactionEvent("r0", "alice", (d + 1) * M, 30_000, "refund"),  # refund-only day
+        TransactionEvent("p2", "alice", (d + 3) * M, 50_000),  # day d+3: +5 -1 = 4
+        TransactionEvent("r1", "alice", (d + 3) * M + 9, 10_000, "refund"),
+        TransactionEvent("p3", "alice", (d + 3) * M + 10, 0),
+        TransactionEvent("p4", "alice", (d + 9) * M - 1, 20_000),  # day d+8: +2
+        TransactionEvent("p4", "alice", (d + 9) * M - 1, 20_000),  # duplicate
+        ClickEvent("c1", "alice", (d + 2) * M, LOGIN, "s1"),
+        ClickEvent("c2", "alice", (d + 9) * M, "page_view", "s1"),
+        ClickEvent("c3", "alice", (d + 9) * M + 1, FEATURE_USE, None),
+        ClickEvent("c4", "alice", (d + 9) * M + 2, SUPPORT_TICKET, "s2"),
+    ]
+    now = (d + 9) * M + 12 * 3_600_000
+    f = oracle(events, now)["alice"]
+    assert f["first_seen_at"] == _iso(d * M + 5) == "2024-10-04T00:00:00.005Z"
+    assert f["tenure_days"] == 9
+    assert (f["purchases_total"], f["refunds_total"], f["purchase_days"]) == (4, 2, 3)
+    assert f["monetary_total"] == 13.0
+    assert f["recency_days"] == 1
+    assert (f["purchases_7d"], f["spend_7d"]) == (3, 6.0)  # days d+3..d+9
+    assert (f["purchases_30d"], f["spend_30d"]) == (4, 13.0)
+    assert (f["bgnbd_frequency"], f["bgnbd_recency"], f["bgnbd_T"]) == (2, 8, 9)
+    assert f["bgnbd_monetary"] == 3.0  # mean(4, 2)
+    assert f["last_event_at"] == "2024-10-13T00:00:00.002Z"
+    assert f["days_since_last_event"] == 0
+    assert (f["events_total"], f["events_1d"], f["events_7d"], f["events_30d"]) == (4, 3, 3, 4)
+    assert (f["sessions_7d"], f["sessions_30d"]) == (2, 2)
+    assert (f["active_days_7d"], f["active_days_30d"]) == (1, 2)
+    assert (f["logins_7d"], f["logins_30d"]) == (0, 1)
+    assert (f["feature_uses_30d"], f["support_tickets_30d"]) == (1, 1)
+    assert f["distinct_event_types_30d"] == 4
+    # weeks: k=7 covers d+3..d+9 (3 clicks), k=6 covers d-4..d+2 (1 click)
+    y = [0, 0, 0, 0, 0, 0, 1, 3]
+    xm, ym = 3.5, sum(y) / 8
+    slope = sum((x - xm) * (v - ym) for x, v in enumerate(y)) / sum((x - xm) ** 2
+                                                                   for x in range(8))
+    assert math.isclose(f["activity_trend_8w"], slope)
+    assert_features_equal(derive(apply_many(empty(), events), now), f)
+
+
+def test_oracle_bgnbd_matches_lifetimes_convention() -> None:
+    """The oracle's BG/NBD inputs follow lifetimes' summary_data_from_transaction_data."""
+    lifetimes_utils = pytest.importorskip("lifetimes.utils")
+    rng = np.random.default_rng(7)
+    events: list[Event] = []
+    for cid in CUSTOMERS:
+        days = rng.choice(np.arange(20_000, 20_200), size=int(rng.integers(1, 12)))
+        for i, d in enumerate(days):
+            ts = int(d) * MS_PER_DAY + int(rng.integers(0, MS_PER_DAY))
+            events.append(TransactionEvent(f"{cid}{i}", cid, ts, int(rng.integers(0, 10**7))))
+    now = 20_250 * MS_PER_DAY + 77
+    tx = pd.DataFrame({
+        "cid": [e.customer_id for e in events],
+        "date": pd.to_datetime([e.ts_ms for e in events], unit="ms"),
+        "m": [from_units(e.amount_units) for e in events],
+    })
+    summary = lifetimes_utils.summary_data_from_transaction_data(
+        tx, "cid", "date", monetary_value_col="m",
+        observation_period_end=pd.Timestamp(now, unit="ms"), freq="D")
+    want = oracle(events, now)
+    for cid in CUSTOMERS:
+        row = summary.loc[cid]
+        assert want[cid]["bgnbd_frequency"] == row["frequency"]
+        assert want[cid]["bgnbd_recency"] == row["recency"]
+        assert want[cid]["bgnbd_T"] == row["T"]
+        assert math.isclose(want[cid]["bgnbd_monetary"], row["monetary_value"], rel_tol=1e-9,
+                            abs_tol=1e-9)
+
+
+@pytest.mark.parametrize("lateness_ms", LATENESSES)
+@prop(40)
+@given(data=st.data())
+def test_any_chunking_with_roundtrips_matches_oracle(lateness_ms: int, data: st.DataObject
+                                                     ) -> None:
+    """Random consecutive chunks fed to apply_many, with random encode/decode round trips
+    between chunks, match the oracle after every chunk and at later engine times."""
+    per_topic = data.draw(st.booleans(), label="per_topic")
+    events = data.draw(event_sequences(lateness_ms, per_topic=per_topic), label="events")
+    n = len(events)
+    cuts = sorted(data.draw(st.sets(st.integers(1, n - 1), max_size=6), label="cuts")) \
+        if n > 1 else []
+    bounds = [0, *cuts, n]
+    rts = data.draw(st.lists(st.booleans(), min_size=len(bounds) - 1,
+                             max_size=len(bounds) - 1), label="roundtrips")
+    states: dict[str, CustomerState] = {}
+    for (a, b), rt in zip(pairwise(bounds), rts, strict=True):
+        feed(states, events[a:b], lateness_ms)
+        if rt:
+            states = roundtrip(states)
+        seen = events[:b]
+        check_all(states, seen, max(e.ts_ms for e in seen), f"after chunk [{a}:{b}]")
+    for now in data.draw(st.lists(now_after(events), min_size=1, max_size=3), label="nows"):
+        check_all(states, events, now, "final")
+    span = (max(e.ts_ms for e in events) - min(e.ts_ms for e in events)) // MS_PER_DAY
+    event(f"span>200d: {span > 200}")
+
+
+@pytest.mark.parametrize("lateness_ms", LATENESSES)
+@prop(25)
+@given(data=st.data())
+def test_one_by_one_apply_matches_oracle(lateness_ms: int, data: st.DataObject) -> None:
+    """Each event through apply() on its own (with random round trips); duplicates leave
+    the state unchanged; the end result matches the oracle."""
+    per_topic = data.draw(st.booleans(), label="per_topic")
+    events = data.draw(event_sequences(lateness_ms, per_topic=per_topic), label="events")
+    rts = data.draw(st.lists(st.booleans(), min_size=len(events), max_size=len(events)),
+                    label="roundtrips")
+    states: dict[str, CustomerState] = {}
+    applied: set[str] = set()
+    for e, rt in zip(events, rts, strict=True):
+        before = states.get(e.customer_id, empty())
+        after = apply(before, e, lateness_ms)
+        if e.event_id in applied:
+            assert after == before, f"duplicate {e.event_id} changed the state"
+        applied.add(e.event_id)
+        states[e.customer_id] = decode(encode(after)) if rt else after
+    check_all(states, events, max(e.ts_ms for e in events), "final at hi")
+    check_all(states, events, data.draw(now_after(events), label="now"), "final")
+
+
+@pytest.mark.parametrize("lateness_ms", LATENESSES)
+@prop(25)
+@given(data=st.data())
+def test_long_spans_fold_old_purchase_days_exactly(lateness_ms: int, data: st.DataObject
+                                                   ) -> None:
+    """Spans of more than 200 days, so purchase days leave every window and are folded
+    into totals; both one-by-one and chunked application match the oracle."""
+    per_topic = data.draw(st.booleans(), label="per_topic")
+    events = data.draw(event_sequences(lateness_ms, long_span=True, max_segment_events=10,
+                                       per_topic=per_topic), label="events")
+    span = (max(e.ts_ms for e in events) - min(e.ts_ms for e in events)) // MS_PER_DAY
+    assert span >= 200
+    one: dict[str, CustomerState] = {}
+    for e in events:
+        one[e.customer_id] = apply(one.get(e.customer_id, empty()), e, lateness_ms)
+    n = len(events)
+    cuts = sorted(data.draw(st.sets(st.integers(1, n - 1), max_size=4), label="cuts"))
+    chunked: dict[str, CustomerState] = {}
+    for a, b in pairwise([0, *cuts, n]):
+        feed(chunked, events[a:b], lateness_ms)
+        chunked = roundtrip(chunked)
+    for now in data.draw(st.lists(now_after(events), min_size=1, max_size=2), label="nows"):
+        check_all(one, events, now, "one-by-one")
+        check_all(chunked, events, now, "chunked")
+
+
+@pytest.mark.parametrize("lateness_ms", [DEFAULT_LATENESS_MS, 30 * MS_PER_DAY,
+                                         200 * MS_PER_DAY])
+def test_state_stays_bounded_over_two_years(lateness_ms: int) -> None:
+    """Two years of daily activity (with late events and duplicates): day buckets,
+    sessions, event types and remembered event ids stay within their horizons, and the
+    features stay exact."""
+    rng = np.random.default_rng(lateness_ms % 1_000_003)
+    L = lateness_ms
+    ret = retention_days(L)
+    state = empty()
+    events: list[Event] = []
+    by_hash: dict[int, Event] = {}
+    hi = -1
+    for i, day in enumerate(range(19_000, 19_000 + 730)):
+        base = day * MS_PER_DAY
+        chunk: list[Event] = []
+        for j in range(3):
+            et = f"type-{day % 97}" if j == 0 else EVENT_TYPES[(day + j) % len(EVENT_TYPES)]
+            chunk.append(ClickEvent(f"c{day}-{j}", "alice",
+                                    base + int(rng.integers(0, MS_PER_DAY)), et,
+                                    f"s{day}-{j % 2}"))
+        if day % 3 == 0:
+            chunk.append(TransactionEvent(f"p{day}", "alice", base + 3_600_000,
+                                          int(rng.integers(1, 10**6))))
+        if day % 10 == 0:
+            chunk.append(TransactionEvent(f"r{day}", "alice", base + 7_200_000, 5_000,
+                                          "refund"))
+        hi = max([hi, *(e.ts_ms for e in chunk)])
+        chunk.append(ClickEvent(f"lc{day}", "alice", hi - int(rng.integers(0, L + 1)), LOGIN,
+                                f"late-{day}"))
+        chunk.append(TransactionEvent(f"lt{day}", "alice", hi - int(rng.integers(0, L + 1)),
+                                      10_000))
+        eligible = [e for e in events[-400:] if e.ts_ms >= hi - L]
+        chunk.append(eligible[int(rng.integers(0, len(eligible)))] if eligible
+                     else chunk[0])  # a duplicate
+        events.extend(chunk)
+        by_hash.update((id_hash(e.event_id), e) for e in chunk)
+        state = apply_many(state, chunk, L)
+        if i % 7 == 0:
+            state = decode(encode(state))
+
+        last = {k: max(e.ts_ms for e in events if _stream(e) == k) for k in ("click", "txn")}
+        top_click = day_of(last["click"])
+        assert state.max_ts == hi
+        for buckets in (state.pdays, state.cdays):
+            assert len(buckets) <= ret
+            assert max(buckets) - min(buckets) < ret
+        assert all(top_click - 30 < d <= top_click for d in state.sessions.values())
+        assert all(top_click - 30 < d <= top_click for d in state.event_types.values())
+        assert len(state.sessions) <= 3 * 30
+        assert len(state.event_types) <= 30 + len(EVENT_TYPES)
+        remembered = {**state.seen_ids, **getattr(state, "txn_ids", {})}
+        assert len(remembered) <= 8 * (L // MS_PER_DAY + 2)
+        for h, t in remembered.items():
+            assert t >= last[_stream(by_hash[h])] - L, "id remembered beyond the lateness"
+        if i in (100, 400, 729):
+            check_all({"alice": state}, events, hi, f"day {i}")
+    assert state.old_purchase_days > 0
+    check_all({"alice": state}, events, hi + 45 * MS_PER_DAY, "45 days later")
+    check_all({"alice": state}, events, hi + 400 * MS_PER_DAY, "400 days later")
+    assert len(encode(state)) < 64 * 1024
+
+
+@prop(60)
+@given(data=st.data())
+def test_serial_roundtrip(data: st.DataObject) -> None:
+    """decode(encode(s)) == s for reachable states, byte-stable, and indistinguishable
+    afterwards (same features, same result of applying further events)."""
+    lateness_ms = data.draw(st.sampled_from(LATENESSES), label="lateness")
+    events = data.draw(event_sequences(lateness_ms, customers=("alice",),
+                                       per_topic=data.draw(st.booleans())), label="events")
+    k = data.draw(st.integers(0, len(events)), label="split")
+    s = apply_many(empty(), events[:k], lateness_ms)
+    b = encode(s)
+    assert isinstance(b, bytes)
+    s2 = decode(b)
+    assert s2 == s
+    assert encode(s2) == b
+    for d in (s2.pdays, s2.cdays):
+        assert all(isinstance(key, int) and isinstance(v, list) for key, v in d.items())
+    now = data.draw(now_after(events), label="now")
+    assert derive(s2, now) == derive(s, now)
+    assert apply_many(s2, events[k:], lateness_ms) == apply_many(s, events[k:], lateness_ms)
+
+
+def test_serial_rejects_unknown_version() -> None:
+    import msgpack
+
+    b = encode(apply(empty(), ClickEvent("e", "alice", 5, LOGIN, "s")))
+    v = msgpack.unpackb(b, raw=False, strict_map_key=False)
+    v[0] = 999
+    with pytest.raises(ValueError, match="version"):
+        decode(msgpack.packb(v, use_bin_type=True))
+    assert decode(encode(empty())) == empty()

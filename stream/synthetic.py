@@ -14,10 +14,12 @@ Model
 * Churn: churners always stop, at a time in the first half of the period; every other
   persona stops with its own probability at a random time after signup. ``churn_ms`` is
   the instant after which the customer never acts again; no event is at or after it.
-* Sessions: a Poisson number (at least one) at a persona rate per active week, times a
-  gamma-distributed per-customer activity factor. Start times follow a UTC daily rhythm
-  (quiet at night, peak in the evening) that differs on weekends.
-* A session is a few clicks 10 s to a few minutes apart sharing a ``session_id``: it may
+* Sessions: a renewal process per customer at a persona rate per active week, times a
+  gamma-distributed per-customer activity factor; the gaps are gamma with a persona
+  "regularity" shape (habits are more regular than Poisson arrivals). Every customer has
+  at least one session. Start times follow a UTC daily rhythm (quiet at night, peak in
+  the evening) that is shifted towards midday and busier on weekends.
+* A session is one or more clicks, 15 s to a few minutes apart, sharing a ``session_id``: it may
   open with a ``login`` and close with a ``logout``; the rest follows a per-customer mix
   (a Dirichlet draw around the persona's mix) of ``page_view``, ``search``,
   ``feature_use``, ``add_to_cart`` and ``support_ticket``.
@@ -143,33 +145,40 @@ class _Persona:
     p_refund: float  # of a purchase
     p_churn: float  # of leaving during the period
     existing: float  # share already signed up at the start
+    regularity: float  # gamma shape of the gaps between sessions; 1 = Poisson
 
 
 _PARAMS: dict[str, _Persona] = {
     "power_user": _Persona(
-        sessions_per_week=1.1, clicks_per_session=2.8, mix=(0.28, 0.08, 0.58, 0.055, 0.005),
-        p_login=0.9, p_logout=0.5, p_purchase=0.4, extra_purchases=0.1, basket_median=45.0,
-        basket_sigma=0.5, extra_items=1.0, p_refund=0.03, p_churn=0.03, existing=0.8),
+        sessions_per_week=1.6, clicks_per_session=2.2, mix=(0.25, 0.06, 0.64, 0.045, 0.005),
+        p_login=0.9, p_logout=0.15, p_purchase=0.3, extra_purchases=0.1, basket_median=45.0,
+        basket_sigma=0.5, extra_items=1.0, p_refund=0.03, p_churn=0.03, existing=0.8,
+        regularity=4.0),
     "casual_explorer": _Persona(
-        sessions_per_week=1.1, clicks_per_session=1.15, mix=(0.76, 0.20, 0.01, 0.03, 0.002),
+        sessions_per_week=0.75, clicks_per_session=1.15, mix=(0.76, 0.20, 0.01, 0.03, 0.002),
         p_login=0.02, p_logout=0.05, p_purchase=0.005, extra_purchases=0.0, basket_median=30.0,
-        basket_sigma=0.6, extra_items=0.5, p_refund=0.03, p_churn=0.05, existing=0.8),
+        basket_sigma=0.6, extra_items=0.5, p_refund=0.03, p_churn=0.05, existing=0.8,
+        regularity=3.0),
     "struggling_newbie": _Persona(
-        sessions_per_week=0.9, clicks_per_session=2.6, mix=(0.25, 0.10, 0.03, 0.02, 0.60),
-        p_login=0.9, p_logout=0.2, p_purchase=0.01, extra_purchases=0.0, basket_median=25.0,
-        basket_sigma=0.5, extra_items=0.3, p_refund=0.08, p_churn=0.08, existing=0.5),
+        sessions_per_week=0.6, clicks_per_session=2.6, mix=(0.22, 0.08, 0.03, 0.02, 0.65),
+        p_login=0.9, p_logout=0.1, p_purchase=0.01, extra_purchases=0.0, basket_median=25.0,
+        basket_sigma=0.5, extra_items=0.3, p_refund=0.08, p_churn=0.05, existing=0.6,
+        regularity=2.5),
     "bargain_hunter": _Persona(
-        sessions_per_week=0.9, clicks_per_session=1.3, mix=(0.25, 0.60, 0.01, 0.13, 0.01),
-        p_login=0.02, p_logout=0.05, p_purchase=0.85, extra_purchases=0.2, basket_median=9.0,
-        basket_sigma=0.45, extra_items=0.8, p_refund=0.06, p_churn=0.05, existing=0.85),
+        sessions_per_week=0.8, clicks_per_session=1.2, mix=(0.25, 0.60, 0.01, 0.13, 0.01),
+        p_login=0.02, p_logout=0.05, p_purchase=0.85, extra_purchases=0.3, basket_median=9.0,
+        basket_sigma=0.45, extra_items=0.8, p_refund=0.06, p_churn=0.05, existing=0.85,
+        regularity=3.0),
     "loyal_big_spender": _Persona(
-        sessions_per_week=0.7, clicks_per_session=1.6, mix=(0.55, 0.20, 0.02, 0.20, 0.03),
+        sessions_per_week=0.6, clicks_per_session=1.4, mix=(0.55, 0.20, 0.02, 0.20, 0.03),
         p_login=0.95, p_logout=0.3, p_purchase=0.95, extra_purchases=0.05, basket_median=220.0,
-        basket_sigma=0.45, extra_items=2.0, p_refund=0.03, p_churn=0.02, existing=0.85),
+        basket_sigma=0.45, extra_items=2.0, p_refund=0.03, p_churn=0.02, existing=0.85,
+        regularity=4.0),
     "churner": _Persona(
         sessions_per_week=1.0, clicks_per_session=2.0, mix=(0.55, 0.25, 0.05, 0.10, 0.05),
         p_login=0.4, p_logout=0.15, p_purchase=0.02, extra_purchases=0.0, basket_median=35.0,
-        basket_sigma=0.6, extra_items=0.5, p_refund=0.05, p_churn=1.0, existing=0.7),
+        basket_sigma=0.6, extra_items=0.5, p_refund=0.05, p_churn=1.0, existing=0.7,
+        regularity=2.0),
 }
 _CHURNER = PERSONAS.index("churner")
 _BARGAIN = PERSONAS.index("bargain_hunter")
@@ -186,6 +195,7 @@ _P_PURCHASE, _EXTRA, _BASKET_MU, _BASKET_SIGMA = (_col(n) for n in (
 _BASKET_MU = np.log(_BASKET_MU)
 _ITEMS, _P_REFUND, _P_CHURN, _EXISTING = (_col(n) for n in (
     "extra_items", "p_refund", "p_churn", "existing"))
+_REGULARITY = _col("regularity")
 _MIX = np.array([_PARAMS[p].mix for p in PERSONAS], dtype=np.float64)
 
 # Relative session intensity by UTC hour: weekdays peak in the evening, weekends
@@ -307,15 +317,25 @@ def _simulate(block: int, first: int, n: int, seed: int, start_ms: int, days: in
     cust_cdf = np.cumsum(cust_mix, axis=1)[:, :-1]
 
     # --- sessions ---------------------------------------------------------------
+    # A renewal process in "rhythm time": gaps are gamma with the persona's regularity
+    # as shape (1 would be Poisson), mapped through the daily and weekly rhythm. Every
+    # customer has at least one session; one who joins in the period starts with it.
     expected = _RATE[persona] * (until - active_from) / _WEEK * activity
-    n_sess = np.maximum(1, rng.poisson(expected)).astype(np.int64)
-    s_cust = np.repeat(np.arange(n), n_sess)
-    s_first = _group_offsets(n_sess)
-    s_t = rhythm.sample(active_from[s_cust], until[s_cust], rng.random(len(s_cust)))
-    joined_in = np.flatnonzero(~existing)
-    s_t[s_first[joined_in]] = active_from[joined_in]  # first session at signup
-    order = np.lexsort((s_t, s_cust))
-    s_t = s_t[order]
+    shape = _REGULARITY[persona]
+    n_cand = (expected + 6.0 * np.sqrt(expected / shape) + 4.0).astype(np.int64)
+    c_cust = np.repeat(np.arange(n), n_cand)
+    c_first = _group_offsets(n_cand)
+    c_head = c_first[c_cust]
+    gaps = rng.gamma(shape[c_cust], 1.0 / (shape * np.maximum(expected, 1e-9))[c_cust])
+    phase = rng.random(n)
+    head = phase * gaps[c_first]
+    gaps[c_first] = np.where(existing, np.where(head < 1.0, head, phase), 0.0)
+    c_sum = np.cumsum(gaps)
+    c_u = c_sum - c_sum[c_head] + gaps[c_head]
+    kept = (c_u < 1.0) | (np.arange(len(c_cust)) == c_head)
+    s_cust = c_cust[kept]
+    s_first = _group_offsets(np.bincount(s_cust, minlength=n))
+    s_t = rhythm.sample(active_from[s_cust], until[s_cust], np.minimum(c_u[kept], 1.0))
     s_ord = np.arange(len(s_cust)) - s_first[s_cust]
     s_persona = persona[s_cust]
     n_clicks = np.minimum(1 + rng.poisson(_CLICKS[s_persona] - 1.0), 40).astype(np.int64)
@@ -326,7 +346,7 @@ def _simulate(block: int, first: int, n: int, seed: int, start_ms: int, days: in
     e_sess = np.repeat(np.arange(len(s_cust)), n_clicks)
     e_first = _group_offsets(n_clicks)
     pos = np.arange(len(e_sess)) - e_first[e_sess]
-    gaps = np.where(pos == 0, 0, 10 * _SEC + rng.exponential(75 * _SEC, len(e_sess)))
+    gaps = np.where(pos == 0, 0, 15 * _SEC + rng.exponential(90 * _SEC, len(e_sess)))
     csum = np.cumsum(gaps.astype(np.int64))
     e_ts = s_t[e_sess] + csum - csum[e_first[e_sess]]
     e_cust = s_cust[e_sess]

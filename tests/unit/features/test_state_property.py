@@ -327,7 +327,7 @@ def event_sequences(
     (up to 400 days, so windows slide and old day buckets are pruned); inside a
     segment events land on the anchor, move forward a little, arrive late (up to
     exactly ``lateness_ms``), land on day starts/ends, or re-emit an earlier event
-    verbatim. With ``long_span`` the first jump is at least 200 days.
+    verbatim. With ``long_span`` the first jump is 200 to 600 days.
     """
     L = lateness_ms
 
@@ -341,13 +341,14 @@ def event_sequences(
     for seg in range(n_segments):
         if seg > 0:
             if long_span and seg == 1:
-                jump = draw(st.integers(200, 400))
+                jump = draw(st.integers(200, 600))
             else:
                 jump = draw(st.one_of(st.sampled_from(EDGE_DAYS[1:] + (120, 201, 250)),
                                       st.integers(1, 400)))
             anchor = (day_of(anchor) + jump) * MS_PER_DAY + draw(time_of_day)
         for i in range(draw(st.integers(1, max_segment_events))):
-            stream = draw(st.sampled_from(["click", "click", "click", "txn", "txn"]))
+            stream = "txn" if long_span and not events else draw(
+                st.sampled_from(["click", "click", "click", "txn", "txn"]))
             hi = his.get(key(stream))
             mode = "anchor" if i == 0 else draw(st.sampled_from(
                 ["anchor", "forward", "forward", "same_day", "late", "late", "late_edge",
@@ -358,12 +359,11 @@ def event_sequences(
                     events.append(draw(st.sampled_from(eligible)))
                     continue
                 mode = "anchor"
-            if hi is None:
-                # The first event of its scope: nothing to be late against.
-                back = draw(st.integers(0, 300)) if per_topic else 0
-                ts = anchor - back * MS_PER_DAY
-            elif mode == "anchor":
+            if mode == "anchor":
                 ts = anchor
+            elif hi is None:
+                # The first event of its scope: nothing to be late against.
+                ts = anchor - draw(st.integers(0, 300)) * MS_PER_DAY
             elif mode == "forward":
                 ts = (day_of(hi) + draw(st.integers(0, 3))) * MS_PER_DAY + draw(time_of_day)
             elif mode == "same_day":
@@ -534,7 +534,7 @@ def test_any_chunking_with_roundtrips_matches_oracle(lateness_ms: int, data: st.
         check_all(states, seen, max(e.ts_ms for e in seen), f"after chunk [{a}:{b}]")
     for now in data.draw(st.lists(now_after(events), min_size=1, max_size=3), label="nows"):
         check_all(states, events, now, "final")
-    span = (max(e.ts_ms for e in events) - min(e.ts_ms for e in events)) // MS_PER_DAY
+    span = day_of(max(e.ts_ms for e in events)) - day_of(min(e.ts_ms for e in events))
     event(f"span>200d: {span > 200}")
 
 
@@ -571,7 +571,7 @@ def test_long_spans_fold_old_purchase_days_exactly(lateness_ms: int, data: st.Da
     per_topic = data.draw(st.booleans(), label="per_topic")
     events = data.draw(event_sequences(lateness_ms, long_span=True, max_segment_events=10,
                                        per_topic=per_topic), label="events")
-    span = (max(e.ts_ms for e in events) - min(e.ts_ms for e in events)) // MS_PER_DAY
+    span = day_of(max(e.ts_ms for e in events)) - day_of(min(e.ts_ms for e in events))
     assert span >= 200
     one: dict[str, CustomerState] = {}
     for e in events:
@@ -585,6 +585,8 @@ def test_long_spans_fold_old_purchase_days_exactly(lateness_ms: int, data: st.Da
     for now in data.draw(st.lists(now_after(events), min_size=1, max_size=2), label="nows"):
         check_all(one, events, now, "one-by-one")
         check_all(chunked, events, now, "chunked")
+    # Coverage statistics only (--hypothesis-show-statistics): were purchase days folded?
+    event(f"purchase days folded: {any(getattr(s, 'old_purchase_days', 0) for s in one.values())}")
 
 
 @pytest.mark.parametrize("lateness_ms", [DEFAULT_LATENESS_MS, 30 * MS_PER_DAY,

@@ -290,6 +290,52 @@ def _wait_topics_gone(s: Settings, names: list[str], timeout: float = 30.0) -> N
         time.sleep(0.5)
 
 
+@app.command()
+def demo(
+    rate: Annotated[float, typer.Option(help="CDNOW events per second")] = 5000.0,
+    keep: Annotated[bool, typer.Option(help="Keep the worker running until Ctrl-C")] = False,
+) -> None:
+    """Services up, a worker, the CDNOW replay, and a look at the results."""
+    import os
+    import signal
+    import subprocess
+
+    from rich.table import Table
+
+    from stream import services
+    from stream.kafka import ensure_topics
+
+    s = _settings()
+    done = services.up(s)
+    err.print(f"kafka {s.kafka_bootstrap} ({done['kafka']}), redis {s.redis_url} ({done['redis']})")
+    ensure_topics(s)
+    log = s.data_dir / "demo-worker.log"
+    worker = subprocess.Popen([sys.executable, "-m", "stream.cli", "worker"],
+                              stdout=open(log, "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115
+                              start_new_session=True)
+    err.print(f"worker pid {worker.pid}, log {log}, API {_api_url(s)}")
+    try:
+        replay_cdnow(path=None, until=None, rate=rate)
+        wait(timeout=600)
+        doc = customer_doc(s, "00003")
+        if doc:
+            t = Table("feature", "value", title="segstream customer 00003")
+            for k in ("purchases_total", "purchase_days", "monetary_total", "recency_days",
+                      "bgnbd_frequency", "bgnbd_recency", "bgnbd_T", "bgnbd_monetary"):
+                t.add_row(k, str(doc["features"][k]))
+            Console().print(t)
+        err.print("try: segstream customer 00042 --json")
+        if keep:
+            err.print("worker running; Ctrl-C stops it")
+            worker.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if worker.poll() is None:
+            os.killpg(worker.pid, signal.SIGTERM)
+            worker.wait(timeout=30)
+
+
 def main() -> None:
     try:
         app()

@@ -1,0 +1,150 @@
+"""The micro-batch step against the in-memory store twin: watermarks, dedupe, event time."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import orjson
+import pytest
+
+from features import serial
+from features.state import derive
+from features.store import MemoryFeatureStore
+from stream.pipeline import BatchProcessor, RawRecord
+from stream.settings import load_settings
+
+DAY = 86_400_000
+T0 = 1_735_689_600_000
+WALL = (T0 + 365 * DAY) / 1000
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes | None, bytes]] = []
+
+    async def publish(self, records: Sequence[tuple[str, bytes | None, bytes]]) -> None:
+        self.sent.extend(records)
+
+
+def tx(i: int, cid: str, ts: int, amount: float = 10.0, eid: str | None = None) -> bytes:
+    return orjson.dumps({"event_id": eid or f"e{i}", "customer_id": cid, "ts": ts,
+                         "amount": amount})
+
+
+def make() -> tuple[BatchProcessor, MemoryFeatureStore, Sink]:
+    s = load_settings()
+    store, sink = MemoryFeatureStore(), Sink()
+    return BatchProcessor(s, store, sink, clock=lambda: WALL), store, sink
+
+
+def run(p: BatchProcessor, recs: list[RawRecord]):
+    return asyncio.run(p.process(recs))
+
+
+def rec(off: int, value: bytes, key: bytes | None = b"c1", part: int = 0,
+        topic: str = "transactions") -> RawRecord:
+    return RawRecord(topic, part, off, key, value)
+
+
+def purchases(store: MemoryFeatureStore, cid: str = "c1", part: int = 0) -> int:
+    return derive(serial.decode(store.customers[(part, cid)]), store.global_now)["purchases_total"]
+
+
+def test_redelivered_offsets_are_skipped() -> None:
+    p, store, _ = make()
+    batch = [rec(i, tx(i, "c1", T0 + i)) for i in range(5)]
+    run(p, batch)
+    stats = run(p, batch[2:])  # a consumer rewound after a crash
+    assert stats.skipped_below_watermark == 3
+    assert purchases(store) == 5
+
+
+def test_duplicate_event_ids_count_once() -> None:
+    p, store, _ = make()
+    run(p, [rec(0, tx(0, "c1", T0)), rec(1, tx(0, "c1", T0)), rec(2, tx(1, "c1", T0 + 5))])
+    assert purchases(store) == 2
+
+
+def test_timeout_after_applied_write_does_not_double_count() -> None:
+    p, store, _ = make()
+    store.fail_next_commit_after_apply = True
+    stats = run(p, [rec(i, tx(i, "c1", T0 + i)) for i in range(3)])
+    assert stats.store_retries == 1
+    assert purchases(store) == 3
+
+
+def test_conflicting_writer_is_retried_not_lost() -> None:
+    p, store, _ = make()
+    original = store.commit
+
+    async def bump_then_commit(commits):
+        # another owner committed to partition 0 in between: our version is stale once
+        store.commit = original
+        store.meta.setdefault(0, {})["ver"] = store.meta.get(0, {}).get("ver", 0) + 1
+        return await original(commits)
+
+    store.commit = bump_then_commit
+    stats = run(p, [rec(0, tx(0, "c1", T0))])
+    assert stats.conflicts == 1
+    assert purchases(store) == 1
+
+
+def test_too_late_and_future_events_go_to_the_dlq() -> None:
+    p, store, sink = make()
+    run(p, [rec(0, tx(0, "c1", T0 + 30 * DAY))])
+    run(p, [rec(1, tx(1, "c1", T0)),  # 30 days behind its partition: too late
+            rec(2, tx(2, "c1", T0 + 29 * DAY)),  # within 7 days: accepted
+            rec(3, tx(3, "c1", int(WALL * 1000) + 3_600_000))])  # an hour in the future
+    reasons = sorted(orjson.loads(v)["reason"] for _, _, v in sink.sent)
+    assert reasons == ["from_future", "too_late"]
+    assert purchases(store) == 2
+    assert store.outboxes[0] == {}  # published and forgotten
+
+
+def test_lateness_is_per_topic_partition_so_uneven_partitions_lose_nothing() -> None:
+    p, store, sink = make()
+    run(p, [rec(0, tx(0, "a", T0 + 300 * DAY), key=b"a", part=0)])
+    run(p, [rec(0, tx(1, "b", T0), key=b"b", part=1)])  # partition 1 is far behind: fine
+    assert sink.sent == []
+    assert purchases(store, "b", 1) == 1
+
+
+def test_poison_customer_is_dead_lettered_and_others_proceed(monkeypatch) -> None:
+    import stream.pipeline as pl
+
+    p, store, sink = make()
+    real = pl.apply_many
+
+    def boom(state, events, lateness):
+        if events[0].customer_id == "bad":
+            raise RuntimeError("scoring exploded")
+        return real(state, events, lateness)
+
+    monkeypatch.setattr(pl, "apply_many", boom)
+    run(p, [rec(0, tx(0, "bad", T0), key=b"bad"), rec(1, tx(1, "c1", T0))])
+    assert [orjson.loads(v)["reason"] for _, _, v in sink.sent] == ["processing_error"]
+    assert purchases(store) == 1
+    assert store.meta[0]["wm:transactions"] == 1
+
+
+def test_dlq_payload_is_truncated_and_keeps_the_source() -> None:
+    p, _, sink = make()
+    big = b"x" * 10_000
+    run(p, [rec(7, big)])
+    d = orjson.loads(sink.sent[0][2])
+    assert d["reason"] == "not_json"
+    assert d["offset"] == 7 and d["source_topic"] == "transactions"
+    assert d["payload_truncated"] is True
+    assert len(d["payload"]) == load_settings().dlq_payload_bytes
+
+
+@pytest.mark.parametrize("var,value", [("SEGSTREAM_PARTITIONS", "0"),
+                                       ("SEGSTREAM_REDIS_URL", "http://x"),
+                                       ("SEGSTREAM_REDIS_PREFIX", "{bad}")])
+def test_invalid_setting_names_the_variable(monkeypatch, var: str, value: str) -> None:
+    from stream.errors import SettingsError
+
+    monkeypatch.setenv(var, value)
+    with pytest.raises(SettingsError, match=var):
+        load_settings()

@@ -19,6 +19,8 @@ app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="segstream: real-time streaming customer segmentation.")
 replay_app = typer.Typer(no_args_is_help=True, help="Produce events into the input topics.")
 app.add_typer(replay_app, name="replay")
+clv_app = typer.Typer(no_args_is_help=True, help="Customer lifetime value models.")
+app.add_typer(clv_app, name="clv")
 err = Console(stderr=True)
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document.")]
 
@@ -288,6 +290,51 @@ def _wait_topics_gone(s: Settings, names: list[str], timeout: float = 30.0) -> N
         finally:
             a.close()
         time.sleep(0.5)
+
+
+@clv_app.command("fit")
+def clv_fit(json_: JsonOpt = False) -> None:
+    """Fit BG/NBD and Gamma-Gamma population parameters from the current customer state."""
+    import orjson
+
+    from features import serial
+    from features.state import derive
+    from features.store import RedisFeatureStore
+    from scorers import clv
+    from stream.app import redis_client
+
+    s = _settings()
+
+    async def run() -> dict[str, Any]:
+        r = redis_client(s)
+        try:
+            store = RedisFeatureStore(r, s.redis_prefix)
+            now = await store.now()
+            rows = []
+            async for _, _, blob in store.iter_customers(s.partitions):
+                f = derive(serial.decode(blob), now)
+                if f["bgnbd_frequency"] is not None:
+                    rows.append((f["bgnbd_frequency"], f["bgnbd_recency"], f["bgnbd_T"],
+                                 f["bgnbd_monetary"]))
+            if not rows:
+                raise SegstreamError("no purchasing customers yet; nothing to fit")
+            x, t_x, t, m = (list(c) for c in zip(*rows, strict=True))
+            bg = clv.fit_bgnbd(x, t_x, t)
+            gg = clv.fit_gamma_gamma(x, m)
+            doc = {"customers": len(rows), "as_of": now, "bgnbd": bg.to_json(),
+                   "gamma_gamma": {"p": gg.p, "q": gg.q, "v": gg.v}}
+            version = await r.incr(f"{s.redis_prefix}clv:version")
+            doc["version"] = version
+            await r.set(f"{s.redis_prefix}clv:params", orjson.dumps(doc))
+            return doc
+        finally:
+            await r.aclose()
+
+    doc = asyncio.run(run())
+    if json_:
+        _print_json(doc)
+    else:
+        err.print(doc)
 
 
 @app.command()

@@ -44,6 +44,24 @@ def test_cdnow_features_equal_lifetimes_and_pandas_with_duplicates_and_a_second_
     assert now == int(df["date"].max().timestamp() * 1000)
     assert cdnow_oracle.mismatches(expected, feats) == []
 
+    # CLV population parameters fitted from the streamed state equal lifetimes' fit.
+    from lifetimes import BetaGeoFitter, GammaGammaFitter
+    from lifetimes.utils import summary_data_from_transaction_data
+
+    fit = orjson.loads(deployment.cli("clv", "fit", "--json").stdout)
+    summ = summary_data_from_transaction_data(df, "customer_id", "date",
+                                              monetary_value_col="amount", freq="D",
+                                              observation_period_end=df["date"].max())
+    bg = BetaGeoFitter().fit(summ["frequency"], summ["recency"], summ["T"])
+    assert fit["customers"] == 23_570
+    assert fit["bgnbd"]["time_unit"] == "days"
+    for k in ("r", "alpha", "a", "b"):
+        assert fit["bgnbd"][k] == pytest.approx(bg.params_[k], rel=0.01), k
+    rep = summ[(summ["frequency"] > 0) & (summ["monetary_value"] > 0)]
+    gg = GammaGammaFitter().fit(rep["frequency"], rep["monetary_value"])
+    for k in ("p", "q", "v"):
+        assert fit["gamma_gamma"][k] == pytest.approx(gg.params_[k], rel=0.01), k
+
     # Replaying the whole input again changes nothing.
     deployment.cli("replay", "cdnow")
     deployment.cli("wait", "--timeout", "600")

@@ -95,6 +95,8 @@ def test_empty_population() -> None:
 def test_bad_arguments(kwargs: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
         generate(**kwargs)
+    with pytest.raises(ValueError):
+        iter_events(**kwargs)  # checked on the call, not on the first next()
 
 
 # --- contract ----------------------------------------------------------------------

@@ -1,0 +1,57 @@
+"""BG/NBD and Gamma-Gamma fits against the lifetimes package on the CDNOW summary."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from lifetimes import BetaGeoFitter, GammaGammaFitter
+from lifetimes.utils import summary_data_from_transaction_data
+
+import cdnow_oracle
+from scorers import clv
+
+
+@pytest.fixture(scope="module")
+def summary():
+    df = cdnow_oracle.load()
+    return summary_data_from_transaction_data(df, "customer_id", "date",
+                                              monetary_value_col="amount", freq="D",
+                                              observation_period_end=df["date"].max())
+
+
+@pytest.fixture(scope="module")
+def fitted(summary):
+    bg = BetaGeoFitter().fit(summary["frequency"], summary["recency"], summary["T"])
+    ours = clv.fit_bgnbd(summary["frequency"], summary["recency"], summary["T"])
+    return bg, ours
+
+
+def test_bgnbd_parameters_match_lifetimes_within_one_percent(fitted) -> None:
+    bg, ours = fitted
+    for name in ("r", "alpha", "a", "b"):
+        assert getattr(ours, name) == pytest.approx(bg.params_[name], rel=0.01), name
+
+
+def test_p_alive_and_expected_purchases_match_lifetimes_for_the_same_parameters(
+        fitted, summary) -> None:
+    bg, _ = fitted
+    params = clv.BgNbdParams(*(float(bg.params_[k]) for k in ("r", "alpha", "a", "b")))
+    x, t_x, T = summary["frequency"].to_numpy(), summary["recency"].to_numpy(), summary["T"].to_numpy()
+    np.testing.assert_allclose(clv.p_alive(params, x, t_x, T),
+                               bg.conditional_probability_alive(x, t_x, T), rtol=1e-6)
+    np.testing.assert_allclose(clv.expected_purchases(params, 90, x, t_x, T),
+                               bg.conditional_expected_number_of_purchases_up_to_time(
+                                   90, x, t_x, T), rtol=1e-6)
+
+
+def test_gamma_gamma_matches_lifetimes(summary) -> None:
+    rep = summary[(summary["frequency"] > 0) & (summary["monetary_value"] > 0)]
+    gg = GammaGammaFitter().fit(rep["frequency"], rep["monetary_value"])
+    ours = clv.fit_gamma_gamma(summary["frequency"], summary["monetary_value"])
+    for name in ("p", "q", "v"):
+        assert getattr(ours, name) == pytest.approx(gg.params_[name], rel=0.01), name
+    params = clv.GammaGammaParams(*(float(gg.params_[k]) for k in ("p", "q", "v")))
+    np.testing.assert_allclose(
+        clv.expected_spend(params, rep["frequency"], rep["monetary_value"]),
+        gg.conditional_expected_average_profit(rep["frequency"], rep["monetary_value"]),
+        rtol=1e-6)

@@ -89,6 +89,9 @@ class Engine:
             stream_buffer_maxsize=max(4096, settings.batch_max * 2),
             broker_commit_every=settings.batch_max,
             broker_commit_interval=1.0,
+            # A crashed worker's partitions move after this long, not the 60 s default.
+            broker_session_timeout=20.0,
+            broker_heartbeat_interval=3.0,
             logging_config=None,
         )
         self.redis: aioredis.Redis | None = None

@@ -89,7 +89,8 @@ class Deployment:
                                 stdout=open(log, "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115
                                 start_new_session=True)
         self.workers.append(proc)
-        deadline = time.monotonic() + 60
+        # After a kill -9 the group waits for the dead member's session to expire.
+        deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 raise AssertionError(f"worker exited early:\n{log.read_text()[-3000:]}")

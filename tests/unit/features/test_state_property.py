@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
 
 from features.events import (
@@ -326,8 +326,8 @@ def event_sequences(
     The sequence is made of segments separated by forward jumps of an anchor time
     (up to 400 days, so windows slide and old day buckets are pruned); inside a
     segment events land on the anchor, move forward a little, arrive late (up to
-    exactly ``lateness_ms``), land on day starts/ends, or re-emit an earlier event
-    verbatim. With ``long_span`` the first jump is 200 to 600 days.
+    exactly ``lateness_ms``), land on day starts/ends or on the day of an earlier
+    event (clamped to the lateness limit), or re-emit an earlier event verbatim. With ``long_span`` the first jump is 200 to 600 days.
     """
     L = lateness_ms
 
@@ -352,7 +352,7 @@ def event_sequences(
             hi = his.get(key(stream))
             mode = "anchor" if i == 0 else draw(st.sampled_from(
                 ["anchor", "forward", "forward", "same_day", "late", "late", "late_edge",
-                 "day_start", "day_end", "dup", "dup"]))
+                 "day_start", "day_end", "revisit", "revisit", "dup", "dup"]))
             if mode == "dup":
                 eligible = [e for e in events if e.ts_ms >= his[key(_stream(e))] - L]
                 if eligible:
@@ -372,6 +372,8 @@ def event_sequences(
                 ts = hi - draw(st.integers(0, L))
             elif mode == "late_edge":
                 ts = hi - L
+            elif mode == "revisit":  # another event on the (UTC) day of an earlier one
+                ts = day_of(draw(st.sampled_from(events)).ts_ms) * MS_PER_DAY + draw(time_of_day)
             elif mode == "day_start":
                 ts = (day_of(hi) - draw(st.integers(0, L // MS_PER_DAY + 1))) * MS_PER_DAY
             else:  # day_end
@@ -417,6 +419,8 @@ def prop(max_examples: int) -> settings:
     return settings(
         max_examples=max_examples,
         deadline=None,
+        # no "explain" phase: it re-runs a failing example ~100 times (minutes here)
+        phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink],
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     )
 

@@ -293,7 +293,9 @@ class RedisFeatureStore:
         except RedisError as exc:
             raise StoreUnavailable(f"redis read failed: {exc}") from None
 
-    async def watermarks(self, partitions: int, topics: Sequence[str]) -> dict[tuple[str, int], int]:
+    async def watermarks(
+        self, partitions: int, topics: Sequence[str]
+    ) -> dict[tuple[str, int], int]:
         """Last applied offset of every (topic, partition)."""
         fields = [_wm_field(t) for t in topics]
         async with self.r.pipeline(transaction=False) as pipe:

@@ -179,8 +179,8 @@ def wait(
     ends = end_offsets(s, s.input_topics)
 
     async def run() -> bool:
-        from stream.app import redis_client
         from features.store import RedisFeatureStore
+        from stream.app import redis_client
 
         r = redis_client(s)
         store = RedisFeatureStore(r, s.redis_prefix)
@@ -259,7 +259,7 @@ def reset(yes: Annotated[bool, typer.Option("--yes", help="Really delete")] = Fa
     a = admin(s)
     try:
         a.delete_consumer_groups([s.app_id])
-    except Exception:  # noqa: BLE001 - the group may not exist yet
+    except Exception:
         pass
     finally:
         a.close()

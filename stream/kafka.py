@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterable
 from typing import Any
@@ -60,10 +61,8 @@ def ensure_topics(settings: Settings) -> None:
         wanted = contract_topics(settings)
         new = [NewTopic(t, n, 1) for t, n in wanted.items() if t not in existing]
         if new:
-            try:
+            with contextlib.suppress(TopicAlreadyExistsError):
                 a.create_topics(new)
-            except TopicAlreadyExistsError:
-                pass
         meta = a.describe_topics(list(settings.input_topics))
         for t in meta:
             n = len(t["partitions"])
@@ -82,10 +81,8 @@ def delete_topics(settings: Settings) -> list[str]:
         existing = set(a.list_topics())
         names = [t for t in contract_topics(settings) if t in existing]
         if names:
-            try:
+            with contextlib.suppress(UnknownTopicOrPartitionError):
                 a.delete_topics(names)
-            except UnknownTopicOrPartitionError:
-                pass
         return names
     finally:
         a.close()

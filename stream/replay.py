@@ -99,8 +99,13 @@ def jsonl_records(path: Path, topic: str) -> Iterator[OutRecord]:
 def produce(settings: Settings, records: Iterable[OutRecord], total: int | None = None,
             rate: float | None = None, progress: bool = True, label: str = "replay") -> int:
     """Send records (optionally throttled to ``rate`` per second) and wait for every ack."""
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                               TimeRemainingColumn)
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
     p = producer(settings)
     n = 0

@@ -72,7 +72,9 @@ class Deployment:
                   if k.startswith("SEGSTREAM_") and not k.startswith("SEGSTREAM_TEST")}
         return Settings(**{k: v for k, v in fields.items() if k in Settings.model_fields})
 
-    def cli(self, *args: str, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    def cli(
+        self, *args: str, check: bool = True, timeout: float = 900
+    ) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run([*SEGSTREAM, *args], env=self.env, cwd=ROOT, capture_output=True,
                               text=True, timeout=timeout)
         if check and proc.returncode != 0:

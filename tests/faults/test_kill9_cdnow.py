@@ -6,9 +6,9 @@ import asyncio
 import time
 from pathlib import Path
 
+import cdnow_oracle
 import pytest
 
-import cdnow_oracle
 from features.store import RedisFeatureStore
 from stream.app import redis_client
 

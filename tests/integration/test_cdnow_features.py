@@ -5,10 +5,10 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import cdnow_oracle
 import orjson
 import pytest
 
-import cdnow_oracle
 from stream.replay import cdnow_events, cdnow_path
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

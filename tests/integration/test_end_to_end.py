@@ -8,7 +8,6 @@ from pathlib import Path
 import orjson
 import pandas as pd
 import pytest
-
 from conftest import jsonl
 
 pytestmark = pytest.mark.integration

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import cdnow_oracle
 import numpy as np
 import pytest
 from lifetimes import BetaGeoFitter, GammaGammaFitter
 from lifetimes.utils import summary_data_from_transaction_data
 
-import cdnow_oracle
 from scorers import clv
 
 
@@ -36,7 +36,9 @@ def test_p_alive_and_expected_purchases_match_lifetimes_for_the_same_parameters(
         fitted, summary) -> None:
     bg, _ = fitted
     params = clv.BgNbdParams(*(float(bg.params_[k]) for k in ("r", "alpha", "a", "b")))
-    x, t_x, T = summary["frequency"].to_numpy(), summary["recency"].to_numpy(), summary["T"].to_numpy()
+    x = summary["frequency"].to_numpy()
+    t_x = summary["recency"].to_numpy()
+    T = summary["T"].to_numpy()
     np.testing.assert_allclose(clv.p_alive(params, x, t_x, T),
                                bg.conditional_probability_alive(x, t_x, T), rtol=1e-6)
     np.testing.assert_allclose(clv.expected_purchases(params, 90, x, t_x, T),

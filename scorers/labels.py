@@ -1,0 +1,364 @@
+"""Delayed labels for the online models: observations now, outcomes later.
+
+A model such as churn learns from *examples*: the customer's model inputs at an
+observation time ``t`` and what happened next. The outcome is only known later, so
+each customer keeps a :class:`LabelState` with at most one pending
+:class:`Observation` per model; events and the passing of time resolve them into
+:class:`Example` records that a learner consumes.
+
+Models and labels (``h`` is the observation's horizon):
+
+* ``churn``: 1 when the customer has no event of any kind in ``(t, t + h]``; ``h`` is
+  30 days for customers with clickstream and 90 days for transaction-only customers.
+* ``purchase_7d``: 1 when the customer makes a purchase in ``(t, t + 7 days]``.
+
+An event resolves an observation the moment it proves the outcome (churn 0, purchase
+1). The opposite outcome is only certain once no event inside the horizon can still
+arrive: :func:`on_time` waits until engine time is *more* than ``horizon + lateness``
+past the observation, because the engine accepts an event exactly ``lateness``
+behind its newest one.
+
+Everything here is pure: functions return new states, and states and examples
+convert to plain msgpack- or JSON-able values.
+
+>>> from features.events import MS_PER_DAY
+>>> feats = {"purchases_total": 1, "monetary_total": 20.0, "recency_days": 0}
+>>> s = observe(LabelState(), "c1", feats, 10 * MS_PER_DAY, has_clickstream=False)
+>>> sorted(s.pending)
+['churn', 'purchase_7d']
+>>> s, done = on_event(s, "c1", 13 * MS_PER_DAY, is_purchase=True)
+>>> sorted((e.model, e.y) for e in done)
+[('churn', 0), ('purchase_7d', 1)]
+>>> s.pending
+{}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import orjson
+
+from features.events import MS_PER_DAY
+
+CHURN = "churn"
+PURCHASE_7D = "purchase_7d"
+#: Every model with delayed labels, in a fixed order.
+MODELS: tuple[str, ...] = (CHURN, PURCHASE_7D)
+
+#: Churn horizon of customers with clickstream.
+CHURN_HORIZON_CLICKS_MS = 30 * MS_PER_DAY
+#: Churn horizon of transaction-only customers (purchases are rarer than visits).
+CHURN_HORIZON_TRANSACTIONS_MS = 90 * MS_PER_DAY
+#: Horizon of the purchase propensity label.
+PURCHASE_HORIZON_MS = 7 * MS_PER_DAY
+
+
+def _num(v: Any) -> float:
+    return 0.0 if v is None else float(v)
+
+
+def _log(v: Any) -> float:
+    return math.log1p(max(0.0, _num(v)))
+
+
+_LOG_COUNTS = (
+    "purchases_total", "purchase_days", "monetary_total", "refunds_total",
+    "purchases_7d", "purchases_30d", "purchases_90d", "spend_7d", "spend_30d", "spend_90d",
+    "bgnbd_frequency", "bgnbd_recency", "bgnbd_T", "bgnbd_monetary", "tenure_days",
+    "events_total", "events_1d", "events_7d", "events_30d", "sessions_7d", "sessions_30d",
+    "active_days_7d", "active_days_30d", "logins_7d", "logins_30d",
+    "distinct_event_types_30d", "feature_uses_30d", "support_tickets_30d",
+)
+
+#: Names of the model inputs :func:`model_inputs` produces, in order.
+INPUT_NAMES: tuple[str, ...] = (
+    "has_purchase", "has_repeat", "has_clickstream",
+    *(f"log_{n}" for n in _LOG_COUNTS),
+    "log_recency_days", "log_days_since_last_event", "log_days_inactive",
+    "log_mean_gap_days", "overdue", "activity_trend_8w",
+)
+# A short tag of the input layout: pending observations stored under another layout
+# are dropped on load rather than misread.
+INPUT_SCHEMA = hashlib.blake2b("|".join(INPUT_NAMES).encode(), digest_size=4).hexdigest()
+
+
+def model_inputs(features: Mapping[str, Any]) -> dict[str, float]:
+    """The numeric model inputs of a customer's derived features.
+
+    Counts and money are ``log1p``-transformed (negative money counts as 0); a missing
+    value becomes 0 next to a ``has_*`` indicator saying whether it exists. Keys are
+    :data:`INPUT_NAMES`, in order.
+
+    >>> x = model_inputs({"purchases_total": 3, "bgnbd_frequency": 2, "bgnbd_recency": 20,
+    ...                   "recency_days": 40})
+    >>> x["has_purchase"], x["has_clickstream"], round(x["overdue"], 3)
+    (1.0, 0.0, 1.316)
+    >>> len(x) == len(INPUT_NAMES)
+    True
+    """
+    f = features
+    purchases = _num(f.get("purchases_total"))
+    freq = _num(f.get("bgnbd_frequency"))
+    has_clicks = _num(f.get("events_total")) > 0 or f.get("days_since_last_event") is not None
+    x: dict[str, float] = {
+        "has_purchase": 1.0 if purchases > 0 else 0.0,
+        "has_repeat": 1.0 if freq > 0 else 0.0,
+        "has_clickstream": 1.0 if has_clicks else 0.0,
+    }
+    for n in _LOG_COUNTS:
+        x[f"log_{n}"] = _log(f.get(n))
+    recency, idle = f.get("recency_days"), f.get("days_since_last_event")
+    known = [float(v) for v in (recency, idle) if v is not None]
+    gap = _num(f.get("bgnbd_recency")) / freq if freq > 0 else 0.0
+    x["log_recency_days"] = _log(recency)
+    x["log_days_since_last_event"] = _log(idle)
+    x["log_days_inactive"] = _log(min(known)) if known else 0.0
+    x["log_mean_gap_days"] = math.log1p(gap)
+    # How overdue the next purchase is relative to the customer's own rhythm.
+    x["overdue"] = _log(recency) - math.log1p(gap) if freq > 0 else 0.0
+    trend = _num(f.get("activity_trend_8w"))
+    x["activity_trend_8w"] = math.copysign(math.log1p(abs(trend)), trend)
+    return x
+
+
+def customer_hash(customer_id: str) -> str:
+    """A stable pseudonym of a customer id (16 hex digits) for example records.
+
+    >>> customer_hash("c1") == customer_hash("c1"), len(customer_hash("c1"))
+    (True, 16)
+    """
+    return hashlib.blake2b(customer_id.encode("utf-8"), digest_size=8).hexdigest()
+
+
+def example_id(customer_id: str, model: str, obs_ts_ms: int) -> str:
+    """Deterministic id of the example of one observation (redeliveries share it)."""
+    key = f"{customer_id}\x1f{model}\x1f{obs_ts_ms}".encode()
+    return hashlib.blake2b(key, digest_size=12).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """A pending snapshot: model inputs ``x`` at ``obs_ts_ms``, outcome due by the horizon."""
+
+    model: str
+    obs_ts_ms: int
+    x: dict[str, float]
+    horizon_ms: int
+
+    @property
+    def end_ms(self) -> int:
+        """The last instant inside the horizon."""
+        return self.obs_ts_ms + self.horizon_ms
+
+
+@dataclass(frozen=True, slots=True)
+class Example:
+    """A resolved observation: inputs ``x`` and label ``y`` (0 or 1), ready to learn from."""
+
+    example_id: str
+    model: str
+    customer_hash: str
+    obs_ts_ms: int
+    resolved_ts_ms: int
+    x: dict[str, float]
+    y: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able form."""
+        return {"example_id": self.example_id, "model": self.model,
+                "customer_hash": self.customer_hash, "obs_ts_ms": self.obs_ts_ms,
+                "resolved_ts_ms": self.resolved_ts_ms, "x": self.x, "y": self.y}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Example:
+        """Inverse of :meth:`to_dict`."""
+        return cls(str(d["example_id"]), str(d["model"]), str(d["customer_hash"]),
+                   int(d["obs_ts_ms"]), int(d["resolved_ts_ms"]),
+                   {str(k): float(v) for k, v in d["x"].items()}, int(d["y"]))
+
+    def to_bytes(self) -> bytes:
+        """JSON bytes for the examples topic."""
+        return orjson.dumps(self.to_dict())
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Example:
+        """Inverse of :meth:`to_bytes`."""
+        return cls.from_dict(orjson.loads(data))
+
+
+@dataclass(frozen=True, slots=True)
+class LabelState:
+    """A customer's pending observations and the time of the latest one, per model.
+
+    Treat as immutable: the functions of this module return new states.
+    """
+
+    pending: dict[str, Observation] = field(default_factory=dict)
+    last_obs_ms: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain msgpack-able form; inputs are stored as a list in :data:`INPUT_NAMES` order."""
+        return {
+            "schema": INPUT_SCHEMA,
+            "pending": {m: [o.obs_ts_ms, o.horizon_ms, [o.x.get(n, 0.0) for n in INPUT_NAMES]]
+                        for m, o in self.pending.items()},
+            "last": dict(self.last_obs_ms),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> LabelState:
+        """Inverse of :meth:`to_dict`; observations of another input layout are dropped."""
+        pending: dict[str, Observation] = {}
+        if d.get("schema") == INPUT_SCHEMA:
+            for m, (ts, horizon, xs) in d.get("pending", {}).items():
+                x = {n: float(v) for n, v in zip(INPUT_NAMES, xs, strict=True)}
+                pending[str(m)] = Observation(str(m), int(ts), x, int(horizon))
+        last = {str(m): int(t) for m, t in d.get("last", {}).items()}
+        return cls(pending, last)
+
+    def encode(self) -> bytes:
+        """Compact msgpack bytes (for the state store)."""
+        return msgpack.packb(self.to_dict(), use_bin_type=True)  # type: ignore[no-any-return]
+
+    @classmethod
+    def decode(cls, data: bytes) -> LabelState:
+        """Inverse of :meth:`encode`."""
+        return cls.from_dict(msgpack.unpackb(data, raw=False))
+
+
+def churn_horizon_ms(has_clickstream: bool, *, clicks_ms: int = CHURN_HORIZON_CLICKS_MS,
+                     transactions_ms: int = CHURN_HORIZON_TRANSACTIONS_MS) -> int:
+    """Churn horizon of a customer."""
+    return clicks_ms if has_clickstream else transactions_ms
+
+
+def wants_observation(state: LabelState, now_ms: int, *, min_gap_days: int = 7,
+                      models: tuple[str, ...] = MODELS) -> bool:
+    """Whether :func:`observe` would take a snapshot now (lets callers skip deriving features)."""
+    gap = min_gap_days * MS_PER_DAY
+    return any(
+        m not in state.pending and now_ms - state.last_obs_ms.get(m, now_ms - gap) >= gap
+        for m in models
+    )
+
+
+def observe(
+    state: LabelState,
+    customer_id: str,
+    features: Mapping[str, Any],
+    now_ms: int,
+    *,
+    has_clickstream: bool,
+    min_gap_days: int = 7,
+    churn_horizon_clicks_ms: int = CHURN_HORIZON_CLICKS_MS,
+    churn_horizon_transactions_ms: int = CHURN_HORIZON_TRANSACTIONS_MS,
+    purchase_horizon_ms: int = PURCHASE_HORIZON_MS,
+    models: tuple[str, ...] = MODELS,
+) -> LabelState:
+    """Snapshot the customer for every model with nothing pending.
+
+    At most one observation per model per ``min_gap_days``. ``features`` are the
+    customer's derived features at engine time ``now_ms``; call this after the events
+    of the batch went through :func:`on_event`, so that they do not count as outcomes.
+    ``customer_id`` is part of the contract for symmetry with the other steps.
+    """
+    del customer_id
+    if not wants_observation(state, now_ms, min_gap_days=min_gap_days, models=models):
+        return state
+    gap = min_gap_days * MS_PER_DAY
+    x = model_inputs(features)
+    pending, last = dict(state.pending), dict(state.last_obs_ms)
+    for m in models:
+        if m in pending or now_ms - last.get(m, now_ms - gap) < gap:
+            continue
+        if m == CHURN:
+            horizon = churn_horizon_ms(has_clickstream, clicks_ms=churn_horizon_clicks_ms,
+                                       transactions_ms=churn_horizon_transactions_ms)
+        elif m == PURCHASE_7D:
+            horizon = purchase_horizon_ms
+        else:
+            raise ValueError(f"unknown model {m!r}")
+        pending[m] = Observation(m, now_ms, x, horizon)
+        last[m] = now_ms
+    return LabelState(pending, last)
+
+
+def _example(customer_id: str, o: Observation, resolved_ms: int, y: int) -> Example:
+    return Example(example_id(customer_id, o.model, o.obs_ts_ms), o.model,
+                   customer_hash(customer_id), o.obs_ts_ms, resolved_ms, o.x, y)
+
+
+def on_event(state: LabelState, customer_id: str, ts_ms: int, is_purchase: bool
+             ) -> tuple[LabelState, list[Example]]:
+    """Resolve what an event at ``ts_ms`` proves: activity (churn 0) and, if a purchase, 1.
+
+    Only an event strictly after the observation and within its horizon counts; a late
+    event from before the observation resolves nothing.
+    """
+    done: list[Example] = []
+    pending = dict(state.pending)
+    for m, o in state.pending.items():
+        if not o.obs_ts_ms < ts_ms <= o.end_ms:
+            continue
+        if m == CHURN:
+            done.append(_example(customer_id, o, ts_ms, 0))
+        elif m == PURCHASE_7D and is_purchase:
+            done.append(_example(customer_id, o, ts_ms, 1))
+        else:
+            continue
+        del pending[m]
+    if not done:
+        return state, done
+    return LabelState(pending, dict(state.last_obs_ms)), done
+
+
+def due_ms(state: LabelState, lateness_ms: int) -> int | None:
+    """The earliest engine time at which :func:`on_time` resolves something, if any."""
+    ends = [o.end_ms + lateness_ms + 1 for o in state.pending.values()]
+    return min(ends) if ends else None
+
+
+def on_time(state: LabelState, customer_id: str, now_ms: int, lateness_ms: int
+            ) -> tuple[LabelState, list[Example]]:
+    """Resolve observations no event can still resolve: churn 1, purchase 0.
+
+    That is the case once ``now_ms > obs_ts + horizon + lateness``. ``now_ms`` must be
+    a time behind which no event of this customer can still be accepted late: the
+    engine time when lateness is judged globally, or the oldest of the newest accepted
+    timestamps of the customer's input partitions when it is judged per partition.
+    """
+    done: list[Example] = []
+    pending = dict(state.pending)
+    for m, o in state.pending.items():
+        if now_ms > o.end_ms + lateness_ms:
+            done.append(_example(customer_id, o, now_ms, 1 if m == CHURN else 0))
+            del pending[m]
+    if not done:
+        return state, done
+    return LabelState(pending, dict(state.last_obs_ms)), done
+
+
+__all__ = [
+    "CHURN",
+    "INPUT_NAMES",
+    "MODELS",
+    "PURCHASE_7D",
+    "Example",
+    "LabelState",
+    "Observation",
+    "churn_horizon_ms",
+    "customer_hash",
+    "due_ms",
+    "example_id",
+    "model_inputs",
+    "observe",
+    "on_event",
+    "on_time",
+    "wants_observation",
+]

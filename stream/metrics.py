@@ -1,0 +1,290 @@
+"""Prometheus metrics of one worker, in a registry of their own.
+
+The engine calls the method-style helpers; ``/metrics`` serves :meth:`EngineMetrics.render`.
+Every family carries the ``segstream_`` prefix; :data:`METRIC_NAMES` lists every sample name a
+scrape can show, so alert rules and dashboards can be checked against it.
+
+>>> m = EngineMetrics()
+>>> m.events_in("clickstream", 3)
+>>> m.migration("rfm", "Loyal", "At Risk", latency_s=0.12)
+>>> body, content_type = m.render()
+>>> b'segstream_events_in_total{topic="clickstream"} 3.0' in body
+True
+>>> b"segstream_migrations_total" in body and content_type.startswith("text/plain")
+True
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client import metrics as _prom_metrics
+
+PREFIX = "segstream_"
+# The classic text format every Prometheus 2.x and 3.x server parses; ``generate_latest`` writes
+# exactly this (names are plain ASCII, so the 1.0.0 escaping rules change nothing).
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# End-to-end latency runs from a few milliseconds (hot path) to seconds (batching, outbox
+# retries); the buckets are fine enough for p50/p95/p99 anywhere between 5 ms and 10 s.
+LATENCY_BUCKETS = (
+    0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75,
+    1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 30.0,
+)
+BATCH_SIZE_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2000, 5000, 10000, 50000)
+BATCH_SECONDS_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)
+REDIS_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+)
+
+# (kind, name without prefix, help, labels)
+_FAMILIES: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
+    ("counter", "events_in", "Records consumed from the input topics.", ("topic",)),
+    ("counter", "dlq_records", "Records sent to the dead-letter topic.", ("reason",)),
+    ("histogram", "batch_size", "Records per micro-batch.", ()),
+    ("histogram", "batch_seconds", "Seconds to process one micro-batch.", ()),
+    ("histogram", "migration_latency_seconds",
+     "Seconds from event ingestion (Kafka record timestamp) to migration publish.", ()),
+    ("gauge", "consumer_lag", "Records behind the log end, per partition.",
+     ("topic", "partition")),
+    ("histogram", "redis_roundtrip_seconds", "Seconds per Redis round trip.", ("op",)),
+    ("counter", "redis_errors", "Failed Redis round trips.", ("op",)),
+    ("gauge", "segment_customers", "Customers in each segment.", ("scheme", "segment")),
+    ("counter", "migrations", "Segment migrations published.",
+     ("scheme", "from_segment", "to_segment")),
+    ("gauge", "model_auc", "Rolling (prequential) ROC AUC per model.", ("model",)),
+    ("gauge", "model_log_loss", "Rolling (prequential) log loss per model.", ("model",)),
+    ("gauge", "model_examples", "Labelled examples a model has learned from.", ("model",)),
+    ("counter", "model_drift_alarms", "Drift alarms raised per model.", ("model",)),
+    ("gauge", "model_version", "Version number of the model in use.", ("model",)),
+    ("gauge", "action_exposures", "Customers exposed per action, segment and arm.",
+     ("action", "segment", "arm")),
+    ("gauge", "action_conversions", "Conversions per action, segment and arm.",
+     ("action", "segment", "arm")),
+    ("gauge", "action_lift",
+     "Relative lift of the treated arm over the holdout per action and segment.",
+     ("action", "segment")),
+    ("gauge", "action_uplift",
+     "Absolute uplift (treated rate minus holdout rate) per action and segment.",
+     ("action", "segment")),
+    ("gauge", "engine_now_seconds", "Engine event time (largest accepted event ts), epoch s.", ()),
+    ("gauge", "outbox_pending", "Migration records in the outbox not yet acknowledged.", ()),
+    ("gauge", "worker_up", "1 while the worker process runs.", ()),
+    ("gauge", "worker_ready", "1 when Kafka and Redis are reachable and partitions assigned.", ()),
+    ("gauge", "partitions_assigned", "Input partitions assigned to this worker.", ()),
+)
+
+_SUFFIXES = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count")}
+
+#: Family name (as configured) -> kind: ``counter``, ``gauge`` or ``histogram``.
+METRIC_TYPES: dict[str, str] = {PREFIX + name: kind for kind, name, _, _ in _FAMILIES}
+
+#: Every sample name a scrape can show (``_total`` for counters, ``_bucket``/``_sum``/``_count``
+#: for histograms, the plain name for gauges).
+METRIC_NAMES: frozenset[str] = frozenset(
+    family + suffix for family, kind in METRIC_TYPES.items() for suffix in _SUFFIXES[kind]
+)
+
+ARMS = ("treated", "holdout")
+
+
+def _no_created_series() -> None:
+    # ``*_created`` series double the series count and nothing here reads them.
+    _prom_metrics.disable_created_metrics()  # type: ignore[no-untyped-call]
+
+
+class EngineMetrics:
+    """Every metric the engine exposes, owned by a private registry."""
+
+    def __init__(self) -> None:
+        _no_created_series()
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._m: dict[str, Any] = {}
+        buckets = {
+            "batch_size": BATCH_SIZE_BUCKETS,
+            "batch_seconds": BATCH_SECONDS_BUCKETS,
+            "migration_latency_seconds": LATENCY_BUCKETS,
+            "redis_roundtrip_seconds": REDIS_BUCKETS,
+        }
+        for kind, name, doc, labels in _FAMILIES:
+            full = PREFIX + name
+            if kind == "counter":
+                self._m[name] = Counter(full, doc, labels, registry=self.registry)
+            elif kind == "gauge":
+                self._m[name] = Gauge(full, doc, labels, registry=self.registry)
+            else:
+                self._m[name] = Histogram(
+                    full, doc, labels, buckets=buckets[name], registry=self.registry
+                )
+        self._drift_seen: dict[str, float] = {}
+        self._labels_set: dict[str, set[tuple[str, ...]]] = {}
+        self._m["worker_up"].set(1)
+
+    # -- ingestion -------------------------------------------------------------------------
+    def events_in(self, topic: str, n: int = 1) -> None:
+        """Count ``n`` records consumed from ``topic``."""
+        if n:
+            self._m["events_in"].labels(topic).inc(n)
+
+    def dead_letter(self, reason: str, n: int = 1) -> None:
+        """Count ``n`` records sent to the DLQ for ``reason``."""
+        if n:
+            self._m["dlq_records"].labels(reason).inc(n)
+
+    def observe_batch(self, n: int, seconds: float) -> None:
+        """Record one micro-batch of ``n`` records that took ``seconds``."""
+        self._m["batch_size"].observe(n)
+        self._m["batch_seconds"].observe(seconds)
+
+    # -- migrations ------------------------------------------------------------------------
+    def migration(
+        self, scheme: str, frm: str | None, to: str, latency_s: float | None = None
+    ) -> None:
+        """Count one published migration; ``latency_s`` is ingestion-to-publish seconds."""
+        self._m["migrations"].labels(scheme, frm or "", to).inc()
+        if latency_s is not None and latency_s >= 0:
+            self._m["migration_latency_seconds"].observe(latency_s)
+
+    def observe_latency(self, seconds: float) -> None:
+        """Record one ingestion-to-publish latency without counting a migration."""
+        if seconds >= 0:
+            self._m["migration_latency_seconds"].observe(seconds)
+
+    # -- Kafka -----------------------------------------------------------------------------
+    def set_lag(self, topic: str, partition: int, lag: int) -> None:
+        """Set the lag of one partition."""
+        self._m["consumer_lag"].labels(topic, str(partition)).set(max(0, lag))
+        self._labels_set.setdefault("consumer_lag", set()).add((topic, str(partition)))
+
+    def set_lags(self, lags: Mapping[tuple[str, int], int]) -> None:
+        """Replace the lag of every partition; partitions not given are dropped."""
+        rows = {(t, str(p)): max(0, v) for (t, p), v in lags.items()}
+        self._replace("consumer_lag", rows)
+
+    def set_partitions_assigned(self, n: int) -> None:
+        """Set the number of input partitions this worker owns."""
+        self._m["partitions_assigned"].set(n)
+
+    # -- Redis -----------------------------------------------------------------------------
+    def observe_redis(self, seconds: float, op: str = "commit") -> None:
+        """Record one Redis round trip of ``seconds``."""
+        self._m["redis_roundtrip_seconds"].labels(op).observe(seconds)
+
+    def redis_error(self, op: str = "commit") -> None:
+        """Count one failed Redis round trip."""
+        self._m["redis_errors"].labels(op).inc()
+
+    @contextmanager
+    def redis_call(self, op: str = "commit") -> Iterator[None]:
+        """Time a Redis round trip; an exception counts as an error and propagates."""
+        start = time.perf_counter()
+        try:
+            yield
+        except Exception:
+            self.redis_error(op)
+            raise
+        finally:
+            self.observe_redis(time.perf_counter() - start, op)
+
+    # -- segments, models, actions ---------------------------------------------------------
+    def set_segment_sizes(self, sizes: Mapping[str, Mapping[str, int]]) -> None:
+        """Replace the segment populations: ``{scheme: {segment: count}}``."""
+        rows = {(s, seg): n for s, segs in sizes.items() for seg, n in segs.items()}
+        self._replace("segment_customers", rows)
+
+    def set_model_quality(self, model: str, quality: Mapping[str, Any]) -> None:
+        """Publish a model's quality.
+
+        Keys used (all optional): ``auc``, ``log_loss``, ``examples``, ``version`` and
+        ``drift_alarms`` (a running total; the counter follows it).
+        """
+        for key, name in (("auc", "model_auc"), ("log_loss", "model_log_loss"),
+                          ("examples", "model_examples"), ("version", "model_version")):
+            value = _number(quality.get(key))
+            if value is not None:
+                self._m[name].labels(model).set(value)
+        total = _number(quality.get("drift_alarms"))
+        counter = self._m["model_drift_alarms"].labels(model)
+        if total is not None:
+            delta = total - self._drift_seen.get(model, 0.0)
+            if delta > 0:
+                counter.inc(delta)
+            self._drift_seen[model] = max(total, self._drift_seen.get(model, 0.0))
+
+    def drift_alarm(self, model: str) -> None:
+        """Count one drift alarm of ``model``."""
+        self._m["model_drift_alarms"].labels(model).inc()
+        self._drift_seen[model] = self._drift_seen.get(model, 0.0) + 1
+
+    def set_action_lift(self, rows: Iterable[Mapping[str, Any]]) -> None:
+        """Replace action results from rows shaped like ``GET /actions`` items."""
+        exposures: dict[tuple[str, ...], float] = {}
+        conversions: dict[tuple[str, ...], float] = {}
+        lift: dict[tuple[str, ...], float] = {}
+        uplift: dict[tuple[str, ...], float] = {}
+        for row in rows:
+            key = (str(row["action_id"]), str(row.get("segment") or ""))
+            for arm in ARMS:
+                stats = row.get(arm) or {}
+                exposures[(*key, arm)] = _number(stats.get("exposed")) or 0.0
+                conversions[(*key, arm)] = _number(stats.get("converted")) or 0.0
+            for src, dst in (("lift", lift), ("uplift", uplift)):
+                value = _number(row.get(src))
+                if value is not None:
+                    dst[key] = value
+        self._replace("action_exposures", exposures)
+        self._replace("action_conversions", conversions)
+        self._replace("action_lift", lift)
+        self._replace("action_uplift", uplift)
+
+    # -- engine state ----------------------------------------------------------------------
+    def set_engine_now(self, now_ms: int | None) -> None:
+        """Set the engine's event time (epoch milliseconds)."""
+        if now_ms is not None:
+            self._m["engine_now_seconds"].set(now_ms / 1000.0)
+
+    def set_outbox_pending(self, n: int) -> None:
+        """Set the number of outbox records not yet acknowledged by Kafka."""
+        self._m["outbox_pending"].set(n)
+
+    def set_worker_state(self, *, up: bool = True, ready: bool) -> None:
+        """Set the worker's liveness and readiness."""
+        self._m["worker_up"].set(1 if up else 0)
+        self._m["worker_ready"].set(1 if ready else 0)
+
+    # -- exposition ------------------------------------------------------------------------
+    def render(self) -> tuple[bytes, str]:
+        """The Prometheus text exposition and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE
+
+    def _replace(self, name: str, rows: Mapping[tuple[str, ...], float]) -> None:
+        # Label sets that disappear (revoked partitions, emptied segments) must stop
+        # being exported, not linger at their last value.
+        metric = self._m[name]
+        for stale in self._labels_set.get(name, set()) - set(rows):
+            metric.remove(*stale)
+        for labels, value in rows.items():
+            metric.labels(*labels).set(value)
+        self._labels_set[name] = set(rows)
+
+
+def _number(value: Any) -> float | None:
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return out if out == out else None  # NaN is "unknown"

@@ -1,0 +1,314 @@
+"""Reference trigger consumer: POST every actionable segment migration to a webhook.
+
+Downstream campaign systems can run this as is or copy it. Delivery is at least once:
+a record's offset is committed only after it and every record before it in its partition
+were handled; a migration is marked as sent in Redis only after the webhook accepted it, and
+each POST carries ``Idempotency-Key: <migration_id>`` so receivers can drop the rare repeat
+(a crash between the POST and the mark). Hold-out and action-less migrations are never sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+import redis.asyncio as aioredis
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.errors import KafkaError
+
+from stream.errors import SegstreamError, ServiceError
+from stream.kafka import client_config
+from stream.settings import Settings
+
+log = logging.getLogger(__name__)
+
+RETRY_STATUSES = frozenset({408, 429})
+PAYLOAD_FIELDS = (
+    "migration_id",
+    "customer_id",
+    "scheme",
+    "from_segment",
+    "to_segment",
+    "at",
+    "action",
+)
+
+
+class TriggerDeliveryError(SegstreamError):
+    """The webhook kept failing; offsets stay uncommitted so a restart resumes there."""
+
+
+class _Stopped(Exception):
+    """Stop was requested while a partition was still retrying."""
+
+
+@dataclass
+class TriggerStats:
+    """What a run did (counts of records)."""
+
+    posted: int = 0
+    duplicates: int = 0
+    holdout: int = 0
+    no_action: int = 0
+    tombstones: int = 0
+    rejected: int = 0
+    malformed: int = 0
+    retries: int = 0
+    commits: int = 0
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with jitter for connection errors, timeouts, 408/429 and 5xx."""
+
+    max_attempts: int = 10
+    base_s: float = 0.2
+    max_s: float = 30.0
+    request_timeout_s: float = 10.0
+
+    def delay(self, attempt: int, retry_after: float | None = None) -> float:
+        """Sleep before attempt ``attempt + 1`` (half fixed, half random: "equal jitter")."""
+        cap = min(self.max_s, self.base_s * 2**attempt)
+        d = cap / 2 + random.uniform(0, cap / 2)
+        return float(min(self.max_s, max(d, retry_after or 0.0)))
+
+
+def aiokafka_config(settings: Settings) -> dict[str, Any]:
+    """aiokafka connection settings equivalent to :func:`stream.kafka.client_config`."""
+    base = client_config(settings)
+    cfg: dict[str, Any] = {
+        "bootstrap_servers": base["bootstrap_servers"],
+        "security_protocol": base["security_protocol"],
+        "request_timeout_ms": base["request_timeout_ms"],
+    }
+    for key in ("sasl_mechanism", "sasl_plain_username", "sasl_plain_password"):
+        if key in base:
+            cfg[key] = base[key]
+    if settings.kafka_security_protocol in ("SSL", "SASL_SSL"):
+        from aiokafka.helpers import create_ssl_context
+
+        cfg["ssl_context"] = create_ssl_context(cafile=base.get("ssl_cafile"))
+    return cfg
+
+
+def seen_key(settings: Settings, migration_id: str) -> str:
+    """Redis key marking a migration as delivered."""
+    return f"{settings.redis_prefix}triggers:seen:{migration_id}"
+
+
+def _where(rec: ConsumerRecord[Any, Any]) -> str:
+    # Log positions, never customer ids.
+    return f"{rec.topic}[{rec.partition}]@{rec.offset}"
+
+
+def _retry_after(resp: aiohttp.ClientResponse) -> float | None:
+    try:
+        return float(resp.headers.get("Retry-After", ""))
+    except ValueError:
+        return None
+
+
+class TriggerRunner:
+    """Handles records partition by partition; one instance per consumer."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        webhook_url: str,
+        redis: aioredis.Redis,
+        http: aiohttp.ClientSession,
+        policy: RetryPolicy,
+        stop: asyncio.Event,
+        seen_ttl_s: int,
+    ) -> None:
+        self.settings = settings
+        self.url = webhook_url
+        self.redis = redis
+        self.http = http
+        self.policy = policy
+        self.stop = stop
+        self.seen_ttl_s = seen_ttl_s
+        self.stats = TriggerStats()
+
+    async def handle_partition(self, records: Sequence[ConsumerRecord[Any, Any]]) -> int:
+        """Handle records in order; the offset to commit after them."""
+        for rec in records:
+            await self.handle(rec)
+        return int(records[-1].offset) + 1
+
+    async def handle(self, rec: ConsumerRecord[Any, Any]) -> None:
+        if rec.value is None:
+            self.stats.tombstones += 1
+            return
+        try:
+            doc = orjson.loads(rec.value)
+            migration_id = str(doc["migration_id"])
+            action = doc.get("action")
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            log.warning("skipping malformed migration at %s", _where(rec))
+            self.stats.malformed += 1
+            return
+        if not action:
+            self.stats.no_action += 1
+            return
+        if not isinstance(action, dict):
+            log.warning("skipping migration with malformed action at %s", _where(rec))
+            self.stats.malformed += 1
+            return
+        if action.get("holdout", False):
+            self.stats.holdout += 1
+            return
+        key = seen_key(self.settings, migration_id)
+        if await self.redis.exists(key):
+            self.stats.duplicates += 1
+            return
+        body = orjson.dumps({f: doc.get(f) for f in PAYLOAD_FIELDS})
+        if await self.post(body, migration_id, rec):
+            await self.redis.set(key, b"1", nx=True, ex=self.seen_ttl_s)
+
+    async def post(self, body: bytes, migration_id: str, rec: ConsumerRecord[Any, Any]) -> bool:
+        """POST with retries; True when accepted, False when rejected for good (4xx)."""
+        headers = {"Content-Type": "application/json", "Idempotency-Key": migration_id}
+        timeout = aiohttp.ClientTimeout(total=self.policy.request_timeout_s)
+        problem = ""
+        wait: float | None = None
+        for attempt in range(self.policy.max_attempts):
+            if attempt:
+                self.stats.retries += 1
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stop.wait(), self.policy.delay(attempt - 1, wait))
+                if self.stop.is_set():
+                    raise _Stopped
+                wait = None
+            try:
+                async with self.http.post(
+                    self.url, data=body, headers=headers, timeout=timeout
+                ) as resp:
+                    await resp.read()
+                    if 200 <= resp.status < 300:
+                        self.stats.posted += 1
+                        return True
+                    if resp.status >= 500 or resp.status in RETRY_STATUSES:
+                        problem = f"HTTP {resp.status}"
+                        wait = _retry_after(resp)
+                        continue
+                    log.warning(
+                        "webhook rejected migration at %s with HTTP %d; skipped",
+                        _where(rec),
+                        resp.status,
+                    )
+                    self.stats.rejected += 1
+                    return False
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                problem = type(exc).__name__
+            log.debug(
+                "attempt %d for migration at %s failed: %s", attempt + 1, _where(rec), problem
+            )
+        raise TriggerDeliveryError(
+            f"webhook {self.url} failed {self.policy.max_attempts} times ({problem}) for the "
+            f"migration at {_where(rec)}; offsets are not committed past it"
+        )
+
+
+async def run_triggers(
+    settings: Settings,
+    webhook_url: str,
+    *,
+    group: str | None = None,
+    max_attempts: int = 10,
+    stop: asyncio.Event | None = None,
+    request_timeout_s: float = 10.0,
+    backoff_base_s: float = 0.2,
+    backoff_max_s: float = 30.0,
+    seen_ttl_s: int = 7 * 86_400,
+    batch_max: int = 500,
+) -> TriggerStats:
+    """Consume the migrations topic in group ``group`` (default ``<app_id>-triggers``) and POST
+    every actionable, non-hold-out migration to ``webhook_url`` until ``stop`` is set.
+
+    Raises :class:`TriggerDeliveryError` when one migration failed ``max_attempts`` times.
+    """
+    stop = stop or asyncio.Event()
+    policy = RetryPolicy(max_attempts, backoff_base_s, backoff_max_s, request_timeout_s)
+    consumer = AIOKafkaConsumer(
+        settings.migrations_topic,
+        group_id=group or f"{settings.app_id}-triggers",
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        **aiokafka_config(settings),
+    )
+    redis = aioredis.from_url(
+        settings.redis_url,
+        socket_timeout=settings.redis_timeout_s,
+        socket_connect_timeout=settings.redis_timeout_s,
+    )
+    try:
+        await consumer.start()
+    except KafkaError as exc:
+        await redis.aclose()
+        raise ServiceError(
+            f"cannot reach Kafka at {settings.kafka_bootstrap} (SEGSTREAM_KAFKA_BOOTSTRAP): {exc}"
+        ) from None
+    log.info("triggers: consuming %s, posting to the webhook", settings.migrations_topic)
+    try:
+        async with aiohttp.ClientSession() as http:
+            runner = TriggerRunner(settings, webhook_url, redis, http, policy, stop, seen_ttl_s)
+            await _loop(consumer, runner, stop, batch_max)
+            return runner.stats
+    finally:
+        await consumer.stop()
+        await redis.aclose()
+
+
+async def _loop(
+    consumer: AIOKafkaConsumer, runner: TriggerRunner, stop: asyncio.Event, batch_max: int
+) -> None:
+    logged = TriggerStats()
+    while not stop.is_set():
+        batch = await consumer.getmany(timeout_ms=500, max_records=batch_max)
+        if not batch:
+            continue
+        tps = list(batch)
+        # Partitions run concurrently; records within one stay in order.
+        results = await asyncio.gather(
+            *(runner.handle_partition(batch[tp]) for tp in tps), return_exceptions=True
+        )
+        done: dict[TopicPartition, int] = {}
+        failure: BaseException | None = None
+        for tp, res in zip(tps, results, strict=True):
+            if isinstance(res, BaseException):
+                failure = failure if isinstance(failure, TriggerDeliveryError) else res
+            else:
+                done[tp] = res
+        if done:
+            try:
+                await consumer.commit(done)
+                runner.stats.commits += 1
+            except KafkaError as exc:
+                # Typically a rebalance took the partitions away; their new owner redelivers.
+                log.warning(
+                    "triggers: offset commit failed (%s); records will be redelivered",
+                    type(exc).__name__,
+                )
+        if failure is not None and not isinstance(failure, _Stopped):
+            raise failure
+        if failure is not None:
+            break
+        s = runner.stats
+        if s.posted // 1000 != logged.posted // 1000:
+            log.info(
+                "triggers: %d posted, %d duplicates, %d hold-out, %d rejected, %d retries",
+                s.posted,
+                s.duplicates,
+                s.holdout,
+                s.rejected,
+                s.retries,
+            )
+            logged = TriggerStats(**vars(s))

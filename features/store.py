@@ -5,7 +5,10 @@ Layout (``P`` is the deployment's Redis prefix, ``n`` the input partition number
     P{pn}:meta        hash: ver, now, wm:<topic> (last applied offset per input topic),
                       hi:<topic> (newest accepted event time per input topic, for lateness)
     P{pn}:outbox      hash: id -> record still to publish (dead letters, migrations)
-    P{pn}:c:<id>      string: the customer's encoded state
+    P{pn}:c:<id>      string: the customer's encoded feature state
+    P{pn}:s:<id>      string: the customer's scoring profile (segments, labels, actions)
+    P{pn}:<table>     hash: per-partition counters merged across partitions by readers
+                      (``rfm`` population sketch, ``seg`` segment sizes, ``nba`` actions)
     Pnow              string: engine time, the largest accepted event timestamp (ms)
 
 Every key one commit touches carries the hash tag ``{pn}``, so each commit is a
@@ -47,9 +50,19 @@ for _ = 1, nout do
   redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
   i = i + 2
 end
-for k = 3, #KEYS do
+local nset = tonumber(ARGV[i]); i = i + 1
+for k = 3, 2 + nset do
   if ARGV[i] == '' then redis.call('DEL', KEYS[k]) else redis.call('SET', KEYS[k], ARGV[i]) end
   i = i + 1
+end
+for k = 3 + nset, #KEYS do
+  local nf = tonumber(ARGV[i]); i = i + 1
+  for _ = 1, nf do
+    if redis.call('HINCRBY', KEYS[k], ARGV[i], ARGV[i + 1]) <= 0 then
+      redis.call('HDEL', KEYS[k], ARGV[i])
+    end
+    i = i + 2
+  end
 end
 redis.call('HINCRBY', KEYS[1], 'ver', 1)
 return 1
@@ -81,6 +94,12 @@ class Keys:
     def customer(self, partition: int, customer_id: str) -> str:
         return f"{self.prefix}{{p{partition}}}:c:{customer_id}"
 
+    def profile(self, partition: int, customer_id: str) -> str:
+        return f"{self.prefix}{{p{partition}}}:s:{customer_id}"
+
+    def table(self, partition: int, name: str) -> str:
+        return f"{self.prefix}{{p{partition}}}:{name}"
+
     def customer_pattern(self, partition: int) -> str:
         return f"{self.prefix}{{p{partition}}}:c:*"
 
@@ -100,6 +119,7 @@ class PartitionSnapshot:
     watermarks: dict[str, int]
     states: dict[str, bytes | None]
     high_ts: dict[str, int] = field(default_factory=dict)
+    profiles: dict[str, bytes | None] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -113,6 +133,10 @@ class PartitionCommit:
     states: dict[str, bytes] = field(default_factory=dict)
     outbox: dict[str, bytes] = field(default_factory=dict)
     high_ts: dict[str, int] = field(default_factory=dict)
+    #: customer id -> new scoring profile
+    profiles: dict[str, bytes] = field(default_factory=dict)
+    #: table name -> field -> delta (HINCRBY; fields reaching zero are removed)
+    increments: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 class FeatureStore(Protocol):
@@ -181,6 +205,7 @@ class RedisFeatureStore:
                     pipe.hmget(self.keys.meta(p), fields)
                     if ids:
                         pipe.mget([self.keys.customer(p, c) for c in ids])
+                        pipe.mget([self.keys.profile(p, c) for c in ids])
                 res = await pipe.execute()
         except RedisError as exc:
             raise StoreUnavailable(f"redis load failed: {exc}") from None
@@ -192,9 +217,11 @@ class RedisFeatureStore:
             meta = res[i]
             i += 1
             states: dict[str, bytes | None] = {}
+            profiles: dict[str, bytes | None] = {}
             if ids:
                 states = dict(zip(ids, res[i], strict=True))
-                i += 1
+                profiles = dict(zip(ids, res[i + 1], strict=True))
+                i += 2
             out[p] = PartitionSnapshot(
                 ver=_int(meta[0], 0),
                 now_ms=_int(meta[1]),
@@ -202,6 +229,7 @@ class RedisFeatureStore:
                 high_ts={t: _int(v) for t, v in zip(topics, meta[2 + len(topics):],
                                                      strict=True)},
                 states=states,
+                profiles=profiles,
             )
             now = max(now, out[p].now_ms)
         return now, out
@@ -223,9 +251,20 @@ class RedisFeatureStore:
                     args += [c.now_ms, len(c.outbox)]
                     for oid, rec in c.outbox.items():
                         args += [oid, rec]
+                    args.append(len(c.states) + len(c.profiles))
                     for cid, blob in c.states.items():
                         keys.append(self.keys.customer(c.partition, cid))
                         args.append(blob)
+                    for cid, blob in c.profiles.items():
+                        keys.append(self.keys.profile(c.partition, cid))
+                        args.append(blob)
+                    for table, row in c.increments.items():
+                        row = {k: v for k, v in row.items() if v}
+                        if row:
+                            keys.append(self.keys.table(c.partition, table))
+                            args.append(len(row))
+                            for fld, delta in row.items():
+                                args += [fld, delta]
                     await self._script(pipe, _COMMIT, "_commit_sha", keys, args)
                 await self._script(pipe, _MAX_SET, "_max_sha", [self.keys.now()], [top])
                 res = await pipe.execute(raise_on_error=False)
@@ -255,6 +294,41 @@ class RedisFeatureStore:
             if blob is not None:
                 return p, blob
         return None
+
+    async def get_profile(self, partition: int, customer_id: str) -> bytes | None:
+        """A customer's scoring profile."""
+        try:
+            return await self.r.get(self.keys.profile(partition, customer_id))  # type: ignore[return-value]
+        except RedisError as exc:
+            raise StoreUnavailable(f"redis read failed: {exc}") from None
+
+    async def read_tables(self, name: str, partitions: Iterable[int]) -> dict[int, dict[str, int]]:
+        """A per-partition counter table (see :class:`PartitionCommit`) of each partition."""
+        parts = list(partitions)
+        try:
+            async with self.r.pipeline(transaction=False) as pipe:
+                for p in parts:
+                    pipe.hgetall(self.keys.table(p, name))
+                res = await pipe.execute()
+        except RedisError as exc:
+            raise StoreUnavailable(f"redis read failed: {exc}") from None
+        self.roundtrips += 1
+        return {
+            p: {(k.decode() if isinstance(k, bytes) else k): int(v) for k, v in rows.items()}
+            for p, rows in zip(parts, res, strict=True)
+        }
+
+    async def scan_customers(self, partition: int, cursor: int, count: int
+                             ) -> tuple[int, list[str]]:
+        """One SCAN step over a partition's customers: (next cursor, customer ids)."""
+        head = len(self.keys.customer(partition, ""))
+        try:
+            cursor, keys = await self.r.scan(cursor, match=self.keys.customer_pattern(partition),
+                                             count=count)
+        except RedisError as exc:
+            raise StoreUnavailable(f"redis read failed: {exc}") from None
+        self.roundtrips += 1
+        return int(cursor), [(k.decode() if isinstance(k, bytes) else k)[head:] for k in keys]
 
     async def outbox_pending(self, partitions: Iterable[int]) -> dict[int, dict[str, bytes]]:
         """Records committed to the outbox of these partitions and not yet published."""
@@ -336,6 +410,8 @@ class MemoryFeatureStore:
         self.meta: dict[int, dict[str, int]] = {}
         self.customers: dict[tuple[int, str], bytes] = {}
         self.outboxes: dict[int, dict[str, bytes]] = {}
+        self.profiles: dict[tuple[int, str], bytes] = {}
+        self.tables: dict[tuple[int, str], dict[str, int]] = {}
         self.global_now = -1
         self.roundtrips = 0
         self.fail_next_commit_after_apply = False
@@ -354,6 +430,7 @@ class MemoryFeatureStore:
                 watermarks={t: m.get(_wm_field(t), -1) for t in topics},
                 high_ts={t: m.get(_hi_field(t), -1) for t in topics},
                 states={c: self.customers.get((p, c)) for c in cids},
+                profiles={c: self.profiles.get((p, c)) for c in cids},
             )
             now = max(now, out[p].now_ms)
         return now, out
@@ -373,6 +450,14 @@ class MemoryFeatureStore:
             m["now"] = max(m.get("now", -1), c.now_ms)
             for cid, blob in c.states.items():
                 self.customers[(c.partition, cid)] = blob
+            for cid, blob in c.profiles.items():
+                self.profiles[(c.partition, cid)] = blob
+            for table, row in c.increments.items():
+                h = self.tables.setdefault((c.partition, table), {})
+                for fld, delta in row.items():
+                    h[fld] = h.get(fld, 0) + delta
+                    if h[fld] <= 0:
+                        del h[fld]
             self.outboxes.setdefault(c.partition, {}).update(c.outbox)
             m["ver"] = m.get("ver", 0) + 1
             result[c.partition] = True
@@ -392,6 +477,19 @@ class MemoryFeatureStore:
 
     async def now(self) -> int:
         return self.global_now
+
+    async def get_profile(self, partition: int, customer_id: str) -> bytes | None:
+        return self.profiles.get((partition, customer_id))
+
+    async def read_tables(self, name: str, partitions: Iterable[int]) -> dict[int, dict[str, int]]:
+        return {p: dict(self.tables.get((p, name), {})) for p in partitions}
+
+    async def scan_customers(self, partition: int, cursor: int, count: int
+                             ) -> tuple[int, list[str]]:
+        ids = sorted(c for p, c in self.customers if p == partition)
+        page = ids[cursor:cursor + count]
+        nxt = cursor + count
+        return (0 if nxt >= len(ids) else nxt), page
 
     async def outbox_pending(self, partitions: Iterable[int]) -> dict[int, dict[str, bytes]]:
         return {p: dict(self.outboxes[p]) for p in partitions if self.outboxes.get(p)}

@@ -50,6 +50,8 @@ def contract_topics(settings: Settings) -> dict[str, int]:
         settings.transactions_topic: settings.partitions,
         settings.migrations_topic: settings.partitions,
         settings.dlq_topic: 1,
+        # One partition: a single learner sees every labelled example in order.
+        settings.examples_topic: 1,
     }
 
 

@@ -12,10 +12,10 @@ import asyncio
 import base64
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 import msgpack
 import orjson
@@ -23,7 +23,9 @@ import orjson
 from features import serial
 from features.events import Event
 from features.state import apply_many, empty
-from features.store import FeatureStore, PartitionCommit, StoreUnavailable
+from features.store import FeatureStore, PartitionCommit, PartitionSnapshot, StoreUnavailable
+from scorers.profile import Profile
+from scorers.scoring import CustomerInput, Outcome, ScoringContext, evaluate
 from stream.schemas import Rejection, decode
 from stream.settings import Settings
 
@@ -41,6 +43,7 @@ class RawRecord:
     offset: int
     key: bytes | None
     value: bytes | None
+    timestamp_ms: int | None = None
 
 
 class Publisher(Protocol):
@@ -59,6 +62,7 @@ class BatchStats:
     dead_letters: dict[str, int] = field(default_factory=dict)
     conflicts: int = 0
     store_retries: int = 0
+    migrations: int = 0
 
     def dead(self, reason: str) -> None:
         self.dead_letters[reason] = self.dead_letters.get(reason, 0) + 1
@@ -68,13 +72,40 @@ def wall_iso(ts_s: float) -> str:
     return datetime.fromtimestamp(ts_s, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
-def encode_outbox(topic: str, key: bytes | None, value: bytes) -> bytes:
-    return msgpack.packb([topic, key, value], use_bin_type=True)  # type: ignore[no-any-return]
+def encode_outbox(topic: str, key: bytes | None, value: bytes,
+                  ingested_ms: int | None = None) -> bytes:
+    """An outbox record: where it goes, and when its triggering input reached Kafka."""
+    return msgpack.packb([topic, key, value, ingested_ms],  # type: ignore[no-any-return]
+                         use_bin_type=True)
 
 
 def decode_outbox(blob: bytes) -> tuple[str, bytes | None, bytes]:
-    topic, key, value = msgpack.unpackb(blob, raw=False)
+    topic, key, value = msgpack.unpackb(blob, raw=False)[:3]
     return topic, key, value
+
+
+def outbox_ingested_ms(blob: bytes) -> int | None:
+    row = msgpack.unpackb(blob, raw=False)
+    return row[3] if len(row) > 3 else None
+
+
+@dataclass(slots=True)
+class _Accepted:
+    """A partition's records of one batch after watermark and event-time checks."""
+
+    now_ms: int
+    high_ts: dict[str, int]
+    watermarks: dict[str, int] = field(default_factory=dict)
+    outbox: dict[str, bytes] = field(default_factory=dict)
+    per_customer: dict[str, list[tuple[RawRecord, Event]]] = field(default_factory=dict)
+
+
+class Scoring(Protocol):
+    """Shared scoring state: refreshed before a batch, then frozen into a context."""
+
+    async def refresh(self, force: bool = False) -> None: ...
+
+    def context(self, now_ms: int) -> ScoringContext: ...
 
 
 class BatchProcessor:
@@ -86,8 +117,10 @@ class BatchProcessor:
         store: FeatureStore,
         publisher: Publisher,
         clock: Callable[[], float] = time.time,
+        scoring: Scoring | None = None,
     ) -> None:
         self.settings = settings
+        self.scoring = scoring
         self.store = store
         self.publisher = publisher
         self.clock = clock
@@ -168,59 +201,58 @@ class BatchProcessor:
             p: [r.customer_id for _, r in items if not isinstance(r, Rejection)]
             for p, items in pending.items()
         }
+        if self.scoring is not None:
+            await self.scoring.refresh()
         now, snaps = await self.store.load(wanted, self.topics)
-        lateness = self.settings.lateness_ms
-        commits: list[PartitionCommit] = []
         local = BatchStats()
+        # Phase 1: judge every record against its partition's watermarks and event time.
+        accepted: dict[int, _Accepted] = {}
         for p, items in pending.items():
+            acc = accepted[p] = self._accept(snaps[p], items, local)
+            now = max(now, acc.now_ms)
+        # Phase 2: apply, score and build one atomic commit per partition.
+        ctx = self.scoring.context(now) if self.scoring is not None and now >= 0 else None
+        commits: list[PartitionCommit] = []
+        for p, acc in accepted.items():
+            if not acc.watermarks:
+                continue
             snap = snaps[p]
-            wm_new: dict[str, int] = {}
-            outbox: dict[str, bytes] = {}
-            per_customer: dict[str, list[tuple[RawRecord, Event]]] = {}
-            part_now = snap.now_ms
-            high = dict(snap.high_ts)
-            for rec, res in items:
-                if rec.offset <= snap.watermarks.get(rec.topic, -1):
-                    local.skipped_below_watermark += 1
-                    continue
-                if rec.offset > wm_new.get(rec.topic, -1):
-                    wm_new[rec.topic] = rec.offset
-                hi = high.get(rec.topic, -1)
-                if not isinstance(res, Rejection) and hi >= 0 and res.ts_ms < hi - lateness:
-                    res = Rejection("too_late", "timestamp is more than "
-                                    f"{self.settings.allowed_lateness_days:g} days behind the "
-                                    "newest event of its topic-partition")
-                if isinstance(res, Rejection):
-                    outbox[f"dlq:{rec.topic}:{rec.offset}"] = encode_outbox(
-                        self.settings.dlq_topic, rec.key, self.dead_letter(rec, res))
-                    local.dead(res.reason)
-                    continue
-                now = max(now, res.ts_ms)
-                part_now = max(part_now, res.ts_ms)
-                if res.ts_ms > hi:
-                    high[rec.topic] = res.ts_ms
-                per_customer.setdefault(res.customer_id, []).append((rec, res))
-            states: dict[str, bytes] = {}
-            for cid, pairs in per_customer.items():
+            commit = PartitionCommit(p, snap.ver, acc.watermarks, acc.now_ms, {}, acc.outbox,
+                                     acc.high_ts)
+            inputs: list[CustomerInput] = []
+            for cid, pairs in acc.per_customer.items():
                 try:
                     blob = snap.states.get(cid)
                     state = serial.decode(blob) if blob else empty()
-                    states[cid] = serial.encode(
-                        apply_many(state, [e for _, e in pairs], lateness))
-                    local.applied += len(pairs)
+                    state = apply_many(state, [e for _, e in pairs], self.settings.lateness_ms)
                 except Exception as exc:  # a poison customer must not stall the partition
                     log.exception("processing failed for a customer; events dead-lettered")
-                    for rec, _ in pairs:
-                        outbox[f"dlq:{rec.topic}:{rec.offset}"] = encode_outbox(
-                            self.settings.dlq_topic, rec.key,
-                            self.dead_letter(rec, Rejection("processing_error", repr(exc))))
-                        local.dead("processing_error")
-            if wm_new:
-                commits.append(PartitionCommit(p, snap.ver, wm_new, part_now, states, outbox,
-                                               high))
+                    self._dead_pairs(commit, pairs, exc, local)
+                    continue
+                last = pairs[-1][0]
+                inputs.append(CustomerInput(
+                    cid, state, Profile.from_bytes(snap.profiles.get(cid)),
+                    [e for _, e in pairs],
+                    {"topic": last.topic, "partition": last.partition, "offset": last.offset,
+                     "ingested_ms": last.timestamp_ms},
+                ))
+            for c in inputs:
+                commit.states[c.customer_id] = serial.encode(c.state)
+            if ctx is not None:
+                for c, outcome in self._score(inputs, ctx):
+                    if isinstance(outcome, Exception):
+                        commit.states.pop(c.customer_id, None)
+                        self._dead_pairs(commit, acc.per_customer[c.customer_id], outcome, local)
+                        continue
+                    self.add_outcome(commit, outcome, c.trigger)
+            local.applied += sum(len(acc.per_customer[c.customer_id]) for c in inputs
+                                 if c.customer_id in commit.states)
+            commits.append(commit)
         ok = await self.store.commit(commits)
         done = [p for p in pending if ok.get(p, True)]
         stats.applied += local.applied
+        stats.migrations += sum(sum(1 for k in c.outbox if k.startswith("m:"))
+                                for c in commits if ok.get(c.partition))
         stats.skipped_below_watermark += local.skipped_below_watermark
         for reason, n in local.dead_letters.items():
             if any(ok.get(c.partition) for c in commits):
@@ -228,6 +260,76 @@ class BatchProcessor:
         await self.flush_outbox([c.partition for c in commits if ok.get(c.partition)],
                                 {c.partition: c.outbox for c in commits})
         return done
+
+    def _accept(self, snap: PartitionSnapshot, items: list[tuple[RawRecord, Event | Rejection]],
+                local: BatchStats) -> _Accepted:
+        acc = _Accepted(now_ms=snap.now_ms, high_ts=dict(snap.high_ts))
+        lateness = self.settings.lateness_ms
+        for rec, res in items:
+            if rec.offset <= snap.watermarks.get(rec.topic, -1):
+                local.skipped_below_watermark += 1
+                continue
+            if rec.offset > acc.watermarks.get(rec.topic, -1):
+                acc.watermarks[rec.topic] = rec.offset
+            hi = acc.high_ts.get(rec.topic, -1)
+            if not isinstance(res, Rejection) and hi >= 0 and res.ts_ms < hi - lateness:
+                res = Rejection("too_late", "timestamp is more than "
+                                f"{self.settings.allowed_lateness_days:g} days behind the "
+                                "newest event of its topic-partition")
+            if isinstance(res, Rejection):
+                acc.outbox[f"dlq:{rec.topic}:{rec.offset}"] = encode_outbox(
+                    self.settings.dlq_topic, rec.key, self.dead_letter(rec, res))
+                local.dead(res.reason)
+                continue
+            acc.now_ms = max(acc.now_ms, res.ts_ms)
+            if res.ts_ms > hi:
+                acc.high_ts[rec.topic] = res.ts_ms
+            acc.per_customer.setdefault(res.customer_id, []).append((rec, res))
+        return acc
+
+    def _dead_pairs(self, commit: PartitionCommit, pairs: list[tuple[RawRecord, Event]],
+                    exc: BaseException, local: BatchStats) -> None:
+        for rec, _ in pairs:
+            commit.outbox[f"dlq:{rec.topic}:{rec.offset}"] = encode_outbox(
+                self.settings.dlq_topic, rec.key,
+                self.dead_letter(rec, Rejection("processing_error", repr(exc))))
+            local.dead("processing_error")
+
+    def _score(self, inputs: list[CustomerInput], ctx: ScoringContext
+               ) -> list[tuple[CustomerInput, Outcome | Exception]]:
+        """Evaluate together; if that fails, one by one so only the poison customer fails."""
+        if not inputs:
+            return []
+        try:
+            return list(zip(inputs, evaluate(inputs, ctx), strict=True))
+        except Exception:
+            log.warning("batch scoring failed; isolating the failing customer")
+        out: list[tuple[CustomerInput, Outcome | Exception]] = []
+        for c in inputs:
+            try:
+                out.append((c, evaluate([c], ctx)[0]))
+            except Exception as exc:
+                log.exception("scoring failed for a customer; its events are dead-lettered")
+                out.append((c, exc))
+        return out
+
+    def add_outcome(self, commit: PartitionCommit, o: Outcome,
+                    trigger: Mapping[str, Any] | None) -> None:
+        """Put an evaluation's profile, counters, migrations and examples into a commit."""
+        if o.changed:
+            commit.profiles[o.customer_id] = o.profile.to_bytes()
+        for table, row in o.increments.items():
+            dst = commit.increments.setdefault(table, {})
+            for fld, d in row.items():
+                dst[fld] = dst.get(fld, 0) + d
+        key = o.customer_id.encode()
+        ingested = (trigger or {}).get("ingested_ms")
+        for m in o.migrations:
+            commit.outbox[f"m:{m['migration_id']}"] = encode_outbox(
+                self.settings.migrations_topic, key, orjson.dumps(m), ingested)
+        for ex in o.examples:
+            commit.outbox[f"x:{ex.example_id}"] = encode_outbox(
+                self.settings.examples_topic, None, ex.to_bytes())
 
     async def flush_outbox(self, partitions: Sequence[int],
                            known: dict[int, dict[str, bytes]] | None = None) -> int:

@@ -49,6 +49,18 @@ class Settings(BaseSettings):
     batch_max: int = Field(2_000, ge=1, le=100_000)
     batch_within_s: float = Field(0.05, gt=0, le=10)
 
+    rules_path: Path | None = None
+    actions_path: Path | None = None
+    sweep_interval_s: float = Field(30.0, gt=0, le=86_400)
+    population_refresh_s: float = Field(1.0, gt=0, le=3_600)
+    models_enabled: bool = True
+    churn_horizon_days: float = Field(30.0, gt=0, le=3650)
+    churn_horizon_txn_days: float = Field(90.0, gt=0, le=3650)
+    observation_gap_days: float = Field(7.0, gt=0, le=3650)
+    model_snapshot_s: float = Field(5.0, gt=0, le=3_600)
+    clv_refit_interval_s: float = Field(600.0, ge=0, le=604_800)
+    holdout_salt: str = ""
+
     data_dir: Path = Path.home() / ".cache" / "segstream"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -58,6 +70,13 @@ class Settings(BaseSettings):
         # Braces would change Redis Cluster hash slots; spaces break topic names.
         if not _NAME_RE.match(v):
             raise ValueError("use only letters, digits and . _ : -")
+        return v
+
+    @field_validator("rules_path", "actions_path")
+    @classmethod
+    def _readable(cls, v: Path | None) -> Path | None:
+        if v is not None and not v.is_file():
+            raise ValueError("no such file")
         return v
 
     @field_validator("kafka_bootstrap")
@@ -96,6 +115,10 @@ class Settings(BaseSettings):
     @property
     def dlq_topic(self) -> str:
         return self.topic("segmentation-dlq")
+
+    @property
+    def examples_topic(self) -> str:
+        return self.topic("segmentation-examples")
 
     @property
     def input_topics(self) -> tuple[str, str]:

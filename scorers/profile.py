@@ -1,0 +1,64 @@
+"""A customer's scoring-side state: segments, sketch contribution, labels, actions, history.
+
+Features live in :class:`features.state.CustomerState`; everything the scoring
+step remembers about a customer between evaluations lives here, stored next to
+it in the same partition and committed in the same atomic step.
+
+>>> p = Profile(segments={"rfm": ("Loyal", 5)}, rfm=("r:1", "f:2", "m:3"))
+>>> Profile.from_bytes(p.to_bytes()) == p
+True
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import msgpack
+
+_FORMAT = 1
+#: Migrations kept per customer for ``customer --json`` and the API.
+HISTORY_LIMIT = 20
+
+
+@dataclass(frozen=True)
+class Profile:
+    """What the scoring step keeps per customer."""
+
+    #: scheme -> (segment, event time the customer entered it)
+    segments: dict[str, tuple[str, int]] = field(default_factory=dict)
+    #: the fields this customer adds to the RFM population sketch
+    rfm: tuple[str, str, str] | None = None
+    #: pending delayed-label observations (``scorers.labels`` state as a plain dict)
+    labels: dict[str, Any] = field(default_factory=dict)
+    #: next-best-action state (``scorers.nba`` state as a plain dict)
+    nba: dict[str, Any] = field(default_factory=dict)
+    #: newest migrations last: [at_ms, scheme, from, to, migration_id, action_id|None]
+    history: tuple[tuple[Any, ...], ...] = ()
+
+    def to_bytes(self) -> bytes:
+        return msgpack.packb(  # type: ignore[no-any-return]
+            [_FORMAT, {k: list(v) for k, v in self.segments.items()},
+             list(self.rfm) if self.rfm else None, self.labels, self.nba,
+             [list(h) for h in self.history]],
+            use_bin_type=True,
+        )
+
+    @classmethod
+    def from_bytes(cls, blob: bytes | None) -> Profile:
+        if not blob:
+            return cls()
+        fmt, segs, rfm, labels, nba, hist = msgpack.unpackb(blob, raw=False,
+                                                            strict_map_key=False)
+        if fmt != _FORMAT:
+            raise ValueError(f"unknown profile format {fmt}")
+        return cls(
+            segments={k: (v[0], int(v[1])) for k, v in segs.items()},
+            rfm=(rfm[0], rfm[1], rfm[2]) if rfm else None,
+            labels=labels or {},
+            nba=nba or {},
+            history=tuple(tuple(h) for h in hist),
+        )
+
+    def with_migration(self, entry: tuple[Any, ...]) -> Profile:
+        return replace(self, history=(*self.history, entry)[-HISTORY_LIMIT:])

@@ -1,0 +1,219 @@
+"""The worker's view of shared scoring state: population sketch, models, CLV, rules.
+
+Everything here is read from Redis (or the rules files) and cached for a short
+while, so a micro-batch costs no extra round trip most of the time. Any worker
+(and any restart) sees the same shared state: models and CLV parameters are
+versioned in Redis, so a restarted worker scores with the version it had.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from features.store import RedisFeatureStore, StoreUnavailable
+from scorers import clv, rfm
+from scorers.scoring import RFM_HASH, ClvModel, ScoringContext
+from stream.errors import SettingsError
+from stream.settings import Settings
+
+log = logging.getLogger(__name__)
+
+RULES_CHECK_S = 5.0
+MODELS_CHECK_S = 2.0
+
+
+def registry_keys(prefix: str) -> dict[str, str]:
+    """Names of the deployment-wide registry keys."""
+    return {
+        "models": f"{prefix}models",
+        "clv": f"{prefix}clv:params",
+        "clv_version": f"{prefix}clv:version",
+        "rules": f"{prefix}rules:version",
+        "context": f"{prefix}context",
+    }
+
+
+def model_key(prefix: str, name: str) -> str:
+    return f"{prefix}model:{name}"
+
+
+def load_rules(settings: Settings) -> tuple[Any, Any]:
+    """The segment catalogue and action catalogue the settings point at (or the defaults)."""
+    from scorers import nba, rules
+
+    try:
+        cat = (rules.load_catalogue(settings.rules_path) if settings.rules_path
+               else rules.default_catalogue())
+    except rules.RulesError as exc:
+        raise SettingsError(f"SEGSTREAM_RULES_PATH: {exc}") from None
+    schemes = {name: list(s.segment_names) for name, s in cat.schemes.items()}
+    try:
+        acts = (nba.load_actions(settings.actions_path, schemes) if settings.actions_path
+                else nba.load_actions(nba.default_actions_text(), schemes))
+    except Exception as exc:
+        raise SettingsError(f"SEGSTREAM_ACTIONS_PATH: {exc}") from None
+    return cat, acts
+
+
+def _mtime(p: Path | None) -> float:
+    try:
+        return p.stat().st_mtime if p else 0.0
+    except OSError:
+        return 0.0
+
+
+class ScoringRuntime:
+    """Caches the shared scoring state and builds a :class:`ScoringContext` per batch."""
+
+    def __init__(self, settings: Settings, redis: aioredis.Redis, store: RedisFeatureStore,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.r = redis
+        self.store = store
+        self.clock = clock
+        self.keys = registry_keys(settings.redis_prefix)
+        self.catalogue, self.actions = load_rules(settings)
+        self._rules_mtime = (_mtime(settings.rules_path), _mtime(settings.actions_path))
+        self._rules_checked = clock()
+        self.population = rfm.Population.empty()
+        self._population_at = 0.0
+        self.models: dict[str, Any] = {}
+        self.personas: Any | None = None
+        self.versions: dict[str, int] = {}
+        self._models_at = 0.0
+        self.clv: ClvModel | None = None
+        self.published_rules = False
+
+    # -- refreshing --------------------------------------------------------------------
+    async def refresh(self, force: bool = False) -> None:
+        """Re-read whatever is due; one pipelined round trip at most."""
+        t = self.clock()
+        self._maybe_reload_rules(t)
+        want_pop = force or t - self._population_at >= self.settings.population_refresh_s
+        want_models = force or t - self._models_at >= MODELS_CHECK_S
+        if not (want_pop or want_models or not self.published_rules):
+            return
+        parts = range(self.settings.partitions)
+        try:
+            async with self.r.pipeline(transaction=False) as pipe:
+                if want_pop:
+                    for p in parts:
+                        pipe.hgetall(self.store.keys.table(p, RFM_HASH))
+                if want_models:
+                    pipe.hgetall(self.keys["models"])
+                    pipe.get(self.keys["clv"])
+                if not self.published_rules:
+                    pipe.set(self.keys["rules"],
+                             f"{self.catalogue.version}/{self.actions.version}")
+                res = await pipe.execute()
+        except RedisError as exc:
+            raise StoreUnavailable(f"redis read failed: {exc}") from None
+        self.store.roundtrips += 1
+        self.published_rules = True
+        i = 0
+        if want_pop:
+            self.population = rfm.Population.from_hashes(res[: len(parts)])
+            self._population_at = t
+            i = len(parts)
+        if want_models:
+            self._models_at = t
+            versions = {(k.decode() if isinstance(k, bytes) else k): int(v)
+                        for k, v in (res[i] or {}).items()}
+            await self._load_models(versions)
+            self._set_clv(res[i + 1])
+
+    def _maybe_reload_rules(self, t: float) -> None:
+        if t - self._rules_checked < RULES_CHECK_S:
+            return
+        self._rules_checked = t
+        stamp = (_mtime(self.settings.rules_path), _mtime(self.settings.actions_path))
+        if stamp == self._rules_mtime:
+            return
+        self._rules_mtime = stamp
+        try:
+            cat, acts = load_rules(self.settings)
+        except SettingsError as exc:
+            log.error("rules not reloaded, keeping version %s: %s", self.catalogue.version, exc)
+            return
+        if cat.version != self.catalogue.version or acts.version != self.actions.version:
+            log.info("rules reloaded: %s -> %s", self.catalogue.version, cat.version)
+            self.catalogue, self.actions = cat, acts
+            self.published_rules = False
+
+    async def _load_models(self, versions: dict[str, int]) -> None:
+        if not self.settings.models_enabled:
+            return
+        changed = [n for n, v in versions.items() if self.versions.get(n) != v]
+        if not changed:
+            return
+        from scorers.online import OnlineModel
+        from scorers.personas import PersonaModel
+
+        blobs = await self.r.mget([model_key(self.settings.redis_prefix, n) for n in changed])
+        for name, blob in zip(changed, blobs, strict=True):
+            if blob is None:
+                continue
+            try:
+                if name == "cluster":
+                    self.personas = PersonaModel.restore(blob)
+                else:
+                    self.models[name] = OnlineModel.restore(blob)
+                self.versions[name] = versions[name]
+            except Exception:
+                log.exception("model %s version %s could not be loaded", name, versions[name])
+
+    def _set_clv(self, raw: bytes | None) -> None:
+        if not raw:
+            return
+        doc = orjson.loads(raw)
+        if self.clv is not None and self.clv.version == doc.get("version"):
+            return
+        bg = doc["bgnbd"]
+        gg = doc.get("gamma_gamma")
+        self.clv = ClvModel(
+            clv.BgNbdParams(bg["r"], bg["alpha"], bg["a"], bg["b"]),
+            clv.GammaGammaParams(gg["p"], gg["q"], gg["v"]) if gg else None,
+            int(doc.get("version", 0)),
+        )
+
+    # -- contexts ----------------------------------------------------------------------
+    def context(self, now_ms: int) -> ScoringContext:
+        s = self.settings
+        return ScoringContext(
+            now_ms=now_ms,
+            wall_ms=int(self.clock() * 1000),
+            lateness_ms=s.lateness_ms,
+            population=self.population,
+            catalogue=self.catalogue,
+            actions=self.actions,
+            clv=self.clv,
+            models=dict(self.models),
+            personas=self.personas,
+            label_options={
+                "enabled": s.models_enabled,
+                "min_gap_days": s.observation_gap_days,
+                "churn_horizon_days": s.churn_horizon_days,
+                "churn_horizon_txn_days": s.churn_horizon_txn_days,
+            },
+        )
+
+    def digest(self, now_ms: int) -> str:
+        """Identifies every input of an evaluation except the customer's own state."""
+        parts = [
+            str(now_ms // 86_400_000),
+            self.population.digest,
+            self.catalogue.version,
+            self.actions.version,
+            repr(sorted(self.versions.items())),
+            str(self.clv.version if self.clv else 0),
+        ]
+        return hashlib.blake2b("|".join(parts).encode(), digest_size=8).hexdigest()

@@ -1,0 +1,231 @@
+"""The HTTP API, /metrics and the dashboard as plain aiohttp handlers.
+
+:func:`add_routes` mounts them on any :class:`aiohttp.web.Application`: the Faust worker's web
+app in production, a bare one in tests (no Kafka needed). The data comes from an
+:class:`ApiBackend`; this module only speaks HTTP.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from importlib import resources
+from typing import Any, Protocol, runtime_checkable
+
+from aiohttp import web
+
+from stream.metrics import EngineMetrics
+from stream.openapi import OPENAPI
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+MAX_LIMIT = 1000
+DEFAULT_LIMIT = 100
+#: Routes answered without a token (liveness and readiness probes, the dashboard page shell).
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/", "/dashboard"})
+
+
+@runtime_checkable
+class ApiBackend(Protocol):
+    """Where the API's data comes from; every method returns JSON-ready values.
+
+    ``stats()`` is what the dashboard plots, oldest sample first::
+
+        {"as_of": "<engine event time, RFC 3339>" | None,
+         "generated_at": "<wall clock, RFC 3339>",
+         "throughput": [{"t": <epoch ms>, "events_in_per_s": float,
+                         "migrations_per_s": float, "dlq_per_s": float, "lag": int}, ...],
+         "lag": {"total": int,
+                 "partitions": [{"topic": str, "partition": int, "lag": int}, ...]},
+         "segments": {scheme: {segment: count}},
+         "segment_history": {scheme: [{"t": <epoch ms>, "sizes": {segment: count}}, ...]},
+         "flows": {scheme: [{"from": segment | None, "to": segment, "count": int}, ...]},
+         "models": [{"model": str, "version": str | int | None, "auc": float | None,
+                     "log_loss": float | None, "examples": int, "drift_alarms": int,
+                     "history": [{"t": <epoch ms>, "auc": float | None,
+                                  "log_loss": float | None}, ...]}, ...],
+         "actions": [<rows as in actions()>]}
+
+    ``flows`` counts migrations since the engine started keeping them (``from`` is ``None``
+    for a customer's first segment); ``throughput`` and ``segment_history`` hold the recent
+    samples the engine keeps (a few minutes at a few seconds apart).
+    """
+
+    async def customer(self, customer_id: str) -> dict[str, Any] | None:
+        """``segstream customer ID --json``, or ``None`` for an unknown customer."""
+        ...
+
+    async def segments(self) -> dict[str, Any]:
+        """``{"as_of", "schemes": {scheme: {segment: count}}}``."""
+        ...
+
+    async def migrations(self, since: str | None, limit: int) -> dict[str, Any]:
+        """``{"migrations": [migration event, ...], "next": cursor | None}``, oldest first."""
+        ...
+
+    async def actions(self) -> dict[str, Any]:
+        """``{"as_of", "actions": [{"action_id", "segment", "treated", "holdout", "uplift",
+        "lift", "p_value"}]}``; each arm is ``{"exposed", "converted", "rate"}``."""
+        ...
+
+    async def health(self) -> dict[str, Any]:
+        """Liveness details; cheap, no I/O needed."""
+        ...
+
+    async def ready(self) -> tuple[bool, dict[str, Any]]:
+        """Whether Kafka and Redis are reachable and partitions assigned, with details."""
+        ...
+
+    async def stats(self) -> dict[str, Any]:
+        """The dashboard's data (shape in the class docstring)."""
+        ...
+
+
+def error(status: int, message: str, **headers: str) -> web.Response:
+    """A JSON error response ``{"error": message}``."""
+    return web.json_response({"error": message}, status=status, headers=headers or None,
+                             dumps=_dumps)
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), default=str)
+
+
+def _json(value: Any, status: int = 200) -> web.Response:
+    return web.json_response(value, status=status, dumps=_dumps)
+
+
+def _authorized(request: web.Request, token: bytes) -> bool:
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    return hmac.compare_digest(given.strip().encode(), token)
+
+
+def _guard(handler: Handler, token: str | None, public: bool) -> Handler:
+    expected = token.encode() if token else None
+
+    async def guarded(request: web.Request) -> web.StreamResponse:
+        if expected is not None and not public and not _authorized(request, expected):
+            return error(401, "missing or invalid bearer token",
+                         **{"WWW-Authenticate": 'Bearer realm="segstream"'})
+        try:
+            return await handler(request)
+        except web.HTTPException:
+            raise
+        except Exception:
+            log.exception("%s %s failed", request.method, request.path)
+            return error(500, "internal error")
+
+    guarded.__doc__ = handler.__doc__
+    return guarded
+
+
+def dashboard_html() -> bytes:
+    """The dashboard page, shipped as package data."""
+    return resources.files("stream").joinpath("static/dashboard.html").read_bytes()
+
+
+class _Views:
+    def __init__(self, backend: ApiBackend, metrics: EngineMetrics) -> None:
+        self.backend = backend
+        self.metrics = metrics
+        self.page = dashboard_html()
+
+    async def customer(self, request: web.Request) -> web.StreamResponse:
+        customer_id = request.match_info["customer_id"]
+        doc = await self.backend.customer(customer_id)
+        if doc is None:
+            return error(404, f"unknown customer {customer_id!r}")
+        return _json(doc)
+
+    async def segments(self, request: web.Request) -> web.StreamResponse:
+        return _json(await self.backend.segments())
+
+    async def migrations(self, request: web.Request) -> web.StreamResponse:
+        since = request.query.get("since") or None
+        raw = request.query.get("limit", str(DEFAULT_LIMIT))
+        try:
+            limit = int(raw)
+        except ValueError:
+            return error(400, f"limit must be an integer, got {raw!r}")
+        if not 1 <= limit <= MAX_LIMIT:
+            return error(400, f"limit must be between 1 and {MAX_LIMIT}, got {limit}")
+        return _json(await self.backend.migrations(since, limit))
+
+    async def actions(self, request: web.Request) -> web.StreamResponse:
+        return _json(await self.backend.actions())
+
+    async def healthz(self, request: web.Request) -> web.StreamResponse:
+        return _json({"status": "ok", **await self.backend.health()})
+
+    async def readyz(self, request: web.Request) -> web.StreamResponse:
+        ok, detail = await self.backend.ready()
+        self.metrics.set_worker_state(ready=ok)
+        return _json({"ready": ok, **detail}, status=200 if ok else 503)
+
+    async def prometheus(self, request: web.Request) -> web.StreamResponse:
+        body, content_type = self.metrics.render()
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    async def openapi(self, request: web.Request) -> web.StreamResponse:
+        return _json(OPENAPI)
+
+    async def stats(self, request: web.Request) -> web.StreamResponse:
+        return _json(await self.backend.stats())
+
+    async def dashboard(self, request: web.Request) -> web.StreamResponse:
+        return web.Response(
+            body=self.page,
+            content_type="text/html",
+            charset="utf-8",
+            headers={
+                "Cache-Control": "no-store",
+                # Everything is inline; nothing may load from elsewhere.
+                "Content-Security-Policy": (
+                    "default-src 'none'; script-src 'unsafe-inline'; "
+                    "style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:"
+                ),
+                "Referrer-Policy": "no-referrer",
+            },
+        )
+
+
+def add_routes(
+    app: web.Application, backend: ApiBackend, metrics: EngineMetrics, token: str | None
+) -> None:
+    """Mount the API, ``/metrics``, ``/openapi.json`` and the dashboard on ``app``.
+
+    With ``token`` set, every route except ``/healthz``, ``/readyz`` and the dashboard page
+    answers 401 unless the request carries ``Authorization: Bearer <token>``. A GET route that
+    ``app`` already serves (Faust's index at ``/``) is left alone; the dashboard is also at
+    ``/dashboard``.
+    """
+    views = _Views(backend, metrics)
+    routes: list[tuple[str, Handler]] = [
+        ("/customers/{customer_id}", views.customer),
+        ("/segments", views.segments),
+        ("/migrations", views.migrations),
+        ("/actions", views.actions),
+        ("/healthz", views.healthz),
+        ("/readyz", views.readyz),
+        ("/metrics", views.prometheus),
+        ("/openapi.json", views.openapi),
+        ("/api/stats", views.stats),
+        ("/dashboard", views.dashboard),
+        ("/", views.dashboard),
+    ]
+    taken = {
+        (route.method, route.resource.canonical)
+        for route in app.router.routes()
+        if route.resource is not None
+    }
+    for path, handler in routes:
+        if ("GET", path) in taken:
+            log.warning("GET %s is already served; not mounting the segstream view there", path)
+            continue
+        app.router.add_get(path, _guard(handler, token, path in PUBLIC_PATHS))

@@ -1,0 +1,324 @@
+"""The HTTP API over aiohttp's test client, with an in-memory backend (no Kafka, no Redis)."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from jsonschema import Draft202012Validator
+from openapi_spec_validator import validate
+from referencing import Registry, Resource
+from referencing.jsonschema import DRAFT202012
+
+from stream.metrics import EngineMetrics
+from stream.openapi import OPENAPI
+from stream.web import PUBLIC_PATHS, ApiBackend, add_routes
+
+TOKEN = "s3cret-token"
+AS_OF = "2024-03-01T12:00:00Z"
+MIGRATION = {
+    "migration_id": "m-1", "customer_id": "c42", "scheme": "rfm",
+    "from_segment": "Loyal", "to_segment": "At Risk", "at": AS_OF,
+    "emitted_at": "2024-03-01T12:00:01Z", "reason": "recency_days >= 60",
+    "features": {"recency_days": 61}, "scores": {"rfm": "255"}, "rules_version": "r1",
+    "model_versions": {"churn": 3},
+    "action": {"action_id": "winback-email", "channel": "email", "holdout": False},
+}
+ACTION = {
+    "action_id": "winback-email", "segment": "At Risk",
+    "treated": {"exposed": 900, "converted": 81, "rate": 0.09},
+    "holdout": {"exposed": 100, "converted": 5, "rate": 0.05},
+    "uplift": 0.04, "lift": 0.8, "p_value": 0.17,
+}
+
+
+class FakeBackend:
+    """In-memory :class:`ApiBackend` with one customer and fixed results."""
+
+    def __init__(self) -> None:
+        self.is_ready = True
+        self.fail = False
+        self.calls: list[tuple[str | None, int]] = []
+
+    async def customer(self, customer_id: str) -> dict[str, Any] | None:
+        if self.fail:
+            raise RuntimeError("redis down: secret detail")
+        if customer_id != "c42":
+            return None
+        return {"customer_id": "c42", "as_of": AS_OF, "features": {"recency_days": 61},
+                "scores": {"rfm": "255", "churn_probability": 0.7},
+                "segments": {"rfm": "At Risk"}, "history": [MIGRATION]}
+
+    async def segments(self) -> dict[str, Any]:
+        return {"as_of": AS_OF, "schemes": {"rfm": {"Loyal": 10, "At Risk": 3}}}
+
+    async def migrations(self, since: str | None, limit: int) -> dict[str, Any]:
+        self.calls.append((since, limit))
+        return {"migrations": [MIGRATION][:limit], "next": "cursor-2"}
+
+    async def actions(self) -> dict[str, Any]:
+        return {"as_of": AS_OF, "actions": [ACTION]}
+
+    async def health(self) -> dict[str, Any]:
+        return {"worker": "w1"}
+
+    async def ready(self) -> tuple[bool, dict[str, Any]]:
+        return self.is_ready, {"kafka": True, "redis": self.is_ready, "partitions": 6}
+
+    async def stats(self) -> dict[str, Any]:
+        t = 1_709_294_400_000
+        return {
+            "as_of": AS_OF, "generated_at": "2024-03-01T12:00:02Z",
+            "throughput": [{"t": t + i * 2500, "events_in_per_s": 100.0 + i,
+                            "migrations_per_s": 2.0, "dlq_per_s": 0.1, "lag": 40 - i}
+                           for i in range(5)],
+            "lag": {"total": 36, "partitions": [{"topic": "clickstream", "partition": 0,
+                                                 "lag": 36}]},
+            "segments": {"rfm": {"Loyal": 10, "At Risk": 3}},
+            "segment_history": {"rfm": [{"t": t, "sizes": {"Loyal": 11, "At Risk": 2}},
+                                        {"t": t + 2500, "sizes": {"Loyal": 10, "At Risk": 3}}]},
+            "flows": {"rfm": [{"from": "Loyal", "to": "At Risk", "count": 1},
+                              {"from": None, "to": "Loyal", "count": 11}]},
+            "models": [{"model": "churn", "version": 3, "auc": 0.81, "log_loss": 0.42,
+                        "examples": 5000, "drift_alarms": 0,
+                        "history": [{"t": t, "auc": 0.8, "log_loss": 0.43}]}],
+            "actions": [ACTION],
+        }
+
+
+Call = Callable[[TestClient[Any, Any], FakeBackend], Awaitable[None]]
+
+
+@asynccontextmanager
+async def serve(
+    token: str | None, backend: FakeBackend | None = None, app: web.Application | None = None
+) -> AsyncIterator[tuple[TestClient[Any, Any], FakeBackend]]:
+    backend = backend or FakeBackend()
+    app = app or web.Application()
+    add_routes(app, backend, EngineMetrics(), token)
+    async with TestClient(TestServer(app)) as client:
+        yield client, backend
+
+
+def run(check: Call, token: str | None = None) -> None:
+    async def main() -> None:
+        async with serve(token) as (client, backend):
+            await check(client, backend)
+
+    asyncio.run(main())
+
+
+def _auth(token: str = TOKEN) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+ROUTES = ["/customers/c42", "/segments", "/migrations", "/actions", "/healthz", "/readyz",
+          "/metrics", "/openapi.json", "/api/stats", "/", "/dashboard"]
+PROTECTED = [r for r in ROUTES if r not in PUBLIC_PATHS]
+
+# -- schemas ---------------------------------------------------------------------------------
+
+_REGISTRY: Registry[Any] = Registry().with_resource(
+    "urn:segstream:openapi", Resource.from_contents(OPENAPI, default_specification=DRAFT202012)
+)
+
+
+def assert_matches(instance: Any, component: str) -> None:
+    schema = {"$ref": f"urn:segstream:openapi#/components/schemas/{component}"}
+    validator = Draft202012Validator(schema, registry=_REGISTRY)
+    errors = [f"{list(e.absolute_path)}: {e.message}" for e in validator.iter_errors(instance)]
+    assert not errors, errors
+
+
+def test_openapi_document_is_valid() -> None:
+    validate(OPENAPI)
+    assert OPENAPI["openapi"].startswith("3.1")
+
+
+def test_openapi_describes_every_route() -> None:
+    documented = {re.sub(r"\{[^}]+\}", "c42", p) for p in OPENAPI["paths"]}
+    assert documented == set(ROUTES)
+
+    async def check(client: TestClient[Any, Any], _: FakeBackend) -> None:
+        served = {
+            route.resource.canonical for route in client.app.router.routes()  # type: ignore[union-attr]
+            if route.resource is not None and route.method == "GET"
+        }
+        assert {re.sub(r"\{[^}]+\}", "c42", p) for p in served} == set(ROUTES)
+
+    run(check)
+
+
+@pytest.mark.parametrize(
+    ("path", "component"),
+    [("/customers/c42", "Customer"), ("/segments", "Segments"),
+     ("/migrations?limit=5", "MigrationPage"), ("/actions", "Actions"), ("/healthz", "Health"),
+     ("/readyz", "Ready"), ("/api/stats", "Stats")],
+)
+def test_responses_match_the_openapi_schemas(path: str, component: str) -> None:
+    async def check(client: TestClient[Any, Any], _: FakeBackend) -> None:
+        resp = await client.get(path)
+        assert resp.status == 200
+        assert resp.content_type == "application/json"
+        assert_matches(await resp.json(), component)
+
+    run(check)
+
+
+def test_openapi_json_is_served_and_valid() -> None:
+    async def check(client: TestClient[Any, Any], _: FakeBackend) -> None:
+        resp = await client.get("/openapi.json", headers=_auth())
+        assert resp.status == 200
+        validate(await resp.json())
+
+    run(check, TOKEN)
+
+
+# -- authentication --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", PROTECTED)
+def test_token_required(path: str) -> None:
+    async def check(client: TestClient[Any, Any], _: FakeBackend) -> None:
+        for headers in ({}, _auth("wrong"), _auth(TOKEN + "x"), {"Authorization": TOKEN},
+                        {"Authorization": f"Basic {TOKEN}"}):
+            resp = await client.get(path, headers=headers)
+            assert resp.status == 401, (path, headers)
+            assert resp.headers["WWW-Authenticate"].startswith("Bearer")
+            assert_matches(await resp.json(), "Error")
+        ok = await client.get(path, headers=_auth())
+        assert ok.status == 200, path
+        lower = await client.get(path, headers={"Authorization": f"bearer {TOKEN}"})
+        assert lower.status == 200, path
+
+    run(check, TOKEN)
+
+
+@pytest.mark.parametrize("path", sorted(PUBLIC_PATHS))
+def test_probes_and_page_need_no_token(path: str) -> None:
+    async def check(client: TestClient[Any, Any], _: FakeBackend) -> None:
+        assert (await client.get(path)).status == 200
+
+    run(check, TOKEN)
+
+
+@pytest.mark.parametrize("path", ROUTES)
+def test_no_token_configured_means_open(path: str) -> None:
+    async def check(client: TestClient[Any, Any], _: FakeBackend) -> None:
+        assert (await client.get(path)).status == 200
+
+    run(check, None)
+
+
+# -- behaviour -------------------------------------------------------------------------------
+
+
+def test_unknown_customer_is_a_json_404() -> None:
+    async def check(client: TestClient[Any, Any], _: FakeBackend) -> None:
+        resp = await client.get("/customers/nobody", headers=_auth())
+        assert resp.status == 404
+        body = await resp.json()
+        assert_matches(body, "Error")
+        assert "nobody" in body["error"]
+
+    run(check, TOKEN)
+
+
+def test_customer_document_shape() -> None:
+    async def check(client: TestClient[Any, Any], _: FakeBackend) -> None:
+        body = await (await client.get("/customers/c42")).json()
+        assert set(body) == {"customer_id", "as_of", "features", "scores", "segments", "history"}
+        assert body["segments"] == {"rfm": "At Risk"}
+
+    run(check)
+
+
+def test_migrations_paging_parameters() -> None:
+    async def check(client: TestClient[Any, Any], backend: FakeBackend) -> None:
+        body = await (await client.get("/migrations?since=cursor-1&limit=7")).json()
+        assert body["next"] == "cursor-2"
+        await client.get("/migrations")
+        assert backend.calls == [("cursor-1", 7), (None, 100)]
+        for bad in ("0", "1001", "ten", "-1"):
+            resp = await client.get(f"/migrations?limit={bad}")
+            assert resp.status == 400, bad
+            assert_matches(await resp.json(), "Error")
+
+    run(check)
+
+
+def test_readyz_is_503_when_not_ready() -> None:
+    async def check(client: TestClient[Any, Any], backend: FakeBackend) -> None:
+        backend.is_ready = False
+        resp = await client.get("/readyz")
+        assert resp.status == 503
+        body = await resp.json()
+        assert body["ready"] is False and body["redis"] is False
+        metrics = await (await client.get("/metrics", headers=_auth())).text()
+        assert "segstream_worker_ready 0.0" in metrics
+
+    run(check, TOKEN)
+
+
+def test_backend_failure_is_a_json_500_without_details() -> None:
+    async def check(client: TestClient[Any, Any], backend: FakeBackend) -> None:
+        backend.fail = True
+        resp = await client.get("/customers/c42")
+        assert resp.status == 500
+        assert await resp.json() == {"error": "internal error"}
+
+    run(check)
+
+
+def test_metrics_exposition() -> None:
+    async def check(client: TestClient[Any, Any], _: FakeBackend) -> None:
+        resp = await client.get("/metrics", headers=_auth())
+        assert resp.status == 200
+        assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        text = await resp.text()
+        assert "# TYPE segstream_worker_up gauge" in text
+        assert "segstream_worker_up 1.0" in text
+
+    run(check, TOKEN)
+
+
+def test_dashboard_page_is_self_contained() -> None:
+    async def check(client: TestClient[Any, Any], _: FakeBackend) -> None:
+        resp = await client.get("/")
+        assert resp.status == 200 and resp.content_type == "text/html"
+        assert "default-src 'none'" in resp.headers["Content-Security-Policy"]
+        html = await resp.text()
+        charts = set(re.findall(r'data-chart="([a-z-]+)"', html))
+        assert {"segment-sizes", "segment-history", "migration-flows", "throughput", "lag",
+                "model-quality", "action-lift"} <= charts
+        assert not re.search(r"<(script|link|img)[^>]+(src|href)=", html), "external asset"
+        urls = set(re.findall(r"https?://[^\s\"'<>]+", html)) - {"http://www.w3.org/2000/svg"}
+        assert not urls, urls
+        for api in ("/api/stats", "/segments", "/actions", "Authorization", "sessionStorage"):
+            assert api in html
+
+    run(check, TOKEN)
+
+
+def test_existing_root_route_is_left_alone() -> None:
+    async def index(_: web.Request) -> web.Response:
+        return web.json_response({"status": "OK"})
+
+    async def main() -> None:
+        app = web.Application()
+        app.router.add_get("/", index)
+        async with serve(None, app=app) as (client, _):
+            assert await (await client.get("/")).json() == {"status": "OK"}
+            assert (await client.get("/dashboard")).content_type == "text/html"
+
+    asyncio.run(main())
+
+
+def test_fake_backend_satisfies_the_protocol() -> None:
+    assert isinstance(FakeBackend(), ApiBackend)

@@ -148,8 +148,8 @@ def _arith(op: str, a: Scalar, b: Scalar) -> Scalar:
     return None if math.isnan(r) else r
 
 
-class _Columns:
-    """Input columns normalised once: float64 with NaN for null, else object of scalars."""
+class Columns:
+    """Input columns normalised once (float64 with NaN for null, else objects); reusable."""
 
     def __init__(self, columns: Mapping[str, Any], size: int | None) -> None:
         self.raw = columns
@@ -215,7 +215,7 @@ class _Value:
     def value(self, env: Mapping[str, Any]) -> Scalar:
         raise NotImplementedError
 
-    def column(self, cols: _Columns) -> Column:
+    def column(self, cols: Columns) -> Column:
         raise NotImplementedError
 
     def render(self, env: Mapping[str, Any]) -> str:
@@ -230,7 +230,7 @@ class _Literal(_Value):
     def value(self, env: Mapping[str, Any]) -> Scalar:
         return self.v
 
-    def column(self, cols: _Columns) -> Column:
+    def column(self, cols: Columns) -> Column:
         return cols.const(self.v)
 
     def render(self, env: Mapping[str, Any]) -> str:
@@ -248,7 +248,7 @@ class _Ref(_Value):
     def value(self, env: Mapping[str, Any]) -> Scalar:
         return scalar(env.get(self.name))
 
-    def column(self, cols: _Columns) -> Column:
+    def column(self, cols: Columns) -> Column:
         return cols.get(self.name)
 
     def render(self, env: Mapping[str, Any]) -> str:
@@ -271,7 +271,7 @@ class _Arith(_Value):
     def value(self, env: Mapping[str, Any]) -> Scalar:
         return _arith(self.op, self.left.value(env), self.right.value(env))
 
-    def column(self, cols: _Columns) -> Column:
+    def column(self, cols: Columns) -> Column:
         a, b = self.left.column(cols), self.right.column(cols)
         if not (_is_num(a) and _is_num(b)):
             out = np.empty(cols.n, dtype=object)
@@ -306,7 +306,7 @@ class _Bool:
     def eval(self, env: Mapping[str, Any], slack: Slack, pol: int) -> bool:
         raise NotImplementedError
 
-    def columns(self, cols: _Columns, slack: Slack, pol: int) -> BoolArray:
+    def columns(self, cols: Columns, slack: Slack, pol: int) -> BoolArray:
         raise NotImplementedError
 
     def explain(self, env: Mapping[str, Any], slack: Slack, pol: int) -> tuple[bool, str]:
@@ -338,7 +338,7 @@ class _Const(_Bool):
     def eval(self, env: Mapping[str, Any], slack: Slack, pol: int) -> bool:
         return self.v
 
-    def columns(self, cols: _Columns, slack: Slack, pol: int) -> BoolArray:
+    def columns(self, cols: Columns, slack: Slack, pol: int) -> BoolArray:
         return np.full(cols.n, self.v, dtype=np.bool_)
 
     def explain(self, env: Mapping[str, Any], slack: Slack, pol: int) -> tuple[bool, str]:
@@ -358,7 +358,7 @@ class _Cmp(_Bool):
         shift = _shift(self.op, self._amount(slack), pol)
         return _compare(self.op, self.left.value(env), self.right.value(env), shift)
 
-    def columns(self, cols: _Columns, slack: Slack, pol: int) -> BoolArray:
+    def columns(self, cols: Columns, slack: Slack, pol: int) -> BoolArray:
         shift = _shift(self.op, self._amount(slack), pol)
         a, b = self.left.column(cols), self.right.column(cols)
         if _is_num(a) and _is_num(b):
@@ -389,7 +389,7 @@ class _Between(_Bool):
         lo, hi = self._atoms()
         return lo.eval(env, slack, pol) and hi.eval(env, slack, pol)
 
-    def columns(self, cols: _Columns, slack: Slack, pol: int) -> BoolArray:
+    def columns(self, cols: Columns, slack: Slack, pol: int) -> BoolArray:
         lo, hi = self._atoms()
         return lo.columns(cols, slack, pol) & hi.columns(cols, slack, pol)
 
@@ -415,7 +415,7 @@ class _In(_Bool):
     def eval(self, env: Mapping[str, Any], slack: Slack, pol: int) -> bool:
         return self._has(self.subject.value(env))
 
-    def columns(self, cols: _Columns, slack: Slack, pol: int) -> BoolArray:
+    def columns(self, cols: Columns, slack: Slack, pol: int) -> BoolArray:
         col = self.subject.column(cols)
         if _is_num(col) and all(isinstance(i.v, float) for i in self.items):
             return np.isin(col, np.array([i.v for i in self.items], dtype=np.float64))
@@ -435,7 +435,7 @@ class _IsNull(_Bool):
     def eval(self, env: Mapping[str, Any], slack: Slack, pol: int) -> bool:
         return (self.subject.value(env) is None) != self.negated
 
-    def columns(self, cols: _Columns, slack: Slack, pol: int) -> BoolArray:
+    def columns(self, cols: Columns, slack: Slack, pol: int) -> BoolArray:
         col = self.subject.column(cols)
         null = np.isnan(col) if _is_num(col) else np.array([v is None for v in col], dtype=bool)
         return np.asarray(null != self.negated, dtype=np.bool_)
@@ -455,7 +455,7 @@ class _Not(_Bool):
     def eval(self, env: Mapping[str, Any], slack: Slack, pol: int) -> bool:
         return not self.child.eval(env, slack, -pol)
 
-    def columns(self, cols: _Columns, slack: Slack, pol: int) -> BoolArray:
+    def columns(self, cols: Columns, slack: Slack, pol: int) -> BoolArray:
         return ~self.child.columns(cols, slack, -pol)
 
     def explain(self, env: Mapping[str, Any], slack: Slack, pol: int) -> tuple[bool, str]:
@@ -473,7 +473,7 @@ class _Junction(_Bool):
             return all(c.eval(env, slack, pol) for c in self.children)
         return any(c.eval(env, slack, pol) for c in self.children)
 
-    def columns(self, cols: _Columns, slack: Slack, pol: int) -> BoolArray:
+    def columns(self, cols: Columns, slack: Slack, pol: int) -> BoolArray:
         parts = [c.columns(cols, slack, pol) for c in self.children]
         reduce = np.logical_and if self.conj else np.logical_or
         return np.asarray(reduce.reduce(parts, axis=0), dtype=np.bool_)
@@ -774,7 +774,11 @@ class Condition:
         return self.root.explain(values, slack or {}, 1)[1]
 
     def evaluate_columns(
-        self, columns: Mapping[str, Any], slack: Slack | None = None, *, size: int | None = None
+        self,
+        columns: Mapping[str, Any] | Columns,
+        slack: Slack | None = None,
+        *,
+        size: int | None = None,
     ) -> BoolArray:
         """Row-wise :meth:`evaluate` over columns (arrays; NaN or None is null).
 
@@ -782,7 +786,8 @@ class Condition:
         >>> c.evaluate_columns({"x": np.array([0.0, 1.0, np.nan, 3.5])}).tolist()
         [False, True, False, False]
         """
-        return self.root.columns(_Columns(columns, size), slack or {}, 1)
+        cols = columns if isinstance(columns, Columns) else Columns(columns, size)
+        return self.root.columns(cols, slack or {}, 1)
 
 
 def compile_condition(text: str, known: Collection[str] | None = None) -> Condition:
@@ -801,4 +806,4 @@ def compile_condition(text: str, known: Collection[str] | None = None) -> Condit
         raise ConditionError("condition nested too deeply", text, 0) from None
 
 
-__all__ = ["Condition", "ConditionError", "compile_condition", "scalar", "tokenize"]
+__all__ = ["Columns", "Condition", "ConditionError", "compile_condition", "scalar", "tokenize"]

@@ -1,0 +1,415 @@
+"""Segment schemes: ordered, named rules loaded from YAML, and assignment with anti-flapping.
+
+A catalogue holds schemes; a scheme is an ordered list of segments, each with a condition
+(see :mod:`scorers.conditions`), plus a fallback for customers no rule matches. The first
+matching segment wins, so segments are mutually exclusive by order.
+
+Anti-flapping keeps a customer from bouncing between segments near a boundary:
+
+- ``min_dwell_days``: after a move, the customer stays put for at least this long;
+- ``hysteresis``: while a customer is in a segment, that segment's condition is evaluated
+  with thresholds relaxed by these absolute amounts (per feature or score), so leaving it takes
+  a clear move past the boundary. A higher-priority segment still wins when it matches strictly.
+
+>>> cat = load_catalogue('''
+... schemes:
+...   value:
+...     anti_flapping: {min_dwell_days: 0, hysteresis: {monetary_total: 10}}
+...     segments:
+...       - {name: High, when: "monetary_total >= 100"}
+...     fallback: Low
+... ''')
+>>> scheme = cat.schemes["value"]
+>>> scheme.segment_names
+('High', 'Low')
+>>> a = assign(scheme, {"monetary_total": 120.0}, None, now_ms=0)
+>>> a.segment, a.reason
+('High', 'High: monetary_total=120 >= 100')
+>>> assign(scheme, {"monetary_total": 95.0}, SegmentState("High", 0), now_ms=1).segment
+'High'
+>>> assign(scheme, {"monetary_total": 85.0}, SegmentState("High", 0), now_ms=1).reason
+'fallback Low: no rule matched'
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import re
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field, replace
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml  # type: ignore[import-untyped, unused-ignore]
+from numpy.typing import NDArray
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from features.state import FEATURE_NAMES, iso
+from scorers.conditions import Columns, Condition, ConditionError, compile_condition
+from scorers.names import SCORE_NAMES, TEXT_SCORES
+
+MS_PER_DAY = 86_400_000
+#: Names a segment condition may use by default: every feature and every score.
+KNOWN_NAMES: tuple[str, ...] = FEATURE_NAMES + SCORE_NAMES
+_SCHEME_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+class RulesError(ValueError):
+    """An invalid catalogue; ``problems`` lists every problem found, each naming where."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        text = problems[0] if len(problems) == 1 else f"{len(problems)} problems: " + "; ".join(
+            problems)
+        super().__init__(text)
+
+
+# ---------------------------------------------------------------- YAML schema
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=False)
+
+
+class _SegmentSpec(_Strict):
+    name: str = Field(min_length=1)
+    when: str = Field(min_length=1)
+    description: str = ""
+
+
+class _AntiFlappingSpec(_Strict):
+    min_dwell_days: float = Field(default=0.0, ge=0)
+    hysteresis: dict[str, float] = Field(default_factory=dict)
+
+
+class _SchemeSpec(_Strict):
+    description: str = ""
+    anti_flapping: _AntiFlappingSpec = Field(default_factory=_AntiFlappingSpec)
+    segments: list[_SegmentSpec] = Field(min_length=1)
+    fallback: str = Field(min_length=1)
+
+
+class _CatalogueSpec(_Strict):
+    version: int | str | None = None
+    schemes: dict[str, _SchemeSpec] = Field(min_length=1)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):  # type: ignore[misc, unused-ignore]
+    """Safe YAML loader that rejects duplicate mapping keys instead of keeping the last."""
+
+
+def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        if key in seen:
+            mark = key_node.start_mark
+            raise RulesError([f"duplicate key {key!r} at line {mark.line + 1}"])
+        seen.add(key)
+    return dict(loader.construct_mapping(node))
+
+
+_UniqueKeyLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+# ---------------------------------------------------------------- compiled catalogue
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One named segment and its condition."""
+
+    name: str
+    condition: Condition
+    description: str = ""
+
+    @property
+    def when(self) -> str:
+        return self.condition.text
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """An ordered list of segments, a fallback and the anti-flapping policy."""
+
+    name: str
+    segments: tuple[Segment, ...]
+    fallback: str
+    description: str = ""
+    min_dwell_days: float = 0.0
+    hysteresis: Mapping[str, float] = field(default_factory=dict)
+
+    @property
+    def segment_names(self) -> tuple[str, ...]:
+        """Segment names in priority order, then the fallback."""
+        return (*(s.name for s in self.segments), self.fallback)
+
+    @property
+    def min_dwell_ms(self) -> int:
+        return round(self.min_dwell_days * MS_PER_DAY)
+
+    @property
+    def names(self) -> frozenset[str]:
+        """Every feature and score the scheme's conditions read."""
+        return frozenset().union(*(s.condition.names for s in self.segments))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "description": self.description,
+            "anti_flapping": {"min_dwell_days": self.min_dwell_days,
+                              "hysteresis": dict(self.hysteresis)},
+            "segments": [{"name": s.name, "when": s.when, "description": s.description}
+                         for s in self.segments],
+            "fallback": self.fallback,
+        }
+
+
+@dataclass(frozen=True)
+class Catalogue:
+    """Validated schemes; ``version`` is a short sha256 of the canonical content."""
+
+    version: str
+    schemes: dict[str, Scheme]
+    declared_version: int | str | None = None
+
+    def without_anti_flapping(self) -> Catalogue:
+        """The same rules with no dwell and no hysteresis (for batch recomputations).
+
+        The version is kept: it identifies the rules, which are unchanged.
+        """
+        schemes = {k: replace(s, min_dwell_days=0.0, hysteresis={})
+                   for k, s in self.schemes.items()}
+        return replace(self, schemes=schemes)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"version": self.version, "declared_version": self.declared_version,
+                "schemes": {k: s.to_json() for k, s in self.schemes.items()}}
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _where(loc: tuple[int | str, ...], raw: Any) -> str:
+    parts: list[str] = []
+    rest = list(loc)
+    if len(rest) >= 2 and rest[0] == "schemes":
+        scheme = rest[1]
+        parts.append(f"scheme {scheme!r}")
+        rest = rest[2:]
+        if len(rest) >= 2 and rest[0] == "segments" and isinstance(rest[1], int):
+            i = rest[1]
+            try:
+                name = raw["schemes"][scheme]["segments"][i]["name"]
+                parts.append(f"segment {name!r}")
+            except (KeyError, IndexError, TypeError):
+                parts.append(f"segment #{i + 1}")
+            rest = rest[2:]
+    parts.append(".".join(str(p) for p in rest) or "catalogue")
+    return ", ".join(parts[:-1]) + (": " if len(parts) > 1 else "") + parts[-1]
+
+
+def _looks_like_path(source: str) -> bool:
+    if "\n" in source or not source.strip():
+        return False
+    if source.strip().endswith((".yaml", ".yml")):
+        return True
+    try:
+        return Path(source).is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def _parse(source: str | Path | Mapping[str, Any]) -> Any:
+    if isinstance(source, Mapping):
+        return source
+    text: str
+    if isinstance(source, Path) or _looks_like_path(source):
+        try:
+            text = Path(source).read_text(encoding="utf-8")
+        except OSError as e:
+            raise RulesError([f"cannot read catalogue {str(source)!r}: {e.strerror}"]) from None
+    else:
+        text = source
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise RulesError([f"invalid YAML: {e.problem}{at}"]) from None
+    except yaml.YAMLError as e:
+        raise RulesError([f"invalid YAML: {e}"]) from None
+
+
+def _compile_scheme(name: str, spec: _SchemeSpec, known: frozenset[str],
+                    problems: list[str]) -> Scheme:
+    where = f"scheme {name!r}"
+    if not _SCHEME_NAME.match(name):
+        problems.append(f"{where}: name must use letters, digits, '_', '.', '-' only")
+    segments: list[Segment] = []
+    first_index: dict[str, int] = {}
+    for i, seg in enumerate(spec.segments, start=1):
+        if seg.name in first_index:
+            problems.append(f"{where}: duplicate segment name {seg.name!r} "
+                            f"(segments #{first_index[seg.name]} and #{i})")
+        first_index.setdefault(seg.name, i)
+        try:
+            cond = compile_condition(seg.when, known)
+        except ConditionError as e:
+            problems.append(f"{where}, segment {seg.name!r}: bad condition {seg.when!r}: {e}")
+            continue
+        segments.append(Segment(seg.name, cond, seg.description))
+    if spec.fallback in first_index:
+        problems.append(f"{where}: fallback {spec.fallback!r} collides with a segment name")
+    for key, amount in spec.anti_flapping.hysteresis.items():
+        if key not in known:
+            problems.append(f"{where}: hysteresis on unknown name {key!r}")
+        elif key in TEXT_SCORES:
+            problems.append(f"{where}: hysteresis on {key!r}, a text score, has no meaning")
+        if amount < 0:
+            problems.append(f"{where}: hysteresis for {key!r} must be >= 0, got {amount:g}")
+    return Scheme(name, tuple(segments), spec.fallback, spec.description,
+                  spec.anti_flapping.min_dwell_days, dict(spec.anti_flapping.hysteresis))
+
+
+def load_catalogue(
+    source: str | Path | Mapping[str, Any], known: Collection[str] = KNOWN_NAMES
+) -> Catalogue:
+    """Load and validate a catalogue from a file path, YAML text or an already parsed mapping.
+
+    Raises :class:`RulesError` listing every problem, each naming scheme and segment.
+    """
+    raw = _parse(source)
+    if not isinstance(raw, Mapping):
+        raise RulesError(["catalogue: expected a mapping with a 'schemes' key"])
+    try:
+        spec = _CatalogueSpec.model_validate(raw)
+    except ValidationError as e:
+        found = []
+        for err in e.errors():
+            got = f" (got {err['input']!r})" if err["type"] not in (
+                "missing", "extra_forbidden") else ""
+            found.append(f"{_where(err['loc'], raw)}: {err['msg']}{got}")
+        raise RulesError(found) from None
+    problems: list[str] = []
+    names = frozenset(known)
+    schemes = {k: _compile_scheme(k, s, names, problems) for k, s in spec.schemes.items()}
+    if problems:
+        raise RulesError(problems)
+    canonical = json.dumps(spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    version = hashlib.sha256(canonical.encode()).hexdigest()[:12]
+    return Catalogue(version, schemes, spec.version)
+
+
+@functools.cache
+def default_catalogue() -> Catalogue:
+    """The catalogue packaged with segstream (``scorers/catalogue.yaml``)."""
+    text = resources.files("scorers").joinpath("catalogue.yaml").read_text(encoding="utf-8")
+    return load_catalogue(text)
+
+
+# ---------------------------------------------------------------- assignment
+
+
+@dataclass(frozen=True)
+class SegmentState:
+    """A customer's current segment in one scheme and when they entered it."""
+
+    segment: str
+    since_ms: int
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """The outcome of :func:`assign`; ``held`` means the minimum dwell kept the customer."""
+
+    segment: str
+    changed: bool
+    reason: str
+    held: bool = False
+
+    def state(self, current: SegmentState | None, now_ms: int) -> SegmentState:
+        """The customer's segment state after this assignment."""
+        if current is not None and not self.changed:
+            return current
+        return SegmentState(self.segment, now_ms)
+
+
+def _days(d: float) -> str:
+    return f"{d:g} day" + ("" if d == 1 else "s")
+
+
+def assign(
+    scheme: Scheme, values: Mapping[str, Any], current: SegmentState | None, now_ms: int
+) -> Assignment:
+    """Place one customer in ``scheme`` given their features and scores, with anti-flapping.
+
+    A current segment the scheme no longer has is ignored (no dwell, no hysteresis).
+    """
+    stays = current is not None and current.segment in scheme.segment_names
+    if current is not None and stays:
+        until = current.since_ms + scheme.min_dwell_ms
+        if now_ms < until:
+            return Assignment(current.segment, False, f"held in {current.segment} until "
+                              f"{iso(until)} (minimum dwell {_days(scheme.min_dwell_days)})",
+                              held=True)
+    incumbent = current.segment if current is not None and stays else None
+    segment, reason = scheme.fallback, f"fallback {scheme.fallback}: no rule matched"
+    for seg in scheme.segments:
+        slack = scheme.hysteresis if seg.name == incumbent and scheme.hysteresis else None
+        if seg.condition.evaluate(values, slack):
+            segment, reason = seg.name, f"{seg.name}: {seg.condition.explain(values, slack)}"
+            break
+    changed = current is None or segment != current.segment
+    return Assignment(segment, changed, reason)
+
+
+def assign_columns(
+    scheme: Scheme, columns: Mapping[str, Any], *, size: int | None = None
+) -> NDArray[np.object_]:
+    """Segment names row by row, without anti-flapping (as :func:`assign` with no current).
+
+    >>> s = default_catalogue().schemes["rfm"]
+    >>> assign_columns(s, {"rfm_r": [5, 1, None], "rfm_f": [5, 1, None],
+    ...                    "rfm_m": [5, 1, None]}).tolist()
+    ['Champions', 'Lost', 'Prospects']
+    """
+    cols = Columns(columns, size)
+    out = np.full(cols.n, scheme.fallback, dtype=object)
+    free = np.ones(cols.n, dtype=np.bool_)
+    for seg in scheme.segments:
+        hit = seg.condition.evaluate_columns(cols) & free
+        out[hit] = seg.name
+        free &= ~hit
+    return out
+
+
+def assign_all(
+    catalogue: Catalogue,
+    values: Mapping[str, Any],
+    current: Mapping[str, SegmentState],
+    now_ms: int,
+) -> dict[str, Assignment]:
+    """:func:`assign` in every scheme of the catalogue; ``current`` is keyed by scheme."""
+    return {name: assign(s, values, current.get(name), now_ms)
+            for name, s in catalogue.schemes.items()}
+
+
+__all__ = [
+    "KNOWN_NAMES",
+    "Assignment",
+    "Catalogue",
+    "RulesError",
+    "Scheme",
+    "Segment",
+    "SegmentState",
+    "assign",
+    "assign_all",
+    "assign_columns",
+    "default_catalogue",
+    "load_catalogue",
+]

@@ -325,10 +325,9 @@ def _shift(op: str, amount: float, pol: int) -> float:
     return amount * pol * (1.0 if op in ("<", "<=") else -1.0)
 
 
-def _note(amount: float, shift: float, *vals: Scalar) -> str:
-    if shift and all(isinstance(v, float) for v in vals):
-        return f" (hysteresis {_fmt(amount)})"
-    return ""
+def _note(amount: float, ok: bool, strict: bool) -> str:
+    """Marks an atom that holds only thanks to the hysteresis slack."""
+    return f" (within hysteresis {_fmt(amount)})" if ok and not strict else ""
 
 
 @dataclass(frozen=True)
@@ -373,7 +372,8 @@ class _Cmp(_Bool):
         a, b = self.left.value(env), self.right.value(env)
         ok = _compare(self.op, a, b, shift)
         text = f"{self.left.render(env)} {self.op} {self.right.render(env)}"
-        return ok, (text + _note(amount, shift, a, b)) if ok else f"not ({text})"
+        note = _note(amount, ok, _compare(self.op, a, b, 0.0))
+        return ok, (text + note) if ok else f"not ({text})"
 
 
 @dataclass(frozen=True)
@@ -397,10 +397,9 @@ class _Between(_Bool):
         lo, _ = self._atoms()
         amount = lo._amount(slack)
         ok = self.eval(env, slack, pol)
-        x, a, b = (n.value(env) for n in (self.subject, self.lo, self.hi))
         text = (f"{self.subject.render(env)} between {self.lo.render(env)}"
                 f" and {self.hi.render(env)}")
-        note = _note(amount, _shift(">=", amount, pol), x, a, b)
+        note = _note(amount, ok, self.eval(env, {}, pol))
         return ok, (text + note) if ok else f"not ({text})"
 
 

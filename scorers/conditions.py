@@ -710,9 +710,9 @@ class _Parser:
         if t.kind == "kw" and t.text == "null":
             raise self.error("test for null with 'is null' or 'is not null'", t.pos)
         if t.kind == "op" and t.text == "(":
-            node, pos = self.condition()
+            node, _ = self.condition()
             self.expect("op", ")", "')'")
-            return node, pos
+            return node, t.pos
         self.i -= 1
         raise self.error(f"expected a value, found {_describe(t)}")
 

@@ -194,7 +194,8 @@ def load_actions(
     except yaml.YAMLError as exc:
         raise ActionCatalogueError(f"action catalogue is not valid YAML: {exc}") from None
     if not isinstance(doc, dict):
-        raise ActionCatalogueError("action catalogue must be a mapping with a 'rules' list")
+        hint = f" (no such file: {source})" if isinstance(doc, str) and "\n" not in text else ""
+        raise ActionCatalogueError(f"action catalogue must be a mapping with a 'rules' list{hint}")
     try:
         cat = ActionCatalogue.model_validate(doc)
     except ValidationError as exc:

@@ -1,0 +1,347 @@
+"""Metrics, alert rules and the Grafana dashboard agree with each other.
+
+``promtool`` (Debian package ``prometheus``) checks and unit-tests the rules; every
+``segstream_*`` name in the rules and the dashboard must be one the worker exposes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from stream.metrics import METRIC_NAMES, METRIC_TYPES, EngineMetrics
+
+ROOT = Path(__file__).resolve().parents[2]
+ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
+PROMETHEUS = ROOT / "deploy" / "prometheus" / "prometheus.yml"
+GRAFANA = ROOT / "deploy" / "grafana"
+DASHBOARD = GRAFANA / "dashboards" / "segstream.json"
+PROMTOOL = shutil.which("promtool")
+needs_promtool = pytest.mark.skipif(
+    PROMTOOL is None, reason="promtool not installed (Debian package `prometheus`)"
+)
+
+_IDENT = re.compile(r"\bsegstream_[a-z0-9_]+")
+_SUFFIXES = {"_bucket": "histogram", "_sum": "histogram", "_count": "histogram",
+             "_total": "counter"}
+
+
+def family_of(sample: str) -> str | None:
+    """The metric family a sample name belongs to, if the worker exposes it."""
+    if METRIC_TYPES.get(sample) == "gauge":
+        return sample
+    for suffix, kind in _SUFFIXES.items():
+        base = sample.removesuffix(suffix)
+        if base != sample and METRIC_TYPES.get(base) == kind:
+            return base
+    return None
+
+
+def _exprs_in_alerts() -> list[str]:
+    doc = yaml.safe_load(ALERTS.read_text())
+    return [rule["expr"] for group in doc["groups"] for rule in group["rules"]]
+
+
+def _exprs_in_dashboard() -> list[str]:
+    dash = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+    exprs += [v["definition"] for v in dash["templating"]["list"] if v.get("definition")]
+    return exprs
+
+
+def _names(exprs: list[str]) -> set[str]:
+    # Label values and legends ("{{model}}") never start with segstream_, so a rough scan works.
+    return {m for e in exprs for m in _IDENT.findall(e)}
+
+
+# -- metrics ---------------------------------------------------------------------------------
+
+
+def exercised() -> EngineMetrics:
+    m = EngineMetrics()
+    m.events_in("clickstream", 5)
+    m.dead_letter("too_late")
+    m.observe_batch(5, 0.01)
+    m.migration("rfm", "Loyal", "At Risk", latency_s=0.02)
+    m.migration("rfm", None, "New Customers")
+    m.observe_latency(0.5)
+    m.set_lag("clickstream", 0, 7)
+    m.set_partitions_assigned(6)
+    with m.redis_call("load"):
+        pass
+    with pytest.raises(ConnectionError), m.redis_call("commit"):
+        raise ConnectionError("down")
+    m.set_segment_sizes({"rfm": {"Loyal": 10, "At Risk": 3}})
+    m.set_model_quality("churn", {"auc": 0.8, "log_loss": 0.4, "examples": 100, "version": 2,
+                                  "drift_alarms": 1})
+    m.set_action_lift([{"action_id": "winback", "segment": "At Risk",
+                        "treated": {"exposed": 90, "converted": 9, "rate": 0.1},
+                        "holdout": {"exposed": 10, "converted": 0, "rate": 0.0},
+                        "uplift": 0.1, "lift": None, "p_value": 0.2},
+                       {"action_id": "upsell", "segment": "Loyal",
+                        "treated": {"exposed": 50, "converted": 10, "rate": 0.2},
+                        "holdout": {"exposed": 50, "converted": 5, "rate": 0.1},
+                        "uplift": 0.1, "lift": 1.0, "p_value": 0.1}])
+    m.set_engine_now(1_709_294_400_000)
+    m.set_outbox_pending(2)
+    m.set_worker_state(ready=True)
+    return m
+
+
+def _samples(m: EngineMetrics) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for line in m.render()[0].decode().splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            out[key] = float(value)
+    return out
+
+
+def test_metric_names_are_what_a_scrape_shows() -> None:
+    shown = {key.split("{")[0] for key in _samples(exercised())}
+    assert shown == METRIC_NAMES
+    assert all(name.startswith("segstream_") for name in METRIC_NAMES)
+
+
+def test_helpers_set_the_values() -> None:
+    s = _samples(exercised())
+    assert s['segstream_events_in_total{topic="clickstream"}'] == 5
+    assert s['segstream_migrations_total{from_segment="",scheme="rfm",to_segment="New Customers"}'
+             ] == 1
+    assert s["segstream_migration_latency_seconds_count"] == 2
+    assert s['segstream_migration_latency_seconds_bucket{le="0.02"}'] == 1
+    assert s['segstream_redis_errors_total{op="commit"}'] == 1
+    assert s['segstream_redis_roundtrip_seconds_count{op="commit"}'] == 1
+    assert s['segstream_model_drift_alarms_total{model="churn"}'] == 1
+    assert s['segstream_action_exposures{action="winback",arm="holdout",segment="At Risk"}'] == 10
+    assert s["segstream_engine_now_seconds"] == 1_709_294_400
+    lifts = [k for k in s if k.startswith("segstream_action_lift{")]
+    assert lifts == ['segstream_action_lift{action="upsell",segment="Loyal"}'], "unknown lift"
+
+
+def test_stale_labels_are_dropped_and_drift_total_is_followed() -> None:
+    m = exercised()
+    m.set_segment_sizes({"rfm": {"Loyal": 11}})
+    m.set_lags({("transactions", 1): 3})
+    m.set_model_quality("churn", {"drift_alarms": 3})
+    m.set_model_quality("churn", {"drift_alarms": 3})
+    s = _samples(m)
+    assert [k for k in s if k.startswith("segstream_segment_customers")] == [
+        'segstream_segment_customers{scheme="rfm",segment="Loyal"}']
+    assert [k for k in s if k.startswith("segstream_consumer_lag")] == [
+        'segstream_consumer_lag{partition="1",topic="transactions"}']
+    assert s['segstream_model_drift_alarms_total{model="churn"}'] == 3
+
+
+def test_latency_buckets_resolve_5ms_to_10s() -> None:
+    from stream.metrics import LATENCY_BUCKETS
+
+    assert LATENCY_BUCKETS[0] <= 0.005 and 10.0 in LATENCY_BUCKETS
+    ratios = [b / a for a, b in itertools.pairwise(LATENCY_BUCKETS)]
+    assert max(ratios) <= 2.5, "buckets too coarse for useful quantiles"
+
+
+@pytest.mark.parametrize(
+    ("sample", "family"),
+    [("segstream_batch_size_bucket", "segstream_batch_size"),
+     ("segstream_events_in_total", "segstream_events_in"),
+     ("segstream_consumer_lag", "segstream_consumer_lag"),
+     ("segstream_events_in", None),  # a counter is only ever scraped as *_total
+     ("segstream_consumer_lag_total", None),
+     ("segstream_events_in_bucket", None)],
+)
+def test_family_of(sample: str, family: str | None) -> None:
+    assert family_of(sample) == family
+
+
+# -- alert rules and dashboard ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("source", ["alerts", "dashboard"])
+def test_every_metric_used_is_exposed(source: str) -> None:
+    exprs = _exprs_in_alerts() if source == "alerts" else _exprs_in_dashboard()
+    used = _names(exprs)
+    assert used
+    unknown = sorted(n for n in used if n not in METRIC_NAMES or family_of(n) is None)
+    assert not unknown, f"{source} uses metrics the worker does not expose: {unknown}"
+
+
+def test_every_metric_family_is_on_the_dashboard() -> None:
+    families = {family_of(n) for n in _names(_exprs_in_dashboard())}
+    missing = sorted(set(METRIC_TYPES) - families)
+    assert not missing, f"not on the Grafana dashboard: {missing}"
+
+
+def test_alerts_cover_the_operational_failures() -> None:
+    doc = yaml.safe_load(ALERTS.read_text())
+    names = {r["alert"] for g in doc["groups"] for r in g["rules"]}
+    assert {"SegstreamConsumerLagGrowing", "SegstreamNoEventsIn", "SegstreamDeadLetterRateHigh",
+            "SegstreamModelAUCDrop", "SegstreamModelDrift", "SegstreamRedisErrors",
+            "SegstreamWorkerDown"} <= names
+    for group in doc["groups"]:
+        for rule in group["rules"]:
+            assert rule["labels"]["severity"] in {"critical", "warning", "info"}
+            assert rule["annotations"]["summary"]
+
+
+@needs_promtool
+def test_promtool_check_rules() -> None:
+    out = subprocess.run([PROMTOOL, "check", "rules", str(ALERTS)],  # type: ignore[list-item]
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+@needs_promtool
+def test_promtool_check_config(tmp_path: Path) -> None:
+    # The config names the rule file by its path inside the container.
+    text = PROMETHEUS.read_text().replace("/etc/prometheus/alerts.yml", str(ALERTS))
+    config = tmp_path / "prometheus.yml"
+    config.write_text(text)
+    out = subprocess.run([PROMTOOL, "check", "config", str(config)],  # type: ignore[list-item]
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def _alert(name: str, at: str, labels: dict[str, str] | None,
+           annotations: dict[str, str] | None = None) -> dict[str, Any]:
+    exp = [] if labels is None else [{"exp_labels": labels,
+                                      "exp_annotations": annotations or {}}]
+    return {"eval_time": at, "alertname": name, "exp_alerts": exp}
+
+
+def _annotations(name: str) -> dict[str, str]:
+    doc = yaml.safe_load(ALERTS.read_text())
+    rule = next(r for g in doc["groups"] for r in g["rules"] if r.get("alert") == name)
+    return dict(rule["annotations"])
+
+
+RULE_TESTS: list[dict[str, Any]] = [
+    {   # the scrape fails from minute 6
+        "interval": "1m",
+        "input_series": [
+            {"series": 'up{job="segstream-worker",instance="w1"}', "values": "1x5 0x10"},
+        ],
+        "alert_rule_test": [
+            _alert("SegstreamWorkerDown", "5m", None),
+            _alert("SegstreamWorkerDown", "10m",
+                   {"severity": "critical", "job": "segstream-worker", "instance": "w1"},
+                   {**_annotations("SegstreamWorkerDown"),
+                    "summary": "segstream worker w1 is down"}),
+        ],
+    },
+    {   # input stops at minute 10; the worker keeps running
+        "interval": "1m",
+        "input_series": [
+            {"series": 'segstream_events_in_total{topic="clickstream"}',
+             "values": "0+100x10 1000x40"},
+            {"series": 'segstream_worker_up{instance="w1"}', "values": "1x50"},
+        ],
+        "alert_rule_test": [
+            _alert("SegstreamNoEventsIn", "15m", None),
+            _alert("SegstreamNoEventsIn", "40m", {"severity": "warning"},
+                   _annotations("SegstreamNoEventsIn")),
+        ],
+    },
+    {   # 10 % of the input goes to the DLQ
+        "interval": "1m",
+        "input_series": [
+            {"series": 'segstream_events_in_total{topic="transactions"}', "values": "0+600x30"},
+            {"series": 'segstream_dlq_records_total{reason="too_late"}', "values": "0+60x30"},
+        ],
+        "alert_rule_test": [
+            _alert("SegstreamDeadLetterRateHigh", "25m", {"severity": "warning"},
+                   {**_annotations("SegstreamDeadLetterRateHigh"),
+                    "summary": "10% of input records go to the DLQ"}),
+        ],
+    },
+    {   # lag above 1000 and rising for 20 minutes
+        "interval": "1m",
+        "input_series": [
+            {"series": 'segstream_consumer_lag{topic="clickstream",partition="0"}',
+             "values": "500+100x40"},
+        ],
+        "alert_rule_test": [
+            _alert("SegstreamConsumerLagGrowing", "3m", None),
+            _alert("SegstreamConsumerLagGrowing", "30m",
+                   {"severity": "warning", "topic": "clickstream"},
+                   {**_annotations("SegstreamConsumerLagGrowing"),
+                    "summary": "consumer lag on clickstream keeps growing (3500 records)"}),
+        ],
+    },
+    {   # AUC falls from 0.85 to 0.75 after an hour; one drift alarm
+        "interval": "1m",
+        "input_series": [
+            {"series": 'segstream_model_auc{model="churn"}', "values": "0.85x60 0.75x60"},
+            {"series": 'segstream_model_examples{model="churn"}', "values": "5000x120"},
+            {"series": 'segstream_model_drift_alarms_total{model="churn"}',
+             "values": "0x60 1x60"},
+            {"series": 'segstream_redis_errors_total{op="commit"}', "values": "0+3x20"},
+        ],
+        "alert_rule_test": [
+            _alert("SegstreamModelAUCDrop", "50m", None),
+            _alert("SegstreamModelAUCDrop", "90m", {"severity": "warning", "model": "churn"},
+                   {**_annotations("SegstreamModelAUCDrop"),
+                    "summary": "churn AUC dropped to 0.750"}),
+            _alert("SegstreamModelDrift", "65m", {"severity": "info", "model": "churn"},
+                   {**_annotations("SegstreamModelDrift"),
+                    "summary": "drift detected on churn"}),
+            _alert("SegstreamRedisErrors", "10m", {"severity": "critical"},
+                   {**_annotations("SegstreamRedisErrors"),
+                    "summary": "15 Redis errors in 5 minutes"}),
+        ],
+    },
+]
+
+
+@needs_promtool
+def test_promtool_rule_unit_tests(tmp_path: Path) -> None:
+    spec = {"rule_files": [str(ALERTS)], "evaluation_interval": "1m", "tests": RULE_TESTS}
+    path = tmp_path / "alerts_test.yml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    out = subprocess.run([PROMTOOL, "test", "rules", str(path)],  # type: ignore[list-item]
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+# -- Grafana ---------------------------------------------------------------------------------
+
+
+def test_grafana_dashboard_and_provisioning() -> None:
+    dash = json.loads(DASHBOARD.read_text())
+    assert dash["uid"] == "segstream" and dash["panels"]
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids)), "duplicate panel ids"
+    datasources = yaml.safe_load(
+        (GRAFANA / "provisioning" / "datasources" / "prometheus.yml").read_text())
+    uids = {d["uid"] for d in datasources["datasources"]}
+    assert datasources["datasources"][0]["url"] == "http://prometheus:9090"
+    for panel in dash["panels"]:
+        if panel["type"] == "row":
+            continue
+        assert panel["datasource"]["uid"] in uids, panel["title"]
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            assert target["datasource"]["uid"] in uids
+    providers = yaml.safe_load(
+        (GRAFANA / "provisioning" / "dashboards" / "segstream.yml").read_text())
+    assert providers["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards"
+
+
+def test_grafana_panels_do_not_overlap() -> None:
+    dash = json.loads(DASHBOARD.read_text())
+    cells: set[tuple[int, int]] = set()
+    for panel in dash["panels"]:
+        g = panel["gridPos"]
+        assert g["x"] + g["w"] <= 24, panel["title"]
+        area = {(x, y) for x in range(g["x"], g["x"] + g["w"])
+                for y in range(g["y"], g["y"] + g["h"])}
+        assert not area & cells, f"{panel['title']} overlaps another panel"
+        cells |= area

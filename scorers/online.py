@@ -1,0 +1,218 @@
+"""Online propensity models trained on delayed labels (churn, purchase in 7 days).
+
+An :class:`OnlineModel` is a River pipeline (running standard scaler, then logistic
+regression) with the bookkeeping a streaming engine needs around it:
+
+* :meth:`OnlineModel.learn` is prequential: every example is first scored, the score
+  feeds a rolling ROC AUC, a rolling log loss and an ADWIN drift detector on the
+  absolute error, and only then does the model learn from it. Examples whose id was
+  seen recently are ignored, so an at-least-once examples topic is harmless.
+* :meth:`OnlineModel.predict_many` scores a batch with numpy from the pipeline's
+  current scaler statistics and weights (a few microseconds a customer), matching
+  River's own ``predict_proba_one``. It answers ``None`` until the model has seen
+  ``min_per_class`` examples of each class.
+* :meth:`OnlineModel.snapshot` / :meth:`OnlineModel.restore` move the model between
+  the learner and the scorers; ``position`` is an opaque slot for the learner's input
+  offsets, saved with the model.
+
+>>> from scorers.labels import Example
+>>> m = OnlineModel("churn", min_per_class=2)
+>>> for i in range(20):
+...     m.learn(Example(f"e{i}", "churn", "h", i, i, {"idle": float(i % 2)}, i % 2))
+>>> m.learn(Example("e3", "churn", "h", 3, 3, {"idle": 1.0}, 1))  # duplicate: ignored
+>>> m.quality()["examples"], m.version
+(20, 20)
+>>> p_busy, p_idle = m.predict_many([{"idle": 0.0}, {"idle": 1.0}])
+>>> p_busy < 0.5 < p_idle
+True
+>>> OnlineModel.restore(m.snapshot()).predict_many([{"idle": 1.0}]) == [p_idle]
+True
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+from collections import deque
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from river import compose, drift, linear_model, metrics, optim, preprocessing, utils
+
+from scorers.labels import Example
+
+# River is untyped; calling it through ``Any`` keeps mypy strict quiet.
+_metrics: Any = metrics
+_drift: Any = drift
+
+#: Tag of the snapshot format; :meth:`OnlineModel.restore` refuses any other.
+SNAPSHOT_FORMAT = "segstream.online/1"
+
+
+class OnlineModel:
+    """A prequentially evaluated online logistic model of one delayed label.
+
+    Parameters
+    ----------
+    name
+        The model's name (``"churn"``, ``"purchase_7d"``); examples of another model
+        are refused.
+    lr
+        Learning rate of the RMSProp optimiser. Examples arrive in runs of one label
+        (a sweep settles many churners at once), which throws plain SGD's last iterate
+        around; RMSProp's per-weight step sizes are much steadier on such streams.
+    l2
+        L2 regularisation of the weights.
+    min_per_class
+        Examples of each class needed before :meth:`predict_many` answers.
+    window
+        Examples in the rolling AUC and log-loss windows.
+    drift_delta
+        ADWIN confidence; smaller means fewer, surer alarms.
+    dedupe
+        How many recent example ids are remembered to drop redeliveries.
+    """
+
+    def __init__(self, name: str, *, lr: float = 0.001, l2: float = 1e-4,
+                 min_per_class: int = 50, window: int = 2000, drift_delta: float = 0.002,
+                 dedupe: int = 100_000) -> None:
+        self.name = name
+        self.min_per_class = min_per_class
+        self.pipeline: Any = compose.Pipeline(
+            preprocessing.StandardScaler(),
+            linear_model.LogisticRegression(optimizer=optim.RMSProp(lr), l2=l2),
+        )
+        self.auc: Any = _metrics.RollingROCAUC(window_size=window)
+        self.log_loss: Any = utils.Rolling(_metrics.LogLoss, window_size=window)
+        self.detector: Any = _drift.ADWIN(delta=drift_delta)
+        self.version = 0
+        self.examples = 0
+        self.positives = 0
+        self.scored = 0
+        self.duplicates = 0
+        self.drift_alarms = 0
+        self.last_drift_at: int | None = None
+        #: Opaque to the model: the learner keeps its input offsets here.
+        self.position: Any = None
+        self._dedupe = dedupe
+        self._seen: set[str] = set()
+        self._order: deque[str] = deque()
+        self._cache: tuple[int, list[str], Any, Any, Any, float] | None = None
+
+    # learning ---------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        """Whether the model has seen enough of both classes to score customers."""
+        negatives = self.examples - self.positives
+        return min(self.positives, negatives) >= self.min_per_class
+
+    def _remember(self, example_id: str) -> bool:
+        if example_id in self._seen:
+            return False
+        self._seen.add(example_id)
+        self._order.append(example_id)
+        if len(self._order) > self._dedupe:
+            self._seen.discard(self._order.popleft())
+        return True
+
+    def learn(self, example: Example) -> None:
+        """Score the example (for the quality metrics), then learn from it."""
+        if example.model != self.name:
+            raise ValueError(f"example of model {example.model!r} given to {self.name!r}")
+        if not self._remember(example.example_id):
+            self.duplicates += 1
+            return
+        y = example.y == 1
+        if self.ready:
+            p = float(self.pipeline.predict_proba_one(example.x).get(True, 0.0))
+            self.scored += 1
+            self.auc.update(y, p)
+            self.log_loss.update(y, p)
+            self.detector.update(abs(float(y) - p))
+            if self.detector.drift_detected:
+                self.drift_alarms += 1
+                self.last_drift_at = example.resolved_ts_ms
+        self.pipeline.learn_one(dict(example.x), y)
+        self.examples += 1
+        self.positives += int(y)
+        self.version += 1
+
+    # scoring ----------------------------------------------------------------
+
+    def _params(self) -> tuple[list[str], Any, Any, Any, float]:
+        if self._cache is None or self._cache[0] != self.version:
+            scaler, lr = self.pipeline.steps.values()
+            names = list(scaler.counts)
+            means = np.array([scaler.means[n] for n in names], dtype=float)
+            var = np.array([scaler.vars[n] for n in names], dtype=float)
+            inv_std = np.divide(1.0, np.sqrt(var), out=np.zeros_like(var), where=var > 0)
+            weights = np.array([lr._weights.get(n, 0.0) for n in names], dtype=float)
+            self._cache = (self.version, names, means, inv_std, weights, float(lr.intercept))
+        return self._cache[1:]
+
+    def predict_many(self, xs: Sequence[Mapping[str, float]]) -> list[float | None]:
+        """Probability of the positive label for each input, ``None`` if not ready."""
+        if not self.ready:
+            return [None] * len(xs)
+        if not xs:
+            return []
+        names, means, inv_std, weights, intercept = self._params()
+        nan = math.nan
+        mat = np.array([[x.get(n, nan) for n in names] for x in xs], dtype=float)
+        # An absent input contributes nothing, as in River's sparse dot product.
+        z = np.nan_to_num((mat - means) * inv_std, nan=0.0) @ weights + intercept
+        z = np.clip(z, -30.0, 30.0)  # River's sigmoid saturates at |z| > 30 as well
+        p = 1.0 / (1.0 + np.exp(-z))
+        p[z <= -30.0] = 0.0
+        p[z >= 30.0] = 1.0
+        return [float(v) for v in p]
+
+    def predict_one(self, x: Mapping[str, float]) -> float | None:
+        """:meth:`predict_many` of one input."""
+        return self.predict_many([x])[0]
+
+    # reporting and persistence ----------------------------------------------
+
+    def quality(self) -> dict[str, Any]:
+        """Prequential quality: rolling AUC and log loss over scored examples, drift alarms."""
+        scored = self.scored > 0
+        auc = float(self.auc.get()) if scored else None
+        return {
+            "model": self.name,
+            "version": self.version,
+            "examples": self.examples,
+            "positives": self.positives,
+            "scored": self.scored,
+            "duplicates": self.duplicates,
+            "ready": self.ready,
+            "auc": auc,
+            "log_loss": float(self.log_loss.get()) if scored else None,
+            "drift_alarms": self.drift_alarms,
+            "last_drift_at": self.last_drift_at,
+        }
+
+    def weights(self) -> dict[str, float]:
+        """The logistic weights on standardised inputs (for inspection)."""
+        return dict(self.pipeline.steps["LogisticRegression"].weights)
+
+    def snapshot(self) -> bytes:
+        """The whole model (with ``position`` and the recent ids) as bytes."""
+        state = {k: v for k, v in self.__dict__.items() if k != "_cache"}
+        return pickle.dumps({"format": SNAPSHOT_FORMAT, "state": state},
+                            protocol=pickle.HIGHEST_PROTOCOL)
+
+    @classmethod
+    def restore(cls, data: bytes) -> OnlineModel:
+        """A model from :meth:`snapshot` bytes; only load snapshots the engine wrote itself."""
+        doc = pickle.loads(data)  # our own registry's bytes only
+        if not isinstance(doc, dict) or doc.get("format") != SNAPSHOT_FORMAT:
+            raise ValueError("not an online model snapshot of a known format")
+        model = cls.__new__(cls)
+        model.__dict__.update(doc["state"])
+        model._cache = None
+        return model
+
+
+__all__ = ["SNAPSHOT_FORMAT", "OnlineModel"]

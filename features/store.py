@@ -158,6 +158,16 @@ class FeatureStore(Protocol):
 
     async def outbox_done(self, done: Mapping[int, Iterable[str]]) -> None: ...
 
+    async def append_log(self, name: str, values: Sequence[bytes], maxlen: int) -> None: ...
+
+    async def get_profile(self, partition: int, customer_id: str) -> bytes | None: ...
+
+    async def read_tables(self, name: str, partitions: Iterable[int]
+                          ) -> dict[int, dict[str, int]]: ...
+
+    async def scan_customers(self, partition: int, cursor: int, count: int
+                             ) -> tuple[int, list[str]]: ...
+
 
 def _wm_field(topic: str) -> str:
     return f"wm:{topic}"
@@ -330,6 +340,20 @@ class RedisFeatureStore:
         self.roundtrips += 1
         return int(cursor), [(k.decode() if isinstance(k, bytes) else k)[head:] for k in keys]
 
+    async def append_log(self, name: str, values: Sequence[bytes], maxlen: int) -> None:
+        """Append to a capped, deployment-wide Redis stream (a read-side convenience)."""
+        if not values:
+            return
+        try:
+            async with self.r.pipeline(transaction=False) as pipe:
+                for v in values:
+                    pipe.xadd(f"{self.keys.prefix}{name}", {"m": v}, maxlen=maxlen,
+                              approximate=True)
+                await pipe.execute()
+        except RedisError as exc:
+            raise StoreUnavailable(f"redis write failed: {exc}") from None
+        self.roundtrips += 1
+
     async def outbox_pending(self, partitions: Iterable[int]) -> dict[int, dict[str, bytes]]:
         """Records committed to the outbox of these partitions and not yet published."""
         parts = list(partitions)
@@ -412,6 +436,7 @@ class MemoryFeatureStore:
         self.outboxes: dict[int, dict[str, bytes]] = {}
         self.profiles: dict[tuple[int, str], bytes] = {}
         self.tables: dict[tuple[int, str], dict[str, int]] = {}
+        self.logs: dict[str, list[bytes]] = {}
         self.global_now = -1
         self.roundtrips = 0
         self.fail_next_commit_after_apply = False
@@ -480,6 +505,11 @@ class MemoryFeatureStore:
 
     async def get_profile(self, partition: int, customer_id: str) -> bytes | None:
         return self.profiles.get((partition, customer_id))
+
+    async def append_log(self, name: str, values: Sequence[bytes], maxlen: int) -> None:
+        log = self.logs.setdefault(name, [])
+        log.extend(values)
+        del log[:-maxlen]
 
     async def read_tables(self, name: str, partitions: Iterable[int]) -> dict[int, dict[str, int]]:
         return {p: dict(self.tables.get((p, name), {})) for p in partitions}

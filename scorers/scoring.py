@@ -68,7 +68,11 @@ class ScoringContext:
     clv: ClvModel | None = None
     models: Mapping[str, BatchModel] = field(default_factory=dict)
     personas: Clusterer | None = None
-    label_options: Mapping[str, Any] = field(default_factory=dict)
+    #: keyword options of :func:`scorers.labels.observe`; None disables labelling
+    label_options: Mapping[str, Any] | None = None
+    #: engine time behind which no event of these customers can still be accepted late
+    #: (lateness is judged per input partition); defaults to ``now_ms - lateness_ms``
+    settled_ms: int | None = None
 
     @property
     def today(self) -> int:
@@ -200,21 +204,22 @@ def _evaluate_one(c: CustomerInput, f: dict[str, Any], scores: dict[str, Any],
 
 def _labels(c: CustomerInput, f: Mapping[str, Any], profile: Profile, o: Outcome,
             ctx: ScoringContext) -> Profile:
-    if not ctx.label_options.get("enabled", False):
+    if ctx.label_options is None:
         return profile
     from scorers import labels
 
-    opts = ctx.label_options
     st = labels.LabelState.from_dict(profile.labels)
     for e in sorted(c.events, key=lambda e: e.ts_ms):
         is_purchase = isinstance(e, TransactionEvent) and e.kind == "purchase"
         st, ex = labels.on_event(st, c.customer_id, e.ts_ms, is_purchase)
         o.examples.extend(ex)
-    st, ex = labels.on_time(st, c.customer_id, ctx.now_ms, ctx.lateness_ms)
+    settled = ctx.settled_ms if ctx.settled_ms is not None else ctx.now_ms - ctx.lateness_ms
+    # on_time waits ``lateness`` past the horizon itself; hand it the settled time as "now".
+    st, ex = labels.on_time(st, c.customer_id, settled + ctx.lateness_ms, ctx.lateness_ms)
     o.examples.extend(ex)
     st = labels.observe(st, c.customer_id, f, ctx.now_ms,
                         has_clickstream=f.get("last_event_at") is not None,
-                        **{k: v for k, v in opts.items() if k != "enabled"})
+                        **ctx.label_options)
     return replace(profile, labels=st.to_dict())
 
 
@@ -231,7 +236,7 @@ def _actions_on_events(c: CustomerInput, profile: Profile, o: Outcome,
             for conv in conversions:
                 o.add(ACTION_HASH, nba.counter_field(conv.action_id, conv.segment,
                                                      conv.holdout, "converted"), 1)
-    st = nba.expire(st, ctx.now_ms, ctx.lateness_ms)
+    st = nba.expire(st, ctx.now_ms, ctx.lateness_ms, ctx.actions)
     return replace(profile, nba=st.to_dict())
 
 
@@ -259,7 +264,7 @@ def _segments(c: CustomerInput, f: dict[str, Any], scores: dict[str, Any], profi
         cause = _cause(c.trigger, ctx.now_ms)
         mid = migration_id(c.customer_id, name, frm, a.segment, cause)
         action, profile = _decide_action(c.customer_id, name, frm, a.segment, profile, o, ctx)
-        used = sorted({n for seg in scheme.segments for n in seg.when.names if n in f})
+        used = sorted(n for n in scheme.names if n in f)
         o.migrations.append({
             "migration_id": mid,
             "customer_id": c.customer_id,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -11,12 +12,19 @@ import faust
 import redis.asyncio as aioredis
 
 from features.store import RedisFeatureStore
+from stream.errors import SegstreamError
+from stream.learner import Learner, refit_clv
 from stream.pipeline import BatchProcessor, RawRecord
+from stream.runtime import ScoringRuntime, load_rules
 from stream.settings import Settings
+from stream.sweep import Sweeper
 
 log = logging.getLogger(__name__)
 
 OUTBOX_FLUSH_INTERVAL_S = 5.0
+SWEEP_CHECK_S = 1.0
+#: Without a batch for this long the worker counts as idle and sweeps at once.
+IDLE_S = 1.0
 
 
 def redis_client(settings: Settings) -> aioredis.Redis:
@@ -97,6 +105,12 @@ class Engine:
         self.redis: aioredis.Redis | None = None
         self.store: RedisFeatureStore | None = None
         self.processor: BatchProcessor | None = None
+        self.runtime: ScoringRuntime | None = None
+        self.sweeper: Sweeper | None = None
+        self.lock = asyncio.Lock()
+        self.last_batch_end = 0.0
+        # Fail at start, naming the setting, if the rules do not load.
+        load_rules(settings)
         self.source = self.app.topic(
             *settings.input_topics,
             key_type=bytes,
@@ -107,13 +121,36 @@ class Engine:
         )
         self.app.agent(self.source, name="ingest", concurrency=1)(self._ingest)
         self.app.timer(OUTBOX_FLUSH_INTERVAL_S)(self._flush_outbox)
+        self.app.timer(SWEEP_CHECK_S)(self._sweep)
+        self.examples = self.app.topic(
+            settings.examples_topic, key_type=bytes, value_type=bytes,
+            key_serializer="raw", value_serializer="raw", partitions=1,
+        )
+        self.learner: Learner | None = None
+        if settings.models_enabled:
+            self.app.agent(self.examples, name="learner", concurrency=1)(self._learn)
+            self.app.timer(settings.model_snapshot_s)(self._publish_models)
+        if settings.clv_refit_interval_s > 0:
+            self.app.timer(settings.clv_refit_interval_s, on_leader=True)(self._refit_clv)
 
     def _ensure(self) -> BatchProcessor:
         if self.processor is None:
             self.redis = redis_client(self.settings)
             self.store = RedisFeatureStore(self.redis, self.settings.redis_prefix)
-            self.processor = BatchProcessor(self.settings, self.store, FaustPublisher(self.app))
+            self.runtime = ScoringRuntime(self.settings, self.redis, self.store)
+            self.processor = BatchProcessor(self.settings, self.store, FaustPublisher(self.app),
+                                            scoring=self.runtime)
+            self.sweeper = Sweeper(self.processor, self.runtime, self.store, self.lock)
         return self.processor
+
+    def owned_partitions(self) -> list[int]:
+        """Input partitions assigned to this worker."""
+        try:
+            tps = self.app.assignor.assigned_actives()
+        except Exception:
+            return []
+        topic = self.settings.clickstream_topic
+        return sorted(tp.partition for tp in tps if tp.topic == topic)
 
     async def _ingest(self, stream: Any) -> Any:
         processor = self._ensure()
@@ -122,18 +159,66 @@ class Engine:
         ):
             records = [
                 RawRecord(e.message.topic, e.message.partition, e.message.offset,
-                          e.message.key, e.message.value)
+                          e.message.key, e.message.value, int(e.message.timestamp * 1000))
                 for e in events
             ]
-            await processor.process(records)
+            async with self.lock:
+                await processor.process(records)
+            self.last_batch_end = time.monotonic()
             yield len(records)
 
     async def _flush_outbox(self) -> None:
         processor = self._ensure()
         try:
-            await processor.flush_outbox(range(self.settings.partitions))
+            await processor.flush_outbox(self.owned_partitions())
         except Exception as exc:
             log.warning("outbox flush failed: %r", exc)
+
+    async def _sweep(self) -> None:
+        """Sweep owned partitions whose inputs changed, when idle or at the sweep interval."""
+        self._ensure()
+        sweeper = self.sweeper
+        assert sweeper is not None
+        idle = time.monotonic() - self.last_batch_end >= IDLE_S
+        if not idle and time.monotonic() - sweeper.last_pass_end < self.settings.sweep_interval_s:
+            return
+        try:
+            due = await sweeper.due(self.owned_partitions())
+            if due:
+                stats = await sweeper.run_pass(due)
+                log.info("sweep: %d customers, %d migrations, %.1fs", stats.customers,
+                         stats.migrations, stats.seconds)
+        except Exception as exc:
+            log.warning("sweep failed: %r", exc)
+
+    async def _learn(self, stream: Any) -> Any:
+        self._ensure()
+        if self.learner is None:
+            assert self.redis is not None
+            self.learner = Learner(self.settings, self.redis)
+            await self.learner.load()
+        async for events in stream.take_events(1000, within=0.5):
+            self.learner.learn([(e.message.offset, e.message.value) for e in events])
+            yield len(events)
+
+    async def _publish_models(self) -> None:
+        if self.learner is None:
+            return
+        try:
+            await self.learner.publish()
+        except Exception as exc:
+            log.warning("model snapshot failed: %r", exc)
+
+    async def _refit_clv(self) -> None:
+        self._ensure()
+        assert self.store is not None and self.redis is not None
+        try:
+            doc = await refit_clv(self.settings, self.redis, self.store)
+            log.info("CLV refit on %d customers, version %s", doc["customers"], doc["version"])
+        except SegstreamError as exc:
+            log.info("CLV refit skipped: %s", exc)
+        except Exception as exc:
+            log.warning("CLV refit failed: %r", exc)
 
 
 def create_engine(settings: Settings) -> Engine:

@@ -12,6 +12,9 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from stream import queries
+from stream.cli_rules import rules_app
+from stream.cli_triggers import triggers
 from stream.errors import SegstreamError
 from stream.settings import Settings, load_settings
 
@@ -21,6 +24,8 @@ replay_app = typer.Typer(no_args_is_help=True, help="Produce events into the inp
 app.add_typer(replay_app, name="replay")
 clv_app = typer.Typer(no_args_is_help=True, help="Customer lifetime value models.")
 app.add_typer(clv_app, name="clv")
+app.add_typer(rules_app, name="rules")
+app.command("triggers")(triggers)
 err = Console(stderr=True)
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document.")]
 
@@ -171,6 +176,11 @@ def replay_synthetic(
 @app.command()
 def wait(
     timeout: Annotated[float, typer.Option(help="Seconds before giving up")] = 600.0,
+    settled: Annotated[bool, typer.Option(
+        help="Also wait until every partition was swept with the current scoring inputs "
+             "(time, population, models, rules), so segments are final")] = True,
+    quiet_s: Annotated[float, typer.Option(
+        help="How long everything must stay caught up before returning")] = 8.0,
 ) -> None:
     """Return once every event now in the input topics is processed and published."""
     from stream.kafka import end_offsets
@@ -185,11 +195,21 @@ def wait(
         r = redis_client(s)
         store = RedisFeatureStore(r, s.redis_prefix)
         deadline = time.monotonic() + timeout
+        since: float | None = None
         try:
             while time.monotonic() < deadline:
                 wms = await store.watermarks(s.partitions, list(s.input_topics))
                 behind = sum(1 for tp, end in ends.items() if end > 0 and wms.get(tp, -1) < end - 1)
-                if behind == 0 and not await store.outbox_pending(range(s.partitions)):
+                ok = behind == 0 and not await store.outbox_pending(range(s.partitions))
+                if ok and settled:
+                    ok = await _all_swept(s, r, store)
+                if not ok:
+                    since = None
+                elif not settled:
+                    return True
+                elif since is None:
+                    since = time.monotonic()
+                elif time.monotonic() - since >= quiet_s:
                     return True
                 await asyncio.sleep(0.25)
             return False
@@ -201,28 +221,35 @@ def wait(
         raise typer.Exit(1)
 
 
+async def _all_swept(s: Settings, r: Any, store: Any) -> bool:
+    from stream.runtime import registry_keys
+    from stream.sweep import SWEPT_FIELD
+
+    context = await r.get(registry_keys(s.redis_prefix)["context"])
+    if context is None:
+        return bool(await store.now() < 0)  # nothing accepted yet: nothing to sweep
+    async with r.pipeline(transaction=False) as pipe:
+        for p in range(s.partitions):
+            pipe.hget(store.keys.meta(p), SWEPT_FIELD)
+        swept = await pipe.execute()
+    return all(v == context for v in swept)
+
+
 def customer_doc(s: Settings, customer_id: str) -> dict[str, Any] | None:
     """The customer document shared by the CLI and the API."""
-    from features import serial
-    from features.state import derive
+    return asyncio.run(_with_store(s, lambda r, store: queries.customer_doc(
+        s, r, store, None, customer_id)))
+
+
+async def _with_store(s: Settings, fn: Any) -> Any:
     from features.store import RedisFeatureStore
     from stream.app import redis_client
 
-    async def run() -> dict[str, Any] | None:
-        r = redis_client(s)
-        try:
-            store = RedisFeatureStore(r, s.redis_prefix)
-            found = await store.get_customer(customer_id, s.partitions)
-            if found is None:
-                return None
-            now = await store.now()
-            state = serial.decode(found[1])
-            return {"customer_id": customer_id, "as_of": now,
-                    "features": derive(state, now), "scores": {}, "segments": {}, "history": []}
-        finally:
-            await r.aclose()
-
-    return asyncio.run(run())
+    r = redis_client(s)
+    try:
+        return await fn(r, RedisFeatureStore(r, s.redis_prefix))
+    finally:
+        await r.aclose()
 
 
 @app.command()
@@ -238,10 +265,53 @@ def customer(customer_id: str, json_: JsonOpt = False) -> None:
     else:
         from rich.table import Table
 
-        t = Table("feature", "value", title=f"customer {customer_id}")
-        for k, v in doc["features"].items():
+        t = Table("name", "value", title=f"customer {customer_id}")
+        for k, v in doc["segments"].items():
+            t.add_row(f"segment {k}", str(v))
+        for k, v in {**doc["scores"], **doc["features"]}.items():
             t.add_row(k, str(v))
         Console().print(t)
+        for h in doc["history"]:
+            err.print(f"{h['at']}  {h['scheme']}: {h['from_segment']} -> {h['to_segment']}")
+
+
+@app.command()
+def segments(json_: JsonOpt = False) -> None:
+    """Segment sizes per scheme."""
+    s = _settings()
+    doc = asyncio.run(_with_store(s, lambda r, store: queries.segments_doc(s, r, store)))
+    if json_:
+        _print_json(doc)
+        return
+    from rich.table import Table
+
+    for scheme, sizes in doc["schemes"].items():
+        t = Table("segment", "customers", title=f"{scheme} (as of {doc['as_of']})")
+        for name, n in sizes.items():
+            t.add_row(name, str(n))
+        Console().print(t)
+
+
+@app.command()
+def actions(json_: JsonOpt = False) -> None:
+    """Conversion and lift per next-best action and segment (treated vs hold-out)."""
+    s = _settings()
+    doc = asyncio.run(_with_store(s, lambda r, store: queries.actions_doc(s, store)))
+    if json_:
+        _print_json(doc)
+        return
+    from rich.table import Table
+
+    t = Table("action", "segment", "treated", "hold-out", "uplift", "p", title="actions")
+    for row in doc["actions"]:
+        def rate(x: float | None) -> str:
+            return "-" if x is None else f"{100 * x:.1f}%"
+        t.add_row(row["action_id"], row["segment"],
+                  f"{row['treated_converted']}/{row['treated_exposed']}",
+                  f"{row['holdout_converted']}/{row['holdout_exposed']}",
+                  rate(row["uplift"]),
+                  "-" if row["p_value"] is None else f"{row['p_value']:.3f}")
+    Console().print(t)
 
 
 @app.command()
@@ -295,42 +365,10 @@ def _wait_topics_gone(s: Settings, names: list[str], timeout: float = 30.0) -> N
 @clv_app.command("fit")
 def clv_fit(json_: JsonOpt = False) -> None:
     """Fit BG/NBD and Gamma-Gamma population parameters from the current customer state."""
-    import orjson
-
-    from features import serial
-    from features.state import derive
-    from features.store import RedisFeatureStore
-    from scorers import clv
-    from stream.app import redis_client
+    from stream.learner import refit_clv
 
     s = _settings()
-
-    async def run() -> dict[str, Any]:
-        r = redis_client(s)
-        try:
-            store = RedisFeatureStore(r, s.redis_prefix)
-            now = await store.now()
-            rows = []
-            async for _, _, blob in store.iter_customers(s.partitions):
-                f = derive(serial.decode(blob), now)
-                if f["bgnbd_frequency"] is not None:
-                    rows.append((f["bgnbd_frequency"], f["bgnbd_recency"], f["bgnbd_T"],
-                                 f["bgnbd_monetary"]))
-            if not rows:
-                raise SegstreamError("no purchasing customers yet; nothing to fit")
-            x, t_x, t, m = (list(c) for c in zip(*rows, strict=True))
-            bg = clv.fit_bgnbd(x, t_x, t)
-            gg = clv.fit_gamma_gamma(x, m)
-            doc = {"customers": len(rows), "as_of": now, "bgnbd": bg.to_json(),
-                   "gamma_gamma": {"p": gg.p, "q": gg.q, "v": gg.v}}
-            version = await r.incr(f"{s.redis_prefix}clv:version")
-            doc["version"] = version
-            await r.set(f"{s.redis_prefix}clv:params", orjson.dumps(doc))
-            return doc
-        finally:
-            await r.aclose()
-
-    doc = asyncio.run(run())
+    doc = asyncio.run(_with_store(s, lambda r, store: refit_clv(s, r, store)))
     if json_:
         _print_json(doc)
     else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -65,12 +66,18 @@ def ensure_topics(settings: Settings) -> None:
         if new:
             with contextlib.suppress(TopicAlreadyExistsError):
                 a.create_topics(new)
-        meta = a.describe_topics(list(settings.input_topics))
+        # Freshly created topics can report no partitions for a moment.
+        for _ in range(50):
+            meta = a.describe_topics(list(settings.input_topics))
+            if all(t.get("partitions") for t in meta):
+                break
+            time.sleep(0.2)
         for t in meta:
-            n = len(t["partitions"])
+            n = len(t.get("partitions") or ())
             if n != settings.partitions:
+                name = t.get("topic") or t.get("name")
                 raise ServiceError(
-                    f"topic {t['topic']} has {n} partitions but SEGSTREAM_PARTITIONS is "
+                    f"topic {name} has {n} partitions but SEGSTREAM_PARTITIONS is "
                     f"{settings.partitions}; input topics must be co-partitioned"
                 )
     finally:

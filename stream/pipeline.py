@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -32,6 +33,8 @@ from stream.settings import Settings
 log = logging.getLogger(__name__)
 
 MAX_COMMIT_ATTEMPTS = 50
+#: Recent migrations kept in Redis for the API (``GET /migrations``).
+MIGRATION_LOG_MAXLEN = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +92,12 @@ def outbox_ingested_ms(blob: bytes) -> int | None:
     return row[3] if len(row) > 3 else None
 
 
+def settled_ms(high_ts: Mapping[str, int], lateness_ms: int) -> int:
+    """Event time behind which a partition accepts no more events (lateness is per topic)."""
+    marks = [v for v in high_ts.values() if v >= 0]
+    return (min(marks) if marks else -1) - lateness_ms
+
+
 @dataclass(slots=True)
 class _Accepted:
     """A partition's records of one batch after watermark and event-time checks."""
@@ -121,6 +130,9 @@ class BatchProcessor:
     ) -> None:
         self.settings = settings
         self.scoring = scoring
+        #: called with (records, outbox blobs) after Kafka acknowledged them (metrics)
+        self.on_published: Callable[[list[tuple[str, bytes | None, bytes]], list[bytes]],
+                                    None] | None = None
         self.store = store
         self.publisher = publisher
         self.clock = clock
@@ -239,7 +251,8 @@ class BatchProcessor:
             for c in inputs:
                 commit.states[c.customer_id] = serial.encode(c.state)
             if ctx is not None:
-                for c, outcome in self._score(inputs, ctx):
+                pctx = dataclasses.replace(ctx, settled_ms=settled_ms(acc.high_ts, ctx.lateness_ms))
+                for c, outcome in self.score(inputs, pctx):
                     if isinstance(outcome, Exception):
                         commit.states.pop(c.customer_id, None)
                         self._dead_pairs(commit, acc.per_customer[c.customer_id], outcome, local)
@@ -295,7 +308,7 @@ class BatchProcessor:
                 self.dead_letter(rec, Rejection("processing_error", repr(exc))))
             local.dead("processing_error")
 
-    def _score(self, inputs: list[CustomerInput], ctx: ScoringContext
+    def score(self, inputs: list[CustomerInput], ctx: ScoringContext
                ) -> list[tuple[CustomerInput, Outcome | Exception]]:
         """Evaluate together; if that fails, one by one so only the poison customer fails."""
         if not inputs:
@@ -340,7 +353,8 @@ class BatchProcessor:
             pending = await self.store.outbox_pending(partitions)
         if not pending:
             return 0
-        records = [decode_outbox(b) for rows in pending.values() for b in rows.values()]
+        blobs = [b for rows in pending.values() for b in rows.values()]
+        records = [decode_outbox(b) for b in blobs]
         try:
             await self.publisher.publish(records)
         except Exception as exc:
@@ -348,4 +362,11 @@ class BatchProcessor:
             log.warning("publishing %d outbox records failed: %r", len(records), exc)
             return 0
         await self.store.outbox_done({p: list(rows) for p, rows in pending.items()})
+        migrations = [v for t, _, v in records if t == self.settings.migrations_topic]
+        if self.on_published is not None:
+            self.on_published(records, blobs)
+        try:
+            await self.store.append_log("migrations:log", migrations, MIGRATION_LOG_MAXLEN)
+        except StoreUnavailable as exc:
+            log.warning("recent-migrations log not updated: %s", exc)
         return len(records)

@@ -35,6 +35,7 @@ def registry_keys(prefix: str) -> dict[str, str]:
     """Names of the deployment-wide registry keys."""
     return {
         "models": f"{prefix}models",
+        "model_seq": f"{prefix}models:seq",
         "clv": f"{prefix}clv:params",
         "clv_version": f"{prefix}clv:version",
         "rules": f"{prefix}rules:version",
@@ -58,7 +59,7 @@ def load_rules(settings: Settings) -> tuple[Any, Any]:
     schemes = {name: list(s.segment_names) for name, s in cat.schemes.items()}
     try:
         acts = (nba.load_actions(settings.actions_path, schemes) if settings.actions_path
-                else nba.load_actions(nba.default_actions_text(), schemes))
+                else nba.default_actions(schemes))
     except Exception as exc:
         raise SettingsError(f"SEGSTREAM_ACTIONS_PATH: {exc}") from None
     return cat, acts
@@ -156,7 +157,6 @@ class ScoringRuntime:
         if not changed:
             return
         from scorers.online import OnlineModel
-        from scorers.personas import PersonaModel
 
         blobs = await self.r.mget([model_key(self.settings.redis_prefix, n) for n in changed])
         for name, blob in zip(changed, blobs, strict=True):
@@ -164,6 +164,8 @@ class ScoringRuntime:
                 continue
             try:
                 if name == "cluster":
+                    from scorers.personas import PersonaModel
+
                     self.personas = PersonaModel.restore(blob)
                 else:
                     self.models[name] = OnlineModel.restore(blob)
@@ -199,11 +201,10 @@ class ScoringRuntime:
             models=dict(self.models),
             personas=self.personas,
             label_options={
-                "enabled": s.models_enabled,
                 "min_gap_days": s.observation_gap_days,
-                "churn_horizon_days": s.churn_horizon_days,
-                "churn_horizon_txn_days": s.churn_horizon_txn_days,
-            },
+                "churn_horizon_clicks_ms": int(s.churn_horizon_days * 86_400_000),
+                "churn_horizon_transactions_ms": int(s.churn_horizon_txn_days * 86_400_000),
+            } if s.models_enabled else None,
         )
 
     def digest(self, now_ms: int) -> str:

@@ -56,10 +56,9 @@ class Settings(BaseSettings):
     models_enabled: bool = True
     churn_horizon_days: float = Field(30.0, gt=0, le=3650)
     churn_horizon_txn_days: float = Field(90.0, gt=0, le=3650)
-    observation_gap_days: float = Field(7.0, gt=0, le=3650)
+    observation_gap_days: int = Field(7, ge=1, le=3650)
     model_snapshot_s: float = Field(5.0, gt=0, le=3_600)
     clv_refit_interval_s: float = Field(600.0, ge=0, le=604_800)
-    holdout_salt: str = ""
 
     data_dir: Path = Path.home() / ".cache" / "segstream"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

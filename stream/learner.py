@@ -1,0 +1,147 @@
+"""The learner: trains the online models from labelled examples and publishes snapshots.
+
+Workers resolve delayed labels and publish labelled examples to the
+``segmentation-examples`` topic (one partition, so one learner sees them all, in
+order). The learner scores each example before learning from it (prequential
+evaluation), and every few seconds writes a versioned snapshot of each model to
+Redis; every worker polls the versions and hot-reloads newer snapshots. A
+restarted learner resumes from the newest snapshot, so a restarted worker scores
+with the version it had before.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+
+from features import serial
+from features.state import derive
+from features.store import RedisFeatureStore
+from scorers import clv
+from scorers.labels import MODELS, Example
+from scorers.online import OnlineModel
+from stream.errors import SegstreamError
+from stream.runtime import model_key, registry_keys
+from stream.settings import Settings
+
+log = logging.getLogger(__name__)
+
+#: Customers sampled for a scheduled CLV refit (the fit is over the population, so a
+#: large uniform sample gives the same parameters at a bounded cost).
+CLV_FIT_MAX_CUSTOMERS = 500_000
+
+
+class Learner:
+    """Holds the models being trained on this worker."""
+
+    def __init__(self, settings: Settings, redis: aioredis.Redis) -> None:
+        self.settings = settings
+        self.r = redis
+        self.keys = registry_keys(settings.redis_prefix)
+        self.models: dict[str, OnlineModel] = {m: OnlineModel(m) for m in MODELS}
+        self.personas: Any | None = None
+        self.dirty: set[str] = set()
+        self.learned = 0
+
+    async def load(self) -> None:
+        """Resume every model from its newest snapshot in Redis."""
+        names = [*self.models, "cluster"]
+        blobs = await self.r.mget([model_key(self.settings.redis_prefix, n) for n in names])
+        for name, blob in zip(names, blobs, strict=True):
+            if blob is None:
+                continue
+            if name == "cluster":
+                from scorers.personas import PersonaModel
+
+                self.personas = PersonaModel.restore(blob)
+            else:
+                self.models[name] = OnlineModel.restore(blob)
+            log.info("learner resumed model %s", name)
+        if self.personas is None:
+            try:
+                from scorers.personas import PersonaModel
+            except ImportError:  # pragma: no cover - clustering not installed
+                return
+            self.personas = PersonaModel()
+
+    def learn(self, records: Sequence[tuple[int, bytes | None]]) -> None:
+        """Learn from a batch of ``(offset, example bytes)``; undecodable ones are skipped."""
+        rows = []
+        for offset, raw in records:
+            if raw is None:
+                continue
+            try:
+                ex = Example.from_bytes(raw)
+            except Exception:
+                log.warning("skipping an undecodable example at offset %d", offset)
+                continue
+            model = self.models.get(ex.model)
+            if model is None:
+                continue
+            model.learn(ex)
+            model.position = offset
+            self.dirty.add(ex.model)
+            if ex.model == "churn":
+                rows.append(ex.x)
+            self.learned += 1
+        if rows and self.personas is not None:
+            self.personas.learn_many(rows)
+            self.dirty.add("cluster")
+
+    async def publish(self) -> dict[str, int]:
+        """Write a new version of every model that learned since the last snapshot."""
+        if not self.dirty:
+            return {}
+        prefix = self.settings.redis_prefix
+        out: dict[str, int] = {}
+        for name in sorted(self.dirty):
+            model: Any = self.personas if name == "cluster" else self.models[name]
+            if model is None:
+                continue
+            version = int(await self.r.hincrby(self.keys["model_seq"], name, 1))
+            model.version = version
+            if name == "cluster":
+                model.publish()
+            blob = model.snapshot()
+            async with self.r.pipeline(transaction=True) as pipe:
+                pipe.set(model_key(prefix, name), blob)
+                pipe.hset(self.keys["models"], name, version)
+                await pipe.execute()
+            out[name] = version
+        self.dirty.clear()
+        return out
+
+    def quality(self) -> dict[str, dict[str, Any]]:
+        return {name: m.quality() for name, m in self.models.items()}
+
+
+async def refit_clv(settings: Settings, r: aioredis.Redis, store: RedisFeatureStore
+                    ) -> dict[str, Any]:
+    """Fit BG/NBD and Gamma-Gamma on the current customer state and store a new version."""
+    t0 = time.perf_counter()
+    now = await store.now()
+    rows = []
+    async for _, _, blob in store.iter_customers(settings.partitions):
+        f = derive(serial.decode(blob), now)
+        if f["bgnbd_frequency"] is not None:
+            rows.append((f["bgnbd_frequency"], f["bgnbd_recency"], f["bgnbd_T"],
+                         f["bgnbd_monetary"]))
+            if len(rows) >= CLV_FIT_MAX_CUSTOMERS:
+                break
+    if not rows:
+        raise SegstreamError("no purchasing customers yet; nothing to fit")
+    x, t_x, t_big, m = (list(c) for c in zip(*rows, strict=True))
+    bg = clv.fit_bgnbd(x, t_x, t_big)
+    gg = clv.fit_gamma_gamma(x, m)
+    doc: dict[str, Any] = {"customers": len(rows), "as_of": now, "bgnbd": bg.to_json(),
+                           "gamma_gamma": {"p": gg.p, "q": gg.q, "v": gg.v}}
+    keys = registry_keys(settings.redis_prefix)
+    doc["version"] = int(await r.incr(keys["clv_version"]))
+    doc["seconds"] = round(time.perf_counter() - t0, 3)
+    await r.set(keys["clv"], orjson.dumps(doc))
+    return doc

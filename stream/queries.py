@@ -1,0 +1,96 @@
+"""Read-side documents shared by the CLI (``--json``) and the HTTP API.
+
+Each function reads Redis only; the shapes are the contract of DESIGN §6.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+
+from features import serial
+from features.state import derive, iso
+from features.store import RedisFeatureStore
+from scorers.profile import Profile
+from scorers.scoring import ACTION_HASH, SEGMENT_HASH, CustomerInput, evaluate
+from stream.runtime import ScoringRuntime
+from stream.settings import Settings
+
+
+def migration_log_key(s: Settings) -> str:
+    """The capped stream of recently published migrations (see ``flush_outbox``)."""
+    return f"{s.redis_prefix}migrations:log"
+
+
+async def customer_doc(s: Settings, r: aioredis.Redis, store: RedisFeatureStore,
+                       runtime: ScoringRuntime | None, customer_id: str) -> dict[str, Any] | None:
+    """``{"customer_id", "as_of", "features", "scores", "segments", "history"}`` or None."""
+    found = await store.get_customer(customer_id, s.partitions)
+    if found is None:
+        return None
+    p, blob = found
+    now = await store.now()
+    state = serial.decode(blob)
+    profile = Profile.from_bytes(await store.get_profile(p, customer_id))
+    if runtime is None:
+        runtime = ScoringRuntime(s, r, store)
+    await runtime.refresh()
+    ctx = runtime.context(now)
+    ctx.label_options = None  # a read must not look like an observation
+    outcome = evaluate([CustomerInput(customer_id, state, profile)], ctx)[0]
+    return {
+        "customer_id": customer_id,
+        "as_of": iso(now),
+        "features": derive(state, now),
+        "scores": outcome.scores,
+        "segments": {k: v[0] for k, v in profile.segments.items()},
+        "segments_since": {k: iso(v[1]) for k, v in profile.segments.items()},
+        "history": [
+            {"at": iso(h[0]), "scheme": h[1], "from_segment": h[2], "to_segment": h[3],
+             "migration_id": h[4], "action_id": h[5] if len(h) > 5 else None}
+            for h in profile.history
+        ],
+        "model_versions": ctx.model_versions(),
+    }
+
+
+async def segments_doc(s: Settings, r: aioredis.Redis, store: RedisFeatureStore
+                       ) -> dict[str, Any]:
+    """``{"as_of", "schemes": {scheme: {segment: count}}}`` summed over partitions."""
+    tables = await store.read_tables(SEGMENT_HASH, range(s.partitions))
+    schemes: dict[str, dict[str, int]] = {}
+    for rows in tables.values():
+        for fld, n in rows.items():
+            scheme, _, segment = fld.partition("|")
+            bucket = schemes.setdefault(scheme, {})
+            bucket[segment] = bucket.get(segment, 0) + n
+    out = {k: dict(sorted(v.items(), key=lambda kv: -kv[1])) for k, v in sorted(schemes.items())}
+    return {"as_of": iso(await store.now()), "schemes": out}
+
+
+async def actions_doc(s: Settings, store: RedisFeatureStore) -> dict[str, Any]:
+    """Conversion and lift per action and segment, for treated and hold-out arms."""
+    from scorers.nba import lift_table
+
+    tables = await store.read_tables(ACTION_HASH, range(s.partitions))
+    merged: dict[str, int] = {}
+    for rows in tables.values():
+        for fld, n in rows.items():
+            merged[fld] = merged.get(fld, 0) + n
+    return {"as_of": iso(await store.now()), "actions": lift_table(merged)}
+
+
+async def migrations_doc(s: Settings, r: aioredis.Redis, since: str | None, limit: int
+                         ) -> dict[str, Any]:
+    """Recent migrations after the cursor ``since`` (oldest first) and the next cursor."""
+    start = f"({since}" if since else "-"
+    rows = await r.xrange(migration_log_key(s), min=start, max="+", count=max(1, limit))
+    items, last = [], since
+    for rid, fields in rows:
+        last = rid.decode() if isinstance(rid, bytes) else rid
+        raw = fields.get(b"m") or fields.get("m")
+        if raw is not None:
+            items.append(orjson.loads(raw))
+    return {"migrations": items, "next": last}

@@ -1,0 +1,117 @@
+"""Timer sweeps: re-evaluate customers whom time or the population moved.
+
+A silent customer still moves (Loyal -> At Risk -> Hibernating) because engine
+time advances with other customers' events, RFM ranks move with the population,
+and models and rules get new versions. Every input of an evaluation other than
+the customer's own state is summarised in :meth:`ScoringRuntime.digest`; when it
+differs from the digest of the last completed pass over a partition, the
+partition is swept again. Each chunk of customers is loaded, evaluated and
+committed with the same optimistic, fenced commit as the ingest path, so a
+sweep and a micro-batch never overwrite each other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from features import serial
+from features.store import PartitionCommit, RedisFeatureStore, StoreUnavailable
+from scorers.profile import Profile
+from scorers.scoring import CustomerInput
+from stream.pipeline import BatchProcessor, settled_ms
+from stream.runtime import ScoringRuntime
+
+log = logging.getLogger(__name__)
+
+CHUNK = 500
+SWEPT_FIELD = "swept"
+
+
+@dataclass
+class SweepStats:
+    customers: int = 0
+    migrations: int = 0
+    conflicts: int = 0
+    seconds: float = 0.0
+
+
+class Sweeper:
+    """Runs sweep passes over the partitions this worker owns."""
+
+    def __init__(self, processor: BatchProcessor, runtime: ScoringRuntime,
+                 store: RedisFeatureStore, lock: asyncio.Lock) -> None:
+        self.processor = processor
+        self.runtime = runtime
+        self.store = store
+        self.lock = lock
+        self.swept: dict[int, str] = {}
+        self.last_pass_end = 0.0
+
+    async def due(self, partitions: Iterable[int]) -> list[int]:
+        """Partitions whose last completed pass used other inputs than now."""
+        await self.runtime.refresh()
+        now = await self.store.now()
+        if now < 0:
+            return []
+        digest = self.runtime.digest(now)
+        # Published so that `segstream wait` can tell when every partition is settled.
+        await self.store.r.set(self.runtime.keys["context"], digest)
+        return [p for p in partitions if self.swept.get(p) != digest]
+
+    async def run_pass(self, partitions: Iterable[int]) -> SweepStats:
+        stats = SweepStats()
+        t0 = time.perf_counter()
+        for p in partitions:
+            await self.runtime.refresh()
+            now = await self.store.now()
+            digest = self.runtime.digest(now)
+            cursor = 0
+            while True:
+                cursor, ids = await self.store.scan_customers(p, cursor, CHUNK)
+                if ids:
+                    await self._chunk(p, ids, stats)
+                if cursor == 0:
+                    break
+            self.swept[p] = digest
+            await self.store.r.hset(self.store.keys.meta(p), SWEPT_FIELD, digest)
+        stats.seconds = time.perf_counter() - t0
+        self.last_pass_end = time.monotonic()
+        return stats
+
+    async def _chunk(self, p: int, ids: list[str], stats: SweepStats) -> None:
+        for _attempt in range(20):
+            async with self.lock:
+                now, snaps = await self.store.load({p: ids}, self.processor.topics)
+                snap = snaps[p]
+                ctx = dataclasses.replace(self.runtime.context(now), settled_ms=settled_ms(
+                    snap.high_ts, self.runtime.settings.lateness_ms))
+                inputs = [
+                    CustomerInput(cid, serial.decode(blob),
+                                  Profile.from_bytes(snap.profiles.get(cid)))
+                    for cid, blob in snap.states.items() if blob is not None
+                ]
+                commit = PartitionCommit(p, snap.ver, {}, snap.now_ms)
+                for _c, outcome in self.processor.score(inputs, ctx):
+                    if isinstance(outcome, Exception):
+                        continue
+                    self.processor.add_outcome(commit, outcome, None)
+                stats.customers += len(inputs)
+                if not (commit.profiles or commit.outbox or commit.increments):
+                    return
+                try:
+                    ok = await self.store.commit([commit])
+                except StoreUnavailable as exc:
+                    log.warning("sweep commit failed (%s); retrying", exc)
+                    await asyncio.sleep(0.5)
+                    continue
+                if ok.get(p):
+                    stats.migrations += sum(1 for k in commit.outbox if k.startswith("m:"))
+                    await self.processor.flush_outbox([p], {p: commit.outbox})
+                    return
+                stats.conflicts += 1
+        log.warning("sweep of partition %d gave up on a chunk after repeated conflicts", p)

@@ -1,0 +1,230 @@
+"""The dashboard in a real headless browser (Debian ``chromium``), against a live HTTP server.
+
+The server is :func:`stream.web.add_routes` on a bare aiohttp app with a token set; the page is
+opened as ``/?token=...`` so its requests must carry the bearer token. The backend is an
+in-memory one with realistic data (no Kafka, no Redis). The test asserts every chart rendered
+data points and saves a screenshot (``docs/dashboard.png`` when missing or when
+``SEGSTREAM_UPDATE_SCREENSHOT=1``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import random
+import shutil
+import socket
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from stream.metrics import EngineMetrics
+from stream.web import add_routes
+
+ROOT = Path(__file__).resolve().parents[2]
+SCREENSHOT = ROOT / "docs" / "dashboard.png"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+TOKEN = "browser-test-token"
+CHARTS = ("segment-sizes", "segment-history", "migration-flows", "throughput",
+          "throughput-out", "lag",
+          "model-quality", "model-auc", "action-lift")
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (Debian: chromium)"),
+]
+
+T0 = 1_709_294_400_000  # 2024-03-01T12:00:00Z
+STEP_MS = 2_500
+POINTS = 72
+AS_OF = "2024-03-01T11:59:30Z"
+SCHEMES = {
+    "rfm": {"Champions": 1180, "Loyal": 2240, "Potential Loyalists": 1630, "New Customers": 910,
+            "At Risk": 1320, "Can't Lose Them": 240, "Hibernating": 2480},
+    "engagement": {"Power User": 760, "Engaged": 3120, "Casual": 4210,
+                   "Struggling Newbie": 530, "Dormant": 1590},
+}
+
+
+class RealisticBackend:
+    """An in-memory backend shaped like the engine's, with a few minutes of history."""
+
+    def __init__(self) -> None:
+        rng = random.Random(7)
+        self.history: dict[str, list[dict[str, Any]]] = {}
+        for scheme, sizes in SCHEMES.items():
+            rows = []
+            for i in range(POINTS):
+                drift = {s: round(n * (1 + 0.04 * math.sin(i / 9 + k)) + rng.randint(-9, 9))
+                         for k, (s, n) in enumerate(sizes.items())}
+                rows.append({"t": T0 + i * STEP_MS, "sizes": drift})
+            self.history[scheme] = rows
+        self.throughput = [
+            {"t": T0 + i * STEP_MS,
+             "events_in_per_s": round(4200 + 600 * math.sin(i / 8) + rng.uniform(-90, 90), 1),
+             "migrations_per_s": round(38 + 9 * math.sin(i / 6 + 1) + rng.uniform(-3, 3), 2),
+             "dlq_per_s": round(max(0.0, 1.5 + rng.uniform(-1, 1)), 2),
+             "lag": int(900 + 700 * math.sin(i / 11) ** 2 + rng.randint(0, 80))}
+            for i in range(POINTS)
+        ]
+        segs = list(SCHEMES["rfm"])
+        self.flows = {
+            "rfm": [{"from": None, "to": "New Customers", "count": 910}]
+            + [{"from": a, "to": b, "count": rng.randint(3, 400)}
+               for a in segs for b in segs if a != b and rng.random() < 0.45],
+            "engagement": [{"from": "Struggling Newbie", "to": "Engaged", "count": 120},
+                           {"from": "Engaged", "to": "Power User", "count": 64},
+                           {"from": "Casual", "to": "Dormant", "count": 210}],
+        }
+        self.actions_rows = []
+        for action, segment, t_rate, h_rate in (
+            ("winback-email", "At Risk", 0.094, 0.061), ("winback-email", "Hibernating", 0.031,
+                                                         0.029),
+            ("vip-call", "Can't Lose Them", 0.22, 0.12), ("upsell-offer", "Loyal", 0.081, 0.085),
+            ("onboarding-tips", "Struggling Newbie", 0.17, 0.11),
+        ):
+            exposed_t, exposed_h = 1800, 200
+            conv_t, conv_h = round(exposed_t * t_rate), round(exposed_h * h_rate)
+            self.actions_rows.append({
+                "action_id": action, "segment": segment,
+                "treated": {"exposed": exposed_t, "converted": conv_t,
+                            "rate": conv_t / exposed_t},
+                "holdout": {"exposed": exposed_h, "converted": conv_h,
+                            "rate": conv_h / exposed_h},
+                "uplift": conv_t / exposed_t - conv_h / exposed_h,
+                "lift": (conv_t / exposed_t) / (conv_h / exposed_h) - 1,
+                "p_value": round(rng.uniform(0.001, 0.4), 3),
+            })
+        self.models = [
+            {"model": name, "version": version, "auc": auc, "log_loss": loss,
+             "examples": examples, "drift_alarms": alarms,
+             "history": [{"t": T0 + i * STEP_MS,
+                          "auc": round(auc - 0.02 * math.cos(i / 10 + version), 4),
+                          "log_loss": round(loss + 0.01 * math.sin(i / 10), 4)}
+                         for i in range(POINTS)]}
+            for name, version, auc, loss, examples, alarms in (
+                ("churn", 4, 0.834, 0.412, 48210, 1),
+                ("purchase_propensity_7d", 2, 0.771, 0.298, 31877, 0),
+            )
+        ]
+
+    async def customer(self, customer_id: str) -> dict[str, Any] | None:
+        return None
+
+    async def segments(self) -> dict[str, Any]:
+        return {"as_of": AS_OF, "schemes": SCHEMES}
+
+    async def migrations(self, since: str | None, limit: int) -> dict[str, Any]:
+        return {"migrations": [], "next": None}
+
+    async def actions(self) -> dict[str, Any]:
+        return {"as_of": AS_OF, "actions": self.actions_rows}
+
+    async def health(self) -> dict[str, Any]:
+        return {}
+
+    async def ready(self) -> tuple[bool, dict[str, Any]]:
+        return True, {"kafka": True, "redis": True, "partitions": 6}
+
+    async def stats(self) -> dict[str, Any]:
+        last = self.throughput[-1]
+        return {
+            "as_of": AS_OF, "generated_at": "2024-03-01T12:03:00Z",
+            "throughput": self.throughput,
+            "lag": {"total": last["lag"], "partitions": [
+                {"topic": topic, "partition": p, "lag": last["lag"] // 12 + p}
+                for topic in ("clickstream", "transactions") for p in range(6)]},
+            "segments": SCHEMES, "segment_history": self.history, "flows": self.flows,
+            "models": self.models, "actions": self.actions_rows,
+        }
+
+
+class _Charts(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.points: dict[str, int] = {}
+        self.banner_style: str | None = None
+        self.ready = ""
+        self._in_ready = False
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        if a.get("data-chart"):
+            self.points[str(a["data-chart"])] = int(a.get("data-points") or 0)
+        if a.get("id") == "banner":
+            self.banner_style = a.get("style") or ""
+        self._in_ready = a.get("id") == "ready"
+
+    def handle_data(self, data: str) -> None:
+        if self._in_ready:
+            self.ready += data.strip()
+            self._in_ready = False
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def _chromium(url: str, profile: Path, *extra: str) -> tuple[str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu",
+        "--disable-background-networking", "--no-first-run", "--disable-extensions",
+        "--hide-scrollbars", "--enable-logging=stderr", "--v=0",
+        f"--user-data-dir={profile}", "--window-size=1400,1000",
+        "--virtual-time-budget=8000", *extra, url,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout=120)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    assert proc.returncode == 0, err.decode(errors="replace")[-2000:]
+    return out.decode(errors="replace"), err.decode(errors="replace")
+
+
+def test_dashboard_renders_every_chart(tmp_path: Path) -> None:
+    async def main() -> tuple[str, str]:
+        app = web.Application()
+        metrics = EngineMetrics()
+        add_routes(app, RealisticBackend(), metrics, TOKEN)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        port = _free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        try:
+            url = f"http://127.0.0.1:{port}/?token={TOKEN}"
+            dom, log = await _chromium(url, tmp_path / "profile-dom", "--dump-dom")
+            await _chromium(url, tmp_path / "profile-shot",
+                            f"--screenshot={tmp_path / 'dashboard.png'}")
+            return dom, log
+        finally:
+            await runner.cleanup()
+
+    dom, log = asyncio.run(main())
+    parsed = _Charts()
+    parsed.feed(dom)
+    assert set(CHARTS) <= set(parsed.points), parsed.points
+    empty = [c for c in CHARTS if parsed.points[c] <= 0]
+    assert not empty, f"charts without data: {empty} ({parsed.points})"
+    assert parsed.points["segment-sizes"] == sum(len(s) for s in SCHEMES.values())
+    assert parsed.points["action-lift"] == 5
+    assert parsed.points["model-quality"] == 2
+    assert parsed.points["throughput"] == POINTS
+    assert parsed.points["throughput-out"] == 2 * POINTS
+    assert parsed.ready == "ready"
+    assert "display: none" in (parsed.banner_style or ""), "the page shows an error banner"
+    assert "Uncaught" not in log, log[-2000:]
+
+    shot = tmp_path / "dashboard.png"
+    assert shot.is_file() and shot.stat().st_size > 20_000
+    if not SCREENSHOT.exists() or os.environ.get("SEGSTREAM_UPDATE_SCREENSHOT") == "1":
+        SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(shot, SCREENSHOT)

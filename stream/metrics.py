@@ -170,7 +170,7 @@ class EngineMetrics:
 
     def set_lags(self, lags: Mapping[tuple[str, int], int]) -> None:
         """Replace the lag of every partition; partitions not given are dropped."""
-        rows = {(t, str(p)): max(0, v) for (t, p), v in lags.items()}
+        rows: dict[tuple[str, ...], float] = {(t, str(p)): max(0, v) for (t, p), v in lags.items()}
         self._replace("consumer_lag", rows)
 
     def set_partitions_assigned(self, n: int) -> None:
@@ -201,7 +201,9 @@ class EngineMetrics:
     # -- segments, models, actions ---------------------------------------------------------
     def set_segment_sizes(self, sizes: Mapping[str, Mapping[str, int]]) -> None:
         """Replace the segment populations: ``{scheme: {segment: count}}``."""
-        rows = {(s, seg): n for s, segs in sizes.items() for seg, n in segs.items()}
+        rows: dict[tuple[str, ...], float] = {
+            (s, seg): n for s, segs in sizes.items() for seg, n in segs.items()
+        }
         self._replace("segment_customers", rows)
 
     def set_model_quality(self, model: str, quality: Mapping[str, Any]) -> None:

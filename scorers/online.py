@@ -1,12 +1,13 @@
 """Online propensity models trained on delayed labels (churn, purchase in 7 days).
 
 An :class:`OnlineModel` is a River pipeline (running standard scaler, then logistic
-regression) with the bookkeeping a streaming engine needs around it:
+regression with RMSProp) with the bookkeeping a streaming engine needs around it:
 
 * :meth:`OnlineModel.learn` is prequential: every example is first scored, the score
   feeds a rolling ROC AUC, a rolling log loss and an ADWIN drift detector on the
-  absolute error, and only then does the model learn from it. Examples whose id was
-  seen recently are ignored, so an at-least-once examples topic is harmless.
+  absolute error (an alarm is a significant rise of the error), and only then does the
+  model learn from it. Examples whose id was seen recently are ignored, so an
+  at-least-once examples topic is harmless.
 * :meth:`OnlineModel.predict_many` scores a batch with numpy from the pipeline's
   current scaler statistics and weights (a few microseconds a customer), matching
   River's own ``predict_proba_one``. It answers ``None`` until the model has seen
@@ -130,8 +131,11 @@ class OnlineModel:
             self.scored += 1
             self.auc.update(y, p)
             self.log_loss.update(y, p)
+            before = self.detector.estimation
             self.detector.update(abs(float(y) - p))
-            if self.detector.drift_detected:
+            # ADWIN flags any change of the mean error; only a worse error is an alarm
+            # (a model still converging makes its error drop, which is no reason to worry).
+            if self.detector.drift_detected and self.detector.estimation > before:
                 self.drift_alarms += 1
                 self.last_drift_at = example.resolved_ts_ms
         self.pipeline.learn_one(dict(example.x), y)

@@ -1,0 +1,146 @@
+"""Online model: River parity, persistence, deduplication and drift alarms."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+
+import pytest
+
+from scorers.labels import Example
+from scorers.online import OnlineModel
+
+
+def _stream(n: int, seed: int, *, flip_at: int | None = None, start: int = 0
+            ) -> list[Example]:
+    """Examples whose label depends on two of three inputs; optionally inverted midway."""
+    rnd = random.Random(seed)
+    out = []
+    for i in range(start, start + n):
+        x = {"a": rnd.gauss(0, 1), "b": rnd.gauss(5, 3), "c": rnd.random()}
+        p = 1 / (1 + math.exp(-(2.0 * x["a"] - 0.5 * (x["b"] - 5))))
+        y = int(rnd.random() < p)
+        if flip_at is not None and i >= flip_at:
+            y = 1 - y
+        out.append(Example(f"e{i}", "churn", "h", i, i, x, y))
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained() -> OnlineModel:
+    m = OnlineModel("churn")
+    for e in _stream(1500, 1):
+        m.learn(e)
+    return m
+
+
+def test_not_ready_until_both_classes_seen() -> None:
+    m = OnlineModel("churn", min_per_class=5)
+    for i in range(20):
+        m.learn(Example(f"e{i}", "churn", "h", i, i, {"a": 1.0}, 1))
+    assert m.predict_many([{"a": 1.0}]) == [None]
+    assert m.quality()["auc"] is None
+    for i in range(20, 25):
+        m.learn(Example(f"e{i}", "churn", "h", i, i, {"a": 0.0}, 0))
+    assert m.predict_many([{"a": 1.0}])[0] is not None
+
+
+def test_predict_many_matches_river(trained: OnlineModel) -> None:
+    rnd = random.Random(2)
+    xs: list[dict[str, float]] = [e.x for e in _stream(200, 3)]
+    xs += [{"a": rnd.gauss(0, 5)}, {}, {"b": 1.0, "unknown": 3.0}, {"a": 1e6, "b": -1e6}]
+    ours = trained.predict_many(xs)
+    for x, p in zip(xs, ours, strict=True):
+        river = trained.pipeline.predict_proba_one(x)[True]
+        assert p == pytest.approx(river, abs=1e-9)
+    assert trained.predict_many([]) == []
+
+
+def test_predict_many_is_fast(trained: OnlineModel) -> None:
+    xs = [e.x for e in _stream(5000, 4)]
+    trained.predict_many(xs[:10])
+    t0 = time.perf_counter()
+    trained.predict_many(xs)
+    per_row_us = (time.perf_counter() - t0) / len(xs) * 1e6
+    print(f"predict_many: {per_row_us:.2f} us per row (3 inputs)")
+    assert per_row_us < 50
+
+
+def test_snapshot_restore_gives_identical_predictions(trained: OnlineModel) -> None:
+    trained.position = {"examples": {0: 1499}}
+    back = OnlineModel.restore(trained.snapshot())
+    xs = [e.x for e in _stream(100, 5)]
+    assert back.predict_many(xs) == trained.predict_many(xs)
+    assert back.quality() == trained.quality()
+    assert back.position == {"examples": {0: 1499}} and back.version == trained.version
+    # Both keep learning the same way.
+    fresh = OnlineModel.restore(trained.snapshot())
+    for e in _stream(50, 6, start=10_000):
+        back.learn(e)
+        fresh.learn(e)
+    assert back.predict_many(xs) == fresh.predict_many(xs)
+    # The restored copy remembers what it already learned.
+    back.learn(_stream(1, 1)[0])
+    assert back.quality()["duplicates"] == 1
+
+
+def test_restore_refuses_foreign_bytes() -> None:
+    import pickle
+
+    with pytest.raises(ValueError):
+        OnlineModel.restore(pickle.dumps({"format": "other"}))
+
+
+def test_duplicates_are_ignored() -> None:
+    examples = _stream(400, 7)
+    once, twice = OnlineModel("churn"), OnlineModel("churn")
+    for e in examples:
+        once.learn(e)
+        twice.learn(e)
+        twice.learn(e)
+    for e in examples[:100]:  # a late redelivery
+        twice.learn(e)
+    xs = [e.x for e in examples[:20]]
+    assert twice.predict_many(xs) == once.predict_many(xs)
+    assert twice.version == once.version == 400
+    assert twice.quality()["duplicates"] == 500
+    assert {k: v for k, v in twice.quality().items() if k != "duplicates"} == {
+        k: v for k, v in once.quality().items() if k != "duplicates"}
+
+
+def test_dedupe_memory_is_bounded() -> None:
+    m = OnlineModel("churn", dedupe=10)
+    for e in _stream(30, 8):
+        m.learn(e)
+    assert len(m._seen) == 10 and len(m._order) == 10
+
+
+def test_refuses_examples_of_another_model() -> None:
+    with pytest.raises(ValueError):
+        OnlineModel("churn").learn(Example("e", "purchase_7d", "h", 0, 0, {}, 1))
+
+
+def test_quality_reports_prequential_metrics(trained: OnlineModel) -> None:
+    q = trained.quality()
+    assert q["examples"] == 1500 and 0 < q["positives"] < 1500
+    assert q["scored"] > 1000 and q["auc"] > 0.8 and 0 < q["log_loss"] < 0.6
+    assert q["drift_alarms"] == 0 and q["last_drift_at"] is None
+
+
+def test_drift_alarm_when_labels_flip() -> None:
+    m = OnlineModel("churn")
+    for e in _stream(4000, 9, flip_at=2000):
+        m.learn(e)
+    q = m.quality()
+    print(f"flip at 2000: alarms={q['drift_alarms']} last_drift_at={q['last_drift_at']}")
+    assert q["drift_alarms"] >= 1
+    assert 2000 <= q["last_drift_at"] < 2400
+
+
+@pytest.mark.parametrize("seed", [10, 11, 12])
+def test_no_drift_alarm_on_a_stationary_stream(seed: int) -> None:
+    m = OnlineModel("churn")
+    for e in _stream(4000, seed):
+        m.learn(e)
+    assert m.quality()["drift_alarms"] == 0

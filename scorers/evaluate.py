@@ -28,7 +28,7 @@ with an exact rank-based ROC AUC (:func:`roc_auc`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -180,33 +180,33 @@ class Prequential:
     y: list[int]
     p: list[float]
     at_ms: list[int]
+    examples: list[Example]
 
 
-def prequential(model: OnlineModel, resolved: Iterable[Resolved], *,
-                warmup: int = 0,
-                truth: Callable[[Example], int | None] | None = None) -> Prequential:
+def prequential(model: OnlineModel, resolved: Iterable[Resolved], *, warmup: int = 0
+                ) -> Prequential:
     """Feed examples to ``model`` in order, scoring each one first.
 
-    Scores count once the model is ready and ``warmup`` examples were learned. With
-    ``truth``, the score is compared with ``truth(example)`` instead of the label
-    (examples where it answers ``None`` are skipped).
+    Scores count once the model is ready and ``warmup`` examples (of any model) went by;
+    examples of other models are skipped.
     """
     ys: list[int] = []
     ps: list[float] = []
     at: list[int] = []
+    scored: list[Example] = []
     for n, r in enumerate(resolved):
         e = r.example
         if e.model != model.name:
             continue
         p = model.predict_one(e.x)
         if p is not None and n >= warmup:
-            target = e.y if truth is None else truth(e)
-            if target is not None:
-                ys.append(int(target))
-                ps.append(p)
-                at.append(r.now_ms)
+            ys.append(e.y)
+            ps.append(p)
+            at.append(r.now_ms)
+            scored.append(e)
         model.learn(e)
-    return Prequential(roc_auc(ys, ps) if ys else float("nan"), len(ys), sum(ys), ys, ps, at)
+    auc = roc_auc(ys, ps) if ys else float("nan")
+    return Prequential(auc, len(ys), sum(ys), ys, ps, at, scored)
 
 
 def time_split(resolved: Sequence[Resolved], split_ms: int

@@ -172,20 +172,64 @@ def evaluate(inputs: Sequence[CustomerInput], ctx: ScoringContext) -> list[Outco
     """Evaluate a group of customers at ``ctx.now_ms``."""
     feats = [derive(c.state, ctx.now_ms) for c in inputs]
     preds, clusters = _batch_predictions(inputs, feats, ctx)
-    out = []
-    for i, c in enumerate(inputs):
+    all_scores = []
+    for i in range(len(inputs)):
         scores: dict[str, Any] = dict(ctx.population.score(feats[i], ctx.today))
         scores.update(clv_scores(ctx.clv, feats[i]))
         for model_name, score_name in MODEL_SCORES.items():
             p = preds.get(model_name)
             scores[score_name] = p[i] if p is not None else None
         scores["cluster"] = clusters[i]
-        out.append(_evaluate_one(c, feats[i], scores, ctx))
+        all_scores.append(scores)
+    moving = _moving(inputs, feats, all_scores, ctx)
+    return [_evaluate_one(c, feats[i], all_scores[i], ctx, moving[i])
+            for i, c in enumerate(inputs)]
+
+
+def _moving(inputs: Sequence[CustomerInput], feats: list[dict[str, Any]],
+            scores: list[dict[str, Any]], ctx: ScoringContext) -> list[set[str]]:
+    """Per customer, the schemes whose segment may change (a vectorised pre-filter).
+
+    The vectorised evaluation follows :func:`scorers.rules.assign` exactly (minimum
+    dwell, hysteresis for the incumbent segment, first match wins); customers it finds
+    unchanged skip the scalar path, which remains the authority for everyone else.
+    """
+    import numpy as np
+
+    from scorers.conditions import Columns
+
+    n = len(inputs)
+    out: list[set[str]] = [set() for _ in range(n)]
+    if ctx.catalogue is None or n == 0:
+        return out
+    for name, scheme in ctx.catalogue.schemes.items():
+        cols: dict[str, list[Any]] = {}
+        for key in scheme.names:
+            src = scores if key in scores[0] else feats
+            cols[key] = [row.get(key) for row in src]
+        columns = Columns(cols, n)
+        current = [c.profile.segments.get(name) for c in inputs]
+        incumbent = np.array([cur[0] if cur else None for cur in current], dtype=object)
+        since = np.array([cur[1] if cur else 0 for cur in current], dtype=np.int64)
+        known = np.isin(incumbent, list(scheme.segment_names))
+        held = known & (ctx.now_ms < since + scheme.min_dwell_ms)
+        result = np.full(n, scheme.fallback, dtype=object)
+        free = np.ones(n, dtype=np.bool_)
+        for seg in scheme.segments:
+            hit = seg.condition.evaluate_columns(columns)
+            if scheme.hysteresis:
+                hit |= (incumbent == seg.name) & known & seg.condition.evaluate_columns(
+                    columns, dict(scheme.hysteresis))
+            hit &= free
+            result[hit] = seg.name
+            free &= ~hit
+        for i in np.flatnonzero(~held & (result != incumbent)):
+            out[int(i)].add(name)
     return out
 
 
 def _evaluate_one(c: CustomerInput, f: dict[str, Any], scores: dict[str, Any],
-                  ctx: ScoringContext) -> Outcome:
+                  ctx: ScoringContext, moving: set[str]) -> Outcome:
     profile = c.profile
     o = Outcome(c.customer_id, profile, False, f, scores)
     # population sketch
@@ -195,8 +239,9 @@ def _evaluate_one(c: CustomerInput, f: dict[str, Any], scores: dict[str, Any],
     profile = replace(profile, rfm=contrib)
     profile = _labels(c, f, profile, o, ctx)
     profile = _actions_on_events(c, profile, o, ctx)
-    if ctx.catalogue is not None:
-        profile = _segments(c, f, scores, profile, o, ctx)
+    if ctx.catalogue is not None and (moving or any(
+            s not in ctx.catalogue.schemes for s in profile.segments)):
+        profile = _segments(c, f, scores, profile, o, ctx, moving)
     o.profile = profile
     o.changed = profile != c.profile
     return o
@@ -241,7 +286,7 @@ def _actions_on_events(c: CustomerInput, profile: Profile, o: Outcome,
 
 
 def _segments(c: CustomerInput, f: dict[str, Any], scores: dict[str, Any], profile: Profile,
-              o: Outcome, ctx: ScoringContext) -> Profile:
+              o: Outcome, ctx: ScoringContext, moving: set[str]) -> Profile:
     from scorers.rules import SegmentState, assign
 
     catalogue = ctx.catalogue
@@ -251,6 +296,8 @@ def _segments(c: CustomerInput, f: dict[str, Any], scores: dict[str, Any], profi
     for gone in [s for s in segments if s not in catalogue.schemes]:
         o.add(SEGMENT_HASH, f"{gone}|{segments.pop(gone)[0]}", -1)
     for name, scheme in catalogue.schemes.items():
+        if name not in moving:
+            continue
         cur = segments.get(name)
         current = SegmentState(cur[0], cur[1]) if cur else None
         a = assign(scheme, values, current, ctx.now_ms)

@@ -12,12 +12,15 @@ import faust
 import redis.asyncio as aioredis
 
 from features.store import RedisFeatureStore
+from stream.backend import STATS_INTERVAL_S, EngineBackend
 from stream.errors import SegstreamError
 from stream.learner import Learner, refit_clv
+from stream.metrics import EngineMetrics
 from stream.pipeline import BatchProcessor, RawRecord
 from stream.runtime import ScoringRuntime, load_rules
 from stream.settings import Settings
 from stream.sweep import Sweeper
+from stream.web import add_routes
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +93,9 @@ class Engine:
             consumer_auto_offset_reset="earliest",
             producer_acks=-1,
             web_enabled=True,
+            # The engine serves its own API; Faust's table and router endpoints stay off.
+            web_tables_enabled=False,
+            web_router_enabled=False,
             web_host=settings.web_host,
             web_port=settings.web_port,
             web_bind=settings.web_host,
@@ -111,6 +117,9 @@ class Engine:
         self.last_batch_end = 0.0
         # Fail at start, naming the setting, if the rules do not load.
         load_rules(settings)
+        self.metrics = EngineMetrics()
+        self.backend = EngineBackend(self, self.metrics)
+        self._mount_web()
         self.source = self.app.topic(
             *settings.input_topics,
             key_type=bytes,
@@ -122,6 +131,7 @@ class Engine:
         self.app.agent(self.source, name="ingest", concurrency=1)(self._ingest)
         self.app.timer(OUTBOX_FLUSH_INTERVAL_S)(self._flush_outbox)
         self.app.timer(SWEEP_CHECK_S)(self._sweep)
+        self.app.timer(STATS_INTERVAL_S)(self._sample_stats)
         self.examples = self.app.topic(
             settings.examples_topic, key_type=bytes, value_type=bytes,
             key_serializer="raw", value_serializer="raw", partitions=1,
@@ -133,7 +143,7 @@ class Engine:
         if settings.clv_refit_interval_s > 0:
             self.app.timer(settings.clv_refit_interval_s, on_leader=True)(self._refit_clv)
 
-    def _ensure(self) -> BatchProcessor:
+    def ensure(self) -> BatchProcessor:
         if self.processor is None:
             self.redis = redis_client(self.settings)
             self.store = RedisFeatureStore(self.redis, self.settings.redis_prefix)
@@ -141,7 +151,58 @@ class Engine:
             self.processor = BatchProcessor(self.settings, self.store, FaustPublisher(self.app),
                                             scoring=self.runtime)
             self.sweeper = Sweeper(self.processor, self.runtime, self.store, self.lock)
+            self.processor.on_published = self.backend.on_published
         return self.processor
+
+    def _mount_web(self) -> None:
+        web = self.app.web
+        # The dashboard takes "/"; drop Faust's own index page there.
+        web.blueprints._enabled = [(prefix, bp) for prefix, bp in web.blueprints._enabled
+                                   if "production_index" not in str(bp)]
+        token = self.settings.api_token.get_secret_value() if self.settings.api_token else None
+        add_routes(web.web_app, self.backend, self.metrics, token)
+
+    def consumer_lags(self) -> dict[tuple[str, int], int]:
+        """Messages behind the end of each assigned input partition."""
+        out: dict[tuple[str, int], int] = {}
+        try:
+            consumer = self.app.consumer
+            for tp in self.app.assignor.assigned_actives():
+                if tp.topic not in self.settings.input_topics:
+                    continue
+                high = consumer.highwater(tp)
+                pos = consumer._committed_offset.get(tp)
+                if high is not None:
+                    out[(tp.topic, tp.partition)] = max(0, int(high) - int(pos or 0) - 1
+                                                        if pos is not None else int(high))
+        except Exception:
+            return out
+        return out
+
+    def kafka_connected(self) -> bool:
+        try:
+            return bool(self.app.producer is not None and self.app.consumer is not None
+                        and self.owned_partitions() is not None)
+        except Exception:
+            return False
+
+    def model_quality(self) -> dict[str, dict[str, Any]]:
+        """Quality of the models this worker scores with (or trains, on the learner)."""
+        out: dict[str, dict[str, Any]] = {}
+        models = dict(self.runtime.models) if self.runtime else {}
+        if self.learner is not None:
+            models.update(self.learner.models)
+        for name, m in models.items():
+            q = dict(m.quality())
+            q["version"] = m.version
+            out[name] = q
+        return out
+
+    async def _sample_stats(self) -> None:
+        try:
+            await self.backend.sample()
+        except Exception as exc:
+            log.warning("stats sampling failed: %r", exc)
 
     def owned_partitions(self) -> list[int]:
         """Input partitions assigned to this worker."""
@@ -153,7 +214,7 @@ class Engine:
         return sorted(tp.partition for tp in tps if tp.topic == topic)
 
     async def _ingest(self, stream: Any) -> Any:
-        processor = self._ensure()
+        processor = self.ensure()
         async for events in stream.take_events(
             self.settings.batch_max, within=self.settings.batch_within_s
         ):
@@ -162,13 +223,18 @@ class Engine:
                           e.message.key, e.message.value, int(e.message.timestamp * 1000))
                 for e in events
             ]
+            t0 = time.perf_counter()
             async with self.lock:
-                await processor.process(records)
+                stats = await processor.process(records)
             self.last_batch_end = time.monotonic()
+            by_topic: dict[str, int] = {}
+            for rec in records:
+                by_topic[rec.topic] = by_topic.get(rec.topic, 0) + 1
+            self.backend.on_batch(by_topic, stats, time.perf_counter() - t0)
             yield len(records)
 
     async def _flush_outbox(self) -> None:
-        processor = self._ensure()
+        processor = self.ensure()
         try:
             await processor.flush_outbox(self.owned_partitions())
         except Exception as exc:
@@ -176,7 +242,7 @@ class Engine:
 
     async def _sweep(self) -> None:
         """Sweep owned partitions whose inputs changed, when idle or at the sweep interval."""
-        self._ensure()
+        self.ensure()
         sweeper = self.sweeper
         assert sweeper is not None
         idle = time.monotonic() - self.last_batch_end >= IDLE_S
@@ -192,7 +258,7 @@ class Engine:
             log.warning("sweep failed: %r", exc)
 
     async def _learn(self, stream: Any) -> Any:
-        self._ensure()
+        self.ensure()
         if self.learner is None:
             assert self.redis is not None
             self.learner = Learner(self.settings, self.redis)
@@ -202,15 +268,16 @@ class Engine:
             yield len(events)
 
     async def _publish_models(self) -> None:
-        if self.learner is None:
+        if self.learner is None or self.store is None:
             return
         try:
+            await self.learner.learn_personas(self.store)
             await self.learner.publish()
         except Exception as exc:
             log.warning("model snapshot failed: %r", exc)
 
     async def _refit_clv(self) -> None:
-        self._ensure()
+        self.ensure()
         assert self.store is not None and self.redis is not None
         try:
             doc = await refit_clv(self.settings, self.redis, self.store)

@@ -34,6 +34,15 @@ log = logging.getLogger(__name__)
 #: Customers sampled for a scheduled CLV refit (the fit is over the population, so a
 #: large uniform sample gives the same parameters at a bounded cost).
 CLV_FIT_MAX_CUSTOMERS = 500_000
+#: The learner counts as caught up after this long without a new example.
+LEARNER_IDLE_S = 3.0
+#: Customers the persona model reads per learner tick.
+PERSONA_PAGE = 1000
+
+
+def checkpoint_key(prefix: str, name: str) -> str:
+    """The learner's newest training state of a model (not yet the serving version)."""
+    return f"{prefix}model:{name}:checkpoint"
 
 
 class Learner:
@@ -46,13 +55,21 @@ class Learner:
         self.models: dict[str, OnlineModel] = {m: OnlineModel(m) for m in MODELS}
         self.personas: Any | None = None
         self.dirty: set[str] = set()
+        self.unpromoted: set[str] = set()
+        self.persona_cursor = (0, 0)
+        self._learned_at_page = 0
         self.learned = 0
+        self.last_learn = 0.0
+        self.last_promote = time.monotonic()
 
     async def load(self) -> None:
-        """Resume every model from its newest snapshot in Redis."""
+        """Resume every model from its newest checkpoint (or serving snapshot) in Redis."""
         names = [*self.models, "cluster"]
-        blobs = await self.r.mget([model_key(self.settings.redis_prefix, n) for n in names])
-        for name, blob in zip(names, blobs, strict=True):
+        prefix = self.settings.redis_prefix
+        blobs = await self.r.mget([*(checkpoint_key(prefix, n) for n in names),
+                                   *(model_key(prefix, n) for n in names)])
+        for i, name in enumerate(names):
+            blob = blobs[i] or blobs[i + len(names)]
             if blob is None:
                 continue
             if name == "cluster":
@@ -71,7 +88,6 @@ class Learner:
 
     def learn(self, records: Sequence[tuple[int, bytes | None]]) -> None:
         """Learn from a batch of ``(offset, example bytes)``; undecodable ones are skipped."""
-        rows = []
         for offset, raw in records:
             if raw is None:
                 continue
@@ -86,35 +102,76 @@ class Learner:
             model.learn(ex)
             model.position = offset
             self.dirty.add(ex.model)
-            if ex.model == "churn":
-                rows.append(ex.x)
             self.learned += 1
-        if rows and self.personas is not None:
+            self.last_learn = time.monotonic()
+
+    async def learn_personas(self, store: RedisFeatureStore) -> int:
+        """Feed the persona model the next page of customers (a rolling scan of the state).
+
+        Clustering needs no labels, so it learns from the customer population itself:
+        every call reads the next :data:`PERSONA_PAGE` customers, going round all
+        partitions, so over time every customer is seen equally often.
+        """
+        if self.personas is None or self.learned == self._learned_at_page:
+            return 0  # nothing changed since the last page: keep the model (and version)
+        self._learned_at_page = self.learned
+        now = await store.now()
+        if now < 0:
+            return 0
+        part, cursor = self.persona_cursor
+        nxt, ids = await store.scan_customers(part, cursor, PERSONA_PAGE)
+        self.persona_cursor = (part, nxt) if nxt else ((part + 1) % self.settings.partitions, 0)
+        if not ids:
+            return 0
+        blobs = await store.r.mget([store.keys.customer(part, c) for c in ids])
+        rows = [derive(serial.decode(b), now) for b in blobs if b is not None]
+        if rows:
             self.personas.learn_many(rows)
             self.dirty.add("cluster")
+        return len(rows)
 
     async def publish(self) -> dict[str, int]:
-        """Write a new version of every model that learned since the last snapshot."""
-        if not self.dirty:
-            return {}
+        """Checkpoint what learned since the last call; promote a new serving version when due.
+
+        Checkpoints (every call) make the learner survive restarts. A promotion changes what
+        every worker scores with, and so makes the sweeps re-evaluate every customer: it
+        happens when the learner has caught up with its input (idle for a moment) or every
+        ``model_promote_s`` while examples keep coming.
+        """
         prefix = self.settings.redis_prefix
-        out: dict[str, int] = {}
         for name in sorted(self.dirty):
-            model: Any = self.personas if name == "cluster" else self.models[name]
+            model = self._model(name)
+            if model is not None:
+                await self.r.set(checkpoint_key(prefix, name), model.snapshot())
+        self.unpromoted |= self.dirty
+        self.dirty.clear()
+        now = time.monotonic()
+        idle = now - self.last_learn >= LEARNER_IDLE_S
+        if not self.unpromoted or not (
+                idle or now - self.last_promote >= self.settings.model_promote_s):
+            return {}
+        out: dict[str, int] = {}
+        for name in sorted(self.unpromoted):
+            model = self._model(name)
             if model is None:
                 continue
+            if name == "cluster":
+                model.publish()  # relabels by matching the previous centroids
             version = int(await self.r.hincrby(self.keys["model_seq"], name, 1))
             model.version = version
-            if name == "cluster":
-                model.publish()
             blob = model.snapshot()
             async with self.r.pipeline(transaction=True) as pipe:
                 pipe.set(model_key(prefix, name), blob)
+                pipe.set(checkpoint_key(prefix, name), blob)
                 pipe.hset(self.keys["models"], name, version)
                 await pipe.execute()
             out[name] = version
-        self.dirty.clear()
+        self.unpromoted.clear()
+        self.last_promote = now
         return out
+
+    def _model(self, name: str) -> Any:
+        return self.personas if name == "cluster" else self.models.get(name)
 
     def quality(self) -> dict[str, dict[str, Any]]:
         return {name: m.quality() for name, m in self.models.items()}

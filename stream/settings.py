@@ -58,6 +58,7 @@ class Settings(BaseSettings):
     churn_horizon_txn_days: float = Field(90.0, gt=0, le=3650)
     observation_gap_days: int = Field(7, ge=1, le=3650)
     model_snapshot_s: float = Field(5.0, gt=0, le=3_600)
+    model_promote_s: float = Field(300.0, gt=0, le=86_400)
     clv_refit_interval_s: float = Field(600.0, ge=0, le=604_800)
 
     data_dir: Path = Path.home() / ".cache" / "segstream"

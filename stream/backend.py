@@ -1,0 +1,177 @@
+"""The worker's implementation of the HTTP API backend and its metrics upkeep."""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from features.state import iso
+from stream import queries
+from stream.metrics import EngineMetrics
+from stream.pipeline import BatchStats, outbox_ingested_ms
+
+if TYPE_CHECKING:
+    from stream.app import Engine
+
+log = logging.getLogger(__name__)
+
+#: Samples of history kept for the dashboard (one every STATS_INTERVAL_S).
+HISTORY = 180
+STATS_INTERVAL_S = 2.0
+
+
+class EngineBackend:
+    """Answers the API from Redis and keeps the dashboard's recent history in memory."""
+
+    def __init__(self, engine: Engine, metrics: EngineMetrics) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self.throughput: collections.deque[dict[str, Any]] = collections.deque(maxlen=HISTORY)
+        self.segment_history: dict[str, collections.deque[dict[str, Any]]] = {}
+        self.model_history: dict[str, collections.deque[dict[str, Any]]] = {}
+        self.flows: dict[str, dict[tuple[str | None, str], int]] = {}
+        self._counts = {"events": 0, "migrations": 0, "dlq": 0}
+        self._last: tuple[float, dict[str, int]] | None = None
+        self.lags: dict[tuple[str, int], int] = {}
+        self.segments: dict[str, dict[str, int]] = {}
+        self.actions_rows: list[dict[str, Any]] = []
+
+    # -- hooks called by the engine ------------------------------------------------------
+    def on_batch(self, records_by_topic: dict[str, int], stats: BatchStats,
+                 seconds: float) -> None:
+        for topic, n in records_by_topic.items():
+            self.metrics.events_in(topic, n)
+        self._counts["events"] += stats.records
+        for reason, n in stats.dead_letters.items():
+            self.metrics.dead_letter(reason, n)
+            self._counts["dlq"] += n
+        self.metrics.observe_batch(stats.records, seconds)
+
+    def on_published(self, records: Sequence[tuple[str, bytes | None, bytes]],
+                     blobs: Sequence[bytes]) -> None:
+        topic = self.engine.settings.migrations_topic
+        wall_ms = time.time() * 1000
+        for (t, _, value), blob in zip(records, blobs, strict=True):
+            if t != topic:
+                continue
+            m = orjson.loads(value)
+            ingested = outbox_ingested_ms(blob)
+            latency = (wall_ms - ingested) / 1000 if ingested else None
+            self.metrics.migration(m["scheme"], m["from_segment"], m["to_segment"], latency)
+            flows = self.flows.setdefault(m["scheme"], {})
+            key = (m["from_segment"], m["to_segment"])
+            flows[key] = flows.get(key, 0) + 1
+            self._counts["migrations"] += 1
+
+    # -- periodic upkeep -----------------------------------------------------------------
+    async def sample(self) -> None:
+        """Refresh gauges and append one history sample."""
+        e = self.engine
+        store, r = e.store, e.redis
+        if store is None or r is None:
+            return
+        s = e.settings
+        t = time.time()
+        with self.metrics.redis_call("read"):
+            seg = await queries.segments_doc(s, r, store)
+            acts = await queries.actions_doc(s, store)
+        self.segments = seg["schemes"]
+        self.actions_rows = acts["actions"]
+        self.metrics.set_segment_sizes(self.segments)
+        self.metrics.set_action_lift(self.actions_rows)
+        now = await store.now()
+        if now >= 0:
+            self.metrics.set_engine_now(now)
+        self.lags = e.consumer_lags()
+        self.metrics.set_lags(self.lags)
+        self.metrics.set_partitions_assigned(len(e.owned_partitions()))
+        for name, q in e.model_quality().items():
+            self.metrics.set_model_quality(name, q)
+            self.model_history.setdefault(name, collections.deque(maxlen=HISTORY)).append(
+                {"t": int(t * 1000), "auc": q.get("auc"), "log_loss": q.get("log_loss")})
+        for scheme, sizes in self.segments.items():
+            self.segment_history.setdefault(scheme, collections.deque(maxlen=HISTORY)).append(
+                {"t": int(t * 1000), "sizes": dict(sizes)})
+        counts = dict(self._counts)
+        if self._last is not None:
+            dt = max(1e-6, t - self._last[0])
+            prev = self._last[1]
+            self.throughput.append({
+                "t": int(t * 1000),
+                "events_in_per_s": (counts["events"] - prev["events"]) / dt,
+                "migrations_per_s": (counts["migrations"] - prev["migrations"]) / dt,
+                "dlq_per_s": (counts["dlq"] - prev["dlq"]) / dt,
+                "lag": sum(self.lags.values()),
+            })
+        self._last = (t, counts)
+
+    # -- ApiBackend ------------------------------------------------------------------------
+    async def customer(self, customer_id: str) -> dict[str, Any] | None:
+        e = self.engine
+        e.ensure()
+        assert e.store is not None and e.redis is not None
+        return await queries.customer_doc(e.settings, e.redis, e.store, e.runtime, customer_id)
+
+    async def segments(self) -> dict[str, Any]:
+        e = self.engine
+        e.ensure()
+        assert e.store is not None and e.redis is not None
+        return await queries.segments_doc(e.settings, e.redis, e.store)
+
+    async def migrations(self, since: str | None, limit: int) -> dict[str, Any]:
+        e = self.engine
+        e.ensure()
+        assert e.redis is not None
+        return await queries.migrations_doc(e.settings, e.redis, since, limit)
+
+    async def actions(self) -> dict[str, Any]:
+        e = self.engine
+        e.ensure()
+        assert e.store is not None
+        return await queries.actions_doc(e.settings, e.store)
+
+    async def health(self) -> dict[str, Any]:
+        return {"status": "ok", "app_id": self.engine.settings.app_id}
+
+    async def ready(self) -> tuple[bool, dict[str, Any]]:
+        e = self.engine
+        checks: dict[str, Any] = {}
+        try:
+            e.ensure()
+            assert e.redis is not None
+            checks["redis"] = bool(await e.redis.ping())
+        except Exception as exc:
+            checks["redis"] = False
+            checks["redis_error"] = type(exc).__name__
+        checks["kafka"] = e.kafka_connected()
+        checks["partitions_assigned"] = len(e.owned_partitions())
+        ok = bool(checks["redis"] and checks["kafka"] and checks["partitions_assigned"] > 0)
+        return ok, checks
+
+    async def stats(self) -> dict[str, Any]:
+        e = self.engine
+        now = await e.store.now() if e.store is not None else -1
+        return {
+            "as_of": iso(now) if now >= 0 else None,
+            "generated_at": iso(int(time.time() * 1000)),
+            "throughput": list(self.throughput),
+            "lag": {"total": sum(self.lags.values()),
+                    "partitions": [{"topic": t, "partition": p, "lag": n}
+                                   for (t, p), n in sorted(self.lags.items())]},
+            "segments": self.segments,
+            "segment_history": {k: list(v) for k, v in self.segment_history.items()},
+            "flows": {scheme: [{"from": f, "to": t, "count": n}
+                               for (f, t), n in sorted(rows.items(), key=lambda kv: -kv[1])]
+                      for scheme, rows in self.flows.items()},
+            "models": [{"model": name, "version": q.get("version"), "auc": q.get("auc"),
+                        "log_loss": q.get("log_loss"), "examples": q.get("examples", 0),
+                        "drift_alarms": q.get("drift_alarms", 0),
+                        "history": list(self.model_history.get(name, ()))}
+                       for name, q in e.model_quality().items()],
+            "actions": self.actions_rows,
+        }

@@ -1,0 +1,148 @@
+"""One benchmark run's isolated deployment on the shared broker and Redis.
+
+Every run gets a fresh tag; app ids, the topic prefix and Redis prefixes all start
+with ``bench-<tag>`` so that :meth:`BenchDeployment.cleanup` can remove exactly what
+the run created (topics, Faust's internal topics, consumer groups, Redis keys, Faust
+data directories) and nothing else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from stream.kafka import admin, ensure_topics
+from stream.settings import Settings, env_name
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class BenchDeployment:
+    """Names, environment and child processes of one run."""
+
+    base: Settings
+    tag: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
+    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="segbench-")))
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    groups: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return f"bench-{self.tag}"
+
+    def settings(self, role: str) -> Settings:
+        """Settings of one role (``engine``, ``floor``...): own app id and Redis prefix."""
+        s = self.base.model_copy(update={
+            "app_id": f"{self.name}-{role}",
+            "topic_prefix": f"{self.name}.",
+            "redis_prefix": f"{self.name}-{role}:",
+        })
+        self.groups.append(s.app_id)
+        return s
+
+    def create_topics(self) -> None:
+        ensure_topics(self.base.model_copy(update={"topic_prefix": f"{self.name}."}))
+
+    def env(self, s: Settings, **extra: str) -> dict[str, str]:
+        """The environment of a child process running with settings ``s``."""
+        env = dict(os.environ)
+        for name in ("app_id", "topic_prefix", "redis_prefix", "kafka_bootstrap", "redis_url",
+                     "partitions", "batch_max", "batch_within_s"):
+            env[env_name(name)] = str(getattr(s, name))
+        env[env_name("web_port")] = str(free_port())
+        env["PYTHONUNBUFFERED"] = "1"
+        env.update(extra)
+        return env
+
+    def spawn(self, module: str, s: Settings, log_name: str, **extra: str
+              ) -> subprocess.Popen[bytes]:
+        """Start ``python -m module`` in its own session, output to a log file."""
+        log = self.workdir / f"{log_name}.log"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", module], env=self.env(s, **extra), cwd=ROOT,
+            stdout=open(log, "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115 - child owns it
+            start_new_session=True,
+        )
+        self.procs.append(proc)
+        return proc
+
+    def log_tail(self, log_name: str, n: int = 3000) -> str:
+        try:
+            return (self.workdir / f"{log_name}.log").read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+    def stop(self, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+        """SIGTERM the process group; SIGKILL it if it does not exit in time."""
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+
+    def cleanup(self, keep_logs: bool = False) -> None:
+        """Stop children; delete the run's topics, groups, Redis keys (and logs unless kept)."""
+        for p in self.procs:
+            self.stop(p)
+        a = admin(self.base)
+        try:
+            mine = [t for t in a.list_topics() if t.startswith(self.name)]
+            if mine:
+                with contextlib.suppress(Exception):
+                    a.delete_topics(mine)
+            groups = sorted(set(self.groups))
+            with contextlib.suppress(Exception):
+                a.delete_consumer_groups(groups)
+        finally:
+            a.close()
+        import redis
+
+        r = redis.from_url(self.base.redis_url)
+        try:
+            batch: list[bytes] = []
+            for k in r.scan_iter(match=f"{self.name}*", count=2000):
+                batch.append(k)
+                if len(batch) >= 2000:
+                    r.unlink(*batch)
+                    batch = []
+            if batch:
+                r.unlink(*batch)
+        finally:
+            r.close()
+        for g in set(self.groups):
+            shutil.rmtree(self.base.data_dir / "faust" / g, ignore_errors=True)
+        if not keep_logs:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+        self.wait_topics_gone()
+
+    def wait_topics_gone(self, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            a = admin(self.base)
+            try:
+                if not any(t.startswith(self.name) for t in a.list_topics()):
+                    return
+            finally:
+                a.close()
+            time.sleep(0.5)

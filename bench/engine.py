@@ -1,0 +1,189 @@
+"""E: engine workers consuming the benchmark input, measured from the outside.
+
+Progress is the committed Redis offset watermarks (``P{pN}:meta`` fields
+``wm:<topic>``), i.e. what the engine has durably applied, polled every 100 ms until
+they reach the topics' end offsets. Throughput, CPU time and Redis counters are
+deltas between the first poll that sees progress and the one that sees the end, so
+start-up and the group join are not counted. Peak RSS covers the whole run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import psutil
+import redis
+
+from bench.deploy import BenchDeployment
+from features.store import Keys
+from stream.kafka import end_offsets
+from stream.settings import Settings
+
+POLL_S = 0.1
+STALL_S = 180.0
+
+
+class BenchError(RuntimeError):
+    """A benchmark step could not complete."""
+
+
+@dataclass
+class EngineResult:
+    """What one E run measured."""
+
+    workers: int
+    events: int
+    seconds: float
+    eps: float
+    startup_s: float
+    cpu_s: float
+    cpu_s_per_million_events: float
+    rss_peak_mb: float
+    roundtrips: int
+    commands: int
+    server: dict[str, float]
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list, repr=False)
+    profile_path: Path | None = None
+
+
+def watermark_progress(r: redis.Redis, s: Settings, ends: dict[tuple[str, int], int]) -> int:
+    """Input records the engine has committed (watermarks are last applied offsets)."""
+    keys = Keys(s.redis_prefix)
+    topics = list(s.input_topics)
+    pipe = r.pipeline(transaction=False)
+    for p in range(s.partitions):
+        pipe.hmget(keys.meta(p), [f"wm:{t}" for t in topics])
+    done = 0
+    for p, row in enumerate(pipe.execute()):
+        for t, v in zip(topics, row, strict=True):
+            if v is not None:
+                done += min(int(v) + 1, ends.get((t, p), 0))
+    return done
+
+
+def server_counters(r: redis.Redis) -> dict[str, float]:
+    """Server-wide counters (every client of this Redis, not only the engine)."""
+    st: dict[str, Any] = r.info("stats")  # type: ignore[assignment]
+    mem: dict[str, Any] = r.info("memory")  # type: ignore[assignment]
+    out = {k: float(st.get(k, 0)) for k in ("total_commands_processed", "total_reads_processed",
+                                             "total_net_input_bytes")}
+    out["used_memory"] = float(mem.get("used_memory", 0))
+    return out
+
+
+class ProcessTree:
+    """CPU seconds and RSS of some processes and their children."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self.roots = [psutil.Process(p) for p in pids]
+        self.rss_peak = 0
+        self._cpu: dict[int, float] = {}
+
+    def sample(self) -> float:
+        """Sample now; returns total CPU seconds so far (exited children keep their last)."""
+        rss = 0
+        for root in self.roots:
+            with contextlib.suppress(psutil.Error):
+                for proc in [root, *root.children(recursive=True)]:
+                    with contextlib.suppress(psutil.Error), proc.oneshot():
+                        t = proc.cpu_times()
+                        self._cpu[proc.pid] = t.user + t.system
+                        rss += proc.memory_info().rss
+        self.rss_peak = max(self.rss_peak, rss)
+        return sum(self._cpu.values())
+
+
+def _read_counters(paths: list[Path]) -> tuple[int, int]:
+    rt = cmds = 0
+    for p in paths:
+        with contextlib.suppress(OSError, ValueError):
+            doc = orjson.loads(p.read_bytes())
+            rt += int(doc["roundtrips"])
+            cmds += int(doc["commands"])
+    return rt, cmds
+
+
+def start_profiler(pid: int, out: Path, log: Path) -> subprocess.Popen[bytes] | None:
+    """py-spy sampling ``pid`` into a speedscope file (None if py-spy is unavailable)."""
+    exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(exe).exists():
+        return None
+    return subprocess.Popen(
+        [exe, "record", "--pid", str(pid), "--format", "speedscope", "--output", str(out),
+         "--rate", "100", "--nonblocking"],
+        stdout=subprocess.DEVNULL, stderr=open(log, "wb"),
+    )
+
+
+def run_engine(dep: BenchDeployment, role: str, workers: int, total: int,
+               profile: Path | None = None, progress: Any = None) -> EngineResult:
+    """Start ``workers`` engine workers and measure them until they caught up."""
+    s = dep.settings(role)
+    ends = end_offsets(s, s.input_topics)
+    if sum(ends.values()) < total:
+        raise BenchError(f"input topics hold {sum(ends.values())} records, expected {total}")
+    r = redis.from_url(s.redis_url)
+    counters = [dep.workdir / f"{role}-{i}.counters" for i in range(workers)]
+    spawned = time.monotonic()
+    procs = [dep.spawn("bench.worker", s, f"{role}-{i}", BENCH_COUNTERS=str(counters[i]))
+             for i in range(workers)]
+    profiler: subprocess.Popen[bytes] | None = None
+    tree = ProcessTree([p.pid for p in procs])
+    first: tuple[float, int, float, tuple[int, int], dict[str, float]] | None = None
+    last_change, last_done = time.monotonic(), -1
+    try:
+        while True:
+            time.sleep(POLL_S)
+            for i, p in enumerate(procs):
+                if p.poll() is not None:
+                    raise BenchError(f"engine worker exited ({p.returncode}):\n"
+                                     f"{dep.log_tail(f'{role}-{i}')}")
+            done = watermark_progress(r, s, ends)
+            now = time.monotonic()
+            cpu = tree.sample()
+            if progress is not None:
+                progress(done)
+            if done != last_done:
+                last_change, last_done = now, done
+            elif now - last_change > STALL_S:
+                raise BenchError(f"engine made no progress for {STALL_S:.0f}s at {done}/{total}:"
+                                 f"\n{dep.log_tail(f'{role}-0')}")
+            if first is None and done > 0:
+                first = (now, done, cpu, _read_counters(counters), server_counters(r))
+                if profile is not None:  # the steady state only, not imports and group join
+                    profiler = start_profiler(procs[0].pid, profile,
+                                              dep.workdir / f"{role}-py-spy.log")
+            if done >= total and first is not None:
+                time.sleep(0.15)  # let the counters files catch up with the last batch
+                rt, cmds = _read_counters(counters)
+                end_server = server_counters(r)
+                break
+        t0, n0, cpu0, (rt0, cmds0), server0 = first
+        seconds = max(1e-9, now - t0)
+        events = done - n0
+        cpu_s = cpu - cpu0
+    finally:
+        if profiler is not None:
+            profiler.send_signal(signal.SIGINT)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                profiler.wait(timeout=60)
+        r.close()
+    return EngineResult(
+        workers=workers, events=events, seconds=seconds, eps=events / seconds,
+        startup_s=t0 - spawned, cpu_s=cpu_s,
+        cpu_s_per_million_events=cpu_s / max(1, events) * 1e6,
+        rss_peak_mb=tree.rss_peak / 2**20,
+        roundtrips=rt - rt0, commands=cmds - cmds0,
+        server={k: end_server[k] - server0[k] for k in server0},
+        procs=procs, profile_path=profile if profiler is not None else None,
+    )
+

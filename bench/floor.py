@@ -1,0 +1,79 @@
+"""The Faust floor: a trivial agent that only counts the input records.
+
+Run as ``python -m bench.floor`` with the deployment's ``SEGSTREAM_*`` settings (its
+own app id), ``BENCH_EXPECT`` (records to wait for) and ``BENCH_OUT`` (a JSON file).
+The app is configured as the engine's (raw bytes, one agent, ``concurrency=1``, the
+same ``take_events`` batching and commit settings), so the difference between this
+and the engine is the engine's own work. Once ``BENCH_EXPECT`` records arrived it
+writes ``{"count", "first_batch", "t_first", "t_last"}`` (wall-clock seconds at the
+first and the last batch) and keeps running until it is stopped.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import faust
+import orjson
+
+from stream.app import _broker_credentials
+from stream.settings import Settings, load_settings
+
+
+def create_app(settings: Settings, expect: int, out: Path) -> faust.App:
+    """A Faust app whose one agent counts records the way the engine batches them."""
+    app = faust.App(
+        settings.app_id,
+        broker=settings.kafka_url,
+        broker_credentials=_broker_credentials(settings),
+        store="memory://",
+        datadir=str(settings.data_dir / "faust" / settings.app_id),
+        autodiscover=False,
+        topic_partitions=settings.partitions,
+        topic_allow_declare=False,
+        consumer_auto_offset_reset="earliest",
+        web_enabled=False,
+        stream_wait_empty=False,
+        stream_buffer_maxsize=max(4096, settings.batch_max * 2),
+        broker_commit_every=settings.batch_max,
+        broker_commit_interval=1.0,
+        logging_config=None,
+    )
+    source = app.topic(*settings.input_topics, key_type=bytes, value_type=bytes,
+                       key_serializer="raw", value_serializer="raw",
+                       partitions=settings.partitions)
+    seen = {"count": 0, "first_batch": 0, "t_first": 0.0, "t_last": 0.0}
+
+    async def count(stream: Any) -> Any:
+        async for events in stream.take_events(settings.batch_max,
+                                               within=settings.batch_within_s):
+            now = time.time()
+            if seen["count"] == 0:
+                seen["first_batch"], seen["t_first"] = len(events), now
+            seen["count"] += len(events)
+            seen["t_last"] = now
+            if seen["count"] >= expect:
+                tmp = out.with_suffix(".tmp")
+                tmp.write_bytes(orjson.dumps(seen))
+                tmp.replace(out)
+            yield len(events)
+
+    app.agent(source, name="count", concurrency=1)(count)
+    return app
+
+
+def main() -> None:
+    from faust.worker import Worker
+
+    settings = load_settings()
+    out = Path(os.environ["BENCH_OUT"])
+    app = create_app(settings, int(os.environ["BENCH_EXPECT"]), out)
+    Worker(app, loglevel="WARNING", quiet=True, redirect_stdouts=False
+           ).execute_from_commandline()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,239 @@
+"""End-to-end latency at a fixed offered load, with an engine worker running.
+
+Fresh events are produced at ``rate`` per second (each record's Kafka timestamp is
+its send time). Two latencies are measured per input record:
+
+* ``migration``: migration record's Kafka timestamp minus the timestamp of the input
+  record named by its ``"trigger": {"topic", "partition", "offset"}``; only inputs
+  that caused a migration have one.
+* ``watermark``: the first time the engine's committed Redis watermark of the
+  record's partition covers its offset (polled every 10 ms, so up to 10 ms late)
+  minus the record's timestamp; every input record has one.
+
+The migration latency is the headline when migrations carry triggers; otherwise
+the watermark latency is, and the result says which.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from bisect import bisect_left
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import orjson
+import redis.asyncio as aioredis
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from bench.workload import LiveRecord, aiokafka_config
+from features.store import Keys
+from stream.settings import Settings
+
+WATERMARK_POLL_S = 0.01
+AFTER_DRAIN_S = 1.5
+
+
+def percentiles(values: Sequence[float]) -> dict[str, float] | None:
+    """p50/p95/p99 (and max) of some latencies in ms, or None without samples."""
+    if not values:
+        return None
+    a = np.asarray(values, dtype=np.float64)
+    p50, p95, p99 = np.percentile(a, [50, 95, 99])
+    return {"p50": round(float(p50), 1), "p95": round(float(p95), 1),
+            "p99": round(float(p99), 1), "max": round(float(a.max()), 1)}
+
+
+@dataclass
+class LatencyResult:
+    """Latencies of one offered load."""
+
+    offered_eps: float
+    achieved_eps: float
+    produced: int
+    method: str
+    latency_ms: dict[str, float] | None
+    watermark_ms: dict[str, float] | None
+    migration_ms: dict[str, float] | None
+    migrations: int
+    migrations_with_trigger: int
+    unprocessed: int
+    drain_s: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "offered_eps": round(self.offered_eps, 1),
+            "achieved_eps": round(self.achieved_eps, 1),
+            "produced": self.produced,
+            "method": self.method,
+            **(self.latency_ms or {}),
+            "watermark_ms": self.watermark_ms,
+            "migration_ms": self.migration_ms,
+            "migrations": self.migrations,
+            "migrations_with_trigger": self.migrations_with_trigger,
+            "unprocessed": self.unprocessed,
+            "drain_s": round(self.drain_s, 2),
+            **self.extra,
+        }
+
+
+class _Watch:
+    """Watermark history per input partition and migrations seen, gathered concurrently."""
+
+    def __init__(self, s: Settings) -> None:
+        self.s = s
+        self.keys = Keys(s.redis_prefix)
+        self.topics = list(s.input_topics)
+        self.hist: dict[tuple[str, int], tuple[list[float], list[int]]] = {
+            (t, p): ([], []) for t in self.topics for p in range(s.partitions)
+        }
+        self.migrations: list[tuple[tuple[str, int, int] | None, int]] = []
+        self.stop = asyncio.Event()
+
+    async def watermarks(self, r: aioredis.Redis) -> None:
+        fields = [f"wm:{t}" for t in self.topics]
+        while not self.stop.is_set():
+            async with r.pipeline(transaction=False) as pipe:
+                for p in range(self.s.partitions):
+                    pipe.hmget(self.keys.meta(p), fields)
+                rows = await pipe.execute()
+            now_ms = time.time() * 1000
+            for p, row in enumerate(rows):
+                for t, v in zip(self.topics, row, strict=True):
+                    wm = -1 if v is None else int(v)
+                    times, wms = self.hist[(t, p)]
+                    if not wms or wm > wms[-1]:
+                        times.append(now_ms)
+                        wms.append(wm)
+            await asyncio.sleep(WATERMARK_POLL_S)
+
+    def covered(self, tp: tuple[str, int], offset: int) -> float | None:
+        """When the watermark of ``tp`` first reached ``offset`` (epoch ms)."""
+        times, wms = self.hist[tp]
+        i = bisect_left(wms, offset)
+        return times[i] if i < len(wms) else None
+
+    async def migrations_from(self, consumer: AIOKafkaConsumer) -> None:
+        while not self.stop.is_set():
+            batches = await consumer.getmany(timeout_ms=100)
+            for recs in batches.values():
+                for rec in recs:
+                    trig = None
+                    try:
+                        t = orjson.loads(rec.value).get("trigger")
+                        if isinstance(t, dict):
+                            trig = (str(t["topic"]), int(t["partition"]), int(t["offset"]))
+                    except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError,
+                            ValueError):
+                        pass
+                    self.migrations.append((trig, rec.timestamp))
+
+
+async def _offer(producer: AIOKafkaProducer, s: Settings, records: Sequence[LiveRecord],
+                 rate: float) -> tuple[list[tuple[str, int, int, int]], float]:
+    """Send at ``rate`` per second; returns ``(topic, partition, offset, timestamp ms)`` of each.
+
+    Records due in one tick go out as one record batch per partition (built here, as
+    the Python producer's per-record ``send`` costs more CPU than the load needs),
+    stamped with the tick's wall-clock time, which becomes their Kafka timestamp.
+    """
+    pending: list[tuple[asyncio.Future[Any], str, int, int, int]] = []
+    start = time.monotonic()
+    sent = 0
+    while sent < len(records):
+        due = min(len(records), int((time.monotonic() - start) * rate) + 1)
+        if due > sent:
+            now_ms = int(time.time() * 1000)
+            groups: dict[tuple[str, int], list[LiveRecord]] = {}
+            for rec in records[sent:due]:
+                groups.setdefault((s.topic(rec.kind), rec.partition), []).append(rec)
+            for (topic, p), recs in groups.items():
+                batch, count = producer.create_batch(), 0
+                for rec in recs:
+                    if batch.append(key=rec.key, value=rec.value, timestamp=now_ms) is None:
+                        pending.append((await producer.send_batch(batch, topic, partition=p),
+                                        topic, p, count, now_ms))
+                        batch, count = producer.create_batch(), 0
+                        batch.append(key=rec.key, value=rec.value, timestamp=now_ms)
+                    count += 1
+                pending.append((await producer.send_batch(batch, topic, partition=p),
+                                topic, p, count, now_ms))
+            sent = due
+        await asyncio.sleep(0.002)
+    await asyncio.gather(*(f for f, *_ in pending))
+    produce_s = max(1e-9, time.monotonic() - start)
+    out = []
+    for fut, topic, p, count, ts in pending:
+        base = fut.result().offset
+        out += [(topic, p, base + i, ts) for i in range(count)]
+    return out, produce_s
+
+
+async def measure(s: Settings, records: Sequence[LiveRecord], rate: float, seconds: float,
+                  drain_timeout: float = 120.0) -> LatencyResult:
+    """Offer ``rate`` events/s for ``seconds`` to a running engine; measure latencies."""
+    cfg = aiokafka_config(s)
+    producer = AIOKafkaProducer(**cfg, acks="all", linger_ms=1)
+    consumer = AIOKafkaConsumer(**cfg, group_id=None, enable_auto_commit=False)
+    r = aioredis.from_url(s.redis_url)
+    watch = _Watch(s)
+    await producer.start()
+    await consumer.start()
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        await consumer.topics()  # metadata of every topic, the migrations topic included
+        parts = consumer.partitions_for_topic(s.migrations_topic) or range(s.partitions)
+        mig_tps = [TopicPartition(s.migrations_topic, p) for p in sorted(parts)]
+        consumer.assign(mig_tps)
+        await consumer.seek_to_end(*mig_tps)
+        for tp in mig_tps:
+            await consumer.position(tp)
+        tasks = [asyncio.create_task(watch.watermarks(r)),
+                 asyncio.create_task(watch.migrations_from(consumer))]
+        await asyncio.sleep(0.2)
+
+        n = min(len(records), int(rate * seconds))
+        sent_ms, produce_s = await _offer(producer, s, records[:n], rate)
+
+        last: dict[tuple[str, int], int] = {}
+        for topic, p, off, _ in sent_ms:
+            last[(topic, p)] = max(last.get((topic, p), -1), off)
+        t_end = time.monotonic()
+        while time.monotonic() - t_end < drain_timeout:
+            if all(watch.covered(tp, off) is not None for tp, off in last.items()):
+                break
+            await asyncio.sleep(0.05)
+        drain_s = time.monotonic() - t_end
+        await asyncio.sleep(AFTER_DRAIN_S)
+    finally:
+        watch.stop.set()
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await producer.stop()
+        await consumer.stop()
+        await r.aclose()
+
+    sent_at = {(topic, p, off): ts for topic, p, off, ts in sent_ms}
+    wm_lat: list[float] = []
+    unprocessed = 0
+    for topic, p, off, ts in sent_ms:
+        at = watch.covered((topic, p), off)
+        if at is None:
+            unprocessed += 1
+        else:
+            wm_lat.append(at - ts)
+    mig_lat = [ts - sent_at[trig] for trig, ts in watch.migrations
+               if trig is not None and trig in sent_at]
+    with_trigger = sum(1 for trig, _ in watch.migrations if trig is not None)
+    method = "migration_trigger" if mig_lat else "watermark"
+    return LatencyResult(
+        offered_eps=rate, achieved_eps=n / produce_s, produced=n, method=method,
+        latency_ms=percentiles(mig_lat) if mig_lat else percentiles(wm_lat),
+        watermark_ms=percentiles(wm_lat), migration_ms=percentiles(mig_lat),
+        migrations=len(watch.migrations), migrations_with_trigger=with_trigger,
+        unprocessed=unprocessed, drain_s=drain_s,
+    )

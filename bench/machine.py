@@ -1,0 +1,79 @@
+"""A description of the machine and services a benchmark ran on."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from stream.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def git_commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT,
+                             capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def kafka_version(settings: Settings) -> str:
+    """The broker's release, read from a local broker's class path when it runs here."""
+    port = settings.kafka_bootstrap.split(",")[0].rpartition(":")[2]
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(proc.info.get("cmdline") or [])
+        if "kafka.Kafka" not in cmd:
+            continue
+        with contextlib.suppress(OSError):
+            props = Path(proc.info["cmdline"][-1]).read_text()
+            if f":{port}" not in props:
+                continue
+        m = re.search(r"kafka_2\.\d+-([\w.]+?)\.jar", cmd) or re.search(r"libs-([\w.]+)", cmd)
+        if m:
+            return m.group(1)
+    return "unknown (remote broker)"
+
+
+def describe(settings: Settings) -> dict[str, Any]:
+    """CPU, cores, RAM, Python, Kafka, Redis and the code's git commit."""
+    import redis
+
+    r = redis.from_url(settings.redis_url)
+    try:
+        info: dict[str, Any] = r.info("server")  # type: ignore[assignment]
+        redis_version = str(info.get("redis_version", "unknown"))
+    finally:
+        r.close()
+    return {
+        "cpu": cpu_model(),
+        "cores_logical": psutil.cpu_count(logical=True),
+        "cores_physical": psutil.cpu_count(logical=False),
+        "cores_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+        else psutil.cpu_count(),
+        "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "load_avg_1m": round(os.getloadavg()[0], 2),
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "kafka": kafka_version(settings),
+        "redis": redis_version,
+        "git_commit": git_commit(),
+    }

@@ -1,0 +1,76 @@
+"""The benchmark result as a rich table."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.table import Table
+
+
+def _n(v: Any, fmt: str = ",.0f") -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, int | float):
+        return format(v, fmt)
+    return str(v)
+
+
+def _lat(d: dict[str, Any] | None) -> str:
+    if not d or d.get("p50") is None:
+        return "-"
+    return f"{d['p50']:,.0f} / {d['p95']:,.0f} / {d['p99']:,.0f}"
+
+
+def table(doc: dict[str, Any]) -> Table:
+    """Every figure of a result document, with the E/L and E/F ratios."""
+    t = Table("figure", "value", title=f"segstream bench: {doc['events']:,} events, "
+              f"{doc['customers']:,} customers", title_justify="left")
+    r = doc["ratios"]
+    eng = doc["engine"]
+    rows: list[tuple[str, str]] = [
+        ("L limit (aiokafka getmany + orjson)", f"{_n(doc['limit_eps'])} ev/s"),
+        ("F Faust floor (counting agent)", f"{_n(doc['faust_floor_eps'])} ev/s"),
+        ("E engine (1 worker)", f"{_n(doc['engine_eps'])} ev/s"),
+        ("E / L", _n(r["engine_over_limit"], ".1%")),
+        ("E / F", _n(r["engine_over_floor"], ".1%")),
+        ("F / L", _n(r["floor_over_limit"], ".1%")),
+    ]
+    if "scaling" in doc:
+        sc = doc["scaling"]
+        rows.append((f"E with {sc['workers']} workers",
+                     f"{_n(sc['eps'])} ev/s (x{sc['ratio_vs_1']:.2f} vs 1)"))
+    method = doc.get("latency_method") or "skipped"
+    rows += [
+        (f"latency p50/p95/p99 at {_n(doc.get('latency_offered_eps'))} ev/s",
+         f"{_lat(doc['latency_ms'])} ms ({method})"),
+        ("latency p50/p95/p99 at 80% of E", f"{_lat(doc.get('latency_80pct_engine_ms'))} ms"),
+    ]
+    for name, lat in doc.get("latency", {}).items():
+        rows.append((f"  {name}: offered/achieved, unprocessed",
+                     f"{_n(lat['offered_eps'])}/{_n(lat['achieved_eps'])} ev/s, "
+                     f"{lat['unprocessed']}; watermark {_lat(lat['watermark_ms'])} ms; "
+                     f"migrations {lat['migrations']} ({lat['migrations_with_trigger']} "
+                     "with trigger)"))
+    red = doc["redis"]
+    rows += [
+        ("Redis round trips / event (client side)", _n(doc["redis_roundtrips_per_event"], ".4f")),
+        ("Redis commands / event (client side)", _n(doc["redis_commands_per_event"], ".4f")),
+        ("Redis commands / event (server, shared)", _n(red["server_commands_per_event"], ".4f")),
+        ("Redis bytes / customer (used_memory delta)",
+         _n(red["used_memory_bytes_per_customer"])),
+        ("Redis bytes / customer (MEMORY USAGE)", _n(red["memory_usage_bytes_per_customer"])),
+        ("worker peak RSS", f"{_n(doc['worker_rss_mb'], ',.1f')} MB"),
+        ("worker CPU s / million events", _n(doc["cpu_s_per_million_events"], ",.1f")),
+        ("worker start-up to first commit", f"{_n(eng['startup_s'], '.1f')} s"),
+        ("producer", f"{_n(doc['produce_eps'])} ev/s"),
+    ]
+    m = doc["machine"]
+    rows.append(("machine", f"{m['cpu']}, {m['cores_available']} cores, {m['ram_gb']} GB, "
+                            f"load {m['load_avg_1m']}, Python {m['python']}, Kafka {m['kafka']},"
+                            f" Redis {m['redis']}, git {m['git_commit']}"))
+    for row in rows:
+        t.add_row(*row)
+    for f in doc.get("profile", {}).get("top_self", []):
+        t.add_row(f"  self {f['self_pct']:.1f}%", f"{f['function']}  {f['file']}")
+    t.caption = f"results: {doc.get('results_file', '-')}"
+    return t

@@ -1,0 +1,304 @@
+"""One benchmark run: produce once, then L, F, E, latency and Redis costs, then clean up."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+import redis
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
+
+from bench import latency, machine, profile, workload
+from bench.deploy import BenchDeployment
+from bench.engine import BenchError, EngineResult, run_engine
+from bench.limit import RateResult, run_limit
+from stream.settings import Settings, load_settings
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+FLOOR_POLL_S = 0.2
+
+
+@dataclass(frozen=True)
+class Options:
+    """What to run (the ``segstream bench`` options)."""
+
+    events: int = 1_000_000
+    customers: int = 100_000
+    seed: int = 0
+    skip_latency: bool = False
+    workers: int = 1
+    profile: bool = False
+    latency_seconds: float = 15.0
+    latency_eps: float = 5_000.0
+    results_dir: Path = RESULTS_DIR
+
+
+class Bars:
+    """A rich progress display with one bar per step."""
+
+    def __init__(self, console: Console) -> None:
+        self.progress = Progress(
+            TextColumn("[bold]{task.description:<10}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[note]}"), TimeElapsedColumn(), console=console,
+            transient=False,
+        )
+
+    def add(self, label: str, total: int | None) -> TaskID:
+        return self.progress.add_task(label, total=total, note="")
+
+    def updater(self, task: TaskID) -> Any:
+        start = time.monotonic()
+
+        def update(done: int) -> None:
+            el = time.monotonic() - start
+            note = f"{done / el:,.0f}/s" if el > 0 else ""
+            self.progress.update(task, completed=done, note=note)
+
+        return update
+
+
+def run_floor(dep: BenchDeployment, expect: int) -> RateResult:
+    """F: the trivial Faust agent in its own process until it counted ``expect`` records."""
+    s = dep.settings("floor")
+    out = dep.workdir / "floor.json"
+    proc = dep.spawn("bench.floor", s, "floor", BENCH_EXPECT=str(expect), BENCH_OUT=str(out))
+    deadline = time.monotonic() + max(300.0, expect / 500)
+    try:
+        while not out.exists():
+            if proc.poll() is not None:
+                raise BenchError(f"Faust floor exited ({proc.returncode}):\n"
+                                 f"{dep.log_tail('floor')}")
+            if time.monotonic() > deadline:
+                raise BenchError(f"Faust floor not done in time:\n{dep.log_tail('floor')}")
+            time.sleep(FLOOR_POLL_S)
+        doc = orjson.loads(out.read_bytes())
+    finally:
+        dep.stop(proc)
+    return RateResult(int(doc["count"]), int(doc["first_batch"]), float(doc["t_first"]),
+                      float(doc["t_last"]))
+
+
+def redis_memory(s: Settings, used_before: float) -> dict[str, Any]:
+    """Memory of the engine's keys: ``used_memory`` delta and ``MEMORY USAGE`` of every key."""
+    r = redis.from_url(s.redis_url)
+    try:
+        used_after = float(r.info("memory")["used_memory"])  # type: ignore[index]
+        customers = 0
+        key_bytes = 0
+        n_keys = 0
+        batch: list[bytes] = []
+
+        def flush() -> int:
+            pipe = r.pipeline(transaction=False)
+            for k in batch:
+                pipe.memory_usage(k, samples=0)
+            return sum(int(v or 0) for v in pipe.execute())
+
+        for k in r.scan_iter(match=f"{s.redis_prefix}*", count=2000):
+            n_keys += 1
+            batch.append(k)
+            if b"}:c:" in k:
+                customers += 1
+            if len(batch) >= 1000:
+                key_bytes += flush()
+                batch = []
+        if batch:
+            key_bytes += flush()
+    finally:
+        r.close()
+    delta = used_after - used_before
+    per_key = key_bytes / max(1, customers)
+    return {
+        "customers_stored": customers,
+        "keys": n_keys,
+        "used_memory_delta_bytes": int(delta),
+        "used_memory_bytes_per_customer": round(delta / max(1, customers), 1),
+        "memory_usage_bytes_per_customer": round(per_key, 1),
+        "method": "INFO used_memory delta over the E run / customers stored "
+                  "(server-wide, so other clients add noise); memory_usage_* is the sum of "
+                  "MEMORY USAGE ... SAMPLES 0 over every key of the run's prefix",
+    }
+
+
+def _used_memory(s: Settings) -> float:
+    r = redis.from_url(s.redis_url)
+    try:
+        return float(r.info("memory")["used_memory"])  # type: ignore[index]
+    finally:
+        r.close()
+
+
+def _engine_json(e: EngineResult) -> dict[str, Any]:
+    return {
+        "workers": e.workers, "events_measured": e.events, "seconds": round(e.seconds, 2),
+        "eps": round(e.eps, 1), "startup_s": round(e.startup_s, 2), "cpu_s": round(e.cpu_s, 2),
+        "cpu_s_per_million_events": round(e.cpu_s_per_million_events, 1),
+        "rss_peak_mb": round(e.rss_peak_mb, 1),
+        "redis_roundtrips": e.roundtrips, "redis_commands": e.commands,
+    }
+
+
+def run(opts: Options, console: Console | None = None) -> dict[str, Any]:
+    """Run the whole benchmark once; returns the JSON document (also written to a file)."""
+    console = console or Console(stderr=True)
+    # Retries while fresh topics elect leaders are expected; keep the bars readable.
+    logging.getLogger("aiokafka").setLevel(logging.ERROR)
+    started = time.monotonic()
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    base = load_settings()
+    dep = BenchDeployment(base)
+    bars = Bars(console)
+    doc: dict[str, Any] = {}
+    failed = True
+    try:
+        with bars.progress:
+            t = bars.add("generate", opts.events)
+            w = workload.build(opts.events, opts.customers, opts.seed, base.partitions,
+                               bars.updater(t))
+            bars.progress.update(t, completed=w.events)
+            dep.create_topics()
+            topics = dep.settings("engine")
+            t = bars.add("produce", w.events)
+            produce_eps = asyncio.run(workload.produce(topics, w, bars.updater(t)))
+
+            t = bars.add("L limit", w.events)
+            lim = asyncio.run(run_limit(dep.settings("limit"), w.events,
+                                        progress=bars.updater(t)))
+            bars.progress.update(t, note=f"{lim.eps:,.0f}/s")
+
+            t = bars.add("F floor", None)
+            flo = run_floor(dep, w.events)
+            bars.progress.update(t, total=flo.count, completed=flo.count,
+                                 note=f"{flo.eps:,.0f}/s")
+
+            es = dep.settings("engine")
+            mem_before = _used_memory(es)
+            t = bars.add("E engine", w.events)
+            prof = opts.results_dir / f"{stamp}-engine.speedscope.json" if opts.profile else None
+            if prof is not None:
+                prof.parent.mkdir(parents=True, exist_ok=True)
+            e1 = run_engine(dep, "engine", 1, w.events, profile=prof, progress=bars.updater(t))
+            bars.progress.update(t, note=f"{e1.eps:,.0f}/s")
+            mem = redis_memory(es, mem_before)
+
+            lat: dict[str, latency.LatencyResult] = {}
+            if not opts.skip_latency:
+                loads = {"at_80pct_engine": max(1.0, 0.8 * e1.eps), "at_fixed": opts.latency_eps}
+                need = {k: math.ceil(v * opts.latency_seconds) for k, v in loads.items()}
+                live = workload.live_records(sum(need.values()), opts.customers,
+                                             opts.seed + 7919, w.last_ts + 1, base.partitions)
+                i = 0
+                for name, rate in loads.items():
+                    t = bars.add(f"latency {rate:,.0f}/s", None)
+                    lat[name] = asyncio.run(latency.measure(
+                        es, live[i:i + need[name]], rate, opts.latency_seconds))
+                    lat[name].extra["saturated"] = rate > e1.eps
+                    i += need[name]
+                    p = lat[name].latency_ms or {}
+                    bars.progress.update(t, total=1, completed=1,
+                                         note=f"p99 {p.get('p99', float('nan')):,.0f} ms "
+                                              f"({lat[name].method})")
+            for p in e1.procs:
+                dep.stop(p)
+
+            ek: EngineResult | None = None
+            if opts.workers > 1:
+                t = bars.add(f"E x{opts.workers}", w.events)
+                ek = run_engine(dep, f"engine{opts.workers}", opts.workers, w.events,
+                                progress=bars.updater(t))
+                bars.progress.update(t, note=f"{ek.eps:,.0f}/s")
+                for p in ek.procs:
+                    dep.stop(p)
+
+        doc = assemble(opts, w, produce_eps, lim, flo, e1, ek, lat, mem, base)
+        if e1.profile_path is not None and e1.profile_path.exists():
+            doc["profile"] = {"path": str(e1.profile_path),
+                              "top_self": profile.summarise(e1.profile_path),
+                              "note": "py-spy --nonblocking at 100 Hz attached to the E "
+                                      "worker; E figures of a profiled run are slightly low"}
+        failed = False
+    finally:
+        dep.cleanup(keep_logs=failed)
+        if failed:
+            console.print(f"[red]benchmark failed; child logs kept in {dep.workdir}")
+    doc["duration_s"] = round(time.monotonic() - started, 1)
+    doc["started_at"] = stamp
+    opts.results_dir.mkdir(parents=True, exist_ok=True)
+    path = opts.results_dir / f"{stamp}.json"
+    doc["results_file"] = str(path)
+    path.write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
+    return doc
+
+
+def assemble(opts: Options, w: workload.Workload, produce_eps: float, lim: RateResult,
+             flo: RateResult, e1: EngineResult, ek: EngineResult | None,
+             lat: dict[str, latency.LatencyResult], mem: dict[str, Any],
+             base: Settings) -> dict[str, Any]:
+    """The result document: DESIGN's keys first, then the details."""
+    fixed = lat.get("at_fixed")
+    pct = ("p50", "p95", "p99")
+    per_event = max(1, e1.events)
+    used = mem["used_memory_bytes_per_customer"]
+    doc: dict[str, Any] = {
+        "limit_eps": round(lim.eps, 1),
+        "faust_floor_eps": round(flo.eps, 1),
+        "engine_eps": round(e1.eps, 1),
+        "latency_ms": {k: (fixed.latency_ms or {}).get(k) if fixed else None for k in pct},
+        "redis_roundtrips_per_event": round(e1.roundtrips / per_event, 4),
+        "redis_bytes_per_customer": used if used > 0 else mem["memory_usage_bytes_per_customer"],
+        "worker_rss_mb": round(e1.rss_peak_mb, 1),
+        "machine": machine.describe(base),
+        "events": w.events,
+        "customers": opts.customers,
+        "customers_seen": w.customers_seen,
+        "events_by_topic": w.by_kind,
+        "partitions": base.partitions,
+        "batch_max": base.batch_max,
+        "seed": opts.seed,
+        "produce_eps": round(produce_eps, 1),
+        "cpu_s_per_million_events": round(e1.cpu_s_per_million_events, 1),
+        "ratios": {
+            "engine_over_limit": round(e1.eps / lim.eps, 4) if lim.eps else None,
+            "engine_over_floor": round(e1.eps / flo.eps, 4) if flo.eps else None,
+            "floor_over_limit": round(flo.eps / lim.eps, 4) if lim.eps else None,
+        },
+        "latency_method": fixed.method if fixed else None,
+        "latency_offered_eps": opts.latency_eps if fixed else None,
+        "latency_80pct_engine_ms": (
+            {k: (lat["at_80pct_engine"].latency_ms or {}).get(k) for k in pct}
+            if "at_80pct_engine" in lat else None),
+        "latency": {k: v.to_json() for k, v in lat.items()},
+        "redis_commands_per_event": round(e1.commands / per_event, 4),
+        "redis": {
+            **mem,
+            "roundtrips_method": "client side: redis-py send_packed_command calls in the "
+                                 "worker (one per command or per pipeline); commands: "
+                                 "pack_command calls (a pipeline of n counts n)",
+            "server_commands_per_event": round(
+                e1.server["total_commands_processed"] / per_event, 4),
+            "server_reads_per_event": round(e1.server["total_reads_processed"] / per_event, 4),
+            "server_note": "server_* are INFO stats deltas of the whole Redis during E: they "
+                           "include Lua-internal calls and every other client",
+        },
+        "engine": _engine_json(e1),
+        "limit": {"events": lim.count, "seconds": round(lim.t_last - lim.t_first, 2)},
+        "floor": {"events": flo.count, "seconds": round(flo.t_last - flo.t_first, 2)},
+    }
+    if ek is not None:
+        doc["scaling"] = {**_engine_json(ek), "ratio_vs_1": round(ek.eps / e1.eps, 3)}
+    return doc

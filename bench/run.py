@@ -205,8 +205,10 @@ def run(opts: Options, console: Console | None = None) -> dict[str, Any]:
                 i = 0
                 for name, rate in loads.items():
                     t = bars.add(f"latency {rate:,.0f}/s", None)
+                    # An overload's backlog drains at E's rate; give it time to.
+                    drain = max(120.0, 2 * need[name] / max(1.0, e1.eps))
                     lat[name] = asyncio.run(latency.measure(
-                        es, live[i:i + need[name]], rate, opts.latency_seconds))
+                        es, live[i:i + need[name]], rate, opts.latency_seconds, drain))
                     lat[name].extra["saturated"] = rate > e1.eps
                     i += need[name]
                     p = lat[name].latency_ms or {}
@@ -236,6 +238,7 @@ def run(opts: Options, console: Console | None = None) -> dict[str, Any]:
         dep.cleanup(keep_logs=failed)
         if failed:
             console.print(f"[red]benchmark failed; child logs kept in {dep.workdir}")
+    doc["run"] = dep.name
     doc["duration_s"] = round(time.monotonic() - started, 1)
     doc["started_at"] = stamp
     opts.results_dir.mkdir(parents=True, exist_ok=True)

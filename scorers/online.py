@@ -36,6 +36,7 @@ import math
 import pickle
 from collections import deque
 from collections.abc import Mapping, Sequence
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
@@ -163,8 +164,12 @@ class OnlineModel:
         if not xs:
             return []
         names, means, inv_std, weights, intercept = self._params()
-        nan = math.nan
-        mat = np.array([[x.get(n, nan) for n in names] for x in xs], dtype=float)
+        get = itemgetter(*names) if len(names) > 1 else None
+        try:  # fast path: every input present (always so for model_inputs)
+            rows = [get(x) for x in xs] if get else [[x[names[0]]] for x in xs]
+        except KeyError:
+            rows = [[x.get(n, math.nan) for n in names] for x in xs]
+        mat = np.array(rows, dtype=float).reshape(len(xs), len(names))
         # An absent input contributes nothing, as in River's sparse dot product.
         z = np.nan_to_num((mat - means) * inv_std, nan=0.0) @ weights + intercept
         z = np.clip(z, -30.0, 30.0)  # River's sigmoid saturates at |z| > 30 as well

@@ -75,6 +75,10 @@ return cur
 """
 
 
+#: Field of a partition's meta hash: the scoring inputs its last completed sweep used.
+SWEPT_FIELD = "swept"
+
+
 class StoreUnavailable(Exception):
     """Redis failed; the write may or may not have been applied (reload to find out)."""
 
@@ -105,6 +109,9 @@ class Keys:
 
     def now(self) -> str:
         return f"{self.prefix}now"
+
+    def context(self) -> str:
+        return f"{self.prefix}context"
 
     def all_pattern(self) -> str:
         return f"{self.prefix}*"
@@ -159,6 +166,10 @@ class FeatureStore(Protocol):
     async def outbox_done(self, done: Mapping[int, Iterable[str]]) -> None: ...
 
     async def append_log(self, name: str, values: Sequence[bytes], maxlen: int) -> None: ...
+
+    async def set_context(self, digest: str) -> None: ...
+
+    async def mark_swept(self, partition: int, digest: str) -> None: ...
 
     async def get_profile(self, partition: int, customer_id: str) -> bytes | None: ...
 
@@ -340,6 +351,20 @@ class RedisFeatureStore:
         self.roundtrips += 1
         return int(cursor), [(k.decode() if isinstance(k, bytes) else k)[head:] for k in keys]
 
+    async def set_context(self, digest: str) -> None:
+        """Record the scoring inputs workers currently see (for ``segstream wait``)."""
+        try:
+            await self.r.set(self.keys.context(), digest)
+        except RedisError as exc:
+            raise StoreUnavailable(f"redis write failed: {exc}") from None
+
+    async def mark_swept(self, partition: int, digest: str) -> None:
+        """Record that a sweep of the partition finished with these scoring inputs."""
+        try:
+            await self.r.hset(self.keys.meta(partition), SWEPT_FIELD, digest)
+        except RedisError as exc:
+            raise StoreUnavailable(f"redis write failed: {exc}") from None
+
     async def append_log(self, name: str, values: Sequence[bytes], maxlen: int) -> None:
         """Append to a capped, deployment-wide Redis stream (a read-side convenience)."""
         if not values:
@@ -437,6 +462,8 @@ class MemoryFeatureStore:
         self.profiles: dict[tuple[int, str], bytes] = {}
         self.tables: dict[tuple[int, str], dict[str, int]] = {}
         self.logs: dict[str, list[bytes]] = {}
+        self.context = ""
+        self.swept: dict[int, str] = {}
         self.global_now = -1
         self.roundtrips = 0
         self.fail_next_commit_after_apply = False
@@ -505,6 +532,12 @@ class MemoryFeatureStore:
 
     async def get_profile(self, partition: int, customer_id: str) -> bytes | None:
         return self.profiles.get((partition, customer_id))
+
+    async def set_context(self, digest: str) -> None:
+        self.context = digest
+
+    async def mark_swept(self, partition: int, digest: str) -> None:
+        self.swept[partition] = digest
 
     async def append_log(self, name: str, values: Sequence[bytes], maxlen: int) -> None:
         log = self.logs.setdefault(name, [])

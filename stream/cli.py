@@ -222,8 +222,8 @@ def wait(
 
 
 async def _all_swept(s: Settings, r: Any, store: Any) -> bool:
+    from features.store import SWEPT_FIELD
     from stream.runtime import registry_keys
-    from stream.sweep import SWEPT_FIELD
 
     context = await r.get(registry_keys(s.redis_prefix)["context"])
     if context is None:

@@ -116,6 +116,8 @@ class Scoring(Protocol):
 
     def context(self, now_ms: int) -> ScoringContext: ...
 
+    def digest(self, now_ms: int) -> str: ...
+
 
 class BatchProcessor:
     """Applies micro-batches of raw input records to the feature store, effectively once."""

@@ -94,3 +94,33 @@ async def migrations_doc(s: Settings, r: aioredis.Redis, since: str | None, limi
         if raw is not None:
             items.append(orjson.loads(raw))
     return {"migrations": items, "next": last}
+
+
+async def all_customers(s: Settings, r: aioredis.Redis, store: RedisFeatureStore,
+                        page: int = 1000) -> tuple[int, dict[str, dict[str, Any]]]:
+    """Every customer's features, scores and segments at engine time (an export)."""
+    runtime = ScoringRuntime(s, r, store)
+    await runtime.refresh(force=True)
+    now = await store.now()
+    ctx = runtime.context(now)
+    ctx.label_options = None
+    out: dict[str, dict[str, Any]] = {}
+    for p in range(s.partitions):
+        cursor = 0
+        while True:
+            cursor, ids = await store.scan_customers(p, cursor, page)
+            if ids:
+                _, snaps = await store.load({p: ids}, [])
+                snap = snaps[p]
+                inputs = [CustomerInput(cid, serial.decode(blob),
+                                        Profile.from_bytes(snap.profiles.get(cid)))
+                          for cid, blob in snap.states.items() if blob is not None]
+                for c, o in zip(inputs, evaluate(inputs, ctx), strict=True):
+                    out[c.customer_id] = {
+                        "features": o.features, "scores": o.scores,
+                        "segments": {k: v[0] for k, v in c.profile.segments.items()},
+                        "history": c.profile.history,
+                    }
+            if cursor == 0:
+                break
+    return now, out

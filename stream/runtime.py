@@ -218,3 +218,39 @@ class ScoringRuntime:
             str(self.clv.version if self.clv else 0),
         ]
         return hashlib.blake2b("|".join(parts).encode(), digest_size=8).hexdigest()
+
+
+class StaticScoring:
+    """An in-memory twin of :class:`ScoringRuntime`: fixed rules and models, live sketch.
+
+    The population sketch is re-read from the store (any :class:`FeatureStore`) before
+    every batch, so unit tests see exactly what a worker would.
+    """
+
+    def __init__(self, settings: Settings, store: Any, catalogue: Any, actions: Any = None,
+                 models: dict[str, Any] | None = None, clv_model: ClvModel | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.store = store
+        self.catalogue = catalogue
+        self.actions = actions
+        self.models = models or {}
+        self.clv = clv_model
+        self.clock = clock
+        self.population = rfm.Population.empty()
+
+    async def refresh(self, force: bool = False) -> None:
+        tables = await self.store.read_tables(RFM_HASH, range(self.settings.partitions))
+        self.population = rfm.Population.from_hashes(tables.values())
+
+    def digest(self, now_ms: int) -> str:
+        return f"{now_ms // 86_400_000}|{self.population.digest}"
+
+    def context(self, now_ms: int) -> ScoringContext:
+        s = self.settings
+        return ScoringContext(
+            now_ms=now_ms, wall_ms=int(self.clock() * 1000), lateness_ms=s.lateness_ms,
+            population=self.population, catalogue=self.catalogue, actions=self.actions,
+            clv=self.clv, models=dict(self.models),
+            label_options={"min_gap_days": s.observation_gap_days} if self.models else None,
+        )

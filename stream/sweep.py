@@ -20,16 +20,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from features import serial
-from features.store import PartitionCommit, RedisFeatureStore, StoreUnavailable
+from features.store import FeatureStore, PartitionCommit, StoreUnavailable
 from scorers.profile import Profile
 from scorers.scoring import CustomerInput
-from stream.pipeline import BatchProcessor, settled_ms
-from stream.runtime import ScoringRuntime
+from stream.pipeline import BatchProcessor, Scoring, settled_ms
 
 log = logging.getLogger(__name__)
 
 CHUNK = 500
-SWEPT_FIELD = "swept"
 
 
 @dataclass
@@ -43,8 +41,8 @@ class SweepStats:
 class Sweeper:
     """Runs sweep passes over the partitions this worker owns."""
 
-    def __init__(self, processor: BatchProcessor, runtime: ScoringRuntime,
-                 store: RedisFeatureStore, lock: asyncio.Lock) -> None:
+    def __init__(self, processor: BatchProcessor, runtime: Scoring,
+                 store: FeatureStore, lock: asyncio.Lock) -> None:
         self.processor = processor
         self.runtime = runtime
         self.store = store
@@ -60,7 +58,7 @@ class Sweeper:
             return []
         digest = self.runtime.digest(now)
         # Published so that `segstream wait` can tell when every partition is settled.
-        await self.store.r.set(self.runtime.keys["context"], digest)
+        await self.store.set_context(digest)
         return [p for p in partitions if self.swept.get(p) != digest]
 
     async def run_pass(self, partitions: Iterable[int]) -> SweepStats:
@@ -78,7 +76,7 @@ class Sweeper:
                 if cursor == 0:
                     break
             self.swept[p] = digest
-            await self.store.r.hset(self.store.keys.meta(p), SWEPT_FIELD, digest)
+            await self.store.mark_swept(p, digest)
         stats.seconds = time.perf_counter() - t0
         self.last_pass_end = time.monotonic()
         return stats
@@ -89,7 +87,7 @@ class Sweeper:
                 now, snaps = await self.store.load({p: ids}, self.processor.topics)
                 snap = snaps[p]
                 ctx = dataclasses.replace(self.runtime.context(now), settled_ms=settled_ms(
-                    snap.high_ts, self.runtime.settings.lateness_ms))
+                    snap.high_ts, self.processor.settings.lateness_ms))
                 inputs = [
                     CustomerInput(cid, serial.decode(blob),
                                   Profile.from_bytes(snap.profiles.get(cid)))

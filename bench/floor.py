@@ -1,12 +1,13 @@
 """The Faust floor: a trivial agent that only counts the input records.
 
 Run as ``python -m bench.floor`` with the deployment's ``SEGSTREAM_*`` settings (its
-own app id), ``BENCH_EXPECT`` (records to wait for) and ``BENCH_OUT`` (a JSON file).
+own app id), ``BENCH_EXPECT`` (records to wait for) and ``BENCH_OUT`` (a JSON file,
+written at the first batch and once the expected records arrived).
 The app is configured as the engine's (raw bytes, one agent, ``concurrency=1``, the
 same ``take_events`` batching and commit settings), so the difference between this
-and the engine is the engine's own work. Once ``BENCH_EXPECT`` records arrived it
-writes ``{"count", "first_batch", "t_first", "t_last"}`` (wall-clock seconds at the
-first and the last batch) and keeps running until it is stopped.
+and the engine is the engine's own work. The file holds ``{"count", "first_batch",
+"t_first", "t_last"}`` (wall-clock seconds at the first and the last batch); the
+process keeps running until it is stopped.
 """
 
 from __future__ import annotations
@@ -51,11 +52,12 @@ def create_app(settings: Settings, expect: int, out: Path) -> faust.App:
         async for events in stream.take_events(settings.batch_max,
                                                within=settings.batch_within_s):
             now = time.time()
-            if seen["count"] == 0:
+            first = seen["count"] == 0
+            if first:
                 seen["first_batch"], seen["t_first"] = len(events), now
             seen["count"] += len(events)
             seen["t_last"] = now
-            if seen["count"] >= expect:
+            if first or seen["count"] >= expect:
                 tmp = out.with_suffix(".tmp")
                 tmp.write_bytes(orjson.dumps(seen))
                 tmp.replace(out)

@@ -7,6 +7,8 @@
 ...                      "weights": [1, 1, 1]}]}
 >>> [(f["function"], f["self_pct"], f["total_pct"]) for f in top_functions(doc, 2)]
 [('decode', 66.7, 66.7), ('run', 33.3, 100.0)]
+>>> [f["function"] for f in top_functions(doc, 1, by="total")]
+['run']
 """
 
 from __future__ import annotations
@@ -29,8 +31,12 @@ def _short(path: str) -> str:
     return path
 
 
-def top_functions(doc: dict[str, Any], n: int = 10) -> list[dict[str, Any]]:
-    """The ``n`` functions with the most own (self) samples, over every thread."""
+def top_functions(doc: dict[str, Any], n: int = 10, by: str = "self",
+                  under: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """The ``n`` functions with the most own (``by="self"``) or total samples.
+
+    ``under`` keeps only functions whose shortened file path starts with one of these.
+    """
     frames = doc["shared"]["frames"]
     keys = [(f.get("name", "?"), f.get("file", "")) for f in frames]
     own: Counter[tuple[str, str]] = Counter()
@@ -47,14 +53,25 @@ def top_functions(doc: dict[str, Any], n: int = 10) -> list[dict[str, Any]]:
                 total[k] += w
     if not weight_sum:
         return []
-    return [
-        {"function": name, "file": _short(file),
-         "self_pct": round(100 * w / weight_sum, 1),
-         "total_pct": round(100 * total[(name, file)] / weight_sum, 1)}
-        for (name, file), w in own.most_common(n)
-    ]
+    ranked = (own if by == "self" else total).most_common()
+    out = []
+    for name, file in (k for k, _ in ranked):
+        short = _short(file)
+        if under and not short.startswith(under):
+            continue
+        out.append({"function": name, "file": short,
+                    "self_pct": round(100 * own[(name, file)] / weight_sum, 1),
+                    "total_pct": round(100 * total[(name, file)] / weight_sum, 1)})
+        if len(out) >= n:
+            break
+    return out
 
 
-def summarise(path: Path, n: int = 10) -> list[dict[str, Any]]:
-    """Top functions by own time of a speedscope file written by ``py-spy record``."""
-    return top_functions(orjson.loads(path.read_bytes()), n)
+def summarise(path: Path, n: int = 10) -> dict[str, list[dict[str, Any]]]:
+    """Of a speedscope file written by ``py-spy record``: the top functions by own time,
+    and the project's own functions (``stream/``, ``features/``, ``scorers/``) by total."""
+    doc = orjson.loads(path.read_bytes())
+    project = top_functions(doc, n + 2, by="total", under=("stream/", "features/", "scorers/"))
+    # The command-line entry frames hold the whole main thread and say nothing.
+    project = [f for f in project if f["file"] != "stream/cli.py"][:n]
+    return {"top_self": top_functions(doc, n), "project_top_total": project}

@@ -60,7 +60,9 @@ def table(doc: dict[str, Any]) -> Table:
          _n(red["used_memory_bytes_per_customer"])),
         ("Redis bytes / customer (MEMORY USAGE)", _n(red["memory_usage_bytes_per_customer"])),
         ("worker peak RSS", f"{_n(doc['worker_rss_mb'], ',.1f')} MB"),
-        ("worker CPU s / million events", _n(doc["cpu_s_per_million_events"], ",.1f")),
+        ("worker CPU s / million events (E; F)",
+         f"{_n(doc['cpu_s_per_million_events'], ',.1f')}; "
+         f"{_n(doc['floor'].get('cpu_s_per_million_events'), ',.1f')}"),
         ("worker start-up to first commit", f"{_n(eng['startup_s'], '.1f')} s"),
         ("producer", f"{_n(doc['produce_eps'])} ev/s"),
     ]
@@ -71,6 +73,8 @@ def table(doc: dict[str, Any]) -> Table:
     for row in rows:
         t.add_row(*row)
     for f in doc.get("profile", {}).get("top_self", []):
-        t.add_row(f"  self {f['self_pct']:.1f}%", f"{f['function']}  {f['file']}")
+        t.add_row(f"  profile: self {f['self_pct']:.1f}%", f"{f['function']}  {f['file']}")
+    for f in doc.get("profile", {}).get("project_top_total", []):
+        t.add_row(f"  profile: total {f['total_pct']:.1f}%", f"{f['function']}  {f['file']}")
     t.caption = f"results: {doc.get('results_file', '-')}"
     return t

@@ -25,7 +25,7 @@ from rich.progress import (
 
 from bench import latency, machine, profile, workload
 from bench.deploy import BenchDeployment
-from bench.engine import BenchError, EngineResult, run_engine
+from bench.engine import BenchError, EngineResult, ProcessTree, run_engine
 from bench.limit import RateResult, run_limit
 from stream.settings import Settings, load_settings
 
@@ -72,25 +72,39 @@ class Bars:
         return update
 
 
-def run_floor(dep: BenchDeployment, expect: int) -> RateResult:
-    """F: the trivial Faust agent in its own process until it counted ``expect`` records."""
+def run_floor(dep: BenchDeployment, expect: int) -> tuple[RateResult, float]:
+    """F: the trivial Faust agent in its own process until it counted ``expect`` records.
+
+    Returns the rate and the floor's CPU seconds per million records (from its first
+    batch to the last).
+    """
     s = dep.settings("floor")
     out = dep.workdir / "floor.json"
     proc = dep.spawn("bench.floor", s, "floor", BENCH_EXPECT=str(expect), BENCH_OUT=str(out))
+    tree = ProcessTree([proc.pid])
     deadline = time.monotonic() + max(300.0, expect / 500)
+    cpu0: float | None = None
     try:
-        while not out.exists():
+        while True:
             if proc.poll() is not None:
                 raise BenchError(f"Faust floor exited ({proc.returncode}):\n"
                                  f"{dep.log_tail('floor')}")
             if time.monotonic() > deadline:
                 raise BenchError(f"Faust floor not done in time:\n{dep.log_tail('floor')}")
             time.sleep(FLOOR_POLL_S)
-        doc = orjson.loads(out.read_bytes())
+            cpu = tree.sample()
+            if not out.exists():
+                continue
+            doc = orjson.loads(out.read_bytes())
+            if cpu0 is None:
+                cpu0 = cpu
+            if doc["count"] >= expect:
+                break
     finally:
         dep.stop(proc)
-    return RateResult(int(doc["count"]), int(doc["first_batch"]), float(doc["t_first"]),
-                      float(doc["t_last"]))
+    res = RateResult(int(doc["count"]), int(doc["first_batch"]), float(doc["t_first"]),
+                     float(doc["t_last"]))
+    return res, (cpu - (cpu0 or 0.0)) / max(1, res.count - res.first_batch) * 1e6
 
 
 def redis_memory(s: Settings, used_before: float) -> dict[str, Any]:
@@ -182,7 +196,7 @@ def run(opts: Options, console: Console | None = None) -> dict[str, Any]:
             bars.progress.update(t, note=f"{lim.eps:,.0f}/s")
 
             t = bars.add("F floor", None)
-            flo = run_floor(dep, w.events)
+            flo, floor_cpu = run_floor(dep, w.events)
             bars.progress.update(t, total=flo.count, completed=flo.count,
                                  note=f"{flo.eps:,.0f}/s")
 
@@ -227,10 +241,10 @@ def run(opts: Options, console: Console | None = None) -> dict[str, Any]:
                 for p in ek.procs:
                     dep.stop(p)
 
-        doc = assemble(opts, w, produce_eps, lim, flo, e1, ek, lat, mem, base)
+        doc = assemble(opts, w, produce_eps, lim, (flo, floor_cpu), e1, ek, lat, mem, base)
         if e1.profile_path is not None and e1.profile_path.exists():
             doc["profile"] = {"path": str(e1.profile_path),
-                              "top_self": profile.summarise(e1.profile_path),
+                              **profile.summarise(e1.profile_path),
                               "note": "py-spy --nonblocking at 100 Hz attached to the E "
                                       "worker; E figures of a profiled run are slightly low"}
         failed = False
@@ -249,10 +263,11 @@ def run(opts: Options, console: Console | None = None) -> dict[str, Any]:
 
 
 def assemble(opts: Options, w: workload.Workload, produce_eps: float, lim: RateResult,
-             flo: RateResult, e1: EngineResult, ek: EngineResult | None,
+             floor: tuple[RateResult, float], e1: EngineResult, ek: EngineResult | None,
              lat: dict[str, latency.LatencyResult], mem: dict[str, Any],
              base: Settings) -> dict[str, Any]:
     """The result document: DESIGN's keys first, then the details."""
+    flo, floor_cpu = floor
     fixed = lat.get("at_fixed")
     pct = ("p50", "p95", "p99")
     per_event = max(1, e1.events)
@@ -300,7 +315,8 @@ def assemble(opts: Options, w: workload.Workload, produce_eps: float, lim: RateR
         },
         "engine": _engine_json(e1),
         "limit": {"events": lim.count, "seconds": round(lim.t_last - lim.t_first, 2)},
-        "floor": {"events": flo.count, "seconds": round(flo.t_last - flo.t_first, 2)},
+        "floor": {"events": flo.count, "seconds": round(flo.t_last - flo.t_first, 2),
+                  "cpu_s_per_million_events": round(floor_cpu, 1)},
     }
     if ek is not None:
         doc["scaling"] = {**_engine_json(ek), "ratio_vs_1": round(ek.eps / e1.eps, 3)}

@@ -59,6 +59,11 @@ def partition_of(key: bytes, partitions: int) -> int:
     return (murmur2(key) & 0x7FFFFFFF) % partitions
 
 
+def _dumps(event: dict[str, object]) -> bytes:
+    # orjson's bytes keep a 4 KB buffer each; an exact copy keeps 1M of them in ~200 MB.
+    return memoryview(orjson.dumps(event)).tobytes()
+
+
 def _days_for(events: int, customers: int, slack: float) -> int:
     return max(1, math.ceil(events / max(1, customers) / EVENTS_PER_CUSTOMER_DAY * slack))
 
@@ -98,7 +103,7 @@ def build(events: int, customers: int, seed: int, partitions: int,
         if p is None:
             p = parts[key] = partition_of(key, partitions)
             seen.add(cid)
-        value = orjson.dumps(event)
+        value = _dumps(event)
         w.records.setdefault((kind, p), []).append((key, value))
         w.by_kind[kind] = w.by_kind.get(kind, 0) + 1
         w.value_bytes += len(value)
@@ -123,7 +128,7 @@ def live_records(n: int, customers: int, seed: int, start_ms: int, partitions: i
         p = parts.get(key)
         if p is None:
             p = parts[key] = partition_of(key, partitions)
-        out.append(LiveRecord(kind, p, key, orjson.dumps(event)))
+        out.append(LiveRecord(kind, p, key, _dumps(event)))
     return out
 
 

@@ -315,6 +315,21 @@ def actions(json_: JsonOpt = False) -> None:
 
 
 @app.command()
+def forget(customer_id: str, json_: JsonOpt = False) -> None:
+    """Erase a customer everywhere the engine keeps data and publish a tombstone."""
+    from stream import forget as erase
+
+    s = _settings()
+    doc = asyncio.run(_with_store(s, lambda r, store: erase.forget(s, r, store, customer_id)))
+    erase.publish_tombstone(s, customer_id)
+    doc["tombstone"] = True
+    if json_:
+        _print_json(doc)
+    else:
+        err.print(f"forgot {customer_id}: {doc}")
+
+
+@app.command()
 def reset(yes: Annotated[bool, typer.Option("--yes", help="Really delete")] = False) -> None:
     """Delete this deployment's topics, consumer group and Redis keys (development)."""
     if not yes:

@@ -1,0 +1,101 @@
+"""Erase one customer everywhere the engine keeps data (``segstream forget ID``).
+
+The customer's feature state and profile are deleted, and their contributions to
+the shared counters (RFM population sketch, segment sizes) are removed, in one
+fenced commit on the customer's partition, so a worker processing the partition at
+the same moment cannot resurrect or double-remove them. Pending outbox records of
+the customer and their entries in the recent-migrations log are dropped, and a
+tombstone keyed by the customer is published on the migrations topic so that
+downstream consumers (and compacted topics) forget them too. Action conversion
+counters are aggregates without identities and are kept.
+
+Events of the customer still in the input topics are not removed from Kafka (topic
+retention governs them); replaying them would recreate the customer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+
+from features.store import PartitionCommit, RedisFeatureStore
+from scorers import rfm
+from scorers.profile import Profile
+from scorers.scoring import RFM_HASH, SEGMENT_HASH
+from stream.pipeline import decode_outbox
+from stream.queries import migration_log_key
+from stream.settings import Settings
+
+
+async def forget(s: Settings, r: aioredis.Redis, store: RedisFeatureStore,
+                 customer_id: str) -> dict[str, Any]:
+    """Erase the customer; returns what was removed."""
+    found = await store.get_customer(customer_id, s.partitions)
+    removed: dict[str, Any] = {"customer_id": customer_id, "found": found is not None,
+                               "outbox_records": 0, "log_entries": 0}
+    if found is not None:
+        part = found[0]
+        for _ in range(50):
+            _, snaps = await store.load({part: [customer_id]}, [])
+            snap = snaps[part]
+            profile = Profile.from_bytes(snap.profiles.get(customer_id))
+            commit = PartitionCommit(part, snap.ver, {}, snap.now_ms,
+                                     states={customer_id: b""}, profiles={customer_id: b""})
+            sketch = rfm.deltas(profile.rfm, None)
+            if sketch:
+                commit.increments[RFM_HASH] = sketch
+            if profile.segments:
+                commit.increments[SEGMENT_HASH] = {
+                    f"{scheme}|{seg}": -1 for scheme, (seg, _) in profile.segments.items()}
+            if (await store.commit([commit])).get(part):
+                removed["segments"] = {k: v[0] for k, v in profile.segments.items()}
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise RuntimeError("partition kept changing; try again")
+        removed["outbox_records"] = await _drop_outbox(store, part, customer_id)
+    removed["log_entries"] = await _drop_log(s, r, customer_id)
+    return removed
+
+
+async def _drop_outbox(store: RedisFeatureStore, part: int, customer_id: str) -> int:
+    pending = await store.outbox_pending([part])
+    key = customer_id.encode()
+    mine = [oid for oid, blob in pending.get(part, {}).items() if decode_outbox(blob)[1] == key]
+    if mine:
+        await store.outbox_done({part: mine})
+    return len(mine)
+
+
+async def _drop_log(s: Settings, r: aioredis.Redis, customer_id: str) -> int:
+    gone = 0
+    last = "-"
+    while True:
+        rows = await r.xrange(migration_log_key(s), min=last, max="+", count=1000)
+        if not rows:
+            break
+        ids = [rid for rid, fields in rows
+               if orjson.loads(fields.get(b"m") or fields.get("m") or b"{}").get("customer_id")
+               == customer_id]
+        if ids:
+            gone += int(await r.xdel(migration_log_key(s), *ids))
+        last_id = rows[-1][0]
+        last = "(" + (last_id.decode() if isinstance(last_id, bytes) else last_id)
+        if len(rows) < 1000:
+            break
+    return gone
+
+
+def publish_tombstone(s: Settings, customer_id: str) -> None:
+    """A null value keyed by the customer on the migrations topic."""
+    from stream.kafka import producer
+
+    p = producer(s)
+    try:
+        p.send(s.migrations_topic, key=customer_id.encode(), value=None)
+        p.flush()
+    finally:
+        p.close()

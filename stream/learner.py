@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 CLV_FIT_MAX_CUSTOMERS = 500_000
 #: The learner counts as caught up after this long without a new example.
 LEARNER_IDLE_S = 3.0
+#: Seconds between training checkpoints (a promotion always writes one).
+CHECKPOINT_S = 30.0
 #: Customers the persona model reads per learner tick.
 PERSONA_PAGE = 1000
 
@@ -56,11 +58,13 @@ class Learner:
         self.personas: Any | None = None
         self.dirty: set[str] = set()
         self.unpromoted: set[str] = set()
+        self.unsaved: set[str] = set()
         self.persona_cursor = (0, 0)
         self._learned_at_page = 0
         self.learned = 0
         self.last_learn = 0.0
         self.last_promote = time.monotonic()
+        self.last_checkpoint = time.monotonic()
 
     async def load(self) -> None:
         """Resume every model from its newest checkpoint (or serving snapshot) in Redis."""
@@ -133,19 +137,25 @@ class Learner:
     async def publish(self) -> dict[str, int]:
         """Checkpoint what learned since the last call; promote a new serving version when due.
 
-        Checkpoints (every call) make the learner survive restarts. A promotion changes what
-        every worker scores with, and so makes the sweeps re-evaluate every customer: it
+        Checkpoints (every ``CHECKPOINT_S``) make the learner survive restarts. A promotion
+        changes what every worker scores with, and so makes the sweeps re-evaluate every
+        customer: it
         happens when the learner has caught up with its input (idle for a moment) or every
         ``model_promote_s`` while examples keep coming.
         """
         prefix = self.settings.redis_prefix
-        for name in sorted(self.dirty):
-            model = self._model(name)
-            if model is not None:
-                await self.r.set(checkpoint_key(prefix, name), model.snapshot())
-        self.unpromoted |= self.dirty
-        self.dirty.clear()
         now = time.monotonic()
+        self.unpromoted |= self.dirty
+        self.unsaved |= self.dirty
+        self.dirty.clear()
+        if self.unsaved and now - self.last_checkpoint >= CHECKPOINT_S:
+            # A snapshot carries the recent example ids too; not worth writing every tick.
+            for name in sorted(self.unsaved):
+                model = self._model(name)
+                if model is not None:
+                    await self.r.set(checkpoint_key(prefix, name), model.snapshot())
+            self.unsaved.clear()
+            self.last_checkpoint = now
         idle = now - self.last_learn >= LEARNER_IDLE_S
         if not self.unpromoted or not (
                 idle or now - self.last_promote >= self.settings.model_promote_s):
@@ -166,6 +176,7 @@ class Learner:
                 pipe.hset(self.keys["models"], name, version)
                 await pipe.execute()
             out[name] = version
+            self.unsaved.discard(name)
         self.unpromoted.clear()
         self.last_promote = now
         return out

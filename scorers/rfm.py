@@ -112,6 +112,23 @@ class _Axis:
         i = bisect.bisect_left(self.keys, value)
         return self.below[i] if i < len(self.keys) else self.total
 
+    def thresholds(self) -> tuple[int | None, ...]:
+        """For k = 2..5, the largest value still scoring below k (None: no value does).
+
+        A value ``v`` scores ``1 + #{k : v > t_k}``, so two populations with the same
+        thresholds give every customer the same score.
+
+        >>> _Axis.build({1: 5, 2: 5}).thresholds()
+        (1, 1, 2, 2)
+        """
+        out: list[int | None] = []
+        for k in range(2, 6):
+            need = -(-(k - 1) * self.total // 5)  # customers strictly below for score >= k
+            # the smallest key index whose "strictly below" count reaches ``need``
+            i = bisect.bisect_left(self.below, need)
+            out.append(self.keys[i - 1] if 0 < i <= len(self.keys) else None)
+        return tuple(out)
+
 
 @dataclass(frozen=True)
 class Population:
@@ -136,11 +153,12 @@ class Population:
                     bucket = axes[axis]
                     bucket[int(raw)] = bucket.get(int(raw), 0) + int(v)
         built = {name: _Axis.build(counts) for name, counts in axes.items()}
-        h = hashlib.blake2b(digest_size=8)
-        for name in ("r", "f", "m"):
-            h.update(repr(sorted(axes[name].items())).encode())
-        digest = h.hexdigest()
         total = built["f"].total
+        # Scores depend on the population only through the quintile thresholds, so the
+        # digest (which decides whether sweeps must re-score everyone) covers just those.
+        h = hashlib.blake2b(digest_size=8)
+        h.update(repr([built[n].thresholds() for n in ("r", "f", "m")]).encode())
+        digest = h.hexdigest()
         return cls(total, built["r"], built["f"], built["m"], digest)
 
     @classmethod

@@ -1,0 +1,85 @@
+"""RFM population sketch: merging, removal, exactness of R and F, the M error bound."""
+
+from __future__ import annotations
+
+import pandas as pd
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from scorers import rfm
+
+money = st.floats(min_value=-50, max_value=5_000, allow_nan=False).map(lambda x: round(x, 2))
+customer = st.tuples(st.integers(0, 400), st.integers(1, 40), money)  # last day, days, total
+
+
+def exact(df: pd.DataFrame, col: str, larger_is_better: bool) -> pd.Series:
+    v = df[col] if larger_is_better else -df[col]
+    return ((1 + (5 * (v.rank(method="min") - 1)) // len(v)).clip(upper=5)).astype(int)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(customer, min_size=1, max_size=80), st.integers(1, 4))
+def test_merged_partition_sketches_score_like_the_exact_rule(rows, parts) -> None:
+    today = 500
+    hashes: list[dict[str, int]] = [{} for _ in range(parts)]
+    for i, (last, days, total) in enumerate(rows):
+        f = {"purchase_days": days, "recency_days": today - last, "monetary_total": total}
+        for k, d in rfm.deltas(None, rfm.contribution(f, today)).items():
+            hashes[i % parts][k] = hashes[i % parts].get(k, 0) + d
+    pop = rfm.Population.from_hashes(hashes)
+    df = pd.DataFrame(rows, columns=["last", "days", "total"])
+    df["recency"] = today - df["last"]
+    want_r = exact(df, "recency", larger_is_better=False)
+    want_f = exact(df, "days", larger_is_better=True)
+    want_m = exact(df, "total", larger_is_better=True)
+    buckets = df["total"].map(rfm.money_bucket)
+    for i, (_, days, total) in enumerate(rows):
+        got = pop.score({"purchase_days": days, "recency_days": int(df["recency"][i]),
+                         "monetary_total": total}, today)
+        assert got["rfm_r"] == want_r[i]
+        assert got["rfm_f"] == want_f[i]
+        # M: only customers sharing the bucket with a smaller total are miscounted.
+        same = int(((buckets == buckets[i]) & (df["total"] < total)).sum())
+        lo = 1 + (5 * (int((df["total"] < total).sum()) - same)) // len(df)
+        assert min(5, lo) <= got["rfm_m"] <= want_m[i]
+        assert want_m[i] - got["rfm_m"] <= 1 or same > len(df) // 5
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(customer, min_size=2, max_size=40), st.data())
+def test_removing_old_contributions_equals_building_from_scratch(rows, data) -> None:
+    today = 500
+    hist: dict[str, int] = {}
+    current = {}
+    for i, (last, days, total) in enumerate(rows):
+        f = {"purchase_days": days, "recency_days": today - last, "monetary_total": total}
+        current[i] = rfm.contribution(f, today)
+        for k, d in rfm.deltas(None, current[i]).items():
+            hist[k] = hist.get(k, 0) + d
+    # Some customers change: their old fields go, the new ones come.
+    for i in data.draw(st.lists(st.integers(0, len(rows) - 1), max_size=10)):
+        last, days, total = data.draw(customer)
+        new = rfm.contribution({"purchase_days": days, "recency_days": today - last,
+                                "monetary_total": total}, today)
+        for k, d in rfm.deltas(current[i], new).items():
+            hist[k] = hist.get(k, 0) + d
+        current[i] = new
+    scratch: dict[str, int] = {}
+    for c in current.values():
+        for k in c or ():
+            scratch[k] = scratch.get(k, 0) + 1
+    assert {k: v for k, v in hist.items() if v} == scratch
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.integers(-5, 60), st.integers(1, 6), min_size=1, max_size=20))
+def test_thresholds_determine_every_score(counts) -> None:
+    pop = rfm.Population.from_hashes([{f"f:{k}": v for k, v in counts.items()}])
+    t = pop.f.thresholds()
+    for v in range(-7, 63):
+        below = pop.f.strictly_below(v)
+        want = rfm.rank_score(below, pop.total)
+        needed = [-(-(k - 1) * pop.total // 5) for k in range(2, 6)]
+        got = 1 + sum(1 for th, need in zip(t, needed, strict=True)
+                      if (th is None and below >= need) or (th is not None and v > th))
+        assert got == want

@@ -7,6 +7,7 @@ against hand computations from the published migration log and the input transac
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 from collections import defaultdict
 from collections.abc import Sequence
@@ -85,8 +86,7 @@ def oscillate(dwell: float, hysteresis: str) -> list[dict[str, Any]]:
         h.buy([("c1", T0 + day * DAY, 10.0 if day % 2 else 20.0)])
     moves = h.sink.migrations()
     assert moves[0]["from_segment"] is None
-    assert all(b["from_segment"] == a["to_segment"] for a, b in zip(moves, moves[1:],
-                                                                    strict=False))
+    assert all(b["from_segment"] == a["to_segment"] for a, b in itertools.pairwise(moves))
     return moves
 
 
@@ -124,8 +124,7 @@ def test_silent_customer_moves_by_time_alone_and_ids_are_stable() -> None:
     assert path[-1] in ("At Risk", "Hibernating", "Lost", "Can't Lose Them"), path
     late = [m for m in mine if m["trigger"].get("sweep")]
     assert late, "no time-driven migration"
-    assert all(m["from_segment"] == a["to_segment"] for a, m in zip(mine, mine[1:],
-                                                                    strict=False))
+    assert all(m["from_segment"] == a["to_segment"] for a, m in itertools.pairwise(mine))
     # Redelivering inputs (a consumer rewound after a crash) emits nothing new.
     before = len(h.sink.sent)
     h.offsets.clear()

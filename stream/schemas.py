@@ -168,8 +168,10 @@ class Migration(BaseModel):
     features: dict[str, Any]
     scores: dict[str, Any]
     rules_version: str
-    model_versions: dict[str, str]
+    model_versions: dict[str, int | str]
     action: Action | None = None
+    #: the input record that caused the move, or ``{"sweep": true}`` for a time-driven one
+    trigger: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)

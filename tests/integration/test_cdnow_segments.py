@@ -166,8 +166,12 @@ def test_cdnow_scores_segments_and_migration_chains(make_deployment, tmp_path: P
     seen: set[str] = set()
     chains: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     sweep_moves = []
+    from stream.schemas import Migration
+
     for rec in records:  # per partition in offset order; a customer stays in one partition
         m = orjson.loads(rec.value)
+        Migration.model_validate(m)  # the DESIGN §3 shape
+        assert rec.key == m["customer_id"].encode()
         if m["migration_id"] in seen:
             continue
         seen.add(m["migration_id"])

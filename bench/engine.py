@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -19,10 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import orjson
 import psutil
 import redis
 
+from bench import worker
 from bench.deploy import BenchDeployment
 from features.store import Keys
 from stream.kafka import end_offsets
@@ -105,10 +106,10 @@ class ProcessTree:
 def _read_counters(paths: list[Path]) -> tuple[int, int]:
     rt = cmds = 0
     for p in paths:
-        with contextlib.suppress(OSError, ValueError):
-            doc = orjson.loads(p.read_bytes())
-            rt += int(doc["roundtrips"])
-            cmds += int(doc["commands"])
+        with contextlib.suppress(OSError, struct.error):
+            a, b = worker.read(p)
+            rt += a
+            cmds += b
     return rt, cmds
 
 
@@ -163,7 +164,6 @@ def run_engine(dep: BenchDeployment, role: str, workers: int, total: int,
                     profiler = start_profiler(procs[0].pid, profile,
                                               dep.workdir / f"{role}-py-spy.log")
             if done >= total and first is not None:
-                time.sleep(0.15)  # let the counters files catch up with the last batch
                 rt, cmds = _read_counters(counters)
                 end_server = server_counters(r)
                 break

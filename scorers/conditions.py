@@ -58,6 +58,11 @@ from numpy.typing import NDArray
 
 Scalar = float | str | None
 Slack = Mapping[str, float]
+Env = Mapping[str, Any]
+#: A compiled value: the scalar of a value node for one customer's values.
+ValueFn = Callable[[Env], Scalar]
+#: A compiled condition: whether it holds for one customer's values.
+Predicate = Callable[[Env], bool]
 BoolArray = NDArray[np.bool_]
 Column = NDArray[Any]
 
@@ -106,6 +111,13 @@ def scalar(v: Any) -> Scalar:
     >>> scalar(3), scalar(float("nan")), scalar("545"), scalar(None)
     (3.0, None, '545', None)
     """
+    t = type(v)  # exact types first: this runs for every value of every rule
+    if t is float:
+        return None if v != v else v
+    if t is int:
+        return float(v)
+    if v is None:
+        return None
     if isinstance(v, str):
         return v
     if isinstance(v, numbers.Real):
@@ -221,6 +233,10 @@ class _Value:
     def render(self, env: Mapping[str, Any]) -> str:
         raise NotImplementedError
 
+    def compiled(self) -> ValueFn:
+        """A closure computing :meth:`value`."""
+        raise NotImplementedError
+
 
 @dataclass(frozen=True)
 class _Literal(_Value):
@@ -235,6 +251,10 @@ class _Literal(_Value):
 
     def render(self, env: Mapping[str, Any]) -> str:
         return self.source
+
+    def compiled(self) -> ValueFn:
+        v = self.v
+        return lambda env: v
 
 
 @dataclass(frozen=True)
@@ -253,6 +273,10 @@ class _Ref(_Value):
 
     def render(self, env: Mapping[str, Any]) -> str:
         return f"{self.name}={_fmt(self.value(env))}"
+
+    def compiled(self) -> ValueFn:
+        name = self.name
+        return lambda env: scalar(env.get(name))
 
 
 _PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2}
@@ -298,6 +322,10 @@ class _Arith(_Value):
 
         return f"{side(self.left, False)} {self.op} {side(self.right, True)}"
 
+    def compiled(self) -> ValueFn:
+        op, left, right = self.op, self.left.compiled(), self.right.compiled()
+        return lambda env: _arith(op, left(env), right(env))
+
 
 # ---------------------------------------------------------------- condition nodes
 
@@ -311,6 +339,10 @@ class _Bool:
 
     def explain(self, env: Mapping[str, Any], slack: Slack, pol: int) -> tuple[bool, str]:
         """The outcome and a true statement about the values that decided it."""
+        raise NotImplementedError
+
+    def compiled(self, slack: Slack, pol: int) -> Predicate:
+        """A closure computing :meth:`eval` with this slack and polarity."""
         raise NotImplementedError
 
 
@@ -342,6 +374,10 @@ class _Const(_Bool):
 
     def explain(self, env: Mapping[str, Any], slack: Slack, pol: int) -> tuple[bool, str]:
         return self.v, "true" if self.v else "not true"
+
+    def compiled(self, slack: Slack, pol: int) -> Predicate:
+        v = self.v
+        return lambda env: v
 
 
 @dataclass(frozen=True)
@@ -375,6 +411,23 @@ class _Cmp(_Bool):
         note = _note(amount, ok, _compare(self.op, a, b, 0.0))
         return ok, (text + note) if ok else f"not ({text})"
 
+    def compiled(self, slack: Slack, pol: int) -> Predicate:
+        shift = _shift(self.op, self._amount(slack), pol)
+        cmp, order = _CMP[self.op], self.op in _ORDER
+        left, right = self.left.compiled(), self.right.compiled()
+
+        def run(env: Env) -> bool:  # _compare, specialised
+            a, b = left(env), right(env)
+            if a is None or b is None:
+                return False
+            if isinstance(a, float) and isinstance(b, float):
+                return bool(cmp(a, b + shift)) if order else bool(cmp(a, b))
+            if isinstance(a, str) and isinstance(b, str):
+                return bool(cmp(a, b))
+            return False
+
+        return run
+
 
 @dataclass(frozen=True)
 class _Between(_Bool):
@@ -402,6 +455,10 @@ class _Between(_Bool):
         note = _note(amount, ok, self.eval(env, {}, pol))
         return ok, (text + note) if ok else f"not ({text})"
 
+    def compiled(self, slack: Slack, pol: int) -> Predicate:
+        lo, hi = (atom.compiled(slack, pol) for atom in self._atoms())
+        return lambda env: lo(env) and hi(env)
+
 
 @dataclass(frozen=True)
 class _In(_Bool):
@@ -425,6 +482,10 @@ class _In(_Bool):
         text = f"{self.subject.render(env)} in [{', '.join(i.source for i in self.items)}]"
         return ok, text if ok else f"not ({text})"
 
+    def compiled(self, slack: Slack, pol: int) -> Predicate:
+        has, subject = self._has, self.subject.compiled()
+        return lambda env: has(subject(env))
+
 
 @dataclass(frozen=True)
 class _IsNull(_Bool):
@@ -446,6 +507,10 @@ class _IsNull(_Bool):
             return ok, f"{self.subject.render(env).removesuffix('=null')} is null"
         return ok, f"{self.subject.render(env)} is not null"
 
+    def compiled(self, slack: Slack, pol: int) -> Predicate:
+        subject, negated = self.subject.compiled(), self.negated
+        return lambda env: (subject(env) is None) != negated
+
 
 @dataclass(frozen=True)
 class _Not(_Bool):
@@ -460,6 +525,10 @@ class _Not(_Bool):
     def explain(self, env: Mapping[str, Any], slack: Slack, pol: int) -> tuple[bool, str]:
         ok, text = self.child.explain(env, slack, -pol)
         return not ok, text
+
+    def compiled(self, slack: Slack, pol: int) -> Predicate:
+        child = self.child.compiled(slack, -pol)
+        return lambda env: not child(env)
 
 
 @dataclass(frozen=True)
@@ -485,6 +554,12 @@ class _Junction(_Bool):
                 return ok, text
             texts.append(text)
         return self.conj, " and ".join(texts)
+
+    def compiled(self, slack: Slack, pol: int) -> Predicate:
+        children = tuple(c.compiled(slack, pol) for c in self.children)
+        if self.conj:
+            return lambda env: all(c(env) for c in children)
+        return lambda env: any(c(env) for c in children)
 
 
 # ---------------------------------------------------------------- parser
@@ -750,16 +825,42 @@ class Condition:
     text: str
     root: _Bool = field(repr=False)
     names: frozenset[str] = field(init=False)
+    _slack_names: tuple[str, ...] = field(init=False, repr=False)
+    _predicates: dict[tuple[Any, ...], Predicate] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "names", _names(self.root))
+        object.__setattr__(self, "_slack_names", tuple(sorted(self.names)))
+        object.__setattr__(self, "_predicates", {})
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Compiled closures do not pickle; they are rebuilt on demand.
+        return {"text": self.text, "root": self.root}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        object.__setattr__(self, "text", state["text"])
+        object.__setattr__(self, "root", state["root"])
+        self.__post_init__()
 
     def __str__(self) -> str:
         return self.text
 
     def evaluate(self, values: Mapping[str, Any], slack: Slack | None = None) -> bool:
         """Whether the condition holds for one customer's values (missing names are null)."""
-        return self.root.eval(values, slack or {}, 1)
+        return self.predicate(slack)(values)
+
+    def predicate(self, slack: Slack | None = None) -> Predicate:
+        """:meth:`evaluate` with this slack, compiled once into a closure (and cached).
+
+        >>> compile_condition("x > 1 or y is null").predicate()({"x": 2})
+        True
+        """
+        # Only the slack of names the condition reads changes the compiled thresholds.
+        key = tuple(slack.get(n) for n in self._slack_names) if slack else ()
+        fn = self._predicates.get(key)
+        if fn is None:
+            fn = self._predicates[key] = self.root.compiled(slack or {}, 1)
+        return fn
 
     def explain(self, values: Mapping[str, Any], slack: Slack | None = None) -> str:
         """The atoms that decided the outcome, with their values.

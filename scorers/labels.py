@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,6 +76,8 @@ _LOG_COUNTS = (
     "distinct_event_types_30d", "feature_uses_30d", "support_tickets_30d",
 )
 
+_LOG_KEYS = tuple((n, f"log_{n}") for n in _LOG_COUNTS)
+
 #: Names of the model inputs :func:`model_inputs` produces, in order.
 INPUT_NAMES: tuple[str, ...] = (
     "has_purchase", "has_repeat", "has_clickstream",
@@ -111,8 +113,14 @@ def model_inputs(features: Mapping[str, Any]) -> dict[str, float]:
         "has_repeat": 1.0 if freq > 0 else 0.0,
         "has_clickstream": 1.0 if has_clicks else 0.0,
     }
-    for n in _LOG_COUNTS:
-        x[f"log_{n}"] = _log(f.get(n))
+    log1p = math.log1p
+    for n, key in _LOG_KEYS:
+        v = f.get(n)
+        if type(v) is int or type(v) is float:
+            # _log() inlined for plain numbers (NaN and negatives fail ``v > 0`` there too)
+            x[key] = log1p(v) if v > 0 else 0.0
+        else:
+            x[key] = _log(v)
     recency, idle = f.get("recency_days"), f.get("days_since_last_event")
     known = [float(v) for v in (recency, idle) if v is not None]
     gap = _num(f.get("bgnbd_recency")) / freq if freq > 0 else 0.0
@@ -260,19 +268,22 @@ def observe(
     churn_horizon_transactions_ms: int = CHURN_HORIZON_TRANSACTIONS_MS,
     purchase_horizon_ms: int = PURCHASE_HORIZON_MS,
     models: tuple[str, ...] = MODELS,
+    inputs: Mapping[str, float] | None = None,
 ) -> LabelState:
     """Snapshot the customer for every model with nothing pending.
 
     At most one observation per model per ``min_gap_days``. ``features`` are the
     customer's derived features at engine time ``now_ms``; call this after the events
     of the batch went through :func:`on_event`, so that they do not count as outcomes.
-    ``customer_id`` is part of the contract for symmetry with the other steps.
+    ``inputs``, if given, must be ``model_inputs(features)`` (a caller that already has
+    them saves computing them again). ``customer_id`` is part of the contract for
+    symmetry with the other steps.
     """
     del customer_id
     if not wants_observation(state, now_ms, min_gap_days=min_gap_days, models=models):
         return state
     gap = min_gap_days * MS_PER_DAY
-    x = model_inputs(features)
+    x = dict(inputs) if inputs is not None else model_inputs(features)
     pending, last = dict(state.pending), dict(state.last_obs_ms)
     for m in models:
         if m in pending or now_ms - last.get(m, now_ms - gap) < gap:
@@ -287,6 +298,58 @@ def observe(
         pending[m] = Observation(m, now_ms, x, horizon)
         last[m] = now_ms
     return LabelState(pending, last)
+
+
+def is_quiet(
+    stored: Mapping[str, Any],
+    events: Sequence[tuple[int, bool]],
+    settled_now_ms: int,
+    lateness_ms: int,
+    now_ms: int,
+    *,
+    min_gap_days: int = 7,
+    churn_horizon_clicks_ms: int = CHURN_HORIZON_CLICKS_MS,
+    churn_horizon_transactions_ms: int = CHURN_HORIZON_TRANSACTIONS_MS,
+    purchase_horizon_ms: int = PURCHASE_HORIZON_MS,
+    models: tuple[str, ...] = MODELS,
+) -> bool:
+    """Whether a stored state (a :meth:`LabelState.to_dict`) stays exactly as it is.
+
+    True when :func:`on_event` for each ``(ts_ms, is_purchase)`` of ``events``, then
+    :func:`on_time` at ``settled_now_ms`` and :func:`observe` at ``now_ms`` (with these
+    options) would resolve nothing and observe nothing, and ``stored`` already is in
+    :meth:`LabelState.to_dict` form. Callers then keep ``stored`` and skip decoding the
+    pending model inputs, which is most of the cost of a customer with nothing due.
+
+    >>> s = observe(LabelState(), "c1", {}, 10 * MS_PER_DAY, has_clickstream=True)
+    >>> is_quiet(s.to_dict(), [(9 * MS_PER_DAY, True)], 11 * MS_PER_DAY, 0, 11 * MS_PER_DAY)
+    True
+    >>> is_quiet(s.to_dict(), [(12 * MS_PER_DAY, True)], 12 * MS_PER_DAY, 0, 12 * MS_PER_DAY)
+    False
+    """
+    del churn_horizon_clicks_ms, churn_horizon_transactions_ms, purchase_horizon_ms
+    head = _headers(stored)
+    if head is None:
+        return False
+    for ts_ms, is_purchase in events:
+        if on_event(head, "", ts_ms, is_purchase)[1]:
+            return False
+    if on_time(head, "", settled_now_ms, lateness_ms)[1]:
+        return False
+    return not wants_observation(head, now_ms, min_gap_days=min_gap_days, models=models)
+
+
+def _headers(stored: Mapping[str, Any]) -> LabelState | None:
+    """The state of a canonical stored dict without its model inputs, else None."""
+    if (len(stored) != 3 or stored.get("schema") != INPUT_SCHEMA
+            or "pending" not in stored or "last" not in stored):
+        return None
+    pending: dict[str, Observation] = {}
+    for m, (ts, horizon, xs) in stored["pending"].items():
+        if len(xs) != len(INPUT_NAMES):
+            return None
+        pending[str(m)] = Observation(str(m), int(ts), {}, int(horizon))
+    return LabelState(pending, {str(m): int(t) for m, t in stored["last"].items()})
 
 
 def _example(customer_id: str, o: Observation, resolved_ms: int, y: int) -> Example:
@@ -356,6 +419,7 @@ __all__ = [
     "customer_hash",
     "due_ms",
     "example_id",
+    "is_quiet",
     "model_inputs",
     "observe",
     "on_event",

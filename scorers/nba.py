@@ -303,6 +303,15 @@ class NbaState:
             ],
         }
 
+    @staticmethod
+    def is_canonical(doc: Mapping[str, Any]) -> bool:
+        """Whether ``doc`` has the shape :meth:`to_dict` writes (its keys, nothing more).
+
+        >>> NbaState.is_canonical(NbaState().to_dict()), NbaState.is_canonical({})
+        (True, False)
+        """
+        return len(doc) == 3 and "last_sent" in doc and "recent" in doc and "pending" in doc
+
     @classmethod
     def from_dict(cls, doc: Mapping[str, Any]) -> NbaState:
         return cls(

@@ -144,7 +144,7 @@ class Scheme:
     min_dwell_days: float = 0.0
     hysteresis: Mapping[str, float] = field(default_factory=dict)
 
-    @property
+    @functools.cached_property
     def segment_names(self) -> tuple[str, ...]:
         """Segment names in priority order, then the fallback."""
         return (*(s.name for s in self.segments), self.fallback)
@@ -153,7 +153,7 @@ class Scheme:
     def min_dwell_ms(self) -> int:
         return round(self.min_dwell_days * MS_PER_DAY)
 
-    @property
+    @functools.cached_property
     def names(self) -> frozenset[str]:
         """Every feature and score the scheme's conditions read."""
         return frozenset().union(*(s.condition.names for s in self.segments))

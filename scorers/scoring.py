@@ -20,7 +20,7 @@ from typing import Any, Protocol
 from features.events import MS_PER_DAY, Event, TransactionEvent
 from features.state import CustomerState, derive, iso
 from scorers import clv, rfm
-from scorers.profile import Profile
+from scorers.profile import HISTORY_LIMIT, Profile
 
 #: Redis hash (per partition) of the RFM population sketch.
 RFM_HASH = "rfm"
@@ -129,60 +129,107 @@ def migration_id(customer_id: str, scheme: str, frm: str | None, to: str, cause:
 
 
 def wall_iso(ms: int) -> str:
+    """RFC 3339 UTC string of a wall-clock epoch-millisecond time.
+
+    >>> wall_iso(1_750_000_000_000)
+    '2025-06-15T15:06:40.000Z'
+    """
+    text = iso(ms) if ms >= 0 else None
+    if text is not None:
+        return text
     return datetime.fromtimestamp(ms / 1000, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+_NO_CLV: dict[str, float | None] = {"p_alive": None, "expected_purchases_90d": None,
+                                    "clv_90d": None}
 
 
 def clv_scores(model: ClvModel | None, f: Mapping[str, Any]) -> dict[str, float | None]:
     """``p_alive``, ``expected_purchases_90d`` and ``clv_90d`` from the BG/NBD inputs."""
-    x = f.get("bgnbd_frequency")
-    if model is None or x is None:
-        return {"p_alive": None, "expected_purchases_90d": None, "clv_90d": None}
-    t_x, t_big = f["bgnbd_recency"], f["bgnbd_T"]
-    alive = float(clv.p_alive(model.bgnbd, x, t_x, t_big))
-    expected = float(clv.expected_purchases(model.bgnbd, CLV_HORIZON_DAYS, x, t_x, t_big))
-    value = None
+    return clv_scores_many(model, [f])[0]
+
+
+def clv_scores_many(model: ClvModel | None, feats: Sequence[Mapping[str, Any]]
+                    ) -> list[dict[str, float | None]]:
+    """:func:`clv_scores` of many customers, with the closed forms evaluated as arrays."""
+    out = [dict(_NO_CLV) for _ in feats]
+    if model is None:
+        return out
+    rows = [i for i, f in enumerate(feats) if f.get("bgnbd_frequency") is not None]
+    if not rows:
+        return out
+    import numpy as np
+
+    def column(name: str) -> Any:
+        return np.array([feats[i][name] for i in rows], dtype=float)
+
+    x, t_x, t_big = column("bgnbd_frequency"), column("bgnbd_recency"), column("bgnbd_T")
+    alive = clv.p_alive(model.bgnbd, x, t_x, t_big).tolist()
+    expected = clv.expected_purchases(model.bgnbd, CLV_HORIZON_DAYS, x, t_x, t_big).tolist()
+    spend: list[float] | None = None
     if model.gamma_gamma is not None:
-        spend = float(clv.expected_spend(model.gamma_gamma, x, f.get("bgnbd_monetary") or 0.0))
-        value = expected * spend
-    return {"p_alive": alive, "expected_purchases_90d": expected, "clv_90d": value}
-
-
-def _batch_predictions(inputs: Sequence[CustomerInput], feats: list[dict[str, Any]],
-                       ctx: ScoringContext) -> tuple[dict[str, Sequence[float | None]],
-                                                     Sequence[str | None]]:
-    preds: dict[str, Sequence[float | None]] = {}
-    xs: list[dict[str, float]] = []
-    if ctx.models:
-        from scorers.labels import model_inputs
-
-        xs = [model_inputs(f) for f in feats]
-    for name, model in ctx.models.items():
-        preds[name] = model.predict_many(xs)
-    clusters: Sequence[str | None] = [None] * len(inputs)
-    if ctx.personas is not None:
-        clusters = ctx.personas.predict_many(feats)
-    return preds, clusters
+        m = np.array([feats[i].get("bgnbd_monetary") or 0.0 for i in rows], dtype=float)
+        spend = clv.expected_spend(model.gamma_gamma, x, m).tolist()
+    for k, i in enumerate(rows):
+        o = out[i]
+        o["p_alive"] = alive[k]
+        o["expected_purchases_90d"] = expected[k]
+        o["clv_90d"] = expected[k] * spend[k] if spend is not None else None
+    return out
 
 
 #: Which model produces which score.
 MODEL_SCORES = {"churn": "churn_probability", "purchase_7d": "purchase_propensity_7d"}
 
 
-def evaluate(inputs: Sequence[CustomerInput], ctx: ScoringContext) -> list[Outcome]:
-    """Evaluate a group of customers at ``ctx.now_ms``."""
-    feats = [derive(c.state, ctx.now_ms) for c in inputs]
-    preds, clusters = _batch_predictions(inputs, feats, ctx)
-    all_scores = []
-    for i in range(len(inputs)):
-        scores: dict[str, Any] = dict(ctx.population.score(feats[i], ctx.today))
-        scores.update(clv_scores(ctx.clv, feats[i]))
+def _all_scores(feats: list[dict[str, Any]], xs: Sequence[Mapping[str, float]] | None,
+                ctx: ScoringContext) -> list[dict[str, Any]]:
+    """Every score of every customer, in the order of the score contract."""
+    n = len(feats)
+    preds = {name: model.predict_many(xs or []) for name, model in ctx.models.items()}
+    clusters: Sequence[str | None] = [None] * n
+    if ctx.personas is not None:
+        clusters = ctx.personas.predict_many(feats)
+    clvs = clv_scores_many(ctx.clv, feats)
+    today, population = ctx.today, ctx.population
+    out = []
+    for i in range(n):
+        scores: dict[str, Any] = population.score(feats[i], today)
+        scores.update(clvs[i])
         for model_name, score_name in MODEL_SCORES.items():
             p = preds.get(model_name)
             scores[score_name] = p[i] if p is not None else None
         scores["cluster"] = clusters[i]
-        all_scores.append(scores)
+        out.append(scores)
+    return out
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """What every migration of one evaluation shares."""
+
+    at: str | None
+    emitted_at: str
+    model_versions: dict[str, int]
+
+    @classmethod
+    def of(cls, ctx: ScoringContext) -> _Batch:
+        return cls(iso(ctx.now_ms), wall_iso(ctx.wall_ms), ctx.model_versions())
+
+
+def evaluate(inputs: Sequence[CustomerInput], ctx: ScoringContext) -> list[Outcome]:
+    """Evaluate a group of customers at ``ctx.now_ms``."""
+    feats = [derive(c.state, ctx.now_ms) for c in inputs]
+    xs: list[dict[str, float]] | None = None
+    if ctx.models:
+        from scorers.labels import model_inputs
+
+        xs = [model_inputs(f) for f in feats]
+    all_scores = _all_scores(feats, xs, ctx)
     moving = _moving(inputs, feats, all_scores, ctx)
-    return [_evaluate_one(c, feats[i], all_scores[i], ctx, moving[i])
+    batch = _Batch.of(ctx)
+    return [_evaluate_one(c, feats[i], xs[i] if xs is not None else None, all_scores[i], ctx,
+                          moving[i], batch)
             for i, c in enumerate(inputs)]
 
 
@@ -202,12 +249,14 @@ def _moving(inputs: Sequence[CustomerInput], feats: list[dict[str, Any]],
     out: list[set[str]] = [set() for _ in range(n)]
     if ctx.catalogue is None or n == 0:
         return out
-    for name, scheme in ctx.catalogue.schemes.items():
-        cols: dict[str, list[Any]] = {}
-        for key in scheme.names:
-            src = scores if key in scores[0] else feats
-            cols[key] = [row.get(key) for row in src]
-        columns = Columns(cols, n)
+    schemes = ctx.catalogue.schemes
+    # One set of columns for every scheme: each column is normalised once.
+    raw: dict[str, list[Any]] = {}
+    for key in frozenset().union(*(scheme.names for scheme in schemes.values())):
+        src = scores if key in scores[0] else feats
+        raw[key] = [row.get(key) for row in src]
+    columns = Columns(raw, n)
+    for name, scheme in schemes.items():
         current = [c.profile.segments.get(name) for c in inputs]
         incumbent = np.array([cur[0] if cur else None for cur in current], dtype=object)
         since = np.array([cur[1] if cur else 0 for cur in current], dtype=np.int64)
@@ -218,8 +267,10 @@ def _moving(inputs: Sequence[CustomerInput], feats: list[dict[str, Any]],
         for seg in scheme.segments:
             hit = seg.condition.evaluate_columns(columns)
             if scheme.hysteresis:
-                hit |= (incumbent == seg.name) & known & seg.condition.evaluate_columns(
-                    columns, dict(scheme.hysteresis))
+                stays = (incumbent == seg.name) & known
+                if stays.any():
+                    hit |= stays & seg.condition.evaluate_columns(
+                        columns, dict(scheme.hysteresis))
             hit &= free
             result[hit] = seg.name
             free &= ~hit
@@ -228,71 +279,121 @@ def _moving(inputs: Sequence[CustomerInput], feats: list[dict[str, Any]],
     return out
 
 
-def _evaluate_one(c: CustomerInput, f: dict[str, Any], scores: dict[str, Any],
-                  ctx: ScoringContext, moving: set[str]) -> Outcome:
+class _NbaTrack:
+    """A customer's next-best-action state: decoded on first use, encoded once at the end."""
+
+    def __init__(self, stored: dict[str, Any]) -> None:
+        self.stored = stored
+        self.loaded: Any = None  # scorers.nba.NbaState
+        self.state: Any = None
+        self.touched = False
+
+    def get(self) -> Any:
+        if self.state is None:
+            from scorers import nba
+
+            self.loaded = self.state = nba.NbaState.from_dict(self.stored)
+        return self.state
+
+    def set(self, state: Any) -> None:
+        self.state = state
+        self.touched = True
+
+    def doc(self) -> dict[str, Any]:
+        """The stored form: the input itself when it already says exactly this."""
+        if not self.touched:
+            return self.stored
+        from scorers import nba
+
+        if self.state == self.loaded and nba.NbaState.is_canonical(self.stored):
+            return self.stored
+        out: dict[str, Any] = self.state.to_dict()
+        return out
+
+
+def _evaluate_one(c: CustomerInput, f: dict[str, Any], x: dict[str, float] | None,
+                  scores: dict[str, Any], ctx: ScoringContext, moving: set[str],
+                  batch: _Batch) -> Outcome:
     profile = c.profile
     o = Outcome(c.customer_id, profile, False, f, scores)
     # population sketch
     contrib = rfm.contribution(f, ctx.today)
     for fld, d in rfm.deltas(profile.rfm, contrib).items():
         o.add(RFM_HASH, fld, d)
-    profile = replace(profile, rfm=contrib)
-    profile = _labels(c, f, profile, o, ctx)
-    profile = _actions_on_events(c, profile, o, ctx)
+    label_doc = _labels(c, f, x, profile.labels, o, ctx)
+    nba_track = _NbaTrack(profile.nba)
+    _actions_on_events(c, nba_track, o, ctx)
+    segments, history = profile.segments, profile.history
     if ctx.catalogue is not None and (moving or any(
-            s not in ctx.catalogue.schemes for s in profile.segments)):
-        profile = _segments(c, f, scores, profile, o, ctx, moving)
-    o.profile = profile
-    o.changed = profile != c.profile
+            s not in ctx.catalogue.schemes for s in segments)):
+        segments, history = _segments(c, f, scores, segments, history, nba_track, o, ctx,
+                                      moving, batch)
+    nba_doc = nba_track.doc()
+    if (segments is profile.segments and label_doc is profile.labels
+            and nba_doc is profile.nba and history is profile.history and contrib == profile.rfm):
+        return o  # nothing changed: skip building and comparing a new profile
+    o.profile = replace(profile, segments=segments, rfm=contrib, labels=label_doc, nba=nba_doc,
+                        history=history)
+    o.changed = o.profile != profile
     return o
 
 
-def _labels(c: CustomerInput, f: Mapping[str, Any], profile: Profile, o: Outcome,
-            ctx: ScoringContext) -> Profile:
+def _by_time(e: Event) -> int:
+    return e.ts_ms
+
+
+def _labels(c: CustomerInput, f: Mapping[str, Any], x: dict[str, float] | None,
+            stored: dict[str, Any], o: Outcome, ctx: ScoringContext) -> dict[str, Any]:
     if ctx.label_options is None:
-        return profile
+        return stored
     from scorers import labels
 
-    st = labels.LabelState.from_dict(profile.labels)
-    for e in sorted(c.events, key=lambda e: e.ts_ms):
-        is_purchase = isinstance(e, TransactionEvent) and e.kind == "purchase"
-        st, ex = labels.on_event(st, c.customer_id, e.ts_ms, is_purchase)
-        o.examples.extend(ex)
+    events = [(e.ts_ms, isinstance(e, TransactionEvent) and e.kind == "purchase")
+              for e in sorted(c.events, key=_by_time)]
     settled = ctx.settled_ms if ctx.settled_ms is not None else ctx.now_ms - ctx.lateness_ms
     # on_time waits ``lateness`` past the horizon itself; hand it the settled time as "now".
-    st, ex = labels.on_time(st, c.customer_id, settled + ctx.lateness_ms, ctx.lateness_ms)
+    settled_now = settled + ctx.lateness_ms
+    if labels.is_quiet(stored, events, settled_now, ctx.lateness_ms, ctx.now_ms,
+                       **ctx.label_options):
+        return stored
+    st = labels.LabelState.from_dict(stored)
+    for ts_ms, is_purchase in events:
+        st, ex = labels.on_event(st, c.customer_id, ts_ms, is_purchase)
+        o.examples.extend(ex)
+    st, ex = labels.on_time(st, c.customer_id, settled_now, ctx.lateness_ms)
     o.examples.extend(ex)
     st = labels.observe(st, c.customer_id, f, ctx.now_ms,
-                        has_clickstream=f.get("last_event_at") is not None,
+                        has_clickstream=f.get("last_event_at") is not None, inputs=x,
                         **ctx.label_options)
-    return replace(profile, labels=st.to_dict())
+    return st.to_dict()
 
 
-def _actions_on_events(c: CustomerInput, profile: Profile, o: Outcome,
-                       ctx: ScoringContext) -> Profile:
-    if ctx.actions is None or not profile.nba:
-        return profile
+def _actions_on_events(c: CustomerInput, track: _NbaTrack, o: Outcome,
+                       ctx: ScoringContext) -> None:
+    if ctx.actions is None or not track.stored:
+        return
     from scorers import nba
 
-    st = nba.NbaState.from_dict(profile.nba)
-    for e in sorted(c.events, key=lambda e: e.ts_ms):
+    st = track.get()
+    for e in sorted(c.events, key=_by_time):
         if isinstance(e, TransactionEvent) and e.kind == "purchase":
             st, conversions = nba.on_purchase(st, e.ts_ms)
             for conv in conversions:
                 o.add(ACTION_HASH, nba.counter_field(conv.action_id, conv.segment,
                                                      conv.holdout, "converted"), 1)
-    st = nba.expire(st, ctx.now_ms, ctx.lateness_ms, ctx.actions)
-    return replace(profile, nba=st.to_dict())
+    track.set(nba.expire(st, ctx.now_ms, ctx.lateness_ms, ctx.actions))
 
 
-def _segments(c: CustomerInput, f: dict[str, Any], scores: dict[str, Any], profile: Profile,
-              o: Outcome, ctx: ScoringContext, moving: set[str]) -> Profile:
+def _segments(c: CustomerInput, f: dict[str, Any], scores: dict[str, Any],
+              current_segments: dict[str, tuple[str, int]], history: tuple[tuple[Any, ...], ...],
+              nba_track: _NbaTrack, o: Outcome, ctx: ScoringContext, moving: set[str],
+              batch: _Batch) -> tuple[dict[str, tuple[str, int]], tuple[tuple[Any, ...], ...]]:
     from scorers.rules import SegmentState, assign
 
     catalogue = ctx.catalogue
     assert catalogue is not None
     values = {**f, **scores}
-    segments = dict(profile.segments)
+    segments = dict(current_segments)
     for gone in [s for s in segments if s not in catalogue.schemes]:
         o.add(SEGMENT_HASH, f"{gone}|{segments.pop(gone)[0]}", -1)
     for name, scheme in catalogue.schemes.items():
@@ -310,7 +411,7 @@ def _segments(c: CustomerInput, f: dict[str, Any], scores: dict[str, Any], profi
         segments[name] = (a.segment, ctx.now_ms)
         cause = _cause(c.trigger, ctx.now_ms)
         mid = migration_id(c.customer_id, name, frm, a.segment, cause)
-        action, profile = _decide_action(c.customer_id, name, frm, a.segment, profile, o, ctx)
+        action = _decide_action(c.customer_id, name, frm, a.segment, nba_track, o, ctx)
         used = sorted(n for n in scheme.names if n in f)
         o.migrations.append({
             "migration_id": mid,
@@ -318,19 +419,19 @@ def _segments(c: CustomerInput, f: dict[str, Any], scores: dict[str, Any], profi
             "scheme": name,
             "from_segment": frm,
             "to_segment": a.segment,
-            "at": iso(ctx.now_ms),
-            "emitted_at": wall_iso(ctx.wall_ms),
+            "at": batch.at,
+            "emitted_at": batch.emitted_at,
             "reason": a.reason,
             "features": {k: f[k] for k in used},
             "scores": scores,
             "rules_version": catalogue.version,
-            "model_versions": ctx.model_versions(),
+            "model_versions": dict(batch.model_versions),
             "action": action,
             "trigger": dict(c.trigger) if c.trigger else {"sweep": True},
         })
-        profile = profile.with_migration(
-            (ctx.now_ms, name, frm, a.segment, mid, action["action_id"] if action else None))
-    return replace(profile, segments=segments)
+        entry = (ctx.now_ms, name, frm, a.segment, mid, action["action_id"] if action else None)
+        history = (*history, entry)[-HISTORY_LIMIT:]  # as Profile.with_migration
+    return segments, history
 
 
 def _cause(trigger: Mapping[str, Any] | None, now_ms: int) -> str:
@@ -339,17 +440,17 @@ def _cause(trigger: Mapping[str, Any] | None, now_ms: int) -> str:
     return f"{trigger.get('topic')}:{trigger.get('partition')}:{trigger.get('offset')}"
 
 
-def _decide_action(customer_id: str, scheme: str, frm: str | None, to: str, profile: Profile,
-                   o: Outcome, ctx: ScoringContext) -> tuple[dict[str, Any] | None, Profile]:
+def _decide_action(customer_id: str, scheme: str, frm: str | None, to: str,
+                   track: _NbaTrack, o: Outcome, ctx: ScoringContext) -> dict[str, Any] | None:
     if ctx.actions is None:
-        return None, profile
+        return None
     from scorers import nba
 
-    st = nba.NbaState.from_dict(profile.nba)
-    st, decision = nba.decide(ctx.actions, st, customer_id, scheme, frm, to, ctx.now_ms)
-    profile = replace(profile, nba=st.to_dict())
+    st, decision = nba.decide(ctx.actions, track.get(), customer_id, scheme, frm, to,
+                              ctx.now_ms)
+    track.set(st)
     if decision is None:
-        return None, profile
+        return None
     o.add(ACTION_HASH, nba.counter_field(decision.action_id, to, decision.holdout, "exposed"), 1)
     return {"action_id": decision.action_id, "channel": decision.channel,
-            "priority": decision.priority, "holdout": decision.holdout}, profile
+            "priority": decision.priority, "holdout": decision.holdout}

@@ -415,6 +415,10 @@ class _Cmp(_Bool):
         shift = _shift(self.op, self._amount(slack), pol)
         cmp, order = _CMP[self.op], self.op in _ORDER
         left, right = self.left.compiled(), self.right.compiled()
+        if isinstance(self.right, _Literal) and isinstance(self.right.v, float):
+            # the usual "value <op> number": only a float on the left can compare true
+            bound = self.right.v + shift if order else self.right.v
+            return lambda env: isinstance(a := left(env), float) and bool(cmp(a, bound))
 
         def run(env: Env) -> bool:  # _compare, specialised
             a, b = left(env), right(env)
@@ -557,9 +561,15 @@ class _Junction(_Bool):
 
     def compiled(self, slack: Slack, pol: int) -> Predicate:
         children = tuple(c.compiled(slack, pol) for c in self.children)
-        if self.conj:
-            return lambda env: all(c(env) for c in children)
-        return lambda env: any(c(env) for c in children)
+        conj = self.conj
+
+        def run(env: Env) -> bool:
+            for child in children:
+                if child(env) != conj:  # a false conjunct or a true disjunct decides
+                    return not conj
+            return conj
+
+        return run
 
 
 # ---------------------------------------------------------------- parser

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -200,6 +201,17 @@ class Example:
         return cls.from_dict(orjson.loads(data))
 
 
+_GET_INPUTS = operator.itemgetter(*INPUT_NAMES)
+
+
+def _input_list(x: Mapping[str, float]) -> list[float]:
+    """Inputs in :data:`INPUT_NAMES` order, 0.0 for any missing."""
+    try:
+        return list(_GET_INPUTS(x))
+    except KeyError:
+        return [x.get(n, 0.0) for n in INPUT_NAMES]
+
+
 @dataclass(frozen=True, slots=True)
 class LabelState:
     """A customer's pending observations and the time of the latest one, per model.
@@ -214,7 +226,7 @@ class LabelState:
         """Plain msgpack-able form; inputs are stored as a list in :data:`INPUT_NAMES` order."""
         return {
             "schema": INPUT_SCHEMA,
-            "pending": {m: [o.obs_ts_ms, o.horizon_ms, [o.x.get(n, 0.0) for n in INPUT_NAMES]]
+            "pending": {m: [o.obs_ts_ms, o.horizon_ms, _input_list(o.x)]
                         for m, o in self.pending.items()},
             "last": dict(self.last_obs_ms),
         }

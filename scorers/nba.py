@@ -21,6 +21,7 @@ Decision(action_id='win-back', channel='email', priority=10, holdout=False)
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.resources
 import json
@@ -157,11 +158,28 @@ class ActionCatalogue(BaseModel):
         self, scheme: str, from_segment: str | None, to_segment: str
     ) -> list[ActionRule]:
         """Matching rules, highest priority first (catalogue order breaks ties)."""
-        hits = [r for r in self.rules if r.matches(scheme, from_segment, to_segment)]
+        rules = self._by_target.get((scheme, to_segment), ())
+        hits = [r for r in rules if r.matches(scheme, from_segment, to_segment)]
         return sorted(hits, key=lambda r: -r.priority)
 
     def rule_for(self, action_id: str) -> ActionRule | None:
-        return next((r for r in self.rules if r.action_id == action_id), None)
+        return self._by_action.get(action_id)
+
+    @functools.cached_property
+    def _by_target(self) -> dict[tuple[str, str], tuple[ActionRule, ...]]:
+        """Rules per (scheme, target segment), in catalogue order."""
+        out: dict[tuple[str, str], tuple[ActionRule, ...]] = {}
+        for r in self.rules:
+            out[(r.scheme, r.to)] = (*out.get((r.scheme, r.to), ()), r)
+        return out
+
+    @functools.cached_property
+    def _by_action(self) -> dict[str, ActionRule]:
+        """The first rule of each action id (:meth:`rule_for` runs for every customer)."""
+        out: dict[str, ActionRule] = {}
+        for r in self.rules:
+            out.setdefault(r.action_id, r)
+        return out
 
 
 def _check_names(cat: ActionCatalogue, schemes: Mapping[str, Sequence[str]]) -> None:
@@ -392,6 +410,40 @@ def expire(
             if rule is None or ts + rule.cooldown_ms >= horizon:
                 last_sent[aid] = ts
     return NbaState(last_sent, recent, pending)
+
+
+def is_quiet(
+    doc: Mapping[str, Any],
+    purchase_ts: Iterable[int],
+    now_ms: int,
+    lateness_ms: int,
+    catalogue: ActionCatalogue | None = None,
+) -> bool:
+    """Whether a stored state (a :meth:`NbaState.to_dict`) stays exactly as it is.
+
+    True when :func:`on_purchase` at each of ``purchase_ts`` credits nothing, then
+    :func:`expire` with these arguments drops nothing, and ``doc`` has the shape
+    :meth:`NbaState.to_dict` writes: callers can keep ``doc`` without decoding it.
+
+    >>> doc = NbaState({"a": 5}, (5,), (Exposure("a", "Lost", True, 5, 9),)).to_dict()
+    >>> is_quiet(doc, [], 9, 0), is_quiet(doc, [7], 9, 0), is_quiet(doc, [], 10, 0)
+    (True, False, False)
+    """
+    if not NbaState.is_canonical(doc):
+        return False
+    horizon = now_ms - lateness_ms
+    times = list(purchase_ts)
+    for _action, _segment, _holdout, at_ms, until_ms in doc["pending"]:
+        if until_ms < horizon or any(at_ms < ts <= until_ms for ts in times):
+            return False
+    if any(t + WEEK_MS < horizon for t in doc["recent"]):
+        return False
+    if catalogue is not None:
+        for aid, ts in doc["last_sent"].items():
+            rule = catalogue.rule_for(aid)
+            if rule is not None and ts + rule.cooldown_ms < horizon:
+                return False
+    return True
 
 
 # -- counters and lift --------------------------------------------------------------------

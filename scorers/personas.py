@@ -92,9 +92,12 @@ PERSONA_FEATURES: tuple[tuple[str, Callable[[Features], float], str, str, str], 
 PERSONA_FEATURE_NAMES: tuple[str, ...] = tuple(p[0] for p in PERSONA_FEATURES)
 
 
+_TRANSFORMS: tuple[Callable[[Features], float], ...] = tuple(p[1] for p in PERSONA_FEATURES)
+
+
 def persona_vector(features: Features) -> list[float]:
     """The transformed clustering features of one customer."""
-    return [fn(features) for _, fn, *_ in PERSONA_FEATURES]
+    return [fn(features) for fn in _TRANSFORMS]
 
 
 def _kmeans_pp(z: Array, k: int, rng: np.random.Generator) -> Array:

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 from features.events import MS_PER_DAY, Event, TransactionEvent
 from features.state import CustomerState, derive, iso
-from scorers import clv, rfm
+from scorers import clv, labels, nba, rfm
 from scorers.profile import HISTORY_LIMIT, Profile
 
 #: Redis hash (per partition) of the RFM population sketch.
@@ -222,9 +222,7 @@ def evaluate(inputs: Sequence[CustomerInput], ctx: ScoringContext) -> list[Outco
     feats = [derive(c.state, ctx.now_ms) for c in inputs]
     xs: list[dict[str, float]] | None = None
     if ctx.models:
-        from scorers.labels import model_inputs
-
-        xs = [model_inputs(f) for f in feats]
+        xs = [labels.model_inputs(f) for f in feats]
     all_scores = _all_scores(feats, xs, ctx)
     moving = _moving(inputs, feats, all_scores, ctx)
     batch = _Batch.of(ctx)
@@ -284,31 +282,26 @@ class _NbaTrack:
 
     def __init__(self, stored: dict[str, Any]) -> None:
         self.stored = stored
-        self.loaded: Any = None  # scorers.nba.NbaState
-        self.state: Any = None
+        self.loaded: nba.NbaState | None = None
+        self.state: nba.NbaState | None = None
         self.touched = False
 
-    def get(self) -> Any:
+    def get(self) -> nba.NbaState:
         if self.state is None:
-            from scorers import nba
-
             self.loaded = self.state = nba.NbaState.from_dict(self.stored)
         return self.state
 
-    def set(self, state: Any) -> None:
+    def set(self, state: nba.NbaState) -> None:
         self.state = state
         self.touched = True
 
     def doc(self) -> dict[str, Any]:
         """The stored form: the input itself when it already says exactly this."""
-        if not self.touched:
+        if self.state is None or not self.touched:
             return self.stored
-        from scorers import nba
-
         if self.state == self.loaded and nba.NbaState.is_canonical(self.stored):
             return self.stored
-        out: dict[str, Any] = self.state.to_dict()
-        return out
+        return self.state.to_dict()
 
 
 def _evaluate_one(c: CustomerInput, f: dict[str, Any], x: dict[str, float] | None,
@@ -346,8 +339,6 @@ def _labels(c: CustomerInput, f: Mapping[str, Any], x: dict[str, float] | None,
             stored: dict[str, Any], o: Outcome, ctx: ScoringContext) -> dict[str, Any]:
     if ctx.label_options is None:
         return stored
-    from scorers import labels
-
     events = [(e.ts_ms, isinstance(e, TransactionEvent) and e.kind == "purchase")
               for e in sorted(c.events, key=_by_time)]
     settled = ctx.settled_ms if ctx.settled_ms is not None else ctx.now_ms - ctx.lateness_ms
@@ -372,15 +363,16 @@ def _actions_on_events(c: CustomerInput, track: _NbaTrack, o: Outcome,
                        ctx: ScoringContext) -> None:
     if ctx.actions is None or not track.stored:
         return
-    from scorers import nba
-
+    purchases = [e.ts_ms for e in sorted(c.events, key=_by_time)
+                 if isinstance(e, TransactionEvent) and e.kind == "purchase"]
+    if nba.is_quiet(track.stored, purchases, ctx.now_ms, ctx.lateness_ms, ctx.actions):
+        return
     st = track.get()
-    for e in sorted(c.events, key=_by_time):
-        if isinstance(e, TransactionEvent) and e.kind == "purchase":
-            st, conversions = nba.on_purchase(st, e.ts_ms)
-            for conv in conversions:
-                o.add(ACTION_HASH, nba.counter_field(conv.action_id, conv.segment,
-                                                     conv.holdout, "converted"), 1)
+    for ts_ms in purchases:
+        st, conversions = nba.on_purchase(st, ts_ms)
+        for conv in conversions:
+            o.add(ACTION_HASH, nba.counter_field(conv.action_id, conv.segment,
+                                                 conv.holdout, "converted"), 1)
     track.set(nba.expire(st, ctx.now_ms, ctx.lateness_ms, ctx.actions))
 
 
@@ -444,8 +436,6 @@ def _decide_action(customer_id: str, scheme: str, frm: str | None, to: str,
                    track: _NbaTrack, o: Outcome, ctx: ScoringContext) -> dict[str, Any] | None:
     if ctx.actions is None:
         return None
-    from scorers import nba
-
     st, decision = nba.decide(ctx.actions, track.get(), customer_id, scheme, frm, to,
                               ctx.now_ms)
     track.set(st)

@@ -392,48 +392,30 @@ def clv_fit(json_: JsonOpt = False) -> None:
 
 @app.command()
 def demo(
-    rate: Annotated[float, typer.Option(help="CDNOW events per second")] = 5000.0,
-    keep: Annotated[bool, typer.Option(help="Keep the worker running until Ctrl-C")] = False,
+    rate: Annotated[float, typer.Option(help="Events per second (0: unthrottled)", min=0)]
+    = 3000.0,
+    duration: Annotated[float | None, typer.Option(
+        help="Seconds to keep running after the replay, then stop (default: until Ctrl-C)",
+        min=0)] = None,
+    customers: Annotated[int, typer.Option(help="Synthetic customers", min=0)] = 2000,
+    days: Annotated[int, typer.Option(
+        help="Synthetic period in days before today, without CDNOW (with CDNOW the "
+             "synthetic customers live through the CDNOW period)", min=1)] = 60,
+    until: Annotated[str | None, typer.Option(help="Only CDNOW purchases before YYYY-MM-DD")]
+    = None,
+    cdnow: Annotated[bool, typer.Option("--cdnow/--no-cdnow", help="Replay CDNOW")] = True,
+    synthetic: Annotated[bool, typer.Option(
+        "--synthetic/--no-synthetic", help="Replay synthetic clickstream and transactions")]
+    = True,
 ) -> None:
-    """Services up, a worker, the CDNOW replay, and a look at the results."""
-    import os
-    import signal
-    import subprocess
+    """Services up, a worker, a replay and a live feed of segment migrations."""
+    from stream.demo import DemoOptions, run_demo
 
-    from rich.table import Table
-
-    from stream import services
-    from stream.kafka import ensure_topics
-
-    s = _settings()
-    done = services.up(s)
-    err.print(f"kafka {s.kafka_bootstrap} ({done['kafka']}), redis {s.redis_url} ({done['redis']})")
-    ensure_topics(s)
-    log = s.data_dir / "demo-worker.log"
-    worker = subprocess.Popen([sys.executable, "-m", "stream.cli", "worker"],
-                              stdout=open(log, "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115
-                              start_new_session=True)
-    err.print(f"worker pid {worker.pid}, log {log}, API {_api_url(s)}")
-    try:
-        replay_cdnow(path=None, until=None, rate=rate)
-        wait(timeout=600)
-        doc = customer_doc(s, "00003")
-        if doc:
-            t = Table("feature", "value", title="segstream customer 00003")
-            for k in ("purchases_total", "purchase_days", "monetary_total", "recency_days",
-                      "bgnbd_frequency", "bgnbd_recency", "bgnbd_T", "bgnbd_monetary"):
-                t.add_row(k, str(doc["features"][k]))
-            Console().print(t)
-        err.print("try: segstream customer 00042 --json")
-        if keep:
-            err.print("worker running; Ctrl-C stops it")
-            worker.wait()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        if worker.poll() is None:
-            os.killpg(worker.pid, signal.SIGTERM)
-            worker.wait(timeout=30)
+    code = run_demo(_settings(), DemoOptions(
+        rate=rate, duration=duration, customers=customers, days=days, until=until,
+        cdnow=cdnow, synthetic=synthetic))
+    if code:
+        raise typer.Exit(code)
 
 
 def main() -> None:

@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 
 from stream import queries
+from stream.cli_bench import bench
 from stream.cli_rules import rules_app
 from stream.cli_triggers import triggers
 from stream.errors import SegstreamError
@@ -26,6 +27,7 @@ clv_app = typer.Typer(no_args_is_help=True, help="Customer lifetime value models
 app.add_typer(clv_app, name="clv")
 app.add_typer(rules_app, name="rules")
 app.command("triggers")(triggers)
+app.command("bench")(bench)
 err = Console(stderr=True)
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document.")]
 

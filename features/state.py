@@ -247,6 +247,9 @@ def _prune_clicks(s: CustomerState, top: int, keep: int, lateness_ms: int) -> No
 
 #: Timestamps below this convert exactly with integer arithmetic (see :func:`iso`).
 _ISO_EXACT_MS = 2**33 * 1000
+_HH_MM = tuple(f"{h:02d}:{m:02d}:" for h in range(24) for m in range(60))
+_SS = tuple(f"{s:02d}." for s in range(60))
+_MSZ = tuple(f"{ms:03d}Z" for ms in range(1000))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -268,19 +271,19 @@ def iso(ts_ms: int) -> str | None:
         day, ms = divmod(ts_ms, MS_PER_DAY)
         s, ms = divmod(ms, 1000)
         m, s = divmod(s, 60)
-        h, m = divmod(m, 60)
-        return f"{_iso_day(day)}{h:02d}:{m:02d}:{s:02d}.{ms:03d}Z"
+        return _iso_day(day) + _HH_MM[m] + _SS[s] + _MSZ[ms]
     return datetime.fromtimestamp(ts_ms / 1000, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+_TREND_DX = tuple(x - (TREND_WEEKS - 1) / 2 for x in range(TREND_WEEKS))
+_TREND_SXX = sum(dx**2 for dx in _TREND_DX)
 
 
 def _trend(weeks: list[int]) -> float:
     """Least-squares slope of weekly event counts over the last 8 weeks (events/week)."""
-    n = TREND_WEEKS
-    mean_x = (n - 1) / 2
-    mean_y = sum(weeks) / n
-    sxx = sum((x - mean_x) ** 2 for x in range(n))
-    sxy = sum((x - mean_x) * (y - mean_y) for x, y in enumerate(weeks))
-    return sxy / sxx
+    mean_y = sum(weeks) / TREND_WEEKS
+    sxy = sum(dx * (y - mean_y) for dx, y in zip(_TREND_DX, weeks, strict=True))
+    return sxy / _TREND_SXX
 
 
 def _purchase_features(s: CustomerState, today: int) -> dict[str, Any]:

@@ -282,7 +282,7 @@ _TREND_SXX = sum(dx**2 for dx in _TREND_DX)
 def _trend(weeks: list[int]) -> float:
     """Least-squares slope of weekly event counts over the last 8 weeks (events/week)."""
     mean_y = sum(weeks) / TREND_WEEKS
-    sxy = sum(dx * (y - mean_y) for dx, y in zip(_TREND_DX, weeks, strict=True))
+    sxy = sum([dx * (y - mean_y) for dx, y in zip(_TREND_DX, weeks, strict=True)])
     return sxy / _TREND_SXX
 
 

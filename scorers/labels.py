@@ -114,11 +114,13 @@ def model_inputs(features: Mapping[str, Any]) -> dict[str, float]:
         "has_repeat": 1.0 if freq > 0 else 0.0,
         "has_clickstream": 1.0 if has_clicks else 0.0,
     }
-    log1p = math.log1p
+    log1p, get = math.log1p, f.get
     for n, key in _LOG_KEYS:
-        v = f.get(n)
-        if type(v) is int or type(v) is float:
-            # _log() inlined for plain numbers (NaN and negatives fail ``v > 0`` there too)
+        v = get(n)
+        # _log() inlined for None and plain numbers (NaN and negatives fail ``v > 0``)
+        if v is None:
+            x[key] = 0.0
+        elif type(v) is int or type(v) is float:
             x[key] = log1p(v) if v > 0 else 0.0
         else:
             x[key] = _log(v)

@@ -170,11 +170,11 @@ class Engine:
             for tp in self.app.assignor.assigned_actives():
                 if tp.topic not in self.settings.input_topics:
                     continue
+                # Both are "next offset" positions: the log end and the committed offset.
                 high = consumer.highwater(tp)
                 pos = consumer._committed_offset.get(tp)
                 if high is not None:
-                    out[(tp.topic, tp.partition)] = max(0, int(high) - int(pos or 0) - 1
-                                                        if pos is not None else int(high))
+                    out[(tp.topic, tp.partition)] = max(0, int(high) - int(pos or 0))
         except Exception:
             return out
         return out

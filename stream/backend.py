@@ -38,7 +38,7 @@ class EngineBackend:
         self._counts = {"events": 0, "migrations": 0, "dlq": 0}
         self._last: tuple[float, dict[str, int]] | None = None
         self.lags: dict[tuple[str, int], int] = {}
-        self.segments: dict[str, dict[str, int]] = {}
+        self.segment_sizes: dict[str, dict[str, int]] = {}
         self.actions_rows: list[dict[str, Any]] = []
 
     # -- hooks called by the engine ------------------------------------------------------
@@ -80,21 +80,32 @@ class EngineBackend:
         with self.metrics.redis_call("read"):
             seg = await queries.segments_doc(s, r, store)
             acts = await queries.actions_doc(s, store)
-        self.segments = seg["schemes"]
+        self.segment_sizes = seg["schemes"]
         self.actions_rows = acts["actions"]
-        self.metrics.set_segment_sizes(self.segments)
+        self.metrics.set_segment_sizes(self.segment_sizes)
         self.metrics.set_action_lift(self.actions_rows)
         now = await store.now()
         if now >= 0:
             self.metrics.set_engine_now(now)
         self.lags = e.consumer_lags()
         self.metrics.set_lags(self.lags)
-        self.metrics.set_partitions_assigned(len(e.owned_partitions()))
+        owned = e.owned_partitions()
+        self.metrics.set_partitions_assigned(len(owned))
+        # Only the owned partitions, so that summing over workers counts each record once.
+        with self.metrics.redis_call("read"):
+            async with r.pipeline(transaction=False) as pipe:
+                for p in owned:
+                    pipe.hlen(store.keys.outbox(p))
+                pending = await pipe.execute() if owned else []
+        self.metrics.set_outbox_pending(sum(int(n) for n in pending))
+        # Scrapers see readiness without anyone probing /readyz.
+        ready, _ = await self.ready()
+        self.metrics.set_worker_state(ready=ready)
         for name, q in e.model_quality().items():
             self.metrics.set_model_quality(name, q)
             self.model_history.setdefault(name, collections.deque(maxlen=HISTORY)).append(
                 {"t": int(t * 1000), "auc": q.get("auc"), "log_loss": q.get("log_loss")})
-        for scheme, sizes in self.segments.items():
+        for scheme, sizes in self.segment_sizes.items():
             self.segment_history.setdefault(scheme, collections.deque(maxlen=HISTORY)).append(
                 {"t": int(t * 1000), "sizes": dict(sizes)})
         counts = dict(self._counts)
@@ -163,7 +174,7 @@ class EngineBackend:
             "lag": {"total": sum(self.lags.values()),
                     "partitions": [{"topic": t, "partition": p, "lag": n}
                                    for (t, p), n in sorted(self.lags.items())]},
-            "segments": self.segments,
+            "segments": self.segment_sizes,
             "segment_history": {k: list(v) for k, v in self.segment_history.items()},
             "flows": {scheme: [{"from": f, "to": t, "count": n}
                                for (f, t), n in sorted(rows.items(), key=lambda kv: -kv[1])]

@@ -231,7 +231,12 @@ class EngineMetrics:
         self._drift_seen[model] = self._drift_seen.get(model, 0.0) + 1
 
     def set_action_lift(self, rows: Iterable[Mapping[str, Any]]) -> None:
-        """Replace action results from rows shaped like ``GET /actions`` items."""
+        """Replace action results from ``GET /actions`` rows.
+
+        Rows are flat as ``segstream actions --json`` prints them (``treated_exposed``,
+        ``holdout_converted``, ``uplift``, ``relative_lift``, ...); rows with nested arms
+        (``treated: {"exposed", "converted"}``, ``lift``) are read too.
+        """
         exposures: dict[tuple[str, ...], float] = {}
         conversions: dict[tuple[str, ...], float] = {}
         lift: dict[tuple[str, ...], float] = {}
@@ -239,13 +244,14 @@ class EngineMetrics:
         for row in rows:
             key = (str(row["action_id"]), str(row.get("segment") or ""))
             for arm in ARMS:
-                stats = row.get(arm) or {}
-                exposures[(*key, arm)] = _number(stats.get("exposed")) or 0.0
-                conversions[(*key, arm)] = _number(stats.get("converted")) or 0.0
-            for src, dst in (("lift", lift), ("uplift", uplift)):
-                value = _number(row.get(src))
-                if value is not None:
-                    dst[key] = value
+                exposed, converted = _arm(row, arm)
+                exposures[(*key, arm)] = exposed
+                conversions[(*key, arm)] = converted
+            for value, dst in ((row.get("relative_lift", row.get("lift")), lift),
+                               (row.get("uplift"), uplift)):
+                number = _number(value)
+                if number is not None:
+                    dst[key] = number
         self._replace("action_exposures", exposures)
         self._replace("action_conversions", conversions)
         self._replace("action_lift", lift)
@@ -280,6 +286,15 @@ class EngineMetrics:
         for labels, value in rows.items():
             metric.labels(*labels).set(value)
         self._labels_set[name] = set(rows)
+
+
+def _arm(row: Mapping[str, Any], arm: str) -> tuple[float, float]:
+    """``(exposed, converted)`` of one arm of an action row, flat or nested."""
+    nested = row.get(arm)
+    stats = nested if isinstance(nested, Mapping) else {}
+    exposed = row.get(f"{arm}_exposed", stats.get("exposed"))
+    converted = row.get(f"{arm}_converted", stats.get("converted"))
+    return _number(exposed) or 0.0, _number(converted) or 0.0
 
 
 def _number(value: Any) -> float | None:

@@ -68,8 +68,10 @@ class ApiBackend(Protocol):
         ...
 
     async def actions(self) -> dict[str, Any]:
-        """``{"as_of", "actions": [{"action_id", "segment", "treated", "holdout", "uplift",
-        "lift", "p_value"}]}``; each arm is ``{"exposed", "converted", "rate"}``."""
+        """``segstream actions --json``: ``{"as_of", "actions": [row, ...]}``, one row per action
+        and segment: ``{"action_id", "segment", "treated_exposed", "treated_converted",
+        "holdout_exposed", "holdout_converted", "treated_rate", "holdout_rate", "uplift",
+        "relative_lift", "p_value", "treated_ci", "holdout_ci"}``."""
         ...
 
     async def health(self) -> dict[str, Any]:

@@ -63,6 +63,7 @@ class Deployment:
         self.env.update(extra)
         self.workers: list[subprocess.Popen[bytes]] = []
         self.logs: list[Path] = []
+        self.web_ports: dict[int, int] = {}
 
     @property
     def settings(self) -> Any:
@@ -91,6 +92,7 @@ class Deployment:
                                 stdout=open(log, "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115
                                 start_new_session=True)
         self.workers.append(proc)
+        self.web_ports[proc.pid] = port
         # After a kill -9 the group waits for the dead member's session to expire.
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
@@ -100,6 +102,10 @@ class Deployment:
                 return proc
             time.sleep(0.2)
         raise AssertionError(f"worker not ready:\n{log.read_text()[-3000:]}")
+
+    def web_url(self, proc: subprocess.Popen[bytes]) -> str:
+        """Base URL of a worker's HTTP API, dashboard and /metrics (its SEGSTREAM_WEB_PORT)."""
+        return f"http://127.0.0.1:{self.web_ports[proc.pid]}"
 
     def kill(self, proc: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
         if proc.poll() is None:

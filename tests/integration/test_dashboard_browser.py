@@ -89,15 +89,17 @@ class RealisticBackend:
         ):
             exposed_t, exposed_h = 1800, 200
             conv_t, conv_h = round(exposed_t * t_rate), round(exposed_h * h_rate)
+            t_rate_real, h_rate_real = conv_t / exposed_t, conv_h / exposed_h
+            # The flat rows `segstream actions --json` and GET /actions return.
             self.actions_rows.append({
                 "action_id": action, "segment": segment,
-                "treated": {"exposed": exposed_t, "converted": conv_t,
-                            "rate": conv_t / exposed_t},
-                "holdout": {"exposed": exposed_h, "converted": conv_h,
-                            "rate": conv_h / exposed_h},
-                "uplift": conv_t / exposed_t - conv_h / exposed_h,
-                "lift": (conv_t / exposed_t) / (conv_h / exposed_h) - 1,
+                "treated_exposed": exposed_t, "treated_converted": conv_t,
+                "holdout_exposed": exposed_h, "holdout_converted": conv_h,
+                "treated_rate": t_rate_real, "holdout_rate": h_rate_real,
+                "uplift": t_rate_real - h_rate_real,
+                "relative_lift": t_rate_real / h_rate_real - 1,
                 "p_value": round(rng.uniform(0.001, 0.4), 3),
+                "treated_ci": None, "holdout_ci": None,
             })
         self.models = [
             {"model": name, "version": version, "auc": auc, "log_loss": loss,
@@ -216,6 +218,9 @@ def test_dashboard_renders_every_chart(tmp_path: Path) -> None:
     assert not empty, f"charts without data: {empty} ({parsed.points})"
     assert parsed.points["segment-sizes"] == sum(len(s) for s in SCHEMES.values())
     assert parsed.points["action-lift"] == 5
+    for row in RealisticBackend().actions_rows:  # both arms read from the flat rows
+        assert f"{row['treated_converted']}/{row['treated_exposed']} (" in dom, row
+        assert f"{row['holdout_converted']}/{row['holdout_exposed']} (" in dom, row
     assert parsed.points["model-quality"] == 2
     assert parsed.points["throughput"] == POINTS
     assert parsed.points["throughput-out"] == 2 * POINTS

@@ -53,6 +53,9 @@ def contract_topics(settings: Settings) -> dict[str, int]:
         settings.dlq_topic: 1,
         # One partition: a single learner sees every labelled example in order.
         settings.examples_topic: 1,
+        # Faust elects the group leader (which runs the scheduled CLV refit) through this
+        # topic; the engine declares its topics itself, so it creates this one too.
+        f"{settings.app_id}-__assignor-__leader": 1,
     }
 
 

@@ -209,7 +209,29 @@ async def refit_clv(settings: Settings, r: aioredis.Redis, store: RedisFeatureSt
     doc: dict[str, Any] = {"customers": len(rows), "as_of": now, "bgnbd": bg.to_json(),
                            "gamma_gamma": {"p": gg.p, "q": gg.q, "v": gg.v}}
     keys = registry_keys(settings.redis_prefix)
+    prev = await r.get(keys["clv"])
+    if prev is not None and _same_fit(orjson.loads(prev), doc):
+        # Unchanged parameters keep their version: a new one makes every worker re-score
+        # every customer.
+        old = orjson.loads(prev)
+        old["seconds"] = round(time.perf_counter() - t0, 3)
+        old["unchanged"] = True
+        return dict(old)
     doc["version"] = int(await r.incr(keys["clv_version"]))
     doc["seconds"] = round(time.perf_counter() - t0, 3)
     await r.set(keys["clv"], orjson.dumps(doc))
     return doc
+
+
+def _same_fit(a: dict[str, Any], b: dict[str, Any], rel: float = 1e-6) -> bool:
+    if a.get("customers") != b.get("customers"):
+        return False
+    for part in ("bgnbd", "gamma_gamma"):
+        for k, v in b[part].items():
+            w = a.get(part, {}).get(k)
+            if isinstance(v, str) or w is None:
+                if v != w:
+                    return False
+            elif abs(float(w) - float(v)) > rel * max(1.0, abs(float(v))):
+                return False
+    return True

@@ -34,16 +34,24 @@ _ERRORS = {
     "500": {"$ref": "#/components/responses/Internal"},
 }
 
-_ARM = _obj(["exposed", "converted", "rate"], exposed=_INT, converted=_INT, rate=_NUM_OR_NULL)
+_INTERVAL = {"type": ["array", "null"], "items": {"type": "number"}, "minItems": 2,
+             "maxItems": 2, "description": "95% Wilson interval of the rate"}
 _ACTION_ROW = _obj(
-    ["action_id", "segment", "treated", "holdout", "uplift", "lift", "p_value"],
+    ["action_id", "segment", "treated_exposed", "treated_converted", "holdout_exposed",
+     "holdout_converted", "treated_rate", "holdout_rate", "uplift", "relative_lift", "p_value"],
     action_id=_STR,
     segment=_STR,
-    treated=_ref("Arm"),
-    holdout=_ref("Arm"),
+    treated_exposed=_INT,
+    treated_converted=_INT,
+    holdout_exposed=_INT,
+    holdout_converted=_INT,
+    treated_rate=_NUM_OR_NULL,
+    holdout_rate=_NUM_OR_NULL,
     uplift={**_NUM_OR_NULL, "description": "treated rate minus holdout rate"},
-    lift={**_NUM_OR_NULL, "description": "uplift relative to the holdout rate"},
+    relative_lift={**_NUM_OR_NULL, "description": "treated rate / holdout rate - 1"},
     p_value={**_NUM_OR_NULL, "description": "two-proportion z-test, treated vs holdout"},
+    treated_ci=_INTERVAL,
+    holdout_ci=_INTERVAL,
 )
 _MIGRATION = {
     **_obj(
@@ -205,7 +213,6 @@ OPENAPI: dict[str, Any] = {
             "MigrationPage": _obj(["migrations", "next"],
                                   migrations={"type": "array", "items": _ref("Migration")},
                                   next=_STR_OR_NULL),
-            "Arm": _ARM,
             "ActionResult": _ACTION_ROW,
             "Actions": _obj(["as_of", "actions"], as_of={"type": ["string", "integer", "null"]},
                             actions={"type": "array", "items": _ref("ActionResult")}),

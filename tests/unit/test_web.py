@@ -30,11 +30,12 @@ MIGRATION = {
     "model_versions": {"churn": 3},
     "action": {"action_id": "winback-email", "channel": "email", "holdout": False},
 }
-ACTION = {
+ACTION = {  # a row of scorers.nba.lift_table
     "action_id": "winback-email", "segment": "At Risk",
-    "treated": {"exposed": 900, "converted": 81, "rate": 0.09},
-    "holdout": {"exposed": 100, "converted": 5, "rate": 0.05},
-    "uplift": 0.04, "lift": 0.8, "p_value": 0.17,
+    "treated_exposed": 900, "treated_converted": 81, "holdout_exposed": 100,
+    "holdout_converted": 5, "treated_rate": 0.09, "holdout_rate": 0.05,
+    "uplift": 0.04, "relative_lift": 0.8, "p_value": 0.17,
+    "treated_ci": [0.073, 0.11], "holdout_ci": [0.022, 0.11],
 }
 
 

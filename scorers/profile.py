@@ -35,12 +35,16 @@ class Profile:
     nba: dict[str, Any] = field(default_factory=dict)
     #: newest migrations last: [at_ms, scheme, from, to, migration_id, action_id|None]
     history: tuple[tuple[Any, ...], ...] = ()
+    #: migrations of this customer so far (all schemes); part of every migration id, so two
+    #: moves with the same cause and segments (a flip back and forth at one engine time)
+    #: still get distinct ids, while a redelivery recomputes the same one
+    migrations: int = 0
 
     def to_bytes(self) -> bytes:
         return msgpack.packb(  # type: ignore[no-any-return]
             [_FORMAT, {k: list(v) for k, v in self.segments.items()},
              list(self.rfm) if self.rfm else None, self.labels, self.nba,
-             [list(h) for h in self.history]],
+             [list(h) for h in self.history], self.migrations],
             use_bin_type=True,
         )
 
@@ -48,8 +52,8 @@ class Profile:
     def from_bytes(cls, blob: bytes | None) -> Profile:
         if not blob:
             return cls()
-        fmt, segs, rfm, labels, nba, hist = msgpack.unpackb(blob, raw=False,
-                                                            strict_map_key=False)
+        fmt, segs, rfm, labels, nba, hist, *rest = msgpack.unpackb(blob, raw=False,
+                                                                   strict_map_key=False)
         if fmt != _FORMAT:
             raise ValueError(f"unknown profile format {fmt}")
         return cls(
@@ -58,6 +62,7 @@ class Profile:
             labels=labels or {},
             nba=nba or {},
             history=tuple(tuple(h) for h in hist),
+            migrations=int(rest[0]) if rest else len(hist),
         )
 
     def with_migration(self, entry: tuple[Any, ...]) -> Profile:

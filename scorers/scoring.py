@@ -326,7 +326,7 @@ def _evaluate_one(c: CustomerInput, f: dict[str, Any], x: dict[str, float] | Non
             and nba_doc is profile.nba and history is profile.history and contrib == profile.rfm):
         return o  # nothing changed: skip building and comparing a new profile
     o.profile = replace(profile, segments=segments, rfm=contrib, labels=label_doc, nba=nba_doc,
-                        history=history)
+                        history=history, migrations=profile.migrations + len(o.migrations))
     o.changed = o.profile != profile
     return o
 
@@ -401,7 +401,10 @@ def _segments(c: CustomerInput, f: dict[str, Any], scores: dict[str, Any],
             o.add(SEGMENT_HASH, f"{name}|{frm}", -1)
         o.add(SEGMENT_HASH, f"{name}|{a.segment}", 1)
         segments[name] = (a.segment, ctx.now_ms)
-        cause = _cause(c.trigger, ctx.now_ms)
+        # The customer's migration count keeps ids distinct when the same move recurs at
+        # one engine time (a flip back and forth between two sweeps), and stays the same
+        # when a redelivery recomputes this move.
+        cause = f"{_cause(c.trigger, ctx.now_ms)}#{c.profile.migrations + len(o.migrations)}"
         mid = migration_id(c.customer_id, name, frm, a.segment, cause)
         action = _decide_action(c.customer_id, name, frm, a.segment, nba_track, o, ctx)
         used = sorted(n for n in scheme.names if n in f)

@@ -184,3 +184,20 @@ def _ms(iso: str) -> int:
     from datetime import datetime
 
     return int(datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp() * 1000)
+
+
+def test_a_move_recurring_at_one_engine_time_gets_a_new_id() -> None:
+    # Rules flip between two versions while engine time stands still: the same customer
+    # goes Low -> High -> Low -> High; every migration needs its own id or a consumer
+    # deduplicating by id would lose one and see a broken chain.
+    low = load_catalogue(SPEND_RULES % {"dwell": 0, "hyst": ""})
+    high = load_catalogue((SPEND_RULES % {"dwell": 0, "hyst": ""}).replace(">= 105", ">= 5"))
+    h = Harness(low)
+    h.buy([("c1", T0, 50.0)])
+    for cat in (high, low, high):
+        h.scoring.catalogue = cat
+        h.sweep()
+    moves = h.sink.migrations()
+    assert [m["to_segment"] for m in moves] == ["Low", "High", "Low", "High"]
+    assert len({m["migration_id"] for m in moves}) == 4
+    assert len({m["at"] for m in moves}) == 1

@@ -87,6 +87,8 @@ class OnlineModel:
         )
         self.auc: Any = _metrics.RollingROCAUC(window_size=window)
         self.log_loss: Any = utils.Rolling(_metrics.LogLoss, window_size=window)
+        #: labels in the rolling window, to tell when the AUC is undefined (one class only)
+        self.window_labels: deque[int] = deque(maxlen=window)
         self.detector: Any = _drift.ADWIN(delta=drift_delta)
         self.version = 0
         self.examples = 0
@@ -132,6 +134,7 @@ class OnlineModel:
             self.scored += 1
             self.auc.update(y, p)
             self.log_loss.update(y, p)
+            self.window_labels.append(int(y))
             before = self.detector.estimation
             self.detector.update(abs(float(y) - p))
             # ADWIN flags any change of the mean error; only a worse error is an alarm
@@ -187,7 +190,10 @@ class OnlineModel:
     def quality(self) -> dict[str, Any]:
         """Prequential quality: rolling AUC and log loss over scored examples, drift alarms."""
         scored = self.scored > 0
-        auc = float(self.auc.get()) if scored else None
+        labels = getattr(self, "window_labels", None)
+        # With one class only in the window the AUC is undefined (River reports 0).
+        both = labels is not None and 0 < sum(labels) < len(labels)
+        auc = float(self.auc.get()) if scored and both else None
         return {
             "model": self.name,
             "version": self.version,

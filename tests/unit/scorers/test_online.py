@@ -144,3 +144,16 @@ def test_no_drift_alarm_on_a_stationary_stream(seed: int) -> None:
     for e in _stream(4000, seed):
         m.learn(e)
     assert m.quality()["drift_alarms"] == 0
+
+
+def test_auc_is_unknown_while_the_window_holds_one_class() -> None:
+    from scorers.labels import Example
+    from scorers.online import OnlineModel
+
+    m = OnlineModel("churn", window=50)
+    for i in range(30):
+        m.learn(Example(f"e{i}", "churn", "h", i, i + 1, {"a": float(i % 3)}, 1))
+    assert m.quality()["auc"] is None  # River would say 0.0
+    for i in range(30, 60):
+        m.learn(Example(f"e{i}", "churn", "h", i, i + 1, {"a": float(i % 3)}, i % 2))
+    assert m.quality()["auc"] is not None

@@ -150,10 +150,14 @@ def test_auc_is_unknown_while_the_window_holds_one_class() -> None:
     from scorers.labels import Example
     from scorers.online import OnlineModel
 
-    m = OnlineModel("churn", window=50)
-    for i in range(30):
+    m = OnlineModel("churn", window=50, min_per_class=5)
+    ex = [Example(f"e{i}", "churn", "h", i, i + 1, {"a": float(i % 3)}, i % 2) for i in range(20)]
+    for e in ex:
+        m.learn(e)
+    for i in range(20, 80):  # the window (50) now holds positives only
         m.learn(Example(f"e{i}", "churn", "h", i, i + 1, {"a": float(i % 3)}, 1))
+    assert m.scored > 0
     assert m.quality()["auc"] is None  # River would say 0.0
-    for i in range(30, 60):
+    for i in range(80, 100):
         m.learn(Example(f"e{i}", "churn", "h", i, i + 1, {"a": float(i % 3)}, i % 2))
     assert m.quality()["auc"] is not None

@@ -152,6 +152,7 @@ class Engine:
                                             scoring=self.runtime)
             self.sweeper = Sweeper(self.processor, self.runtime, self.store, self.lock)
             self.processor.on_published = self.backend.on_published
+            self.processor.on_redis = self.backend.on_redis
         return self.processor
 
     def _mount_web(self) -> None:

@@ -52,6 +52,11 @@ class EngineBackend:
             self._counts["dlq"] += n
         self.metrics.observe_batch(stats.records, seconds)
 
+    def on_redis(self, op: str, seconds: float, ok: bool) -> None:
+        self.metrics.observe_redis(seconds, op)
+        if not ok:
+            self.metrics.redis_error(op)
+
     def on_published(self, records: Sequence[tuple[str, bytes | None, bytes]],
                      blobs: Sequence[bytes]) -> None:
         topic = self.engine.settings.migrations_topic

@@ -317,6 +317,27 @@ def actions(json_: JsonOpt = False) -> None:
 
 
 @app.command()
+def models(json_: JsonOpt = False) -> None:
+    """Serving model versions and quality, CLV parameters, and the personas' centroids."""
+    s = _settings()
+    doc = asyncio.run(_with_store(s, lambda r, store: queries.models_doc(s, r)))
+    if json_:
+        _print_json(doc)
+        return
+    from rich.table import Table
+
+    t = Table("model", "version", "examples", "AUC", "log loss", "drift alarms", title="models")
+    for name, q in doc["models"].items():
+        t.add_row(name, str(q.get("version")), str(q.get("examples", "")), str(q.get("auc", "")),
+                  str(q.get("log_loss", "")), str(q.get("drift_alarms", "")))
+    Console().print(t)
+    p = Table("persona", "share", "description", title="personas")
+    for row in doc["personas"]:
+        p.add_row(row["label"], f"{100 * row['size']:.1f}%", row["description"])
+    Console().print(p)
+
+
+@app.command()
 def forget(customer_id: str, json_: JsonOpt = False) -> None:
     """Erase a customer everywhere the engine keeps data and publish a tombstone."""
     from stream import forget as erase

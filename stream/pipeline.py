@@ -13,10 +13,10 @@ import base64
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import msgpack
 import orjson
@@ -31,6 +31,7 @@ from stream.schemas import Rejection, decode
 from stream.settings import Settings
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MAX_COMMIT_ATTEMPTS = 50
 #: Recent migrations kept in Redis for the API (``GET /migrations``).
@@ -132,6 +133,8 @@ class BatchProcessor:
     ) -> None:
         self.settings = settings
         self.scoring = scoring
+        #: called with (operation, seconds, ok) after each Redis round trip of a batch (metrics)
+        self.on_redis: Callable[[str, float, bool], None] | None = None
         #: called with (records, outbox blobs) after Kafka acknowledged them (metrics)
         self.on_published: Callable[[list[tuple[str, bytes | None, bytes]], list[bytes]],
                                     None] | None = None
@@ -217,7 +220,7 @@ class BatchProcessor:
         }
         if self.scoring is not None:
             await self.scoring.refresh()
-        now, snaps = await self.store.load(wanted, self.topics)
+        now, snaps = await self._timed("load", self.store.load(wanted, self.topics))
         local = BatchStats()
         # Phase 1: judge every record against its partition's watermarks and event time.
         accepted: dict[int, _Accepted] = {}
@@ -263,7 +266,7 @@ class BatchProcessor:
             local.applied += sum(len(acc.per_customer[c.customer_id]) for c in inputs
                                  if c.customer_id in commit.states)
             commits.append(commit)
-        ok = await self.store.commit(commits)
+        ok = await self._timed("commit", self.store.commit(commits))
         done = [p for p in pending if ok.get(p, True)]
         stats.applied += local.applied
         stats.migrations += sum(sum(1 for k in c.outbox if k.startswith("m:"))
@@ -275,6 +278,18 @@ class BatchProcessor:
         await self.flush_outbox([c.partition for c in commits if ok.get(c.partition)],
                                 {c.partition: c.outbox for c in commits})
         return done
+
+    async def _timed(self, op: str, call: Awaitable[T]) -> T:
+        t0 = time.perf_counter()
+        try:
+            out = await call
+        except StoreUnavailable:
+            if self.on_redis is not None:
+                self.on_redis(op, time.perf_counter() - t0, False)
+            raise
+        if self.on_redis is not None:
+            self.on_redis(op, time.perf_counter() - t0, True)
+        return out
 
     def _accept(self, snap: PartitionSnapshot, items: list[tuple[RawRecord, Event | Rejection]],
                 local: BatchStats) -> _Accepted:

@@ -59,10 +59,37 @@ def load_rules(settings: Settings) -> tuple[Any, Any]:
     schemes = {name: list(s.segment_names) for name, s in cat.schemes.items()}
     try:
         acts = (nba.load_actions(settings.actions_path, schemes) if settings.actions_path
-                else nba.default_actions(schemes))
+                else _default_actions_for(schemes))
     except Exception as exc:
         raise SettingsError(f"SEGSTREAM_ACTIONS_PATH: {exc}") from None
     return cat, acts
+
+
+def _default_actions_for(schemes: dict[str, list[str]]) -> Any:
+    """The packaged actions, keeping only rules whose scheme and segments exist.
+
+    With custom rules and no action file the defaults still apply where they fit; an
+    action file given explicitly is validated strictly instead.
+    """
+    import importlib.resources
+
+    import yaml
+
+    from scorers import nba
+
+    doc = yaml.safe_load(importlib.resources.files("scorers").joinpath("actions.yaml")
+                         .read_text("utf-8"))
+
+    def fits(rule: dict[str, Any]) -> bool:
+        known = schemes.get(rule.get("scheme", ""))
+        if known is None or rule.get("to") not in known:
+            return False
+        frm = rule.get("from")
+        frm = [frm] if isinstance(frm, str) else (frm or [])
+        return all(f is None or f in known for f in frm)
+
+    doc["rules"] = [r for r in doc.get("rules", []) if fits(r)]
+    return nba.load_actions(yaml.safe_dump(doc), schemes)
 
 
 def _mtime(p: Path | None) -> float:

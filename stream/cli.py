@@ -204,7 +204,7 @@ def wait(
                 behind = sum(1 for tp, end in ends.items() if end > 0 and wms.get(tp, -1) < end - 1)
                 ok = behind == 0 and not await store.outbox_pending(range(s.partitions))
                 if ok and settled:
-                    ok = await _all_swept(s, r, store)
+                    ok = await _all_swept(s, r, store) and await _learner_done(s, r)
                 if not ok:
                     since = None
                 elif not settled:
@@ -221,6 +221,24 @@ def wait(
     if not asyncio.run(run()):
         err.print(f"[red]not caught up after {timeout:.0f}s")
         raise typer.Exit(1)
+
+
+async def _learner_done(s: Settings, r: Any) -> bool:
+    """The learner has learned every example in its topic and promoted what it learned."""
+    if not s.models_enabled:
+        return True
+    from stream.kafka import end_offsets
+    from stream.runtime import registry_keys
+
+    end = sum(end_offsets(s, [s.examples_topic]).values())
+    if end == 0:
+        return True
+    row = await r.hgetall(registry_keys(s.redis_prefix)["learner"])
+    if not row:
+        return False
+    offset = int(row.get(b"offset", row.get("offset", -1)))
+    unpromoted = int(row.get(b"unpromoted", row.get("unpromoted", 1)))
+    return offset >= end - 1 and unpromoted == 0
 
 
 async def _all_swept(s: Settings, r: Any, store: Any) -> bool:

@@ -60,6 +60,8 @@ class Learner:
         self.unpromoted: set[str] = set()
         self.unsaved: set[str] = set()
         self.persona_cursor = (0, 0)
+        #: newest example offset learned (-1: none yet)
+        self.offset = -1
         self._learned_at_page = 0
         self.learned = 0
         self.last_learn = 0.0
@@ -93,6 +95,7 @@ class Learner:
     def learn(self, records: Sequence[tuple[int, bytes | None]]) -> None:
         """Learn from a batch of ``(offset, example bytes)``; undecodable ones are skipped."""
         for offset, raw in records:
+            self.offset = max(self.offset, offset)
             if raw is None:
                 continue
             try:
@@ -159,6 +162,7 @@ class Learner:
         idle = now - self.last_learn >= LEARNER_IDLE_S
         if not self.unpromoted or not (
                 idle or now - self.last_promote >= self.settings.model_promote_s):
+            await self._report()
             return {}
         out: dict[str, int] = {}
         for name in sorted(self.unpromoted):
@@ -179,7 +183,13 @@ class Learner:
             self.unsaved.discard(name)
         self.unpromoted.clear()
         self.last_promote = now
+        await self._report()
         return out
+
+    async def _report(self) -> None:
+        """Where the learner is, for ``segstream wait``: newest example learned, work left."""
+        await self.r.hset(self.keys["learner"], mapping={
+            "offset": self.offset, "unpromoted": len(self.unpromoted) + len(self.dirty)})
 
     def _model(self, name: str) -> Any:
         return self.personas if name == "cluster" else self.models.get(name)

@@ -40,6 +40,7 @@ def registry_keys(prefix: str) -> dict[str, str]:
         "clv_version": f"{prefix}clv:version",
         "rules": f"{prefix}rules:version",
         "context": f"{prefix}context",
+        "learner": f"{prefix}learner",
     }
 
 

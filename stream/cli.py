@@ -233,12 +233,23 @@ async def _learner_done(s: Settings, r: Any) -> bool:
     end = sum(end_offsets(s, [s.examples_topic]).values())
     if end == 0:
         return True
-    row = await r.hgetall(registry_keys(s.redis_prefix)["learner"])
-    if not row:
+    if _committed(s, s.examples_topic) < end:
         return False
-    offset = int(row.get(b"offset", row.get("offset", -1)))
-    unpromoted = int(row.get(b"unpromoted", row.get("unpromoted", 1)))
-    return offset >= end - 1 and unpromoted == 0
+    row = await r.hgetall(registry_keys(s.redis_prefix)["learner"])
+    unpromoted = int(row.get(b"unpromoted", row.get("unpromoted", 0))) if row else 0
+    return unpromoted == 0
+
+
+def _committed(s: Settings, topic: str) -> int:
+    """The engine's consumer group's committed offsets of a topic, summed."""
+    from stream.kafka import admin
+
+    a = admin(s)
+    try:
+        offsets = a.list_consumer_group_offsets(s.app_id)
+    finally:
+        a.close()
+    return sum(meta.offset for tp, meta in offsets.items() if tp.topic == topic and meta.offset > 0)
 
 
 async def _all_swept(s: Settings, r: Any, store: Any) -> bool:

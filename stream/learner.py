@@ -106,8 +106,11 @@ class Learner:
             model = self.models.get(ex.model)
             if model is None:
                 continue
+            before = model.examples
             model.learn(ex)
             model.position = offset
+            if model.examples == before:
+                continue  # a redelivered example the model already learned
             self.dirty.add(ex.model)
             self.learned += 1
             self.last_learn = time.monotonic()

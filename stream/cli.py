@@ -242,14 +242,16 @@ async def _learner_done(s: Settings, r: Any) -> bool:
 
 def _committed(s: Settings, topic: str) -> int:
     """The engine's consumer group's committed offsets of a topic, summed."""
-    from stream.kafka import admin
+    from kafka import KafkaConsumer, TopicPartition
 
-    a = admin(s)
+    from stream.kafka import client_config
+
+    c = KafkaConsumer(**client_config(s), group_id=s.app_id, enable_auto_commit=False)
     try:
-        offsets = a.list_consumer_group_offsets(s.app_id)
+        parts = c.partitions_for_topic(topic) or set()
+        return sum(c.committed(TopicPartition(topic, p)) or 0 for p in parts)
     finally:
-        a.close()
-    return sum(meta.offset for tp, meta in offsets.items() if tp.topic == topic and meta.offset > 0)
+        c.close()
 
 
 async def _all_swept(s: Settings, r: Any, store: Any) -> bool:
@@ -395,7 +397,8 @@ def reset(yes: Annotated[bool, typer.Option("--yes", help="Really delete")] = Fa
     names = delete_topics(s)
     a = admin(s)
     try:
-        a.delete_consumer_groups([s.app_id])
+        # kafka-python 3 renamed delete_consumer_groups to delete_groups
+        (getattr(a, "delete_groups", None) or a.delete_consumer_groups)([s.app_id])
     except Exception:
         pass
     finally:

@@ -16,6 +16,7 @@ True
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -217,6 +218,9 @@ class EngineMetrics:
             value = _number(quality.get(key))
             if value is not None:
                 self._m[name].labels(model).set(value)
+            elif key in ("auc", "log_loss") and key in quality:
+                # Unknown right now (e.g. one class in the window): NaN, never a stale value.
+                self._m[name].labels(model).set(math.nan)
         total = _number(quality.get("drift_alarms"))
         counter = self._m["model_drift_alarms"].labels(model)
         if total is not None:

@@ -125,6 +125,13 @@ class TransactionIn(_Input):
     currency: Annotated[str, Field(min_length=1, max_length=8)] | None = None
     items: int | list[Any] | None = None
 
+    @field_validator("items")
+    @classmethod
+    def _shallow_items(cls, v: int | list[Any] | None) -> int | list[Any] | None:
+        if isinstance(v, list) and _depth(v) > MAX_NESTING:
+            raise ValueError(f"items nested deeper than {MAX_NESTING} levels")
+        return v
+
     def to_event(self) -> TransactionEvent:
         return TransactionEvent(self.event_id, self.customer_id, self.ts, to_units(self.amount),
                                 self.kind)

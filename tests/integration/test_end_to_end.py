@@ -45,6 +45,20 @@ BAD: list[tuple[bytes | None, bytes, str]] = [
     (b"x8", b"[1, 2, 3]", "invalid_schema"),
     (b"x9", b'{"event_id": "b9", "customer_id": "x9", "ts": 4102444800000, "amount": 2}',
      "from_future"),
+    # A hostile corpus: huge ids, control characters, deep nesting, non-finite numbers,
+    # oversized payloads.
+    (b"y" * 10_000, b'{"event_id": "h1", "customer_id": "' + b"y" * 10_000
+     + b'", "ts": 1735689600000, "amount": 1}', "invalid_schema"),
+    (b"c\x07x", b'{"event_id": "h2", "customer_id": "c\\u0007x", "ts": 1735689600000, '
+     b'"amount": 1}', "invalid_schema"),
+    (b"x11", b'{"event_id": "h3", "customer_id": "x11", "ts": 1735689600000, "amount": 1, '
+     b'"items": ' + b"[" * 40 + b"]" * 40 + b"}", "invalid_schema"),
+    (b"x12", b'{"event_id": "h4", "customer_id": "x12", "ts": 1735689600000, "amount": 1e999}',
+     "not_json"),
+    (b"x13", b'{"event_id": "h5", "customer_id": "x13", "ts": 1735689600000, "amount": 1, '
+     b'"pad": "' + b"z" * 70_000 + b'"}', "too_large"),
+    (b"x14", b'{"event_id": "h6", "customer_id": "x14", "ts": -5, "amount": 1}',
+     "invalid_schema"),
     (b"x10", b'{"event_id": "b10", "customer_id": "x10", "ts": 1000, "amount": 2}',
      "too_late"),
 ]
@@ -59,7 +73,7 @@ def test_valid_events_land_in_redis_and_bad_ones_in_the_dlq(deployment, tmp_path
     bad_iter = iter(BAD[:-1])
     for i, e in enumerate(valid):
         records.append((e["customer_id"].encode(), orjson.dumps(e)))
-        if i % 30 == 15:
+        if i % 17 == 15:
             bad = next(bad_iter, None)
             if bad:
                 records.append((bad[0], bad[1]))
@@ -92,9 +106,11 @@ def test_valid_events_land_in_redis_and_bad_ones_in_the_dlq(deployment, tmp_path
     for d in dlq:
         assert d["source_topic"] == deployment.settings.transactions_topic
         assert d["offset"] >= 0 and d["partition"] >= 0 and d["error"]
+    assert any(d["payload"] == "not json at all" for d in dlq if d["reason"] == "not_json")
     by_reason = {d["reason"]: d for d in dlq}
-    assert by_reason["not_json"]["payload"] == "not json at all"
     assert by_reason["not_utf8"]["payload_encoding"] == "base64"
+    big = by_reason["too_large"]  # the original bytes, truncated past the limit
+    assert big["payload_truncated"] and len(big["payload"]) == deployment.settings.dlq_payload_bytes
 
 
 def test_jsonl_replay_and_customer_command(deployment, tmp_path: Path) -> None:

@@ -15,19 +15,18 @@ import os
 import random
 import shutil
 import socket
-from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
+from dashboard_page import CHROMIUM, Charts, chromium
 
 from stream.metrics import EngineMetrics
 from stream.web import add_routes
 
 ROOT = Path(__file__).resolve().parents[2]
 SCREENSHOT = ROOT / "docs" / "dashboard.png"
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 TOKEN = "browser-test-token"
 CHARTS = ("segment-sizes", "segment-history", "migration-flows", "throughput",
           "throughput-out", "lag",
@@ -145,51 +144,12 @@ class RealisticBackend:
         }
 
 
-class _Charts(HTMLParser):
-    def __init__(self) -> None:
-        super().__init__()
-        self.points: dict[str, int] = {}
-        self.banner_style: str | None = None
-        self.ready = ""
-        self._in_ready = False
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        a = dict(attrs)
-        if a.get("data-chart"):
-            self.points[str(a["data-chart"])] = int(a.get("data-points") or 0)
-        if a.get("id") == "banner":
-            self.banner_style = a.get("style") or ""
-        self._in_ready = a.get("id") == "ready"
-
-    def handle_data(self, data: str) -> None:
-        if self._in_ready:
-            self.ready += data.strip()
-            self._in_ready = False
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
-async def _chromium(url: str, profile: Path, *extra: str) -> tuple[str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu",
-        "--disable-background-networking", "--no-first-run", "--disable-extensions",
-        "--hide-scrollbars", "--enable-logging=stderr", "--v=0",
-        f"--user-data-dir={profile}", "--window-size=1400,1000",
-        "--virtual-time-budget=8000", *extra, url,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout=120)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise
-    assert proc.returncode == 0, err.decode(errors="replace")[-2000:]
-    return out.decode(errors="replace"), err.decode(errors="replace")
 
 
 def test_dashboard_renders_every_chart(tmp_path: Path) -> None:
@@ -203,15 +163,15 @@ def test_dashboard_renders_every_chart(tmp_path: Path) -> None:
         await web.TCPSite(runner, "127.0.0.1", port).start()
         try:
             url = f"http://127.0.0.1:{port}/?token={TOKEN}"
-            dom, log = await _chromium(url, tmp_path / "profile-dom", "--dump-dom")
-            await _chromium(url, tmp_path / "profile-shot",
+            dom, log = await chromium(url, tmp_path / "profile-dom", "--dump-dom")
+            await chromium(url, tmp_path / "profile-shot",
                             f"--screenshot={tmp_path / 'dashboard.png'}")
             return dom, log
         finally:
             await runner.cleanup()
 
     dom, log = asyncio.run(main())
-    parsed = _Charts()
+    parsed = Charts()
     parsed.feed(dom)
     assert set(CHARTS) <= set(parsed.points), parsed.points
     empty = [c for c in CHARTS if parsed.points[c] <= 0]

@@ -35,13 +35,13 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 from conftest import Deployment
+from dashboard_page import CHROMIUM, Charts, chromium
 from jsonschema import Draft202012Validator
 from openapi_spec_validator import validate as validate_openapi
 from referencing import Registry, Resource
@@ -55,7 +55,6 @@ SCREENSHOT = ROOT / "docs" / "dashboard.png"
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
 GRAFANA_DASHBOARDS = sorted((ROOT / "deploy" / "grafana" / "dashboards").glob("*.json"))
 PROMETHEUS = shutil.which("prometheus")
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 TOKEN = "ops-acceptance-token"
 CUSTOMERS, DAYS, SEED = 300, 60, 11
@@ -465,45 +464,6 @@ def test_prometheus_scrapes_segment_populations(live: Live) -> None:
 # -- dashboard --------------------------------------------------------------------------------
 
 
-class _Charts(HTMLParser):
-    def __init__(self) -> None:
-        super().__init__()
-        self.points: dict[str, int] = {}
-        self.banner_style: str | None = None
-        self.ready = ""
-        self._in_ready = False
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        a = dict(attrs)
-        if a.get("data-chart"):
-            self.points[str(a["data-chart"])] = int(a.get("data-points") or 0)
-        if a.get("id") == "banner":
-            self.banner_style = a.get("style") or ""
-        self._in_ready = a.get("id") == "ready"
-
-    def handle_data(self, data: str) -> None:
-        if self._in_ready:
-            self.ready += data.strip()
-            self._in_ready = False
-
-
-async def _chromium(url: str, profile: Path, *extra: str) -> tuple[str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu",
-        "--disable-background-networking", "--no-first-run", "--disable-extensions",
-        "--hide-scrollbars", "--enable-logging=stderr", "--v=0",
-        f"--user-data-dir={profile}", "--window-size=1400,1000",
-        "--virtual-time-budget=8000", *extra, url,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout=120)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise
-    assert proc.returncode == 0, err.decode(errors="replace")[-2000:]
-    return out.decode(errors="replace"), err.decode(errors="replace")
 
 
 @needs_chromium
@@ -517,12 +477,12 @@ def test_dashboard_shows_the_live_engine(live: Live) -> None:
     shot = live.tmp / "dashboard.png"
 
     async def main() -> tuple[str, str]:
-        dom, log = await _chromium(url, live.tmp / "profile-dom", "--dump-dom")
-        await _chromium(url, live.tmp / "profile-shot", f"--screenshot={shot}")
+        dom, log = await chromium(url, live.tmp / "profile-dom", "--dump-dom")
+        await chromium(url, live.tmp / "profile-shot", f"--screenshot={shot}")
         return dom, log
 
     dom, log = asyncio.run(main())
-    parsed = _Charts()
+    parsed = Charts()
     parsed.feed(dom)
     assert set(CHARTS) <= set(parsed.points), parsed.points
     empty = [c for c in CHARTS if parsed.points[c] <= 0]

@@ -17,6 +17,7 @@ from stream.errors import SegstreamError
 from stream.learner import Learner, refit_clv
 from stream.metrics import EngineMetrics
 from stream.pipeline import BatchProcessor, RawRecord
+from stream.redisconn import redis_client
 from stream.runtime import ScoringRuntime, load_rules
 from stream.settings import Settings
 from stream.sweep import Sweeper
@@ -28,16 +29,6 @@ OUTBOX_FLUSH_INTERVAL_S = 5.0
 SWEEP_CHECK_S = 1.0
 #: Without a batch for this long the worker counts as idle and sweeps at once.
 IDLE_S = 1.0
-
-
-def redis_client(settings: Settings) -> aioredis.Redis:
-    """The engine's asyncio Redis client."""
-    return aioredis.from_url(
-        settings.redis_url,
-        socket_timeout=settings.redis_timeout_s,
-        socket_connect_timeout=settings.redis_timeout_s,
-        health_check_interval=30,
-    )
 
 
 class FaustPublisher:

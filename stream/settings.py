@@ -5,8 +5,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlparse
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from stream.errors import SettingsError
@@ -35,6 +36,13 @@ class Settings(BaseSettings):
 
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_timeout_s: float = Field(5.0, gt=0, le=120)
+    #: ``redis_url`` is one seed node of a Redis Cluster (the other nodes are discovered).
+    redis_cluster: bool = False
+    #: CA bundle that signed the server's certificate (``rediss://`` only; default: system CAs).
+    redis_tls_ca_file: Path | None = None
+    #: Client certificate and key, when the server requires them (``tls-auth-clients yes``).
+    redis_tls_cert_file: Path | None = None
+    redis_tls_key_file: Path | None = Field(None, validate_default=True)
 
     partitions: int = Field(6, ge=1, le=1024)
     web_host: str = "127.0.0.1"
@@ -93,6 +101,32 @@ class Settings(BaseSettings):
     def _redis_url(cls, v: str) -> str:
         if not v.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("expected redis://, rediss:// or unix:// URL")
+        return v
+
+    @field_validator("redis_cluster")
+    @classmethod
+    def _redis_cluster(cls, v: bool, info: ValidationInfo) -> bool:
+        url = str(info.data.get("redis_url") or "")
+        if v and url.startswith("unix://"):
+            raise ValueError("a Redis Cluster is reached over TCP, not a unix:// socket")
+        if v and urlparse(url).path.strip("/") not in ("", "0"):
+            raise ValueError("a Redis Cluster has only database 0 (use .../0 in the URL)")
+        return v
+
+    @field_validator("redis_tls_ca_file", "redis_tls_cert_file", "redis_tls_key_file")
+    @classmethod
+    def _redis_tls_file(cls, v: Path | None, info: ValidationInfo) -> Path | None:
+        if v is None:
+            if info.field_name == "redis_tls_key_file" and info.data.get("redis_tls_cert_file"):
+                raise ValueError("a client certificate needs its key file")
+            return v
+        if not str(info.data.get("redis_url") or "").startswith("rediss://"):
+            raise ValueError("TLS files need a rediss:// SEGSTREAM_REDIS_URL")
+        if not v.is_file():
+            raise ValueError("no such file")
+        if info.field_name == "redis_tls_key_file" and info.data.get("redis_tls_cert_file") \
+                is None:
+            raise ValueError("a client key needs SEGSTREAM_REDIS_TLS_CERT_FILE too")
         return v
 
     # -- derived names -------------------------------------------------------------

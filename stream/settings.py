@@ -26,13 +26,18 @@ class Settings(BaseSettings):
     redis_prefix: str = Field("segstream:", max_length=100)
 
     kafka_bootstrap: str = "127.0.0.1:9092"
+    # -- security: Kafka SASL/TLS and log redaction (checked together at start) -------
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = (
         "PLAINTEXT"
     )
-    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
-    kafka_sasl_username: str | None = None
-    kafka_sasl_password: SecretStr | None = None
-    kafka_ssl_cafile: Path | None = None
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(
+        None, validate_default=True)
+    kafka_sasl_username: str | None = Field(None, validate_default=True)
+    kafka_sasl_password: SecretStr | None = Field(None, validate_default=True)
+    kafka_ssl_cafile: Path | None = Field(None, validate_default=True)
+    #: Key of the HMAC that stands for customer ids in logs (``stream.redact.cid_ref``);
+    #: unset, every process draws a random one.
+    log_hash_key: SecretStr | None = None
 
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_timeout_s: float = Field(5.0, gt=0, le=120)
@@ -84,6 +89,42 @@ class Settings(BaseSettings):
     @classmethod
     def _readable(cls, v: Path | None) -> Path | None:
         if v is not None and not v.is_file():
+            raise ValueError("no such file")
+        return v
+
+    @field_validator("kafka_sasl_mechanism")
+    @classmethod
+    def _sasl_mechanism(cls, v: str | None, info: ValidationInfo) -> str | None:
+        protocol = info.data.get("kafka_security_protocol")
+        if protocol is None:
+            return v
+        if protocol.startswith("SASL_") and v is None:
+            raise ValueError(f"required when SEGSTREAM_KAFKA_SECURITY_PROTOCOL is {protocol}")
+        if not protocol.startswith("SASL_") and v is not None:
+            raise ValueError(f"SEGSTREAM_KAFKA_SECURITY_PROTOCOL is {protocol}, which does not "
+                             "authenticate with SASL; use SASL_SSL (or SASL_PLAINTEXT)")
+        return v
+
+    @field_validator("kafka_sasl_username", "kafka_sasl_password")
+    @classmethod
+    def _sasl_credential(cls, v: str | SecretStr | None, info: ValidationInfo
+                         ) -> str | SecretStr | None:
+        mechanism = info.data.get("kafka_sasl_mechanism")
+        given = v.get_secret_value() if isinstance(v, SecretStr) else v
+        if mechanism is not None and not given:
+            raise ValueError(f"required when SEGSTREAM_KAFKA_SASL_MECHANISM is {mechanism}")
+        return v
+
+    @field_validator("kafka_ssl_cafile")
+    @classmethod
+    def _ssl_cafile(cls, v: Path | None, info: ValidationInfo) -> Path | None:
+        if v is None:
+            return v
+        protocol = info.data.get("kafka_security_protocol")
+        if protocol is not None and protocol not in ("SSL", "SASL_SSL"):
+            raise ValueError(f"SEGSTREAM_KAFKA_SECURITY_PROTOCOL is {protocol}, which does not "
+                             "use TLS; use SSL or SASL_SSL")
+        if not v.is_file():
             raise ValueError("no such file")
         return v
 

@@ -193,14 +193,30 @@ def _int(v: Any, default: int = -1) -> int:
 
 
 class RedisFeatureStore:
-    """The Redis implementation of :class:`FeatureStore`."""
+    """The Redis implementation of :class:`FeatureStore`, on one server or a Redis Cluster.
 
-    def __init__(self, client: aioredis.Redis, prefix: str) -> None:
+    On a cluster every command and Lua script it sends touches one hash slot: a
+    partition's keys share the tag ``{pn}`` and deployment-wide keys are read or
+    written one at a time. Pipelines are not transactions there (redis-py splits them
+    per node), which is fine: each partition's commit is its own atomic script.
+    """
+
+    def __init__(self, client: aioredis.Redis | aioredis.RedisCluster, prefix: str) -> None:
         self.r = client
         self.keys = Keys(prefix)
         self._commit_sha: str | None = None
         self._max_sha: str | None = None
         self.roundtrips = 0
+
+    def _scan_target(self, partition: int) -> dict[str, Any]:
+        """SCAN arguments that reach a partition's keys: on a cluster, the node owning its slot.
+
+        SCAN walks one node; the partition's keys all live on the primary that serves
+        the slot of ``{pn}``.
+        """
+        if isinstance(self.r, aioredis.RedisCluster):
+            return {"target_nodes": self.r.get_node_from_key(self.keys.meta(partition))}
+        return {}
 
     async def _script(self, pipe: Any, body: str, attr: str, keys: list[str],
                       args: list[Any]) -> None:
@@ -209,7 +225,9 @@ class RedisFeatureStore:
             sha = await self.r.script_load(body)
             self.roundtrips += 1
             setattr(self, attr, sha)
-        pipe.evalsha(sha, len(keys), *keys, *args)
+        # execute_command, not pipe.evalsha: redis-py blocks the EVALSHA and MGET methods
+        # in cluster pipelines although single-slot calls are valid there.
+        pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args)
 
     async def load(
         self, wanted: Mapping[int, Iterable[str]], topics: Sequence[str]
@@ -225,8 +243,8 @@ class RedisFeatureStore:
                     order.append((p, ids))
                     pipe.hmget(self.keys.meta(p), fields)
                     if ids:
-                        pipe.mget([self.keys.customer(p, c) for c in ids])
-                        pipe.mget([self.keys.profile(p, c) for c in ids])
+                        pipe.execute_command("MGET", *(self.keys.customer(p, c) for c in ids))
+                        pipe.execute_command("MGET", *(self.keys.profile(p, c) for c in ids))
                 res = await pipe.execute()
         except RedisError as exc:
             raise StoreUnavailable(f"redis load failed: {exc}") from None
@@ -292,15 +310,26 @@ class RedisFeatureStore:
         except RedisError as exc:
             raise StoreUnavailable(f"redis commit failed: {exc}") from None
         self.roundtrips += 1
-        if any(isinstance(x, NoScriptError) for x in res):
-            # Redis restarted without its script cache: load again and report a conflict
-            # so the caller reloads and retries.
-            self._commit_sha = self._max_sha = None
-            return {c.partition: False for c in commits}
-        errors = [x for x in res if isinstance(x, Exception)]
+        errors = [x for x in res if isinstance(x, Exception) and not isinstance(x, NoScriptError)]
         if errors:
             raise StoreUnavailable(f"redis commit failed: {errors[0]}")
-        return {c.partition: bool(ok) for c, ok in zip(commits, res, strict=False)}
+        if any(isinstance(x, NoScriptError) for x in res):
+            # A server (on a cluster, maybe one node) restarted without its script cache:
+            # load the scripts again and report a conflict where the script did not run,
+            # so the caller reloads and retries those partitions.
+            self._commit_sha = self._max_sha = None
+            if isinstance(res[-1], NoScriptError):
+                await self._raise_now(top)  # a monotone max: safe to apply on its own
+        return {c.partition: not isinstance(ok, Exception) and bool(ok)
+                for c, ok in zip(commits, res, strict=False)}
+
+    async def _raise_now(self, now_ms: int) -> None:
+        try:
+            async with self.r.pipeline(transaction=False) as pipe:
+                await self._script(pipe, _MAX_SET, "_max_sha", [self.keys.now()], [now_ms])
+                await pipe.execute()
+        except RedisError as exc:
+            raise StoreUnavailable(f"redis commit failed: {exc}") from None
 
     async def get_customer(self, customer_id: str, partitions: int) -> tuple[int, bytes] | None:
         """Find a customer's state in whichever partition holds it."""
@@ -344,12 +373,14 @@ class RedisFeatureStore:
         """One SCAN step over a partition's customers: (next cursor, customer ids)."""
         head = len(self.keys.customer(partition, ""))
         try:
-            cursor, keys = await self.r.scan(cursor, match=self.keys.customer_pattern(partition),
-                                             count=count)
+            nxt, keys = await self.r.scan(cursor, match=self.keys.customer_pattern(partition),
+                                          count=count, **self._scan_target(partition))
         except RedisError as exc:
             raise StoreUnavailable(f"redis read failed: {exc}") from None
+        if isinstance(nxt, dict):  # a cluster answers {node name: cursor}; we asked one node
+            nxt = next(iter(nxt.values()), 0)
         self.roundtrips += 1
-        return int(cursor), [(k.decode() if isinstance(k, bytes) else k)[head:] for k in keys]
+        return int(nxt), [(k.decode() if isinstance(k, bytes) else k)[head:] for k in keys]
 
     async def set_context(self, digest: str) -> None:
         """Record the scoring inputs workers currently see (for ``segstream wait``)."""
@@ -433,17 +464,18 @@ class RedisFeatureStore:
         """Yield ``(partition, customer_id, state bytes)`` for every stored customer."""
         for p in range(partitions):
             head = len(self.keys.customer(p, ""))
-            async for batch in _scan_batches(self.r, self.keys.customer_pattern(p), count):
-                values = await self.r.mget(batch)
+            async for batch in _scan_batches(self.r, self.keys.customer_pattern(p), count,
+                                             self._scan_target(p)):
+                values = await self.r.mget(batch)  # one partition: one slot
                 for k, v in zip(batch, values, strict=True):
                     if v is not None:
                         key = k.decode() if isinstance(k, bytes) else k
                         yield p, key[head:], v
 
 
-async def _scan_batches(r: aioredis.Redis, pattern: str, count: int) -> Any:
+async def _scan_batches(r: Any, pattern: str, count: int, target: dict[str, Any]) -> Any:
     batch: list[Any] = []
-    async for k in r.scan_iter(match=pattern, count=count):
+    async for k in r.scan_iter(match=pattern, count=count, **target):
         batch.append(k)
         if len(batch) >= count:
             yield batch

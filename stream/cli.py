@@ -97,8 +97,10 @@ def worker() -> None:
 
     from stream.app import create_engine
     from stream.kafka import ensure_topics
+    from stream.redisconn import check_redis
 
     s = _settings()
+    check_redis(s)  # a wrong password or TLS setting fails here, naming the setting
     ensure_topics(s)
     engine = create_engine(s)
     w = Worker(engine.app, loglevel=s.log_level, quiet=True, redirect_stdouts=False)
@@ -389,9 +391,8 @@ def reset(yes: Annotated[bool, typer.Option("--yes", help="Really delete")] = Fa
     if not yes:
         err.print("refusing without --yes")
         raise typer.Exit(2)
-    import redis
-
     from stream.kafka import admin, delete_topics
+    from stream.redisconn import delete_matching, redis_sync_client
 
     s = _settings()
     names = delete_topics(s)
@@ -403,17 +404,11 @@ def reset(yes: Annotated[bool, typer.Option("--yes", help="Really delete")] = Fa
         pass
     finally:
         a.close()
-    r = redis.from_url(s.redis_url)
-    n = 0
-    batch = []
-    for k in r.scan_iter(match=f"{s.redis_prefix}*", count=1000):
-        batch.append(k)
-        if len(batch) >= 1000:
-            n += r.unlink(*batch)
-            batch = []
-    if batch:
-        n += r.unlink(*batch)
-    r.close()
+    r = redis_sync_client(s)
+    try:
+        n = delete_matching(r, f"{s.redis_prefix}*")
+    finally:
+        r.close()
     _wait_topics_gone(s, names)
     err.print(f"deleted topics {names} and {n} Redis keys")
 

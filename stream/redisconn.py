@@ -1,17 +1,187 @@
-"""Redis clients for the engine: one place that turns settings into a connection."""
+"""Redis clients for the engine: one place that turns settings into a connection.
+
+``SEGSTREAM_REDIS_URL`` names the server (``rediss://`` for TLS, ``user:password@`` for an
+ACL user); ``SEGSTREAM_REDIS_CLUSTER=true`` makes it a seed node of a Redis Cluster, and
+the ``SEGSTREAM_REDIS_TLS_*`` files configure TLS beyond the URL. Every client the engine
+builds (asyncio for the worker, sync for CLI paths) comes from here, so they all agree.
+"""
 
 from __future__ import annotations
 
-import redis.asyncio as aioredis
+import ssl
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import urlparse
 
+import redis
+import redis.asyncio as aioredis
+from redis.exceptions import (
+    AskError,
+    AuthenticationError,
+    AuthenticationWrongNumberOfArgsError,
+    ClusterDownError,
+    MovedError,
+    NoPermissionError,
+    RedisClusterException,
+    RedisError,
+    ResponseError,
+)
+
+from stream.errors import ServiceError, SettingsError
 from stream.settings import Settings
 
+#: Either asyncio client; both speak the same commands for everything the engine sends.
+AsyncRedis = aioredis.Redis | aioredis.RedisCluster
+SyncRedis = redis.Redis | redis.RedisCluster
 
-def redis_client(settings: Settings) -> aioredis.Redis:
-    """The engine's asyncio Redis client."""
-    return aioredis.from_url(
-        settings.redis_url,
-        socket_timeout=settings.redis_timeout_s,
-        socket_connect_timeout=settings.redis_timeout_s,
-        health_check_interval=30,
-    )
+
+def redacted_url(url: str) -> str:
+    """The URL without its password, for messages and logs.
+
+    >>> redacted_url("rediss://engine:hunter2@cache:6380/0")
+    'rediss://engine:***@cache:6380/0'
+    """
+    u = urlparse(url)
+    if u.password is None:
+        return url
+    user = u.username or ""
+    host = u.hostname or ""
+    port = f":{u.port}" if u.port else ""
+    return u._replace(netloc=f"{user}:***@{host}{port}").geturl()
+
+
+def connection_kwargs(settings: Settings) -> dict[str, Any]:
+    """Keyword arguments every client gets on top of what the URL says."""
+    kw: dict[str, Any] = {
+        "socket_timeout": settings.redis_timeout_s,
+        "socket_connect_timeout": settings.redis_timeout_s,
+    }
+    if settings.redis_tls_ca_file is not None:
+        kw["ssl_ca_certs"] = str(settings.redis_tls_ca_file)
+    if settings.redis_tls_cert_file is not None:
+        kw["ssl_certfile"] = str(settings.redis_tls_cert_file)
+        kw["ssl_keyfile"] = str(settings.redis_tls_key_file)
+    return kw
+
+
+def redis_client(settings: Settings) -> AsyncRedis:
+    """The engine's asyncio client: a ``RedisCluster`` when the settings say cluster.
+
+    Callers use the commands both clients share; on a cluster every multi-key command
+    and every transaction must stay within one hash slot (see ``features.store``).
+    """
+    kw = connection_kwargs(settings)
+    if settings.redis_cluster:
+        return aioredis.RedisCluster.from_url(settings.redis_url, **kw)
+    return aioredis.from_url(settings.redis_url, health_check_interval=30, **kw)
+
+
+def redis_sync_client(settings: Settings, timeout_s: float | None = None) -> SyncRedis:
+    """The blocking twin of :func:`redis_client` (CLI commands, health checks, benchmarks)."""
+    kw = connection_kwargs(settings)
+    if timeout_s is not None:
+        kw["socket_timeout"] = kw["socket_connect_timeout"] = timeout_s
+    if settings.redis_cluster:
+        return redis.RedisCluster.from_url(settings.redis_url, **kw)
+    return redis.from_url(settings.redis_url, **kw)
+
+
+def is_cluster(client: Any) -> bool:
+    """Whether a client (asyncio or sync) talks to a Redis Cluster."""
+    return isinstance(client, aioredis.RedisCluster | redis.RedisCluster)
+
+
+async def mget_any(client: Any, keys: Sequence[str]) -> list[Any]:
+    """MGET of keys that may live in different hash slots (split per slot on a cluster)."""
+    if not keys:
+        return []
+    if isinstance(client, aioredis.RedisCluster):
+        return list(await client.mget_nonatomic(list(keys)))
+    return list(await client.mget(list(keys)))
+
+
+def delete_matching(client: Any, pattern: str, batch: int = 1000) -> int:
+    """UNLINK every key matching a pattern (on every primary of a cluster); the count."""
+    n = 0
+    keys: list[Any] = []
+    # On a cluster, scan_iter walks every primary and unlink splits its keys by slot.
+    for k in client.scan_iter(match=pattern, count=batch):
+        keys.append(k)
+        if len(keys) >= batch:
+            n += int(client.unlink(*keys))
+            keys = []
+    if keys:
+        n += int(client.unlink(*keys))
+    return n
+
+
+def check_redis(settings: Settings) -> None:
+    """Fail fast, naming the setting to fix, when the engine cannot use its Redis.
+
+    Connects with the engine's own settings, pings, and reads one of the deployment's
+    keys (which an ACL user limited to another prefix may not).
+    """
+    where = redacted_url(settings.redis_url)
+    probe = f"{settings.redis_prefix}now"
+    try:
+        client = redis_sync_client(settings)
+        try:
+            client.ping()
+            client.exists(probe)
+            if not settings.redis_cluster and _serves_cluster(client):
+                raise SettingsError(
+                    f"SEGSTREAM_REDIS_CLUSTER: {where} is a Redis Cluster node; set "
+                    "SEGSTREAM_REDIS_CLUSTER=true")
+        finally:
+            client.close()
+    except (AuthenticationError, AuthenticationWrongNumberOfArgsError) as exc:
+        raise SettingsError(
+            f"SEGSTREAM_REDIS_URL: Redis at {where} refused the user name or password "
+            f"({_first_line(exc)}); put the ACL user's credentials in the URL as "
+            "redis[s]://user:password@host:port/0") from None
+    except NoPermissionError as exc:
+        raise SettingsError(
+            f"SEGSTREAM_REDIS_URL: the Redis user of {where} may not use the deployment's "
+            f"keys {settings.redis_prefix}* ({_first_line(exc)}); grant them to the user "
+            "(ACL ~prefix*) or change SEGSTREAM_REDIS_PREFIX") from None
+    except RedisClusterException as exc:
+        raise SettingsError(
+            f"SEGSTREAM_REDIS_CLUSTER: cannot use {where} as a Redis Cluster "
+            f"({_first_line(exc)}); set SEGSTREAM_REDIS_CLUSTER=false for a single "
+            "server") from None
+    except (MovedError, AskError, ClusterDownError):
+        raise SettingsError(
+            f"SEGSTREAM_REDIS_CLUSTER: {where} is a Redis Cluster node; set "
+            "SEGSTREAM_REDIS_CLUSTER=true") from None
+    except ResponseError as exc:
+        text = str(exc)
+        if text.startswith("NOAUTH"):
+            raise SettingsError(
+                f"SEGSTREAM_REDIS_URL: Redis at {where} needs a user name and password "
+                "(redis[s]://user:password@host:port/0)") from None
+        raise ServiceError(f"Redis at {where} answered with an error: {text}") from None
+    except RedisError as exc:
+        cause = exc.__cause__ or exc.__context__
+        if isinstance(cause, ssl.SSLError) or "SSL" in str(exc):
+            raise SettingsError(
+                f"SEGSTREAM_REDIS_URL / SEGSTREAM_REDIS_TLS_CA_FILE: TLS with {where} failed "
+                f"({_first_line(exc)}); check the CA file and the host name") from None
+        hint = "" if settings.redis_url.startswith("rediss://") else \
+            " (if the server only speaks TLS, use a rediss:// URL)"
+        raise ServiceError(
+            f"SEGSTREAM_REDIS_URL: cannot use Redis at {where}: {_first_line(exc)}{hint}"
+        ) from None
+
+
+def _serves_cluster(client: Any) -> bool:
+    """Whether a plain client is connected to a cluster node (where keys would be MOVED)."""
+    try:
+        client.execute_command("CLUSTER", "MYID")
+    except ResponseError:  # cluster support disabled, or the ACL user may not ask
+        return False
+    return True
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]

@@ -79,11 +79,12 @@ def kafka_healthy(settings: Settings) -> bool:
 
 def redis_healthy(settings: Settings) -> bool:
     """Redis answers PING."""
-    import redis
     from redis.exceptions import RedisError
 
+    from stream.redisconn import redis_sync_client
+
     try:
-        r = redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
+        r = redis_sync_client(settings, timeout_s=2)
         try:
             return bool(r.ping())
         finally:

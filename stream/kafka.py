@@ -1,11 +1,22 @@
-"""Blocking Kafka helpers for the CLI and start-up (topics, offsets, producing)."""
+"""Blocking Kafka helpers for the CLI and start-up (topics, offsets, producing).
+
+Every client here first passes :func:`check_connection`: one connection to a bootstrap broker
+that negotiates TLS and authenticates, so a wrong setting fails at once with a message naming
+it (kafka-python alone retries a rejected password until its timeout and then reports only
+that it could not bootstrap).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
+import hashlib
 import logging
+import socket
+import ssl
 import time
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
 from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
@@ -16,6 +27,10 @@ from stream.errors import ServiceError
 from stream.settings import Settings
 
 log = logging.getLogger(__name__)
+
+#: How long the connection check waits for TLS and SASL to complete.
+CHECK_TIMEOUT_S = 15.0
+_checked: set[str] = set()
 
 
 def client_config(settings: Settings) -> dict[str, Any]:
@@ -35,13 +50,143 @@ def client_config(settings: Settings) -> dict[str, Any]:
     return cfg
 
 
+def ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    """The TLS context of the SSL and SASL_SSL protocols (host names verified), else None."""
+    if settings.kafka_security_protocol not in ("SSL", "SASL_SSL"):
+        return None
+    from aiokafka.helpers import create_ssl_context
+
+    cafile = str(settings.kafka_ssl_cafile) if settings.kafka_ssl_cafile else None
+    return create_ssl_context(cafile=cafile)
+
+
+def aiokafka_config(settings: Settings) -> dict[str, Any]:
+    """aiokafka connection settings equivalent to :func:`client_config`."""
+    base = client_config(settings)
+    cfg: dict[str, Any] = {
+        "bootstrap_servers": base["bootstrap_servers"],
+        "security_protocol": base["security_protocol"],
+        "request_timeout_ms": base["request_timeout_ms"],
+    }
+    for key in ("sasl_mechanism", "sasl_plain_username", "sasl_plain_password"):
+        if key in base:
+            cfg[key] = base[key]
+    context = ssl_context(settings)
+    if context is not None:
+        cfg["ssl_context"] = context
+    return cfg
+
+
+def _unreachable(settings: Settings, why: object) -> ServiceError:
+    return ServiceError(
+        f"cannot reach Kafka at {settings.kafka_bootstrap} (SEGSTREAM_KAFKA_BOOTSTRAP): {why}")
+
+
+def _explain(settings: Settings, exc: BaseException) -> ServiceError:
+    """The connection failure as an error that names the setting to fix."""
+    from aiokafka import errors as aioerrors
+
+    where = settings.kafka_bootstrap
+    protocol = settings.kafka_security_protocol
+    if isinstance(exc, aioerrors.SaslAuthenticationFailed):
+        return ServiceError(
+            f"Kafka at {where} rejected the {settings.kafka_sasl_mechanism} credentials of user "
+            f"{settings.kafka_sasl_username!r}: check SEGSTREAM_KAFKA_SASL_USERNAME and "
+            "SEGSTREAM_KAFKA_SASL_PASSWORD")
+    if isinstance(exc, aioerrors.UnsupportedSaslMechanismError):
+        return ServiceError(f"Kafka at {where} does not offer SASL mechanism "
+                            f"{settings.kafka_sasl_mechanism} (SEGSTREAM_KAFKA_SASL_MECHANISM)")
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return ServiceError(
+            f"the TLS certificate of Kafka at {where} is not trusted ({exc.verify_message}): "
+            "set SEGSTREAM_KAFKA_SSL_CAFILE to the CA that signed it")
+    if isinstance(exc, ssl.SSLError):
+        return ServiceError(
+            f"TLS with Kafka at {where} failed ({exc.reason or exc}): does "
+            f"SEGSTREAM_KAFKA_SECURITY_PROTOCOL={protocol} match the broker's listener?")
+    # Plain OSError: asyncio's "Connect call failed"; resets and timeouts come below.
+    if isinstance(exc, ConnectionRefusedError | socket.gaierror) or type(exc) is OSError:
+        return _unreachable(settings, exc)
+    # A listener that expects TLS or SASL drops (or ignores) a client speaking something else.
+    return ServiceError(
+        f"Kafka at {where} closed the connection or did not answer during the handshake "
+        f"({type(exc).__name__}): SEGSTREAM_KAFKA_SECURITY_PROTOCOL is {protocol}; is that what "
+        "the broker's listener expects (TLS, SASL)?")
+
+
+async def _probe(settings: Settings, timeout_s: float) -> BaseException | None:
+    from aiokafka.conn import create_conn
+    from aiokafka.protocol.metadata import MetadataRequest
+
+    cfg = aiokafka_config(settings)
+    first: BaseException | None = None
+    for server in cfg["bootstrap_servers"]:
+        host, _, port = server.rpartition(":")
+        conn = None
+        try:
+            conn = await asyncio.wait_for(create_conn(
+                host, int(port), client_id="segstream-check",
+                request_timeout_ms=int(timeout_s * 1000),
+                ssl_context=cfg.get("ssl_context"),
+                security_protocol=cfg["security_protocol"],
+                sasl_mechanism=cfg.get("sasl_mechanism"),
+                sasl_plain_username=cfg.get("sasl_plain_username"),
+                sasl_plain_password=cfg.get("sasl_plain_password"),
+            ), timeout_s)
+            # A listener may complete TLS and still refuse to serve an unauthenticated client.
+            await asyncio.wait_for(conn.send(MetadataRequest([])), timeout_s)
+        except Exception as exc:  # classified by _explain
+            first = first or exc
+            continue
+        finally:
+            if conn is not None:
+                conn.close()
+        return None
+    return first
+
+
+def _run(coro: Coroutine[Any, Any, BaseException | None]) -> BaseException | None:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    # Called from async code: run the check on its own loop in a helper thread.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
+def check_connection(settings: Settings, timeout_s: float = CHECK_TIMEOUT_S) -> None:
+    """Connect to a bootstrap broker with the configured TLS and SASL settings, once per
+    process and configuration; raise :class:`ServiceError` naming the setting to fix."""
+    password = settings.kafka_sasl_password
+    fingerprint = hashlib.sha256(repr((
+        settings.kafka_bootstrap, settings.kafka_security_protocol,
+        settings.kafka_sasl_mechanism, settings.kafka_sasl_username,
+        password.get_secret_value() if password else None, str(settings.kafka_ssl_cafile),
+    )).encode()).hexdigest()
+    if fingerprint in _checked:
+        return
+    failure = _run(_probe(settings, timeout_s))
+    if failure is not None:
+        raise _explain(settings, failure) from None
+    _checked.add(fingerprint)
+
+
 def admin(settings: Settings) -> KafkaAdminClient:
+    check_connection(settings)
     try:
         return KafkaAdminClient(**client_config(settings))
     except KafkaError as exc:
-        raise ServiceError(
-            f"cannot reach Kafka at {settings.kafka_bootstrap} (SEGSTREAM_KAFKA_BOOTSTRAP): {exc}"
-        ) from None
+        raise _unreachable(settings, exc) from None
+
+
+def consumer(settings: Settings, **extra: Any) -> KafkaConsumer:
+    """A kafka-python consumer with the deployment's connection settings."""
+    check_connection(settings)
+    try:
+        return KafkaConsumer(**client_config(settings), **extra)
+    except KafkaError as exc:
+        raise _unreachable(settings, exc) from None
 
 
 def contract_topics(settings: Settings) -> dict[str, int]:
@@ -102,7 +247,7 @@ def delete_topics(settings: Settings) -> list[str]:
 
 def end_offsets(settings: Settings, topics: Iterable[str]) -> dict[tuple[str, int], int]:
     """Next offset to be written of every partition of these topics."""
-    c = KafkaConsumer(**client_config(settings))
+    c = consumer(settings)
     try:
         tps = []
         for t in topics:
@@ -115,6 +260,7 @@ def end_offsets(settings: Settings, topics: Iterable[str]) -> dict[tuple[str, in
 
 
 def producer(settings: Settings, **extra: Any) -> KafkaProducer:
+    check_connection(settings)
     cfg = client_config(settings)
     cfg.update({"acks": "all", "linger_ms": 20, "batch_size": 256 * 1024, "retries": 10,
                 "max_in_flight_requests_per_connection": 1})
@@ -122,6 +268,4 @@ def producer(settings: Settings, **extra: Any) -> KafkaProducer:
     try:
         return KafkaProducer(**cfg)
     except KafkaError as exc:
-        raise ServiceError(
-            f"cannot reach Kafka at {settings.kafka_bootstrap} (SEGSTREAM_KAFKA_BOOTSTRAP): {exc}"
-        ) from None
+        raise _unreachable(settings, exc) from None

@@ -36,7 +36,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import functools
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -98,8 +97,16 @@ class CustomerState:
     event_types: dict[str, int] = field(default_factory=dict)
 
     def copy(self) -> CustomerState:
-        """A deep copy, safe to mutate."""
-        return copy.deepcopy(self)
+        """A deep copy, safe to mutate (every container is new; numbers are immutable)."""
+        return CustomerState(
+            self.max_ts, self.first_seen_ts, dict(self.seen_ids), self.max_txn_ts,
+            dict(self.txn_ids), self.first_purchase_ts, self.last_purchase_ts,
+            self.purchases_total, self.refunds_total, self.monetary_units,
+            {d: b[:] for d, b in self.pdays.items()}, self.old_purchase_days,
+            self.old_pday_spend, self.first_day_spend, self.last_event_ts, self.events_total,
+            {d: b[:] for d, b in self.cdays.items()}, dict(self.sessions),
+            dict(self.event_types),
+        )
 
 
 def empty() -> CustomerState:

@@ -279,6 +279,18 @@ def test_core_objects_match_the_kubernetes_schema(docs: list[dict[str, Any]],
             pytest.fail(f"{_key(doc)} against Kubernetes {version}: {path}: {exc.caught.message}")
 
 
+def test_kubernetes_schema_rejects_what_the_api_server_would(
+    deployment: dict[str, Any],
+) -> None:
+    typo = copy.deepcopy(deployment)
+    typo["spec"]["template"]["spec"]["containers"][0]["livenessprobe"] = {}
+    bad_port = copy.deepcopy(deployment)
+    bad_port["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"] = "http"
+    for doc in (typo, bad_port):
+        with pytest.raises(kubernetes_validate.ValidationError):
+            kubernetes_validate.validate(doc, K8S_VERSIONS[-1], strict=True)
+
+
 def structural_to_jsonschema(node: Any) -> Any:
     """A CRD's openAPIV3Schema as a JSON schema that, like the API server with strict field
     validation (kubectl's default), rejects fields the schema does not declare."""

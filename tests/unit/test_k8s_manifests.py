@@ -386,7 +386,8 @@ def test_pod_environment_builds_the_settings(
 def test_credentials_come_from_the_secret(worker: dict[str, Any], secret: dict[str, Any]) -> None:
     from_secret = {v["name"] for v in worker.get("env", [])
                    if "secretKeyRef" in v.get("valueFrom", {})}
-    for field in ("kafka_sasl_username", "kafka_sasl_password", "redis_url", "api_token"):
+    for field in ("kafka_sasl_username", "kafka_sasl_password", "redis_url", "api_token",
+                  "log_hash_key"):
         assert f"{ENV_PREFIX}{field.upper()}" in from_secret, field
     data = secret["stringData"]
     assert all("CHANGE-ME" in v for v in data.values()), "a template value is not a placeholder"

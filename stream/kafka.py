@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 #: How long the connection check waits for TLS and SASL to complete.
 CHECK_TIMEOUT_S = 15.0
+#: How long the check waits for a broker that refuses connections (still starting).
+UNREACHABLE_WAIT_S = 30.0
 _checked: set[str] = set()
 
 
@@ -82,6 +84,11 @@ def _unreachable(settings: Settings, why: object) -> ServiceError:
         f"cannot reach Kafka at {settings.kafka_bootstrap} (SEGSTREAM_KAFKA_BOOTSTRAP): {why}")
 
 
+def _nobody_listening(exc: BaseException) -> bool:
+    # Plain OSError is asyncio's "Connect call failed"; resets and timeouts are not this.
+    return isinstance(exc, ConnectionRefusedError | socket.gaierror) or type(exc) is OSError
+
+
 def _explain(settings: Settings, exc: BaseException) -> ServiceError:
     """The connection failure as an error that names the setting to fix."""
     from aiokafka import errors as aioerrors
@@ -104,8 +111,7 @@ def _explain(settings: Settings, exc: BaseException) -> ServiceError:
         return ServiceError(
             f"TLS with Kafka at {where} failed ({exc.reason or exc}): does "
             f"SEGSTREAM_KAFKA_SECURITY_PROTOCOL={protocol} match the broker's listener?")
-    # Plain OSError: asyncio's "Connect call failed"; resets and timeouts come below.
-    if isinstance(exc, ConnectionRefusedError | socket.gaierror) or type(exc) is OSError:
+    if _nobody_listening(exc):
         return _unreachable(settings, exc)
     # A listener that expects TLS or SASL drops (or ignores) a client speaking something else.
     return ServiceError(
@@ -166,7 +172,13 @@ def check_connection(settings: Settings, timeout_s: float = CHECK_TIMEOUT_S) -> 
     )).encode()).hexdigest()
     if fingerprint in _checked:
         return
+    # A broker that is still starting refuses connections: wait for it as long as the clients
+    # would; a rejected password or certificate fails at once.
+    deadline = time.monotonic() + UNREACHABLE_WAIT_S
     failure = _run(_probe(settings, timeout_s))
+    while failure is not None and _nobody_listening(failure) and time.monotonic() < deadline:
+        time.sleep(1.0)
+        failure = _run(_probe(settings, timeout_s))
     if failure is not None:
         raise _explain(settings, failure) from None
     _checked.add(fingerprint)

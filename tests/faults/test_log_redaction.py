@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import secrets
 import urllib.request
 from pathlib import Path
@@ -131,3 +132,54 @@ def test_worker_log_names_customers_only_by_keyed_reference(make_deployment: Any
     # The failing customer is named by the keyed hash, computed here independently.
     assert _ref(key, poison) in log, log[-3000:]
     assert "scoring failed for customer" in log
+
+
+def _record(level: int, msg: str, args: tuple[Any, ...], exc: BaseException | None
+            ) -> logging.LogRecord:
+    exc_info = (type(exc), exc, exc.__traceback__) if exc is not None else None
+    return logging.LogRecord("t", level, __file__, 1, msg, args, exc_info)
+
+
+def _raise_chain(cid: str) -> BaseException:
+    try:
+        try:
+            {}[cid]
+        except KeyError as inner:
+            raise RuntimeError(f"no state for {cid}") from inner
+    except RuntimeError as exc:
+        return exc
+    raise AssertionError("unreachable")
+
+
+def test_redaction_of_records_keeps_types_frames_and_infrastructure_messages() -> None:
+    from stream import redact
+
+    cid = f"cust-{secrets.token_hex(4)}"
+    exc = _raise_chain(cid)
+    for level in (logging.INFO, logging.ERROR):
+        rec = redact.redact_record(_record(level, "failed: %r", (exc,), exc))
+        text = logging.Formatter("%(message)s").format(rec)
+        assert cid not in text
+        assert "RuntimeError" in text and "KeyError" in text and "_raise_chain" in text
+        assert "direct cause" in text
+    # DEBUG records keep everything.
+    rec = redact.redact_record(_record(logging.DEBUG, "failed: %r", (exc,), exc))
+    assert cid in logging.Formatter("%(message)s").format(rec)
+    # Network errors keep their message: it is what an operator needs and holds no ids.
+    refused = ConnectionRefusedError(111, "Connect call failed ('127.0.0.1', 6379)")
+    rec = redact.redact_record(_record(logging.WARNING, "redis: %s", (refused,), None))
+    assert rec.getMessage() == f"redis: {refused}"
+
+
+def test_cid_ref_is_an_hmac_of_the_configured_key() -> None:
+    from stream import redact
+
+    key = secrets.token_hex(8)
+    redact.configure(key)
+    try:
+        assert redact.cid_ref("c42") == _ref(key, "c42")
+        assert redact.cid_ref(b"c42") == _ref(key, "c42")
+        redact.configure(secrets.token_hex(8))
+        assert redact.cid_ref("c42") != _ref(key, "c42")
+    finally:
+        redact.configure(None)

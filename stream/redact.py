@@ -12,7 +12,8 @@ error quoting the input, or any error raised while scoring a customer. :func:`in
 the logging record factory so that, for every record at INFO or above from any logger, the
 messages of exceptions in tracebacks and in ``%r``/``%s`` arguments are replaced by their type
 and length, except for errors of the network and storage layers, whose messages carry no
-customer data and are what an operator needs. DEBUG records are left as they are.
+customer data and are what an operator needs; the customer id in the path of an aiohttp
+access-log line becomes ``{customer_id}``. DEBUG records are left as they are.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import re
 import secrets
 import sys
 import traceback
@@ -32,6 +34,7 @@ from typing import Any
 SAFE_MODULES = ("kafka.", "aiokafka.", "redis.", "aiohttp.", "ssl.", "asyncio.",
                 "stream.errors.", "features.store.")
 SAFE_TYPES: tuple[type[BaseException], ...] = (OSError, TimeoutError)
+_CUSTOMER_PATH = re.compile(r"(/customers/)[^\s\"?]+")
 REF_PREFIX = "cid:"
 REF_HEX = 16
 
@@ -120,6 +123,9 @@ def redact_record(record: logging.LogRecord) -> logging.LogRecord:
     """Redact exception messages of a record at INFO or above, in place."""
     if record.levelno < logging.INFO:
         return record
+    if record.name == "aiohttp.access" and isinstance(record.msg, str):
+        # Access logs (off in the worker, on in some embeddings) would print the id in the path.
+        record.msg = _CUSTOMER_PATH.sub(r"\1{customer_id}", record.msg)
     if record.exc_info and record.exc_info[1] is not None:
         record.exc_text = format_exception(*record.exc_info)
         record.exc_info = None

@@ -208,13 +208,15 @@ class RedisFeatureStore:
         self._max_sha: str | None = None
         self.roundtrips = 0
 
-    def _scan_target(self, partition: int) -> dict[str, Any]:
+    async def _scan_target(self, partition: int) -> dict[str, Any]:
         """SCAN arguments that reach a partition's keys: on a cluster, the node owning its slot.
 
         SCAN walks one node; the partition's keys all live on the primary that serves
-        the slot of ``{pn}``.
+        the slot of ``{pn}``. (While that slot migrates between nodes a scan can miss
+        keys; sweeps and exports scan again.)
         """
         if isinstance(self.r, aioredis.RedisCluster):
+            await self.r.initialize()  # the slot table, on a client's first command
             return {"target_nodes": self.r.get_node_from_key(self.keys.meta(partition))}
         return {}
 
@@ -374,7 +376,7 @@ class RedisFeatureStore:
         head = len(self.keys.customer(partition, ""))
         try:
             nxt, keys = await self.r.scan(cursor, match=self.keys.customer_pattern(partition),
-                                          count=count, **self._scan_target(partition))
+                                          count=count, **await self._scan_target(partition))
         except RedisError as exc:
             raise StoreUnavailable(f"redis read failed: {exc}") from None
         if isinstance(nxt, dict):  # a cluster answers {node name: cursor}; we asked one node
@@ -465,7 +467,7 @@ class RedisFeatureStore:
         for p in range(partitions):
             head = len(self.keys.customer(p, ""))
             async for batch in _scan_batches(self.r, self.keys.customer_pattern(p), count,
-                                             self._scan_target(p)):
+                                             await self._scan_target(p)):
                 values = await self.r.mget(batch)  # one partition: one slot
                 for k, v in zip(batch, values, strict=True):
                     if v is not None:

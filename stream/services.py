@@ -141,6 +141,10 @@ def start_redis(settings: Settings) -> None:
     host, port = _redis_hostport(settings.redis_url)
     if host not in ("127.0.0.1", "localhost"):
         raise ServiceError(f"SEGSTREAM_REDIS_URL points at {host}; `up` only starts a local Redis")
+    if settings.redis_cluster or settings.redis_url.startswith("rediss://"):
+        # A single plaintext server on that port would not be what the settings describe.
+        raise ServiceError("`up` only starts a plain single Redis; start the Redis Cluster or "
+                           "TLS Redis yourself (SEGSTREAM_REDIS_CLUSTER / SEGSTREAM_REDIS_URL)")
     d = settings.data_dir / "redis"
     d.mkdir(parents=True, exist_ok=True)
     subprocess.run(

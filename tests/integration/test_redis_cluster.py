@@ -257,3 +257,24 @@ def test_a_cluster_named_as_a_single_server_or_the_reverse_fails_naming_the_sett
         check_redis(load_settings(redis_url=services["redis"], redis_cluster=True))
     check_redis(load_settings(redis_url=cluster.url, redis_cluster=True, redis_prefix=PREFIX))
     check_redis(load_settings(redis_url=services["redis"]))
+
+
+def test_a_fresh_client_can_scan_before_any_other_command(cluster, settings) -> None:
+    for p in range(PARTITIONS):
+        k = f"{PREFIX}{{p{p}}}:c:fresh{p}"
+        cluster.cli("set", k, f"v{p}", port=slot_owner(cluster, server_slot(cluster, k)))
+
+    async def first_command(scan: bool) -> list[tuple[int, str]]:
+        r = redis_client(settings)
+        store = RedisFeatureStore(r, PREFIX)
+        try:
+            if scan:
+                return [(p, c) for p in range(PARTITIONS)
+                        for c in (await store.scan_customers(p, 0, 100))[1]]
+            return [(p, c) async for p, c, _ in store.iter_customers(PARTITIONS)]
+        finally:
+            await r.aclose()
+
+    want = [(p, f"fresh{p}") for p in range(PARTITIONS)]
+    assert sorted(asyncio.run(first_command(scan=True))) == want
+    assert sorted(asyncio.run(first_command(scan=False))) == want

@@ -278,3 +278,29 @@ def test_a_fresh_client_can_scan_before_any_other_command(cluster, settings) -> 
     want = [(p, f"fresh{p}") for p in range(PARTITIONS)]
     assert sorted(asyncio.run(first_command(scan=True))) == want
     assert sorted(asyncio.run(first_command(scan=False))) == want
+
+
+def test_forget_erases_a_customer_on_the_cluster(cluster, settings) -> None:
+    from stream.forget import forget
+
+    async def run() -> dict[str, Any]:
+        r = redis_client(settings)
+        store = RedisFeatureStore(r, PREFIX)
+        try:
+            _, snaps = await store.load({4: ["gone", "kept"]}, TOPICS)
+            assert (await store.commit([PartitionCommit(
+                4, snaps[4].ver, {TOPICS[0]: 1}, 7_000,
+                states={"gone": b"a", "kept": b"b"}, profiles={"gone": b""})]))[4]
+            await store.append_log("migrations:log", [b'{"customer_id": "gone"}',
+                                                      b'{"customer_id": "kept"}'], 100)
+            return await forget(settings, r, store, "gone")
+        finally:
+            await r.aclose()
+
+    removed = asyncio.run(run())
+    assert removed["found"] is True and removed["log_entries"] == 1
+    assert raw_get(cluster, f"{PREFIX}{{p4}}:c:gone") == ""
+    assert raw_get(cluster, f"{PREFIX}{{p4}}:c:kept") == "b"
+    log_key = f"{PREFIX}migrations:log"
+    port = slot_owner(cluster, server_slot(cluster, log_key))
+    assert cluster.cli("xlen", log_key, port=port).strip() == "1"

@@ -304,3 +304,37 @@ def test_forget_erases_a_customer_on_the_cluster(cluster, settings) -> None:
     log_key = f"{PREFIX}migrations:log"
     port = slot_owner(cluster, server_slot(cluster, log_key))
     assert cluster.cli("xlen", log_key, port=port).strip() == "1"
+
+
+def test_the_engines_acl_user_suffices_on_a_cluster(cluster) -> None:
+    """``~prefix* +@all -@dangerous`` covers what the cluster client needs too (slot table)."""
+    for port in cluster.ports:
+        cluster.cli("acl", "setuser", "engine", "on", ">pw", f"~{PREFIX}*", "+@all",
+                    "-@dangerous", port=port)
+    s = load_settings(redis_url=cluster.url.replace("redis://", "redis://engine:pw@"),
+                      redis_cluster=True, redis_prefix=PREFIX)
+    check_redis(s)
+
+    async def run() -> tuple[dict[int, bool], list[tuple[int, str]]]:
+        r = redis_client(s)
+        store = RedisFeatureStore(r, PREFIX)
+        try:
+            _, snaps = await store.load({p: ["a"] for p in range(PARTITIONS)}, TOPICS)
+            ok = await store.commit([PartitionCommit(p, snaps[p].ver, {TOPICS[0]: 1}, 5,
+                                                     states={"a": b"1"})
+                                     for p in range(PARTITIONS)])
+            return ok, sorted([(p, c) async for p, c, _ in store.iter_customers(PARTITIONS)])
+        finally:
+            await r.aclose()
+
+    ok, stored = asyncio.run(run())
+    assert ok == {p: True for p in range(PARTITIONS)}
+    assert stored == [(p, "a") for p in range(PARTITIONS)]
+    r = redis_sync_client(s)
+    try:
+        assert delete_matching(r, f"{PREFIX}*") == PARTITIONS * 2 + 1  # states, metas, now
+    finally:
+        r.close()
+    with pytest.raises(SettingsError, match="SEGSTREAM_REDIS_PREFIX"):
+        check_redis(load_settings(redis_url=s.redis_url, redis_cluster=True,
+                                  redis_prefix="elsewhere:"))

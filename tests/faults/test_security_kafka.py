@@ -30,6 +30,7 @@ PROTECTED = ["/segments", "/migrations", "/migrations?limit=5", "/actions", "/me
              "/openapi.json", "/api/stats"]
 #: Left open on purpose: liveness and readiness probes, and the dashboard's page shell.
 OPEN = ["/healthz", "/readyz", "/", "/dashboard"]
+FAUST = ["/stats/", "/assignment/", "/graph/", "/router/", "/table/", "/performance/"]
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +115,9 @@ def test_worker_over_sasl_ssl_equals_batch_and_api_needs_the_token(
         assert _get(base + "/customers/nobody-here", token) == 404
         for route in OPEN:
             assert _get(base + route) == 200, route
+        # Faust's own endpoints (statistics, assignment, graph, router, tables) are not served.
+        for route in FAUST:
+            assert _get(base + route) in (401, 404), route
 
         log = d.logs[0].read_text(errors="replace")
         assert secure_kafka.password not in log

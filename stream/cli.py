@@ -12,7 +12,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from stream import queries
+from stream import queries, redact
 from stream.cli_bench import bench
 from stream.cli_rules import rules_app
 from stream.cli_triggers import triggers
@@ -100,6 +100,7 @@ def worker() -> None:
     from stream.redisconn import check_redis
 
     s = _settings()
+    redact.install_from_settings(s)
     check_redis(s)  # a wrong password or TLS setting fails here, naming the setting
     ensure_topics(s)
     engine = create_engine(s)

@@ -12,6 +12,7 @@ from dataclasses import asdict
 import typer
 from rich.console import Console
 
+from stream import redact
 from stream.errors import SegstreamError
 from stream.settings import load_settings
 
@@ -39,6 +40,7 @@ def triggers(
     except SegstreamError as exc:
         err.print(f"[red]{exc}")
         raise typer.Exit(2) from None
+    redact.install_from_settings(s)
     logging.basicConfig(level=s.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     async def run() -> dict[str, int]:

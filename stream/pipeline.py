@@ -27,6 +27,7 @@ from features.state import apply_many, empty
 from features.store import FeatureStore, PartitionCommit, PartitionSnapshot, StoreUnavailable
 from scorers.profile import Profile
 from scorers.scoring import CustomerInput, Outcome, ScoringContext, evaluate
+from stream.redact import cid_ref
 from stream.schemas import Rejection, decode
 from stream.settings import Settings
 
@@ -243,7 +244,8 @@ class BatchProcessor:
                     state = serial.decode(blob) if blob else empty()
                     state = apply_many(state, [e for _, e in pairs], self.settings.lateness_ms)
                 except Exception as exc:  # a poison customer must not stall the partition
-                    log.exception("processing failed for a customer; events dead-lettered")
+                    log.exception("processing failed for customer %s; %d events dead-lettered",
+                                  cid_ref(cid), len(pairs))
                     self._dead_pairs(commit, pairs, exc, local)
                     continue
                 last = pairs[-1][0]
@@ -339,7 +341,8 @@ class BatchProcessor:
             try:
                 out.append((c, evaluate([c], ctx)[0]))
             except Exception as exc:
-                log.exception("scoring failed for a customer; its events are dead-lettered")
+                log.exception("scoring failed for customer %s; its events are dead-lettered",
+                              cid_ref(c.customer_id))
                 out.append((c, exc))
         return out
 

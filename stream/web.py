@@ -120,11 +120,17 @@ def _guard(handler: Handler, token: str | None, public: bool) -> Handler:
         except web.HTTPException:
             raise
         except Exception:
-            log.exception("%s %s failed", request.method, request.path)
+            log.exception("%s %s failed", request.method, _route(request))
             return error(500, "internal error")
 
     guarded.__doc__ = handler.__doc__
     return guarded
+
+
+def _route(request: web.Request) -> str:
+    """The matched route's pattern (``/customers/{customer_id}``), never the customer id."""
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "?"
 
 
 def dashboard_html() -> bytes:

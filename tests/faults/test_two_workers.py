@@ -30,7 +30,7 @@ from fault_oracle import eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-EVENTS = 80_000
+EVENTS = 60_000
 RATE = 400  # events per second: the input outlasts every phase below
 SESSION_TIMEOUT_S = 20  # broker_session_timeout in stream/app.py
 

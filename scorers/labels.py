@@ -225,21 +225,44 @@ class LabelState:
     last_obs_ms: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain msgpack-able form; inputs are stored as a list in :data:`INPUT_NAMES` order."""
-        return {
-            "schema": INPUT_SCHEMA,
-            "pending": {m: [o.obs_ts_ms, o.horizon_ms, _input_list(o.x)]
-                        for m, o in self.pending.items()},
-            "last": dict(self.last_obs_ms),
-        }
+        """Plain msgpack-able form.
+
+        Inputs are stored sparsely (the indexes into :data:`INPUT_NAMES` of the non-zero
+        values, then those values) in ``"x"``, and observations taken with the same inputs
+        (every model observed at one time) share one entry; ``pending`` refers to it by
+        index. Values are kept exactly.
+        """
+        vectors: list[list[list[Any]]] = []
+        seen: dict[tuple[float, ...], int] = {}
+        pending: dict[str, list[int]] = {}
+        for m, o in self.pending.items():
+            xs = tuple(_input_list(o.x))
+            k = seen.get(xs)
+            if k is None:
+                k = seen[xs] = len(vectors)
+                nz = [i for i, v in enumerate(xs) if v != 0.0]
+                vectors.append([nz, [xs[i] for i in nz]])
+            pending[m] = [o.obs_ts_ms, o.horizon_ms, k]
+        return {"schema": INPUT_SCHEMA, "pending": pending, "last": dict(self.last_obs_ms),
+                "x": vectors}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> LabelState:
-        """Inverse of :meth:`to_dict`; observations of another input layout are dropped."""
+        """Inverse of :meth:`to_dict`; observations of another input layout are dropped.
+
+        Also reads the earlier dense form (a list of every input in place of the index).
+        """
         pending: dict[str, Observation] = {}
         if d.get("schema") == INPUT_SCHEMA:
-            for m, (ts, horizon, xs) in d.get("pending", {}).items():
-                x = {n: float(v) for n, v in zip(INPUT_NAMES, xs, strict=True)}
+            vectors = d.get("x", [])
+            for m, (ts, horizon, ref) in d.get("pending", {}).items():
+                if isinstance(ref, int):
+                    x = dict.fromkeys(INPUT_NAMES, 0.0)
+                    nz, vals = vectors[ref]
+                    for i, v in zip(nz, vals, strict=True):
+                        x[INPUT_NAMES[i]] = float(v)
+                else:
+                    x = {n: float(v) for n, v in zip(INPUT_NAMES, ref, strict=True)}
                 pending[str(m)] = Observation(str(m), int(ts), x, int(horizon))
         last = {str(m): int(t) for m, t in d.get("last", {}).items()}
         return cls(pending, last)
@@ -355,12 +378,13 @@ def is_quiet(
 
 def _headers(stored: Mapping[str, Any]) -> LabelState | None:
     """The state of a canonical stored dict without its model inputs, else None."""
-    if (len(stored) != 3 or stored.get("schema") != INPUT_SCHEMA
-            or "pending" not in stored or "last" not in stored):
+    if (len(stored) != 4 or stored.get("schema") != INPUT_SCHEMA
+            or "pending" not in stored or "last" not in stored or "x" not in stored):
         return None
     pending: dict[str, Observation] = {}
-    for m, (ts, horizon, xs) in stored["pending"].items():
-        if len(xs) != len(INPUT_NAMES):
+    vectors = stored["x"]
+    for m, (ts, horizon, ref) in stored["pending"].items():
+        if not isinstance(ref, int) or not 0 <= ref < len(vectors):
             return None
         pending[str(m)] = Observation(str(m), int(ts), {}, int(horizon))
     return LabelState(pending, {str(m): int(t) for m, t in stored["last"].items()})

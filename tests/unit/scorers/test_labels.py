@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import msgpack
 import pandas as pd
 import pytest
 from hypothesis import given, settings
@@ -193,3 +194,20 @@ def test_model_inputs_handle_missing_values() -> None:
     assert x["log_monetary_total"] == 0.0 and x["activity_trend_8w"] < 0
     assert x["has_clickstream"] == 1.0
     assert x["log_days_inactive"] == pytest.approx(x["log_days_since_last_event"])
+
+
+def test_label_state_stores_shared_sparse_inputs_and_reads_the_dense_form() -> None:
+    s = observe(LabelState(), "c1", FEATS, 0, has_clickstream=True)
+    assert len(s.pending) == 2
+    d = s.to_dict()
+    # Both models observed at once: one stored vector, only its non-zero inputs.
+    assert len(d["x"]) == 1
+    nz, vals = d["x"][0]
+    assert all(v != 0.0 for v in vals) and len(nz) < len(INPUT_NAMES)
+    assert LabelState.from_dict(d) == s
+    dense = dict(d, pending={m: [o.obs_ts_ms, o.horizon_ms, [o.x.get(n, 0.0) for n in INPUT_NAMES]]
+                             for m, o in s.pending.items()})
+    del dense["x"]
+    assert LabelState.from_dict(dense) == s
+    compact = len(msgpack.packb(d, use_bin_type=True))
+    assert compact < len(msgpack.packb(dense, use_bin_type=True)) / 2

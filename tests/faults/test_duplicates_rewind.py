@@ -23,7 +23,7 @@ import pytest
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-EVENTS = 40_000
+EVENTS = 30_000
 DUPLICATE_SHARE = 0.10
 REWIND = 3_000  # records per input partition
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -228,16 +227,19 @@ class BatchProcessor:
         for p, items in pending.items():
             acc = accepted[p] = self._accept(snaps[p], items, local)
             now = max(now, acc.now_ms)
-        # Phase 2: apply, score and build one atomic commit per partition.
+        # Phase 2: apply, score (every partition's customers in one evaluation) and build
+        # one atomic commit per partition.
         ctx = self.scoring.context(now) if self.scoring is not None and now >= 0 else None
         commits: list[PartitionCommit] = []
+        scored: list[tuple[PartitionCommit, _Accepted, CustomerInput]] = []
         for p, acc in accepted.items():
             if not acc.watermarks:
                 continue
             snap = snaps[p]
             commit = PartitionCommit(p, snap.ver, acc.watermarks, acc.now_ms, {}, acc.outbox,
                                      acc.high_ts)
-            inputs: list[CustomerInput] = []
+            commits.append(commit)
+            settled = (settled_ms(acc.high_ts, ctx.lateness_ms) if ctx is not None else None)
             for cid, pairs in acc.per_customer.items():
                 try:
                     blob = snap.states.get(cid)
@@ -249,25 +251,25 @@ class BatchProcessor:
                     self._dead_pairs(commit, pairs, exc, local)
                     continue
                 last = pairs[-1][0]
-                inputs.append(CustomerInput(
+                c = CustomerInput(
                     cid, state, Profile.from_bytes(snap.profiles.get(cid)),
                     [e for _, e in pairs],
                     {"topic": last.topic, "partition": last.partition, "offset": last.offset,
                      "ingested_ms": last.timestamp_ms},
-                ))
-            for c in inputs:
-                commit.states[c.customer_id] = serial.encode(c.state)
-            if ctx is not None:
-                pctx = dataclasses.replace(ctx, settled_ms=settled_ms(acc.high_ts, ctx.lateness_ms))
-                for c, outcome in self.score(inputs, pctx):
-                    if isinstance(outcome, Exception):
-                        commit.states.pop(c.customer_id, None)
-                        self._dead_pairs(commit, acc.per_customer[c.customer_id], outcome, local)
-                        continue
-                    self.add_outcome(commit, outcome, c.trigger)
-            local.applied += sum(len(acc.per_customer[c.customer_id]) for c in inputs
-                                 if c.customer_id in commit.states)
-            commits.append(commit)
+                    settled,
+                )
+                commit.states[cid] = serial.encode(state)
+                scored.append((commit, acc, c))
+        if ctx is not None:
+            outcomes = self.score([c for _, _, c in scored], ctx)
+            for (commit, acc, c), (_, outcome) in zip(scored, outcomes, strict=True):
+                if isinstance(outcome, Exception):
+                    commit.states.pop(c.customer_id, None)
+                    self._dead_pairs(commit, acc.per_customer[c.customer_id], outcome, local)
+                    continue
+                self.add_outcome(commit, outcome, c.trigger)
+        local.applied += sum(len(acc.per_customer[c.customer_id]) for commit, acc, c in scored
+                             if c.customer_id in commit.states)
         ok = await self._timed("commit", self.store.commit(commits))
         done = [p for p in pending if ok.get(p, True)]
         stats.applied += local.applied

@@ -35,7 +35,9 @@ from redis.exceptions import NoScriptError, RedisError
 _COMMIT = """
 local ver = redis.call('HGET', KEYS[1], 'ver') or '0'
 if ver ~= ARGV[1] then return 0 end
-local i = 2
+local head = ARGV[2]
+local hl = string.len(head)
+local i = 3
 local nwm = tonumber(ARGV[i]); i = i + 1
 for _ = 1, nwm do
   local cur = tonumber(redis.call('HGET', KEYS[1], ARGV[i]) or '-1')
@@ -51,11 +53,19 @@ for _ = 1, nout do
   i = i + 2
 end
 local nset = tonumber(ARGV[i]); i = i + 1
-for k = 3, 2 + nset do
-  if ARGV[i] == '' then redis.call('DEL', KEYS[k]) else redis.call('SET', KEYS[k], ARGV[i]) end
+for k = 4, 3 + nset do
+  local key = KEYS[k]
+  local is_customer = string.sub(key, 1, hl) == head
+  if ARGV[i] == '' then
+    redis.call('DEL', key)
+    if is_customer then redis.call('SREM', KEYS[3], string.sub(key, hl + 1)) end
+  else
+    redis.call('SET', key, ARGV[i])
+    if is_customer then redis.call('SADD', KEYS[3], string.sub(key, hl + 1)) end
+  end
   i = i + 1
 end
-for k = 3 + nset, #KEYS do
+for k = 4 + nset, #KEYS do
   local nf = tonumber(ARGV[i]); i = i + 1
   for _ = 1, nf do
     if redis.call('HINCRBY', KEYS[k], ARGV[i], ARGV[i + 1]) <= 0 then
@@ -104,8 +114,9 @@ class Keys:
     def table(self, partition: int, name: str) -> str:
         return f"{self.prefix}{{p{partition}}}:{name}"
 
-    def customer_pattern(self, partition: int) -> str:
-        return f"{self.prefix}{{p{partition}}}:c:*"
+    def ids(self, partition: int) -> str:
+        """The set of the partition's customer ids (kept by the commit script)."""
+        return f"{self.prefix}{{p{partition}}}:ids"
 
     def now(self) -> str:
         return f"{self.prefix}now"
@@ -208,18 +219,6 @@ class RedisFeatureStore:
         self._max_sha: str | None = None
         self.roundtrips = 0
 
-    async def _scan_target(self, partition: int) -> dict[str, Any]:
-        """SCAN arguments that reach a partition's keys: on a cluster, the node owning its slot.
-
-        SCAN walks one node; the partition's keys all live on the primary that serves
-        the slot of ``{pn}``. (While that slot migrates between nodes a scan can miss
-        keys; sweeps and exports scan again.)
-        """
-        if isinstance(self.r, aioredis.RedisCluster):
-            await self.r.initialize()  # the slot table, on a client's first command
-            return {"target_nodes": self.r.get_node_from_key(self.keys.meta(partition))}
-        return {}
-
     async def _script(self, pipe: Any, body: str, attr: str, keys: list[str],
                       args: list[Any]) -> None:
         sha = getattr(self, attr)
@@ -283,8 +282,10 @@ class RedisFeatureStore:
         try:
             async with self.r.pipeline(transaction=False) as pipe:
                 for c in commits:
-                    keys = [self.keys.meta(c.partition), self.keys.outbox(c.partition)]
-                    args: list[Any] = [c.expected_ver, len(c.watermarks) + len(c.high_ts)]
+                    keys = [self.keys.meta(c.partition), self.keys.outbox(c.partition),
+                            self.keys.ids(c.partition)]
+                    args: list[Any] = [c.expected_ver, self.keys.customer(c.partition, ""),
+                                       len(c.watermarks) + len(c.high_ts)]
                     for t, off in c.watermarks.items():
                         args += [_wm_field(t), off]
                     for t, ts in c.high_ts.items():
@@ -372,17 +373,17 @@ class RedisFeatureStore:
 
     async def scan_customers(self, partition: int, cursor: int, count: int
                              ) -> tuple[int, list[str]]:
-        """One SCAN step over a partition's customers: (next cursor, customer ids)."""
-        head = len(self.keys.customer(partition, ""))
+        """One step over a partition's customers: (next cursor, customer ids).
+
+        It walks the partition's id set (SSCAN), so a step costs the same however many
+        other keys the server holds.
+        """
         try:
-            nxt, keys = await self.r.scan(cursor, match=self.keys.customer_pattern(partition),
-                                          count=count, **await self._scan_target(partition))
+            nxt, ids = await self.r.sscan(self.keys.ids(partition), cursor, count=count)
         except RedisError as exc:
             raise StoreUnavailable(f"redis read failed: {exc}") from None
-        if isinstance(nxt, dict):  # a cluster answers {node name: cursor}; we asked one node
-            nxt = next(iter(nxt.values()), 0)
         self.roundtrips += 1
-        return int(nxt), [(k.decode() if isinstance(k, bytes) else k)[head:] for k in keys]
+        return int(nxt), [i.decode() if isinstance(i, bytes) else i for i in ids]
 
     async def set_context(self, digest: str) -> None:
         """Record the scoring inputs workers currently see (for ``segstream wait``)."""
@@ -465,25 +466,18 @@ class RedisFeatureStore:
     async def iter_customers(self, partitions: int, count: int = 1000) -> Any:
         """Yield ``(partition, customer_id, state bytes)`` for every stored customer."""
         for p in range(partitions):
-            head = len(self.keys.customer(p, ""))
-            async for batch in _scan_batches(self.r, self.keys.customer_pattern(p), count,
-                                             await self._scan_target(p)):
-                values = await self.r.mget(batch)  # one partition: one slot
-                for k, v in zip(batch, values, strict=True):
-                    if v is not None:
-                        key = k.decode() if isinstance(k, bytes) else k
-                        yield p, key[head:], v
-
-
-async def _scan_batches(r: Any, pattern: str, count: int, target: dict[str, Any]) -> Any:
-    batch: list[Any] = []
-    async for k in r.scan_iter(match=pattern, count=count, **target):
-        batch.append(k)
-        if len(batch) >= count:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+            cursor = 0
+            while True:
+                cursor, ids = await self.scan_customers(p, cursor, count)
+                if ids:
+                    keys = [self.keys.customer(p, cid) for cid in ids]
+                    # One partition: one hash slot, so one MGET even on a cluster.
+                    values = await self.r.execute_command("MGET", *keys)
+                    for cid, v in zip(ids, values, strict=True):
+                        if v is not None:
+                            yield p, cid, v
+                if cursor == 0:
+                    break
 
 
 class MemoryFeatureStore:

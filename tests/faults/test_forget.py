@@ -47,6 +47,11 @@ def test_forget_erases_state_counters_and_publishes_a_tombstone(deployment,
         left = [k for k in r.scan_iter(match=f"{s.redis_prefix}*:c7") ] + \
             [k for k in r.scan_iter(match=f"{s.redis_prefix}*:s:c7")]
         assert left == []
+        # Nor is its id in any set the engine keeps (the partitions' customer indexes).
+        sets = [k for k in r.scan_iter(match=f"{s.redis_prefix}*") if r.type(k) == b"set"]
+        assert sets, "the partitions' customer indexes are missing"
+        assert not any(r.sismember(k, "c7") for k in sets)
+        assert sum(r.scard(k) for k in sets) == len(deployment.states()[1])
     finally:
         r.close()
 

@@ -62,6 +62,12 @@ def install(path: Path) -> None:
         # call (not the await) still counts one per round trip.
         cls.send_packed_command = _count(0, cls.send_packed_command)  # type: ignore[method-assign]
         cls.pack_command = _count(1, cls.pack_command)  # type: ignore[method-assign]
+    # The engine's asyncio connections pack with hiredis (stream.redisconn); count those
+    # too (a command hiredis hands back to redis-py's packer counts twice: rare).
+    from stream import redisconn
+
+    packing = redisconn._HiredisPacking
+    packing.pack_command = _count(1, packing.pack_command)  # type: ignore[method-assign]
 
 
 def main() -> None:

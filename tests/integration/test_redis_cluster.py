@@ -109,7 +109,7 @@ def test_every_key_family_of_a_partition_lands_in_the_slot_of_its_tag(cluster) -
     slots = {}
     for p in range(PARTITIONS):
         tag_slot = server_slot(cluster, f"{{p{p}}}")
-        family = [keys.meta(p), keys.outbox(p), keys.customer(p, "c-1"),
+        family = [keys.meta(p), keys.outbox(p), keys.ids(p), keys.customer(p, "c-1"),
                   keys.customer(p, "{odd}id"), keys.profile(p, "c-1"), keys.table(p, "rfm"),
                   keys.table(p, "seg")]
         assert {server_slot(cluster, k) for k in family} == {tag_slot}, p
@@ -260,24 +260,41 @@ def test_a_cluster_named_as_a_single_server_or_the_reverse_fails_naming_the_sett
 
 
 def test_a_fresh_client_can_scan_before_any_other_command(cluster, settings) -> None:
-    for p in range(PARTITIONS):
-        k = f"{PREFIX}{{p{p}}}:c:fresh{p}"
-        cluster.cli("set", k, f"v{p}", port=slot_owner(cluster, server_slot(cluster, k)))
-
-    async def first_command(scan: bool) -> list[tuple[int, str]]:
+    async def write() -> None:
         r = redis_client(settings)
         store = RedisFeatureStore(r, PREFIX)
         try:
+            _, snaps = await store.load({p: [f"fresh{p}"] for p in range(PARTITIONS)}, TOPICS)
+            assert all((await store.commit([PartitionCommit(
+                p, snaps[p].ver, {TOPICS[0]: 1}, 10, states={f"fresh{p}": f"v{p}".encode()})
+                for p in range(PARTITIONS)])).values())
+        finally:
+            await r.aclose()
+
+    async def first_command(scan: bool) -> list[tuple[int, str]]:
+        r = redis_client(settings)  # its slot table is loaded by its first command
+        store = RedisFeatureStore(r, PREFIX)
+        try:
             if scan:
-                return [(p, c) for p in range(PARTITIONS)
-                        for c in (await store.scan_customers(p, 0, 100))[1]]
+                out = []
+                for p in range(PARTITIONS):
+                    cursor = 0
+                    while True:  # a page may come back empty with more to come
+                        cursor, ids = await store.scan_customers(p, cursor, 100)
+                        out += [(p, c) for c in ids]
+                        if cursor == 0:
+                            break
+                return out
             return [(p, c) async for p, c, _ in store.iter_customers(PARTITIONS)]
         finally:
             await r.aclose()
 
+    asyncio.run(write())
     want = [(p, f"fresh{p}") for p in range(PARTITIONS)]
     assert sorted(asyncio.run(first_command(scan=True))) == want
     assert sorted(asyncio.run(first_command(scan=False))) == want
+    for p in range(PARTITIONS):
+        assert raw_get(cluster, f"{PREFIX}{{p{p}}}:c:fresh{p}") == f"v{p}"
 
 
 def test_forget_erases_a_customer_on_the_cluster(cluster, settings) -> None:
@@ -308,16 +325,17 @@ def test_forget_erases_a_customer_on_the_cluster(cluster, settings) -> None:
 
 def test_the_engines_acl_user_suffices_on_a_cluster(cluster) -> None:
     """``~prefix* +@all -@dangerous`` covers what the cluster client needs too (slot table)."""
+    prefix = "rc-acl:"
     for port in cluster.ports:
-        cluster.cli("acl", "setuser", "engine", "on", ">pw", f"~{PREFIX}*", "+@all",
+        cluster.cli("acl", "setuser", "engine", "on", ">pw", f"~{prefix}*", "+@all",
                     "-@dangerous", port=port)
     s = load_settings(redis_url=cluster.url.replace("redis://", "redis://engine:pw@"),
-                      redis_cluster=True, redis_prefix=PREFIX)
+                      redis_cluster=True, redis_prefix=prefix)
     check_redis(s)
 
     async def run() -> tuple[dict[int, bool], list[tuple[int, str]]]:
         r = redis_client(s)
-        store = RedisFeatureStore(r, PREFIX)
+        store = RedisFeatureStore(r, prefix)
         try:
             _, snaps = await store.load({p: ["a"] for p in range(PARTITIONS)}, TOPICS)
             ok = await store.commit([PartitionCommit(p, snaps[p].ver, {TOPICS[0]: 1}, 5,
@@ -330,11 +348,16 @@ def test_the_engines_acl_user_suffices_on_a_cluster(cluster) -> None:
     ok, stored = asyncio.run(run())
     assert ok == {p: True for p in range(PARTITIONS)}
     assert stored == [(p, "a") for p in range(PARTITIONS)]
+    on_nodes = [k for port in cluster.ports
+                for k in cluster.cli("--scan", "--pattern", f"{prefix}*", port=port).split()]
+    assert {f"{prefix}{{p{p}}}:c:a" for p in range(PARTITIONS)} <= set(on_nodes)
     r = redis_sync_client(s)
     try:
-        assert delete_matching(r, f"{PREFIX}*") == PARTITIONS * 2 + 1  # states, metas, now
+        assert delete_matching(r, f"{prefix}*") == len(on_nodes)
     finally:
         r.close()
+    assert not any(cluster.cli("--scan", "--pattern", f"{prefix}*", port=port).split()
+                   for port in cluster.ports)
     with pytest.raises(SettingsError, match="SEGSTREAM_REDIS_PREFIX"):
         check_redis(load_settings(redis_url=s.redis_url, redis_cluster=True,
                                   redis_prefix="elsewhere:"))

@@ -58,7 +58,10 @@ def table(doc: dict[str, Any]) -> Table:
         ("Redis commands / event (server, shared)", _n(red["server_commands_per_event"], ".4f")),
         ("Redis bytes / customer (used_memory delta)",
          _n(red["used_memory_bytes_per_customer"])),
-        ("Redis bytes / customer (MEMORY USAGE)", _n(red["memory_usage_bytes_per_customer"])),
+        ("Redis bytes / customer (MEMORY USAGE of partition keys)",
+         _n(red["memory_usage_bytes_per_customer"])),
+        ("Redis fixed bytes (log, models; not per customer)",
+         _n(red.get("memory_usage_fixed_bytes", 0))),
         ("worker peak RSS", f"{_n(doc['worker_rss_mb'], ',.1f')} MB"),
         ("worker CPU s / million events (E; F)",
          f"{_n(doc['cpu_s_per_million_events'], ',.1f')}; "

@@ -113,15 +113,18 @@ def redis_memory(s: Settings, used_before: float) -> dict[str, Any]:
     try:
         used_after = float(r.info("memory")["used_memory"])  # type: ignore[index]
         customers = 0
-        key_bytes = 0
+        scaled = 0  # keys of a partition ({pN}): state, profiles, sketches, outbox
+        fixed = 0  # deployment-wide keys: the capped migrations log, models, CLV
         n_keys = 0
         batch: list[bytes] = []
 
-        def flush() -> int:
+        def flush() -> tuple[int, int]:
             pipe = r.pipeline(transaction=False)
             for k in batch:
                 pipe.memory_usage(k, samples=0)
-            return sum(int(v or 0) for v in pipe.execute())
+            sizes = [int(v or 0) for v in pipe.execute()]
+            part = sum(n for k, n in zip(batch, sizes, strict=True) if b"}:" in k)
+            return part, sum(sizes) - part
 
         for k in r.scan_iter(match=f"{s.redis_prefix}*", count=2000):
             n_keys += 1
@@ -129,23 +132,28 @@ def redis_memory(s: Settings, used_before: float) -> dict[str, Any]:
             if b"}:c:" in k:
                 customers += 1
             if len(batch) >= 1000:
-                key_bytes += flush()
+                a, b = flush()
+                scaled, fixed = scaled + a, fixed + b
                 batch = []
         if batch:
-            key_bytes += flush()
+            a, b = flush()
+            scaled, fixed = scaled + a, fixed + b
     finally:
         r.close()
     delta = used_after - used_before
-    per_key = key_bytes / max(1, customers)
     return {
         "customers_stored": customers,
         "keys": n_keys,
         "used_memory_delta_bytes": int(delta),
         "used_memory_bytes_per_customer": round(delta / max(1, customers), 1),
-        "memory_usage_bytes_per_customer": round(per_key, 1),
-        "method": "INFO used_memory delta over the E run / customers stored "
-                  "(server-wide, so other clients add noise); memory_usage_* is the sum of "
-                  "MEMORY USAGE ... SAMPLES 0 over every key of the run's prefix",
+        "memory_usage_bytes_per_customer": round(scaled / max(1, customers), 1),
+        "memory_usage_fixed_bytes": fixed,
+        "method": "memory_usage_bytes_per_customer: the sum of MEMORY USAGE ... SAMPLES 0 "
+                  "over every key of the run's partitions (they grow with customers) / "
+                  "customers stored; memory_usage_fixed_bytes: the deployment-wide keys, "
+                  "whose size does not grow with customers (the migrations log is capped); "
+                  "used_memory_* is the server's INFO used_memory delta over the E run "
+                  "(server-wide, so other clients add noise)",
     }
 
 
@@ -271,14 +279,13 @@ def assemble(opts: Options, w: workload.Workload, produce_eps: float, lim: RateR
     fixed = lat.get("at_fixed")
     pct = ("p50", "p95", "p99")
     per_event = max(1, e1.events)
-    used = mem["used_memory_bytes_per_customer"]
     doc: dict[str, Any] = {
         "limit_eps": round(lim.eps, 1),
         "faust_floor_eps": round(flo.eps, 1),
         "engine_eps": round(e1.eps, 1),
         "latency_ms": {k: (fixed.latency_ms or {}).get(k) if fixed else None for k in pct},
         "redis_roundtrips_per_event": round(e1.roundtrips / per_event, 4),
-        "redis_bytes_per_customer": used if used > 0 else mem["memory_usage_bytes_per_customer"],
+        "redis_bytes_per_customer": mem["memory_usage_bytes_per_customer"],
         "worker_rss_mb": round(e1.rss_peak_mb, 1),
         "machine": machine.describe(base),
         "events": w.events,

@@ -54,6 +54,10 @@ def test_small_bench_reports_every_figure(services: dict[str, str], tmp_path: Pa
     assert doc["cpu_s_per_million_events"] > 0
     assert doc["ratios"]["engine_over_limit"] > 0 and doc["ratios"]["engine_over_floor"] > 0
     assert doc["engine"]["events_measured"] > 0
+    # Every round trip carries at least one command (both counters see the engine's client).
+    assert doc["redis_commands_per_event"] >= doc["redis_roundtrips_per_event"] > 0
+    # The capped migrations log and the models are reported apart from per-customer bytes.
+    assert doc["redis"]["memory_usage_fixed_bytes"] > 0
 
     written = list(tmp_path.glob("*.json"))
     assert len(written) == 1 and json.loads(written[0].read_text())["engine_eps"] == \

@@ -248,8 +248,39 @@ class MigrationReport:
     records: int = 0
     unique: int = 0
     chains: int = 0
-    #: (customer, scheme) whose chain in topic order is broken, with the chain
+    #: (customer, scheme) whose chain is broken in topic order but complete: its moves can
+    #: be ordered into a chain from null to the current segment (published out of order)
+    reordered: dict[tuple[str, str], list[tuple[Any, Any]]] = field(default_factory=dict)
+    #: (customer, scheme) whose moves form no such chain in any order (lost or extra moves)
     broken: dict[tuple[str, str], list[tuple[Any, Any]]] = field(default_factory=dict)
+
+
+def _orderable(hops: list[tuple[Any, Any]], end: str) -> bool:
+    """Whether every move can be used once in a chain from null ending in ``end``.
+
+    That is an Eulerian trail from ``None`` to ``end`` in the multigraph of moves: every
+    segment is left as often as entered, except the start (left once more) and the end
+    (entered once more), and the moves are connected.
+    """
+    if not hops:
+        return False
+    balance: Counter[Any] = Counter()
+    for a, b in hops:
+        balance[a] += 1
+        balance[b] -= 1
+    want = Counter({None: 1, end: -1})
+    if +balance != +want or -balance != -want:
+        return False
+    groups: dict[Any, Any] = {}
+
+    def root(x: Any) -> Any:
+        while groups.setdefault(x, x) != x:
+            x = groups[x]
+        return x
+
+    for a, b in hops:
+        groups[root(a)] = root(b)
+    return len({root(x) for hop in hops for x in hop}) == 1
 
 
 def check_migrations(dep: Any, by_partition: dict[int, dict[str, Any]],
@@ -289,7 +320,8 @@ def check_migrations(dep: Any, by_partition: dict[int, dict[str, Any]],
                           for a, b in itertools.pairwise(chain))
                   and chain[-1]["to_segment"] == segment)
             if not ok:
-                rep.broken[(cid, scheme)] = [*hops, ("current", segment)]
+                where = rep.reordered if _orderable(hops, segment) else rep.broken
+                where[(cid, scheme)] = [*hops, ("current", segment)]
         for h in prof.history:  # [at, scheme, from, to, migration_id, action]
             assert h[4] in seen, f"migration {h[4]} of {cid} never reached the topic"
     assert not chains, f"migrations of schemes no profile holds: {list(chains)[:5]}"
@@ -313,8 +345,11 @@ def judge(dep: Any, inputs: list[Input], *, allow_dead: bool = False,
     check_counters(dep, by_partition)
     ids = {str(d["customer_id"]) for _, d in inputs}
     rep = check_migrations(dep, by_partition, ids)
-    assert not rep.broken, (f"{len(rep.broken)} of {rep.chains} migration chains broken, e.g. "
-                            f"{list(rep.broken.items())[:3]}")
+    assert not rep.broken, (f"{len(rep.broken)} of {rep.chains} migration chains broken "
+                            f"(moves lost or extra), e.g. {list(rep.broken.items())[:3]}")
+    assert not rep.reordered, (
+        f"{len(rep.reordered)} of {rep.chains} migration chains are complete but published out "
+        f"of order, e.g. {list(rep.reordered.items())[:3]}")
     summary = {"events": len(inputs), "customers": customers, "migration_records": rep.records,
                "migrations": rep.unique, "chains": rep.chains}
     if not allow_dead:

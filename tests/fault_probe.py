@@ -11,7 +11,7 @@ start-up, before the worker, and it wraps engine functions without changing them
   ``FAULT-PROBE stall ...`` and stops its own process with SIGSTOP after loading and
   scoring and before writing: a batch is in flight until someone sends SIGCONT.
 * ``FAULT_POISON_CUSTOMER=<id>``: the scoring step (``stream.pipeline.evaluate``) raises
-  whenever that customer is among its inputs.
+  whenever that customer is among its inputs (and prints ``FAULT-PROBE poison raised``).
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ def _install():
 
         def poisoned(inputs, ctx):
             if any(c.customer_id == poison for c in inputs):
+                print(f"FAULT-PROBE poison raised for {poison}", flush=True)
                 raise RuntimeError(f"injected scoring fault for customer {poison}")
             return evaluate(inputs, ctx)
 

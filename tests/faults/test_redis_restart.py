@@ -236,14 +236,15 @@ def test_redis_timeout_after_the_commit_applied_counts_nothing_twice(
     fault_oracle.produce(dep, inputs)
     w = dep.start_worker(tmp_path)
     t0 = time.monotonic()
-    for share in (0.2, 0.4, 0.6):
+    shares = (0.15, 0.3, 0.45, 0.6, 0.75)
+    for share in shares:
         fault_oracle.wait_applied(dep, int(share * EVENTS))
         held = len(proxy.held)
         proxy.armed.set()
         eventually(lambda n=held: len(proxy.held) > n, 60, "a commit's reply is held back")
         time.sleep(proxy.hold_s + 1)
     print(f"held commits (version sum before, after): {proxy.held}")
-    assert len(proxy.held) == 3
+    assert len(proxy.held) == len(shares)
     assert all(after > before for before, after in proxy.held), (
         "a held commit was not applied; the fault was not injected", proxy.held)
     assert fault_oracle.applied(dep) < EVENTS, "the replay finished before the last fault"
@@ -252,6 +253,6 @@ def test_redis_timeout_after_the_commit_applied_counts_nothing_twice(
     text = dep.logs[0].read_text(errors="replace")
     assert w.poll() is None, "the worker exited"
     assert text.count("Worker]: Ready") == 1, "the worker restarted"
-    assert text.count("state store unavailable") >= 3, "the worker did not see the timeouts"
+    assert text.count("state store unavailable") >= len(shares), "no timeout was seen"
     assert agent_crashes(dep.logs[0]) == []
     print(fault_oracle.judge(dep, inputs))

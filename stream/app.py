@@ -121,6 +121,7 @@ class Engine:
         )
         self.app.agent(self.source, name="ingest", concurrency=1)(self._ingest)
         self.app.timer(OUTBOX_FLUSH_INTERVAL_S)(self._flush_outbox)
+        self.app.on_partitions_assigned.connect(self._on_partitions_assigned)
         self.app.timer(SWEEP_CHECK_S)(self._sweep)
         self.app.timer(STATS_INTERVAL_S)(self._sample_stats)
         self.examples = self.app.topic(
@@ -225,10 +226,18 @@ class Engine:
             self.backend.on_batch(by_topic, stats, time.perf_counter() - t0)
             yield len(records)
 
+    async def _on_partitions_assigned(self, sender: Any, assigned: Any, **_: Any) -> None:
+        """A previous owner may have left unpublished records in these partitions' outbox."""
+        if self.processor is not None:
+            self.processor.mark_dirty({tp.partition for tp in assigned})
+
     async def _flush_outbox(self) -> None:
         processor = self.ensure()
         try:
-            await processor.flush_outbox(self.owned_partitions())
+            # Under the batch lock: a batch publishes and forgets its own records right after
+            # its commit, and must not see them published a second time in between.
+            async with self.lock:
+                await processor.flush_outbox(self.owned_partitions())
         except Exception as exc:
             log.warning("outbox flush failed: %r", exc)
 

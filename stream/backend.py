@@ -50,7 +50,7 @@ class EngineBackend:
         for reason, n in stats.dead_letters.items():
             self.metrics.dead_letter(reason, n)
             self._counts["dlq"] += n
-        self.metrics.observe_batch(stats.records, seconds)
+        self.metrics.observe_batch(stats.records, seconds, stats.conflicts)
 
     def on_redis(self, op: str, seconds: float, ok: bool) -> None:
         self.metrics.observe_redis(seconds, op)

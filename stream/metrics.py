@@ -56,6 +56,8 @@ _FAMILIES: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
     ("counter", "dlq_records", "Records sent to the dead-letter topic.", ("reason",)),
     ("histogram", "batch_size", "Records per micro-batch.", ()),
     ("histogram", "batch_seconds", "Seconds to process one micro-batch.", ()),
+    ("counter", "commit_conflicts",
+     "Partition commits refused by the version fence (another owner moved on).", ()),
     ("histogram", "migration_latency_seconds",
      "Seconds from event ingestion (Kafka record timestamp) to migration publish.", ()),
     ("gauge", "consumer_lag", "Records behind the log end, per partition.",
@@ -144,10 +146,12 @@ class EngineMetrics:
         if n:
             self._m["dlq_records"].labels(reason).inc(n)
 
-    def observe_batch(self, n: int, seconds: float) -> None:
+    def observe_batch(self, n: int, seconds: float, conflicts: int = 0) -> None:
         """Record one micro-batch of ``n`` records that took ``seconds``."""
         self._m["batch_size"].observe(n)
         self._m["batch_seconds"].observe(seconds)
+        if conflicts:
+            self._m["commit_conflicts"].inc(conflicts)
 
     # -- migrations ------------------------------------------------------------------------
     def migration(

@@ -12,7 +12,7 @@ import asyncio
 import base64
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
@@ -33,6 +33,8 @@ from stream.settings import Settings
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+#: Commits refused by the version fence in a row before a batch gives up (a store that
+#: is unavailable is retried with backoff for as long as it takes).
 MAX_COMMIT_ATTEMPTS = 50
 #: Recent migrations kept in Redis for the API (``GET /migrations``).
 MIGRATION_LOG_MAXLEN = 10_000
@@ -77,10 +79,18 @@ def wall_iso(ts_s: float) -> str:
 
 
 def encode_outbox(topic: str, key: bytes | None, value: bytes,
-                  ingested_ms: int | None = None) -> bytes:
-    """An outbox record: where it goes, and when its triggering input reached Kafka."""
-    return msgpack.packb([topic, key, value, ingested_ms],  # type: ignore[no-any-return]
+                  ingested_ms: int | None = None, order: tuple[int, int] = (0, 0)) -> bytes:
+    """An outbox record: where it goes, when its triggering input reached Kafka, and its
+    place in the partition's output (the commit's partition version, then its position
+    in that commit), so records left behind are published in the order they were made."""
+    return msgpack.packb([topic, key, value, ingested_ms, *order],  # type: ignore[no-any-return]
                          use_bin_type=True)
+
+
+def outbox_order(blob: bytes) -> tuple[int, int]:
+    """The ``order`` an outbox record was encoded with ((0, 0) for older records)."""
+    row = msgpack.unpackb(blob, raw=False)
+    return (int(row[4]), int(row[5])) if len(row) > 5 else (0, 0)
 
 
 def decode_outbox(blob: bytes) -> tuple[str, bytes | None, bytes]:
@@ -146,6 +156,14 @@ class BatchProcessor:
             settings.transactions_topic: "transactions",
         }
         self.topics = list(settings.input_topics)
+        #: partitions whose stored outbox holds nothing this processor has not published or
+        #: is not publishing; any other partition's outbox is read back before publishing,
+        #: so records a timed-out commit or a previous owner left there go out first
+        self._clean: set[int] = set()
+
+    def mark_dirty(self, partitions: Iterable[int]) -> None:
+        """The stored outbox of these partitions may hold records nobody published yet."""
+        self._clean.difference_update(partitions)
 
     def dead_letter(self, rec: RawRecord, rejection: Rejection) -> bytes:
         """The DLQ record of a rejected input, as the bytes to publish."""
@@ -193,14 +211,15 @@ class BatchProcessor:
         """Apply a batch; returns once its state is committed and its outbox published."""
         stats = BatchStats(records=len(records))
         pending = self._decode_all(records)
-        attempts = 0
         while pending:
-            attempts += 1
-            if attempts > MAX_COMMIT_ATTEMPTS:
+            if stats.conflicts >= MAX_COMMIT_ATTEMPTS:
                 raise StoreUnavailable("gave up after repeated commit conflicts")
             try:
                 done = await self._attempt(pending, stats)
             except StoreUnavailable as exc:
+                # The commit may have been applied before the error: its outbox records
+                # then wait in Redis, and must be published before anything newer.
+                self.mark_dirty(pending)
                 stats.store_retries += 1
                 delay = min(5.0, 0.05 * 2 ** min(stats.store_retries, 7))
                 log.warning("state store unavailable (%s); retrying in %.2fs", exc, delay)
@@ -210,6 +229,8 @@ class BatchProcessor:
                 pending.pop(p, None)
             if pending:
                 stats.conflicts += 1
+                log.info("commit fenced on partitions %s (their version moved on); reloading",
+                         sorted(pending))
         return stats
 
     async def _attempt(self, pending: dict[int, list[tuple[RawRecord, Event | Rejection]]],
@@ -312,7 +333,8 @@ class BatchProcessor:
                                 "newest event of its topic-partition")
             if isinstance(res, Rejection):
                 acc.outbox[f"dlq:{rec.topic}:{rec.offset}"] = encode_outbox(
-                    self.settings.dlq_topic, rec.key, self.dead_letter(rec, res))
+                    self.settings.dlq_topic, rec.key, self.dead_letter(rec, res),
+                    order=(snap.ver, len(acc.outbox)))
                 local.dead(res.reason)
                 continue
             acc.now_ms = max(acc.now_ms, res.ts_ms)
@@ -326,7 +348,8 @@ class BatchProcessor:
         for rec, _ in pairs:
             commit.outbox[f"dlq:{rec.topic}:{rec.offset}"] = encode_outbox(
                 self.settings.dlq_topic, rec.key,
-                self.dead_letter(rec, Rejection("processing_error", repr(exc))))
+                self.dead_letter(rec, Rejection("processing_error", repr(exc))),
+                order=(commit.expected_ver, len(commit.outbox)))
             local.dead("processing_error")
 
     def score(self, inputs: list[CustomerInput], ctx: ScoringContext
@@ -359,21 +382,38 @@ class BatchProcessor:
                 dst[fld] = dst.get(fld, 0) + d
         key = o.customer_id.encode()
         ingested = (trigger or {}).get("ingested_ms")
+        ver = commit.expected_ver
         for m in o.migrations:
             commit.outbox[f"m:{m['migration_id']}"] = encode_outbox(
-                self.settings.migrations_topic, key, orjson.dumps(m), ingested)
+                self.settings.migrations_topic, key, orjson.dumps(m), ingested,
+                (ver, len(commit.outbox)))
         for ex in o.examples:
             commit.outbox[f"x:{ex.example_id}"] = encode_outbox(
-                self.settings.examples_topic, None, ex.to_bytes())
+                self.settings.examples_topic, None, ex.to_bytes(), None,
+                (ver, len(commit.outbox)))
 
     async def flush_outbox(self, partitions: Sequence[int],
                            known: dict[int, dict[str, bytes]] | None = None) -> int:
-        """Publish committed outbox records of these partitions, then forget them."""
+        """Publish committed outbox records of these partitions, then forget them.
+
+        ``known`` holds what a commit just wrote. It is published as it is only for a
+        partition known to hold nothing older; any other partition's outbox is read back
+        from the store and published oldest first, so a customer's migrations reach the
+        topic in the order they were made even after a timeout or a crash.
+        """
+        parts = list(partitions)
+        stale = parts if known is None else [p for p in parts if p not in self._clean]
+        pending: dict[int, dict[str, bytes]] = {}
+        if stale:
+            stored = await self.store.outbox_pending(stale)
+            for p, rows in stored.items():
+                pending[p] = dict(sorted(rows.items(), key=lambda kv: outbox_order(kv[1])))
         if known is not None:
-            pending = {p: known[p] for p in partitions if known.get(p)}
-        else:
-            pending = await self.store.outbox_pending(partitions)
+            for p in parts:
+                if p not in stale and known.get(p):
+                    pending[p] = known[p]
         if not pending:
+            self._clean.update(stale)
             return 0
         blobs = [b for rows in pending.values() for b in rows.values()]
         records = [decode_outbox(b) for b in blobs]
@@ -381,9 +421,15 @@ class BatchProcessor:
             await self.publisher.publish(records)
         except Exception as exc:
             # Left in the outbox; the periodic flush publishes them later.
+            self.mark_dirty(pending)
             log.warning("publishing %d outbox records failed: %r", len(records), exc)
             return 0
-        await self.store.outbox_done({p: list(rows) for p, rows in pending.items()})
+        try:
+            await self.store.outbox_done({p: list(rows) for p, rows in pending.items()})
+        except StoreUnavailable:
+            self.mark_dirty(pending)  # published, not forgotten: they go out again later
+            raise
+        self._clean.update(parts)
         migrations = [v for t, _, v in records if t == self.settings.migrations_topic]
         if self.on_published is not None:
             self.on_published(records, blobs)

@@ -104,6 +104,7 @@ class Sweeper:
                 try:
                     ok = await self.store.commit([commit])
                 except StoreUnavailable as exc:
+                    self.processor.mark_dirty([p])  # the commit may have been applied
                     log.warning("sweep commit failed (%s); retrying", exc)
                     await asyncio.sleep(0.5)
                     continue

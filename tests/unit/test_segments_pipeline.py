@@ -201,3 +201,44 @@ def test_a_move_recurring_at_one_engine_time_gets_a_new_id() -> None:
     assert [m["to_segment"] for m in moves] == ["Low", "High", "Low", "High"]
     assert len({m["migration_id"] for m in moves}) == 4
     assert len({m["at"] for m in moves}) == 1
+
+
+def _chains_in_topic_order(migrations: list[dict[str, Any]]) -> bool:
+    last: dict[tuple[str, str], str | None] = {}
+    for m in migrations:
+        k = (m["customer_id"], m["scheme"])
+        if last.get(k) != m["from_segment"]:
+            return False
+        last[k] = m["to_segment"]
+    return True
+
+
+def test_migrations_left_by_a_timed_out_commit_are_published_before_newer_ones() -> None:
+    h = Harness(load_catalogue(SPEND_RULES % {"dwell": 0, "hyst": ""}))
+    h.buy([("c1", T0, 10.0)])  # null -> Low
+    h.store.fail_next_commit_after_apply = True  # applied, but the reply is lost
+    h.buy([("c1", T0 + DAY, 200.0)])  # Low -> High waits in the stored outbox
+    h.buy([("c1", T0 + 20 * DAY, 1.0)])  # High -> Low, a newer move of the same customer
+    moves = [(m["from_segment"], m["to_segment"]) for m in h.sink.migrations()]
+    assert moves == [(None, "Low"), ("Low", "High"), ("High", "Low")]
+    assert _chains_in_topic_order(h.sink.migrations())
+    assert not h.store.outboxes.get(0)
+
+
+def test_a_new_owner_publishes_what_the_previous_one_left_first() -> None:
+    h = Harness(load_catalogue(SPEND_RULES % {"dwell": 0, "hyst": ""}))
+    h.buy([("c1", T0, 10.0)])
+    failing = h.sink.publish
+
+    async def broker_down(records: Any) -> None:
+        raise ConnectionError("broker unreachable")
+
+    h.sink.publish = broker_down  # type: ignore[method-assign]
+    h.buy([("c1", T0 + DAY, 200.0)])  # committed, not published
+    h.sink.publish = failing  # type: ignore[method-assign]
+    # Another worker takes the partition over with the same store.
+    new = BatchProcessor(h.s, h.store, h.sink, clock=lambda: WALL, scoring=h.scoring)
+    h.p = new
+    h.buy([("c1", T0 + 20 * DAY, 1.0)])
+    assert _chains_in_topic_order(h.sink.migrations())
+    assert [m["to_segment"] for m in h.sink.migrations()] == ["Low", "High", "Low"]

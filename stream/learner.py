@@ -26,6 +26,7 @@ from scorers import clv
 from scorers.labels import MODELS, Example
 from scorers.online import OnlineModel
 from stream.errors import SegstreamError
+from stream.redisconn import mget_any
 from stream.runtime import model_key, registry_keys
 from stream.settings import Settings
 
@@ -72,8 +73,8 @@ class Learner:
         """Resume every model from its newest checkpoint (or serving snapshot) in Redis."""
         names = [*self.models, "cluster"]
         prefix = self.settings.redis_prefix
-        blobs = await self.r.mget([*(checkpoint_key(prefix, n) for n in names),
-                                   *(model_key(prefix, n) for n in names)])
+        blobs = await mget_any(self.r, [*(checkpoint_key(prefix, n) for n in names),
+                                        *(model_key(prefix, n) for n in names)])
         for i, name in enumerate(names):
             blob = blobs[i] or blobs[i + len(names)]
             if blob is None:
@@ -177,11 +178,11 @@ class Learner:
             version = int(await self.r.hincrby(self.keys["model_seq"], name, 1))
             model.version = version
             blob = model.snapshot()
-            async with self.r.pipeline(transaction=True) as pipe:
-                pipe.set(model_key(prefix, name), blob)
-                pipe.set(checkpoint_key(prefix, name), blob)
-                pipe.hset(self.keys["models"], name, version)
-                await pipe.execute()
+            # The snapshot before the version that points at it, so a reader never sees a
+            # version without its model. (No MULTI: these keys span slots on a cluster.)
+            await self.r.set(model_key(prefix, name), blob)
+            await self.r.set(checkpoint_key(prefix, name), blob)
+            await self.r.hset(self.keys["models"], name, version)
             out[name] = version
             self.unsaved.discard(name)
         self.unpromoted.clear()

@@ -23,6 +23,7 @@ from features.store import RedisFeatureStore, StoreUnavailable
 from scorers import clv, rfm
 from scorers.scoring import RFM_HASH, ClvModel, ScoringContext
 from stream.errors import SettingsError
+from stream.redisconn import mget_any
 from stream.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -186,7 +187,8 @@ class ScoringRuntime:
             return
         from scorers.online import OnlineModel
 
-        blobs = await self.r.mget([model_key(self.settings.redis_prefix, n) for n in changed])
+        blobs = await mget_any(self.r, [model_key(self.settings.redis_prefix, n)
+                                        for n in changed])
         for name, blob in zip(changed, blobs, strict=True):
             if blob is None:
                 continue

@@ -265,7 +265,12 @@ def run(opts: Options, console: Console | None = None) -> dict[str, Any]:
     doc["started_at"] = stamp
     opts.results_dir.mkdir(parents=True, exist_ok=True)
     path = opts.results_dir / f"{stamp}.json"
-    doc["results_file"] = str(path)
+    # Inside the repository the path is stored relative to it (results are committed).
+    root = Path(__file__).resolve().parent.parent
+    try:
+        doc["results_file"] = str(path.resolve().relative_to(root))
+    except ValueError:
+        doc["results_file"] = str(path)
     path.write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
     return doc
 

@@ -25,6 +25,7 @@ from aiokafka.errors import KafkaError
 
 from stream.errors import SegstreamError, ServiceError
 from stream.kafka import client_config
+from stream.redisconn import redis_client
 from stream.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -244,11 +245,7 @@ async def run_triggers(
         auto_offset_reset="earliest",
         **aiokafka_config(settings),
     )
-    redis = aioredis.from_url(
-        settings.redis_url,
-        socket_timeout=settings.redis_timeout_s,
-        socket_connect_timeout=settings.redis_timeout_s,
-    )
+    redis = redis_client(settings)
     try:
         await consumer.start()
     except KafkaError as exc:

@@ -20,6 +20,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import murmur2
 
 from stream import synthetic
+from stream.kafka import aiokafka_config
 from stream.settings import Settings
 
 DAY_MS = 86_400_000
@@ -130,25 +131,6 @@ def live_records(n: int, customers: int, seed: int, start_ms: int, partitions: i
             p = parts[key] = partition_of(key, partitions)
         out.append(LiveRecord(kind, p, key, _dumps(event)))
     return out
-
-
-def aiokafka_config(settings: Settings) -> dict[str, object]:
-    """aiokafka connection settings, including SASL/SSL when configured."""
-    cfg: dict[str, object] = {
-        "bootstrap_servers": settings.kafka_bootstrap,
-        "security_protocol": settings.kafka_security_protocol,
-    }
-    if settings.kafka_sasl_mechanism:
-        cfg["sasl_mechanism"] = settings.kafka_sasl_mechanism
-        cfg["sasl_plain_username"] = settings.kafka_sasl_username
-        if settings.kafka_sasl_password is not None:
-            cfg["sasl_plain_password"] = settings.kafka_sasl_password.get_secret_value()
-    if settings.kafka_security_protocol in ("SSL", "SASL_SSL"):
-        from aiokafka.helpers import create_ssl_context
-
-        cafile = str(settings.kafka_ssl_cafile) if settings.kafka_ssl_cafile else None
-        cfg["ssl_context"] = create_ssl_context(cafile=cafile)
-    return cfg
 
 
 async def produce(settings: Settings, w: Workload,

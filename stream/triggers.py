@@ -24,7 +24,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
 from stream.errors import SegstreamError, ServiceError
-from stream.kafka import client_config
+from stream.kafka import aiokafka_config
 from stream.redisconn import redis_client
 from stream.settings import Settings
 
@@ -79,24 +79,6 @@ class RetryPolicy:
         cap = min(self.max_s, self.base_s * 2**attempt)
         d = cap / 2 + random.uniform(0, cap / 2)
         return float(min(self.max_s, max(d, retry_after or 0.0)))
-
-
-def aiokafka_config(settings: Settings) -> dict[str, Any]:
-    """aiokafka connection settings equivalent to :func:`stream.kafka.client_config`."""
-    base = client_config(settings)
-    cfg: dict[str, Any] = {
-        "bootstrap_servers": base["bootstrap_servers"],
-        "security_protocol": base["security_protocol"],
-        "request_timeout_ms": base["request_timeout_ms"],
-    }
-    for key in ("sasl_mechanism", "sasl_plain_username", "sasl_plain_password"):
-        if key in base:
-            cfg[key] = base[key]
-    if settings.kafka_security_protocol in ("SSL", "SASL_SSL"):
-        from aiokafka.helpers import create_ssl_context
-
-        cfg["ssl_context"] = create_ssl_context(cafile=base.get("ssl_cafile"))
-    return cfg
 
 
 def seen_key(settings: Settings, migration_id: str) -> str:

@@ -3,11 +3,11 @@
 Run as ``python -m bench.floor`` with the deployment's ``SEGSTREAM_*`` settings (its
 own app id), ``BENCH_EXPECT`` (records to wait for) and ``BENCH_OUT`` (a JSON file,
 written at the first batch and once the expected records arrived).
-The app is configured as the engine's (raw bytes, one agent, ``concurrency=1``, the
-same ``take_events`` batching and commit settings), so the difference between this
-and the engine is the engine's own work. The file holds ``{"count", "first_batch",
-"t_first", "t_last"}`` (wall-clock seconds at the first and the last batch); the
-process keeps running until it is stopped.
+The app is configured as the engine's (the same app class and event loop, raw bytes,
+one agent, ``concurrency=1``, the same ``take_events`` batching and commit settings),
+so the difference between this and the engine is the engine's own work. The file
+holds ``{"count", "first_batch", "t_first", "t_last"}`` (wall-clock seconds at the
+first and the last batch); the process keeps running until it is stopped.
 """
 
 from __future__ import annotations
@@ -20,13 +20,13 @@ from typing import Any
 import faust
 import orjson
 
-from stream.app import _broker_credentials
+from stream.app import LeanApp, _broker_credentials, use_event_loop
 from stream.settings import Settings, load_settings
 
 
 def create_app(settings: Settings, expect: int, out: Path) -> faust.App:
     """A Faust app whose one agent counts records the way the engine batches them."""
-    app = faust.App(
+    app = LeanApp(
         settings.app_id,
         broker=settings.kafka_url,
         broker_credentials=_broker_credentials(settings),
@@ -71,6 +71,7 @@ def main() -> None:
     from faust.worker import Worker
 
     settings = load_settings()
+    use_event_loop(settings)
     out = Path(os.environ["BENCH_OUT"])
     app = create_app(settings, int(os.environ["BENCH_EXPECT"]), out)
     Worker(app, loglevel="WARNING", quiet=True, redirect_stdouts=False

@@ -145,11 +145,18 @@ def apply_many(
     state: CustomerState, events: Iterable[Event], lateness_ms: int = DEFAULT_LATENESS_MS
 ) -> CustomerState:
     """Fold several events into one copy of ``state`` (cheaper than repeated :func:`apply`)."""
-    new = state.copy()
+    return apply_owned(state.copy(), events, lateness_ms)
+
+
+def apply_owned(
+    state: CustomerState, events: Iterable[Event], lateness_ms: int = DEFAULT_LATENESS_MS
+) -> CustomerState:
+    """As :func:`apply_many`, but folds into ``state`` itself: for a caller that owns it
+    (a state just decoded from its stored bytes), which saves the copy."""
     for event in events:
-        _apply_in_place(new, event, lateness_ms)
-    _prune(new, lateness_ms)
-    return new
+        _apply_in_place(state, event, lateness_ms)
+    _prune(state, lateness_ms)
+    return state
 
 
 def _apply_in_place(s: CustomerState, event: Event, lateness_ms: int) -> None:
@@ -429,6 +436,7 @@ __all__ = [
     "CustomerState",
     "apply",
     "apply_many",
+    "apply_owned",
     "derive",
     "empty",
     "is_duplicate",

@@ -140,6 +140,15 @@ class PartitionSnapshot:
     profiles: dict[str, bytes | None] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class LogAppend:
+    """Values to append to a capped, deployment-wide log (``name``, at most ``maxlen``)."""
+
+    name: str
+    values: Sequence[bytes]
+    maxlen: int
+
+
 @dataclass(slots=True)
 class PartitionCommit:
     """New states of one partition's customers and the offsets they cover."""
@@ -174,7 +183,8 @@ class FeatureStore(Protocol):
 
     async def outbox_pending(self, partitions: Iterable[int]) -> dict[int, dict[str, bytes]]: ...
 
-    async def outbox_done(self, done: Mapping[int, Iterable[str]]) -> None: ...
+    async def outbox_done(self, done: Mapping[int, Iterable[str]],
+                          log: LogAppend | None = None) -> None: ...
 
     async def append_log(self, name: str, values: Sequence[bytes], maxlen: int) -> None: ...
 
@@ -405,13 +415,16 @@ class RedisFeatureStore:
             return
         try:
             async with self.r.pipeline(transaction=False) as pipe:
-                for v in values:
-                    pipe.xadd(f"{self.keys.prefix}{name}", {"m": v}, maxlen=maxlen,
-                              approximate=True)
+                self._queue_log(pipe, LogAppend(name, values, maxlen))
                 await pipe.execute()
         except RedisError as exc:
             raise StoreUnavailable(f"redis write failed: {exc}") from None
         self.roundtrips += 1
+
+    def _queue_log(self, pipe: Any, log: LogAppend) -> None:
+        for v in log.values:
+            pipe.xadd(f"{self.keys.prefix}{log.name}", {"m": v}, maxlen=log.maxlen,
+                      approximate=True)
 
     async def outbox_pending(self, partitions: Iterable[int]) -> dict[int, dict[str, bytes]]:
         """Records committed to the outbox of these partitions and not yet published."""
@@ -430,14 +443,18 @@ class RedisFeatureStore:
             if rows
         }
 
-    async def outbox_done(self, done: Mapping[int, Iterable[str]]) -> None:
-        """Forget outbox records once Kafka acknowledged them."""
+    async def outbox_done(self, done: Mapping[int, Iterable[str]],
+                          log: LogAppend | None = None) -> None:
+        """Forget outbox records once Kafka acknowledged them; in the same round trip,
+        append ``log`` (see :meth:`append_log`)."""
         try:
             async with self.r.pipeline(transaction=False) as pipe:
                 for p, ids in done.items():
                     ids = list(ids)
                     if ids:
                         pipe.hdel(self.keys.outbox(p), *ids)
+                if log is not None:
+                    self._queue_log(pipe, log)
                 await pipe.execute()
         except RedisError as exc:
             raise StoreUnavailable(f"redis write failed: {exc}") from None
@@ -585,8 +602,11 @@ class MemoryFeatureStore:
     async def outbox_pending(self, partitions: Iterable[int]) -> dict[int, dict[str, bytes]]:
         return {p: dict(self.outboxes[p]) for p in partitions if self.outboxes.get(p)}
 
-    async def outbox_done(self, done: Mapping[int, Iterable[str]]) -> None:
+    async def outbox_done(self, done: Mapping[int, Iterable[str]],
+                          log: LogAppend | None = None) -> None:
         for p, ids in done.items():
             for i in ids:
                 self.outboxes.get(p, {}).pop(i, None)
+        if log is not None:
+            await self.append_log(log.name, log.values, log.maxlen)
 

@@ -95,11 +95,12 @@ def worker() -> None:
     """Run a Faust worker of the engine in this process (signals reach it)."""
     from faust.worker import Worker
 
-    from stream.app import create_engine
+    from stream.app import create_engine, use_event_loop
     from stream.kafka import ensure_topics
     from stream.redisconn import check_redis
 
     s = _settings()
+    use_event_loop(s)
     redact.install_from_settings(s)
     check_redis(s)  # a wrong password or TLS setting fails here, naming the setting
     ensure_topics(s)

@@ -22,8 +22,14 @@ import orjson
 
 from features import serial
 from features.events import Event
-from features.state import apply_many, empty
-from features.store import FeatureStore, PartitionCommit, PartitionSnapshot, StoreUnavailable
+from features.state import apply_owned, empty
+from features.store import (
+    FeatureStore,
+    LogAppend,
+    PartitionCommit,
+    PartitionSnapshot,
+    StoreUnavailable,
+)
 from scorers.profile import Profile
 from scorers.scoring import CustomerInput, Outcome, ScoringContext, evaluate
 from stream.redact import cid_ref
@@ -264,8 +270,9 @@ class BatchProcessor:
             for cid, pairs in acc.per_customer.items():
                 try:
                     blob = snap.states.get(cid)
+                    # A state decoded here is this batch's own: fold into it, no copy.
                     state = serial.decode(blob) if blob else empty()
-                    state = apply_many(state, [e for _, e in pairs], self.settings.lateness_ms)
+                    state = apply_owned(state, [e for _, e in pairs], self.settings.lateness_ms)
                 except Exception as exc:  # a poison customer must not stall the partition
                     log.exception("processing failed for customer %s; %d events dead-lettered",
                                   cid_ref(cid), len(pairs))
@@ -424,17 +431,18 @@ class BatchProcessor:
             self.mark_dirty(pending)
             log.warning("publishing %d outbox records failed: %r", len(records), exc)
             return 0
+        migrations = [v for t, _, v in records if t == self.settings.migrations_topic]
         try:
-            await self.store.outbox_done({p: list(rows) for p, rows in pending.items()})
+            # One round trip: forget the records and append the migrations to the
+            # recent-migrations log the API reads.
+            await self.store.outbox_done(
+                {p: list(rows) for p, rows in pending.items()},
+                LogAppend("migrations:log", migrations, MIGRATION_LOG_MAXLEN)
+                if migrations else None)
         except StoreUnavailable:
             self.mark_dirty(pending)  # published, not forgotten: they go out again later
             raise
         self._clean.update(parts)
-        migrations = [v for t, _, v in records if t == self.settings.migrations_topic]
         if self.on_published is not None:
             self.on_published(records, blobs)
-        try:
-            await self.store.append_log("migrations:log", migrations, MIGRATION_LOG_MAXLEN)
-        except StoreUnavailable as exc:
-            log.warning("recent-migrations log not updated: %s", exc)
         return len(records)

@@ -61,6 +61,9 @@ class Settings(BaseSettings):
 
     batch_max: int = Field(2_000, ge=1, le=100_000)
     batch_within_s: float = Field(0.05, gt=0, le=10)
+    #: The worker's event loop: ``uvloop`` (libuv; cheaper per loop turn, and Faust takes a
+    #: turn per event) or ``asyncio`` (the standard library's).
+    event_loop: Literal["uvloop", "asyncio"] = "uvloop"
 
     rules_path: Path | None = None
     actions_path: Path | None = None

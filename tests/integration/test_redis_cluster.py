@@ -17,7 +17,7 @@ import redis.asyncio as aioredis
 import redis.asyncio.cluster as acluster
 import redis_servers
 
-from features.store import Keys, PartitionCommit, RedisFeatureStore
+from features.store import Keys, LogAppend, PartitionCommit, RedisFeatureStore
 from stream.errors import SettingsError
 from stream.redisconn import check_redis, delete_matching, redis_client, redis_sync_client
 from stream.settings import load_settings
@@ -153,7 +153,10 @@ def test_every_multi_key_command_the_store_sends_is_single_slot(cluster, setting
                 scanned[p] = sorted(ids)
             streamed = sorted([(p, c) async for p, c, _ in store.iter_customers(PARTITIONS)])
             pending = await store.outbox_pending(range(PARTITIONS))
-            await store.outbox_done({p: [f"o{p}"] for p in range(PARTITIONS)})
+            # Forgetting outbox records of every partition and appending to the log
+            # (another slot) in one round trip.
+            await store.outbox_done({p: [f"o{p}"] for p in range(PARTITIONS)},
+                                    LogAppend("migrations:log", [b"m0"], 100))
             await store.mark_swept(2, "digest")
             await store.set_context("digest")
             await store.append_log("migrations:log", [b"m1", b"m2"], 100)
@@ -182,6 +185,11 @@ def test_every_multi_key_command_the_store_sends_is_single_slot(cluster, setting
     assert streamed == sorted((p, c) for p, cs in wanted.items() for c in cs)
     assert wms[(TOPICS[1], 5)] == 15 and wms[(TOPICS[0], 5)] == -1
     assert pending2 == {}
+    log_key = f"{PREFIX}migrations:log"
+    log_port = slot_owner(cluster, server_slot(cluster, log_key))
+    # XRANGE prints: id, field "m", value, per entry
+    assert cluster.cli("xrange", log_key, "-", "+", port=log_port).split()[2::3] == [
+        "m0", "m1", "m2"]
 
     # Every command the store sent: multi-key ones stay in one slot, and any key of
     # partition p is in the slot of {pN}.

@@ -114,14 +114,14 @@ def test_poison_customer_is_dead_lettered_and_others_proceed(monkeypatch) -> Non
     import stream.pipeline as pl
 
     p, store, sink = make()
-    real = pl.apply_many
+    real = pl.apply_owned
 
     def boom(state, events, lateness):
         if events[0].customer_id == "bad":
             raise RuntimeError("scoring exploded")
         return real(state, events, lateness)
 
-    monkeypatch.setattr(pl, "apply_many", boom)
+    monkeypatch.setattr(pl, "apply_owned", boom)
     run(p, [rec(0, tx(0, "bad", T0), key=b"bad"), rec(1, tx(1, "c1", T0))])
     assert [orjson.loads(v)["reason"] for _, _, v in sink.sent] == ["processing_error"]
     assert purchases(store) == 1

@@ -1,0 +1,59 @@
+"""The worker's Faust app and event loop: no per-event Monitor sensor, uvloop by default."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import faust
+import pytest
+import uvloop
+
+from stream.app import LeanApp, use_event_loop
+from stream.errors import SettingsError
+from stream.settings import load_settings
+
+
+@pytest.fixture
+def restore_policy() -> Iterator[None]:
+    before = asyncio.get_event_loop_policy()
+    yield
+    asyncio.set_event_loop_policy(before)
+
+
+def _sensors_after_start(cls: type[faust.App]) -> set[object]:
+    app = cls("event-loop-test", broker="kafka://127.0.0.1:1", store="memory://",
+              autodiscover=False, web_enabled=False)
+    list(app.on_init_dependencies())  # what the worker calls when the app starts
+    return set(app.sensors)
+
+
+def test_lean_app_leaves_the_monitor_out_of_the_sensors() -> None:
+    plain = _sensors_after_start(faust.App)
+    lean = _sensors_after_start(LeanApp)
+    assert any(isinstance(s, faust.Monitor) for s in plain)  # Faust's default
+    assert not any(isinstance(s, faust.Monitor) for s in lean)
+
+
+def test_uvloop_is_the_default_event_loop(restore_policy: None) -> None:
+    use_event_loop(load_settings())
+    loop = asyncio.new_event_loop()
+    try:
+        assert isinstance(loop, uvloop.Loop)
+    finally:
+        loop.close()
+
+
+def test_asyncio_event_loop_on_request(restore_policy: None) -> None:
+    use_event_loop(load_settings(event_loop="asyncio"))
+    loop = asyncio.new_event_loop()
+    try:
+        assert not isinstance(loop, uvloop.Loop)
+    finally:
+        loop.close()
+
+
+def test_unknown_event_loop_names_the_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SEGSTREAM_EVENT_LOOP", "trio")
+    with pytest.raises(SettingsError, match="SEGSTREAM_EVENT_LOOP"):
+        load_settings()

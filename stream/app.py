@@ -277,7 +277,9 @@ class Engine:
         sweeper = self.sweeper
         assert sweeper is not None
         idle = time.monotonic() - self.last_batch_end >= IDLE_S
-        if not idle and time.monotonic() - sweeper.last_pass_end < self.settings.sweep_interval_s:
+        wait = sweeper.next_busy_pass_in(self.settings.sweep_interval_s,
+                                         self.settings.sweep_max_share)
+        if not idle and time.monotonic() - sweeper.last_pass_end < wait:
             return
         try:
             due = await sweeper.due(self.owned_partitions())

@@ -49,6 +49,16 @@ class Sweeper:
         self.lock = lock
         self.swept: dict[int, str] = {}
         self.last_pass_end = 0.0
+        self.last_pass_seconds = 0.0
+
+    def next_busy_pass_in(self, interval_s: float, max_share: float) -> float:
+        """Seconds after the last pass before a worker with input waiting sweeps again.
+
+        At least ``interval_s``, and long enough that sweeping takes at most ``max_share``
+        of the time: ingest comes first while input waits (its customers are evaluated
+        with every batch anyway), and time-driven moves of silent customers wait longer.
+        """
+        return max(interval_s, self.last_pass_seconds * (1.0 - max_share) / max_share)
 
     async def due(self, partitions: Iterable[int]) -> list[int]:
         """Partitions whose last completed pass used other inputs than now."""
@@ -79,6 +89,7 @@ class Sweeper:
             await self.store.mark_swept(p, digest)
         stats.seconds = time.perf_counter() - t0
         self.last_pass_end = time.monotonic()
+        self.last_pass_seconds = stats.seconds
         return stats
 
     async def _chunk(self, p: int, ids: list[str], stats: SweepStats) -> None:

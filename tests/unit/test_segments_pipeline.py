@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import orjson
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from features.store import MemoryFeatureStore
 from scorers.nba import default_actions, lift_table
@@ -242,3 +244,26 @@ def test_a_new_owner_publishes_what_the_previous_one_left_first() -> None:
     h.buy([("c1", T0 + 20 * DAY, 1.0)])
     assert _chains_in_topic_order(h.sink.migrations())
     assert [m["to_segment"] for m in h.sink.migrations()] == ["Low", "High", "Low"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(t=st.floats(0, 1e5), interval=st.floats(0.001, 1e4), share=st.floats(0.001, 1.0))
+def test_busy_sweeps_take_at_most_their_share_of_the_time(t: float, interval: float,
+                                                          share: float) -> None:
+    sw = Sweeper(None, None, None, asyncio.Lock())  # type: ignore[arg-type]
+    sw.last_pass_seconds = t
+    gap = sw.next_busy_pass_in(interval, share)
+    assert gap >= interval
+    if t > 0:
+        assert t / (t + gap) <= share * (1 + 1e-9)
+
+
+def test_a_sweep_pass_records_how_long_it_took() -> None:
+    h = Harness(default_catalogue())
+    h.buy([(f"c{i}", T0 + i, 10.0) for i in range(50)])
+    assert h.sweeper.last_pass_seconds == 0.0
+    stats = asyncio.run(h.sweeper.run_pass(range(h.s.partitions)))
+    assert stats.customers == 50
+    assert h.sweeper.last_pass_seconds == stats.seconds > 0
+    # a pass of t seconds keeps the next one at least 9 t away at the default share
+    assert h.sweeper.next_busy_pass_in(0.0001, h.s.sweep_max_share) >= 9 * stats.seconds * 0.999

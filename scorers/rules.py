@@ -344,26 +344,34 @@ def _days(d: float) -> str:
 
 
 def assign(
-    scheme: Scheme, values: Mapping[str, Any], current: SegmentState | None, now_ms: int
+    scheme: Scheme, values: Mapping[str, Any], current: SegmentState | None, now_ms: int,
+    *, explain: bool = True,
 ) -> Assignment:
     """Place one customer in ``scheme`` given their features and scores, with anti-flapping.
 
     A current segment the scheme no longer has is ignored (no dwell, no hysteresis).
+    With ``explain=False`` the reason is left empty (a caller that only needs the segment
+    saves building it).
     """
     stays = current is not None and current.segment in scheme.segment_names
     if current is not None and stays:
         until = current.since_ms + scheme.min_dwell_ms
         if now_ms < until:
             return Assignment(current.segment, False, f"held in {current.segment} until "
-                              f"{iso(until)} (minimum dwell {_days(scheme.min_dwell_days)})",
-                              held=True)
+                              f"{iso(until)} (minimum dwell {_days(scheme.min_dwell_days)})"
+                              if explain else "", held=True)
     incumbent = current.segment if current is not None and stays else None
-    segment, reason = scheme.fallback, f"fallback {scheme.fallback}: no rule matched"
+    segment, reason = scheme.fallback, ""
     for seg in scheme.segments:
         slack = scheme.hysteresis if seg.name == incumbent and scheme.hysteresis else None
         if seg.condition.evaluate(values, slack):
-            segment, reason = seg.name, f"{seg.name}: {seg.condition.explain(values, slack)}"
+            segment = seg.name
+            if explain:
+                reason = f"{seg.name}: {seg.condition.explain(values, slack)}"
             break
+    else:
+        if explain:
+            reason = f"fallback {scheme.fallback}: no rule matched"
     changed = current is None or segment != current.segment
     return Assignment(segment, changed, reason)
 

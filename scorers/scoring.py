@@ -407,9 +407,10 @@ def _segments(c: CustomerInput, f: dict[str, Any], scores: dict[str, Any],
             continue
         cur = segments.get(name)
         current = SegmentState(cur[0], cur[1]) if cur else None
-        a = assign(scheme, values, current, ctx.now_ms)
+        a = assign(scheme, values, current, ctx.now_ms, explain=False)
         if cur is not None and a.segment == cur[0]:
             continue
+        a = assign(scheme, values, current, ctx.now_ms)  # a move: now with its reason
         frm = cur[0] if cur else None
         if cur is not None:
             o.add(SEGMENT_HASH, f"{name}|{frm}", -1)

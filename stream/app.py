@@ -172,10 +172,15 @@ class Engine:
             self.runtime = ScoringRuntime(self.settings, self.redis, self.store)
             self.processor = BatchProcessor(self.settings, self.store, FaustPublisher(self.app),
                                             scoring=self.runtime)
-            self.sweeper = Sweeper(self.processor, self.runtime, self.store, self.lock)
+            self.sweeper = Sweeper(self.processor, self.runtime, self.store, self.lock,
+                                   busy=self._busy, max_share=self.settings.sweep_max_share)
             self.processor.on_published = self.backend.on_published
             self.processor.on_redis = self.backend.on_redis
         return self.processor
+
+    def _busy(self) -> bool:
+        """Whether input arrived within the last ``IDLE_S``."""
+        return time.monotonic() - self.last_batch_end < IDLE_S
 
     def _mount_web(self) -> None:
         web = self.app.web
@@ -276,10 +281,8 @@ class Engine:
         self.ensure()
         sweeper = self.sweeper
         assert sweeper is not None
-        idle = time.monotonic() - self.last_batch_end >= IDLE_S
-        wait = sweeper.next_busy_pass_in(self.settings.sweep_interval_s,
-                                         self.settings.sweep_max_share)
-        if not idle and time.monotonic() - sweeper.last_pass_end < wait:
+        idle = not self._busy()
+        if not idle and time.monotonic() - sweeper.last_pass_end < self.settings.sweep_interval_s:
             return
         try:
             due = await sweeper.due(self.owned_partitions())

@@ -69,7 +69,7 @@ class Settings(BaseSettings):
     actions_path: Path | None = None
     sweep_interval_s: float = Field(30.0, gt=0, le=86_400)
     #: While events keep arriving, sweeps take at most this share of the worker's time:
-    #: after a pass of t seconds the next waits at least t * (1 - share) / share.
+    #: after each step of a pass that took t seconds, the pass waits t * (1 - share) / share.
     sweep_max_share: float = Field(0.1, gt=0, le=1)
     population_refresh_s: float = Field(1.0, gt=0, le=3_600)
     models_enabled: bool = True

@@ -16,7 +16,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from features import serial
@@ -27,7 +27,8 @@ from stream.pipeline import BatchProcessor, Scoring, settled_ms
 
 log = logging.getLogger(__name__)
 
-CHUNK = 500
+#: Customers per sweep step; a batch waits for at most one step (~0.1 s at 200).
+CHUNK = 200
 
 
 @dataclass
@@ -42,23 +43,26 @@ class Sweeper:
     """Runs sweep passes over the partitions this worker owns."""
 
     def __init__(self, processor: BatchProcessor, runtime: Scoring,
-                 store: FeatureStore, lock: asyncio.Lock) -> None:
+                 store: FeatureStore, lock: asyncio.Lock,
+                 busy: Callable[[], bool] = lambda: False, max_share: float = 1.0) -> None:
         self.processor = processor
         self.runtime = runtime
         self.store = store
         self.lock = lock
+        #: whether input is arriving; while it is, a pass is paced by ``max_share``
+        self.busy = busy
+        self.max_share = max_share
         self.swept: dict[int, str] = {}
         self.last_pass_end = 0.0
-        self.last_pass_seconds = 0.0
 
-    def next_busy_pass_in(self, interval_s: float, max_share: float) -> float:
-        """Seconds after the last pass before a worker with input waiting sweeps again.
-
-        At least ``interval_s``, and long enough that sweeping takes at most ``max_share``
-        of the time: ingest comes first while input waits (its customers are evaluated
-        with every batch anyway), and time-driven moves of silent customers wait longer.
-        """
-        return max(interval_s, self.last_pass_seconds * (1.0 - max_share) / max_share)
+    def pause_after(self, chunk_s: float) -> float:
+        """Seconds to wait after a chunk that took ``chunk_s``, so that while input is
+        arriving sweeps take at most ``max_share`` of the worker's time. Ingest comes
+        first: a busy worker evaluates its customers with every batch anyway, and only
+        the time-driven moves of silent customers wait longer."""
+        if self.max_share >= 1.0 or not self.busy():
+            return 0.0
+        return chunk_s * (1.0 - self.max_share) / self.max_share
 
     async def due(self, partitions: Iterable[int]) -> list[int]:
         """Partitions whose last completed pass used other inputs than now."""
@@ -82,14 +86,17 @@ class Sweeper:
             while True:
                 cursor, ids = await self.store.scan_customers(p, cursor, CHUNK)
                 if ids:
+                    c0 = time.perf_counter()
                     await self._chunk(p, ids, stats)
+                    pause = self.pause_after(time.perf_counter() - c0)
+                    if pause > 0:
+                        await asyncio.sleep(pause)
                 if cursor == 0:
                     break
             self.swept[p] = digest
             await self.store.mark_swept(p, digest)
         stats.seconds = time.perf_counter() - t0
         self.last_pass_end = time.monotonic()
-        self.last_pass_seconds = stats.seconds
         return stats
 
     async def _chunk(self, p: int, ids: list[str], stats: SweepStats) -> None:

@@ -9,11 +9,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 import math
+import time
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
 import orjson
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -247,23 +249,39 @@ def test_a_new_owner_publishes_what_the_previous_one_left_first() -> None:
 
 
 @settings(max_examples=300, deadline=None)
-@given(t=st.floats(0, 1e5), interval=st.floats(0.001, 1e4), share=st.floats(0.001, 1.0))
-def test_busy_sweeps_take_at_most_their_share_of_the_time(t: float, interval: float,
-                                                          share: float) -> None:
-    sw = Sweeper(None, None, None, asyncio.Lock())  # type: ignore[arg-type]
-    sw.last_pass_seconds = t
-    gap = sw.next_busy_pass_in(interval, share)
-    assert gap >= interval
-    if t > 0:
-        assert t / (t + gap) <= share * (1 + 1e-9)
+@given(t=st.floats(0, 1e5), share=st.floats(0.001, 1.0), busy=st.booleans())
+def test_busy_sweeps_take_at_most_their_share_of_the_time(t: float, share: float,
+                                                          busy: bool) -> None:
+    sw = Sweeper(None, None, None, asyncio.Lock(),  # type: ignore[arg-type]
+                 busy=lambda: busy, max_share=share)
+    pause = sw.pause_after(t)
+    if not busy or share == 1.0:
+        assert pause == 0.0
+    elif t > 0:
+        assert t / (t + pause) <= share * (1 + 1e-9)
 
 
-def test_a_sweep_pass_records_how_long_it_took() -> None:
-    h = Harness(default_catalogue())
-    h.buy([(f"c{i}", T0 + i, 10.0) for i in range(50)])
-    assert h.sweeper.last_pass_seconds == 0.0
-    stats = asyncio.run(h.sweeper.run_pass(range(h.s.partitions)))
-    assert stats.customers == 50
-    assert h.sweeper.last_pass_seconds == stats.seconds > 0
-    # a pass of t seconds keeps the next one at least 9 t away at the default share
-    assert h.sweeper.next_busy_pass_in(0.0001, h.s.sweep_max_share) >= 9 * stats.seconds * 0.999
+def test_a_busy_worker_paces_its_sweep_and_an_idle_one_does_not() -> None:
+    for busy in (True, False):
+        h = Harness(default_catalogue())
+        h.buy([(f"c{i}", T0 + i, 10.0) for i in range(450)])
+        h.sweeper.busy, h.sweeper.max_share = (lambda b=busy: b), 0.25
+        steps: list[tuple[float, float]] = []
+        real = h.sweeper.pause_after
+
+        def record(chunk_s: float, real=real, steps=steps) -> float:
+            steps.append((chunk_s, real(chunk_s)))
+            return steps[-1][1]
+
+        h.sweeper.pause_after = record  # type: ignore[method-assign]
+        t0 = time.perf_counter()
+        stats = asyncio.run(h.sweeper.run_pass(range(h.s.partitions)))
+        wall = time.perf_counter() - t0
+        assert stats.customers == 450 and len(steps) >= 3  # steps of at most 200
+        work = sum(c for c, _ in steps)
+        if busy:
+            assert all(p == pytest.approx(3 * c) for c, p in steps)
+            assert wall >= 4 * work * 0.99  # sweeping was at most a quarter of the time
+        else:
+            assert all(p == 0.0 for _, p in steps)
+            assert wall < 4 * work

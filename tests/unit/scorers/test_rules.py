@@ -337,6 +337,22 @@ def test_assign_columns_matches_assign_without_history(data: list[dict[str, Any]
         assert got.tolist() == [assign(scheme, r, None, 0).segment for r in data]
 
 
+@settings(max_examples=200, deadline=None)
+@given(row, st.sampled_from([None, "Champions", "Lost", "Steady", "Dormant", "gone"]),
+       st.integers(0, 10 * MS_PER_DAY))
+def test_assign_without_explanation_places_as_with_it(values: dict[str, Any],
+                                                      incumbent: str | None,
+                                                      age_ms: int) -> None:
+    now = 100 * MS_PER_DAY
+    current = SegmentState(incumbent, now - age_ms) if incumbent else None
+    for scheme in default_catalogue().schemes.values():
+        full = assign(scheme, values, current, now)
+        bare = assign(scheme, values, current, now, explain=False)
+        assert (bare.segment, bare.changed, bare.held) == (full.segment, full.changed,
+                                                           full.held)
+        assert bare.reason == "" and full.reason
+
+
 # ---------------------------------------------------------------- CLI
 
 

@@ -4,7 +4,8 @@ Run as ``python -m bench.floor`` with the deployment's ``SEGSTREAM_*`` settings 
 own app id), ``BENCH_EXPECT`` (records to wait for) and ``BENCH_OUT`` (a JSON file,
 written at the first batch and once the expected records arrived).
 The app is configured as the engine's (the same app class and event loop, raw bytes,
-one agent, ``concurrency=1``, the same ``take_events`` batching and commit settings),
+one agent, ``concurrency=1``, the same batching (:func:`stream.batching.take_batches`)
+and commit settings),
 so the difference between this and the engine is the engine's own work. The file
 holds ``{"count", "first_batch", "t_first", "t_last"}`` (wall-clock seconds at the
 first and the last batch); the process keeps running until it is stopped.
@@ -21,6 +22,7 @@ import faust
 import orjson
 
 from stream.app import LeanApp, _broker_credentials, use_event_loop
+from stream.batching import Drained, kafka_backlog, take_batches
 from stream.settings import Settings, load_settings
 
 
@@ -50,8 +52,9 @@ def create_app(settings: Settings, expect: int, out: Path) -> faust.App:
     seen = {"count": 0, "first_batch": 0, "t_first": 0.0, "t_last": 0.0}
 
     async def count(stream: Any) -> Any:
-        async for events in stream.take_events(settings.batch_max,
-                                               within=settings.batch_within_s):
+        drained = Drained(stream, lambda: kafka_backlog(app, settings.input_topics))
+        async for events in take_batches(stream, settings.batch_max, settings.batch_within_s,
+                                         drained):
             now = time.time()
             first = seen["count"] == 0
             if first:

@@ -13,6 +13,7 @@ import redis.asyncio as aioredis
 
 from features.store import RedisFeatureStore
 from stream.backend import STATS_INTERVAL_S, EngineBackend
+from stream.batching import Drained, kafka_backlog, take_batches
 from stream.errors import SegstreamError
 from stream.learner import Learner, refit_clv
 from stream.metrics import EngineMetrics
@@ -190,6 +191,10 @@ class Engine:
         token = self.settings.api_token.get_secret_value() if self.settings.api_token else None
         add_routes(web.web_app, self.backend, self.metrics, token)
 
+    def backlog(self) -> int:
+        """Records of the assigned input partitions that Faust has not delivered yet."""
+        return kafka_backlog(self.app, self.settings.input_topics)
+
     def consumer_lags(self) -> dict[tuple[str, int], int]:
         """Messages behind the end of each assigned input partition."""
         out: dict[tuple[str, int], int] = {}
@@ -243,9 +248,9 @@ class Engine:
 
     async def _ingest(self, stream: Any) -> Any:
         processor = self.ensure()
-        async for events in stream.take_events(
-            self.settings.batch_max, within=self.settings.batch_within_s
-        ):
+        async for events in take_batches(stream, self.settings.batch_max,
+                                         self.settings.batch_within_s,
+                                         Drained(stream, self.backlog)):
             records = [
                 RawRecord(e.message.topic, e.message.partition, e.message.offset,
                           e.message.key, e.message.value, int(e.message.timestamp * 1000))

@@ -33,6 +33,7 @@ def create_app(settings: Settings, expect: int, out: Path) -> faust.App:
         settings.app_id,
         broker=settings.kafka_url,
         broker_credentials=_broker_credentials(settings),
+        fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms,
         store="memory://",
         datadir=str(settings.data_dir / "faust" / settings.app_id),
         autodiscover=False,

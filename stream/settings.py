@@ -59,6 +59,8 @@ class Settings(BaseSettings):
     max_event_bytes: int = Field(65_536, ge=256, le=10_000_000)
     dlq_payload_bytes: int = Field(4_096, ge=64, le=1_000_000)
 
+    #: The longest the broker holds a worker's fetch when its partitions have no new records.
+    kafka_fetch_max_wait_ms: int = Field(50, ge=1, le=10_000)
     batch_max: int = Field(10_000, ge=1, le=100_000)
     #: The longest a micro-batch gathers input; it is handed over sooner once it holds
     #: ``batch_max`` records or everything that was waiting for the worker.

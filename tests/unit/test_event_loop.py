@@ -57,3 +57,24 @@ def test_unknown_event_loop_names_the_setting(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("SEGSTREAM_EVENT_LOOP", "trio")
     with pytest.raises(SettingsError, match="SEGSTREAM_EVENT_LOOP"):
         load_settings()
+
+
+def test_worker_consumer_takes_the_fetch_wait_setting() -> None:
+    """The broker may hold a fetch for ``SEGSTREAM_KAFKA_FETCH_MAX_WAIT_MS``, not Faust's 1.5 s."""
+    s = load_settings(kafka_fetch_max_wait_ms=37)
+
+    async def build(wait_ms: int | None) -> int:
+        app = LeanApp("fetch-wait-test", broker="kafka://127.0.0.1:1", store="memory://",
+                      autodiscover=False, web_enabled=False, fetch_max_wait_ms=wait_ms)
+        thread = app.consumer._thread  # type: ignore[attr-defined]
+        consumer = thread._create_worker_consumer(app.transport)
+        return int(consumer._fetch_max_wait_ms)
+
+    assert asyncio.run(build(s.kafka_fetch_max_wait_ms)) == 37
+    assert asyncio.run(build(None)) == 1500  # Faust's own, when not set
+    assert load_settings().kafka_fetch_max_wait_ms == 50
+
+
+def test_fetch_wait_setting_is_checked() -> None:
+    with pytest.raises(SettingsError, match="SEGSTREAM_KAFKA_FETCH_MAX_WAIT_MS"):
+        load_settings(kafka_fetch_max_wait_ms=0)

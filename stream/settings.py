@@ -61,7 +61,9 @@ class Settings(BaseSettings):
 
     #: The longest the broker holds a worker's fetch when its partitions have no new records.
     kafka_fetch_max_wait_ms: int = Field(50, ge=1, le=10_000)
-    batch_max: int = Field(10_000, ge=1, le=100_000)
+    #: Largest micro-batch. A customer is evaluated once per batch, so larger batches observe
+    #: fewer label examples and intermediate moves while a backlog (a replay) is worked off.
+    batch_max: int = Field(2_000, ge=1, le=100_000)
     #: The longest a micro-batch gathers input; it is handed over sooner once it holds
     #: ``batch_max`` records or everything that was waiting for the worker.
     batch_within_s: float = Field(0.5, gt=0, le=10)

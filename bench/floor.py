@@ -28,7 +28,6 @@ from stream.settings import Settings, load_settings
 
 def create_app(settings: Settings, expect: int, out: Path) -> faust.App:
     """A Faust app whose one agent counts records the way the engine batches them."""
-    (settings.data_dir / "faust").mkdir(parents=True, exist_ok=True)
     app = LeanApp(
         settings.app_id,
         broker=settings.kafka_url,

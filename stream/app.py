@@ -6,6 +6,8 @@ import asyncio
 import logging
 import time
 from collections.abc import Iterable, Sequence
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import faust
@@ -15,7 +17,7 @@ from faust.transport.drivers import aiokafka as fa
 
 from features.store import RedisFeatureStore
 from stream.backend import STATS_INTERVAL_S, EngineBackend
-from stream.batching import Drained, kafka_backlog, take_batches
+from stream.batching import Drained, assigned_positions, kafka_backlog, take_batches
 from stream.errors import SegstreamError
 from stream.learner import Learner, refit_clv
 from stream.metrics import EngineMetrics
@@ -72,6 +74,9 @@ class LeanApp(faust.App):
     def __init__(self, *args: Any, fetch_max_wait_ms: int | None = None,
                  **kwargs: Any) -> None:
         self.fetch_max_wait_ms = fetch_max_wait_ms
+        if kwargs.get("datadir"):
+            # Faust makes the app's own directory at start, but not its parents.
+            Path(kwargs["datadir"]).parent.mkdir(parents=True, exist_ok=True)
         super().__init__(*args, **kwargs)
 
     def _new_transport(self) -> Any:
@@ -142,7 +147,6 @@ class Engine:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        (settings.data_dir / "faust").mkdir(parents=True, exist_ok=True)
         self.app = LeanApp(
             settings.app_id,
             broker=settings.kafka_url,
@@ -232,26 +236,13 @@ class Engine:
         token = self.settings.api_token.get_secret_value() if self.settings.api_token else None
         add_routes(web.web_app, self.backend, self.metrics, token)
 
-    def backlog(self) -> int:
-        """Records of the assigned input partitions that Faust has not delivered yet."""
-        return kafka_backlog(self.app, self.settings.input_topics)
-
     def consumer_lags(self) -> dict[tuple[str, int], int]:
         """Messages behind the end of each assigned input partition."""
-        out: dict[tuple[str, int], int] = {}
-        try:
-            consumer = self.app.consumer
-            for tp in self.app.assignor.assigned_actives():
-                if tp.topic not in self.settings.input_topics:
-                    continue
-                # Both are "next offset" positions: the log end and the committed offset.
-                high = consumer.highwater(tp)
-                pos = consumer._committed_offset.get(tp)
-                if high is not None:
-                    out[(tp.topic, tp.partition)] = max(0, int(high) - int(pos or 0))
-        except Exception:
-            return out
-        return out
+        # Both are "next offset" positions: the log end and the committed offset.
+        return {(tp.topic, tp.partition): max(0, int(high) - int(committed or 0))
+                for tp, high, committed, _ in assigned_positions(self.app,
+                                                                 self.settings.input_topics)
+                if high is not None}
 
     def kafka_connected(self) -> bool:
         try:
@@ -291,7 +282,9 @@ class Engine:
         processor = self.ensure()
         async for events in take_batches(stream, self.settings.batch_max,
                                          self.settings.batch_within_s,
-                                         Drained(stream, self.backlog)):
+                                         Drained(stream, partial(
+                                             kafka_backlog, self.app,
+                                             self.settings.input_topics))):
             records = [
                 RawRecord(e.message.topic, e.message.partition, e.message.offset,
                           e.message.key, e.message.value, int(e.message.timestamp * 1000))

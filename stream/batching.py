@@ -49,26 +49,36 @@ class Drained:
         return self.backlog() <= 0
 
 
+def assigned_positions(app: Any, topics: Collection[str]
+                       ) -> list[tuple[Any, int | None, int | None, int | None]]:
+    """``(tp, high watermark, committed offset, last delivered offset)`` per assigned partition.
+
+    Only partitions of ``topics``; the high watermark is as of the consumer's latest fetch.
+    Before the consumer runs or is assigned, the partitions read so far (often none).
+    """
+    out: list[tuple[Any, int | None, int | None, int | None]] = []
+    try:
+        consumer = app.consumer
+        read, committed = consumer._read_offset, consumer._committed_offset
+        for tp in app.assignor.assigned_actives():
+            if tp.topic in topics:
+                out.append((tp, consumer.highwater(tp), committed.get(tp), read.get(tp)))
+    except Exception:  # not started or not assigned yet
+        return out
+    return out
+
+
 def kafka_backlog(app: Any, topics: Collection[str]) -> int:
     """Records of ``app``'s assigned partitions of ``topics`` that it has not delivered yet.
 
-    The partition's high watermark as of the consumer's latest fetch, minus the offset
-    after the last record delivered to the streams (the committed offset before any).
-    Partitions not fetched yet count nothing.
+    The partition's high watermark minus the offset after the last record delivered to the
+    streams (the committed offset before any). Partitions not fetched yet count nothing.
     """
     total = 0
-    try:
-        consumer = app.consumer
-        read = consumer._read_offset
-        for tp in app.assignor.assigned_actives():
-            if tp.topic not in topics:
-                continue
-            high, last = consumer.highwater(tp), read.get(tp)
-            pos = last + 1 if last is not None else consumer._committed_offset.get(tp)
-            if high is not None and pos is not None:
-                total += max(0, int(high) - int(pos))
-    except Exception:  # not started or not assigned yet: nothing known to wait
-        return total
+    for _, high, committed, last in assigned_positions(app, topics):
+        pos = last + 1 if last is not None else committed
+        if high is not None and pos is not None:
+            total += max(0, int(high) - int(pos))
     return total
 
 

@@ -17,7 +17,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stream.batching import Drained, take_batches
+from stream.batching import Drained, assigned_positions, kafka_backlog, take_batches
 
 
 class _Queue:
@@ -206,3 +206,40 @@ def test_drained_reads_the_stream_queue_then_the_backlog() -> None:
         return out
 
     assert _run(go()) == [True, False, False]
+
+
+class _TP:
+    def __init__(self, topic: str, partition: int) -> None:
+        self.topic, self.partition = topic, partition
+
+
+class _App:
+    """The consumer positions ``kafka_backlog`` reads, as Faust keeps them."""
+
+    def __init__(self, rows: dict[_TP, tuple[int | None, int | None, int | None]]) -> None:
+        self.rows = rows
+        self.consumer = self
+        self._committed_offset = {tp: c for tp, (_, c, _) in rows.items() if c is not None}
+        self._read_offset = {tp: r for tp, (_, _, r) in rows.items() if r is not None}
+        self.assignor = self
+
+    def assigned_actives(self) -> set[_TP]:
+        return set(self.rows)
+
+    def highwater(self, tp: _TP) -> int | None:
+        return self.rows[tp][0]
+
+
+def test_backlog_counts_undelivered_records_of_the_input_partitions() -> None:
+    a, b, c, d, other = (_TP("in", 0), _TP("in", 1), _TP("in", 2), _TP("in", 3),
+                         _TP("examples", 0))
+    app = _App({
+        a: (100, 40, 89),     # delivered up to 89: 90..99 wait -> 10
+        b: (50, 20, None),    # nothing delivered yet: from the committed offset -> 30
+        c: (None, 5, 7),      # not fetched yet: nothing known -> 0
+        d: (10, None, None),  # no position at all -> 0
+        other: (1000, 0, None),
+    })
+    assert kafka_backlog(app, {"in"}) == 40
+    assert {tp.partition for tp, *_ in assigned_positions(app, {"in"})} == {0, 1, 2, 3}
+    assert kafka_backlog(object(), {"in"}) == 0  # not started: nothing known to wait

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from pathlib import Path
 
 import faust
 import pytest
@@ -78,3 +79,11 @@ def test_worker_consumer_takes_the_fetch_wait_setting() -> None:
 def test_fetch_wait_setting_is_checked() -> None:
     with pytest.raises(SettingsError, match="SEGSTREAM_KAFKA_FETCH_MAX_WAIT_MS"):
         load_settings(kafka_fetch_max_wait_ms=0)
+
+
+def test_app_creates_the_parents_of_its_data_directory(tmp_path: Path) -> None:
+    """Faust makes the app's directory at start but not its parents (a fresh machine)."""
+    datadir = tmp_path / "fresh" / "faust" / "app"
+    LeanApp("datadir-test", broker="kafka://127.0.0.1:1", store="memory://",
+            autodiscover=False, web_enabled=False, datadir=str(datadir))
+    assert datadir.parent.is_dir()

@@ -66,7 +66,7 @@ class Settings(BaseSettings):
     batch_max: int = Field(2_000, ge=1, le=100_000)
     #: The longest a micro-batch gathers input; it is handed over sooner once it holds
     #: ``batch_max`` records or everything that was waiting for the worker.
-    batch_within_s: float = Field(0.5, gt=0, le=10)
+    batch_within_s: float = Field(0.05, gt=0, le=10)
     #: The worker's event loop: ``uvloop`` (libuv; cheaper per loop turn, and Faust takes a
     #: turn per event) or ``asyncio`` (the standard library's).
     event_loop: Literal["uvloop", "asyncio"] = "uvloop"

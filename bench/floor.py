@@ -3,12 +3,12 @@
 Run as ``python -m bench.floor`` with the deployment's ``SEGSTREAM_*`` settings (its
 own app id), ``BENCH_EXPECT`` (records to wait for) and ``BENCH_OUT`` (a JSON file,
 written at the first batch and once the expected records arrived).
-The app is configured as the engine's (the same app class and event loop, raw bytes,
-one agent, ``concurrency=1``, the same batching (:func:`stream.batching.take_batches`)
-and commit settings),
-so the difference between this and the engine is the engine's own work. The file
-holds ``{"count", "first_batch", "t_first", "t_last"}`` (wall-clock seconds at the
-first and the last batch); the process keeps running until it is stopped.
+The app is configured as the engine's (the same app class, event loop and garbage
+collector settings, raw bytes, one agent, ``concurrency=1``, the same batching
+(:func:`stream.batching.take_batches`) and commit settings), so the difference
+between this and the engine is the engine's own work. The file holds
+``{"count", "first_batch", "t_first", "t_last"}`` (wall-clock seconds at the first and
+the last batch); the process keeps running until it is stopped.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 import faust
 import orjson
 
-from stream.app import LeanApp, _broker_credentials, use_event_loop
+from stream.app import LeanApp, _broker_credentials, tune_gc, use_event_loop
 from stream.batching import Drained, kafka_backlog, take_batches
 from stream.settings import Settings, load_settings
 
@@ -78,8 +78,9 @@ def main() -> None:
     use_event_loop(settings)
     out = Path(os.environ["BENCH_OUT"])
     app = create_app(settings, int(os.environ["BENCH_EXPECT"]), out)
-    Worker(app, loglevel="WARNING", quiet=True, redirect_stdouts=False
-           ).execute_from_commandline()
+    worker = Worker(app, loglevel="WARNING", quiet=True, redirect_stdouts=False)
+    tune_gc(settings)
+    worker.execute_from_commandline()
 
 
 if __name__ == "__main__":

@@ -95,7 +95,7 @@ def worker() -> None:
     """Run a Faust worker of the engine in this process (signals reach it)."""
     from faust.worker import Worker
 
-    from stream.app import create_engine, use_event_loop
+    from stream.app import create_engine, tune_gc, use_event_loop
     from stream.kafka import ensure_topics
     from stream.redisconn import check_redis
 
@@ -106,6 +106,7 @@ def worker() -> None:
     ensure_topics(s)
     engine = create_engine(s)
     w = Worker(engine.app, loglevel=s.log_level, quiet=True, redirect_stdouts=False)
+    tune_gc(s)
     w.execute_from_commandline()
 
 

@@ -70,6 +70,14 @@ class Settings(BaseSettings):
     #: The worker's event loop: ``uvloop`` (libuv; cheaper per loop turn, and Faust takes a
     #: turn per event) or ``asyncio`` (the standard library's).
     event_loop: Literal["uvloop", "asyncio"] = "uvloop"
+    #: Net new container objects that start a young-generation garbage collection in the
+    #: worker (Python's default is 700). A micro-batch's objects are freed by reference
+    #: counting when it ends, so a threshold above a batch's peak means no collection runs
+    #: inside a batch; only reference cycles (rare) ever reach it.
+    gc_threshold: int = Field(200_000, ge=100, le=100_000_000)
+    #: Move every object that exists once the worker is assembled (modules, Faust, River)
+    #: out of the collector's sight, so a full collection scans only what came later.
+    gc_freeze: bool = True
 
     rules_path: Path | None = None
     actions_path: Path | None = None

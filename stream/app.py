@@ -114,9 +114,9 @@ def tune_gc(settings: Settings) -> None:
     Call once the worker is assembled, before it runs. With Python's defaults a young
     collection ran every 700 net allocations, so the objects of a batch in flight were
     promoted to the old generation and every few batches a full collection scanned all
-    of them plus every module, Faust and River object: ``segstream bench`` found a third
-    of the engine's CPU time in the collector. Reference counting frees a batch's objects
-    when it ends; the collector is only needed for reference cycles.
+    of them plus every module, Faust and River object: about a quarter of the worker's
+    CPU time in ``segstream bench``. Reference counting frees a batch's objects when it
+    ends; the collector is only needed for reference cycles.
     """
     gc.collect()
     if settings.gc_freeze:

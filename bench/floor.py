@@ -21,7 +21,7 @@ from typing import Any
 import faust
 import orjson
 
-from stream.app import LeanApp, _broker_credentials, tune_gc, use_event_loop
+from stream.app import LeanApp, _broker_credentials, stream_buffering, tune_gc, use_event_loop
 from stream.batching import Drained, kafka_backlog, take_batches
 from stream.settings import Settings, load_settings
 
@@ -41,7 +41,7 @@ def create_app(settings: Settings, expect: int, out: Path) -> faust.App:
         consumer_auto_offset_reset="earliest",
         web_enabled=False,
         stream_wait_empty=False,
-        stream_buffer_maxsize=max(4096, settings.batch_max * 2),
+        **stream_buffering(settings),
         broker_commit_every=settings.batch_max,
         broker_commit_interval=1.0,
         logging_config=None,

@@ -9,8 +9,11 @@ from pathlib import Path
 import faust
 import pytest
 import uvloop
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from mode.utils.queues import FlowControlEvent, ThrowableQueue
 
-from stream.app import LeanApp, use_event_loop
+from stream.app import LeanApp, stream_buffering, use_event_loop
 from stream.errors import SettingsError
 from stream.settings import load_settings
 
@@ -87,3 +90,27 @@ def test_app_creates_the_parents_of_its_data_directory(tmp_path: Path) -> None:
     LeanApp("datadir-test", broker="kafka://127.0.0.1:1", store="memory://",
             autodiscover=False, web_enabled=False, datadir=str(datadir))
     assert datadir.parent.is_dir()
+
+
+@settings(max_examples=200, deadline=None)
+@given(batch_max=st.integers(1, 100_000))
+def test_what_one_fetch_returns_fits_above_the_pressure_mark(batch_max: int) -> None:
+    """Faust pauses a partition at the buffer's pressure mark but still pushes the records
+    already fetched; they must fit in the room left, or each of them waits for room."""
+    conf = stream_buffering(load_settings(batch_max=batch_max))
+    queue: ThrowableQueue[int] = ThrowableQueue(maxsize=conf["stream_buffer_maxsize"],
+                                                flow_control=FlowControlEvent())
+    room = queue.maxsize - queue.pressure_high_size
+    assert room >= conf["broker_max_poll_records"] >= 1
+    assert queue.maxsize >= 2 * batch_max
+
+
+def test_worker_and_floor_apps_take_the_buffering(tmp_path: Path) -> None:
+    from bench.floor import create_app
+    from stream.app import Engine
+
+    s = load_settings(data_dir=tmp_path, batch_max=3_000)
+    want = stream_buffering(s)
+    for conf in (Engine(s).app.conf, create_app(s, 1, tmp_path / "floor.json").conf):
+        assert conf.stream_buffer_maxsize == want["stream_buffer_maxsize"]
+        assert conf.broker_max_poll_records == want["broker_max_poll_records"] == 2_000

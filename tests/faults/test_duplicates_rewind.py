@@ -2,9 +2,9 @@
 
 The input holds every event once and a tenth of them again, a little later in the
 stream (same ``event_id``, same content, as a retrying producer would send them). The
-worker is stopped in the middle of the stream, the group's committed offsets of every
-input partition are moved back by ``REWIND`` records, and a new worker starts from
-there; after the whole input is processed the same is done again. Redelivered records
+worker is stopped once it has applied the first half of the stream (the second half is
+produced afterwards), the group's committed offsets of every input partition are moved
+back by ``REWIND`` records, and a new worker starts from there; after the whole input is processed the same is done again. Redelivered records
 are at or below the Redis watermark and must be skipped; duplicate ``event_id`` must
 count once. The end state is exact, and the second rewind adds no migration id.
 """
@@ -80,18 +80,20 @@ def test_duplicates_and_rewound_group_count_once(deployment, tmp_path: Path) -> 
     sent = with_duplicates(inputs, DUPLICATE_SHARE, rng)
     dupes = len(sent) - len(inputs)
     assert 0.09 * EVENTS < dupes < 0.11 * EVENTS, dupes
-    fault_oracle.produce(deployment, sent)
+    # Rewind in the middle of the stream: the second half is produced only after the
+    # rewind, so the stop falls mid-stream however fast the worker is.
+    half = len(sent) // 2
+    fault_oracle.produce(deployment, sent[:half])
     t0 = time.monotonic()
-
-    # Rewind in the middle of the stream.
     w = deployment.start_worker(tmp_path)
-    fault_oracle.wait_applied(deployment, len(sent) // 2)
+    fault_oracle.wait_applied(deployment, half)
     deployment.kill(w, signal.SIGTERM)
     at_stop = fault_oracle.applied(deployment)
     moved = rewind(deployment, REWIND)
-    assert at_stop < len(sent), "the input was done before the rewind"
+    assert at_stop == half, (at_stop, half)
     assert all(new < old for old, new in moved.values() if old > 0), moved
     print(f"stopped at {at_stop} of {len(sent)}; rewound {moved}")
+    fault_oracle.produce(deployment, sent[half:])
     deployment.start_worker(tmp_path)
     deployment.cli("wait", "--timeout", "600")
     print(f"caught up after {time.monotonic() - t0:.0f}s")

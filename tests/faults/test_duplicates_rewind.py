@@ -4,9 +4,10 @@ The input holds every event once and a tenth of them again, a little later in th
 stream (same ``event_id``, same content, as a retrying producer would send them). The
 worker is stopped once it has applied the first half of the stream (the second half is
 produced afterwards), the group's committed offsets of every input partition are moved
-back by ``REWIND`` records, and a new worker starts from there; after the whole input is processed the same is done again. Redelivered records
-are at or below the Redis watermark and must be skipped; duplicate ``event_id`` must
-count once. The end state is exact, and the second rewind adds no migration id.
+back by ``REWIND`` records, and a new worker starts from there; after the whole input is
+processed the same is done again. Redelivered records are at or below the Redis watermark
+and must be skipped; duplicate ``event_id`` must count once. The end state is exact, and
+the second rewind adds no migration id.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 import pytest
@@ -34,6 +34,19 @@ def tasks_made(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Any]]:
 
 def run(coro: Any) -> Any:
     return asyncio.run(coro)
+
+
+def start_waiting(deliver: Callable[[asyncio.Future[None]], Coroutine[Any, Any, Any]]
+                  ) -> tuple[asyncio.Future[None], asyncio.Event, asyncio.Future[Any]]:
+    """``deliver(room)`` handed over by the consumer while the stream has no room yet.
+
+    Returns the room (set it to make room), the flow's suspend event and the pending
+    ``wait_first``."""
+    room: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    suspend = asyncio.Event()
+    waiting = asyncio.ensure_future(Consumer().wait_first(Delivery(deliver(room)),
+                                                          suspend.wait()))
+    return room, suspend, waiting
 
 
 def test_a_delivery_that_does_not_wait_makes_no_task(tasks_made: list[Any]) -> None:
@@ -66,10 +79,7 @@ def test_a_delivery_that_waits_finishes_as_a_task() -> None:
         return "done"
 
     async def main() -> Any:
-        room: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        flow = asyncio.Event()
-        waiting = asyncio.ensure_future(Consumer().wait_first(Delivery(deliver(room)),
-                                                              flow.wait()))
+        room, _, waiting = start_waiting(deliver)
         await asyncio.sleep(0.01)
         assert trace == ["first step"] and not waiting.done()
         room.set_result(None)
@@ -92,10 +102,7 @@ def test_a_waiting_delivery_is_cancelled_when_the_flow_is_suspended() -> None:
             raise
 
     async def main() -> Any:
-        room: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        suspend = asyncio.Event()
-        waiting = asyncio.ensure_future(Consumer().wait_first(Delivery(deliver(room)),
-                                                              suspend.wait()))
+        room, suspend, waiting = start_waiting(deliver)
         await asyncio.sleep(0.01)
         suspend.set()  # a rebalance
         got = await waiting
@@ -119,9 +126,7 @@ def test_errors_propagate_before_and_after_waiting() -> None:
     async def main() -> None:
         with pytest.raises(ValueError, match="undecodable"):
             await Consumer().wait_first(Delivery(at_once()), asyncio.Event().wait())
-        room: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        waiting = asyncio.ensure_future(Consumer().wait_first(Delivery(later(room)),
-                                                              asyncio.Event().wait()))
+        room, _, waiting = start_waiting(later)
         await asyncio.sleep(0)
         room.set_result(None)
         with pytest.raises(KeyError, match="later"):

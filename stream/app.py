@@ -6,7 +6,7 @@ import asyncio
 import gc
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -18,9 +18,10 @@ from faust.transport.drivers import aiokafka as fa
 
 from features.store import RedisFeatureStore
 from stream.backend import STATS_INTERVAL_S, EngineBackend
-from stream.batching import Drained, assigned_positions, kafka_backlog, take_batches
+from stream.batching import assigned_positions, kafka_backlog
 from stream.delivery import Delivery, EagerDelivery
 from stream.errors import SegstreamError
+from stream.inbox import Inbox
 from stream.learner import Learner, refit_clv
 from stream.metrics import EngineMetrics
 from stream.pipeline import BatchProcessor, RawRecord
@@ -49,10 +50,70 @@ class _ConsumerThread(fa.AIOKafkaConsumerThread):
 
 
 class _Consumer(EagerDelivery, fa.Consumer):
+    #: where records of the input topics go, a fetch at a time (set by the engine);
+    #: without one, every record goes through Faust's conductor and streams
+    inbox: Inbox | None = None
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.inbox = getattr(self.app, "inbox", None)
         deliver = self.callback
         self.callback = lambda message: Delivery(deliver(message))
+
+    def ack_range(self, tp: Any, first: int, last: int) -> None:
+        """Offsets ``first``..``last`` of ``tp`` were processed: what ``ack`` records for
+        each delivered message, for the whole range at once (commits take it from here)."""
+        committed = self._committed_offset[tp]
+        if committed is not None:
+            first = max(first, committed)
+        if first <= last:
+            self._acked[tp].extend(range(first, last + 1))
+            self._n_acked += last - first + 1
+
+    async def getmany(self, timeout: float) -> AsyncIterator[tuple[Any, Any]]:
+        """Faust's ``getmany``, except that what a fetch returned for a partition of an
+        input topic goes to the inbox in one piece instead of record by record."""
+        inbox = self.inbox
+        if inbox is None:
+            async for item in super().getmany(timeout):
+                yield item
+            return
+        records, active = await self._wait_next_records(timeout)
+        if records is None or self.should_stop:
+            return
+        if not self.flow_active:
+            # As Faust does: go back to the committed offsets before fetching again.
+            for tp in records:
+                inbox.forget_position(tp)
+            try:
+                await self.perform_seek()
+            except Exception as exc:
+                self.log.warning("seek to committed offsets failed: %r", exc)
+            return
+        generation = self.app.consumer_generation_id
+        others = {}
+        for tp, recs in records.items():
+            if tp.topic not in inbox.topics:
+                others[tp] = recs
+                continue
+            if not (active is None or tp in active or tp in self._buffered_partitions):
+                inbox.forget_position(tp)
+                continue
+            await inbox.put(tp, [RawRecord(r.topic, r.partition, r.offset, r.key, r.value,
+                                           r.timestamp) for r in recs])
+            if not self.flow_active or self.app.consumer_generation_id != generation:
+                # A rebalance began while the inbox had no room: what this fetch returned
+                # for the other partitions is dropped (and fetched again after the seek).
+                for rest in records:
+                    inbox.forget_position(rest)
+                return
+            self._read_offset[tp] = recs[-1].offset
+        to_message = self._to_message
+        for tp, record in self.scheduler.iterate(others):
+            if not self.flow_active or self.app.consumer_generation_id != generation:
+                break
+            if active is None or tp in active or tp in self._buffered_partitions:
+                yield tp, to_message(tp, record)
 
     def _new_consumer_thread(self) -> fa.AIOKafkaConsumerThread:
         return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
@@ -80,6 +141,9 @@ class LeanApp(faust.App):
     Its consumer hands each fetched record to the streams without making four tasks per
     record (:mod:`stream.delivery`).
     """
+
+    #: set before the worker starts: its consumer puts input records there (:mod:`stream.inbox`)
+    inbox: Inbox | None = None
 
     def __init__(self, *args: Any, fetch_max_wait_ms: int | None = None,
                  **kwargs: Any) -> None:
@@ -242,9 +306,13 @@ class Engine:
             value_serializer="raw",
             partitions=settings.partitions,
         )
+        self.inbox = Inbox(settings.input_topics, stream_buffering(settings)[
+            "stream_buffer_maxsize"], self._ack_range)
+        self.app.inbox = self.inbox
         self.app.agent(self.source, name="ingest", concurrency=1)(self._ingest)
         self.app.timer(OUTBOX_FLUSH_INTERVAL_S)(self._flush_outbox)
         self.app.on_partitions_assigned.connect(self._on_partitions_assigned)
+        self.app.on_partitions_revoked.connect(self._on_partitions_revoked)
         self.app.timer(SWEEP_CHECK_S)(self._sweep)
         self.app.timer(STATS_INTERVAL_S)(self._sample_stats)
         self.examples = self.app.topic(
@@ -270,6 +338,9 @@ class Engine:
             self.processor.on_published = self.backend.on_published
             self.processor.on_redis = self.backend.on_redis
         return self.processor
+
+    def _ack_range(self, tp: Any, first: int, last: int) -> None:
+        self.app.consumer.ack_range(tp, first, last)
 
     def _busy(self) -> bool:
         """Whether input arrived within the last ``IDLE_S``."""
@@ -326,17 +397,13 @@ class Engine:
         return sorted(tp.partition for tp in tps if tp.topic == topic)
 
     async def _ingest(self, stream: Any) -> Any:
+        """Micro-batches from the inbox; the agent's own stream never receives anything,
+        it only subscribes the worker to the input topics."""
         processor = self.ensure()
-        async for events in take_batches(stream, self.settings.batch_max,
-                                         self.settings.batch_within_s,
-                                         Drained(stream, partial(
-                                             kafka_backlog, self.app,
-                                             self.settings.input_topics))):
-            records = [
-                RawRecord(e.message.topic, e.message.partition, e.message.offset,
-                          e.message.key, e.message.value, int(e.message.timestamp * 1000))
-                for e in events
-            ]
+        async for records in self.inbox.batches(
+                self.settings.batch_max, self.settings.batch_within_s,
+                partial(kafka_backlog, self.app, self.settings.input_topics),
+                lambda: bool(stream.should_stop)):
             t0 = time.perf_counter()
             async with self.lock:
                 stats = await processor.process(records)
@@ -349,8 +416,16 @@ class Engine:
 
     async def _on_partitions_assigned(self, sender: Any, assigned: Any, **_: Any) -> None:
         """A previous owner may have left unpublished records in these partitions' outbox."""
+        self.inbox.assign(assigned)
         if self.processor is not None:
             self.processor.mark_dirty({tp.partition for tp in assigned})
+
+    async def _on_partitions_revoked(self, sender: Any, revoked: Any, **_: Any) -> None:
+        """Faust seeks to the committed offsets after a rebalance: what waits is dropped."""
+        dropped = self.inbox.revoke(revoked)
+        if dropped:
+            log.info("rebalance: %d fetched input records dropped, to be fetched again",
+                     dropped)
 
     async def _flush_outbox(self) -> None:
         processor = self.ensure()

@@ -26,7 +26,9 @@ import redis
 from bench import worker
 from bench.deploy import BenchDeployment
 from features.store import Keys
+from scorers.labels import MODELS
 from stream.kafka import end_offsets
+from stream.runtime import registry_keys
 from stream.settings import Settings
 
 POLL_S = 0.1
@@ -54,6 +56,10 @@ class EngineResult:
     server: dict[str, float]
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list, repr=False)
     profile_path: Path | None = None
+    #: input records committed when every online model first had a serving version
+    #: (None: not during the run); until then churn and propensity scores are null,
+    #: which makes an evaluation cheaper
+    models_serving_from: int | None = None
 
 
 def watermark_progress(r: redis.Redis, s: Settings, ends: dict[tuple[str, int], int]) -> int:
@@ -141,6 +147,8 @@ def run_engine(dep: BenchDeployment, role: str, workers: int, total: int,
     tree = ProcessTree([p.pid for p in procs])
     first: tuple[float, int, float, tuple[int, int], dict[str, float]] | None = None
     last_change, last_done = time.monotonic(), -1
+    models_key = registry_keys(s.redis_prefix)["models"]
+    models_from: int | None = None
     try:
         while True:
             time.sleep(POLL_S)
@@ -158,6 +166,9 @@ def run_engine(dep: BenchDeployment, role: str, workers: int, total: int,
             elif now - last_change > STALL_S:
                 raise BenchError(f"engine made no progress for {STALL_S:.0f}s at {done}/{total}:"
                                  f"\n{dep.log_tail(f'{role}-0')}")
+            if models_from is None and s.models_enabled and all(
+                    r.hexists(models_key, m) for m in MODELS):
+                models_from = done
             if first is None and done > 0:
                 first = (now, done, cpu, _read_counters(counters), server_counters(r))
                 if profile is not None:  # the steady state only, not imports and group join
@@ -185,5 +196,6 @@ def run_engine(dep: BenchDeployment, role: str, workers: int, total: int,
         roundtrips=rt - rt0, commands=cmds - cmds0,
         server={k: end_server[k] - server0[k] for k in server0},
         procs=procs, profile_path=profile if profiler is not None else None,
+        models_serving_from=models_from,
     )
 

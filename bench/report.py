@@ -35,6 +35,11 @@ def table(doc: dict[str, Any]) -> Table:
         ("E / F", _n(r["engine_over_floor"], ".1%")),
         ("F / L", _n(r["floor_over_limit"], ".1%")),
     ]
+    served = eng.get("models_serving_from_event")
+    if "models_serving_from_event" in eng:
+        rows.append(("E: online models serving",
+                     "not during E (churn and propensity scores null)" if served is None
+                     else f"from input record {served:,} of {doc['events']:,}"))
     if "scaling" in doc:
         sc = doc["scaling"]
         rows.append((f"E with {sc['workers']} workers",

@@ -172,6 +172,7 @@ def _engine_json(e: EngineResult) -> dict[str, Any]:
         "cpu_s_per_million_events": round(e.cpu_s_per_million_events, 1),
         "rss_peak_mb": round(e.rss_peak_mb, 1),
         "redis_roundtrips": e.roundtrips, "redis_commands": e.commands,
+        "models_serving_from_event": e.models_serving_from,
     }
 
 

@@ -320,7 +320,7 @@ class Engine:
             key_serializer="raw", value_serializer="raw", partitions=1,
         )
         self.learner: Learner | None = None
-        if settings.models_enabled:
+        if settings.models_enabled and settings.learner == "inline":
             self.app.agent(self.examples, name="learner", concurrency=1)(self._learn)
             self.app.timer(settings.model_snapshot_s)(self._publish_models)
         if settings.clv_refit_interval_s > 0:

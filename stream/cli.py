@@ -106,8 +106,36 @@ def worker() -> None:
     ensure_topics(s)
     engine = create_engine(s)
     w = Worker(engine.app, loglevel=s.log_level, quiet=True, redirect_stdouts=False)
+    learner_proc = None
+    if s.models_enabled and s.learner == "process":
+        import atexit
+
+        from stream.learner_service import spawn, stop_child
+
+        learner_proc = spawn(s)
+        atexit.register(stop_child, learner_proc)
     tune_gc(s)
-    w.execute_from_commandline()
+    try:
+        w.execute_from_commandline()
+    finally:
+        if learner_proc is not None:
+            stop_child(learner_proc)
+
+
+@app.command()
+def learner() -> None:
+    """Train the online models from the examples topic (``segstream worker`` starts one)."""
+    import logging
+    import os
+
+    from stream.learner_service import run
+
+    s = _settings()
+    redact.install_from_settings(s)
+    logging.basicConfig(level=s.log_level,
+                        format="[%(asctime)s] [%(process)d] [%(levelname)s] %(message)s")
+    parent = os.environ.get("SEGSTREAM_LEARNER_PARENT_PID")
+    run(s, int(parent) if parent else None)
 
 
 @replay_app.command("cdnow")

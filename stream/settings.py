@@ -87,6 +87,9 @@ class Settings(BaseSettings):
     sweep_max_share: float = Field(0.1, gt=0, le=1)
     population_refresh_s: float = Field(1.0, gt=0, le=3_600)
     models_enabled: bool = True
+    #: where the online models train: a child process of each worker (one of them active)
+    #: or the worker's own event loop, shared with the ingest agent
+    learner: Literal["process", "inline"] = "process"
     churn_horizon_days: float = Field(30.0, gt=0, le=3650)
     churn_horizon_txn_days: float = Field(90.0, gt=0, le=3650)
     observation_gap_days: int = Field(7, ge=1, le=3650)

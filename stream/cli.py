@@ -266,20 +266,23 @@ async def _learner_done(s: Settings, r: Any) -> bool:
     end = sum(end_offsets(s, [s.examples_topic]).values())
     if end == 0:
         return True
-    if _committed(s, s.examples_topic) < end:
+    from stream.learner_service import group_id
+
+    group = group_id(s) if s.learner == "process" else s.app_id
+    if _committed(s, s.examples_topic, group) < end:
         return False
     row = await r.hgetall(registry_keys(s.redis_prefix)["learner"])
     unpromoted = int(row.get(b"unpromoted", row.get("unpromoted", 0))) if row else 0
     return unpromoted == 0
 
 
-def _committed(s: Settings, topic: str) -> int:
-    """The engine's consumer group's committed offsets of a topic, summed."""
+def _committed(s: Settings, topic: str, group: str | None = None) -> int:
+    """A consumer group's committed offsets of a topic, summed (default: the workers')."""
     from kafka import KafkaConsumer, TopicPartition
 
     from stream.kafka import client_config
 
-    c = KafkaConsumer(**client_config(s), group_id=s.app_id, enable_auto_commit=False)
+    c = KafkaConsumer(**client_config(s), group_id=group or s.app_id, enable_auto_commit=False)
     try:
         parts = c.partitions_for_topic(topic) or set()
         return sum(c.committed(TopicPartition(topic, p)) or 0 for p in parts)

@@ -27,6 +27,7 @@ from bench import latency, machine, profile, workload
 from bench.deploy import BenchDeployment
 from bench.engine import BenchError, EngineResult, ProcessTree, run_engine
 from bench.limit import RateResult, run_limit
+from bench.models import seed_serving_models
 from stream.settings import Settings, load_settings
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -46,6 +47,8 @@ class Options:
     latency_seconds: float = 15.0
     latency_eps: float = 5_000.0
     results_dir: Path = RESULTS_DIR
+    #: "serving": seed the registry with trained models before each E run (bench.models)
+    models: str = "serving"
 
 
 class Bars:
@@ -215,6 +218,8 @@ def run(opts: Options, console: Console | None = None) -> dict[str, Any]:
             prof = opts.results_dir / f"{stamp}-engine.speedscope.json" if opts.profile else None
             if prof is not None:
                 prof.parent.mkdir(parents=True, exist_ok=True)
+            if opts.models == "serving" and es.models_enabled:
+                seed_serving_models(es)
             e1 = run_engine(dep, "engine", 1, w.events, profile=prof, progress=bars.updater(t))
             bars.progress.update(t, note=f"{e1.eps:,.0f}/s")
             mem = redis_memory(es, mem_before)
@@ -244,6 +249,9 @@ def run(opts: Options, console: Console | None = None) -> dict[str, Any]:
             ek: EngineResult | None = None
             if opts.workers > 1:
                 t = bars.add(f"E x{opts.workers}", w.events)
+                ks = dep.settings(f"engine{opts.workers}")
+                if opts.models == "serving" and ks.models_enabled:
+                    seed_serving_models(ks)
                 ek = run_engine(dep, f"engine{opts.workers}", opts.workers, w.events,
                                 progress=bars.updater(t))
                 bars.progress.update(t, note=f"{ek.eps:,.0f}/s")
@@ -301,6 +309,7 @@ def assemble(opts: Options, w: workload.Workload, produce_eps: float, lim: RateR
         "partitions": base.partitions,
         "batch_max": base.batch_max,
         "seed": opts.seed,
+        "models": opts.models,
         "produce_eps": round(produce_eps, 1),
         "cpu_s_per_million_events": round(e1.cpu_s_per_million_events, 1),
         "ratios": {

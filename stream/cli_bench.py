@@ -31,6 +31,10 @@ def bench(
     latency_eps: Annotated[float, typer.Option(
         min=1, help="The fixed offered load of the headline latency")] = 5_000.0,
     results_dir: Annotated[Path, typer.Option(help="Where the JSON results go")] = RESULTS_DIR,
+    models: Annotated[str, typer.Option(
+        help="serving: E starts with trained online models, personas and CLV parameters "
+             "in the registry (a deployment's steady state); cold: a fresh deployment, "
+             "whose first evaluations skip those scores")] = "serving",
 ) -> None:
     """Measure the engine (E) against a bare consumer (L) and a Faust floor (F).
 
@@ -43,9 +47,12 @@ def bench(
     from bench.run import Options, run
 
     err = Console(stderr=True)
+    if models not in ("serving", "cold"):
+        raise typer.BadParameter("must be serving or cold", param_hint="--models")
     doc = run(Options(events=events, customers=customers, seed=seed, skip_latency=skip_latency,
                       workers=workers, profile=profile, latency_seconds=latency_seconds,
-                      latency_eps=latency_eps, results_dir=results_dir), console=err)
+                      latency_eps=latency_eps, results_dir=results_dir, models=models),
+              console=err)
     if json_:
         sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
     else:

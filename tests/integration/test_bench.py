@@ -54,6 +54,8 @@ def test_small_bench_reports_every_figure(services: dict[str, str], tmp_path: Pa
     assert doc["cpu_s_per_million_events"] > 0
     assert doc["ratios"]["engine_over_limit"] > 0 and doc["ratios"]["engine_over_floor"] > 0
     assert doc["engine"]["events_measured"] > 0
+    # Trained models were in the registry before the E worker committed anything.
+    assert doc["models"] == "serving" and doc["engine"]["models_serving_from_event"] == 0
     # Every round trip carries at least one command (both counters see the engine's client).
     assert doc["redis_commands_per_event"] >= doc["redis_roundtrips_per_event"] > 0
     # The capped migrations log and the models are reported apart from per-customer bytes.
@@ -78,3 +80,44 @@ def test_small_bench_reports_every_figure(services: dict[str, str], tmp_path: Pa
         assert not [t for t in admin.list_topics() if t.startswith(name)]
     finally:
         admin.close()
+
+
+def test_seeded_serving_models_are_what_the_engine_scores_with(services: dict[str, str]
+                                                               ) -> None:
+    import asyncio
+    import uuid
+
+    import redis
+
+    from bench.models import seed_serving_models
+    from features.store import RedisFeatureStore
+    from stream.redisconn import redis_client
+    from stream.runtime import ScoringRuntime
+    from stream.settings import load_settings
+
+    s = load_settings(kafka_bootstrap=services["kafka"], redis_url=services["redis"],
+                      redis_prefix=f"seed-{uuid.uuid4().hex[:8]}:")
+    try:
+        assert seed_serving_models(s) == {"churn": 1, "purchase_7d": 1, "cluster": 1, "clv": 1}
+
+        async def load() -> ScoringRuntime:
+            r = redis_client(s)
+            try:
+                rt = ScoringRuntime(s, r, RedisFeatureStore(r, s.redis_prefix))
+                await rt.refresh(force=True)
+                return rt
+            finally:
+                await r.aclose()
+
+        rt = asyncio.run(load())
+        assert set(rt.models) == {"churn", "purchase_7d"}
+        assert rt.personas is not None and rt.clv is not None and rt.clv.version == 1
+        x = {"events_30d": 3.0}
+        for model in rt.models.values():
+            assert 0.0 <= model.predict_many([x])[0] <= 1.0  # trained: a probability
+    finally:
+        r = redis.from_url(s.redis_url)
+        keys = list(r.scan_iter(match=f"{s.redis_prefix}*", count=1000))
+        if keys:
+            r.delete(*keys)
+        r.close()

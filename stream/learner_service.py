@@ -73,12 +73,16 @@ class LearnerService:
         self.store = RedisFeatureStore(self.redis, settings.redis_prefix)
         self.learner: Learner | None = None
         self.consumer: AIOKafkaConsumer | None = None
+        self._loading = asyncio.Lock()
 
     async def on_assigned(self) -> None:
         # Another learner may have trained meanwhile: resume from the newest checkpoint.
-        learner = Learner(self.settings, self.redis)
-        await learner.load()
-        self.learner = learner
+        async with self._loading:
+            if self.learner is not None:
+                return
+            learner = Learner(self.settings, self.redis)
+            await learner.load()
+            self.learner = learner
         log.info("learner: examples partition assigned; models loaded")
 
     async def on_revoked(self) -> None:
@@ -128,9 +132,14 @@ class LearnerService:
         try:
             while not self.stop.is_set():
                 batches = await consumer.getmany(timeout_ms=500, max_records=FETCH_RECORDS)
-                learner = self.learner
-                if learner is None or not batches:
+                if not batches:
                     continue
+                if self.learner is None:
+                    # Records can arrive while the assignment callback still loads the
+                    # models; they are never dropped (the position is already past them).
+                    await self.on_assigned()
+                learner = self.learner
+                assert learner is not None
                 for records in batches.values():
                     learner.learn([(r.offset, r.value) for r in records])
                 await consumer.commit()

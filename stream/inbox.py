@@ -115,18 +115,22 @@ class Inbox:
 
     async def put(self, tp: Any, records: Sequence[RawRecord]) -> None:
         """Add one partition's fetched records (in offset order); waits while the inbox
-        is full. Records at or below the last offset already put are ignored."""
+        is full. Records at or below the last offset already put are ignored. A list given
+        here is kept as it is (not copied): the caller hands it over."""
         while self.size >= self.capacity:
             self._room.clear()
             await self._room.wait()
         last = self._last.get(tp)
-        if last is not None:
+        # Only a fetch after a seek back repeats offsets: the usual one is taken as it is.
+        if last is not None and records and records[0].offset <= last:
             records = [r for r in records if r.offset > last]
         if not records:
             return
         start = records[0].offset if last is None else last + 1
         self._last[tp] = records[-1].offset
-        self._chunks.append(_Chunk(tp, list(records), start))
+        # A chunk is split in place by take(): keep a list of our own.
+        own = records if isinstance(records, list) else list(records)
+        self._chunks.append(_Chunk(tp, own, start))
         self.size += len(records)
         self._arrived.set()
 

@@ -45,6 +45,8 @@ def table(doc: dict[str, Any]) -> Table:
         rows.append((f"E with {sc['workers']} workers",
                      f"{_n(sc['eps'])} ev/s (x{sc['ratio_vs_1']:.2f} vs 1)"))
     method = doc.get("latency_method") or "skipped"
+    if doc.get("latency_event_time"):
+        method += f"; live event time: {doc['latency_event_time']}"
     rows += [
         (f"latency p50/p95/p99 at {_n(doc.get('latency_offered_eps'))} ev/s",
          f"{_lat(doc['latency_ms'])} ms ({method})"),

@@ -49,6 +49,9 @@ class Options:
     results_dir: Path = RESULTS_DIR
     #: "serving": seed the registry with trained models before each E run (bench.models)
     models: str = "serving"
+    #: "wall": live event times advance with the wall clock (workload.at_wall_pace);
+    #: "synthetic": they keep the generator's pace, days of event time per second
+    live_event_time: str = "wall"
 
 
 class Bars:
@@ -230,13 +233,16 @@ def run(opts: Options, console: Console | None = None) -> dict[str, Any]:
                 need = {k: math.ceil(v * opts.latency_seconds) for k, v in loads.items()}
                 live = workload.live_records(sum(need.values()), opts.customers,
                                              opts.seed + 7919, w.last_ts + 1, base.partitions)
-                i = 0
+                i, event_ms = 0, w.last_ts + 1
                 for name, rate in loads.items():
                     t = bars.add(f"latency {rate:,.0f}/s", None)
                     # An overload's backlog drains at E's rate; give it time to.
                     drain = max(120.0, 2 * need[name] / max(1.0, e1.eps))
+                    offered = live[i:i + need[name]]
+                    if opts.live_event_time == "wall":
+                        offered, event_ms = workload.at_wall_pace(offered, event_ms, rate)
                     lat[name] = asyncio.run(latency.measure(
-                        es, live[i:i + need[name]], rate, opts.latency_seconds, drain))
+                        es, offered, rate, opts.latency_seconds, drain))
                     lat[name].extra["saturated"] = rate > e1.eps
                     i += need[name]
                     p = lat[name].latency_ms or {}
@@ -318,6 +324,7 @@ def assemble(opts: Options, w: workload.Workload, produce_eps: float, lim: RateR
             "floor_over_limit": round(flo.eps / lim.eps, 4) if lim.eps else None,
         },
         "latency_method": fixed.method if fixed else None,
+        "latency_event_time": opts.live_event_time if lat else None,
         "latency_offered_eps": opts.latency_eps if fixed else None,
         "latency_80pct_engine_ms": (
             {k: (lat["at_80pct_engine"].latency_ms or {}).get(k) for k in pct}

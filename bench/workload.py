@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import orjson
@@ -131,6 +131,24 @@ def live_records(n: int, customers: int, seed: int, start_ms: int, partitions: i
             p = parts[key] = partition_of(key, partitions)
         out.append(LiveRecord(kind, p, key, _dumps(event)))
     return out
+
+
+def at_wall_pace(records: Sequence[LiveRecord], start_ms: int, rate: float
+                 ) -> tuple[list[LiveRecord], int]:
+    """``records`` with event times that advance as fast as they will be sent.
+
+    Record ``i`` of a load offered at ``rate`` per second goes out ``i / rate`` seconds
+    after the first, so its event time becomes ``start_ms + i * 1000 / rate``: a live
+    stream whose event time keeps pace with the wall clock, as real traffic does.
+    Returns the records and the event time after the last one.
+    """
+    out = []
+    step = 1000.0 / rate
+    for i, rec in enumerate(records):
+        event = orjson.loads(rec.value)
+        event["ts"] = start_ms + int(i * step)
+        out.append(LiveRecord(rec.kind, rec.partition, rec.key, _dumps(event)))
+    return out, start_ms + int(len(records) * step) + 1
 
 
 async def produce(settings: Settings, w: Workload,

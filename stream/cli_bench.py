@@ -35,6 +35,11 @@ def bench(
         help="serving: E starts with trained online models, personas and CLV parameters "
              "in the registry (a deployment's steady state); cold: a fresh deployment, "
              "whose first evaluations skip those scores")] = "serving",
+    live_event_time: Annotated[str, typer.Option(
+        help="wall: the live events' event times advance with the wall clock, as real "
+             "traffic's do; synthetic: they keep the generator's pace (days of event time "
+             "per second, so day boundaries, label horizons and dwell times pass during "
+             "the measurement)")] = "wall",
 ) -> None:
     """Measure the engine (E) against a bare consumer (L) and a Faust floor (F).
 
@@ -49,9 +54,12 @@ def bench(
     err = Console(stderr=True)
     if models not in ("serving", "cold"):
         raise typer.BadParameter("must be serving or cold", param_hint="--models")
+    if live_event_time not in ("wall", "synthetic"):
+        raise typer.BadParameter("must be wall or synthetic", param_hint="--live-event-time")
     doc = run(Options(events=events, customers=customers, seed=seed, skip_latency=skip_latency,
                       workers=workers, profile=profile, latency_seconds=latency_seconds,
-                      latency_eps=latency_eps, results_dir=results_dir, models=models),
+                      latency_eps=latency_eps, results_dir=results_dir, models=models,
+                      live_event_time=live_event_time),
               console=err)
     if json_:
         sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")

@@ -46,6 +46,7 @@ def test_small_bench_reports_every_figure(services: dict[str, str], tmp_path: Pa
     assert doc["latency_ms"]["p50"] <= doc["latency_ms"]["p95"] <= doc["latency_ms"]["p99"]
     assert doc["latency_method"] in ("migration_trigger", "watermark")
     assert doc["latency"]["at_fixed"]["unprocessed"] == 0
+    assert doc["latency_event_time"] == "wall"
     for key in ("cpu", "cores_logical", "ram_gb", "python", "kafka", "redis", "git_commit"):
         assert doc["machine"][key], key
     assert doc["events"] == 20000 and doc["customers"] == 2000

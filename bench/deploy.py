@@ -42,6 +42,8 @@ class BenchDeployment:
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="segbench-")))
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     groups: list[str] = field(default_factory=list)
+    #: the HTTP port (API and ``/metrics``) of every child started by :meth:`spawn`, by pid
+    web_ports: dict[int, int] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -75,13 +77,19 @@ class BenchDeployment:
               ) -> subprocess.Popen[bytes]:
         """Start ``python -m module`` in its own session, output to a log file."""
         log = self.workdir / f"{log_name}.log"
+        env = self.env(s, **extra)
         proc = subprocess.Popen(
-            [sys.executable, "-m", module], env=self.env(s, **extra), cwd=ROOT,
+            [sys.executable, "-m", module], env=env, cwd=ROOT,
             stdout=open(log, "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115 - child owns it
             start_new_session=True,
         )
         self.procs.append(proc)
+        self.web_ports[proc.pid] = int(env[env_name("web_port")])
         return proc
+
+    def metrics_url(self, proc: subprocess.Popen[bytes]) -> str:
+        """Where a child started by :meth:`spawn` serves ``/metrics``."""
+        return f"http://127.0.0.1:{self.web_ports[proc.pid]}/metrics"
 
     def log_tail(self, log_name: str, n: int = 3000) -> str:
         try:

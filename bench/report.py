@@ -58,6 +58,12 @@ def table(doc: dict[str, Any]) -> Table:
                      f"{lat['unprocessed']}; watermark {_lat(lat['watermark_ms'])} ms; "
                      f"migrations {lat['migrations']} ({lat['migrations_with_trigger']} "
                      "with trigger)"))
+        w = lat.get("worker")
+        if w:
+            rows.append((f"  {name}: worker batches (p50/p95/p99)",
+                         f"{w['batches']:,} of {w['mean_batch_records']:,.0f} records on "
+                         f"average; waited {_lat(w['batch_wait_ms'])} ms before starting, "
+                         f"processed in {_lat(w['batch_processing_ms'])} ms"))
     red = doc["redis"]
     rows += [
         ("Redis round trips / event (client side)", _n(doc["redis_roundtrips_per_event"], ".4f")),

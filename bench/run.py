@@ -23,7 +23,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from bench import latency, machine, profile, workload
+from bench import breakdown, latency, machine, profile, workload
 from bench.deploy import BenchDeployment
 from bench.engine import BenchError, EngineResult, ProcessTree, run_engine
 from bench.limit import RateResult, run_limit
@@ -241,8 +241,15 @@ def run(opts: Options, console: Console | None = None) -> dict[str, Any]:
                     offered = live[i:i + need[name]]
                     if opts.live_event_time == "wall":
                         offered, event_ms = workload.at_wall_pace(offered, event_ms, rate)
+                    url = dep.metrics_url(e1.procs[0])
+                    token = es.api_token.get_secret_value() if es.api_token else None
+                    before = breakdown.scrape(url, token)
                     lat[name] = asyncio.run(latency.measure(
                         es, offered, rate, opts.latency_seconds, drain))
+                    # The worker's own account of the phase: waiting before batches and
+                    # processing them (its histograms, scraped before and after).
+                    lat[name].extra["worker"] = breakdown.summary(
+                        before, breakdown.scrape(url, token))
                     lat[name].extra["saturated"] = rate > e1.eps
                     i += need[name]
                     p = lat[name].latency_ms or {}

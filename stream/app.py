@@ -405,13 +405,16 @@ class Engine:
                 partial(kafka_backlog, self.app, self.settings.input_topics),
                 lambda: bool(stream.should_stop)):
             t0 = time.perf_counter()
+            oldest = min((r.timestamp_ms for r in records if r.timestamp_ms is not None),
+                         default=None)
+            wait_s = time.time() - oldest / 1000 if oldest is not None else None
             async with self.lock:
                 stats = await processor.process(records)
             self.last_batch_end = time.monotonic()
             by_topic: dict[str, int] = {}
             for rec in records:
                 by_topic[rec.topic] = by_topic.get(rec.topic, 0) + 1
-            self.backend.on_batch(by_topic, stats, time.perf_counter() - t0)
+            self.backend.on_batch(by_topic, stats, time.perf_counter() - t0, wait_s)
             yield len(records)
 
     async def _on_partitions_assigned(self, sender: Any, assigned: Any, **_: Any) -> None:

@@ -43,14 +43,14 @@ class EngineBackend:
 
     # -- hooks called by the engine ------------------------------------------------------
     def on_batch(self, records_by_topic: dict[str, int], stats: BatchStats,
-                 seconds: float) -> None:
+                 seconds: float, wait_s: float | None = None) -> None:
         for topic, n in records_by_topic.items():
             self.metrics.events_in(topic, n)
         self._counts["events"] += stats.records
         for reason, n in stats.dead_letters.items():
             self.metrics.dead_letter(reason, n)
             self._counts["dlq"] += n
-        self.metrics.observe_batch(stats.records, seconds, stats.conflicts)
+        self.metrics.observe_batch(stats.records, seconds, stats.conflicts, wait_s)
 
     def on_redis(self, op: str, seconds: float, ok: bool) -> None:
         self.metrics.observe_redis(seconds, op)

@@ -56,6 +56,9 @@ _FAMILIES: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
     ("counter", "dlq_records", "Records sent to the dead-letter topic.", ("reason",)),
     ("histogram", "batch_size", "Records per micro-batch.", ()),
     ("histogram", "batch_seconds", "Seconds to process one micro-batch.", ()),
+    ("histogram", "batch_wait_seconds",
+     "Seconds from the oldest record's Kafka timestamp to the start of its micro-batch "
+     "(produce, fetch, waiting and gathering).", ()),
     ("counter", "commit_conflicts",
      "Partition commits refused by the version fence (another owner moved on).", ()),
     ("histogram", "migration_latency_seconds",
@@ -118,6 +121,7 @@ class EngineMetrics:
         buckets = {
             "batch_size": BATCH_SIZE_BUCKETS,
             "batch_seconds": BATCH_SECONDS_BUCKETS,
+            "batch_wait_seconds": LATENCY_BUCKETS,
             "migration_latency_seconds": LATENCY_BUCKETS,
             "redis_roundtrip_seconds": REDIS_BUCKETS,
         }
@@ -146,10 +150,15 @@ class EngineMetrics:
         if n:
             self._m["dlq_records"].labels(reason).inc(n)
 
-    def observe_batch(self, n: int, seconds: float, conflicts: int = 0) -> None:
-        """Record one micro-batch of ``n`` records that took ``seconds``."""
+    def observe_batch(self, n: int, seconds: float, conflicts: int = 0,
+                      wait_s: float | None = None) -> None:
+        """Record one micro-batch of ``n`` records that took ``seconds``, started
+        ``wait_s`` after its oldest record's Kafka timestamp."""
         self._m["batch_size"].observe(n)
         self._m["batch_seconds"].observe(seconds)
+        if wait_s is not None:
+            # A producer clock ahead of this host's can make it negative: count it as 0.
+            self._m["batch_wait_seconds"].observe(max(0.0, wait_s))
         if conflicts:
             self._m["commit_conflicts"].inc(conflicts)
 

@@ -47,6 +47,13 @@ def test_small_bench_reports_every_figure(services: dict[str, str], tmp_path: Pa
     assert doc["latency_method"] in ("migration_trigger", "watermark")
     assert doc["latency"]["at_fixed"]["unprocessed"] == 0
     assert doc["latency_event_time"] == "wall"
+    # The worker's own histograms account for exactly the records offered in each phase.
+    for name, lat in doc["latency"].items():
+        w = lat["worker"]
+        assert w["records"] == lat["produced"] and w["batches"] > 0, (name, w, lat)
+        for part in ("batch_wait_ms", "batch_processing_ms"):
+            q = w[part]
+            assert 0 <= q["p50"] <= q["p95"] <= q["p99"], (name, part, q)
     for key in ("cpu", "cores_logical", "ram_gb", "python", "kafka", "redis", "git_commit"):
         assert doc["machine"][key], key
     assert doc["events"] == 20000 and doc["customers"] == 2000

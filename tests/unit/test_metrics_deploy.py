@@ -69,7 +69,8 @@ def exercised() -> EngineMetrics:
     m = EngineMetrics()
     m.events_in("clickstream", 5)
     m.dead_letter("too_late")
-    m.observe_batch(5, 0.01)
+    m.observe_batch(5, 0.01, wait_s=0.04)
+    m.observe_batch(3, 0.02, wait_s=-0.5)  # producer clock ahead: counted as no wait
     m.migration("rfm", "Loyal", "At Risk", latency_s=0.02)
     m.migration("rfm", None, "New Customers")
     m.observe_latency(0.5)
@@ -117,6 +118,11 @@ def test_helpers_set_the_values() -> None:
     assert s['segstream_migrations_total{from_segment="",scheme="rfm",to_segment="New Customers"}'
              ] == 1
     assert s["segstream_migration_latency_seconds_count"] == 2
+    assert s["segstream_batch_wait_seconds_count"] == 2
+    assert s['segstream_batch_wait_seconds_bucket{le="0.005"}'] == 1
+    assert s['segstream_batch_wait_seconds_bucket{le="0.03"}'] == 1
+    assert s['segstream_batch_wait_seconds_bucket{le="0.05"}'] == 2
+    assert s["segstream_batch_wait_seconds_sum"] == pytest.approx(0.04)
     assert s['segstream_migration_latency_seconds_bucket{le="0.02"}'] == 1
     assert s['segstream_redis_errors_total{op="commit"}'] == 1
     assert s['segstream_redis_roundtrip_seconds_count{op="commit"}'] == 1

@@ -1,0 +1,112 @@
+"""Where a latency phase's time went inside the worker, from its own ``/metrics``.
+
+The end-to-end latency of ``segstream bench`` runs from an input record's Kafka timestamp
+to the migration's. Inside it, the worker's histograms tell apart what happened before
+processing started (``segstream_batch_wait_seconds``: from the batch's oldest record's
+timestamp to the start of the batch, so the produce, the fetch, the wait behind the
+previous batch and the gathering) from the processing itself (``segstream_batch_seconds``:
+load, evaluate, commit, publish). The worker is scraped before and after a phase; the
+difference of the cumulative buckets is that phase's distribution, and its quantiles are
+estimated as Prometheus' ``histogram_quantile`` does (linear within the bucket).
+
+>>> histogram_quantile(0.5, [(0.01, 2.0), (0.02, 6.0), (float("inf"), 8.0)])
+0.015
+"""
+
+from __future__ import annotations
+
+import math
+import urllib.request
+from collections.abc import Sequence
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+#: histogram families read, without the ``segstream_`` prefix
+FAMILIES = ("batch_wait_seconds", "batch_seconds", "batch_size")
+
+Buckets = list[tuple[float, float]]  # (upper bound, cumulative count), ascending
+
+
+def histogram_quantile(q: float, buckets: Sequence[tuple[float, float]]) -> float | None:
+    """The ``q`` quantile of cumulative ``buckets``, interpolated linearly within the
+    bucket that holds it (the lowest bucket from 0); None without observations. A
+    quantile in the ``+Inf`` bucket is the largest finite bound."""
+    if not buckets or buckets[-1][1] <= 0:
+        return None
+    rank = q * buckets[-1][1]
+    lower, below = 0.0, 0.0
+    for bound, count in buckets:
+        if count >= rank and count > below:
+            if math.isinf(bound):
+                return lower
+            return lower + (bound - lower) * (rank - below) / (count - below)
+        lower, below = bound, count
+    return lower
+
+
+def parse(text: str, prefix: str = "segstream_") -> dict[str, dict[str, Any]]:
+    """The :data:`FAMILIES` histograms of a scrape: buckets, sum and count of each."""
+    out: dict[str, dict[str, Any]] = {}
+    for fam in text_string_to_metric_families(text):
+        name = fam.name.removeprefix(prefix)
+        if name not in FAMILIES:
+            continue
+        h: dict[str, Any] = {"buckets": [], "sum": 0.0, "count": 0.0}
+        for s in fam.samples:
+            if s.name.endswith("_bucket"):
+                h["buckets"].append((float(s.labels["le"]), float(s.value)))
+            elif s.name.endswith("_sum"):
+                h["sum"] = float(s.value)
+            elif s.name.endswith("_count"):
+                h["count"] = float(s.value)
+        h["buckets"].sort()
+        out[name] = h
+    return out
+
+
+def scrape(url: str, token: str | None = None, timeout: float = 5.0
+           ) -> dict[str, dict[str, Any]] | None:
+    """:func:`parse` of the worker's ``/metrics`` at ``url``; None if it cannot be read."""
+    req = urllib.request.Request(url)
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return parse(resp.read().decode())
+    except OSError:
+        return None
+
+
+def _delta(before: dict[str, Any] | None, after: dict[str, Any]) -> dict[str, Any]:
+    if before is None:
+        return after
+    old = dict(before["buckets"])
+    return {"buckets": [(b, c - old.get(b, 0.0)) for b, c in after["buckets"]],
+            "sum": after["sum"] - before["sum"], "count": after["count"] - before["count"]}
+
+
+def summary(before: dict[str, dict[str, Any]] | None, after: dict[str, dict[str, Any]] | None
+            ) -> dict[str, Any] | None:
+    """What the worker did between two scrapes: batches, mean records per batch, and
+    p50/p95/p99 of the wait before a batch and of its processing, in ms."""
+    if after is None or any(f not in after for f in FAMILIES):
+        return None
+    d = {f: _delta((before or {}).get(f), after[f]) for f in FAMILIES}
+    batches = round(d["batch_seconds"]["count"])
+    if batches <= 0:
+        return None
+
+    def ms(name: str) -> dict[str, float | None]:
+        qs = {f"p{int(q * 100)}": histogram_quantile(q, d[name]["buckets"])
+              for q in (0.5, 0.95, 0.99)}
+        return {k: None if v is None else round(v * 1000, 1) for k, v in qs.items()}
+
+    return {
+        "batches": batches,
+        "records": round(d["batch_size"]["sum"]),
+        "mean_batch_records": round(d["batch_size"]["sum"] / batches, 1),
+        "batch_wait_ms": ms("batch_wait_seconds"),
+        "batch_processing_ms": ms("batch_seconds"),
+        "mean_batch_processing_ms": round(d["batch_seconds"]["sum"] / batches * 1000, 1),
+    }

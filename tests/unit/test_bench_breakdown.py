@@ -1,0 +1,93 @@
+"""The benchmark's per-phase account of the worker's batches, from its real /metrics text."""
+
+from __future__ import annotations
+
+import math
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bench import breakdown
+from stream.metrics import LATENCY_BUCKETS, EngineMetrics
+
+
+def _scraped(m: EngineMetrics) -> dict:
+    return breakdown.parse(m.render()[0].decode())
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(0.0, 12.0), min_size=1, max_size=200),
+       st.sampled_from([0.5, 0.95, 0.99]))
+def test_quantile_lies_in_the_bucket_of_the_true_quantile(waits: list[float], q: float) -> None:
+    m = EngineMetrics()
+    for w in waits:
+        m.observe_batch(10, 0.01, wait_s=w)
+    h = _scraped(m)["batch_wait_seconds"]
+    assert h["count"] == len(waits)
+    est = breakdown.histogram_quantile(q, h["buckets"])
+    # The observation of rank ceil(q n) is the q quantile; the estimate must lie in the
+    # bucket (lower, upper] holding it (Prometheus' bucket semantics: value <= le).
+    true = sorted(waits)[max(0, math.ceil(q * len(waits)) - 1)]
+    bounds = (0.0, *LATENCY_BUCKETS)
+    upper = next((b for b in LATENCY_BUCKETS if true <= b), math.inf)
+    lower = max(b for b in bounds if b < upper) if true > 0 else 0.0
+    assert est is not None
+    if math.isinf(upper):
+        assert est == LATENCY_BUCKETS[-1]
+    else:
+        assert lower - 1e-12 <= est <= upper + 1e-12
+
+
+def test_summary_is_the_difference_of_two_scrapes() -> None:
+    m = EngineMetrics()
+    for _ in range(3):
+        m.observe_batch(1000, 2.0, wait_s=5.0)
+    before = _scraped(m)
+    for n in (10, 20, 30, 40):
+        m.observe_batch(n, 0.004, wait_s=0.012)
+    s = breakdown.summary(before, _scraped(m))
+    assert s is not None
+    assert s["batches"] == 4 and s["records"] == 100 and s["mean_batch_records"] == 25.0
+    assert s["mean_batch_processing_ms"] == 4.0
+    # Only the later batches: every quantile inside (10, 15] ms and (2.5, 5] ms.
+    assert all(10.0 <= v <= 15.0 for v in s["batch_wait_ms"].values())
+    assert all(2.5 <= v <= 5.0 for v in s["batch_processing_ms"].values())
+    # Linear within the bucket, as Prometheus' histogram_quantile: rank 2 of 4 in (10, 15].
+    assert s["batch_wait_ms"]["p50"] == 12.5
+    assert breakdown.histogram_quantile(0.5, [(0.01, 2.0), (0.02, 6.0), (math.inf, 8.0)]
+                                        ) == 0.015
+    assert breakdown.histogram_quantile(0.99, [(0.01, 2.0), (math.inf, 8.0)]) == 0.01
+    assert breakdown.summary(before, before) is None  # no batch in between
+    assert breakdown.summary(before, None) is None
+
+
+def test_scrape_reads_a_served_page_and_gives_none_when_unreachable() -> None:
+    m = EngineMetrics()
+    m.observe_batch(7, 0.02, wait_s=0.03)
+    body, content_type = m.render()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            ok = self.headers.get("Authorization") == "Bearer t0k"
+            self.send_response(200 if ok else 401)
+            self.send_header("Content-Type", content_type)
+            self.end_headers()
+            self.wfile.write(body if ok else b"")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/metrics"
+        got = breakdown.scrape(url, "t0k")
+        assert got is not None and got["batch_size"]["sum"] == 7.0
+        assert got["batch_wait_seconds"]["count"] == 1.0
+        assert breakdown.scrape(url, "wrong") is None  # 401 is an error, not a page
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert breakdown.scrape(url, "t0k", timeout=0.5) is None

@@ -25,11 +25,9 @@ from prometheus_client.parser import text_string_to_metric_families
 #: histogram families read, without the ``segstream_`` prefix
 FAMILIES = ("batch_wait_seconds", "batch_seconds", "batch_size")
 
-Buckets = list[tuple[float, float]]  # (upper bound, cumulative count), ascending
-
-
 def histogram_quantile(q: float, buckets: Sequence[tuple[float, float]]) -> float | None:
-    """The ``q`` quantile of cumulative ``buckets``, interpolated linearly within the
+    """The ``q`` quantile of cumulative ``buckets`` ((upper bound, cumulative count),
+    ascending), interpolated linearly within the
     bucket that holds it (the lowest bucket from 0); None without observations. A
     quantile in the ``+Inf`` bucket is the largest finite bound."""
     if not buckets or buckets[-1][1] <= 0:

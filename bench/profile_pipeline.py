@@ -81,7 +81,7 @@ class _Scoring(StaticScoring):
 
     async def refresh(self, force: bool = False) -> None:
         self._calls += 1
-        if force or self._calls % self.every == 1 or self.every == 1:
+        if force or (self._calls - 1) % self.every == 0:
             await super().refresh(force)
 
     def context(self, now_ms: int) -> ScoringContext:
@@ -107,12 +107,16 @@ class Result:
         return self.cpu_s / max(1, self.events) * 1e6
 
 
+def _topics(s: Settings) -> dict[str, str]:
+    return {"clickstream": s.clickstream_topic, "transactions": s.transactions_topic}
+
+
 def backlog_batches(w: wl.Workload, s: Settings, batch_max: int
                     ) -> tuple[list[list[RawRecord]], dict[tuple[str, int], int]]:
     """The workload's records as a worker's batches: an equal share of every partition of
     both topics per batch, each partition's records in offset order. Also returns the
     next offset of every (topic, partition)."""
-    topic = {"clickstream": s.clickstream_topic, "transactions": s.transactions_topic}
+    topic = _topics(s)
     per = {(topic[kind], p): [RawRecord(topic[kind], p, i, k, v, 0)
                               for i, (k, v) in enumerate(recs)]
            for (kind, p), recs in w.records.items()}
@@ -131,7 +135,7 @@ def live_stream(customers: int, seed: int, start_ms: int, s: Settings, warm: int
                 ) -> tuple[list[RawRecord], list[RawRecord]]:
     """Fresh events of the same customers at wall-clock pace: ``warm`` at 7,200/s, then
     ``n`` at 5,000/s, numbered after the backlog's offsets."""
-    topic = {"clickstream": s.clickstream_topic, "transactions": s.transactions_topic}
+    topic = _topics(s)
     fresh = wl.live_records(warm + n, customers, seed + 7919, start_ms, s.partitions)
     first, nxt = wl.at_wall_pace(fresh[:warm], start_ms, WARM_RATE)
     second, _ = wl.at_wall_pace(fresh[warm:], nxt, LIVE_RATE)
@@ -189,8 +193,8 @@ async def _timed(bp: BatchProcessor, batches: Sequence[Sequence[RawRecord]], nam
 
 async def run(events: int, customers: int, *, seed: int = 1, live: int = 0, warm: int = 0,
               live_batch: int = 120, models: bool = True,
-              prof: cProfile.Profile | None = None) -> list[Result]:
-    """Time the backlog, then (with ``live``) the live stream; one :class:`Result` each."""
+              prof: cProfile.Profile | None = None) -> Result:
+    """Time the backlog or, with ``live``, the live stream after an untimed backlog."""
     s = Settings()
     w = wl.build(events, customers, seed, s.partitions)
     batches, offsets = backlog_batches(w, s, s.batch_max)
@@ -206,19 +210,15 @@ async def run(events: int, customers: int, *, seed: int = 1, live: int = 0, warm
                        personas=ctx.personas if models else None)
     bp = BatchProcessor(s, store, _Published(), clock=lambda: wall_s, scoring=scoring)
     tune_gc(s)
-    out = []
-    if live:
-        for batch in batches:
-            await bp.process(batch)
-        for k in range(0, len(warm_recs), s.batch_max):
-            await bp.process(warm_recs[k:k + s.batch_max])
-        scoring.every = LIVE_REFRESH_BATCHES
-        live_batches = [live_recs[k:k + live_batch]
-                        for k in range(0, len(live_recs), live_batch)]
-        out.append(await _timed(bp, live_batches, "live", prof))
-    else:
-        out.append(await _timed(bp, batches, "backlog", prof))
-    return out
+    if not live:
+        return await _timed(bp, batches, "backlog", prof)
+    for batch in batches:
+        await bp.process(batch)
+    for k in range(0, len(warm_recs), s.batch_max):
+        await bp.process(warm_recs[k:k + s.batch_max])
+    scoring.every = LIVE_REFRESH_BATCHES
+    live_batches = [live_recs[k:k + live_batch] for k in range(0, len(live_recs), live_batch)]
+    return await _timed(bp, live_batches, "live", prof)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -236,13 +236,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--top", type=int, default=25)
     a = p.parse_args(argv)
     prof = cProfile.Profile() if a.profile else None
-    results = asyncio.run(run(a.events, a.customers, seed=a.seed, live=a.live, warm=a.warm,
-                              live_batch=a.live_batch, models=not a.no_models, prof=prof))
-    for r in results:
-        print(f"{r.workload}: {r.events:,} events in {r.batches} batches, "
-              f"{r.us_per_event:.1f} CPU us/event; {r.migrations:,} migrations, "
-              f"{r.published:,} records published, {r.dead_letters} dead letters; "
-              f"digest {r.digest}")
+    r = asyncio.run(run(a.events, a.customers, seed=a.seed, live=a.live, warm=a.warm,
+                        live_batch=a.live_batch, models=not a.no_models, prof=prof))
+    print(f"{r.workload}: {r.events:,} events in {r.batches} batches, "
+          f"{r.us_per_event:.1f} CPU us/event; {r.migrations:,} migrations, "
+          f"{r.published:,} records published, {r.dead_letters} dead letters; "
+          f"digest {r.digest}")
     if prof is not None:
         buf = io.StringIO()
         pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(a.top)

@@ -404,16 +404,18 @@ class Engine:
                 self.settings.batch_max, self.settings.batch_within_s,
                 partial(kafka_backlog, self.app, self.settings.input_topics),
                 lambda: bool(stream.should_stop)):
-            t0 = time.perf_counter()
-            oldest = min((r.timestamp_ms for r in records if r.timestamp_ms is not None),
-                         default=None)
-            wait_s = time.time() - oldest / 1000 if oldest is not None else None
+            t0, started = time.perf_counter(), time.time()
             async with self.lock:
                 stats = await processor.process(records)
             self.last_batch_end = time.monotonic()
             by_topic: dict[str, int] = {}
+            oldest: int | None = None
             for rec in records:
                 by_topic[rec.topic] = by_topic.get(rec.topic, 0) + 1
+                ts = rec.timestamp_ms
+                if ts is not None and (oldest is None or ts < oldest):
+                    oldest = ts
+            wait_s = started - oldest / 1000 if oldest is not None else None
             self.backend.on_batch(by_topic, stats, time.perf_counter() - t0, wait_s)
             yield len(records)
 

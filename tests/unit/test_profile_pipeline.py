@@ -23,9 +23,9 @@ def test_backlog_batches_keep_every_record_once_in_offset_order() -> None:
 
 
 def test_backlog_is_applied_whole_and_digest_tracks_the_output() -> None:
-    a = asyncio.run(pp.run(3_000, 300, seed=1, models=False))[0]
-    b = asyncio.run(pp.run(3_000, 300, seed=1, models=False))[0]
-    c = asyncio.run(pp.run(3_000, 300, seed=2, models=False))[0]
+    a = asyncio.run(pp.run(3_000, 300, seed=1, models=False))
+    b = asyncio.run(pp.run(3_000, 300, seed=1, models=False))
+    c = asyncio.run(pp.run(3_000, 300, seed=2, models=False))
     assert a.events == 3_000 and a.dead_letters == 0
     assert a.applied == a.events  # nothing dropped, nothing below a watermark
     assert a.migrations > 0 and a.published >= a.migrations
@@ -34,8 +34,8 @@ def test_backlog_is_applied_whole_and_digest_tracks_the_output() -> None:
 
 
 def test_live_events_continue_the_backlog_offsets_and_move_few_customers() -> None:
-    backlog = asyncio.run(pp.run(3_000, 300, seed=1))[0]
-    live = asyncio.run(pp.run(3_000, 300, seed=1, live=2_000, warm=1_000, live_batch=50))[0]
+    backlog = asyncio.run(pp.run(3_000, 300, seed=1))
+    live = asyncio.run(pp.run(3_000, 300, seed=1, live=2_000, warm=1_000, live_batch=50))
     assert live.workload == "live" and live.events == 2_000 and live.batches == 40
     # Offsets after the backlog's: a restart at 0 would be skipped as below the watermark.
     assert live.applied == 2_000 and live.dead_letters == 0

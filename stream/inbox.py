@@ -110,6 +110,8 @@ class Inbox:
                 kept.append(chunk)
         self._chunks = kept
         self.size -= dropped
+        if not kept:
+            self._arrived.clear()
         self._update_room()
         return dropped
 
@@ -183,6 +185,9 @@ class Inbox:
         clock = time.monotonic
         while not should_stop():
             if not self.size:
+                # Cleared first: a set event returns from wait() without ever suspending,
+                # and this loop would then hold the event loop (and the rebalance) forever.
+                self._arrived.clear()
                 await self._arrived.wait()
                 continue
             deadline = clock() + within_s
@@ -194,5 +199,7 @@ class Inbox:
             if should_stop():
                 return
             batch = self.take(max_)
+            if not batch.records:
+                continue  # a revoke dropped everything while the batch gathered
             yield batch.records
             self.done(batch)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections import defaultdict
 from types import SimpleNamespace
 from typing import Any, NamedTuple
@@ -244,6 +245,70 @@ def test_batches_stop_gathering_after_within() -> None:
         return [r.offset for r in batch]
 
     assert asyncio.run(run()) == [1]
+
+
+def _run_guarded(coro_fn: Any, stop: threading.Event, limit_s: float = 10.0) -> bool:
+    """Run ``coro_fn()`` on an event loop in a thread; False if it did not end in time
+    (then ``stop`` is set, which a spinning ``batches`` loop checks, and the thread ends)."""
+    thread = threading.Thread(target=lambda: asyncio.run(coro_fn()), daemon=True)
+    thread.start()
+    thread.join(limit_s)
+    ended = not thread.is_alive()
+    stop.set()
+    thread.join(limit_s)
+    return ended
+
+
+def test_after_a_revoke_emptied_the_inbox_the_ingest_loop_still_yields_to_the_event_loop(
+) -> None:
+    """A rebalance revoked the only partition with records waiting while a batch was being
+    processed: asking for the next batch must wait, not spin without ever suspending
+    (which froze the worker's event loop, and with it the rebalance's assignment)."""
+    box, acks = inbox()
+    stop = threading.Event()
+    seen: dict[str, Any] = {}
+
+    async def run() -> None:
+        await box.put(A, recs(A, [1]))
+        it = box.batches(100, within_s=5.0, backlog=lambda: 0, should_stop=stop.is_set)
+        assert [r.offset for r in await it.__anext__()] == [1]  # being processed...
+        await box.put(A, recs(A, [2]))  # ...when more arrives,
+        assert box.revoke([A]) == 1  # and a rebalance takes the partition away
+        nxt = asyncio.ensure_future(it.__anext__())
+        turns = 0
+        for _ in range(5):
+            await asyncio.sleep(0.01)  # the event loop keeps turning
+            turns += 1
+        seen["turns"] = turns
+        await box.put(B, recs(B, [7]))  # and new records still come through
+        seen["next"] = [(r.partition, r.offset) for r in await asyncio.wait_for(nxt, 2)]
+        await it.aclose()
+
+    assert _run_guarded(run, stop), "batches() held the event loop after the revoke"
+    assert seen == {"turns": 5, "next": [(1, 7)]}
+    assert acks.calls == []  # the revoked partition's batch acks nothing
+
+
+def test_a_revoke_while_a_batch_gathers_never_hands_over_an_empty_batch() -> None:
+    box, _ = inbox()
+    stop = threading.Event()
+    got: list[list[tuple[int, int]]] = []
+
+    async def run() -> None:
+        await box.put(A, recs(A, [1]))
+        # Kafka reports more to come, so the batch gathers for within_s.
+        it = box.batches(100, within_s=0.1, backlog=lambda: 10, should_stop=stop.is_set)
+        nxt = asyncio.ensure_future(it.__anext__())
+        await asyncio.sleep(0.02)
+        box.revoke([A])
+        await asyncio.sleep(0.2)  # the gathering deadline passes with nothing left
+        assert not nxt.done()
+        await box.put(B, recs(B, [5]))
+        got.append([(r.partition, r.offset) for r in await asyncio.wait_for(nxt, 2)])
+        await it.aclose()
+
+    assert _run_guarded(run, stop)
+    assert got == [[(1, 5)]]
 
 
 def test_a_batch_whose_processing_failed_is_never_acked() -> None:

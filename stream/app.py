@@ -29,6 +29,7 @@ from stream.redisconn import redis_client
 from stream.runtime import ScoringRuntime, load_rules
 from stream.settings import Settings
 from stream.sweep import Sweeper
+from stream.watchdog import LoopWatchdog
 from stream.web import add_routes
 
 log = logging.getLogger(__name__)
@@ -315,6 +316,7 @@ class Engine:
         self.app.on_partitions_revoked.connect(self._on_partitions_revoked)
         self.app.timer(SWEEP_CHECK_S)(self._sweep)
         self.app.timer(STATS_INTERVAL_S)(self._sample_stats)
+        self.app.task(self._watch_loop)
         self.examples = self.app.topic(
             settings.examples_topic, key_type=bytes, value_type=bytes,
             key_serializer="raw", value_serializer="raw", partitions=1,
@@ -380,6 +382,9 @@ class Engine:
             q["version"] = m.version
             out[name] = q
         return out
+
+    async def _watch_loop(self) -> None:
+        await LoopWatchdog(self.metrics.observe_loop_lag).run()
 
     async def _sample_stats(self) -> None:
         try:

@@ -46,6 +46,9 @@ BATCH_SIZE_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2000, 5000, 1000
 BATCH_SECONDS_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )
+LOOP_LAG_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)
 REDIS_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
 )
@@ -59,6 +62,9 @@ _FAMILIES: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
     ("histogram", "batch_wait_seconds",
      "Seconds from the oldest record's Kafka timestamp to the start of its micro-batch "
      "(produce, fetch, waiting and gathering).", ()),
+    ("histogram", "event_loop_lag_seconds",
+     "Seconds later than asked that the worker's event loop woke a periodic check "
+     "(code holding the loop delays everything else).", ()),
     ("counter", "commit_conflicts",
      "Partition commits refused by the version fence (another owner moved on).", ()),
     ("histogram", "migration_latency_seconds",
@@ -122,6 +128,7 @@ class EngineMetrics:
             "batch_size": BATCH_SIZE_BUCKETS,
             "batch_seconds": BATCH_SECONDS_BUCKETS,
             "batch_wait_seconds": LATENCY_BUCKETS,
+            "event_loop_lag_seconds": LOOP_LAG_BUCKETS,
             "migration_latency_seconds": LATENCY_BUCKETS,
             "redis_roundtrip_seconds": REDIS_BUCKETS,
         }
@@ -161,6 +168,10 @@ class EngineMetrics:
             self._m["batch_wait_seconds"].observe(max(0.0, wait_s))
         if conflicts:
             self._m["commit_conflicts"].inc(conflicts)
+
+    def observe_loop_lag(self, seconds: float) -> None:
+        """Record how late the event loop ran a periodic check (``stream.watchdog``)."""
+        self._m["event_loop_lag_seconds"].observe(max(0.0, seconds))
 
     # -- migrations ------------------------------------------------------------------------
     def migration(

@@ -415,6 +415,13 @@ def test_every_referenced_metric_is_in_the_live_scrape(live: Live) -> None:
     assert not missing, missing
 
 
+def test_the_worker_measures_its_event_loop_lag(live: Live) -> None:
+    """The loop watchdog runs in the worker: its lag histogram has observations."""
+    body = live.get("/metrics").body.decode()
+    found = re.search(r"^segstream_event_loop_lag_seconds_count (\S+)$", body, re.M)
+    assert found and float(found.group(1)) > 0, "no event loop lag observed"
+
+
 @needs_prometheus
 def test_prometheus_scrapes_segment_populations(live: Live) -> None:
     prom = live.prometheus

@@ -76,6 +76,8 @@ def exercised() -> EngineMetrics:
     m.observe_latency(0.5)
     m.set_lag("clickstream", 0, 7)
     m.set_partitions_assigned(6)
+    m.observe_loop_lag(0.003)
+    m.observe_loop_lag(-0.001)  # a clock step back: counted as on time
     with m.redis_call("load"):
         pass
     with pytest.raises(ConnectionError), m.redis_call("commit"):
@@ -123,6 +125,9 @@ def test_helpers_set_the_values() -> None:
     assert s['segstream_batch_wait_seconds_bucket{le="0.03"}'] == 1
     assert s['segstream_batch_wait_seconds_bucket{le="0.05"}'] == 2
     assert s["segstream_batch_wait_seconds_sum"] == pytest.approx(0.04)
+    assert s['segstream_event_loop_lag_seconds_bucket{le="0.001"}'] == 1
+    assert s['segstream_event_loop_lag_seconds_bucket{le="0.005"}'] == 2
+    assert s["segstream_event_loop_lag_seconds_sum"] == pytest.approx(0.003)
     assert s['segstream_migration_latency_seconds_bucket{le="0.02"}'] == 1
     assert s['segstream_redis_errors_total{op="commit"}'] == 1
     assert s['segstream_redis_roundtrip_seconds_count{op="commit"}'] == 1
@@ -280,6 +285,21 @@ RULE_TESTS: list[dict[str, Any]] = [
                    {"severity": "warning", "topic": "clickstream"},
                    {**_annotations("SegstreamConsumerLagGrowing"),
                     "summary": "consumer lag on clickstream keeps growing (3500 records)"}),
+        ],
+    },
+    {   # the event loop runs on time for 20 minutes, then half its checks wake 1-2.5 s late
+        "interval": "1m",
+        "input_series": [
+            {"series": f'segstream_event_loop_lag_seconds_bucket{{instance="w1",le="{le}"}}',
+             "values": values}
+            for le, values in (("0.01", "0+120x20 2400+60x20"), ("1.0", "0+120x20 2400+60x20"),
+                               ("2.5", "0+120x40"), ("+Inf", "0+120x40"))
+        ],
+        "alert_rule_test": [
+            _alert("SegstreamEventLoopStalls", "15m", None),
+            _alert("SegstreamEventLoopStalls", "40m", {"severity": "warning", "instance": "w1"},
+                   {**_annotations("SegstreamEventLoopStalls"),
+                    "summary": "w1: the worker's event loop runs 2.47s late (p99)"}),
         ],
     },
     {   # AUC falls from 0.85 to 0.75 after an hour; one drift alarm

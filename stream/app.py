@@ -6,13 +6,14 @@ import asyncio
 import gc
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import faust
 import redis.asyncio as aioredis
+from aiokafka import TopicPartition
 from faust import transport
 from faust.transport.drivers import aiokafka as fa
 
@@ -80,41 +81,94 @@ class _Consumer(EagerDelivery, fa.Consumer):
                 yield item
             return
         records, active = await self._wait_next_records(timeout)
+        generation = self.app.consumer_generation_id
         if records is None or self.should_stop:
             return
         if not self.flow_active:
-            # As Faust does: go back to the committed offsets before fetching again.
+            # As Faust does: go back to the committed offsets before fetching again, and
+            # first to what this fetch returned where nothing was committed yet.
             for tp in records:
                 inbox.forget_position(tp)
+            await self._fetch_again(records, generation, "the flow stopped")
             try:
                 await self.perform_seek()
             except Exception as exc:
                 self.log.warning("seek to committed offsets failed: %r", exc)
             return
-        generation = self.app.consumer_generation_id
         others = {}
+        input_tps = [tp for tp in records if tp.topic in inbox.topics]
+        for i, tp in enumerate(input_tps):
+            recs = records[tp]
+            if not (active is None or tp in active or tp in self._buffered_partitions):
+                inbox.forget_position(tp)
+                await self._fetch_again({tp: recs}, generation, "partition paused")
+                continue
+            kept = await inbox.put(tp, [RawRecord(r.topic, r.partition, r.offset, r.key,
+                                                  r.value, r.timestamp) for r in recs])
+            if (not kept or not self.flow_active
+                    or self.app.consumer_generation_id != generation):
+                # A rebalance began while the inbox had no room: what this fetch returned
+                # for the partitions not put is dropped, and fetched again.
+                rest = {t: records[t] for t in input_tps[i if not kept else i + 1:]}
+                rest.update((t, r) for t, r in records.items() if t.topic not in inbox.topics)
+                for t in records:
+                    inbox.forget_position(t)
+                await self._fetch_again(rest, generation, "a rebalance began")
+                return
+            self._read_offset[tp] = recs[-1].offset
         for tp, recs in records.items():
             if tp.topic not in inbox.topics:
                 others[tp] = recs
-                continue
-            if not (active is None or tp in active or tp in self._buffered_partitions):
-                inbox.forget_position(tp)
-                continue
-            await inbox.put(tp, [RawRecord(r.topic, r.partition, r.offset, r.key, r.value,
-                                           r.timestamp) for r in recs])
-            if not self.flow_active or self.app.consumer_generation_id != generation:
-                # A rebalance began while the inbox had no room: what this fetch returned
-                # for the other partitions is dropped (and fetched again after the seek).
-                for rest in records:
-                    inbox.forget_position(rest)
-                return
-            self._read_offset[tp] = recs[-1].offset
         to_message = self._to_message
         for tp, record in self.scheduler.iterate(others):
             if not self.flow_active or self.app.consumer_generation_id != generation:
                 break
             if active is None or tp in active or tp in self._buffered_partitions:
                 yield tp, to_message(tp, record)
+
+    async def _fetch_again(self, dropped: Mapping[Any, Sequence[Any]], generation: int,
+                           why: str) -> None:
+        """Records a fetch returned and the inbox did not take: make the next fetch of each
+        partition start at the first of them again.
+
+        Faust only seeks back to the committed offsets, and aiokafka's ``seek_to_committed``
+        leaves a partition where it is when nothing was committed for it yet (offset None or
+        0): the records would then be skipped for good. A fetch that began before a
+        rebalance can return, during it, records of partitions the new assignment just
+        gave this worker (aiokafka re-reads the active set Faust passes it while it waits).
+
+        The seek runs on the consumer's own thread, and only if the assignment is still the
+        one the records were fetched under: a newer one positions every partition itself.
+        """
+        firsts = {tp: recs[0].offset for tp, recs in dropped.items() if recs}
+        if not firsts:
+            return
+        thread = self._thread
+
+        async def seek() -> list[tuple[Any, int]]:
+            consumer = thread._ensure_consumer()
+            if consumer._coordinator.generation != generation:
+                return []
+            assigned = consumer.assignment()
+            done = []
+            for tp, offset in firsts.items():
+                ktp = TopicPartition(tp.topic, tp.partition)
+                if ktp in assigned:
+                    consumer.seek(ktp, offset)
+                    done.append((tp, offset))
+            return done
+
+        try:
+            done = await thread.call_thread(seek)
+        except Exception as exc:
+            self.log.warning("seek back to %d fetched partitions failed: %r", len(firsts), exc)
+            return
+        for tp, _ in done:
+            self._read_offset.pop(tp, None)
+        if done:
+            self.log.info("%s: %d fetched input records not taken; fetching them again (%s)",
+                          why, sum(len(dropped[tp]) for tp, _ in done),
+                          ", ".join(f"{tp.topic}[{tp.partition}]@{o}" for tp, o in done))
 
     def _new_consumer_thread(self) -> fa.AIOKafkaConsumerThread:
         return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)

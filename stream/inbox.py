@@ -78,11 +78,14 @@ class Inbox:
         self._last: dict[Any, int] = {}
         self._owned: set[Any] = set()
         self._arrived = asyncio.Event()
+        #: counts assignments and revokes: a put that waited for room across one drops its records
+        self._epoch = 0
         self._room = asyncio.Event()
         self._room.set()
 
     def assign(self, tps: Iterable[Any]) -> None:
         """These partitions are now this worker's (they start from wherever Kafka puts them)."""
+        self._epoch += 1
         for tp in tps:
             if tp.topic in self.topics:
                 self._owned.add(tp)
@@ -95,6 +98,7 @@ class Inbox:
 
     def revoke(self, tps: Iterable[Any]) -> int:
         """These partitions left: drop what waits of them; returns how many records."""
+        self._epoch += 1
         gone = {tp for tp in tps if tp.topic in self.topics}
         if not gone:
             return 0
@@ -115,19 +119,28 @@ class Inbox:
         self._update_room()
         return dropped
 
-    async def put(self, tp: Any, records: Sequence[RawRecord]) -> None:
+    async def put(self, tp: Any, records: Sequence[RawRecord]) -> bool:
         """Add one partition's fetched records (in offset order); waits while the inbox
         is full. Records at or below the last offset already put are ignored. A list given
-        here is kept as it is (not copied): the caller hands it over."""
+        here is kept as it is (not copied): the caller hands it over.
+
+        Returns False, keeping nothing, when partitions were assigned or revoked while it
+        waited for room: a rebalance happened, the consumer goes back to the committed
+        offsets, and records fetched before it must not be taken (a revoked partition's
+        would be processed by a worker that no longer owns it; one that came back would
+        leave a hole between its committed offset and these records)."""
+        epoch = self._epoch
         while self.size >= self.capacity:
             self._room.clear()
             await self._room.wait()
+        if self._epoch != epoch:
+            return False
         last = self._last.get(tp)
         # Only a fetch after a seek back repeats offsets: the usual one is taken as it is.
         if last is not None and records and records[0].offset <= last:
             records = [r for r in records if r.offset > last]
         if not records:
-            return
+            return True
         start = records[0].offset if last is None else last + 1
         self._last[tp] = records[-1].offset
         # A chunk is split in place by take(): keep a list of our own.
@@ -135,6 +148,7 @@ class Inbox:
         self._chunks.append(_Chunk(tp, own, start))
         self.size += len(records)
         self._arrived.set()
+        return True
 
     def take(self, max_: int) -> Batch:
         """Up to ``max_`` waiting records, oldest fetch first (a chunk may be split)."""
@@ -182,6 +196,8 @@ class Inbox:
         or was cancelled) is never acked, so its records are fetched again after a
         restart or a rebalance.
         """
+        if max_ < 1:
+            raise ValueError("a batch holds at least one record")
         clock = time.monotonic
         while not should_stop():
             if not self.size:

@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import faulthandler
+import logging
 import sys
 from collections.abc import Callable
 from typing import IO, Any
+
+log = logging.getLogger(__name__)
 
 #: How often the loop is checked.
 INTERVAL_S = 0.5
@@ -45,9 +48,16 @@ class LoopWatchdog:
     async def run(self) -> None:
         """Watch until cancelled (the timer is disarmed when this returns)."""
         loop = asyncio.get_running_loop()
+        dump = True
         try:
             while True:
-                faulthandler.dump_traceback_later(self.stall_s, file=self.file)
+                if dump:
+                    try:
+                        faulthandler.dump_traceback_later(self.stall_s, file=self.file)
+                    except (AttributeError, OSError, ValueError, NotImplementedError) as exc:
+                        # e.g. a stderr replaced by an object without a file descriptor
+                        log.warning("no stack dump of a stalled event loop: %r", exc)
+                        dump = False
                 asked = loop.time() + self.interval_s
                 await asyncio.sleep(self.interval_s)
                 self.observe(max(0.0, loop.time() - asked))

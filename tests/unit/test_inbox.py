@@ -179,7 +179,10 @@ def test_put_waits_while_the_inbox_is_full() -> None:
     asyncio.run(run())
 
 
-def test_a_full_inbox_makes_room_when_a_revoke_drops_records() -> None:
+def test_a_full_inbox_makes_room_when_a_revoke_drops_records_and_the_waiting_put_keeps_nothing(
+) -> None:
+    """The rebalance that revoked A sends the consumer back to the committed offsets of
+    every partition it keeps: B's records fetched before it would be fetched twice."""
     box, _ = inbox(capacity=2)
 
     async def run() -> None:
@@ -188,10 +191,33 @@ def test_a_full_inbox_makes_room_when_a_revoke_drops_records() -> None:
         await asyncio.sleep(0.01)
         assert not waiting.done()
         box.revoke([A])
-        await asyncio.wait_for(waiting, 1)
-        assert [r.partition for r in box.take(5).records] == [1]
+        assert await asyncio.wait_for(waiting, 1) is False
+        assert box.size == 0 and box.take(5).records == []
+        assert await box.put(B, recs(B, [1])) is True  # fetched again after the seek
+        assert [r.offset for r in box.take(5).records] == [1]
 
     asyncio.run(run())
+
+
+def test_a_partition_revoked_and_assigned_back_while_a_put_waited_leaves_no_hole() -> None:
+    """Without the drop, the stale records [3, 4] would be taken and the fetch after the
+    seek (from the committed offset 1) would lose 1 and 2 as 'already put'."""
+    box, acks = inbox(capacity=2)
+
+    async def run() -> list[int]:
+        await box.put(B, recs(B, [1, 2]))
+        waiting = asyncio.ensure_future(box.put(A, recs(A, [3, 4])))
+        await asyncio.sleep(0.01)
+        box.revoke([A, B])
+        box.assign([A, B])
+        assert await asyncio.wait_for(waiting, 1) is False
+        assert await box.put(A, recs(A, [1, 2, 3, 4])) is True
+        batch = box.take(10)
+        box.done(batch)
+        return [r.offset for r in batch.records]
+
+    assert asyncio.run(run()) == [1, 2, 3, 4]
+    assert acks.calls == [(A, 1, 4)]
 
 
 def test_batches_hand_over_at_once_when_kafka_holds_nothing_more() -> None:
@@ -293,15 +319,18 @@ def test_a_revoke_while_a_batch_gathers_never_hands_over_an_empty_batch() -> Non
     box, _ = inbox()
     stop = threading.Event()
     got: list[list[tuple[int, int]]] = []
+    revoked: list[TP] = []
 
     async def run() -> None:
         await box.put(A, recs(A, [1]))
-        # Kafka reports more to come, so the batch gathers for within_s.
-        it = box.batches(100, within_s=0.1, backlog=lambda: 10, should_stop=stop.is_set)
+        # Kafka reports more to come, so the batch gathers; after the revoke it does not.
+        it = box.batches(100, within_s=5.0, backlog=lambda: 0 if revoked else 10,
+                         should_stop=stop.is_set)
         nxt = asyncio.ensure_future(it.__anext__())
         await asyncio.sleep(0.02)
         box.revoke([A])
-        await asyncio.sleep(0.2)  # the gathering deadline passes with nothing left
+        revoked.append(A)
+        await asyncio.sleep(0.1)  # the batch stops gathering with nothing left
         assert not nxt.done()
         await box.put(B, recs(B, [5]))
         got.append([(r.partition, r.offset) for r in await asyncio.wait_for(nxt, 2)])
@@ -350,8 +379,37 @@ def test_acked_ranges_below_the_committed_offset_count_nothing() -> None:
     assert c._acked[A] == [50, 51, 52]
 
 
+class _FakeKafkaConsumer:
+    """aiokafka's consumer as ``_Consumer._fetch_again`` sees it on the consumer thread."""
+
+    def __init__(self, assigned: set[TP]) -> None:
+        self._coordinator = SimpleNamespace(generation=1)
+        self.assigned = assigned
+        self.seeks: list[tuple[TP, int]] = []
+
+    def assignment(self) -> set[TP]:
+        return set(self.assigned)
+
+    def seek(self, tp: Any, offset: int) -> None:
+        assert tp in self.assigned
+        self.seeks.append((TP(tp.topic, tp.partition), offset))
+
+
+class _FakeThread:
+    def __init__(self, kafka: _FakeKafkaConsumer) -> None:
+        self.kafka = kafka
+
+    def _ensure_consumer(self) -> _FakeKafkaConsumer:
+        return self.kafka
+
+    async def call_thread(self, fun: Any, *args: Any) -> Any:
+        return await fun(*args)
+
+
 class _FakeConsumer:
     """The state ``_Consumer.getmany`` reads, around a real inbox."""
+
+    _fetch_again = _Consumer._fetch_again
 
     def __init__(self, box: Inbox, records: dict[TP, list[Any]],
                  active: set[TP] | None = None) -> None:
@@ -364,7 +422,9 @@ class _FakeConsumer:
         self._buffered_partitions: set[TP] = set()
         self._read_offset: dict[TP, int] = {}
         self.seeks = 0
-        self.log = SimpleNamespace(warning=lambda *a: None)
+        self.kafka = _FakeKafkaConsumer({A, B, C, TP("examples", 0)})
+        self._thread = _FakeThread(self.kafka)
+        self.log = SimpleNamespace(warning=lambda *a: None, info=lambda *a: None)
         self.scheduler = SimpleNamespace(
             iterate=lambda recs: ((tp, r) for tp, rs in recs.items() for r in rs))
 
@@ -401,7 +461,7 @@ def test_getmany_puts_each_input_partition_fetch_whole_and_yields_other_topics()
         (0, 4, 1004), (0, 5, 1005), (0, 6, 1006), (1, 1, 1001)]
 
 
-def test_getmany_skips_partitions_no_longer_active_without_covering_them_later() -> None:
+def test_getmany_skips_partitions_no_longer_active_and_fetches_them_again() -> None:
     acks = Acks()
     box = Inbox(["clickstream"], 100, acks)
     box.assign([A])
@@ -413,20 +473,56 @@ def test_getmany_skips_partitions_no_longer_active_without_covering_them_later()
         c.records, c.active = {A: kafka_records(A, [3, 4])}, {B}  # A paused meanwhile
         await drain(c)
         assert box.size == 0
-        c.records, c.active = {A: kafka_records(A, [7, 8])}, None
+        assert c.kafka.seeks == [(A, 3)]  # the next fetch of A starts at 3 again
+        c.records, c.active = {A: kafka_records(A, [3, 4, 5])}, None
         await drain(c)
         box.done(box.take(10))
 
     asyncio.run(run())
-    assert acks.calls == [(A, 1, 2), (A, 7, 8)]
+    assert acks.calls == [(A, 1, 2), (A, 3, 5)]
 
 
-def test_getmany_with_flow_stopped_seeks_back_and_puts_nothing() -> None:
+def test_getmany_with_flow_stopped_seeks_back_to_what_it_fetched_and_puts_nothing() -> None:
+    """aiokafka's seek to the committed offsets leaves a partition nothing was committed for
+    where it is: without the seek to the first record fetched, the records are lost."""
     box = Inbox(["clickstream"], 100, Acks())
-    c = _FakeConsumer(box, {A: kafka_records(A, [1])})
+    examples = TP("examples", 0)
+    c = _FakeConsumer(box, {A: kafka_records(A, [0, 1]), B: kafka_records(B, [7]),
+                            examples: kafka_records(examples, [3])})
     c.flow_active = False
+    c.kafka.assigned.discard(B)  # a partition this worker no longer has: left alone
     assert asyncio.run(drain(c)) == []
     assert c.seeks == 1 and box.size == 0 and c._read_offset == {}
+    assert sorted(c.kafka.seeks) == [(A, 0), (examples, 3)]
+
+
+def test_getmany_fetches_again_what_it_could_not_put_when_the_flow_stopped_meanwhile(
+) -> None:
+    acks = Acks()
+    box = Inbox(["clickstream"], 1, acks)
+    box.assign([A, B])
+    c = _FakeConsumer(box, {A: kafka_records(A, [5]), B: kafka_records(B, [8, 9])})
+
+    async def run() -> None:
+        await box.put(A, recs(A, [4]))  # full
+        task = asyncio.ensure_future(drain(c))
+        await asyncio.sleep(0.01)
+        c.flow_active = False  # a rebalance begins; no new assignment yet
+        box.done(box.take(10))
+        await asyncio.wait_for(task, 1)
+
+    asyncio.run(run())
+    assert c.kafka.seeks == [(B, 8)]
+    assert [r.offset for r in box.take(10).records] == [5]
+
+
+def test_getmany_does_not_seek_under_a_newer_assignment() -> None:
+    box = Inbox(["clickstream"], 100, Acks())
+    c = _FakeConsumer(box, {A: kafka_records(A, [5])})
+    c.flow_active = False
+    c.kafka._coordinator.generation = 2  # the records were fetched under generation 1
+    asyncio.run(drain(c))
+    assert c.kafka.seeks == [] and c.seeks == 1
 
 
 def test_getmany_stops_at_a_rebalance_that_began_while_the_inbox_was_full() -> None:
@@ -440,12 +536,15 @@ def test_getmany_stops_at_a_rebalance_that_began_while_the_inbox_was_full() -> N
         task = asyncio.ensure_future(drain(c))
         await asyncio.sleep(0.01)
         assert not task.done()
-        c.app.consumer_generation_id = 2  # the rebalance starts
+        c.app.consumer_generation_id = 2  # a rebalance assigned partitions anew
+        c.kafka._coordinator.generation = 2
         box.done(box.take(10))  # room again
         await asyncio.wait_for(task, 1)
-        # A's fetch went in; B's was dropped and its position is not claimed.
+        # A's fetch went in; B's was dropped and its position is not claimed; the new
+        # assignment positions B itself (no seek under it for records of the old one).
         assert [r.offset for r in box.take(10).records] == [5]
         assert B not in c._read_offset
+        assert c.kafka.seeks == []
         await box.put(B, recs(B, [12]))
         box.done(box.take(10))
 

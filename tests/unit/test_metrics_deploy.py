@@ -302,6 +302,22 @@ RULE_TESTS: list[dict[str, Any]] = [
                     "summary": "w1: the worker's event loop runs 2.47s late (p99)"}),
         ],
     },
+    {   # on time, except one check at minute 20 that woke 12 s late
+        "interval": "1m",
+        "input_series": [
+            {"series": f'segstream_event_loop_lag_seconds_{name}{{instance="w1"{le}}}',
+             "values": values}
+            for name, le, values in (("count", "", "0+120x20 2521+120x20"),
+                                     ("bucket", ',le="5.0"', "0+120x40"))
+        ],
+        "alert_rule_test": [
+            _alert("SegstreamEventLoopHeld", "15m", None),
+            _alert("SegstreamEventLoopHeld", "25m", {"severity": "warning", "instance": "w1"},
+                   _annotations("SegstreamEventLoopHeld")
+                   | {"summary": "w1: the worker's event loop was held for more than 5 s"}),
+            _alert("SegstreamEventLoopHeld", "35m", None),  # ten minutes later
+        ],
+    },
     {   # AUC falls from 0.85 to 0.75 after an hour; one drift alarm
         "interval": "1m",
         "input_series": [

@@ -32,9 +32,8 @@ def test_lag_is_measured_and_a_held_loop_shows_as_one_late_wake_up(tmp_path: Pat
         dog = LoopWatchdog(lags.append, interval_s=0.02, stall_s=5.0, file=f)
         asyncio.run(_watch(dog, body=0.4, hold=0.3))
     assert len(lags) >= 5
-    late = [x for x in lags if x >= 0.25]
-    assert len(late) == 1 and late[0] < 0.32 + 0.1, lags
-    assert sorted(lags)[len(lags) // 2] < 0.05, lags  # otherwise on time
+    assert 0.25 <= max(lags) < 1.0, lags  # the held loop, 0.3 s
+    assert sorted(lags)[len(lags) // 2] < 0.2, lags  # otherwise about on time
     assert all(x >= 0 for x in lags)
 
 
@@ -51,9 +50,9 @@ def test_a_responsive_loop_writes_nothing_and_cancelling_disarms_the_timer(
         tmp_path: Path) -> None:
     path = tmp_path / "stacks"
     with open(path, "w+") as f:
-        dog = LoopWatchdog(lambda _: None, interval_s=0.02, stall_s=0.2, file=f)
-        asyncio.run(_watch(dog, body=0.6))
-        _hold_the_loop(0.4)  # past stall_s, with the watchdog gone
+        dog = LoopWatchdog(lambda _: None, interval_s=0.02, stall_s=1.0, file=f)
+        asyncio.run(_watch(dog, body=2.5))  # far longer than stall_s, the loop turning
+        _hold_the_loop(1.5)  # past stall_s, with the watchdog gone
     assert path.read_text() == ""
 
 
@@ -61,3 +60,16 @@ def test_a_responsive_loop_writes_nothing_and_cancelling_disarms_the_timer(
 def test_settings_that_cannot_work_are_refused(interval_s: float, stall_s: float) -> None:
     with pytest.raises(ValueError, match="interval_s"):
         LoopWatchdog(lambda _: None, interval_s=interval_s, stall_s=stall_s)
+
+
+class _NoDescriptor:
+    def fileno(self) -> int:
+        raise NotImplementedError("a logging proxy")
+
+
+def test_a_log_without_a_file_descriptor_still_gets_the_lag_measured() -> None:
+    lags: list[float] = []
+    dog = LoopWatchdog(lags.append, interval_s=0.02, stall_s=5.0,
+                       file=_NoDescriptor())  # type: ignore[arg-type]
+    asyncio.run(_watch(dog, body=0.2))
+    assert len(lags) >= 3

@@ -2,7 +2,7 @@
 
 Everything the worker does (fetch hand-off, micro-batches, commits, rebalances, ``/metrics``)
 runs on one event loop, so code that holds the loop without suspending stalls all of it,
-and a stalled worker also stops answering ``/metrics`` and ``/health``. :class:`LoopWatchdog`
+and a stalled worker also stops answering ``/metrics`` and ``/healthz``. :class:`LoopWatchdog`
 makes both visible:
 
 * every ``interval_s`` it sleeps on the loop and records how much later than asked it woke

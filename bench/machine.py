@@ -53,6 +53,16 @@ def kafka_version(settings: Settings) -> str:
     return "unknown (remote broker)"
 
 
+def native_modules() -> str:
+    """How many hot-path modules the workers run compiled (``stream.native``)."""
+    from stream import native
+
+    if not native.enabled():
+        return f"off ({native.ENV_SWITCH}=0)"
+    compiled = sum(s.compiled is not None for s in native.status())
+    return f"{compiled} of {len(native.MODULES)} compiled"
+
+
 def describe(settings: Settings) -> dict[str, Any]:
     """CPU, cores, RAM, Python, Kafka, Redis and the code's git commit."""
     import redis
@@ -76,4 +86,5 @@ def describe(settings: Settings) -> dict[str, Any]:
         "kafka": kafka_version(settings),
         "redis": redis_version,
         "git_commit": git_commit(),
+        "native_modules": native_modules(),
     }

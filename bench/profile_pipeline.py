@@ -234,6 +234,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--no-models", action="store_true")
     p.add_argument("--profile", action="store_true", help="cProfile the timed part")
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--sort", default="tottime", choices=("tottime", "cumulative", "ncalls"),
+                   help="order of the cProfile table")
     a = p.parse_args(argv)
     prof = cProfile.Profile() if a.profile else None
     r = asyncio.run(run(a.events, a.customers, seed=a.seed, live=a.live, warm=a.warm,
@@ -244,7 +246,7 @@ def main(argv: Sequence[str] | None = None) -> None:
           f"digest {r.digest}")
     if prof is not None:
         buf = io.StringIO()
-        pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(a.top)
+        pstats.Stats(prof, stream=buf).sort_stats(a.sort).print_stats(a.top)
         print(buf.getvalue())
 
 

@@ -85,7 +85,8 @@ def table(doc: dict[str, Any]) -> Table:
     m = doc["machine"]
     rows.append(("machine", f"{m['cpu']}, {m['cores_available']} cores, {m['ram_gb']} GB, "
                             f"load {m['load_avg_1m']}, Python {m['python']}, Kafka {m['kafka']},"
-                            f" Redis {m['redis']}, git {m['git_commit']}"))
+                            f" Redis {m['redis']}, git {m['git_commit']}, hot-path modules "
+                            f"{m.get('native_modules', 'from source')}"))
     for row in rows:
         t.add_row(*row)
     for f in doc.get("profile", {}).get("top_self", []):

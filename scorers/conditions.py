@@ -223,6 +223,8 @@ def _rowwise(n: int, f: Callable[..., bool], *cols: Column) -> BoolArray:
 
 class _Value:
     names: frozenset[str] = frozenset()
+    #: levels of arithmetic operations below and including this node
+    depth: int = 0
 
     def value(self, env: Mapping[str, Any]) -> Scalar:
         raise NotImplementedError
@@ -288,9 +290,11 @@ class _Arith(_Value):
     left: _Value
     right: _Value
     names: frozenset[str] = field(init=False)
+    depth: int = field(init=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "names", self.left.names | self.right.names)
+        object.__setattr__(self, "depth", 1 + max(self.left.depth, self.right.depth))
 
     def value(self, env: Mapping[str, Any]) -> Scalar:
         return _arith(self.op, self.left.value(env), self.right.value(env))
@@ -764,6 +768,10 @@ class _Parser:
             self.i += 1
             right, rpos = part()
             node = _Arith(op, self.number(node, pos), self.number(right, rpos))
+            # Evaluating a node recurses through its operands: bound that as nesting is.
+            if node.depth > MAX_DEPTH:
+                raise self.error(f"expression nested too deeply (more than {MAX_DEPTH} "
+                                 "operations in a chain)", rpos)
         return node, pos
 
     def number(self, node: _Bool | _Value, pos: int) -> _Value:
@@ -776,7 +784,11 @@ class _Parser:
         t = self.tok
         self.i += 1
         if t.kind == "op" and t.text == "-":
+            self.depth += 1
+            if self.depth > MAX_DEPTH:
+                raise self.error("condition nested too deeply")
             node, pos = self.factor()
+            self.depth -= 1
             operand = self.number(node, pos)
             if isinstance(operand, _Literal) and isinstance(operand.v, float):
                 return _Literal(-operand.v, "-" + operand.source), t.pos

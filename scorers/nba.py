@@ -34,6 +34,11 @@ from typing import Any, Literal
 import yaml  # type: ignore[import-untyped, unused-ignore]
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+#: This module's functions: pydantic must take the methods of its models for methods,
+#: not fields, also when the module runs compiled (see stream.native), where a function
+#: is not a ``types.FunctionType``.
+_FUNCTIONS = (type(lambda: None),)
+
 DAY_MS = 86_400_000
 WEEK_MS = 7 * DAY_MS
 Channel = Literal["email", "push", "sms", "call", "webhook", "in_app"]
@@ -52,7 +57,7 @@ class ActionCatalogueError(ValueError):
 class ActionDefaults(BaseModel):
     """Values a rule inherits when it does not set them."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(ignored_types=_FUNCTIONS, extra="forbid", frozen=True)
 
     holdout_share: float = Field(default=0.1, ge=0.0, le=1.0)
     cooldown_days: float = Field(default=14.0, ge=0.0)
@@ -62,7 +67,8 @@ class ActionDefaults(BaseModel):
 class ActionRule(BaseModel):
     """On entering ``to`` (from one of ``from``, or from anywhere), send an action."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(ignored_types=_FUNCTIONS, extra="forbid", frozen=True,
+                              populate_by_name=True)
 
     scheme: str = Field(min_length=1)
     to: str = Field(min_length=1)
@@ -111,7 +117,7 @@ class ActionRule(BaseModel):
 class ActionCatalogue(BaseModel):
     """Validated rules with every default filled in."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(ignored_types=_FUNCTIONS, extra="forbid", frozen=True)
 
     defaults: ActionDefaults = ActionDefaults()
     max_actions_per_7d: int = Field(default=3, ge=0)

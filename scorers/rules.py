@@ -52,6 +52,11 @@ from features.state import FEATURE_NAMES, iso
 from scorers.conditions import Columns, Condition, ConditionError, compile_condition
 from scorers.names import SCORE_NAMES, TEXT_SCORES
 
+#: This module's functions: pydantic must take the methods of its models for methods,
+#: not fields, also when the module runs compiled (see stream.native), where a function
+#: is not a ``types.FunctionType``.
+_FUNCTIONS = (type(lambda: None),)
+
 MS_PER_DAY = 86_400_000
 #: Names a segment condition may use by default: every feature and every score.
 KNOWN_NAMES: tuple[str, ...] = FEATURE_NAMES + SCORE_NAMES
@@ -72,7 +77,7 @@ class RulesError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=False)
+    model_config = ConfigDict(ignored_types=_FUNCTIONS, extra="forbid", strict=False)
 
 
 class _SegmentSpec(_Strict):

@@ -214,10 +214,12 @@ class _Batch:
     at: str | None
     emitted_at: str
     model_versions: dict[str, int]
+    #: whether :func:`_moving` judged every scheme (a scheme it names almost surely moves)
+    prefiltered: bool = False
 
     @classmethod
-    def of(cls, ctx: ScoringContext) -> _Batch:
-        return cls(iso(ctx.now_ms), wall_iso(ctx.wall_ms), ctx.model_versions())
+    def of(cls, ctx: ScoringContext, prefiltered: bool = False) -> _Batch:
+        return cls(iso(ctx.now_ms), wall_iso(ctx.wall_ms), ctx.model_versions(), prefiltered)
 
 
 def evaluate(inputs: Sequence[CustomerInput], ctx: ScoringContext) -> list[Outcome]:
@@ -228,7 +230,7 @@ def evaluate(inputs: Sequence[CustomerInput], ctx: ScoringContext) -> list[Outco
         xs = [labels.model_inputs(f) for f in feats]
     all_scores = _all_scores(feats, xs, ctx)
     moving = _moving(inputs, feats, all_scores, ctx)
-    batch = _Batch.of(ctx)
+    batch = _Batch.of(ctx, prefiltered=len(inputs) >= MOVING_PREFILTER_MIN)
     return [_evaluate_one(c, feats[i], xs[i] if xs is not None else None, all_scores[i], ctx,
                           moving[i], batch)
             for i, c in enumerate(inputs)]
@@ -407,10 +409,12 @@ def _segments(c: CustomerInput, f: dict[str, Any], scores: dict[str, Any],
             continue
         cur = segments.get(name)
         current = SegmentState(cur[0], cur[1]) if cur else None
-        a = assign(scheme, values, current, ctx.now_ms, explain=False)
+        # After the pre-filter a scheme named here nearly always moves: explain at once.
+        a = assign(scheme, values, current, ctx.now_ms, explain=batch.prefiltered)
         if cur is not None and a.segment == cur[0]:
             continue
-        a = assign(scheme, values, current, ctx.now_ms)  # a move: now with its reason
+        if not batch.prefiltered:
+            a = assign(scheme, values, current, ctx.now_ms)  # a move: now with its reason
         frm = cur[0] if cur else None
         if cur is not None:
             o.add(SEGMENT_HASH, f"{name}|{frm}", -1)

@@ -18,6 +18,7 @@ from faust import transport
 from faust.transport.drivers import aiokafka as fa
 
 from features.store import RedisFeatureStore
+from stream import native
 from stream.backend import STATS_INTERVAL_S, EngineBackend
 from stream.batching import assigned_positions, kafka_backlog
 from stream.delivery import Delivery, EagerDelivery
@@ -371,6 +372,7 @@ class Engine:
         self.app.timer(SWEEP_CHECK_S)(self._sweep)
         self.app.timer(STATS_INTERVAL_S)(self._sample_stats)
         self.app.task(self._watch_loop)
+        self.app.task(self._report_native)
         self.examples = self.app.topic(
             settings.examples_topic, key_type=bytes, value_type=bytes,
             key_serializer="raw", value_serializer="raw", partitions=1,
@@ -436,6 +438,12 @@ class Engine:
             q["version"] = m.version
             out[name] = q
         return out
+
+    async def _report_native(self) -> None:
+        compiled = native.loaded()
+        slow = sorted(m for m, c in compiled.items() if not c)
+        log.info("hot-path modules: %d of %d compiled%s", len(compiled) - len(slow),
+                 len(compiled), f"; from source: {', '.join(slow)}" if slow else "")
 
     async def _watch_loop(self) -> None:
         await LoopWatchdog(self.metrics.observe_loop_lag).run()

@@ -502,6 +502,33 @@ def demo(
         raise typer.Exit(code)
 
 
+@app.command()
+def native(
+    action: Annotated[str, typer.Argument(help="status, build or clean")] = "status",
+    jobs: Annotated[int | None, typer.Option(help="compilers run at once")] = None,
+) -> None:
+    """Compiled builds of the hot-path modules: their state, build them, or remove them."""
+    import shutil
+
+    from stream import native as nat
+
+    directory = nat.native_dir()
+    if action == "clean":
+        shutil.rmtree(directory, ignore_errors=True)
+        err.print(f"removed {directory}")
+        return
+    if action not in ("status", "build"):
+        raise typer.BadParameter(f"{action!r}: expected status, build or clean")
+    states = nat.build(directory, jobs=jobs) if action == "build" else nat.status(directory)
+    for st in states:
+        sys.stdout.write(f"{st.module:22} {st.reason}\n")
+    compiled = sum(st.compiled is not None for st in states)
+    note = "" if nat.enabled() else f" ({nat.ENV_SWITCH}=0: not loaded)"
+    sys.stdout.write(f"{compiled} of {len(states)} modules compiled in {directory}{note}\n")
+    if action == "build" and compiled < len(states):
+        raise typer.Exit(1)
+
+
 def main() -> None:
     try:
         app()

@@ -18,6 +18,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from features.events import ClickEvent, Event, TransactionEvent, to_units
 
+#: This module's functions: pydantic must take the methods of its models for methods,
+#: not fields, also when the module runs compiled (see stream.native), where a function
+#: is not a ``types.FunctionType``.
+_FUNCTIONS = (type(lambda: None),)
+
 MAX_ID_CHARS = 256
 MAX_NESTING = 8
 # Epoch-ms bounds accepted at all: 1970 .. 2200. Finer checks are event-time ones.
@@ -78,7 +83,7 @@ def _depth(obj: Any, level: int = 0) -> int:
 
 
 class _Input(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    model_config = ConfigDict(ignored_types=_FUNCTIONS, extra="ignore", frozen=True)
 
     event_id: Id
     customer_id: Id

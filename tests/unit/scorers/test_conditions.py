@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scorers.conditions import Condition, ConditionError, compile_condition
+from scorers.conditions import Columns, Condition, ConditionError, compile_condition
 
 NAN = float("nan")
 
@@ -115,6 +115,21 @@ def test_deep_nesting_is_an_error_not_a_crash() -> None:
         compile_condition("-" * 5000 + "x > 1")
     with pytest.raises(ConditionError, match="longer than"):
         compile_condition("x > 1 and " * 2000 + "x > 1")
+
+
+def test_long_arithmetic_chains_are_an_error_at_compile_time_not_at_evaluation() -> None:
+    # Evaluation recurses through the operands of each operation: a chain the parser
+    # accepts must evaluate (also as columns and explained), and a longer one is refused.
+    ok = compile_condition(" + ".join(["x"] * 65) + " > 1")  # 64 operations
+    assert ok.evaluate({"x": 1.0}) is True
+    assert ok.evaluate_columns(Columns({"x": [1.0, 0.0]}, 2)).tolist() == [True, False]
+    assert ok.explain({"x": 1.0}).startswith("x=1 + x=1 + x=1")
+    with pytest.raises(ConditionError, match="expression nested too deeply"):
+        compile_condition(" + ".join(["x"] * 66) + " > 1")
+    with pytest.raises(ConditionError, match="expression nested too deeply"):
+        compile_condition("x > " + " * ".join(["2"] * 500))
+    with pytest.raises(ConditionError, match="nested too deeply"):
+        compile_condition("-(" * 40 + "x" + ")" * 40 + " > 1")
 
 
 def test_names_collects_every_reference() -> None:

@@ -1,0 +1,116 @@
+"""Compiled hot-path modules: loaded only when built from the current source, same results."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from stream import native
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
+    full = {k: v for k, v in os.environ.items() if not k.startswith("SEGSTREAM_NATIVE")}
+    full.update(env)
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=full, text=True,
+                          capture_output=True, timeout=300)
+
+
+WHERE = ("import features.serial as m, sys; "
+         "print(m.__file__, m.decode.__module__, 'serial' in sys.modules)")
+
+
+@pytest.fixture(scope="module")
+def one_module_build(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("native")
+    states = native.build(directory, modules=["features.serial"], jobs=1)
+    by_module = {s.module: s for s in states}
+    assert by_module["features.serial"].compiled is not None
+    assert by_module["features.state"].reason == "not built"
+    return directory
+
+
+def test_a_build_is_loaded_only_while_its_source_is_unchanged(one_module_build: Path) -> None:
+    d = str(one_module_build)
+    out = _python(WHERE, SEGSTREAM_NATIVE_DIR=d)
+    assert out.returncode == 0, out.stderr
+    file, module_name, stray = out.stdout.split()
+    assert file.startswith(d) and file.endswith(native._abi())
+    # named after its package, not registered as a top-level module of its own
+    assert module_name == "features.serial" and stray == "False"
+
+    out = _python(WHERE, SEGSTREAM_NATIVE_DIR=d, SEGSTREAM_NATIVE="0")
+    assert out.stdout.split()[0] == str(ROOT / "features" / "serial.py")
+
+    manifest = one_module_build / native.MANIFEST
+    doc = json.loads(manifest.read_text())
+    real = doc["modules"]["features.serial"]["source_sha256"]
+    doc["modules"]["features.serial"]["source_sha256"] = "0" * 64  # as after an edit
+    manifest.write_text(json.dumps(doc))
+    try:
+        reasons = {s.module: s.reason for s in native.status(one_module_build)}
+        assert reasons["features.serial"] == "source changed since the build"
+        out = _python(WHERE, SEGSTREAM_NATIVE_DIR=d)
+        assert out.stdout.split()[0] == str(ROOT / "features" / "serial.py")
+    finally:
+        doc["modules"]["features.serial"]["source_sha256"] = real
+        manifest.write_text(json.dumps(doc))
+
+
+def test_a_build_for_other_directives_is_not_loaded(one_module_build: Path) -> None:
+    manifest = one_module_build / native.MANIFEST
+    original = manifest.read_text()
+    doc = json.loads(original)
+    doc["directives"] = {**doc["directives"], "annotation_typing": True}
+    manifest.write_text(json.dumps(doc))
+    try:
+        assert all(s.compiled is None for s in native.status(one_module_build))
+    finally:
+        manifest.write_text(original)
+
+
+def test_a_wrong_switch_fails_at_start_naming_it() -> None:
+    out = _python("import stream", SEGSTREAM_NATIVE="sometimes")
+    assert out.returncode != 0
+    assert "SEGSTREAM_NATIVE" in out.stderr and "sometimes" in out.stderr
+
+
+PIPELINE = """
+import asyncio, json
+from bench import profile_pipeline as pp
+from stream import native
+r = asyncio.run(pp.run(4_000, 400, seed=3, warm=0))
+live = asyncio.run(pp.run(2_000, 300, seed=4, live=3_000, warm=0))
+print(json.dumps({"digest": r.digest, "migrations": r.migrations, "live": live.digest,
+                  "live_migrations": live.migrations, "loaded": native.loaded()}))
+"""
+
+
+def test_the_compiled_modules_compute_exactly_what_their_source_does() -> None:
+    stale = [f"{s.module}: {s.reason}" for s in native.status() if s.compiled is None]
+    assert not stale, f"run `segstream native build` first ({'; '.join(stale)})"
+    runs = {}
+    for switch in ("1", "0"):
+        out = _python(PIPELINE, SEGSTREAM_NATIVE=switch)
+        assert out.returncode == 0, out.stderr[-3000:]
+        runs[switch] = json.loads(out.stdout.strip().splitlines()[-1])
+    compiled, source = runs["1"], runs["0"]
+    assert compiled["loaded"] and all(compiled["loaded"].values())
+    assert not any(source["loaded"].values())
+    assert compiled["migrations"] > 0 and compiled["live_migrations"] > 0
+    for key in ("digest", "migrations", "live", "live_migrations"):
+        assert compiled[key] == source[key], key
+
+
+def test_test_files_have_distinct_names() -> None:
+    # conftest.py accepts an import "mismatch" for the compiled modules' doctests; that
+    # would also hide two test files of the same name, so none may share one.
+    names = Counter(p.name for p in (ROOT / "tests").rglob("test_*.py"))
+    assert [n for n, c in names.items() if c > 1] == []

@@ -193,8 +193,9 @@ def build(directory: Path | None = None, modules: Sequence[str] = MODULES,
             cwd = os.getcwd()
             os.chdir(work)
             try:
-                extensions = cythonize(sources, compiler_directives=DIRECTIVES, quiet=True,
-                                       nthreads=jobs or os.cpu_count() or 1)
+                extensions = cythonize(  # type: ignore[no-untyped-call]
+                    sources, compiler_directives=DIRECTIVES, quiet=True,
+                    nthreads=jobs or os.cpu_count() or 1)
                 for ext in extensions:
                     ext.extra_compile_args = ["-w"]  # generated C: its warnings are Cython's
                 dist = Distribution({"ext_modules": extensions})

@@ -1,4 +1,14 @@
 # The segstream worker image. Built by docker-compose.yml (service `worker`).
+
+# The compiled hot-path modules (stream/native.py) need a C compiler; only their build does.
+FROM python:3.11-slim AS native
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
+COPY . /src
+RUN pip install --no-cache-dir /src \
+    && SEGSTREAM_NATIVE_DIR=/opt/segstream/native segstream native build
+
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -11,9 +21,13 @@ RUN groupadd --system --gid 10001 segstream \
     && useradd --system --uid 10001 --gid segstream --create-home \
        --home-dir /home/segstream --shell /usr/sbin/nologin segstream
 
-# Every dependency ships manylinux wheels for CPython 3.11, so no compiler is needed.
+# Every dependency ships manylinux wheels for CPython 3.11, so no compiler is needed. The
+# compiled modules were built from these same sources (each is loaded only while its source
+# has the hash it was built from).
 COPY . /src
 RUN pip install --no-cache-dir /src && rm -rf /src
+COPY --from=native /opt/segstream/native /opt/segstream/native
+ENV SEGSTREAM_NATIVE_DIR=/opt/segstream/native
 
 # Faust keeps its data directory relative to the working directory.
 WORKDIR /app

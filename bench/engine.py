@@ -50,6 +50,8 @@ class EngineResult:
     startup_s: float
     cpu_s: float
     cpu_s_per_million_events: float
+    #: the worker processes alone, without their children (the learners)
+    worker_cpu_s: float
     rss_peak_mb: float
     roundtrips: int
     commands: int
@@ -94,6 +96,10 @@ class ProcessTree:
         self.roots = [psutil.Process(p) for p in pids]
         self.rss_peak = 0
         self._cpu: dict[int, float] = {}
+
+    def roots_cpu(self) -> float:
+        """CPU seconds of the root processes alone, as of the last sample."""
+        return sum(self._cpu.get(root.pid, 0.0) for root in self.roots)
 
     def sample(self) -> float:
         """Sample now; returns total CPU seconds so far (exited children keep their last)."""
@@ -171,6 +177,7 @@ def run_engine(dep: BenchDeployment, role: str, workers: int, total: int,
                 models_from = done
             if first is None and done > 0:
                 first = (now, done, cpu, _read_counters(counters), server_counters(r))
+                roots0 = tree.roots_cpu()
                 if profile is not None:  # the steady state only, not imports and group join
                     profiler = start_profiler(procs[0].pid, profile,
                                               dep.workdir / f"{role}-py-spy.log")
@@ -182,6 +189,7 @@ def run_engine(dep: BenchDeployment, role: str, workers: int, total: int,
         seconds = max(1e-9, now - t0)
         events = done - n0
         cpu_s = cpu - cpu0
+        worker_cpu_s = tree.roots_cpu() - roots0
     finally:
         if profiler is not None:
             profiler.send_signal(signal.SIGINT)
@@ -192,7 +200,7 @@ def run_engine(dep: BenchDeployment, role: str, workers: int, total: int,
         workers=workers, events=events, seconds=seconds, eps=events / seconds,
         startup_s=t0 - spawned, cpu_s=cpu_s,
         cpu_s_per_million_events=cpu_s / max(1, events) * 1e6,
-        rss_peak_mb=tree.rss_peak / 2**20,
+        worker_cpu_s=worker_cpu_s, rss_peak_mb=tree.rss_peak / 2**20,
         roundtrips=rt - rt0, commands=cmds - cmds0,
         server={k: end_server[k] - server0[k] for k in server0},
         procs=procs, profile_path=profile if profiler is not None else None,

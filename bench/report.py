@@ -79,9 +79,9 @@ def table(doc: dict[str, Any]) -> Table:
         ("worker CPU s / million events (E; F)",
          f"{_n(doc['cpu_s_per_million_events'], ',.1f')}; "
          f"{_n(doc['floor'].get('cpu_s_per_million_events'), ',.1f')}"),
-        ("E worker alone: CPU s / million events, share of time on a CPU",
+        ("E worker alone: CPU s / million events; CPU s per second",
          f"{_n(eng.get('worker_cpu_s', 0) / max(1, eng['events_measured']) * 1e6, ',.1f')}; "
-         f"{_n(100 * eng.get('worker_cpu_share', 0), '.0f')} %"),
+         f"{_n(eng.get('worker_cpu_share', 0), '.2f')}"),
         ("worker start-up to first commit", f"{_n(eng['startup_s'], '.1f')} s"),
         ("producer", f"{_n(doc['produce_eps'])} ev/s"),
     ]

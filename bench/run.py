@@ -176,8 +176,8 @@ def _engine_json(e: EngineResult) -> dict[str, Any]:
         "workers": e.workers, "events_measured": e.events, "seconds": round(e.seconds, 2),
         "eps": round(e.eps, 1), "startup_s": round(e.startup_s, 2), "cpu_s": round(e.cpu_s, 2),
         "cpu_s_per_million_events": round(e.cpu_s_per_million_events, 1),
-        # the worker processes alone (without the learners), and the share of the run's
-        # wall time they were on a CPU (1.0 per worker: never waiting)
+        # the worker processes alone (without the learners), and their CPU seconds per
+        # second of the run per worker (every thread of the process counts)
         "worker_cpu_s": round(e.worker_cpu_s, 2),
         "worker_cpu_share": round(e.worker_cpu_s / max(1e-9, e.seconds * e.workers), 3),
         "rss_peak_mb": round(e.rss_peak_mb, 1),

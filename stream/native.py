@@ -122,6 +122,22 @@ def status(directory: Path | None = None) -> list[ModuleState]:
     return out
 
 
+class _CompiledLoader(importlib.machinery.ExtensionFileLoader):
+    """Loads a compiled module; its ``__file__`` names the source it was built from.
+
+    The spec's origin keeps the compiled file. ``__file__`` is what pytest's doctest
+    collection, ``inspect.getsource`` and tracebacks look for: the source, unchanged since.
+    """
+
+    def __init__(self, fullname: str, path: str, source: str) -> None:
+        super().__init__(fullname, path)
+        self.source = source
+
+    def exec_module(self, module: ModuleType) -> None:
+        super().exec_module(module)
+        module.__file__ = self.source
+
+
 class _Finder(importlib.abc.MetaPathFinder):
     """Loads the compiled twin of a module when it was built from the current source."""
 
@@ -133,7 +149,7 @@ class _Finder(importlib.abc.MetaPathFinder):
         file = self.compiled.get(fullname)
         if file is None:
             return None
-        loader = importlib.machinery.ExtensionFileLoader(fullname, str(file))
+        loader = _CompiledLoader(fullname, str(file), str(_source(fullname)))
         return importlib.util.spec_from_file_location(fullname, file, loader=loader)
 
 
@@ -153,9 +169,9 @@ def loaded() -> dict[str, bool]:
     """Per module of :data:`MODULES` already imported: whether this process runs it compiled."""
     out = {}
     for module in MODULES:
-        mod = sys.modules.get(module)
-        if mod is not None:
-            out[module] = not str(getattr(mod, "__file__", "")).endswith(".py")
+        spec = getattr(sys.modules.get(module), "__spec__", None)
+        if spec is not None:
+            out[module] = isinstance(spec.loader, _CompiledLoader)
     return out
 
 

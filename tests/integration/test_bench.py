@@ -62,6 +62,10 @@ def test_small_bench_reports_every_figure(services: dict[str, str], tmp_path: Pa
     assert doc["cpu_s_per_million_events"] > 0
     assert doc["ratios"]["engine_over_limit"] > 0 and doc["ratios"]["engine_over_floor"] > 0
     assert doc["engine"]["events_measured"] > 0
+    # The worker alone (its learner child excluded) is part of the engine's CPU.
+    assert 0 < doc["engine"]["worker_cpu_s"] <= doc["engine"]["cpu_s"]
+    assert doc["engine"]["worker_cpu_share"] > 0
+    assert doc["machine"]["native_modules"]
     # Trained models were in the registry before the E worker committed anything.
     assert doc["models"] == "serving" and doc["engine"]["models_serving_from_event"] == 0
     # Every round trip carries at least one command (both counters see the engine's client).

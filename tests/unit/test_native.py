@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -24,7 +23,7 @@ def _python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
 
 
 WHERE = ("import features.serial as m, sys; "
-         "print(m.__file__, m.decode.__module__, 'serial' in sys.modules)")
+         "print(m.__spec__.origin, m.decode.__module__, 'serial' in sys.modules, m.__file__)")
 
 
 @pytest.fixture(scope="module")
@@ -41,10 +40,12 @@ def test_a_build_is_loaded_only_while_its_source_is_unchanged(one_module_build: 
     d = str(one_module_build)
     out = _python(WHERE, SEGSTREAM_NATIVE_DIR=d)
     assert out.returncode == 0, out.stderr
-    file, module_name, stray = out.stdout.split()
+    file, module_name, stray, source = out.stdout.split()
     assert file.startswith(d) and file.endswith(native._abi())
     # named after its package, not registered as a top-level module of its own
     assert module_name == "features.serial" and stray == "False"
+    # __file__ names the source it was built from (pytest's doctests and inspect read it)
+    assert source == str(ROOT / "features" / "serial.py")
 
     out = _python(WHERE, SEGSTREAM_NATIVE_DIR=d, SEGSTREAM_NATIVE="0")
     assert out.stdout.split()[0] == str(ROOT / "features" / "serial.py")
@@ -108,9 +109,3 @@ def test_the_compiled_modules_compute_exactly_what_their_source_does() -> None:
     for key in ("digest", "migrations", "live", "live_migrations"):
         assert compiled[key] == source[key], key
 
-
-def test_test_files_have_distinct_names() -> None:
-    # conftest.py accepts an import "mismatch" for the compiled modules' doctests; that
-    # would also hide two test files of the same name, so none may share one.
-    names = Counter(p.name for p in (ROOT / "tests").rglob("test_*.py"))
-    assert [n for n, c in names.items() if c > 1] == []

@@ -2,7 +2,7 @@
 
 The micro-batch step is plain Python spread over a dozen modules (feature transitions, label
 and segment rules, scoring, decoding). Compiled with Cython as they are (no annotations are
-used for typing, so the semantics are the interpreter's), they run about a fifth faster.
+used for typing, so the semantics are the interpreter's), they take about a fifth less CPU.
 ``segstream native build`` compiles them into ``build/native/`` beside the packages,
 with a manifest of each source's SHA-256; :func:`install` (run by each package's
 ``__init__``) adds an import finder that loads a compiled module only when its source still
@@ -99,8 +99,11 @@ def status(directory: Path | None = None) -> list[ModuleState]:
     try:
         manifest = json.loads((directory / MANIFEST).read_text())
     except (OSError, ValueError):
+        manifest = None
+    if not isinstance(manifest, dict):
         return [ModuleState(m, None, "not built") for m in MODULES]
-    entries = manifest.get("modules", {}) if isinstance(manifest, dict) else {}
+    entries = manifest.get("modules")
+    entries = entries if isinstance(entries, dict) else {}
     out = []
     for module in MODULES:
         entry = entries.get(module)
@@ -175,6 +178,13 @@ def loaded() -> dict[str, bool]:
     return out
 
 
+def _replace(data: bytes, target: Path) -> None:
+    """Write ``target`` as a new file: a process that has the old one mapped keeps it intact."""
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, target)
+
+
 def build(directory: Path | None = None, modules: Sequence[str] = MODULES,
           jobs: int | None = None) -> list[ModuleState]:
     """Compile ``modules`` into ``directory`` and write its manifest; unchanged ones are kept."""
@@ -229,9 +239,9 @@ def build(directory: Path | None = None, modules: Sequence[str] = MODULES,
                 built = outputs.get(module.rsplit(".", 1)[-1] + _abi())
                 if built is None:
                     raise RuntimeError(f"the build of {module} produced no {_abi()} file")
-                shutil.copyfile(built, directory / name)
+                _replace(built.read_bytes(), directory / name)
                 entries[module] = {"file": name, "source_sha256": _digest(_source(module))}
     manifest = {"abi": _abi(), "python": sys.version.split()[0], "directives": DIRECTIVES,
                 "modules": dict(sorted(entries.items()))}
-    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    _replace((json.dumps(manifest, indent=2) + "\n").encode(), directory / MANIFEST)
     return status(directory)

@@ -77,6 +77,24 @@ def test_a_build_for_other_directives_is_not_loaded(one_module_build: Path) -> N
         manifest.write_text(original)
 
 
+def test_a_rebuild_writes_new_files_and_keeps_unchanged_modules(one_module_build: Path,
+                                                                 ) -> None:
+    so = one_module_build / ("features.serial" + native._abi())
+    before = so.stat().st_ino
+    native.build(one_module_build, modules=["features.serial"], jobs=1)
+    assert so.stat().st_ino == before  # unchanged source: nothing compiled again
+    manifest = one_module_build / native.MANIFEST
+    doc = json.loads(manifest.read_text())
+    doc["modules"]["features.serial"]["source_sha256"] = "0" * 64
+    manifest.write_text(json.dumps(doc))
+    states = {s.module: s for s in native.build(one_module_build, modules=["features.serial"],
+                                                jobs=1)}
+    assert states["features.serial"].compiled == so
+    # A new file, not the old one rewritten: a process that has it loaded keeps its copy.
+    assert so.stat().st_ino != before
+    assert not list(one_module_build.glob(".*.tmp"))
+
+
 def test_a_wrong_switch_fails_at_start_naming_it() -> None:
     out = _python("import stream", SEGSTREAM_NATIVE="sometimes")
     assert out.returncode != 0

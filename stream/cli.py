@@ -508,14 +508,15 @@ def native(
     jobs: Annotated[int | None, typer.Option(help="compilers run at once")] = None,
 ) -> None:
     """Compiled builds of the hot-path modules: their state, build them, or remove them."""
-    import shutil
-
     from stream import native as nat
 
     directory = nat.native_dir()
     if action == "clean":
-        shutil.rmtree(directory, ignore_errors=True)
-        err.print(f"removed {directory}")
+        try:
+            removed = nat.clean(directory)
+        except ValueError as exc:
+            raise SegstreamError(str(exc)) from None
+        err.print(f"removed {removed} files of {directory}")
         return
     if action not in ("status", "build"):
         raise typer.BadParameter(f"{action!r}: expected status, build or clean")

@@ -6,21 +6,26 @@ used for typing, so the semantics are the interpreter's), they take about a fift
 ``segstream native build`` compiles them into ``build/native/`` beside the packages,
 with a manifest of each source's SHA-256; :func:`install` (run by each package's
 ``__init__``) adds an import finder that loads a compiled module only when its source still
-has that hash, so an edited module is always imported from its source. ``SEGSTREAM_NATIVE=0``
+has that hash (checked once, when the process first imports a package), so an edited module
+runs from its source in every process started after the edit. ``SEGSTREAM_NATIVE=0``
 turns the compiled modules off (for cProfile, whose view they hide, or to compare).
 
 Run ``segstream native status`` to see which modules a process would load compiled.
+
+Compiled code does not count Python's recursion limit: deep recursion on input must be bounded
+by the code itself (the condition parser bounds nesting and arithmetic chains), since a
+compiled module would not raise ``RecursionError`` but overflow the C stack.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.abc
 import importlib.machinery
 import importlib.util
 import json
 import os
-import shutil
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -67,7 +72,8 @@ def _digest(path: Path) -> str:
 
 
 def native_dir() -> Path:
-    return Path(os.environ.get(ENV_DIR) or DEFAULT_DIR)
+    """Where the compiled modules are (absolute: a later ``chdir`` does not move it)."""
+    return Path(os.environ.get(ENV_DIR) or DEFAULT_DIR).absolute()
 
 
 def enabled() -> bool:
@@ -150,7 +156,7 @@ class _Finder(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname: str, path: Sequence[str] | None = None,
                   target: ModuleType | None = None) -> importlib.machinery.ModuleSpec | None:
         file = self.compiled.get(fullname)
-        if file is None:
+        if file is None or not file.is_file():  # e.g. removed since the process started
             return None
         loader = _CompiledLoader(fullname, str(file), str(_source(fullname)))
         return importlib.util.spec_from_file_location(fullname, file, loader=loader)
@@ -204,7 +210,7 @@ def build(directory: Path | None = None, modules: Sequence[str] = MODULES,
     if todo:
         with tempfile.TemporaryDirectory(prefix="segstream-native-") as tmp:
             work = Path(tmp)
-            sources = []
+            sources, digests = [], {}
             for module in todo:
                 # Compile a copy, so that no generated C file lands beside the sources.
                 target = work.joinpath(*module.split(".")).with_suffix(".py")
@@ -214,7 +220,11 @@ def build(directory: Path | None = None, modules: Sequence[str] = MODULES,
                 for parent in target.relative_to(work).parents:
                     if parent != Path("."):
                         (work / parent / "__init__.py").touch()
-                shutil.copyfile(_source(module), target)
+                # The hash recorded is that of the very bytes compiled, even if the source
+                # changes meanwhile.
+                data = _source(module).read_bytes()
+                target.write_bytes(data)
+                digests[module] = hashlib.sha256(data).hexdigest()
                 sources.append(str(target.relative_to(work)))
             cwd = os.getcwd()
             os.chdir(work)
@@ -231,17 +241,47 @@ def build(directory: Path | None = None, modules: Sequence[str] = MODULES,
                 cmd.parallel = jobs or os.cpu_count() or 1
                 cmd.ensure_finalized()
                 cmd.run()
-                outputs = {Path(o).name: Path(o) for o in cmd.get_outputs()}
+                outputs = [Path(o) for o in cmd.get_outputs()]
             finally:
                 os.chdir(cwd)
             for module in todo:
-                name = module + _abi()
-                built = outputs.get(module.rsplit(".", 1)[-1] + _abi())
-                if built is None:
+                *package, last = module.split(".")
+                tail = Path(*package, last + _abi())
+                built = [o for o in outputs if o.parts[-len(tail.parts):] == tail.parts]
+                if len(built) != 1:
                     raise RuntimeError(f"the build of {module} produced no {_abi()} file")
-                _replace(built.read_bytes(), directory / name)
-                entries[module] = {"file": name, "source_sha256": _digest(_source(module))}
+                # Named after the source's hash: a manifest can only point at a file
+                # built from the source it names, whatever order builds finish in.
+                name = f"{module}.{digests[module][:16]}{_abi()}"
+                _replace(built[0].read_bytes(), directory / name)
+                entries[module] = {"file": name, "source_sha256": digests[module]}
     manifest = {"abi": _abi(), "python": sys.version.split()[0], "directives": DIRECTIVES,
                 "modules": dict(sorted(entries.items()))}
     _replace((json.dumps(manifest, indent=2) + "\n").encode(), directory / MANIFEST)
+    kept = {e["file"] for e in entries.values()}
+    for path in _compiled_files(directory):
+        if path.name not in kept:  # an older build's (a process using it keeps its copy)
+            path.unlink(missing_ok=True)
     return status(directory)
+
+
+def _compiled_files(directory: Path) -> list[Path]:
+    return [p for p in directory.glob(f"*{_abi()}")
+            if any(p.name.startswith(m + ".") for m in MODULES)]
+
+
+def clean(directory: Path | None = None) -> int:
+    """Remove a build (only its own files); returns how many files were removed."""
+    directory = directory or native_dir()
+    if not directory.exists():
+        return 0
+    manifest = directory / MANIFEST
+    if not manifest.is_file():
+        raise ValueError(f"{directory} holds no build of compiled modules (no {MANIFEST}); "
+                         "nothing removed")
+    files = [*_compiled_files(directory), *directory.glob(".*.tmp"), manifest]
+    for path in files:
+        path.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        directory.rmdir()  # only when nothing else is left in it
+    return len(files)

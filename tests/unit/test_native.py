@@ -77,9 +77,17 @@ def test_a_build_for_other_directives_is_not_loaded(one_module_build: Path) -> N
         manifest.write_text(original)
 
 
+def _compiled(directory: Path, module: str) -> Path:
+    path = {s.module: s.compiled for s in native.status(directory)}[module]
+    assert path is not None
+    return path
+
+
 def test_a_rebuild_writes_new_files_and_keeps_unchanged_modules(one_module_build: Path,
                                                                  ) -> None:
-    so = one_module_build / ("features.serial" + native._abi())
+    so = _compiled(one_module_build, "features.serial")
+    # named after the hash of the source it was built from
+    assert native._digest(ROOT / "features" / "serial.py")[:16] in so.name
     before = so.stat().st_ino
     native.build(one_module_build, modules=["features.serial"], jobs=1)
     assert so.stat().st_ino == before  # unchanged source: nothing compiled again
@@ -93,6 +101,23 @@ def test_a_rebuild_writes_new_files_and_keeps_unchanged_modules(one_module_build
     # A new file, not the old one rewritten: a process that has it loaded keeps its copy.
     assert so.stat().st_ino != before
     assert not list(one_module_build.glob(".*.tmp"))
+
+
+def test_clean_removes_a_build_and_nothing_else(tmp_path: Path, one_module_build: Path
+                                                ) -> None:
+    other = tmp_path / "not-a-build"
+    other.mkdir()
+    (other / "keep.txt").write_text("x")
+    with pytest.raises(ValueError, match=r"no manifest\.json"):
+        native.clean(other)
+    assert (other / "keep.txt").exists()
+    copy = tmp_path / "build"
+    copy.mkdir()
+    for f in one_module_build.iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    (copy / "notes.txt").write_text("mine")
+    assert native.clean(copy) == 2  # the compiled module and the manifest
+    assert sorted(p.name for p in copy.iterdir()) == ["notes.txt"]
 
 
 def test_a_wrong_switch_fails_at_start_naming_it() -> None:

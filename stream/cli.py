@@ -106,20 +106,20 @@ def worker() -> None:
     ensure_topics(s)
     engine = create_engine(s)
     w = Worker(engine.app, loglevel=s.log_level, quiet=True, redirect_stdouts=False)
-    learner_proc = None
+    learner = None
     if s.models_enabled and s.learner == "process":
         import atexit
 
-        from stream.learner_service import spawn, stop_child
+        from stream.learner_service import LearnerChild
 
-        learner_proc = spawn(s)
-        atexit.register(stop_child, learner_proc)
+        learner = LearnerChild(s)  # started again if it exits on its own
+        atexit.register(learner.stop)
     tune_gc(s)
     try:
         w.execute_from_commandline()
     finally:
-        if learner_proc is not None:
-            stop_child(learner_proc)
+        if learner is not None:
+            learner.stop()
 
 
 @app.command()

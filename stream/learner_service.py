@@ -26,6 +26,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from typing import Any
 
@@ -43,6 +44,8 @@ log = logging.getLogger(__name__)
 FETCH_RECORDS = 1_000
 #: How often the service checks that its parent worker still exists.
 PARENT_CHECK_S = 1.0
+#: Longest wait between two attempts to load the models while Redis does not answer.
+LOAD_RETRY_MAX_S = 5.0
 
 
 def group_id(settings: Settings) -> str:
@@ -59,7 +62,11 @@ class _Assignments(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
         if assigned:
-            await self.service.on_assigned()
+            try:
+                await self.service.on_assigned()
+            except Exception as exc:  # e.g. Redis down: the fetch loop loads them later
+                log.warning("learner: models not loaded on assignment (%r); loading them "
+                            "again when examples arrive", exc)
 
 
 class LearnerService:
@@ -129,6 +136,7 @@ class LearnerService:
         await consumer.start()
         consumer.subscribe([s.examples_topic], listener=_Assignments(self))
         timer = asyncio.ensure_future(self._snapshots())
+        failures = 0
         try:
             while not self.stop.is_set():
                 batches = await consumer.getmany(timeout_ms=500, max_records=FETCH_RECORDS)
@@ -137,7 +145,21 @@ class LearnerService:
                 if self.learner is None:
                     # Records can arrive while the assignment callback still loads the
                     # models; they are never dropped (the position is already past them).
-                    await self.on_assigned()
+                    try:
+                        await self.on_assigned()
+                    except Exception as exc:
+                        # Redis does not answer: learn nothing yet, and fetch these
+                        # examples again once the models could be loaded.
+                        for tp, records in batches.items():
+                            consumer.seek(tp, records[0].offset)
+                        failures += 1
+                        delay = min(LOAD_RETRY_MAX_S, 0.1 * 2 ** min(failures, 6))
+                        log.warning("learner: models could not be loaded (%r); "
+                                    "retrying in %.1fs", exc, delay)
+                        with contextlib.suppress(asyncio.TimeoutError):
+                            await asyncio.wait_for(self.stop.wait(), delay)
+                        continue
+                    failures = 0
                 learner = self.learner
                 assert learner is not None
                 for records in batches.values():
@@ -174,6 +196,56 @@ def run(settings: Settings, parent_pid: int | None = None) -> None:
         await service.run()
 
     asyncio.run(main())
+
+
+class LearnerChild:
+    """A worker's learner process, started again whenever it exits on its own.
+
+    A learner that dies (a crash, an out-of-memory kill) would leave the deployment's
+    examples unlearned and its models frozen until the worker restarts; this one is
+    restarted after a pause that doubles with each quick exit (up to a minute).
+    """
+
+    #: A child that ran this long before it exited is restarted after the shortest pause.
+    STEADY_S = 60.0
+
+    def __init__(self, settings: Settings, check_s: float = 1.0) -> None:
+        self.settings = settings
+        self.check_s = check_s
+        self.restarts = 0
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self.proc = spawn(settings)
+        self._started = time.monotonic()
+        self._thread = threading.Thread(target=self._watch, name="learner-child", daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        pause = 1.0
+        while not self._stopped.wait(self.check_s):
+            code = self.proc.poll()
+            if code is None:
+                continue
+            if time.monotonic() - self._started >= self.STEADY_S:
+                pause = 1.0
+            log.warning("learner process exited (code %s); starting it again in %.0fs",
+                        code, pause)
+            if self._stopped.wait(pause):
+                return
+            with self._lock:
+                if self._stopped.is_set():
+                    return
+                self.proc = spawn(self.settings)
+                self._started = time.monotonic()
+                self.restarts += 1
+            pause = min(60.0, pause * 2)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop watching, then stop the child (SIGTERM, then SIGKILL)."""
+        with self._lock:
+            self._stopped.set()
+            proc = self.proc
+        stop_child(proc, timeout)
 
 
 def spawn(settings: Settings) -> subprocess.Popen[bytes]:

@@ -136,3 +136,110 @@ def test_learner_process_learns_every_example_once_and_stops_with_its_worker(
             with contextlib.suppress(psutil.Error, subprocess.TimeoutExpired):
                 p.wait(timeout=30)
         r.close()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_a_learner_started_while_redis_is_down_waits_and_then_learns_everything(
+        deployment: Any, tmp_path: Path) -> None:
+    import shutil
+
+    d = deployment
+    port = _free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    batch = examples(0, 300)
+    d.produce("segmentation-examples", batch)
+    env = dict(d.env, SEGSTREAM_MODEL_SNAPSHOT_S="0.5", SEGSTREAM_REDIS_URL=url)
+    parent = subprocess.Popen([sys.executable, "-c", PARENT], env=env, cwd=ROOT,
+                              stdout=open(tmp_path / "learner.log", "wb"),  # noqa: SIM115
+                              stderr=subprocess.STDOUT)
+    server: subprocess.Popen[bytes] | None = None
+    learner: psutil.Process | None = None
+    try:
+        learner = wait_for(lambda: psutil.Process(parent.pid).children(), 30, "the learner")[0]
+        # It gets the examples partition and fetches while no Redis answers: it must
+        # neither exit nor drop what it fetched.
+        time.sleep(6)
+        assert learner.is_running() and learner.status() != psutil.STATUS_ZOMBIE, \
+            (tmp_path / "learner.log").read_text()[-3000:]
+        binary = shutil.which("redis-server")
+        assert binary
+        server = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1",
+                                   "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        r = redis.from_url(url)
+        try:
+            def learned() -> int | None:
+                try:
+                    n = sum(m.examples for m in served(r, d.settings.redis_prefix).values())
+                except (redis.RedisError, OSError):
+                    return None
+                return n if n >= len(batch) else None
+
+            wait_for(learned, 90, "every example learned once Redis answers")
+            time.sleep(1.5)  # a double learning would show by now
+            assert sum(m.examples for m in served(r, d.settings.redis_prefix).values()) \
+                == len(batch)
+        finally:
+            r.close()
+    finally:
+        for p in (learner, parent, server):
+            with contextlib.suppress(psutil.Error, ProcessLookupError, AttributeError):
+                p.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+        for p in (learner, parent, server):
+            with contextlib.suppress(psutil.Error, subprocess.TimeoutExpired, AttributeError):
+                p.wait(timeout=30)  # type: ignore[union-attr]
+
+
+#: Stands in for a worker that supervises its learner as ``segstream worker`` does.
+SUPERVISOR = ("import time; from stream.learner_service import LearnerChild;"
+              " from stream.settings import load_settings;"
+              " LearnerChild(load_settings(), check_s=0.2); time.sleep(600)")
+
+
+def test_a_learner_that_dies_is_started_again_and_goes_on_learning(
+        deployment: Any, tmp_path: Path) -> None:
+    d = deployment
+    s = d.settings
+    env = dict(d.env, SEGSTREAM_MODEL_SNAPSHOT_S="0.5")
+    parent = subprocess.Popen([sys.executable, "-c", SUPERVISOR], env=env, cwd=ROOT,
+                              stdout=open(tmp_path / "supervisor.log", "wb"),  # noqa: SIM115
+                              stderr=subprocess.STDOUT)
+    r = redis.from_url(s.redis_url)
+    try:
+        first = wait_for(lambda: psutil.Process(parent.pid).children(), 30, "the learner")[0]
+        d.produce("segmentation-examples", examples(0, 200))
+        wait_for(lambda: sum(m.examples for m in served(r, s.redis_prefix).values()) >= 200,
+                 90, "the first examples learned")
+        first.kill()  # as an out-of-memory kill would
+        first.wait(timeout=10)
+
+        def replaced() -> psutil.Process | None:
+            kids = [c for c in psutil.Process(parent.pid).children() if c.pid != first.pid
+                    and c.status() != psutil.STATUS_ZOMBIE]
+            return kids[0] if kids else None
+
+        second = wait_for(replaced, 30, "a new learner process")
+        d.produce("segmentation-examples", examples(200, 100))
+        wait_for(lambda: sum(m.examples for m in served(r, s.redis_prefix).values()) >= 300,
+                 90, "the examples after the restart learned")
+        time.sleep(1.5)
+        # Resumed from the snapshot and the group's committed offset: nothing twice. The
+        # killed process may have learned examples it never snapshotted; those are learned
+        # again by the new one, from the snapshot's state, so the count is still exact.
+        assert sum(m.examples for m in served(r, s.redis_prefix).values()) == 300
+        assert second.is_running()
+    finally:
+        parent.kill()
+        parent.wait()
+        for c in psutil.process_iter():
+            with contextlib.suppress(psutil.Error):
+                if c.ppid() == parent.pid:
+                    c.terminate()
+        r.close()

@@ -203,7 +203,8 @@ class LearnerChild:
 
     A learner that dies (a crash, an out-of-memory kill) would leave the deployment's
     examples unlearned and its models frozen until the worker restarts; this one is
-    restarted after a pause that doubles with each quick exit (up to a minute).
+    restarted after a pause that doubles with each quick exit (up to a minute). One that
+    was told to stop (exit code 0, SIGINT or SIGTERM) is not.
     """
 
     #: A child that ran this long before it exited is restarted after the shortest pause.
@@ -226,6 +227,11 @@ class LearnerChild:
             code = self.proc.poll()
             if code is None:
                 continue
+            if code in (0, -signal.SIGINT, -signal.SIGTERM):
+                # Told to stop (e.g. Ctrl-C reached the whole process group): the worker
+                # is stopping too.
+                log.info("learner process stopped (code %s)", code)
+                return
             if time.monotonic() - self._started >= self.STEADY_S:
                 pause = 1.0
             log.warning("learner process exited (code %s); starting it again in %.0fs",

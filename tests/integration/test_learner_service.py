@@ -235,6 +235,12 @@ def test_a_learner_that_dies_is_started_again_and_goes_on_learning(
         # again by the new one, from the snapshot's state, so the count is still exact.
         assert sum(m.examples for m in served(r, s.redis_prefix).values()) == 300
         assert second.is_running()
+        # A learner told to stop (as Ctrl-C or a shutdown does) is not started again.
+        second.terminate()
+        second.wait(timeout=30)
+        time.sleep(3)
+        assert [c for c in psutil.Process(parent.pid).children()
+                if c.status() != psutil.STATUS_ZOMBIE] == []
     finally:
         parent.kill()
         parent.wait()

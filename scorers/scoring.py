@@ -229,8 +229,8 @@ def evaluate(inputs: Sequence[CustomerInput], ctx: ScoringContext) -> list[Outco
     if ctx.models:
         xs = [labels.model_inputs(f) for f in feats]
     all_scores = _all_scores(feats, xs, ctx)
-    moving = _moving(inputs, feats, all_scores, ctx)
-    batch = _Batch.of(ctx, prefiltered=len(inputs) >= MOVING_PREFILTER_MIN)
+    moving, prefiltered = _moving(inputs, feats, all_scores, ctx)
+    batch = _Batch.of(ctx, prefiltered)
     return [_evaluate_one(c, feats[i], xs[i] if xs is not None else None, all_scores[i], ctx,
                           moving[i], batch)
             for i, c in enumerate(inputs)]
@@ -242,8 +242,9 @@ MOVING_PREFILTER_MIN = 48
 
 
 def _moving(inputs: Sequence[CustomerInput], feats: list[dict[str, Any]],
-            scores: list[dict[str, Any]], ctx: ScoringContext) -> list[set[str]]:
-    """Per customer, the schemes whose segment may change (a vectorised pre-filter).
+            scores: list[dict[str, Any]], ctx: ScoringContext) -> tuple[list[set[str]], bool]:
+    """Per customer, the schemes whose segment may change (a vectorised pre-filter), and
+    whether the pre-filter judged them (else every scheme is named).
 
     The vectorised evaluation follows :func:`scorers.rules.assign` exactly (minimum
     dwell, hysteresis for the incumbent segment, first match wins); customers it finds
@@ -256,12 +257,12 @@ def _moving(inputs: Sequence[CustomerInput], feats: list[dict[str, Any]],
     n = len(inputs)
     out: list[set[str]] = [set() for _ in range(n)]
     if ctx.catalogue is None or n == 0:
-        return out
+        return out, False
     schemes = ctx.catalogue.schemes
     if n < MOVING_PREFILTER_MIN:
         # Columns cost a few milliseconds whatever their length: for a handful of
         # customers the scalar path alone is cheaper.
-        return [set(schemes) for _ in range(n)]
+        return [set(schemes) for _ in range(n)], False
     # One set of columns for every scheme: each column is normalised once.
     raw: dict[str, list[Any]] = {}
     for key in frozenset().union(*(scheme.names for scheme in schemes.values())):
@@ -288,7 +289,7 @@ def _moving(inputs: Sequence[CustomerInput], feats: list[dict[str, Any]],
             free &= ~hit
         for i in np.flatnonzero(~held & (result != incumbent)):
             out[int(i)].add(name)
-    return out
+    return out, True
 
 
 class _NbaTrack:

@@ -70,6 +70,17 @@ def _start(args: list[str], d: Path, port: int) -> subprocess.Popen[bytes]:
     return proc
 
 
+# -- A plain server ---------------------------------------------------------------------
+
+def plain_redis(port: int, d: Path) -> subprocess.Popen[bytes]:
+    """A plain redis-server on ``port`` (data in ``d``), listening when this returns."""
+    return _start(["--port", str(port), "--appendonly", "no"], d, port)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    _stop([proc])
+
+
 # -- Redis Cluster ----------------------------------------------------------------------
 
 @dataclass

@@ -21,6 +21,7 @@ from scorers.online import OnlineModel
 from stream.learner import Learner
 from stream.learner_service import group_id
 from stream.runtime import model_key, registry_keys
+from tests import redis_servers
 from tests.conftest import ROOT
 
 
@@ -40,11 +41,11 @@ PARENT = ("from stream.learner_service import spawn; from stream.settings import
           " spawn(load_settings()).wait()")
 
 
-def start_learner(d: Any, tmp: Path, name: str
+def start_learner(d: Any, tmp: Path, name: str, script: str = PARENT, **env: str
                   ) -> tuple[subprocess.Popen[bytes], psutil.Process]:
-    """A stand-in worker process and the learner it started as its child."""
-    env = dict(d.env, SEGSTREAM_MODEL_SNAPSHOT_S="0.5")
-    parent = subprocess.Popen([sys.executable, "-c", PARENT], env=env, cwd=ROOT,
+    """A stand-in worker process (``script``) and the learner it started as its child."""
+    env = dict(d.env, SEGSTREAM_MODEL_SNAPSHOT_S="0.5", **env)
+    parent = subprocess.Popen([sys.executable, "-c", script], env=env, cwd=ROOT,
                               stdout=open(tmp / f"{name}.log", "wb"),  # noqa: SIM115
                               stderr=subprocess.STDOUT)
     children = wait_for(lambda: psutil.Process(parent.pid).children(), 30, "the learner")
@@ -138,41 +139,22 @@ def test_learner_process_learns_every_example_once_and_stops_with_its_worker(
         r.close()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def test_a_learner_started_while_redis_is_down_waits_and_then_learns_everything(
         deployment: Any, tmp_path: Path) -> None:
-    import shutil
-
     d = deployment
-    port = _free_port()
+    port = redis_servers.free_port()
     url = f"redis://127.0.0.1:{port}/0"
     batch = examples(0, 300)
     d.produce("segmentation-examples", batch)
-    env = dict(d.env, SEGSTREAM_MODEL_SNAPSHOT_S="0.5", SEGSTREAM_REDIS_URL=url)
-    parent = subprocess.Popen([sys.executable, "-c", PARENT], env=env, cwd=ROOT,
-                              stdout=open(tmp_path / "learner.log", "wb"),  # noqa: SIM115
-                              stderr=subprocess.STDOUT)
+    parent, learner = start_learner(d, tmp_path, "learner", SEGSTREAM_REDIS_URL=url)
     server: subprocess.Popen[bytes] | None = None
-    learner: psutil.Process | None = None
     try:
-        learner = wait_for(lambda: psutil.Process(parent.pid).children(), 30, "the learner")[0]
         # It gets the examples partition and fetches while no Redis answers: it must
         # neither exit nor drop what it fetched.
         time.sleep(6)
         assert learner.is_running() and learner.status() != psutil.STATUS_ZOMBIE, \
             (tmp_path / "learner.log").read_text()[-3000:]
-        binary = shutil.which("redis-server")
-        assert binary
-        server = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1",
-                                   "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        server = redis_servers.plain_redis(port, tmp_path)
         r = redis.from_url(url)
         try:
             def learned() -> int | None:
@@ -189,12 +171,14 @@ def test_a_learner_started_while_redis_is_down_waits_and_then_learns_everything(
         finally:
             r.close()
     finally:
-        for p in (learner, parent, server):
-            with contextlib.suppress(psutil.Error, ProcessLookupError, AttributeError):
-                p.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
-        for p in (learner, parent, server):
-            with contextlib.suppress(psutil.Error, subprocess.TimeoutExpired, AttributeError):
-                p.wait(timeout=30)  # type: ignore[union-attr]
+        for p in (learner, parent):
+            with contextlib.suppress(psutil.Error, ProcessLookupError):
+                p.send_signal(signal.SIGTERM)
+        for p in (learner, parent):
+            with contextlib.suppress(psutil.Error, subprocess.TimeoutExpired):
+                p.wait(timeout=30)
+        if server is not None:
+            redis_servers.stop(server)
 
 
 #: Stands in for a worker that supervises its learner as ``segstream worker`` does.
@@ -207,13 +191,9 @@ def test_a_learner_that_dies_is_started_again_and_goes_on_learning(
         deployment: Any, tmp_path: Path) -> None:
     d = deployment
     s = d.settings
-    env = dict(d.env, SEGSTREAM_MODEL_SNAPSHOT_S="0.5")
-    parent = subprocess.Popen([sys.executable, "-c", SUPERVISOR], env=env, cwd=ROOT,
-                              stdout=open(tmp_path / "supervisor.log", "wb"),  # noqa: SIM115
-                              stderr=subprocess.STDOUT)
+    parent, first = start_learner(d, tmp_path, "supervisor", SUPERVISOR)
     r = redis.from_url(s.redis_url)
     try:
-        first = wait_for(lambda: psutil.Process(parent.pid).children(), 30, "the learner")[0]
         d.produce("segmentation-examples", examples(0, 200))
         wait_for(lambda: sum(m.examples for m in served(r, s.redis_prefix).values()) >= 200,
                  90, "the first examples learned")

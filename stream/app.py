@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import time
@@ -37,6 +38,8 @@ from stream.web import add_routes
 log = logging.getLogger(__name__)
 
 OUTBOX_FLUSH_INTERVAL_S = 5.0
+#: The longest a rebalance or a stop waits for the last batch's outbox publish.
+DRAIN_TIMEOUT_S = 10.0
 SWEEP_CHECK_S = 1.0
 #: Without a batch for this long the worker counts as idle and sweeps at once.
 IDLE_S = 1.0
@@ -390,7 +393,7 @@ class Engine:
             self.store = RedisFeatureStore(self.redis, self.settings.redis_prefix)
             self.runtime = ScoringRuntime(self.settings, self.redis, self.store)
             self.processor = BatchProcessor(self.settings, self.store, FaustPublisher(self.app),
-                                            scoring=self.runtime)
+                                            scoring=self.runtime, background_publish=True)
             self.sweeper = Sweeper(self.processor, self.runtime, self.store, self.lock,
                                    busy=self._busy, max_share=self.settings.sweep_max_share)
             self.processor.on_published = self.backend.on_published
@@ -467,24 +470,30 @@ class Engine:
         """Micro-batches from the inbox; the agent's own stream never receives anything,
         it only subscribes the worker to the input topics."""
         processor = self.ensure()
-        async for records in self.inbox.batches(
-                self.settings.batch_max, self.settings.batch_within_s,
-                partial(kafka_backlog, self.app, self.settings.input_topics),
-                lambda: bool(stream.should_stop)):
-            t0, started = time.perf_counter(), time.time()
-            async with self.lock:
-                stats = await processor.process(records)
-            self.last_batch_end = time.monotonic()
-            by_topic: dict[str, int] = {}
-            oldest: int | None = None
-            for rec in records:
-                by_topic[rec.topic] = by_topic.get(rec.topic, 0) + 1
-                ts = rec.timestamp_ms
-                if ts is not None and (oldest is None or ts < oldest):
-                    oldest = ts
-            wait_s = started - oldest / 1000 if oldest is not None else None
-            self.backend.on_batch(by_topic, stats, time.perf_counter() - t0, wait_s)
-            yield len(records)
+        try:
+            async for records in self.inbox.batches(
+                    self.settings.batch_max, self.settings.batch_within_s,
+                    partial(kafka_backlog, self.app, self.settings.input_topics),
+                    lambda: bool(stream.should_stop)):
+                t0, started = time.perf_counter(), time.time()
+                async with self.lock:
+                    stats = await processor.process(records)
+                self.last_batch_end = time.monotonic()
+                by_topic: dict[str, int] = {}
+                oldest: int | None = None
+                for rec in records:
+                    by_topic[rec.topic] = by_topic.get(rec.topic, 0) + 1
+                    ts = rec.timestamp_ms
+                    if ts is not None and (oldest is None or ts < oldest):
+                        oldest = ts
+                wait_s = started - oldest / 1000 if oldest is not None else None
+                self.backend.on_batch(by_topic, stats, time.perf_counter() - t0, wait_s)
+                yield len(records)
+        finally:
+            # The last batch's outbox may still be publishing; what a stop cuts short
+            # stays in the stored outbox for the partition's next owner.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(processor.drain(), DRAIN_TIMEOUT_S)
 
     async def _on_partitions_assigned(self, sender: Any, assigned: Any, **_: Any) -> None:
         """A previous owner may have left unpublished records in these partitions' outbox."""
@@ -498,6 +507,14 @@ class Engine:
         if dropped:
             log.info("rebalance: %d fetched input records dropped, to be fetched again",
                      dropped)
+        if self.processor is not None:
+            # The last batch's outbox is published before the partitions' next owner reads
+            # theirs, so a customer's migrations do not reach the topic out of order.
+            try:
+                await asyncio.wait_for(self.processor.drain(), DRAIN_TIMEOUT_S)
+            except TimeoutError:
+                log.warning("rebalance: outbox publish still running after %gs; the next "
+                            "owner publishes it again", DRAIN_TIMEOUT_S)
 
     async def _flush_outbox(self) -> None:
         processor = self.ensure()

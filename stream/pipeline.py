@@ -15,6 +15,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any, Protocol, TypeVar
 
 import msgpack
@@ -146,8 +147,13 @@ class BatchProcessor:
         publisher: Publisher,
         clock: Callable[[], float] = time.time,
         scoring: Scoring | None = None,
+        background_publish: bool = False,
     ) -> None:
         self.settings = settings
+        #: publish a batch's outbox while the next batch is loaded and evaluated (see
+        #: :meth:`drain`); otherwise :meth:`process` returns once it is published
+        self.background_publish = background_publish
+        self._publishing: asyncio.Future[int] | None = None
         self.scoring = scoring
         #: called with (operation, seconds, ok) after each Redis round trip of a batch (metrics)
         self.on_redis: Callable[[str, float, bool], None] | None = None
@@ -166,10 +172,53 @@ class BatchProcessor:
         #: is not publishing; any other partition's outbox is read back before publishing,
         #: so records a timed-out commit or a previous owner left there go out first
         self._clean: set[int] = set()
+        #: per partition, how often it was marked dirty: a flush marks a partition clean
+        #: only if nobody marked it dirty while the flush ran
+        self._dirtied: dict[int, int] = {}
 
     def mark_dirty(self, partitions: Iterable[int]) -> None:
         """The stored outbox of these partitions may hold records nobody published yet."""
-        self._clean.difference_update(partitions)
+        for p in partitions:
+            self._clean.discard(p)
+            self._dirtied[p] = self._dirtied.get(p, 0) + 1
+
+    def _mark_clean(self, partitions: Iterable[int], marks: Mapping[int, int]) -> None:
+        self._clean.update(p for p in partitions if self._dirtied.get(p, 0) == marks[p])
+
+    async def drain(self) -> None:
+        """Wait until the outbox publish still running in the background (if any) is done.
+
+        A failed background publish leaves its partitions dirty: their records stay in
+        the stored outbox, and the next flush of those partitions reads them back and
+        publishes them first. A waiter cancelled or timed out here does not cancel the
+        publish, and the next drain waits for it again.
+        """
+        task = self._publishing
+        if task is None:
+            return
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not task.done():
+                raise  # the waiter was cancelled, not the publish
+        except Exception:
+            pass  # _publish logged it and marked its partitions dirty
+        if self._publishing is task:
+            self._publishing = None
+
+    async def _publish(self, partitions: list[int], known: dict[int, dict[str, bytes]]) -> int:
+        try:
+            return await self._flush(partitions, known)
+        except Exception as exc:
+            # What it did not publish and forget stays in the stored outbox: the next
+            # flush of these partitions reads it back and publishes it first.
+            self.mark_dirty(partitions)
+            log.warning("background outbox publish failed: %r", exc)
+            return 0
+
+    def _publish_ended(self, partitions: list[int], task: asyncio.Future[int]) -> None:
+        if task.cancelled():  # a stop, maybe before it even started: as a failure
+            self.mark_dirty(partitions)
 
     def dead_letter(self, rec: RawRecord, rejection: Rejection) -> bytes:
         """The DLQ record of a rejected input, as the bytes to publish."""
@@ -298,6 +347,10 @@ class BatchProcessor:
                 self.add_outcome(commit, outcome, c.trigger)
         local.applied += sum(len(acc.per_customer[c.customer_id]) for commit, acc, c in scored
                              if c.customer_id in commit.states)
+        # The previous batch's publish ran while this one loaded and evaluated; it ends
+        # before this commit, so outbox records go out in the order they were committed
+        # and a failed commit below marks its partitions dirty after that publish.
+        await self.drain()
         ok = await self._timed("commit", self.store.commit(commits))
         done = [p for p in pending if ok.get(p, True)]
         stats.applied += local.applied
@@ -307,8 +360,15 @@ class BatchProcessor:
         for reason, n in local.dead_letters.items():
             if any(ok.get(c.partition) for c in commits):
                 stats.dead_letters[reason] = stats.dead_letters.get(reason, 0) + n
-        await self.flush_outbox([c.partition for c in commits if ok.get(c.partition)],
-                                {c.partition: c.outbox for c in commits})
+        published = [c.partition for c in commits if ok.get(c.partition)]
+        known = {c.partition: c.outbox for c in commits}
+        if self.background_publish:
+            task = asyncio.ensure_future(self._publish(published, known))
+            # Registered before any waiter's: it runs before a drain returns.
+            task.add_done_callback(partial(self._publish_ended, published))
+            self._publishing = task
+        else:
+            await self._flush(published, known)
         return done
 
     async def _timed(self, op: str, call: Awaitable[T]) -> T:
@@ -401,14 +461,21 @@ class BatchProcessor:
 
     async def flush_outbox(self, partitions: Sequence[int],
                            known: dict[int, dict[str, bytes]] | None = None) -> int:
-        """Publish committed outbox records of these partitions, then forget them.
+        """Publish committed outbox records of these partitions, then forget them; a
+        publish still running in the background ends first.
 
         ``known`` holds what a commit just wrote. It is published as it is only for a
         partition known to hold nothing older; any other partition's outbox is read back
         from the store and published oldest first, so a customer's migrations reach the
         topic in the order they were made even after a timeout or a crash.
         """
+        await self.drain()
+        return await self._flush(partitions, known)
+
+    async def _flush(self, partitions: Sequence[int],
+                     known: dict[int, dict[str, bytes]] | None) -> int:
         parts = list(partitions)
+        marks = {p: self._dirtied.get(p, 0) for p in parts}
         stale = parts if known is None else [p for p in parts if p not in self._clean]
         pending: dict[int, dict[str, bytes]] = {}
         if stale:
@@ -420,7 +487,7 @@ class BatchProcessor:
                 if p not in stale and known.get(p):
                     pending[p] = known[p]
         if not pending:
-            self._clean.update(stale)
+            self._mark_clean(stale, marks)
             return 0
         blobs = [b for rows in pending.values() for b in rows.values()]
         records = [decode_outbox(b) for b in blobs]
@@ -442,7 +509,7 @@ class BatchProcessor:
         except StoreUnavailable:
             self.mark_dirty(pending)  # published, not forgotten: they go out again later
             raise
-        self._clean.update(parts)
+        self._mark_clean(parts, marks)
         if self.on_published is not None:
             self.on_published(records, blobs)
         return len(records)

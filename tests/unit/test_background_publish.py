@@ -1,0 +1,225 @@
+"""A batch's outbox published while the next batch is loaded and evaluated.
+
+The worker lets :meth:`BatchProcessor.process` return once a batch is committed, and
+publishes its outbox in the background (``background_publish=True``). These tests hold
+what that must not change: every committed outbox record is published, a partition's
+records reach the publisher in the order they were committed (first deliveries; a
+failed publish may send some again later), nothing published stays in the stored
+outbox, and a batch's commit never overtakes the previous batch's publish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from features.store import MemoryFeatureStore, StoreUnavailable
+from stream.pipeline import BatchProcessor, RawRecord, encode_outbox
+from stream.settings import load_settings
+
+WALL = 1_800_000_000.0
+
+
+class Gate:
+    """A publisher that waits for ``open`` and can be told to fail its next calls."""
+
+    def __init__(self, fail: Sequence[bool] = ()) -> None:
+        self.sent: list[tuple[str, bytes | None, bytes]] = []
+        self.open = asyncio.Event()
+        self.open.set()
+        self.fail = list(fail)
+        self.calls = 0
+        self.started = 0
+
+    async def publish(self, records: Sequence[tuple[str, bytes | None, bytes]]) -> None:
+        self.started += 1
+        await self.open.wait()
+        fail = self.fail[self.calls] if self.calls < len(self.fail) else False
+        self.calls += 1
+        if fail:
+            raise ConnectionError("broker unavailable")
+        self.sent.extend(records)
+
+
+def bad(offset: int, part: int = 0) -> RawRecord:
+    """A malformed input: its dead letter is the batch's outbox record."""
+    return RawRecord("transactions", part, offset, b"k", b"not json %d" % offset)
+
+
+def offsets(sent: Sequence[tuple[str, bytes | None, bytes]], part: int = 0) -> list[int]:
+    docs = [orjson.loads(v) for _, _, v in sent]
+    return [d["offset"] for d in docs if d["partition"] == part]
+
+
+def first_seen(xs: list[int]) -> list[int]:
+    seen: set[int] = set()
+    return [x for x in xs if not (x in seen or seen.add(x))]  # type: ignore[func-returns-value]
+
+
+def make(publisher: Gate) -> tuple[BatchProcessor, MemoryFeatureStore]:
+    store = MemoryFeatureStore()
+    bp = BatchProcessor(load_settings(), store, publisher, clock=lambda: WALL,
+                        background_publish=True)
+    return bp, store
+
+
+def test_process_returns_before_its_publish_and_the_next_commit_waits_for_it() -> None:
+    async def main() -> None:
+        gate = Gate()
+        bp, store = make(gate)
+        gate.open.clear()  # the broker is slow
+        await bp.process([bad(0), bad(1)])
+        assert gate.sent == [] and len(store.outboxes[0]) == 2  # committed, not yet sent
+        nxt = asyncio.ensure_future(bp.process([bad(2)]))
+        await asyncio.sleep(0.01)
+        # evaluated, but its commit waits behind the previous batch's publish
+        assert not nxt.done() and len(store.outboxes[0]) == 2
+        gate.open.set()
+        await nxt
+        await bp.drain()
+        assert offsets(gate.sent) == [0, 1, 2]
+        assert not store.outboxes.get(0)
+
+    asyncio.run(main())
+
+
+def test_a_failed_background_publish_goes_out_first_with_the_next_batch() -> None:
+    async def main() -> None:
+        gate = Gate(fail=[True])
+        bp, store = make(gate)
+        await bp.process([bad(0), bad(1)])
+        await bp.process([bad(2)])
+        await bp.drain()
+        assert offsets(gate.sent) == [0, 1, 2]
+        assert not store.outboxes.get(0)
+
+    asyncio.run(main())
+
+
+def test_a_cancelled_background_publish_leaves_its_records_for_the_next_flush() -> None:
+    async def main() -> None:
+        gate = Gate()
+        bp, store = make(gate)
+        await bp.process([bad(0)])
+        await bp.drain()  # partition 0 is now known to hold nothing unpublished
+        gate.open.clear()
+        await bp.process([bad(1)])
+        assert bp._publishing is not None
+        bp._publishing.cancel()  # as a worker stop cancels it
+        await bp.drain()
+        gate.open.set()
+        await bp.process([bad(2)])
+        await bp.drain()
+        assert offsets(gate.sent) == [0, 1, 2]
+        assert not store.outboxes.get(0)
+
+    asyncio.run(main())
+
+
+def test_a_partition_marked_dirty_during_a_publish_stays_dirty() -> None:
+    """Reassigned while a publish runs, a partition may hold what another owner left in
+    its outbox: the publish ending must not declare it clean."""
+
+    async def main() -> None:
+        gate = Gate()
+        bp, store = make(gate)
+        await bp.process([bad(0)])
+        await bp.drain()
+        gate.open.clear()
+        await bp.process([bad(1)])
+        await asyncio.sleep(0.01)  # the publish is under way, partition 0 taken as clean
+        assert gate.started == 2
+        # another owner's unpublished record, and the reassignment that reveals it
+        store.outboxes[0]["dlq:transactions:7"] = encode_outbox(
+            bp.settings.dlq_topic, b"k", orjson.dumps({"partition": 0, "offset": 7}),
+            order=(store.meta[0]["ver"], 0))
+        bp.mark_dirty([0])
+        gate.open.set()
+        await bp.drain()
+        await bp.process([bad(2)])
+        await bp.drain()
+        assert offsets(gate.sent) == [0, 1, 7, 2]
+        assert not store.outboxes.get(0)
+
+    asyncio.run(main())
+
+
+def test_a_timed_out_drain_does_not_cancel_the_publish() -> None:
+    async def main() -> None:
+        gate = Gate()
+        bp, store = make(gate)
+        gate.open.clear()
+        await bp.process([bad(0)])
+        task = bp._publishing
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(bp.drain(), 0.01)
+        assert task is not None and not task.done()
+        gate.open.set()
+        await bp.flush_outbox([0])  # waits for the publish still running
+        assert offsets(gate.sent) == [0]
+        assert not store.outboxes.get(0)
+
+    asyncio.run(main())
+
+
+def test_a_publish_that_could_not_read_the_outbox_leaves_every_partition_dirty() -> None:
+    async def main() -> None:
+        gate = Gate()
+        bp, store = make(gate)
+        await bp.process([bad(0, 0), bad(0, 1)])
+        await bp.drain()
+        bp.mark_dirty([1])  # partition 1 is read back, partition 0 published as committed
+        original = store.outbox_pending
+
+        async def unavailable(partitions: Any) -> Any:
+            store.outbox_pending = original  # type: ignore[method-assign]
+            raise StoreUnavailable("redis read failed")
+
+        store.outbox_pending = unavailable  # type: ignore[method-assign]
+        await bp.process([bad(1, 0), bad(1, 1)])
+        await bp.drain()
+        assert gate.sent == [gate.sent[0], gate.sent[1]]  # nothing of the failed publish
+        await bp.process([bad(2, 0)])
+        await bp.drain()
+        assert offsets(gate.sent, 0) == [0, 1, 2]
+        assert not store.outboxes.get(0)
+
+    asyncio.run(main())
+
+
+@settings(max_examples=60, deadline=None)
+@given(batches=st.lists(st.lists(st.integers(0, 2), min_size=1, max_size=4),
+                        min_size=1, max_size=8),
+       fail=st.lists(st.booleans(), max_size=12),
+       commit_fails=st.lists(st.booleans(), max_size=8))
+def test_every_committed_record_is_published_in_commit_order(
+        batches: list[list[int]], fail: list[bool], commit_fails: list[bool]) -> None:
+    """Batches over three partitions, with publishes that fail and commits that time out
+    after being applied: in the end each partition's records were first published in
+    offset order, none is missing, and the stored outbox is empty."""
+
+    async def main() -> None:
+        gate = Gate(fail=fail)
+        bp, store = make(gate)
+        next_offset = [0, 0, 0]
+        for k, parts in enumerate(batches):
+            recs = []
+            for p in parts:
+                recs.append(bad(next_offset[p], p))
+                next_offset[p] += 1
+            store.fail_next_commit_after_apply = k < len(commit_fails) and commit_fails[k]
+            await bp.process(recs)
+        await bp.drain()
+        gate.fail = []
+        await bp.flush_outbox([0, 1, 2])  # the periodic flush
+        for p in range(3):
+            assert first_seen(offsets(gate.sent, p)) == list(range(next_offset[p]))
+            assert not store.outboxes.get(p)
+
+    asyncio.run(main())

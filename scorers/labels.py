@@ -22,6 +22,7 @@ Everything here is pure: functions return new states, and states and examples
 convert to plain msgpack- or JSON-able values.
 
 >>> from features.events import MS_PER_DAY
+from features.serial import packb
 >>> feats = {"purchases_total": 1, "monetary_total": 20.0, "recency_days": 0}
 >>> s = observe(LabelState(), "c1", feats, 10 * MS_PER_DAY, has_clickstream=False)
 >>> sorted(s.pending)
@@ -46,6 +47,7 @@ import msgpack
 import orjson
 
 from features.events import MS_PER_DAY
+from features.serial import packb
 
 CHURN = "churn"
 PURCHASE_7D = "purchase_7d"
@@ -269,7 +271,7 @@ class LabelState:
 
     def encode(self) -> bytes:
         """Compact msgpack bytes (for the state store)."""
-        return msgpack.packb(self.to_dict(), use_bin_type=True)  # type: ignore[no-any-return]
+        return packb(self.to_dict())
 
     @classmethod
     def decode(cls, data: bytes) -> LabelState:

@@ -16,6 +16,8 @@ from typing import Any
 
 import msgpack
 
+from features.serial import packb
+
 _FORMAT = 1
 #: Migrations kept per customer for ``customer --json`` and the API.
 HISTORY_LIMIT = 20
@@ -41,11 +43,10 @@ class Profile:
     migrations: int = 0
 
     def to_bytes(self) -> bytes:
-        return msgpack.packb(  # type: ignore[no-any-return]
+        return packb(
             [_FORMAT, {k: list(v) for k, v in self.segments.items()},
              list(self.rfm) if self.rfm else None, self.labels, self.nba,
              [list(h) for h in self.history], self.migrations],
-            use_bin_type=True,
         )
 
     @classmethod

@@ -393,7 +393,8 @@ class Engine:
             self.store = RedisFeatureStore(self.redis, self.settings.redis_prefix)
             self.runtime = ScoringRuntime(self.settings, self.redis, self.store)
             self.processor = BatchProcessor(self.settings, self.store, FaustPublisher(self.app),
-                                            scoring=self.runtime, background_publish=True)
+                                            scoring=self.runtime,
+                                            background_publish=self.settings.publish_in_background)
             self.sweeper = Sweeper(self.processor, self.runtime, self.store, self.lock,
                                    busy=self._busy, max_share=self.settings.sweep_max_share)
             self.processor.on_published = self.backend.on_published

@@ -90,8 +90,7 @@ def encode_outbox(topic: str, key: bytes | None, value: bytes,
     """An outbox record: where it goes, when its triggering input reached Kafka, and its
     place in the partition's output (the commit's partition version, then its position
     in that commit), so records left behind are published in the order they were made."""
-    return msgpack.packb([topic, key, value, ingested_ms, *order],  # type: ignore[no-any-return]
-                         use_bin_type=True)
+    return serial.packb([topic, key, value, ingested_ms, *order])
 
 
 def outbox_order(blob: bytes) -> tuple[int, int]:

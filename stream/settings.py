@@ -67,6 +67,10 @@ class Settings(BaseSettings):
     #: The longest a micro-batch gathers input; it is handed over sooner once it holds
     #: ``batch_max`` records or everything that was waiting for the worker.
     batch_within_s: float = Field(0.05, gt=0, le=10)
+    #: Publish a batch's outbox (migrations, examples, dead letters) while the next batch
+    #: is loaded and evaluated; off, a batch ends once its outbox is published. Either way
+    #: the outbox is committed with the batch and published in commit order.
+    publish_in_background: bool = True
     #: The worker's event loop: ``uvloop`` (libuv; cheaper per loop turn, and Faust takes a
     #: turn per event) or ``asyncio`` (the standard library's).
     event_loop: Literal["uvloop", "asyncio"] = "uvloop"

@@ -23,7 +23,7 @@ from typing import Any
 import psutil
 import redis
 
-from bench import worker
+from bench import machine, worker
 from bench.deploy import BenchDeployment
 from features.store import Keys
 from scorers.labels import MODELS
@@ -62,6 +62,10 @@ class EngineResult:
     #: (None: not during the run); until then churn and propensity scores are null,
     #: which makes an evaluation cheaper
     models_serving_from: int | None = None
+    #: CPU seconds per second of the run, by who spent them: every core of the machine
+    #: (``machine``), the workers, their learners, the broker and Redis (when they run
+    #: here), and the rest (the benchmark's own poller, the OS, other processes)
+    cpu_by_role: dict[str, float] = field(default_factory=dict)
 
 
 def watermark_progress(r: redis.Redis, s: Settings, ends: dict[tuple[str, int], int]) -> int:
@@ -87,6 +91,24 @@ def server_counters(r: redis.Redis) -> dict[str, float]:
                                              "total_net_input_bytes")}
     out["used_memory"] = float(mem.get("used_memory", 0))
     return out
+
+
+class Services:
+    """CPU seconds of the broker and Redis serving the run, and of the whole machine."""
+
+    def __init__(self, s: Settings) -> None:
+        self.procs = {}
+        for role, pid in machine.service_pids(s).items():
+            with contextlib.suppress(psutil.Error):
+                self.procs[role] = psutil.Process(pid)
+
+    def sample(self) -> dict[str, float]:
+        out = {"machine": machine.busy_cpu_s()}
+        for role, proc in self.procs.items():
+            with contextlib.suppress(psutil.Error):
+                t = proc.cpu_times()
+                out[role] = t.user + t.system
+        return out
 
 
 class ProcessTree:
@@ -151,6 +173,7 @@ def run_engine(dep: BenchDeployment, role: str, workers: int, total: int,
              for i in range(workers)]
     profiler: subprocess.Popen[bytes] | None = None
     tree = ProcessTree([p.pid for p in procs])
+    services = Services(s)
     first: tuple[float, int, float, tuple[int, int], dict[str, float]] | None = None
     last_change, last_done = time.monotonic(), -1
     models_key = registry_keys(s.redis_prefix)["models"]
@@ -177,19 +200,26 @@ def run_engine(dep: BenchDeployment, role: str, workers: int, total: int,
                 models_from = done
             if first is None and done > 0:
                 first = (now, done, cpu, _read_counters(counters), server_counters(r))
-                roots0 = tree.roots_cpu()
+                roots0, services0 = tree.roots_cpu(), services.sample()
                 if profile is not None:  # the steady state only, not imports and group join
                     profiler = start_profiler(procs[0].pid, profile,
                                               dep.workdir / f"{role}-py-spy.log")
             if done >= total and first is not None:
                 rt, cmds = _read_counters(counters)
                 end_server = server_counters(r)
+                services1 = services.sample()
                 break
         t0, n0, cpu0, (rt0, cmds0), server0 = first
         seconds = max(1e-9, now - t0)
         events = done - n0
         cpu_s = cpu - cpu0
         worker_cpu_s = tree.roots_cpu() - roots0
+        spent = {k: services1[k] - services0[k] for k in services0 if k in services1}
+        by_role = {"machine": spent["machine"], "worker": worker_cpu_s,
+                   "learner": cpu_s - worker_cpu_s,
+                   **{k: v for k, v in spent.items() if k != "machine"}}
+        by_role["rest"] = max(0.0, by_role["machine"] - sum(
+            v for k, v in by_role.items() if k != "machine"))
     finally:
         if profiler is not None:
             profiler.send_signal(signal.SIGINT)
@@ -205,5 +235,6 @@ def run_engine(dep: BenchDeployment, role: str, workers: int, total: int,
         server={k: end_server[k] - server0[k] for k in server0},
         procs=procs, profile_path=profile if profiler is not None else None,
         models_serving_from=models_from,
+        cpu_by_role={k: v / seconds for k, v in by_role.items()},
     )
 

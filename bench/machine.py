@@ -9,6 +9,7 @@ import re
 import subprocess
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import psutil
 
@@ -51,6 +52,35 @@ def kafka_version(settings: Settings) -> str:
         if m:
             return m.group(1)
     return "unknown (remote broker)"
+
+
+def listening_pid(port: int) -> int | None:
+    """The local process listening on TCP ``port`` (None: remote, or not visible here)."""
+    with contextlib.suppress(psutil.Error, OSError):
+        for c in psutil.net_connections(kind="tcp"):
+            if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.pid:
+                return int(c.pid)
+    return None
+
+
+def service_pids(settings: Settings) -> dict[str, int]:
+    """The local Kafka broker and Redis server this run uses, by role (when found)."""
+    kafka_port = settings.kafka_bootstrap.split(",")[0].rpartition(":")[2]
+    redis_port = urlparse(settings.redis_url).port or 6379
+    out = {}
+    for role, port in (("broker", int(kafka_port)), ("redis", redis_port)):
+        pid = listening_pid(port)
+        if pid is not None:
+            out[role] = pid
+    return out
+
+
+def busy_cpu_s() -> float:
+    """CPU seconds every core of the machine spent busy since boot (not idle or waiting
+    for I/O; guest time is already in user time)."""
+    t = psutil.cpu_times()
+    busy = sum(t) - t.idle - getattr(t, "iowait", 0.0)
+    return float(busy - getattr(t, "guest", 0.0) - getattr(t, "guest_nice", 0.0))
 
 
 def native_modules() -> str:

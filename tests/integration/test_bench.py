@@ -65,6 +65,16 @@ def test_small_bench_reports_every_figure(services: dict[str, str], tmp_path: Pa
     # The worker alone (its learner child excluded) is part of the engine's CPU.
     assert 0 < doc["engine"]["worker_cpu_s"] <= doc["engine"]["cpu_s"]
     assert doc["engine"]["worker_cpu_share"] > 0
+    # Where the machine's CPU went during E: the broker and Redis the project started run
+    # here, and what the processes spent fits in what the cores spent (sampled a moment
+    # apart, hence the slack) and in the cores there are.
+    roles = doc["engine"]["cpu_by_role"]
+    assert {"machine", "worker", "learner", "broker", "redis", "rest"} <= set(roles), roles
+    assert roles["worker"] > 0 and roles["broker"] > 0 and roles["redis"] > 0, roles
+    assert all(v >= 0 for v in roles.values()), roles
+    spent = sum(v for k, v in roles.items() if k not in ("machine", "rest"))
+    assert spent <= roles["machine"] * 1.1 + 0.05, roles
+    assert roles["machine"] <= doc["machine"]["cores_logical"] * 1.05, roles
     assert doc["machine"]["native_modules"]
     # Trained models were in the registry before the E worker committed anything.
     assert doc["models"] == "serving" and doc["engine"]["models_serving_from_event"] == 0

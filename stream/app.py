@@ -28,7 +28,6 @@ from stream.inbox import Inbox
 from stream.learner import Learner, refit_clv
 from stream.metrics import EngineMetrics
 from stream.pipeline import BatchProcessor, RawRecord
-from stream.publisher import ThreadedPublisher
 from stream.redisconn import redis_client
 from stream.runtime import ScoringRuntime, load_rules
 from stream.settings import Settings
@@ -278,6 +277,21 @@ def tune_gc(settings: Settings) -> None:
     gc.set_threshold(settings.gc_threshold, older, oldest)
 
 
+class FaustPublisher:
+    """Publishes outbox records with the app's producer and waits for every ack."""
+
+    def __init__(self, app: faust.App) -> None:
+        self.app = app
+
+    async def publish(self, records: Sequence[tuple[str, bytes | None, bytes]]) -> None:
+        producer = self.app.producer
+        futures = [
+            await producer.send(topic, key, value, None, None, None)
+            for topic, key, value in records
+        ]
+        await asyncio.gather(*futures)
+
+
 def _broker_credentials(settings: Settings) -> Any:
     if settings.kafka_security_protocol == "PLAINTEXT":
         return None
@@ -334,7 +348,6 @@ class Engine:
         self.redis: aioredis.Redis | None = None
         self.store: RedisFeatureStore | None = None
         self.processor: BatchProcessor | None = None
-        self.publisher: ThreadedPublisher | None = None
         self.runtime: ScoringRuntime | None = None
         self.sweeper: Sweeper | None = None
         self.lock = asyncio.Lock()
@@ -359,7 +372,6 @@ class Engine:
         self.app.timer(OUTBOX_FLUSH_INTERVAL_S)(self._flush_outbox)
         self.app.on_partitions_assigned.connect(self._on_partitions_assigned)
         self.app.on_partitions_revoked.connect(self._on_partitions_revoked)
-        self.app.on_before_shutdown.connect(self._on_shutdown)
         self.app.timer(SWEEP_CHECK_S)(self._sweep)
         self.app.timer(STATS_INTERVAL_S)(self._sample_stats)
         self.app.task(self._watch_loop)
@@ -380,8 +392,7 @@ class Engine:
             self.redis = redis_client(self.settings)
             self.store = RedisFeatureStore(self.redis, self.settings.redis_prefix)
             self.runtime = ScoringRuntime(self.settings, self.redis, self.store)
-            self.publisher = ThreadedPublisher(self.settings)
-            self.processor = BatchProcessor(self.settings, self.store, self.publisher,
+            self.processor = BatchProcessor(self.settings, self.store, FaustPublisher(self.app),
                                             scoring=self.runtime,
                                             background_publish=self.settings.publish_in_background)
             self.sweeper = Sweeper(self.processor, self.runtime, self.store, self.lock,
@@ -505,14 +516,6 @@ class Engine:
             except TimeoutError:
                 log.warning("rebalance: outbox publish still running after %gs; the next "
                             "owner publishes it again", DRAIN_TIMEOUT_S)
-
-    async def _on_shutdown(self, sender: Any, **_: Any) -> None:
-        """Publish the last batch's outbox, then stop the outbox producer and its thread."""
-        if self.processor is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.processor.drain(), DRAIN_TIMEOUT_S)
-        if self.publisher is not None:
-            await self.publisher.aclose(DRAIN_TIMEOUT_S)
 
     async def _flush_outbox(self) -> None:
         processor = self.ensure()

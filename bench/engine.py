@@ -64,7 +64,8 @@ class EngineResult:
     models_serving_from: int | None = None
     #: CPU seconds per second of the run, by who spent them: every core of the machine
     #: (``machine``), the workers, their learners, the broker and Redis (when they run
-    #: here), and the rest (the benchmark's own poller, the OS, other processes)
+    #: here), time the hypervisor gave to other machines (``steal``), and the rest (the
+    #: benchmark's own poller, the OS, other processes)
     cpu_by_role: dict[str, float] = field(default_factory=dict)
 
 
@@ -103,7 +104,8 @@ class Services:
                 self.procs[role] = psutil.Process(pid)
 
     def sample(self) -> dict[str, float]:
-        out = {"machine": machine.busy_cpu_s()}
+        busy, steal = machine.busy_cpu_s()
+        out = {"machine": busy, "steal": steal}
         for role, proc in self.procs.items():
             with contextlib.suppress(psutil.Error):
                 t = proc.cpu_times()
@@ -217,7 +219,8 @@ def run_engine(dep: BenchDeployment, role: str, workers: int, total: int,
         spent = {k: services1[k] - services0[k] for k in services0 if k in services1}
         by_role = {"machine": spent["machine"], "worker": worker_cpu_s,
                    "learner": cpu_s - worker_cpu_s,
-                   **{k: v for k, v in spent.items() if k != "machine"}}
+                   **{k: v for k, v in spent.items() if k not in ("machine", "steal")},
+                   "steal": spent["steal"]}
         by_role["rest"] = max(0.0, by_role["machine"] - sum(
             v for k, v in by_role.items() if k != "machine"))
     finally:

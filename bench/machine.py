@@ -75,12 +75,14 @@ def service_pids(settings: Settings) -> dict[str, int]:
     return out
 
 
-def busy_cpu_s() -> float:
+def busy_cpu_s() -> tuple[float, float]:
     """CPU seconds every core of the machine spent busy since boot (not idle or waiting
-    for I/O; guest time is already in user time)."""
+    for I/O; guest time is already in user time), and of those the time the hypervisor
+    ran something else on them (steal)."""
     t = psutil.cpu_times()
     busy = sum(t) - t.idle - getattr(t, "iowait", 0.0)
-    return float(busy - getattr(t, "guest", 0.0) - getattr(t, "guest_nice", 0.0))
+    busy -= getattr(t, "guest", 0.0) + getattr(t, "guest_nice", 0.0)
+    return float(busy), float(getattr(t, "steal", 0.0))
 
 
 def native_modules() -> str:

@@ -19,7 +19,7 @@ def _cpu_roles(by_role: dict[str, float]) -> str:
     if not by_role:
         return "n/a"
     parts = ", ".join(_n(by_role.get(k), ".2f") if k in by_role else "n/a"
-                      for k in ("worker", "learner", "broker", "redis", "rest"))
+                      for k in ("worker", "learner", "broker", "redis", "steal", "rest"))
     return f"{_n(by_role.get('machine'), '.2f')}: {parts}"
 
 
@@ -90,7 +90,7 @@ def table(doc: dict[str, Any]) -> Table:
         ("E worker alone: CPU s / million events; CPU s per second",
          f"{_n(eng.get('worker_cpu_s', 0) / max(1, eng['events_measured']) * 1e6, ',.1f')}; "
          f"{_n(eng.get('worker_cpu_share', 0), '.2f')}"),
-        ("E: CPU s per second (machine: worker, learner, broker, Redis, rest)",
+        ("E: CPU s per second (machine: worker, learner, broker, Redis, steal, rest)",
          _cpu_roles(eng.get("cpu_by_role") or {})),
         ("worker start-up to first commit", f"{_n(eng['startup_s'], '.1f')} s"),
         ("producer", f"{_n(doc['produce_eps'])} ev/s"),

@@ -69,7 +69,8 @@ def test_small_bench_reports_every_figure(services: dict[str, str], tmp_path: Pa
     # here, and what the processes spent fits in what the cores spent (sampled a moment
     # apart, hence the slack) and in the cores there are.
     roles = doc["engine"]["cpu_by_role"]
-    assert {"machine", "worker", "learner", "broker", "redis", "rest"} <= set(roles), roles
+    assert {"machine", "worker", "learner", "broker", "redis", "steal", "rest"} <= set(roles), \
+        roles
     assert roles["worker"] > 0 and roles["broker"] > 0 and roles["redis"] > 0, roles
     assert all(v >= 0 for v in roles.values()), roles
     spent = sum(v for k, v in roles.items() if k not in ("machine", "rest"))

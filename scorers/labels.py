@@ -22,7 +22,6 @@ Everything here is pure: functions return new states, and states and examples
 convert to plain msgpack- or JSON-able values.
 
 >>> from features.events import MS_PER_DAY
-from features.serial import packb
 >>> feats = {"purchases_total": 1, "monetary_total": 20.0, "recency_days": 0}
 >>> s = observe(LabelState(), "c1", feats, 10 * MS_PER_DAY, has_clickstream=False)
 >>> sorted(s.pending)

@@ -13,7 +13,7 @@ import orjson
 from features.state import iso
 from stream import queries
 from stream.metrics import EngineMetrics
-from stream.pipeline import BatchStats, outbox_ingested_ms
+from stream.pipeline import BatchStats, OutboxRecord
 
 if TYPE_CHECKING:
     from stream.app import Engine
@@ -57,20 +57,22 @@ class EngineBackend:
         if not ok:
             self.metrics.redis_error(op)
 
-    def on_published(self, records: Sequence[tuple[str, bytes | None, bytes]],
-                     blobs: Sequence[bytes]) -> None:
+    def on_published(self, records: Sequence[OutboxRecord]) -> None:
         topic = self.engine.settings.migrations_topic
         wall_ms = time.time() * 1000
-        for (t, _, value), blob in zip(records, blobs, strict=True):
-            if t != topic:
+        for rec in records:
+            if rec.topic != topic:
                 continue
-            m = orjson.loads(value)
-            ingested = outbox_ingested_ms(blob)
+            move = rec.move
+            if move is None:  # written before outbox records carried their move
+                m = orjson.loads(rec.value)
+                move = (m["scheme"], m["from_segment"], m["to_segment"])
+            scheme, frm, to = move
+            ingested = rec.ingested_ms
             latency = (wall_ms - ingested) / 1000 if ingested else None
-            self.metrics.migration(m["scheme"], m["from_segment"], m["to_segment"], latency)
-            flows = self.flows.setdefault(m["scheme"], {})
-            key = (m["from_segment"], m["to_segment"])
-            flows[key] = flows.get(key, 0) + 1
+            self.metrics.migration(scheme, frm, to, latency)
+            flows = self.flows.setdefault(scheme, {})
+            flows[(frm, to)] = flows.get((frm, to), 0) + 1
             self._counts["migrations"] += 1
 
     # -- periodic upkeep -----------------------------------------------------------------

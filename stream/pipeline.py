@@ -85,12 +85,48 @@ def wall_iso(ts_s: float) -> str:
     return datetime.fromtimestamp(ts_s, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
+#: A migration's scheme, from-segment and to-segment, as its outbox record carries them.
+Move = tuple[str, str | None, str]
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRecord:
+    """An outbox record as decoded for publishing."""
+
+    topic: str
+    key: bytes | None
+    value: bytes
+    #: when the input that triggered it reached Kafka (migrations; else None)
+    ingested_ms: int | None = None
+    #: a migration's (scheme, from, to), so metrics need not parse the published JSON
+    move: Move | None = None
+
+
 def encode_outbox(topic: str, key: bytes | None, value: bytes,
-                  ingested_ms: int | None = None, order: tuple[int, int] = (0, 0)) -> bytes:
+                  ingested_ms: int | None = None, order: tuple[int, int] = (0, 0),
+                  move: Move | None = None) -> bytes:
     """An outbox record: where it goes, when its triggering input reached Kafka, and its
     place in the partition's output (the commit's partition version, then its position
-    in that commit), so records left behind are published in the order they were made."""
-    return serial.packb([topic, key, value, ingested_ms, *order])
+    in that commit), so records left behind are published in the order they were made;
+    a migration's also carries its ``move``.
+
+    >>> blob = encode_outbox("m", b"c1", b"{}", 5, (3, 0), ("rfm", None, "New"))
+    >>> unpack_outbox(blob)
+    OutboxRecord(topic='m', key=b'c1', value=b'{}', ingested_ms=5, move=('rfm', None, 'New'))
+    >>> outbox_order(blob), unpack_outbox(encode_outbox("x", None, b"e")).move
+    ((3, 0), None)
+    """
+    row = [topic, key, value, ingested_ms, *order]
+    if move is not None:
+        row.extend(move)
+    return serial.packb(row)
+
+
+def unpack_outbox(blob: bytes) -> OutboxRecord:
+    """An outbox record, whichever version of :func:`encode_outbox` wrote it."""
+    row = msgpack.unpackb(blob, raw=False)
+    move = (row[6], row[7], row[8]) if len(row) > 8 else None
+    return OutboxRecord(row[0], row[1], row[2], row[3] if len(row) > 3 else None, move)
 
 
 def outbox_order(blob: bytes) -> tuple[int, int]:
@@ -102,11 +138,6 @@ def outbox_order(blob: bytes) -> tuple[int, int]:
 def decode_outbox(blob: bytes) -> tuple[str, bytes | None, bytes]:
     topic, key, value = msgpack.unpackb(blob, raw=False)[:3]
     return topic, key, value
-
-
-def outbox_ingested_ms(blob: bytes) -> int | None:
-    row = msgpack.unpackb(blob, raw=False)
-    return row[3] if len(row) > 3 else None
 
 
 def settled_ms(high_ts: Mapping[str, int], lateness_ms: int) -> int:
@@ -156,9 +187,8 @@ class BatchProcessor:
         self.scoring = scoring
         #: called with (operation, seconds, ok) after each Redis round trip of a batch (metrics)
         self.on_redis: Callable[[str, float, bool], None] | None = None
-        #: called with (records, outbox blobs) after Kafka acknowledged them (metrics)
-        self.on_published: Callable[[list[tuple[str, bytes | None, bytes]], list[bytes]],
-                                    None] | None = None
+        #: called with the outbox records after Kafka acknowledged them (metrics)
+        self.on_published: Callable[[list[OutboxRecord]], None] | None = None
         self.store = store
         self.publisher = publisher
         self.clock = clock
@@ -452,7 +482,7 @@ class BatchProcessor:
         for m in o.migrations:
             commit.outbox[f"m:{m['migration_id']}"] = encode_outbox(
                 self.settings.migrations_topic, key, orjson.dumps(m), ingested,
-                (ver, len(commit.outbox)))
+                (ver, len(commit.outbox)), (m["scheme"], m["from_segment"], m["to_segment"]))
         for ex in o.examples:
             commit.outbox[f"x:{ex.example_id}"] = encode_outbox(
                 self.settings.examples_topic, None, ex.to_bytes(), None,
@@ -488,8 +518,8 @@ class BatchProcessor:
         if not pending:
             self._mark_clean(stale, marks)
             return 0
-        blobs = [b for rows in pending.values() for b in rows.values()]
-        records = [decode_outbox(b) for b in blobs]
+        unpacked = [unpack_outbox(b) for rows in pending.values() for b in rows.values()]
+        records = [(r.topic, r.key, r.value) for r in unpacked]
         try:
             await self.publisher.publish(records)
         except Exception as exc:
@@ -510,5 +540,5 @@ class BatchProcessor:
             raise
         self._mark_clean(parts, marks)
         if self.on_published is not None:
-            self.on_published(records, blobs)
+            self.on_published(unpacked)
         return len(records)

@@ -279,7 +279,8 @@ def run(opts: Options, console: Console | None = None) -> dict[str, Any]:
 
         doc = assemble(opts, w, produce_eps, lim, (flo, floor_cpu), e1, ek, lat, mem, base)
         if e1.profile_path is not None and e1.profile_path.exists():
-            doc["profile"] = {"path": str(e1.profile_path),
+            # The speedscope file sits beside the result: its name, not this machine's path.
+            doc["profile"] = {"path": e1.profile_path.name,
                               **profile.summarise(e1.profile_path),
                               "note": "py-spy --nonblocking at 100 Hz attached to the E "
                                       "worker; E figures of a profiled run are slightly low"}

@@ -25,7 +25,7 @@ from features.store import PartitionCommit, RedisFeatureStore
 from scorers import rfm
 from scorers.profile import Profile
 from scorers.scoring import RFM_HASH, SEGMENT_HASH
-from stream.pipeline import decode_outbox
+from stream.pipeline import unpack_outbox
 from stream.queries import migration_log_key
 from stream.settings import Settings
 
@@ -64,7 +64,7 @@ async def forget(s: Settings, r: aioredis.Redis, store: RedisFeatureStore,
 async def _drop_outbox(store: RedisFeatureStore, part: int, customer_id: str) -> int:
     pending = await store.outbox_pending([part])
     key = customer_id.encode()
-    mine = [oid for oid, blob in pending.get(part, {}).items() if decode_outbox(blob)[1] == key]
+    mine = [oid for oid, blob in pending.get(part, {}).items() if unpack_outbox(blob).key == key]
     if mine:
         await store.outbox_done({part: mine})
     return len(mine)

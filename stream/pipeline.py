@@ -135,11 +135,6 @@ def outbox_order(blob: bytes) -> tuple[int, int]:
     return (int(row[4]), int(row[5])) if len(row) > 5 else (0, 0)
 
 
-def decode_outbox(blob: bytes) -> tuple[str, bytes | None, bytes]:
-    topic, key, value = msgpack.unpackb(blob, raw=False)[:3]
-    return topic, key, value
-
-
 def settled_ms(high_ts: Mapping[str, int], lateness_ms: int) -> int:
     """Event time behind which a partition accepts no more events (lateness is per topic)."""
     marks = [v for v in high_ts.values() if v >= 0]

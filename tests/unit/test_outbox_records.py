@@ -7,6 +7,7 @@ earlier versions (no move, no order, no ingestion time) still decode and still c
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 from typing import Any
 
@@ -85,24 +86,49 @@ def _flows(backend: EngineBackend) -> Counter[tuple[str, str | None, str]]:
                     for (f, t), n in rows.items()})
 
 
+def _series(metrics: EngineMetrics) -> tuple[Counter[tuple[str, str, str]], float]:
+    """Migrations counted per (scheme, from, to) label set, and latency observations."""
+    counts: Counter[tuple[str, str, str]] = Counter()
+    latencies = 0.0
+    for family in metrics.registry.collect():
+        for sample in family.samples:
+            if sample.name == "segstream_migrations_total":
+                lab = sample.labels
+                counts[(lab["scheme"], lab["from_segment"], lab["to_segment"])] += int(
+                    sample.value)
+            elif sample.name == "segstream_migration_latency_seconds_count":
+                latencies += sample.value
+    return counts, latencies
+
+
 def test_the_metrics_count_the_same_flows_with_or_without_the_carried_move() -> None:
     h, hook = _run_customers()
+    # As if each input had reached Kafka one second before its migration was published.
+    ingested = int(time.time() * 1000) - 1000
+    records = [OutboxRecord(r.topic, r.key, r.value, ingested, r.move) for r in hook.records]
     carried = EngineBackend(_Engine(h.s), EngineMetrics())  # type: ignore[arg-type]
-    carried.on_published(hook.records)
+    carried.on_published(records)
+    # Records of an earlier version: the 6-field row, decoded as the publish decodes it.
     legacy = EngineBackend(_Engine(h.s), EngineMetrics())  # type: ignore[arg-type]
-    legacy.on_published([OutboxRecord(r.topic, r.key, r.value, r.ingested_ms, None)
-                         for r in hook.records])
+    legacy.on_published([unpack_outbox(msgpack.packb([r.topic, r.key, r.value, ingested, 0, i]))
+                         for i, r in enumerate(records)])
     expected = Counter((m["scheme"], m["from_segment"], m["to_segment"])
                        for m in h.sink.migrations())
+    assert sum(expected.values()) >= 10
     assert _flows(carried) == _flows(legacy) == expected
     assert carried._counts["migrations"] == sum(expected.values())
+    labelled = Counter({(s, f or "", t): n for (s, f, t), n in expected.items()})
+    for backend in (carried, legacy):
+        counts, latencies = _series(backend.metrics)
+        assert counts == labelled
+        assert latencies == sum(expected.values())
 
 
 def test_a_stale_partition_publishes_moves_read_back_from_the_store() -> None:
     h, hook = _run_customers()
     before = len(h.sink.migrations())
-    # A commit whose publish was cut short: its records wait in the stored outbox.
-    h.p.mark_dirty([0])
+    # A commit whose publish was cut short: its records wait in the stored outbox, and a
+    # flush without what a commit just wrote reads them back from the store.
     blob = encode_outbox("segment-migrations", b"cX", orjson.dumps(
         {"scheme": "rfm", "from_segment": None, "to_segment": "New"}), None, (10**9, 0),
         ("rfm", None, "New"))

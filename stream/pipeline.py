@@ -100,6 +100,8 @@ class OutboxRecord:
     ingested_ms: int | None = None
     #: a migration's (scheme, from, to), so metrics need not parse the published JSON
     move: Move | None = None
+    #: its place in the partition's output: commit version, position in that commit
+    order: tuple[int, int] = (0, 0)
 
 
 def encode_outbox(topic: str, key: bytes | None, value: bytes,
@@ -111,8 +113,9 @@ def encode_outbox(topic: str, key: bytes | None, value: bytes,
     a migration's also carries its ``move``.
 
     >>> blob = encode_outbox("m", b"c1", b"{}", 5, (3, 0), ("rfm", None, "New"))
-    >>> unpack_outbox(blob)
-    OutboxRecord(topic='m', key=b'c1', value=b'{}', ingested_ms=5, move=('rfm', None, 'New'))
+    >>> unpack_outbox(blob)  # doctest: +NORMALIZE_WHITESPACE
+    OutboxRecord(topic='m', key=b'c1', value=b'{}', ingested_ms=5, move=('rfm', None, 'New'),
+                 order=(3, 0))
     >>> outbox_order(blob), unpack_outbox(encode_outbox("x", None, b"e")).move
     ((3, 0), None)
     """
@@ -123,16 +126,18 @@ def encode_outbox(topic: str, key: bytes | None, value: bytes,
 
 
 def unpack_outbox(blob: bytes) -> OutboxRecord:
-    """An outbox record, whichever version of :func:`encode_outbox` wrote it."""
+    """An outbox record, whichever version of :func:`encode_outbox` wrote it (the only
+    place that knows the row's layout)."""
     row = msgpack.unpackb(blob, raw=False)
-    move = (row[6], row[7], row[8]) if len(row) > 8 else None
-    return OutboxRecord(row[0], row[1], row[2], row[3] if len(row) > 3 else None, move)
+    n = len(row)
+    return OutboxRecord(row[0], row[1], row[2], row[3] if n > 3 else None,
+                        (row[6], row[7], row[8]) if n > 8 else None,
+                        (int(row[4]), int(row[5])) if n > 5 else (0, 0))
 
 
 def outbox_order(blob: bytes) -> tuple[int, int]:
     """The ``order`` an outbox record was encoded with ((0, 0) for older records)."""
-    row = msgpack.unpackb(blob, raw=False)
-    return (int(row[4]), int(row[5])) if len(row) > 5 else (0, 0)
+    return unpack_outbox(blob).order
 
 
 def settled_ms(high_ts: Mapping[str, int], lateness_ms: int) -> int:
@@ -501,19 +506,21 @@ class BatchProcessor:
         parts = list(partitions)
         marks = {p: self._dirtied.get(p, 0) for p in parts}
         stale = parts if known is None else [p for p in parts if p not in self._clean]
-        pending: dict[int, dict[str, bytes]] = {}
+        # Each record is decoded once, whether read back (then sorted) or just written.
+        pending: dict[int, dict[str, OutboxRecord]] = {}
         if stale:
             stored = await self.store.outbox_pending(stale)
             for p, rows in stored.items():
-                pending[p] = dict(sorted(rows.items(), key=lambda kv: outbox_order(kv[1])))
+                decoded = {oid: unpack_outbox(b) for oid, b in rows.items()}
+                pending[p] = dict(sorted(decoded.items(), key=lambda kv: kv[1].order))
         if known is not None:
             for p in parts:
                 if p not in stale and known.get(p):
-                    pending[p] = known[p]
+                    pending[p] = {oid: unpack_outbox(b) for oid, b in known[p].items()}
         if not pending:
             self._mark_clean(stale, marks)
             return 0
-        unpacked = [unpack_outbox(b) for rows in pending.values() for b in rows.values()]
+        unpacked = [r for rows in pending.values() for r in rows.values()]
         records = [(r.topic, r.key, r.value) for r in unpacked]
         try:
             await self.publisher.publish(records)

@@ -33,7 +33,7 @@ def test_an_outbox_record_decodes_to_what_was_encoded(
         topic: str, key: bytes | None, value: bytes, ingested: int | None,
         order: tuple[int, int], move: tuple[str, str | None, str] | None) -> None:
     blob = encode_outbox(topic, key, value, ingested, order, move)
-    assert unpack_outbox(blob) == OutboxRecord(topic, key, value, ingested, move)
+    assert unpack_outbox(blob) == OutboxRecord(topic, key, value, ingested, move, order)
     assert outbox_order(blob) == order
 
 
@@ -42,7 +42,7 @@ def test_records_of_earlier_versions_decode_without_a_move() -> None:
     got = [unpack_outbox(msgpack.packb(row)) for row in legacy]
     assert got == [OutboxRecord("m", b"c", b"{}", None, None),
                    OutboxRecord("m", b"c", b"{}", 7, None),
-                   OutboxRecord("m", b"c", b"{}", 7, None)]
+                   OutboxRecord("m", b"c", b"{}", 7, None, (3, 1))]
 
 
 class _Captured:

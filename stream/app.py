@@ -329,6 +329,7 @@ class Engine:
             topic_allow_declare=False,
             consumer_auto_offset_reset="earliest",
             producer_acks=-1,
+            producer_max_batch_size=settings.kafka_produce_batch_bytes,
             web_enabled=True,
             # The engine serves its own API; Faust's table and router endpoints stay off.
             web_tables_enabled=False,

@@ -20,7 +20,7 @@ from collections.abc import Coroutine, Iterable
 from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.admin import NewTopic
+from kafka.admin import ConfigResource, ConfigResourceType, NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError, UnknownTopicOrPartitionError
 
 from stream.errors import ServiceError
@@ -240,8 +240,51 @@ def ensure_topics(settings: Settings) -> None:
                     f"topic {name} has {n} partitions but SEGSTREAM_PARTITIONS is "
                     f"{settings.partitions}; input topics must be co-partitioned"
                 )
+        check_batch_limit(a, settings)
     finally:
         a.close()
+
+
+def output_topics(settings: Settings) -> tuple[str, ...]:
+    """The topics a worker's producer writes: its outbox's (migrations, examples, DLQ)."""
+    return settings.migrations_topic, settings.examples_topic, settings.dlq_topic
+
+
+def message_limits(a: KafkaAdminClient, topics: Iterable[str]) -> dict[str, int]:
+    """Each topic's ``max.message.bytes``: the largest record batch its brokers accept."""
+    names = list(topics)
+    res = a.describe_configs(
+        [ConfigResource(ConfigResourceType.TOPIC, t, configs=["max.message.bytes"])
+         for t in names],
+        config_filter="all")
+    out: dict[str, int] = {}
+    for t, entries in (res.get("topic") or {}).items():
+        value = (entries.get("max.message.bytes") or {}).get("value")
+        if value is not None:
+            out[t] = int(value)
+    return out
+
+
+def check_batch_limit(a: KafkaAdminClient, settings: Settings) -> None:
+    """Fail if an output topic would refuse the producer's largest record batch.
+
+    A refused batch fails its publish, and the records wait in the outbox, retried and
+    refused again: caught here, at start, it names the setting instead.
+    """
+    want = settings.kafka_produce_batch_bytes
+    try:
+        limits = message_limits(a, output_topics(settings))
+    except KafkaError as exc:  # e.g. a principal without DescribeConfigs on the topics
+        log.warning("could not read the output topics' max.message.bytes (%r); "
+                    "SEGSTREAM_KAFKA_PRODUCE_BATCH_BYTES (%d) is not checked", exc, want)
+        return
+    refused = sorted((n, t) for t, n in limits.items() if n < want)
+    if refused:
+        n, t = refused[0]
+        raise ServiceError(
+            f"SEGSTREAM_KAFKA_PRODUCE_BATCH_BYTES is {want} but topic {t} accepts record "
+            f"batches of at most {n} bytes (its max.message.bytes); lower the setting to "
+            f"{n} or less, or raise the topic's limit")
 
 
 def delete_topics(settings: Settings) -> list[str]:

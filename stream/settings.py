@@ -61,6 +61,11 @@ class Settings(BaseSettings):
 
     #: The longest the broker holds a worker's fetch when its partitions have no new records.
     kafka_fetch_max_wait_ms: int = Field(50, ge=1, le=10_000)
+    #: Largest record batch the worker's producer sends to one partition. The producer
+    #: keeps one request in flight per broker, and a request carries one batch per
+    #: partition, so a batch's outbox goes out in about size / (partitions x this)
+    #: round trips; it must not exceed the output topics' ``max.message.bytes``.
+    kafka_produce_batch_bytes: int = Field(524_288, ge=16_384, le=64 * 1024 * 1024)
     #: Largest micro-batch. A customer is evaluated once per batch, so larger batches observe
     #: fewer label examples and intermediate moves while a backlog (a replay) is worked off.
     batch_max: int = Field(2_000, ge=1, le=100_000)

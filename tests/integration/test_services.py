@@ -42,3 +42,28 @@ def test_a_wrong_setting_fails_at_start_naming_it(deployment) -> None:
         deployment.env = saved
     assert res.returncode != 0
     assert "SEGSTREAM_PARTITIONS" in res.stderr
+
+
+def test_a_batch_size_the_output_topics_refuse_fails_at_start(deployment) -> None:
+    """A record batch larger than an output topic's max.message.bytes would be refused
+    forever (the outbox retrying it): the worker refuses to start, naming the setting."""
+    from kafka.admin import NewTopic
+
+    from stream.errors import ServiceError
+    from stream.kafka import admin, ensure_topics, message_limits
+
+    s = deployment.settings
+    a = admin(s)
+    try:
+        a.create_topics([NewTopic(s.migrations_topic, s.partitions, 1,
+                                  topic_configs={"max.message.bytes": "100000"})])
+        assert message_limits(a, [s.migrations_topic]) == {s.migrations_topic: 100_000}
+    finally:
+        a.close()
+    res = deployment.cli("worker", check=False, timeout=120)
+    assert res.returncode != 0
+    assert "SEGSTREAM_KAFKA_PRODUCE_BATCH_BYTES" in res.stderr
+    assert s.migrations_topic in res.stderr and "100000" in res.stderr
+    with pytest.raises(ServiceError, match="SEGSTREAM_KAFKA_PRODUCE_BATCH_BYTES is 100001"):
+        ensure_topics(s.model_copy(update={"kafka_produce_batch_bytes": 100_001}))
+    ensure_topics(s.model_copy(update={"kafka_produce_batch_bytes": 100_000}))  # fits

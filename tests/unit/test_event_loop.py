@@ -84,6 +84,24 @@ def test_fetch_wait_setting_is_checked() -> None:
         load_settings(kafka_fetch_max_wait_ms=0)
 
 
+def test_worker_producer_takes_the_batch_size_setting(tmp_path: Path) -> None:
+    """The outbox's producer batches up to ``SEGSTREAM_KAFKA_PRODUCE_BATCH_BYTES`` per
+    partition, not Faust's 16 KiB (one request in flight per broker carries one batch per
+    partition, so 16 KiB batches sent a batch's outbox in many sequential round trips)."""
+    from stream.app import Engine
+
+    assert load_settings().kafka_produce_batch_bytes == 512 * 1024
+    s = load_settings(data_dir=tmp_path, kafka_produce_batch_bytes=300_000)
+    cfg = Engine(s).app.producer._settings_default()  # what aiokafka's producer is given
+    assert cfg["max_batch_size"] == 300_000
+    assert cfg["acks"] == -1
+
+
+def test_batch_size_setting_is_checked() -> None:
+    with pytest.raises(SettingsError, match="SEGSTREAM_KAFKA_PRODUCE_BATCH_BYTES"):
+        load_settings(kafka_produce_batch_bytes=1_000)
+
+
 def test_app_creates_the_parents_of_its_data_directory(tmp_path: Path) -> None:
     """Faust makes the app's directory at start but not its parents (a fresh machine)."""
     datadir = tmp_path / "fresh" / "faust" / "app"

@@ -168,7 +168,11 @@ def install() -> dict[str, Path]:
         if isinstance(finder, _Finder):
             return finder.compiled
     compiled: dict[str, Path] = {}
-    if enabled():
+    try:
+        on = enabled()
+    except ValueError as exc:  # at import: exit with the message, not a traceback
+        raise SystemExit(f"invalid setting: {exc}") from None
+    if on:
         compiled = {s.module: s.compiled for s in status() if s.compiled is not None}
     sys.meta_path.insert(0, _Finder(compiled))
     return compiled

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import ssl
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlparse
@@ -14,6 +15,8 @@ from stream.errors import SettingsError
 
 ENV_PREFIX = "SEGSTREAM_"
 _NAME_RE = re.compile(r"^[A-Za-z0-9._:-]*$")
+#: What Kafka allows in a topic name (the app id names a topic and the consumer group).
+_TOPIC_RE = re.compile(r"^[A-Za-z0-9._-]*$")
 
 
 class Settings(BaseSettings):
@@ -23,7 +26,8 @@ class Settings(BaseSettings):
 
     app_id: str = Field("segstream", min_length=1, max_length=100)
     topic_prefix: str = Field("", max_length=100)
-    redis_prefix: str = Field("segstream:", max_length=100)
+    #: Never empty: ``segstream reset`` deletes every key under it.
+    redis_prefix: str = Field("segstream:", min_length=1, max_length=100)
 
     kafka_bootstrap: str = "127.0.0.1:9092"
     # -- security: Kafka SASL/TLS and log redaction (checked together at start) -------
@@ -50,12 +54,12 @@ class Settings(BaseSettings):
     redis_tls_key_file: Path | None = Field(None, validate_default=True)
 
     partitions: int = Field(6, ge=1, le=1024)
-    web_host: str = "127.0.0.1"
+    web_host: str = Field("127.0.0.1", min_length=1)
     web_port: int = Field(6066, ge=1, le=65535)
     api_token: SecretStr | None = None
 
     allowed_lateness_days: float = Field(7.0, ge=0, le=3650)
-    max_future_skew_s: float = Field(300.0, ge=0)
+    max_future_skew_s: float = Field(300.0, ge=0, le=31_536_000)
     max_event_bytes: int = Field(65_536, ge=256, le=10_000_000)
     dlq_payload_bytes: int = Field(4_096, ge=64, le=1_000_000)
 
@@ -109,12 +113,28 @@ class Settings(BaseSettings):
     data_dir: Path = Path.home() / ".cache" / "segstream"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
-    @field_validator("topic_prefix", "redis_prefix", "app_id")
+    @field_validator("topic_prefix", "app_id")
+    @classmethod
+    def _topic_name(cls, v: str) -> str:
+        # Part of topic names: Kafka allows only these characters in them.
+        if not _TOPIC_RE.match(v):
+            raise ValueError("use only letters, digits and . _ - (it is part of topic names)")
+        return v
+
+    @field_validator("redis_prefix")
     @classmethod
     def _plain_name(cls, v: str) -> str:
-        # Braces would change Redis Cluster hash slots; spaces break topic names.
+        # Braces would change Redis Cluster hash slots.
         if not _NAME_RE.match(v):
             raise ValueError("use only letters, digits and . _ : -")
+        return v
+
+    @field_validator("api_token", "log_hash_key")
+    @classmethod
+    def _not_blank(cls, v: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        # An empty value is a mistake, not a way to turn the feature off: say so.
+        if v is not None and not v.get_secret_value().strip():
+            raise ValueError(f"empty; unset {env_name(info.field_name or '')} instead")
         return v
 
     @field_validator("rules_path", "actions_path")
@@ -145,6 +165,10 @@ class Settings(BaseSettings):
         given = v.get_secret_value() if isinstance(v, SecretStr) else v
         if mechanism is not None and not given:
             raise ValueError(f"required when SEGSTREAM_KAFKA_SASL_MECHANISM is {mechanism}")
+        protocol = info.data.get("kafka_security_protocol")
+        if given and protocol is not None and not protocol.startswith("SASL_"):
+            raise ValueError(f"SEGSTREAM_KAFKA_SECURITY_PROTOCOL is {protocol}, which does not "
+                             "authenticate with SASL; it would be ignored")
         return v
 
     @field_validator("kafka_ssl_cafile")
@@ -158,6 +182,7 @@ class Settings(BaseSettings):
                              "use TLS; use SSL or SASL_SSL")
         if not v.is_file():
             raise ValueError("no such file")
+        _check_ca_file(v)
         return v
 
     @field_validator("kafka_bootstrap")
@@ -167,6 +192,8 @@ class Settings(BaseSettings):
             host, _, port = part.strip().rpartition(":")
             if not host or not port.isdigit():
                 raise ValueError("expected host:port[,host:port...]")
+            if not 1 <= int(port) <= 65535:
+                raise ValueError(f"port {port} is not between 1 and 65535")
         return v
 
     @field_validator("redis_url")
@@ -174,6 +201,15 @@ class Settings(BaseSettings):
     def _redis_url(cls, v: str) -> str:
         if not v.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("expected redis://, rediss:// or unix:// URL")
+        if not v.startswith("unix://"):
+            try:
+                port = urlparse(v).port
+            except ValueError:
+                raise ValueError("the port is not a number between 1 and 65535") from None
+            if port == 0:
+                raise ValueError("the port is not a number between 1 and 65535")
+            if not urlparse(v).hostname:
+                raise ValueError("no host")
         return v
 
     @field_validator("redis_cluster")
@@ -197,9 +233,17 @@ class Settings(BaseSettings):
             raise ValueError("TLS files need a rediss:// SEGSTREAM_REDIS_URL")
         if not v.is_file():
             raise ValueError("no such file")
-        if info.field_name == "redis_tls_key_file" and info.data.get("redis_tls_cert_file") \
-                is None:
+        cert = info.data.get("redis_tls_cert_file")
+        if info.field_name == "redis_tls_key_file" and cert is None:
             raise ValueError("a client key needs SEGSTREAM_REDIS_TLS_CERT_FILE too")
+        if info.field_name == "redis_tls_ca_file":
+            _check_ca_file(v)
+        if info.field_name == "redis_tls_key_file":
+            try:
+                ssl.create_default_context().load_cert_chain(str(cert), str(v))
+            except (ssl.SSLError, OSError) as exc:
+                raise ValueError("SEGSTREAM_REDIS_TLS_CERT_FILE and this key do not load "
+                                 f"as a PEM certificate and its key ({exc})") from None
         return v
 
     # -- derived names -------------------------------------------------------------
@@ -244,6 +288,14 @@ class Settings(BaseSettings):
         return ";".join(f"kafka://{h.strip()}" for h in self.kafka_bootstrap.split(","))
 
 
+def _check_ca_file(path: Path) -> None:
+    """Raise ValueError unless ``path`` holds PEM CA certificates."""
+    try:
+        ssl.create_default_context(cafile=str(path))
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        raise ValueError(f"not a PEM file of CA certificates ({exc})") from None
+
+
 def env_name(field: str) -> str:
     """The environment variable of a settings field."""
     return f"{ENV_PREFIX}{field.upper()}"
@@ -257,5 +309,11 @@ def load_settings(**overrides: object) -> Settings:
         lines = []
         for err in exc.errors():
             field = str(err["loc"][0]) if err["loc"] else "?"
-            lines.append(f"{env_name(field)}: {err['msg']} (got {err.get('input')!r})")
+            info = Settings.model_fields.get(field)
+            secret = info is not None and "SecretStr" in str(info.annotation)
+            shown = err.get("input")
+            if field == "redis_url" and isinstance(shown, str):
+                shown = re.sub(r"(//[^:/@]*:)[^@/]*@", r"\1***@", shown)  # a password
+            got = "value hidden" if secret else f"got {shown!r}"
+            lines.append(f"{env_name(field)}: {err['msg']} ({got})")
         raise SettingsError("invalid setting: " + "; ".join(lines)) from None

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import sys
 import time
+from datetime import date
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from stream import queries, redact
 from stream.cli_bench import bench
@@ -30,6 +33,18 @@ app.command("triggers")(triggers)
 app.command("bench")(bench)
 err = Console(stderr=True)
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document.")]
+
+
+def _until_day(value: str | None) -> str | None:
+    """An ``--until`` date as YYYY-MM-DD (CDNOW's own YYYYMMDD is accepted too)."""
+    if value is None:
+        return None
+    try:
+        if re.fullmatch(r"\d{4}-\d{2}-\d{2}|\d{8}", value):
+            return date.fromisoformat(value).isoformat()
+    except ValueError:
+        pass
+    raise typer.BadParameter(f"{value!r} is not a date: expected YYYY-MM-DD, e.g. 1997-10-01")
 
 
 def _settings() -> Settings:
@@ -140,10 +155,11 @@ def learner() -> None:
 
 @replay_app.command("cdnow")
 def replay_cdnow(
-    path: Annotated[Path | None, typer.Option(help="CDNOW_master.txt (default: lifetimes')")]
-    = None,
-    until: Annotated[str | None, typer.Option(help="Only purchases before this YYYY-MM-DD")]
-    = None,
+    path: Annotated[Path | None, typer.Option(
+        help="CDNOW_master.txt (default: lifetimes')",
+        exists=True, dir_okay=False, readable=True)] = None,
+    until: Annotated[str | None, typer.Option(
+        help="Only purchases before this YYYY-MM-DD", callback=_until_day)] = None,
     rate: Annotated[float | None, typer.Option(help="Events per second (default: unthrottled)")]
     = None,
 ) -> None:
@@ -151,9 +167,17 @@ def replay_cdnow(
     from stream.kafka import ensure_topics
     from stream.replay import cdnow_events, cdnow_path, produce, to_records
 
+    # Every input is checked before the topics are created (click checked --path already).
+    if path is None:
+        try:
+            path = cdnow_path()
+        except FileNotFoundError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--path") from None
+        if not path.is_file():
+            raise typer.BadParameter(f"{path} does not exist", param_hint="--path")
+    events = cdnow_events(path, until)
     s = _settings()
     ensure_topics(s)
-    events = cdnow_events(path or cdnow_path(), until)
     n = produce(s, to_records(s.transactions_topic, events), total=len(events), rate=rate,
                 label="cdnow")
     err.print(f"produced {n} transactions to {s.transactions_topic}")
@@ -161,7 +185,7 @@ def replay_cdnow(
 
 @replay_app.command("jsonl")
 def replay_jsonl(
-    path: Path,
+    path: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True)],
     topic: Annotated[str, typer.Option(help="clickstream or transactions")],
     rate: Annotated[float | None, typer.Option(help="Events per second")] = None,
 ) -> None:
@@ -327,7 +351,7 @@ def customer(customer_id: str, json_: JsonOpt = False) -> None:
     s = _settings()
     doc = customer_doc(s, customer_id)
     if doc is None:
-        err.print(f"[red]unknown customer {customer_id!r}")
+        err.print(f"[red]unknown customer {escape(repr(customer_id))}")
         raise typer.Exit(2)
     if json_:
         _print_json(doc)
@@ -485,8 +509,8 @@ def demo(
     days: Annotated[int, typer.Option(
         help="Synthetic period in days before today, without CDNOW (with CDNOW the "
              "synthetic customers live through the CDNOW period)", min=1)] = 60,
-    until: Annotated[str | None, typer.Option(help="Only CDNOW purchases before YYYY-MM-DD")]
-    = None,
+    until: Annotated[str | None, typer.Option(
+        help="Only CDNOW purchases before YYYY-MM-DD", callback=_until_day)] = None,
     cdnow: Annotated[bool, typer.Option("--cdnow/--no-cdnow", help="Replay CDNOW")] = True,
     synthetic: Annotated[bool, typer.Option(
         "--synthetic/--no-synthetic", help="Replay synthetic clickstream and transactions")]
@@ -505,7 +529,7 @@ def demo(
 @app.command()
 def native(
     action: Annotated[str, typer.Argument(help="status, build or clean")] = "status",
-    jobs: Annotated[int | None, typer.Option(help="compilers run at once")] = None,
+    jobs: Annotated[int | None, typer.Option(help="compilers run at once", min=1)] = None,
 ) -> None:
     """Compiled builds of the hot-path modules: their state, build them, or remove them."""
     from stream import native as nat
@@ -534,7 +558,8 @@ def main() -> None:
     try:
         app()
     except SegstreamError as exc:
-        err.print(f"[red]error:[/red] {exc}")
+        # Messages quote setting values and user input: never read them as markup.
+        err.print(f"[red]error:[/red] {escape(str(exc))}")
         sys.exit(2)
 
 

@@ -11,6 +11,7 @@ from dataclasses import asdict
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from stream import redact
 from stream.errors import SegstreamError
@@ -38,7 +39,7 @@ def triggers(
     try:
         s = load_settings()
     except SegstreamError as exc:
-        err.print(f"[red]{exc}")
+        err.print(f"[red]{escape(str(exc))}")
         raise typer.Exit(2) from None
     redact.install_from_settings(s)
     logging.basicConfig(level=s.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -56,7 +57,7 @@ def triggers(
     try:
         counts = asyncio.run(run())
     except SegstreamError as exc:
-        err.print(f"[red]{exc}")
+        err.print(f"[red]{escape(str(exc))}")
         raise typer.Exit(1) from None
     if json_:
         sys.stdout.write(json.dumps(counts) + "\n")

@@ -12,10 +12,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
@@ -31,6 +33,8 @@ from stream.settings import Settings
 log = logging.getLogger(__name__)
 
 RETRY_STATUSES = frozenset({408, 429})
+# One request longer than aiokafka's max_poll_interval_ms (5 minutes) costs the partitions.
+MAX_REQUEST_TIMEOUT_S = 300.0
 PAYLOAD_FIELDS = (
     "migration_id",
     "customer_id",
@@ -44,6 +48,47 @@ PAYLOAD_FIELDS = (
 
 class TriggerDeliveryError(SegstreamError):
     """The webhook kept failing; offsets stay uncommitted so a restart resumes there."""
+
+
+class TriggerOptionError(SegstreamError):
+    """An option of the trigger consumer is invalid; the message names it."""
+
+
+def check_webhook_url(url: str) -> str:
+    """``url`` if it is an http(s) URL with a host, else :class:`TriggerOptionError`.
+
+    >>> check_webhook_url("https://hooks.example.com/segments")
+    'https://hooks.example.com/segments'
+    >>> check_webhook_url("hooks.example.com")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    stream.triggers.TriggerOptionError: --webhook must be an http:// or https:// URL with a ...
+    """
+    try:
+        parts = urlsplit(url)
+        # .port raises ValueError when the port is not a number or out of range
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port != 0
+    except ValueError:
+        ok = False
+    if not ok:
+        raise TriggerOptionError(
+            f"--webhook must be an http:// or https:// URL with a host (got {url!r})"
+        )
+    return url
+
+
+def check_request_timeout(seconds: float) -> float:
+    """``seconds`` if it is a finite request timeout up to :data:`MAX_REQUEST_TIMEOUT_S`.
+
+    >>> check_request_timeout(10.0)
+    10.0
+    """
+    if not (math.isfinite(seconds) and 0 < seconds <= MAX_REQUEST_TIMEOUT_S):
+        raise TriggerOptionError(
+            f"--timeout must be a number of seconds above 0 and at most "
+            f"{MAX_REQUEST_TIMEOUT_S:g} (got {seconds!r})"
+        )
+    return seconds
 
 
 class _Stopped(Exception):
@@ -216,8 +261,12 @@ async def run_triggers(
     """Consume the migrations topic in group ``group`` (default ``<app_id>-triggers``) and POST
     every actionable, non-hold-out migration to ``webhook_url`` until ``stop`` is set.
 
-    Raises :class:`TriggerDeliveryError` when one migration failed ``max_attempts`` times.
+    Raises :class:`TriggerOptionError` for an invalid URL or timeout before connecting, and
+    :class:`TriggerDeliveryError` when one migration failed ``max_attempts`` times.
     """
+    # Checked before anything connects, so a wrong option fails at once.
+    check_webhook_url(webhook_url)
+    check_request_timeout(request_timeout_s)
     stop = stop or asyncio.Event()
     policy = RetryPolicy(max_attempts, backoff_base_s, backoff_max_s, request_timeout_s)
     consumer = AIOKafkaConsumer(

@@ -1,0 +1,135 @@
+"""A wrong CLI option fails at once, naming it, before anything connects or is created."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from stream import cli
+
+CDNOW = """ customer_id  date number_of_cds  dollar_value
+ 00001 19970101  1   11.77
+ 00002 19970112  1   12.00
+ 00003 19970302  2   20.76
+"""
+
+
+def _text(result: Any) -> str:
+    """The output with rich's wrapping and panel borders undone."""
+    return " ".join(w for w in result.output.split() if w not in ("│", "|"))
+
+
+@pytest.fixture
+def no_services(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record what would have touched Kafka; producing or connecting fails the test."""
+    calls: list[str] = []
+
+    def ensure_topics(_s: Any) -> None:
+        calls.append("ensure_topics")
+
+    def produce(_s: Any, records: Any, **_kw: Any) -> int:
+        calls.append("produce")
+        return sum(1 for _ in records)
+
+    def connect(*_a: Any, **_kw: Any) -> None:
+        raise AssertionError("connected to a service")
+
+    monkeypatch.setattr("stream.kafka.ensure_topics", ensure_topics)
+    monkeypatch.setattr("stream.replay.produce", produce)
+    monkeypatch.setattr("stream.triggers.AIOKafkaConsumer", connect)
+    monkeypatch.setattr("stream.triggers.redis_client", connect)
+    return calls
+
+
+def run(*args: str) -> Any:
+    return CliRunner().invoke(cli.app, list(args))
+
+
+def test_native_build_rejects_jobs_below_one(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SEGSTREAM_NATIVE_DIR", str(tmp_path / "native"))
+    result = run("native", "build", "--jobs", "-3")
+    assert result.exit_code == 2, result.output
+    assert "--jobs" in _text(result)
+    assert not (tmp_path / "native").exists()
+
+
+@pytest.mark.parametrize("missing", ["missing.jsonl", "."])
+def test_replay_jsonl_checks_the_file_before_creating_topics(
+        tmp_path: Path, no_services: list[str], missing: str) -> None:
+    result = run("replay", "jsonl", str(tmp_path / missing), "--topic", "clickstream")
+    assert result.exit_code == 2, result.output
+    assert "Invalid value for 'path'" in _text(result)
+    assert no_services == []
+
+
+def test_replay_cdnow_checks_the_path_before_creating_topics(
+        tmp_path: Path, no_services: list[str]) -> None:
+    result = run("replay", "cdnow", "--path", str(tmp_path / "missing.txt"))
+    assert result.exit_code == 2, result.output
+    assert "--path" in _text(result)
+    assert no_services == []
+
+
+@pytest.mark.parametrize("until", ["garbage", "1997-02-30", "1997-3-1", "19970301x", ""])
+def test_replay_cdnow_rejects_an_unparsable_until(
+        tmp_path: Path, no_services: list[str], until: str) -> None:
+    (tmp_path / "cdnow.txt").write_text(CDNOW)
+    result = run("replay", "cdnow", "--path", str(tmp_path / "cdnow.txt"), "--until", until)
+    assert result.exit_code == 2, result.output
+    assert "--until" in _text(result) and "YYYY-MM-DD" in _text(result)
+    assert no_services == []
+
+
+@pytest.mark.parametrize("until", ["1997-03-01", "19970301"])
+def test_replay_cdnow_replays_purchases_before_until(
+        tmp_path: Path, no_services: list[str], until: str) -> None:
+    (tmp_path / "cdnow.txt").write_text(CDNOW)
+    result = run("replay", "cdnow", "--path", str(tmp_path / "cdnow.txt"), "--until", until)
+    assert result.exit_code == 0, result.output
+    assert no_services == ["ensure_topics", "produce"]
+    assert "produced 2 transactions" in _text(result)
+
+
+def test_demo_rejects_an_unparsable_until(monkeypatch: pytest.MonkeyPatch) -> None:
+    def run_demo(*_a: Any) -> int:
+        raise AssertionError("the demo started")
+
+    monkeypatch.setattr("stream.demo.run_demo", run_demo)
+    result = run("demo", "--until", "garbage")
+    assert result.exit_code == 2, result.output
+    assert "--until" in _text(result)
+
+
+@pytest.mark.parametrize("webhook", ["notaurl", "ftp://hooks.example.com/x", "http://",
+                                     "http:///path", "http://example.com:99999/"])
+def test_triggers_rejects_a_webhook_that_is_not_an_http_url(
+        no_services: list[str], webhook: str) -> None:
+    result = run("triggers", "--webhook", webhook)
+    assert result.exit_code != 0
+    assert not isinstance(result.exception, AssertionError), result.exception
+    assert "--webhook" in _text(result), result.output
+
+
+@pytest.mark.parametrize("timeout", ["inf", "nan", "1e9"])
+def test_triggers_rejects_an_unbounded_timeout(no_services: list[str], timeout: str) -> None:
+    result = run("triggers", "--webhook", "http://127.0.0.1:9/hook", "--timeout", timeout)
+    assert result.exit_code != 0
+    assert not isinstance(result.exception, AssertionError), result.exception
+    assert "--timeout" in _text(result), result.output
+
+
+@pytest.mark.parametrize("value", ["[/x]", "[bold]x"])
+def test_main_prints_a_settings_error_without_reading_it_as_markup(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], value: str) -> None:
+    monkeypatch.setenv("SEGSTREAM_APP_ID", value)
+    monkeypatch.setattr(sys, "argv", ["segstream", "status"])
+    with pytest.raises(SystemExit) as stop:
+        cli.main()
+    assert stop.value.code == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "SEGSTREAM_APP_ID" in err and repr(value) in err, err

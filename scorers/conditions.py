@@ -36,6 +36,10 @@ True
 True
 >>> compile_condition("not (x > 3)").evaluate({"x": None})
 True
+>>> compile_condition("x > 1e400")
+Traceback (most recent call last):
+...
+scorers.conditions.ConditionError: number 1e400 is out of range at column 5
 >>> compile_condition("__import__('os')")
 Traceback (most recent call last):
 ...
@@ -794,7 +798,10 @@ class _Parser:
                 return _Literal(-operand.v, "-" + operand.source), t.pos
             return _Arith("-", _Literal(0.0, "0"), operand), t.pos
         if t.kind == "num":
-            return _Literal(float(t.text), t.text), t.pos
+            number = float(t.text)
+            if not math.isfinite(number):
+                raise self.error(f"number {t.text} is out of range", t.pos)
+            return _Literal(number, t.text), t.pos
         if t.kind == "str":
             return _Literal(_unescape(t.text[1:-1]), t.text), t.pos
         if t.kind == "name":

@@ -31,8 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml  # type: ignore[import-untyped, unused-ignore]
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from scorers.rules import MAX_DAYS, RulesError, parse_yaml, read_catalogue_text, short_repr
 
 #: This module's functions: pydantic must take the methods of its models for methods,
 #: not fields, also when the module runs compiled (see stream.native), where a function
@@ -57,18 +58,19 @@ class ActionCatalogueError(ValueError):
 class ActionDefaults(BaseModel):
     """Values a rule inherits when it does not set them."""
 
-    model_config = ConfigDict(ignored_types=_FUNCTIONS, extra="forbid", frozen=True)
+    model_config = ConfigDict(ignored_types=_FUNCTIONS, extra="forbid", frozen=True,
+                              allow_inf_nan=False)
 
     holdout_share: float = Field(default=0.1, ge=0.0, le=1.0)
-    cooldown_days: float = Field(default=14.0, ge=0.0)
-    attribution_days: float = Field(default=14.0, gt=0.0)
+    cooldown_days: float = Field(default=14.0, ge=0.0, le=MAX_DAYS)
+    attribution_days: float = Field(default=14.0, gt=0.0, le=MAX_DAYS)
 
 
 class ActionRule(BaseModel):
     """On entering ``to`` (from one of ``from``, or from anywhere), send an action."""
 
     model_config = ConfigDict(ignored_types=_FUNCTIONS, extra="forbid", frozen=True,
-                              populate_by_name=True)
+                              populate_by_name=True, allow_inf_nan=False)
 
     scheme: str = Field(min_length=1)
     to: str = Field(min_length=1)
@@ -76,8 +78,8 @@ class ActionRule(BaseModel):
     action_id: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9._:-]+$")
     channel: Channel
     priority: int = 0
-    cooldown_days: float | None = Field(default=None, ge=0.0)
-    attribution_days: float | None = Field(default=None, gt=0.0)
+    cooldown_days: float | None = Field(default=None, ge=0.0, le=MAX_DAYS)
+    attribution_days: float | None = Field(default=None, gt=0.0, le=MAX_DAYS)
     holdout_share: float | None = Field(default=None, ge=0.0, le=1.0)
 
     @field_validator("from_", mode="before")
@@ -192,14 +194,14 @@ def _check_names(cat: ActionCatalogue, schemes: Mapping[str, Sequence[str]]) -> 
     problems: list[str] = []
     for i, r in enumerate(cat.rules):
         if r.scheme not in schemes:
-            problems.append(
-                f"rules[{i}]: unknown scheme {r.scheme!r} (known: {', '.join(sorted(schemes))})"
-            )
+            problems.append(f"rules[{i}]: unknown scheme {short_repr(r.scheme)} "
+                            f"(known: {', '.join(sorted(schemes))})")
             continue
         known = set(schemes[r.scheme])
         for name in (r.to, *(r.from_ or ())):
             if name is not None and name not in known:
-                problems.append(f"rules[{i}]: unknown segment {name!r} in scheme {r.scheme!r}")
+                problems.append(f"rules[{i}]: unknown segment {short_repr(name)} "
+                                f"in scheme {r.scheme!r}")
     if problems:
         raise ActionCatalogueError("invalid action catalogue: " + "; ".join(problems))
 
@@ -209,16 +211,21 @@ def load_actions(
 ) -> ActionCatalogue:
     """Load and validate an action catalogue from a YAML file (a ``Path`` or a path string)
     or from YAML text; with ``schemes`` every scheme and segment name must be known."""
-    if isinstance(source, Path) or ("\n" not in source and Path(source).is_file()):
-        text = Path(source).read_text(encoding="utf-8")
+    if isinstance(source, Path) or ("\n" not in source and _is_file(source)):
+        try:
+            text = read_catalogue_text(source)
+        except ValueError as exc:
+            raise ActionCatalogueError(
+                f"cannot read action catalogue {short_repr(str(source))}: {exc}") from None
     else:
         text = source
     try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ActionCatalogueError(f"action catalogue is not valid YAML: {exc}") from None
+        doc = parse_yaml(text)  # the segment catalogue's loader: no duplicate keys, no aliases
+    except RulesError as exc:
+        raise ActionCatalogueError(f"action catalogue: {exc}") from None
     if not isinstance(doc, dict):
-        hint = f" (no such file: {source})" if isinstance(doc, str) and "\n" not in text else ""
+        hint = (f" (no such file: {short_repr(source)})"
+                if isinstance(doc, str) and "\n" not in text else "")
         raise ActionCatalogueError(f"action catalogue must be a mapping with a 'rules' list{hint}")
     try:
         cat = ActionCatalogue.model_validate(doc)
@@ -230,6 +237,13 @@ def load_actions(
     if schemes is not None:
         _check_names(cat, schemes)
     return cat
+
+
+def _is_file(source: str) -> bool:
+    try:
+        return Path(source).is_file()
+    except (OSError, ValueError):  # a name too long for a path, say: YAML text then
+        return False
 
 
 def default_actions(schemes: Mapping[str, Sequence[str]] | None = None) -> ActionCatalogue:

@@ -37,6 +37,7 @@ import functools
 import hashlib
 import json
 import re
+import reprlib
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, replace
 from importlib import resources
@@ -61,6 +62,16 @@ MS_PER_DAY = 86_400_000
 #: Names a segment condition may use by default: every feature and every score.
 KNOWN_NAMES: tuple[str, ...] = FEATURE_NAMES + SCORE_NAMES
 _SCHEME_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+#: The longest period a catalogue may set (a dwell, a cooldown), in days: a century. Longer
+#: means nothing and would overflow the millisecond timestamps derived from it.
+MAX_DAYS = 36_500
+#: How deep a catalogue's YAML may nest (a real one needs about six levels): deeper input
+#: would exhaust the stack, which compiled code (see stream.native) cannot catch.
+_MAX_YAML_DEPTH = 64
+_MESSAGE_CHARS = 200
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 80
+_REPR.maxlevel = 3
 
 
 class RulesError(ValueError):
@@ -73,11 +84,24 @@ class RulesError(ValueError):
         super().__init__(text)
 
 
+def short_repr(value: Any) -> str:
+    """``repr(value)`` cut short, so a message stays readable whatever the input holds.
+
+    >>> short_repr(list(range(100)))
+    '[0, 1, 2, 3, 4, 5, ...]'
+    >>> len(short_repr("x" * 10**6))
+    80
+    """
+    text = _REPR.repr(value)
+    return text if len(text) <= _MESSAGE_CHARS else text[:_MESSAGE_CHARS - 3] + "..."
+
+
 # ---------------------------------------------------------------- YAML schema
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(ignored_types=_FUNCTIONS, extra="forbid", strict=False)
+    model_config = ConfigDict(ignored_types=_FUNCTIONS, extra="forbid", strict=False,
+                              allow_inf_nan=False)
 
 
 class _SegmentSpec(_Strict):
@@ -87,7 +111,7 @@ class _SegmentSpec(_Strict):
 
 
 class _AntiFlappingSpec(_Strict):
-    min_dwell_days: float = Field(default=0.0, ge=0)
+    min_dwell_days: float = Field(default=0.0, ge=0, le=MAX_DAYS)
     hysteresis: dict[str, float] = Field(default_factory=dict)
 
 
@@ -103,23 +127,90 @@ class _CatalogueSpec(_Strict):
     schemes: dict[str, _SchemeSpec] = Field(min_length=1)
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):  # type: ignore[misc, unused-ignore]
-    """Safe YAML loader that rejects duplicate mapping keys instead of keeping the last."""
+class _CatalogueLoader(yaml.SafeLoader):  # type: ignore[misc, unused-ignore]
+    """Safe YAML loader that rejects duplicate mapping keys instead of keeping the last,
+    aliases, and nesting deeper than ``_MAX_YAML_DEPTH``.
+
+    A catalogue never needs an alias, and refusing them rules out an alias bomb (a few lines
+    that stand for billions of values).
+    """
+
+    _depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            raise yaml.composer.ComposerError(
+                None, None, "aliases (*name) are not allowed in a catalogue; write the value out",
+                event.start_mark)
+        if self._depth >= _MAX_YAML_DEPTH:
+            raise yaml.composer.ComposerError(
+                None, None, f"nested deeper than {_MAX_YAML_DEPTH} levels", event.start_mark)
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
 def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
     seen: set[Any] = set()
     for key_node, _ in node.value:
         key = loader.construct_object(key_node)
-        if key in seen:
-            mark = key_node.start_mark
-            raise RulesError([f"duplicate key {key!r} at line {mark.line + 1}"])
+        try:
+            duplicate = key in seen
+        except TypeError:  # a list or mapping as key: `? [a]`
+            raise yaml.constructor.ConstructorError(
+                None, None, "a key must be a plain value, not a list or mapping",
+                key_node.start_mark) from None
+        if duplicate:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {short_repr(key)}", key_node.start_mark)
         seen.add(key)
     return dict(loader.construct_mapping(node))
 
 
-_UniqueKeyLoader.add_constructor(
+_CatalogueLoader.add_constructor(
     yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def read_catalogue_text(path: str | Path) -> str:
+    """A catalogue file's text; raises ``ValueError`` saying why it cannot be read (for text
+    that is not UTF-8, where the first bad byte is)."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise ValueError(e.strerror or type(e).__name__) from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        start = data.rfind(b"\n", 0, e.start) + 1
+        line = data.count(b"\n", 0, start) + 1
+        column = len(data[start:e.start].decode("utf-8")) + 1
+        raise ValueError(f"not UTF-8 text: byte 0x{data[e.start]:02x} at line {line}, "
+                         f"column {column}") from None
+
+
+def parse_yaml(text: str) -> Any:
+    """Parse catalogue YAML safely: no duplicate keys, no aliases, bounded nesting.
+
+    Raises :class:`RulesError` naming the problem and, where YAML knows it, line and column.
+
+    >>> parse_yaml("{a: 1, b: [2]}")
+    {'a': 1, 'b': [2]}
+    >>> parse_yaml("{a: 1, a: 2}")
+    Traceback (most recent call last):
+    ...
+    scorers.rules.RulesError: invalid YAML: duplicate key 'a' at line 1, column 8
+    """
+    try:
+        return yaml.load(text, Loader=_CatalogueLoader)  # a SafeLoader subclass
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise RulesError([f"invalid YAML: {e.problem}{at}"]) from None
+    except yaml.YAMLError as e:
+        raise RulesError([f"invalid YAML: {e}"]) from None
 
 
 # ---------------------------------------------------------------- compiled catalogue
@@ -204,17 +295,17 @@ def _where(loc: tuple[int | str, ...], raw: Any) -> str:
     rest = list(loc)
     if len(rest) >= 2 and rest[0] == "schemes":
         scheme = rest[1]
-        parts.append(f"scheme {scheme!r}")
+        parts.append(f"scheme {short_repr(scheme)}")
         rest = rest[2:]
         if len(rest) >= 2 and rest[0] == "segments" and isinstance(rest[1], int):
             i = rest[1]
             try:
                 name = raw["schemes"][scheme]["segments"][i]["name"]
-                parts.append(f"segment {name!r}")
+                parts.append(f"segment {short_repr(name)}")
             except (KeyError, IndexError, TypeError):
                 parts.append(f"segment #{i + 1}")
             rest = rest[2:]
-    parts.append(".".join(str(p) for p in rest) or "catalogue")
+    parts.append(".".join(str(p) for p in rest)[:_MESSAGE_CHARS] or "catalogue")
     return ", ".join(parts[:-1]) + (": " if len(parts) > 1 else "") + parts[-1]
 
 
@@ -235,48 +326,44 @@ def _parse(source: str | Path | Mapping[str, Any]) -> Any:
     text: str
     if isinstance(source, Path) or _looks_like_path(source):
         try:
-            text = Path(source).read_text(encoding="utf-8")
-        except OSError as e:
-            raise RulesError([f"cannot read catalogue {str(source)!r}: {e.strerror}"]) from None
+            text = read_catalogue_text(source)
+        except ValueError as e:
+            raise RulesError([f"cannot read catalogue {short_repr(str(source))}: {e}"]) from None
     else:
         text = source
-    try:
-        return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise RulesError([f"invalid YAML: {e.problem}{at}"]) from None
-    except yaml.YAMLError as e:
-        raise RulesError([f"invalid YAML: {e}"]) from None
+    return parse_yaml(text)
 
 
 def _compile_scheme(name: str, spec: _SchemeSpec, known: frozenset[str],
                     problems: list[str]) -> Scheme:
-    where = f"scheme {name!r}"
+    where = f"scheme {short_repr(name)}"
     if not _SCHEME_NAME.match(name):
         problems.append(f"{where}: name must use letters, digits, '_', '.', '-' only")
     segments: list[Segment] = []
     first_index: dict[str, int] = {}
     for i, seg in enumerate(spec.segments, start=1):
         if seg.name in first_index:
-            problems.append(f"{where}: duplicate segment name {seg.name!r} "
+            problems.append(f"{where}: duplicate segment name {short_repr(seg.name)} "
                             f"(segments #{first_index[seg.name]} and #{i})")
         first_index.setdefault(seg.name, i)
         try:
             cond = compile_condition(seg.when, known)
         except ConditionError as e:
-            problems.append(f"{where}, segment {seg.name!r}: bad condition {seg.when!r}: {e}")
+            problems.append(f"{where}, segment {short_repr(seg.name)}: "
+                            f"bad condition {short_repr(seg.when)}: {e}")
             continue
         segments.append(Segment(seg.name, cond, seg.description))
     if spec.fallback in first_index:
-        problems.append(f"{where}: fallback {spec.fallback!r} collides with a segment name")
+        problems.append(f"{where}: fallback {short_repr(spec.fallback)} collides with a "
+                        "segment name")
     for key, amount in spec.anti_flapping.hysteresis.items():
         if key not in known:
-            problems.append(f"{where}: hysteresis on unknown name {key!r}")
+            problems.append(f"{where}: hysteresis on unknown name {short_repr(key)}")
         elif key in TEXT_SCORES:
             problems.append(f"{where}: hysteresis on {key!r}, a text score, has no meaning")
         if amount < 0:
-            problems.append(f"{where}: hysteresis for {key!r} must be >= 0, got {amount:g}")
+            problems.append(f"{where}: hysteresis for {short_repr(key)} must be >= 0, "
+                            f"got {amount:g}")
     return Scheme(name, tuple(segments), spec.fallback, spec.description,
                   spec.anti_flapping.min_dwell_days, dict(spec.anti_flapping.hysteresis))
 
@@ -296,7 +383,7 @@ def load_catalogue(
     except ValidationError as e:
         found = []
         for err in e.errors():
-            got = f" (got {err['input']!r})" if err["type"] not in (
+            got = f" (got {short_repr(err['input'])})" if err["type"] not in (
                 "missing", "extra_forbidden") else ""
             found.append(f"{_where(err['loc'], raw)}: {err['msg']}{got}")
         raise RulesError(found) from None
@@ -414,6 +501,7 @@ def assign_all(
 
 __all__ = [
     "KNOWN_NAMES",
+    "MAX_DAYS",
     "Assignment",
     "Catalogue",
     "RulesError",
@@ -425,4 +513,7 @@ __all__ = [
     "assign_columns",
     "default_catalogue",
     "load_catalogue",
+    "parse_yaml",
+    "read_catalogue_text",
+    "short_repr",
 ]

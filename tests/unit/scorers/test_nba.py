@@ -107,12 +107,34 @@ def test_version_follows_content_not_formatting(cat: ActionCatalogue) -> None:
         (SMALL.replace("action_id: push", "action_id: last-chance"), "'last-chance'"),
         ("- just a list", "mapping"),
         ("rules: [", "YAML"),
+        (SMALL + "rules: []\n", "duplicate key 'rules' at line 11, column 1"),
+        (SMALL.replace("cooldown_days: 30", "cooldown_days: .inf"),
+         "rules.1.cooldown_days: Input should be a finite number"),
+        (SMALL.replace("cooldown_days: 10", "cooldown_days: 1e9"),
+         "defaults.cooldown_days: Input should be less than or equal to 36500"),
+        (SMALL.replace("attribution_days: 5", "attribution_days: .inf"),
+         "defaults.attribution_days: Input should be a finite number"),
+        (SMALL.replace("holdout_share: 1.0", "holdout_share: .nan"),
+         "rules.3.holdout_share: Input should be a finite number"),
+        ("rules: []\n? [a]\n: 1\n", "not a list or mapping at line 2, column 3"),
+        ("rules: " + "[" * 20_000 + "]" * 20_000, "nested deeper than"),
+        ("r: &r {scheme: rfm, to: Lost, action_id: a, channel: sms}\nrules: [*r, *r]\n",
+         "aliases (*name) are not allowed"),
     ],
 )
 def test_catalogue_errors_name_the_problem(text: str, needle: str) -> None:
     with pytest.raises(ActionCatalogueError) as exc:
         load_actions(text, SCHEMES)
     assert needle in str(exc.value)
+
+
+def test_a_file_not_utf8_names_the_file_and_the_bad_byte(tmp_path: Path) -> None:
+    f = tmp_path / "latin1.yaml"
+    f.write_bytes(SMALL.replace("At Risk", "\xe0 risque").encode("latin-1"))
+    with pytest.raises(ActionCatalogueError) as exc:
+        load_actions(f)
+    assert str(exc.value) == (f"cannot read action catalogue {str(f)!r}: not UTF-8 text: "
+                              "byte 0xe0 at line 5, column 23")
 
 
 def test_unknown_names_are_only_checked_when_schemes_are_given() -> None:

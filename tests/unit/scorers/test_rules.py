@@ -6,6 +6,7 @@ import itertools
 import json
 import math
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -98,12 +99,23 @@ def _scheme(segments: str, extra: str = "", fallback: str = "Other") -> str:
     (_scheme('[{name: A, when: "rfm_r > 1"}]',
              "    anti_flapping: {hysteresis: {nope: 1, cluster: 1, rfm_r: -2}}\n"),
      ["unknown name 'nope'", "'cluster', a text score", "'rfm_r' must be >= 0"]),
+    (_scheme('[{name: A, when: "rfm_r > 1"}]', "    anti_flapping: {min_dwell_days: .inf}\n"),
+     ["scheme 's'", "min_dwell_days", "finite number", "inf"]),
+    (_scheme('[{name: A, when: "rfm_r > 1"}]', "    anti_flapping: {min_dwell_days: 1e9}\n"),
+     ["scheme 's'", "min_dwell_days", "less than or equal to 36500"]),
+    (_scheme('[{name: A, when: "rfm_r > 1"}]',
+             "    anti_flapping: {hysteresis: {rfm_f: .nan}}\n"),
+     ["scheme 's'", "hysteresis.rfm_f", "finite number", "nan"]),
     (_scheme('[{name: A, when: "rfm_r > 1", colour: red}]'),
      ["scheme 's', segment 'A'", "colour", "Extra inputs"]),
     (_scheme("[]"), ["scheme 's'", "segments", "at least 1"]),
     (_scheme('[{name: A}]'), ["segment 'A'", "when", "Field required"]),
     ("schemes:\n  s: {segments: [{name: A, when: 'rfm_r > 1'}]}\n", ["fallback", "required"]),
-    ("schemes: {a: {}, a: {}}", ["duplicate key 'a'"]),
+    ("schemes: {a: {}, a: {}}", ["duplicate key 'a'", "line 1, column 18"]),
+    ("schemes: {}\n? [a]\n: 1\n", ["invalid YAML", "not a list or mapping", "line 2, column 3"]),
+    ("schemes: " + "[" * 20_000 + "]" * 20_000, ["invalid YAML", "nested deeper", "line 1"]),
+    ("base: &b {segments: [{name: A, when: 'true'}], fallback: B}\nschemes: {s: *b}\n",
+     ["invalid YAML", "aliases", "line 2, column 14"]),
     ("schemes: [", ["invalid YAML", "line 1"]),
     ("- just a list", ["expected a mapping"]),
     ("schemes: {}", ["schemes", "at least 1"]),
@@ -118,6 +130,44 @@ def test_invalid_catalogues_name_scheme_segment_and_problem(text: str,
     for fragment in fragments:
         assert fragment in str(info.value), (fragment, str(info.value))
     assert info.value.problems
+
+
+def test_a_file_not_utf8_names_the_file_and_the_bad_byte(tmp_path: Path) -> None:
+    f = tmp_path / "latin1.yaml"
+    f.write_bytes(b"schemes:\n  caf\xe9: {}\n")
+    with pytest.raises(RulesError) as info:
+        load_catalogue(f)
+    assert str(info.value) == (f"cannot read catalogue {str(f)!r}: not UTF-8 text: "
+                               "byte 0xe9 at line 2, column 6")
+    result = CliRunner().invoke(rules_app, ["validate", str(f)])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+    assert f"{f}: invalid" in result.output and "byte 0xe9 at line 2, column 6" in result.output
+
+
+def _alias_bomb(levels: int) -> str:
+    """YAML of a few lines whose last alias stands for 10**levels strings."""
+    lines = ['a0: &a0 ["x","x","x","x","x","x","x","x","x","x"]']
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, levels)]
+    return "\n".join(lines) + (f"\nschemes:\n  s:\n    description: *a{levels - 1}\n"
+                               "    segments: [{name: A, when: 'true'}]\n    fallback: B\n")
+
+
+def test_an_alias_bomb_is_refused_at_once_with_a_short_message() -> None:
+    started = time.monotonic()
+    with pytest.raises(RulesError) as info:
+        load_catalogue(_alias_bomb(6))
+    assert time.monotonic() - started < 5
+    assert "aliases (*name) are not allowed" in str(info.value)
+    assert "line 2, column 10" in str(info.value)
+
+
+def test_messages_quote_a_huge_input_only_in_part() -> None:
+    text = _scheme('[{name: A, when: "rfm_r > 1"}]',
+                   f"    description: [{', '.join(['x' * 1000] * 1000)}]\n")
+    with pytest.raises(RulesError) as info:
+        load_catalogue(text)
+    assert "description: Input should be a valid string (got ['xxx" in str(info.value)
+    assert len(str(info.value)) < 500
 
 
 def test_all_problems_are_reported_together() -> None:

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
@@ -51,6 +51,8 @@ from scorers.labels import (
     wants_observation,
 )
 from scorers.online import OnlineModel
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +81,10 @@ class ReplayResult:
 def _ts_ms(v: Any) -> int:
     if isinstance(v, int | float):
         return int(v)
-    return int(datetime.fromisoformat(str(v).replace("Z", "+00:00")).timestamp() * 1000)
+    dt = datetime.fromisoformat(str(v).replace("Z", "+00:00"))
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return (dt - _EPOCH) // timedelta(milliseconds=1)  # exact, unlike timestamp() * 1000
 
 
 def to_event(topic: str, d: Mapping[str, Any]) -> Event:

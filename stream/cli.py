@@ -160,7 +160,8 @@ def replay_cdnow(
         exists=True, dir_okay=False, readable=True)] = None,
     until: Annotated[str | None, typer.Option(
         help="Only purchases before this YYYY-MM-DD", callback=_until_day)] = None,
-    rate: Annotated[float | None, typer.Option(help="Events per second (default: unthrottled)")]
+    rate: Annotated[float | None, typer.Option(
+        help="Events per second (default: unthrottled)", min=0.001)]
     = None,
 ) -> None:
     """Replay the CDNOW transaction log as purchase events, in time order."""
@@ -187,7 +188,7 @@ def replay_cdnow(
 def replay_jsonl(
     path: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True)],
     topic: Annotated[str, typer.Option(help="clickstream or transactions")],
-    rate: Annotated[float | None, typer.Option(help="Events per second")] = None,
+    rate: Annotated[float | None, typer.Option(help="Events per second", min=0.001)] = None,
 ) -> None:
     """Replay a JSON-lines file into an input topic (bad lines go through to the DLQ)."""
     from stream.kafka import ensure_topics
@@ -206,7 +207,7 @@ def replay_synthetic(
     customers: Annotated[int, typer.Option(min=1)] = 1000,
     days: Annotated[int, typer.Option(min=1)] = 60,
     seed: int = 0,
-    rate: Annotated[float | None, typer.Option(help="Events per second")] = None,
+    rate: Annotated[float | None, typer.Option(help="Events per second", min=0.001)] = None,
     truth: Annotated[Path | None, typer.Option(help="Write each customer's persona here")]
     = None,
 ) -> None:

@@ -51,6 +51,7 @@ from rich.table import Table
 from rich.text import Text
 
 from stream.replay import OutRecord
+from stream.schemas import parse_ts
 from stream.settings import Settings
 
 _DAY_MS = 86_400_000
@@ -119,7 +120,7 @@ def ts_ms(ts: str) -> int:
     >>> ts_ms("1997-01-01T00:00:00Z")
     852076800000
     """
-    return int(datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp() * 1000)
+    return parse_ts(ts)
 
 
 def plan_replay(opts: DemoOptions, today_ms: int | None = None) -> ReplayPlan:

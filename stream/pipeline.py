@@ -351,6 +351,9 @@ class BatchProcessor:
                     # A state decoded here is this batch's own: fold into it, no copy.
                     state = serial.decode(blob) if blob else empty()
                     state = apply_owned(state, [e for _, e in pairs], self.settings.lateness_ms)
+                    # Encoding fails too for a state no store can hold (a sum past 64 bits).
+                    encoded = serial.encode(state)
+                    profile = Profile.from_bytes(snap.profiles.get(cid))
                 except Exception as exc:  # a poison customer must not stall the partition
                     log.exception("processing failed for customer %s; %d events dead-lettered",
                                   cid_ref(cid), len(pairs))
@@ -358,13 +361,13 @@ class BatchProcessor:
                     continue
                 last = pairs[-1][0]
                 c = CustomerInput(
-                    cid, state, Profile.from_bytes(snap.profiles.get(cid)),
+                    cid, state, profile,
                     [e for _, e in pairs],
                     {"topic": last.topic, "partition": last.partition, "offset": last.offset,
                      "ingested_ms": last.timestamp_ms},
                     settled,
                 )
-                commit.states[cid] = serial.encode(state)
+                commit.states[cid] = encoded
                 scored.append((commit, acc, c))
         if ctx is not None:
             outcomes = self.score([c for _, _, c in scored], ctx)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
 import orjson
@@ -27,6 +27,8 @@ MAX_ID_CHARS = 256
 MAX_NESTING = 8
 # Epoch-ms bounds accepted at all: 1970 .. 2200. Finer checks are event-time ones.
 _TS_MIN, _TS_MAX = 0, 7_258_118_400_000
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MS = timedelta(milliseconds=1)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS)]
@@ -39,6 +41,8 @@ def parse_ts(value: Any) -> int:
     852076800000
     >>> parse_ts(852076800000)
     852076800000
+    >>> parse_ts("2004-07-28T13:22:18.781Z")  # exact: a float product gave ...780
+    1091020938781
     """
     if isinstance(value, bool):
         raise ValueError("timestamp must be RFC 3339 or epoch milliseconds")
@@ -58,7 +62,7 @@ def parse_ts(value: Any) -> int:
             raise ValueError("timestamp is not RFC 3339") from None
         if dt.tzinfo is None:
             raise ValueError("timestamp has no UTC offset")
-        ms = int(dt.astimezone(UTC).timestamp() * 1000)
+        ms = (dt - _EPOCH) // _MS  # integer arithmetic: no float rounding
     else:
         raise ValueError("timestamp must be RFC 3339 or epoch milliseconds")
     if not _TS_MIN <= ms <= _TS_MAX:

@@ -128,6 +128,22 @@ def test_poison_customer_is_dead_lettered_and_others_proceed(monkeypatch) -> Non
     assert store.meta[0]["wm:transactions"] == 1
 
 
+def test_a_state_no_store_can_hold_dead_letters_its_events_not_the_batch() -> None:
+    """Sums past 64 bits cannot be encoded: that customer's events go to the DLQ, the
+    other customers of the batch are applied and the partition moves on."""
+    p, store, sink = make()
+    # 2,000 purchases of 1e12 pass 2**63 ten-thousandths of a currency unit
+    huge = [rec(i, tx(i, "big", T0 + i, amount=1e12), key=b"big") for i in range(2_000)]
+    stats = run(p, [*huge, rec(2_000, tx(2_000, "c1", T0))])
+    assert (0, "big") not in store.customers
+    assert purchases(store) == 1
+    reasons = [orjson.loads(v)["reason"] for _, _, v in sink.sent
+               if orjson.loads(v).get("reason")]
+    assert reasons == ["processing_error"] * 2_000
+    assert stats.dead_letters == {"processing_error": 2_000}
+    assert store.meta[0]["wm:transactions"] == 2_000
+
+
 def test_dlq_payload_is_truncated_and_keeps_the_source() -> None:
     p, _, sink = make()
     big = b"x" * 10_000

@@ -62,3 +62,18 @@ def test_plain_records_take_the_fast_path() -> None:
         assert fast == _MODELS[kind].model_validate(doc).to_event()
         assert decode(kind, b"c1", orjson.dumps(doc), 10_000) == fast
     assert not math.isnan(_plain_event("transactions", txn).amount_units)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.integers(0, 7_258_118_400_000), st.integers(-14 * 60, 14 * 60))
+def test_rfc3339_timestamps_parse_to_the_exact_millisecond(ms: int, offset_min: int) -> None:
+    """A float product (``timestamp() * 1000``) lost a millisecond for about a fifth of the
+    timestamps of some years (2004, 2038): the parse is integer arithmetic."""
+    from datetime import UTC, datetime, timedelta, timezone
+
+    from stream.schemas import parse_ts
+
+    tz = timezone(timedelta(minutes=offset_min))
+    dt = (datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=ms)).astimezone(tz)
+    text = dt.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    assert parse_ts(text) == ms

@@ -281,6 +281,8 @@ def decode(kind: str, key: bytes | None, value: bytes | None, max_bytes: int) ->
             first = exc.errors()[0]
             where = ".".join(str(x) for x in first["loc"]) or "record"
             return Rejection("invalid_schema", f"{where}: {first['msg']}")
+        except Exception as exc:  # a validator failing another way: still this record's fault
+            return Rejection("invalid_schema", f"record: {type(exc).__name__}: {exc}")
         event = model.to_event()
     try:
         key_text = key.decode("utf-8") if key is not None else None

@@ -77,3 +77,13 @@ def test_rfc3339_timestamps_parse_to_the_exact_millisecond(ms: int, offset_min: 
     dt = (datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=ms)).astimezone(tz)
     text = dt.isoformat(timespec="milliseconds").replace("+00:00", "Z")
     assert parse_ts(text) == ms
+
+
+def test_timestamps_whose_utc_time_leaves_the_calendar_are_rejected_not_raised() -> None:
+    """``astimezone(UTC)`` raised OverflowError for these, which failed the whole batch."""
+    from stream.schemas import Rejection
+
+    for ts in ("9999-12-31T23:59:59-01:00", "0001-01-01T00:00:00+01:00"):
+        doc = {"event_id": "e1", "customer_id": "c1", "ts": ts, "event_type": "login"}
+        res = decode("clickstream", b"c1", orjson.dumps(doc), 65_536)
+        assert isinstance(res, Rejection) and res.reason == "invalid_schema", res

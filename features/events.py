@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 MS_PER_DAY = 86_400_000
@@ -37,6 +38,20 @@ def to_units(amount: float) -> int:
 def from_units(units: int) -> float:
     """Convert integer units back to a currency amount."""
     return units / UNITS_PER_CURRENCY
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MS = timedelta(milliseconds=1)
+
+
+def epoch_ms(dt: datetime) -> int:
+    """Epoch milliseconds of an aware datetime, in integer arithmetic (``timestamp() * 1000``
+    is a float product and loses a millisecond for some instants).
+
+    >>> epoch_ms(datetime(2004, 7, 28, 13, 22, 18, 781_000, tzinfo=UTC))
+    1091020938781
+    """
+    return (dt - _EPOCH) // _MS
 
 
 def day_of(ts_ms: int) -> int:

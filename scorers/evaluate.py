@@ -30,13 +30,20 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
 from scipy.stats import rankdata
 
-from features.events import MS_PER_DAY, ClickEvent, Event, TransactionEvent, to_units
+from features.events import (
+    MS_PER_DAY,
+    ClickEvent,
+    Event,
+    TransactionEvent,
+    epoch_ms,
+    to_units,
+)
 from features.state import DEFAULT_LATENESS_MS, CustomerState, apply, derive, empty
 from scorers.labels import (
     CHURN_HORIZON_CLICKS_MS,
@@ -51,8 +58,6 @@ from scorers.labels import (
     wants_observation,
 )
 from scorers.online import OnlineModel
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +89,7 @@ def _ts_ms(v: Any) -> int:
     dt = datetime.fromisoformat(str(v).replace("Z", "+00:00"))
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=UTC)
-    return (dt - _EPOCH) // timedelta(milliseconds=1)  # exact, unlike timestamp() * 1000
+    return epoch_ms(dt)
 
 
 def to_event(topic: str, d: Mapping[str, Any]) -> Event:

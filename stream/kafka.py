@@ -252,10 +252,9 @@ def output_topics(settings: Settings) -> tuple[str, ...]:
 
 def message_limits(a: KafkaAdminClient, topics: Iterable[str]) -> dict[str, int]:
     """Each topic's ``max.message.bytes``: the largest record batch its brokers accept."""
-    names = list(topics)
     res = a.describe_configs(
         [ConfigResource(ConfigResourceType.TOPIC, t, configs=["max.message.bytes"])
-         for t in names],
+         for t in topics],
         config_filter="all")
     out: dict[str, int] = {}
     for t, entries in (res.get("topic") or {}).items():

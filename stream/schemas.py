@@ -10,13 +10,13 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from features.events import ClickEvent, Event, TransactionEvent, to_units
+from features.events import ClickEvent, Event, TransactionEvent, epoch_ms, to_units
 
 #: This module's functions: pydantic must take the methods of its models for methods,
 #: not fields, also when the module runs compiled (see stream.native), where a function
@@ -27,8 +27,6 @@ MAX_ID_CHARS = 256
 MAX_NESTING = 8
 # Epoch-ms bounds accepted at all: 1970 .. 2200. Finer checks are event-time ones.
 _TS_MIN, _TS_MAX = 0, 7_258_118_400_000
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MS = timedelta(milliseconds=1)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS)]
@@ -62,7 +60,7 @@ def parse_ts(value: Any) -> int:
             raise ValueError("timestamp is not RFC 3339") from None
         if dt.tzinfo is None:
             raise ValueError("timestamp has no UTC offset")
-        ms = (dt - _EPOCH) // _MS  # integer arithmetic: no float rounding
+        ms = epoch_ms(dt)
     else:
         raise ValueError("timestamp must be RFC 3339 or epoch milliseconds")
     if not _TS_MIN <= ms <= _TS_MAX:

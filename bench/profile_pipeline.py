@@ -23,7 +23,11 @@ Two workloads:
 It prints CPU microseconds per event and a digest of everything the batches wrote and
 published (feature states, profiles, counters, partition metadata, outbox records), so two
 versions of the code can be checked for identical output. ``--profile`` adds a cProfile
-table of the timed part. Run ``python -m bench.profile_pipeline --help``.
+table of the timed part. ``--redis URL`` runs the same batches against
+:class:`features.store.RedisFeatureStore` on that server, with the worker's client (its own
+keys, deleted afterwards): it adds the wall time per event and what the loads and commits
+took of it, and the digest, read back from Redis, must equal the in-memory run's. Run
+``python -m bench.profile_pipeline --help``.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import cProfile
 import dataclasses
 import hashlib
 import io
+import os
 import pstats
 import time
 from collections.abc import Sequence
@@ -44,14 +49,15 @@ import orjson
 
 from bench import workload as wl
 from bench.profile_scoring import build
-from features.store import MemoryFeatureStore
+from features.store import MemoryFeatureStore, RedisFeatureStore
 from scorers.labels import LabelState
 from scorers.profile import Profile
 from scorers.scoring import ScoringContext
 from stream.app import tune_gc
 from stream.pipeline import BatchProcessor, RawRecord
+from stream.redisconn import delete_matching, redis_client, redis_sync_client
 from stream.runtime import StaticScoring
-from stream.settings import Settings
+from stream.settings import Settings, load_settings
 
 #: Live batches between two reads of the population sketch: a worker re-reads it every
 #: ``SEGSTREAM_POPULATION_REFRESH_S`` (1 s), about 40 live batches at 5,000 events/s.
@@ -101,10 +107,18 @@ class Result:
     published: int
     dead_letters: int
     digest: str
+    wall_s: float = 0.0
+    #: wall seconds the batches spent in the store's loads and commits
+    load_s: float = 0.0
+    commit_s: float = 0.0
+    roundtrips: int = 0
 
     @property
     def us_per_event(self) -> float:
         return self.cpu_s / max(1, self.events) * 1e6
+
+    def per_event(self, seconds: float) -> float:
+        return seconds / max(1, self.events) * 1e6
 
 
 def _topics(s: Settings) -> dict[str, str]:
@@ -169,13 +183,49 @@ def digest(store: MemoryFeatureStore, published: Sequence[tuple[str, bytes | Non
     return h.hexdigest()
 
 
+async def read_back(store: RedisFeatureStore, partitions: int) -> MemoryFeatureStore:
+    """What a Redis store holds, as the in-memory twin would hold it after the same
+    commits (for :func:`digest`; outboxes and logs are left out, as there)."""
+    mem = MemoryFeatureStore()
+    r, keys = store.r, store.keys
+    for p in range(partitions):
+        meta = await r.hgetall(keys.meta(p))
+        if meta:
+            mem.meta[p] = {k.decode(): int(v) for k, v in meta.items()
+                           if k.decode() not in ("swept",)}
+        ids = sorted(x.decode() for x in await r.smembers(keys.ids(p)))
+        for cid in ids:
+            blob = await r.get(keys.customer(p, cid))
+            if blob is not None:
+                mem.customers[(p, cid)] = blob
+            prof = await r.get(keys.profile(p, cid))
+            if prof is not None:
+                mem.profiles[(p, cid)] = prof
+        head = keys.table(p, "")
+        async for key in r.scan_iter(match=f"{head}*", count=1000):
+            name = key.decode()[len(head):]
+            if ":" in name or name in ("meta", "outbox", "ids"):
+                continue  # customers' keys (c:, s:) and the partition's own
+            table = await r.hgetall(key)
+            if table:
+                mem.tables[(p, name)] = {k.decode(): int(v) for k, v in table.items()}
+    return mem
+
+
 async def _timed(bp: BatchProcessor, batches: Sequence[Sequence[RawRecord]], name: str,
                  prof: cProfile.Profile | None) -> Result:
     assert isinstance(bp.publisher, _Published)
-    assert isinstance(bp.store, MemoryFeatureStore)
+    assert isinstance(bp.store, MemoryFeatureStore | RedisFeatureStore)
     bp.publisher.records.clear()
     applied = migrations = dead = 0
-    t0 = time.process_time()
+    spent = {"load": 0.0, "commit": 0.0}
+
+    def on_redis(op: str, seconds: float, ok: bool) -> None:
+        spent[op] = spent.get(op, 0.0) + seconds
+
+    bp.on_redis = on_redis
+    trips = bp.store.roundtrips
+    w0, t0 = time.perf_counter(), time.process_time()
     if prof is not None:
         prof.enable()
     for batch in batches:
@@ -183,19 +233,49 @@ async def _timed(bp: BatchProcessor, batches: Sequence[Sequence[RawRecord]], nam
         applied += stats.applied
         migrations += stats.migrations
         dead += sum(stats.dead_letters.values())
+    await bp.drain()
     if prof is not None:
         prof.disable()
-    cpu = time.process_time() - t0
+    cpu, wall = time.process_time() - t0, time.perf_counter() - w0
+    trips = bp.store.roundtrips - trips
+    bp.on_redis = None
+    store = bp.store
+    if isinstance(store, RedisFeatureStore):
+        store = await read_back(store, bp.settings.partitions)
     return Result(name, sum(len(b) for b in batches), len(batches), cpu, applied,
                   migrations, len(bp.publisher.records), dead,
-                  digest(bp.store, bp.publisher.records))
+                  digest(store, bp.publisher.records), wall, spent["load"],
+                  spent["commit"], trips)
 
 
 async def run(events: int, customers: int, *, seed: int = 1, live: int = 0, warm: int = 0,
               live_batch: int = 120, models: bool = True,
-              prof: cProfile.Profile | None = None) -> Result:
-    """Time the backlog or, with ``live``, the live stream after an untimed backlog."""
-    s = Settings()
+              prof: cProfile.Profile | None = None, redis_url: str | None = None) -> Result:
+    """Time the backlog or, with ``live``, the live stream after an untimed backlog;
+    with ``redis_url``, against a Redis store on that server (its keys deleted after)."""
+    if redis_url is None:
+        return await _run(Settings(), MemoryFeatureStore(), events, customers, seed=seed,
+                          live=live, warm=warm, live_batch=live_batch, models=models,
+                          prof=prof)
+    s = load_settings(redis_url=redis_url,
+                      redis_prefix=f"profile-{hashlib.blake2b(os.urandom(8)).hexdigest()[:8]}:")
+    client = redis_client(s)
+    try:
+        return await _run(s, RedisFeatureStore(client, s.redis_prefix), events, customers,
+                          seed=seed, live=live, warm=warm, live_batch=live_batch,
+                          models=models, prof=prof)
+    finally:
+        await client.aclose()
+        sync = redis_sync_client(s)
+        try:
+            delete_matching(sync, f"{s.redis_prefix}*")
+        finally:
+            sync.close()
+
+
+async def _run(s: Settings, store: MemoryFeatureStore | RedisFeatureStore, events: int,
+               customers: int, *, seed: int, live: int, warm: int, live_batch: int,
+               models: bool, prof: cProfile.Profile | None) -> Result:
     w = wl.build(events, customers, seed, s.partitions)
     batches, offsets = backlog_batches(w, s, s.batch_max)
     warm_recs, live_recs = live_stream(customers, seed, w.last_ts + 1, s, warm, live, offsets)
@@ -203,7 +283,6 @@ async def run(events: int, customers: int, *, seed: int = 1, live: int = 0, warm
                                for r in live_recs[-1:])])
     wall_s = newest / 1000 + 86_400.0  # a fixed wall clock: nothing is "from the future"
     served = build(customers=1000, days=90, seed=11, with_models=models)
-    store = MemoryFeatureStore()
     ctx = served.ctx
     scoring = _Scoring(s, store, ctx.catalogue, ctx.actions, models=ctx.models,
                        clv_model=ctx.clv, clock=lambda: wall_s,
@@ -236,14 +315,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--sort", default="tottime", choices=("tottime", "cumulative", "ncalls"),
                    help="order of the cProfile table")
+    p.add_argument("--redis", metavar="URL", default=None,
+                   help="run against a Redis store on this server instead of in memory")
     a = p.parse_args(argv)
     prof = cProfile.Profile() if a.profile else None
     r = asyncio.run(run(a.events, a.customers, seed=a.seed, live=a.live, warm=a.warm,
-                        live_batch=a.live_batch, models=not a.no_models, prof=prof))
+                        live_batch=a.live_batch, models=not a.no_models, prof=prof,
+                        redis_url=a.redis))
     print(f"{r.workload}: {r.events:,} events in {r.batches} batches, "
           f"{r.us_per_event:.1f} CPU us/event; {r.migrations:,} migrations, "
           f"{r.published:,} records published, {r.dead_letters} dead letters; "
           f"digest {r.digest}")
+    if a.redis:
+        print(f"  against Redis: {r.per_event(r.wall_s):.1f} wall us/event, of which loads "
+              f"{r.per_event(r.load_s):.1f} and commits {r.per_event(r.commit_s):.1f}; "
+              f"{r.roundtrips / max(1, r.batches):.2f} round trips per batch")
     if prof is not None:
         buf = io.StringIO()
         pstats.Stats(prof, stream=buf).sort_stats(a.sort).print_stats(a.top)

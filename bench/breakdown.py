@@ -24,6 +24,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 #: histogram families read, without the ``segstream_`` prefix
 FAMILIES = ("batch_wait_seconds", "batch_seconds", "batch_size")
+#: read when the worker has them: garbage-collection pauses, summed over generations
+OPTIONAL = ("gc_pause_seconds",)
 
 def histogram_quantile(q: float, buckets: Sequence[tuple[float, float]]) -> float | None:
     """The ``q`` quantile of cumulative ``buckets`` ((upper bound, cumulative count),
@@ -44,21 +46,35 @@ def histogram_quantile(q: float, buckets: Sequence[tuple[float, float]]) -> floa
 
 
 def parse(text: str, prefix: str = "segstream_") -> dict[str, dict[str, Any]]:
-    """The :data:`FAMILIES` histograms of a scrape: buckets, sum and count of each."""
+    """The :data:`FAMILIES` and :data:`OPTIONAL` histograms of a scrape: buckets, sum and
+    count of each, summed over their labels (as ``sum by (le)``); ``full`` counts the
+    observations labelled ``generation="2"``.
+
+    >>> h = parse("# TYPE segstream_gc_pause_seconds histogram\\n"
+    ...           'segstream_gc_pause_seconds_bucket{generation="0",le="0.01"} 3.0\\n'
+    ...           'segstream_gc_pause_seconds_bucket{generation="2",le="0.01"} 1.0\\n'
+    ...           'segstream_gc_pause_seconds_count{generation="2"} 1.0\\n')
+    >>> h["gc_pause_seconds"]["buckets"], h["gc_pause_seconds"]["full"]
+    ([(0.01, 4.0)], 1.0)
+    """
     out: dict[str, dict[str, Any]] = {}
     for fam in text_string_to_metric_families(text):
         name = fam.name.removeprefix(prefix)
-        if name not in FAMILIES:
+        if name not in FAMILIES and name not in OPTIONAL:
             continue
-        h: dict[str, Any] = {"buckets": [], "sum": 0.0, "count": 0.0}
+        buckets: dict[float, float] = {}
+        h: dict[str, Any] = {"buckets": [], "sum": 0.0, "count": 0.0, "full": 0.0}
         for s in fam.samples:
             if s.name.endswith("_bucket"):
-                h["buckets"].append((float(s.labels["le"]), float(s.value)))
+                le = float(s.labels["le"])
+                buckets[le] = buckets.get(le, 0.0) + float(s.value)
             elif s.name.endswith("_sum"):
-                h["sum"] = float(s.value)
+                h["sum"] += float(s.value)
             elif s.name.endswith("_count"):
-                h["count"] = float(s.value)
-        h["buckets"].sort()
+                h["count"] += float(s.value)
+                if s.labels.get("generation") == "2":
+                    h["full"] += float(s.value)
+        h["buckets"] = sorted(buckets.items())
         out[name] = h
     return out
 
@@ -81,7 +97,8 @@ def _delta(before: dict[str, Any] | None, after: dict[str, Any]) -> dict[str, An
         return after
     old = dict(before["buckets"])
     return {"buckets": [(b, c - old.get(b, 0.0)) for b, c in after["buckets"]],
-            "sum": after["sum"] - before["sum"], "count": after["count"] - before["count"]}
+            "sum": after["sum"] - before["sum"], "count": after["count"] - before["count"],
+            "full": after.get("full", 0.0) - before.get("full", 0.0)}
 
 
 def summary(before: dict[str, dict[str, Any]] | None, after: dict[str, dict[str, Any]] | None
@@ -100,7 +117,7 @@ def summary(before: dict[str, dict[str, Any]] | None, after: dict[str, dict[str,
               for q in (0.5, 0.95, 0.99)}
         return {k: None if v is None else round(v * 1000, 1) for k, v in qs.items()}
 
-    return {
+    out: dict[str, Any] = {
         "batches": batches,
         "records": round(d["batch_size"]["sum"]),
         "mean_batch_records": round(d["batch_size"]["sum"] / batches, 1),
@@ -108,3 +125,10 @@ def summary(before: dict[str, dict[str, Any]] | None, after: dict[str, dict[str,
         "batch_processing_ms": ms("batch_seconds"),
         "mean_batch_processing_ms": round(d["batch_seconds"]["sum"] / batches * 1000, 1),
     }
+    if "gc_pause_seconds" in after:
+        gc = _delta((before or {}).get("gc_pause_seconds"), after["gc_pause_seconds"])
+        top = histogram_quantile(0.99, gc["buckets"])
+        out["gc"] = {"collections": round(gc["count"]), "full_collections": round(gc["full"]),
+                     "pause_ms_total": round(gc["sum"] * 1000, 1),
+                     "pause_p99_ms": None if top is None else round(top * 1000, 2)}
+    return out

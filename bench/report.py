@@ -72,6 +72,12 @@ def table(doc: dict[str, Any]) -> Table:
                          f"{w['batches']:,} of {w['mean_batch_records']:,.0f} records on "
                          f"average; waited {_lat(w['batch_wait_ms'])} ms before starting, "
                          f"processed in {_lat(w['batch_processing_ms'])} ms"))
+            gc = w.get("gc")
+            if gc:
+                rows.append((f"  {name}: garbage collections (full)",
+                             f"{gc['collections']:,} ({gc['full_collections']:,}), "
+                             f"{gc['pause_ms_total']:,.1f} ms in all, p99 "
+                             f"{_n(gc['pause_p99_ms'], '.2f')} ms"))
     red = doc["redis"]
     rows += [
         ("Redis round trips / event (client side)", _n(doc["redis_roundtrips_per_event"], ".4f")),

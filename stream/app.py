@@ -7,7 +7,7 @@ import contextlib
 import gc
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -275,6 +275,27 @@ def tune_gc(settings: Settings) -> None:
         gc.freeze()
     _, older, oldest = gc.get_threshold()
     gc.set_threshold(settings.gc_threshold, older, oldest)
+
+
+def watch_gc(observe: Callable[[int, float], None]) -> Callable[[str, dict[str, Any]], None]:
+    """Report every garbage collection of this process: ``observe(generation, seconds)``.
+
+    A collection runs inside whatever allocation triggered it and holds the interpreter
+    (the ingest agent, the event loop and every timer) until it ends, so its pauses add to
+    the latency of whatever batch is in flight. Returns the callback installed in
+    :data:`gc.callbacks` (remove it to stop).
+    """
+    started = [0.0]
+    clock = time.perf_counter
+
+    def on_gc(phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            started[0] = clock()
+        else:
+            observe(int(info.get("generation", 0)), clock() - started[0])
+
+    gc.callbacks.append(on_gc)
+    return on_gc
 
 
 class FaustPublisher:

@@ -110,7 +110,7 @@ def worker() -> None:
     """Run a Faust worker of the engine in this process (signals reach it)."""
     from faust.worker import Worker
 
-    from stream.app import create_engine, tune_gc, use_event_loop
+    from stream.app import create_engine, tune_gc, use_event_loop, watch_gc
     from stream.kafka import ensure_topics
     from stream.redisconn import check_redis
 
@@ -130,6 +130,7 @@ def worker() -> None:
         learner = LearnerChild(s)  # started again if it exits on its own
         atexit.register(learner.stop)
     tune_gc(s)
+    watch_gc(engine.metrics.observe_gc)
     try:
         w.execute_from_commandline()
     finally:

@@ -49,6 +49,9 @@ BATCH_SECONDS_BUCKETS = (
 LOOP_LAG_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 )
+GC_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+)
 REDIS_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
 )
@@ -65,6 +68,9 @@ _FAMILIES: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
     ("histogram", "event_loop_lag_seconds",
      "Seconds later than asked that the worker's event loop woke a periodic check "
      "(code holding the loop delays everything else).", ()),
+    ("histogram", "gc_pause_seconds",
+     "Seconds each garbage collection held the worker's process, by the oldest generation "
+     "it collected (0 young ... 2 full).", ("generation",)),
     ("counter", "commit_conflicts",
      "Partition commits refused by the version fence (another owner moved on).", ()),
     ("histogram", "migration_latency_seconds",
@@ -129,6 +135,7 @@ class EngineMetrics:
             "batch_seconds": BATCH_SECONDS_BUCKETS,
             "batch_wait_seconds": LATENCY_BUCKETS,
             "event_loop_lag_seconds": LOOP_LAG_BUCKETS,
+            "gc_pause_seconds": GC_BUCKETS,
             "migration_latency_seconds": LATENCY_BUCKETS,
             "redis_roundtrip_seconds": REDIS_BUCKETS,
         }
@@ -172,6 +179,10 @@ class EngineMetrics:
     def observe_loop_lag(self, seconds: float) -> None:
         """Record how late the event loop ran a periodic check (``stream.watchdog``)."""
         self._m["event_loop_lag_seconds"].observe(max(0.0, seconds))
+
+    def observe_gc(self, generation: int, seconds: float) -> None:
+        """Record one garbage collection of ``generation`` that took ``seconds``."""
+        self._m["gc_pause_seconds"].labels(str(generation)).observe(max(0.0, seconds))
 
     # -- migrations ------------------------------------------------------------------------
     def migration(

@@ -63,6 +63,24 @@ def test_summary_is_the_difference_of_two_scrapes() -> None:
     assert breakdown.summary(before, None) is None
 
 
+def test_summary_counts_the_garbage_collections_between_two_scrapes() -> None:
+    m = EngineMetrics()
+    m.observe_batch(10, 0.01, wait_s=0.01)
+    m.observe_gc(2, 0.4)  # before the phase: not counted
+    before = _scraped(m)
+    m.observe_batch(10, 0.01, wait_s=0.01)
+    for _ in range(98):
+        m.observe_gc(0, 0.0008)
+    m.observe_gc(1, 0.004)
+    m.observe_gc(2, 0.03)
+    s = breakdown.summary(before, _scraped(m))
+    assert s is not None and s["gc"]["collections"] == 100
+    assert s["gc"]["full_collections"] == 1
+    assert s["gc"]["pause_ms_total"] == round(98 * 0.8 + 4 + 30, 1)
+    # The 99th of 100 pauses is the 4 ms one: in the bucket (2.5, 5] ms.
+    assert 2.5 <= s["gc"]["pause_p99_ms"] <= 5.0
+
+
 def test_scrape_reads_a_served_page_and_gives_none_when_unreachable() -> None:
     m = EngineMetrics()
     m.observe_batch(7, 0.02, wait_s=0.03)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import itertools
+import time
 from collections.abc import Iterator, Sequence
 
 import orjson
@@ -14,7 +15,7 @@ from features.store import MemoryFeatureStore
 from scorers.nba import default_actions
 from scorers.rules import default_catalogue
 from stream import synthetic
-from stream.app import tune_gc
+from stream.app import tune_gc, watch_gc
 from stream.errors import SettingsError
 from stream.pipeline import BatchProcessor, RawRecord
 from stream.runtime import StaticScoring
@@ -92,3 +93,30 @@ def test_gc_threshold_setting_is_checked(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setenv("SEGSTREAM_GC_THRESHOLD", "10")
     with pytest.raises(SettingsError, match="SEGSTREAM_GC_THRESHOLD"):
         load_settings()
+
+
+def test_watch_gc_reports_each_collection_and_how_long_it_held_the_process() -> None:
+    seen: list[tuple[int, float]] = []
+    callback = watch_gc(lambda gen, s: seen.append((gen, s)))
+    try:
+        gc.collect(0)
+        # Reference cycles only the collector frees, enough for a full collection to take
+        # measurable time.
+        cycles = []
+        for _ in range(200_000):
+            a: list[object] = []
+            a.append(a)
+            cycles.append(a)
+        del cycles, a
+        t0 = time.perf_counter()
+        gc.collect(2)
+        wall = time.perf_counter() - t0
+    finally:
+        gc.callbacks.remove(callback)
+    gens = [g for g, _ in seen]
+    assert 0 in gens and gens[-1] == 2
+    full = seen[-1][1]
+    assert 0 < full <= wall and full >= 0.5 * wall
+    count = len(seen)
+    gc.collect(1)
+    assert len(seen) == count  # removed: no longer reported

@@ -78,6 +78,8 @@ def exercised() -> EngineMetrics:
     m.set_partitions_assigned(6)
     m.observe_loop_lag(0.003)
     m.observe_loop_lag(-0.001)  # a clock step back: counted as on time
+    m.observe_gc(0, 0.0004)
+    m.observe_gc(2, 0.03)
     with m.redis_call("load"):
         pass
     with pytest.raises(ConnectionError), m.redis_call("commit"):
@@ -128,6 +130,9 @@ def test_helpers_set_the_values() -> None:
     assert s['segstream_event_loop_lag_seconds_bucket{le="0.001"}'] == 1
     assert s['segstream_event_loop_lag_seconds_bucket{le="0.005"}'] == 2
     assert s["segstream_event_loop_lag_seconds_sum"] == pytest.approx(0.003)
+    assert s['segstream_gc_pause_seconds_bucket{generation="0",le="0.0005"}'] == 1
+    assert s['segstream_gc_pause_seconds_bucket{generation="2",le="0.025"}'] == 0
+    assert s['segstream_gc_pause_seconds_bucket{generation="2",le="0.05"}'] == 1
     assert s['segstream_migration_latency_seconds_bucket{le="0.02"}'] == 1
     assert s['segstream_redis_errors_total{op="commit"}'] == 1
     assert s['segstream_redis_roundtrip_seconds_count{op="commit"}'] == 1

@@ -24,8 +24,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 #: histogram families read, without the ``segstream_`` prefix
 FAMILIES = ("batch_wait_seconds", "batch_seconds", "batch_size")
-#: read when the worker has them: garbage-collection pauses, summed over generations
-OPTIONAL = ("gc_pause_seconds",)
+#: read when the worker has them: garbage-collection pauses (summed over generations) and
+#: the stages of a batch (one histogram per stage, as ``batch_stage_seconds:<stage>``)
+OPTIONAL = ("gc_pause_seconds", "batch_stage_seconds")
+STAGES = ("decode", "refresh", "load", "evaluate", "publish_wait", "commit", "publish")
 
 def histogram_quantile(q: float, buckets: Sequence[tuple[float, float]]) -> float | None:
     """The ``q`` quantile of cumulative ``buckets`` ((upper bound, cumulative count),
@@ -62,9 +64,11 @@ def parse(text: str, prefix: str = "segstream_") -> dict[str, dict[str, Any]]:
         name = fam.name.removeprefix(prefix)
         if name not in FAMILIES and name not in OPTIONAL:
             continue
-        buckets: dict[float, float] = {}
-        h: dict[str, Any] = {"buckets": [], "sum": 0.0, "count": 0.0, "full": 0.0}
+        found: dict[str, tuple[dict[float, float], dict[str, Any]]] = {}
         for s in fam.samples:
+            key = f"{name}:{s.labels.get('stage')}" if name == "batch_stage_seconds" else name
+            buckets, h = found.setdefault(
+                key, ({}, {"buckets": [], "sum": 0.0, "count": 0.0, "full": 0.0}))
             if s.name.endswith("_bucket"):
                 le = float(s.labels["le"])
                 buckets[le] = buckets.get(le, 0.0) + float(s.value)
@@ -74,8 +78,13 @@ def parse(text: str, prefix: str = "segstream_") -> dict[str, dict[str, Any]]:
                 h["count"] += float(s.value)
                 if s.labels.get("generation") == "2":
                     h["full"] += float(s.value)
-        h["buckets"] = sorted(buckets.items())
-        out[name] = h
+        if not found and name in FAMILIES:
+            found[name] = ({}, {"buckets": [], "sum": 0.0, "count": 0.0, "full": 0.0})
+        for key, (buckets, h) in found.items():
+            h["buckets"] = sorted(buckets.items())
+            out[key] = h
+        if name == "gc_pause_seconds" and not found:
+            out[name] = {"buckets": [], "sum": 0.0, "count": 0.0, "full": 0.0}
     return out
 
 
@@ -125,6 +134,19 @@ def summary(before: dict[str, dict[str, Any]] | None, after: dict[str, dict[str,
         "batch_processing_ms": ms("batch_seconds"),
         "mean_batch_processing_ms": round(d["batch_seconds"]["sum"] / batches * 1000, 1),
     }
+    stages = {}
+    for name in STAGES:
+        key = f"batch_stage_seconds:{name}"
+        if key not in after:
+            continue
+        h = _delta((before or {}).get(key), after[key])
+        if h["count"] <= 0:
+            continue
+        top = histogram_quantile(0.99, h["buckets"])
+        stages[name] = {"mean_ms": round(h["sum"] / batches * 1000, 2),
+                        "p99_ms": None if top is None else round(top * 1000, 1)}
+    if stages:
+        out["stages"] = stages
     if "gc_pause_seconds" in after:
         gc = _delta((before or {}).get("gc_pause_seconds"), after["gc_pause_seconds"])
         top = histogram_quantile(0.99, gc["buckets"])

@@ -72,6 +72,11 @@ def table(doc: dict[str, Any]) -> Table:
                          f"{w['batches']:,} of {w['mean_batch_records']:,.0f} records on "
                          f"average; waited {_lat(w['batch_wait_ms'])} ms before starting, "
                          f"processed in {_lat(w['batch_processing_ms'])} ms"))
+            stages = w.get("stages")
+            if stages:
+                rows.append((f"  {name}: batch stages, mean per batch (p99) ms",
+                             "; ".join(f"{k} {v['mean_ms']:,.1f} ({_n(v['p99_ms'], ',.1f')})"
+                                       for k, v in stages.items())))
             gc = w.get("gc")
             if gc:
                 rows.append((f"  {name}: garbage collections (full)",

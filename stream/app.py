@@ -421,6 +421,7 @@ class Engine:
                                    busy=self._busy, max_share=self.settings.sweep_max_share)
             self.processor.on_published = self.backend.on_published
             self.processor.on_redis = self.backend.on_redis
+            self.processor.on_stage = self.metrics.observe_stage
         return self.processor
 
     def _ack_range(self, tp: Any, first: int, last: int) -> None:

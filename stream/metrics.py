@@ -49,6 +49,9 @@ BATCH_SECONDS_BUCKETS = (
 LOOP_LAG_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 )
+STAGE_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)
 GC_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
 )
@@ -68,6 +71,10 @@ _FAMILIES: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
     ("histogram", "event_loop_lag_seconds",
      "Seconds later than asked that the worker's event loop woke a periodic check "
      "(code holding the loop delays everything else).", ()),
+    ("histogram", "batch_stage_seconds",
+     "Seconds each stage of a micro-batch took: decode, refresh (scoring inputs), load, "
+     "evaluate, publish_wait (the previous batch's publish), commit, and publish when the "
+     "outbox is not published in the background.", ("stage",)),
     ("histogram", "gc_pause_seconds",
      "Seconds each garbage collection held the worker's process, by the oldest generation "
      "it collected (0 young ... 2 full).", ("generation",)),
@@ -136,6 +143,7 @@ class EngineMetrics:
             "batch_wait_seconds": LATENCY_BUCKETS,
             "event_loop_lag_seconds": LOOP_LAG_BUCKETS,
             "gc_pause_seconds": GC_BUCKETS,
+            "batch_stage_seconds": STAGE_BUCKETS,
             "migration_latency_seconds": LATENCY_BUCKETS,
             "redis_roundtrip_seconds": REDIS_BUCKETS,
         }
@@ -179,6 +187,10 @@ class EngineMetrics:
     def observe_loop_lag(self, seconds: float) -> None:
         """Record how late the event loop ran a periodic check (``stream.watchdog``)."""
         self._m["event_loop_lag_seconds"].observe(max(0.0, seconds))
+
+    def observe_stage(self, stage: str, seconds: float) -> None:
+        """Record one stage of a micro-batch (``BatchProcessor.on_stage``)."""
+        self._m["batch_stage_seconds"].labels(stage).observe(max(0.0, seconds))
 
     def observe_gc(self, generation: int, seconds: float) -> None:
         """Record one garbage collection of ``generation`` that took ``seconds``."""

@@ -187,6 +187,10 @@ class BatchProcessor:
         self.scoring = scoring
         #: called with (operation, seconds, ok) after each Redis round trip of a batch (metrics)
         self.on_redis: Callable[[str, float, bool], None] | None = None
+        #: called with (stage, seconds) as each stage of a batch ends (metrics): decode,
+        #: refresh, load, evaluate, publish_wait (for the previous batch's publish), commit,
+        #: publish (only when not publishing in the background)
+        self.on_stage: Callable[[str, float], None] | None = None
         #: called with the outbox records after Kafka acknowledged them (metrics)
         self.on_published: Callable[[list[OutboxRecord]], None] | None = None
         self.store = store
@@ -294,7 +298,10 @@ class BatchProcessor:
     async def process(self, records: Sequence[RawRecord]) -> BatchStats:
         """Apply a batch; returns once its state is committed and its outbox published."""
         stats = BatchStats(records=len(records))
+        t0 = time.perf_counter()
         pending = self._decode_all(records)
+        if self.on_stage is not None:
+            self.on_stage("decode", time.perf_counter() - t0)
         while pending:
             if stats.conflicts >= MAX_COMMIT_ATTEMPTS:
                 raise StoreUnavailable("gave up after repeated commit conflicts")
@@ -323,9 +330,16 @@ class BatchProcessor:
             p: [r.customer_id for _, r in items if not isinstance(r, Rejection)]
             for p, items in pending.items()
         }
+        stage = self.on_stage
+        t0 = time.perf_counter()
         if self.scoring is not None:
             await self.scoring.refresh()
+        t1 = time.perf_counter()
         now, snaps = await self._timed("load", self.store.load(wanted, self.topics))
+        t2 = time.perf_counter()
+        if stage is not None:
+            stage("refresh", t1 - t0)
+            stage("load", t2 - t1)
         local = BatchStats()
         # Phase 1: judge every record against its partition's watermarks and event time.
         accepted: dict[int, _Accepted] = {}
@@ -382,8 +396,14 @@ class BatchProcessor:
         # The previous batch's publish ran while this one loaded and evaluated; it ends
         # before this commit, so outbox records go out in the order they were committed
         # and a failed commit below marks its partitions dirty after that publish.
+        t3 = time.perf_counter()
         await self.drain()
+        t4 = time.perf_counter()
         ok = await self._timed("commit", self.store.commit(commits))
+        if stage is not None:
+            stage("evaluate", t3 - t2)
+            stage("publish_wait", t4 - t3)
+            stage("commit", time.perf_counter() - t4)
         done = [p for p in pending if ok.get(p, True)]
         stats.applied += local.applied
         stats.migrations += sum(sum(1 for k in c.outbox if k.startswith("m:"))
@@ -400,7 +420,10 @@ class BatchProcessor:
             task.add_done_callback(partial(self._publish_ended, published))
             self._publishing = task
         else:
+            t5 = time.perf_counter()
             await self._flush(published, known)
+            if stage is not None:
+                stage("publish", time.perf_counter() - t5)
         return done
 
     async def _timed(self, op: str, call: Awaitable[T]) -> T:

@@ -81,6 +81,25 @@ def test_summary_counts_the_garbage_collections_between_two_scrapes() -> None:
     assert 2.5 <= s["gc"]["pause_p99_ms"] <= 5.0
 
 
+def test_summary_gives_each_stage_of_the_batches_between_two_scrapes() -> None:
+    m = EngineMetrics()
+    m.observe_batch(10, 1.0, wait_s=0.01)
+    m.observe_stage("evaluate", 0.9)  # before the phase: not counted
+    before = _scraped(m)
+    for i in range(4):
+        m.observe_batch(10, 0.05, wait_s=0.01)
+        m.observe_stage("load", 0.002)
+        m.observe_stage("evaluate", 0.03 if i < 3 else 0.2)
+        m.observe_stage("commit", 0.01)
+    s = breakdown.summary(before, _scraped(m))
+    assert s is not None and set(s["stages"]) == {"load", "evaluate", "commit"}
+    assert list(s["stages"]) == ["load", "evaluate", "commit"]  # in the batch's order
+    assert s["stages"]["evaluate"]["mean_ms"] == round((3 * 30 + 200) / 4, 2)
+    assert s["stages"]["load"]["mean_ms"] == 2.0
+    assert 100.0 < s["stages"]["evaluate"]["p99_ms"] <= 250.0  # the slow batch's bucket
+    assert 1.0 < s["stages"]["load"]["p99_ms"] <= 2.5
+
+
 def test_scrape_reads_a_served_page_and_gives_none_when_unreachable() -> None:
     m = EngineMetrics()
     m.observe_batch(7, 0.02, wait_s=0.03)

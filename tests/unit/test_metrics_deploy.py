@@ -79,6 +79,7 @@ def exercised() -> EngineMetrics:
     m.observe_loop_lag(0.003)
     m.observe_loop_lag(-0.001)  # a clock step back: counted as on time
     m.observe_gc(0, 0.0004)
+    m.observe_stage("evaluate", 0.02)
     m.observe_gc(2, 0.03)
     with m.redis_call("load"):
         pass
@@ -131,6 +132,8 @@ def test_helpers_set_the_values() -> None:
     assert s['segstream_event_loop_lag_seconds_bucket{le="0.005"}'] == 2
     assert s["segstream_event_loop_lag_seconds_sum"] == pytest.approx(0.003)
     assert s['segstream_gc_pause_seconds_bucket{generation="0",le="0.0005"}'] == 1
+    assert s['segstream_batch_stage_seconds_bucket{le="0.025",stage="evaluate"}'] == 1
+    assert s['segstream_batch_stage_seconds_bucket{le="0.01",stage="evaluate"}'] == 0
     assert s['segstream_gc_pause_seconds_bucket{generation="2",le="0.025"}'] == 0
     assert s['segstream_gc_pause_seconds_bucket{generation="2",le="0.05"}'] == 1
     assert s['segstream_migration_latency_seconds_bucket{le="0.02"}'] == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 
 import orjson
@@ -164,3 +165,41 @@ def test_invalid_setting_names_the_variable(monkeypatch, var: str, value: str) -
     monkeypatch.setenv(var, value)
     with pytest.raises(SettingsError, match=var):
         load_settings()
+
+
+def test_each_stage_of_a_batch_is_reported_once_per_attempt_and_within_the_batch() -> None:
+    p, store, _ = make()
+    seen: list[tuple[str, float]] = []
+    p.on_stage = lambda name, s: seen.append((name, s))
+    original = store.load
+
+    async def slow_load(*a, **k):
+        await asyncio.sleep(0.03)  # the load stage must carry this, no other stage
+        return await original(*a, **k)
+
+    store.load = slow_load
+    t0 = time.perf_counter()
+    run(p, [rec(0, tx(0, "c1", T0)), rec(1, tx(1, "c2", T0), key=b"c2")])
+    total = time.perf_counter() - t0
+    names = [n for n, _ in seen]
+    assert names == ["decode", "refresh", "load", "evaluate", "publish_wait", "commit", "publish"]
+    spent = dict(seen)
+    assert spent["load"] >= 0.03 and all(v < 0.03 for k, v in spent.items() if k != "load")
+    assert sum(spent.values()) <= total
+
+
+def test_a_fenced_attempt_reports_its_stages_again() -> None:
+    p, store, _ = make()
+    seen: list[str] = []
+    p.on_stage = lambda name, s: seen.append(name)
+    original = store.commit
+
+    async def bump_then_commit(commits):
+        store.commit = original
+        store.meta.setdefault(0, {})["ver"] = store.meta.get(0, {}).get("ver", 0) + 1
+        return await original(commits)
+
+    store.commit = bump_then_commit
+    stats = run(p, [rec(0, tx(0, "c1", T0))])
+    assert stats.conflicts == 1
+    assert seen.count("decode") == 1 and seen.count("load") == 2 and seen.count("commit") == 2

@@ -75,17 +75,22 @@ def test_timeout_after_applied_write_does_not_double_count() -> None:
     assert purchases(store) == 3
 
 
-def test_conflicting_writer_is_retried_not_lost() -> None:
-    p, store, _ = make()
+def fence_next_commit(store: MemoryFeatureStore) -> None:
+    """Another owner commits to partition 0 right before the next commit: that commit's
+    version is stale, once."""
     original = store.commit
 
     async def bump_then_commit(commits):
-        # another owner committed to partition 0 in between: our version is stale once
         store.commit = original
         store.meta.setdefault(0, {})["ver"] = store.meta.get(0, {}).get("ver", 0) + 1
         return await original(commits)
 
     store.commit = bump_then_commit
+
+
+def test_conflicting_writer_is_retried_not_lost() -> None:
+    p, store, _ = make()
+    fence_next_commit(store)
     stats = run(p, [rec(0, tx(0, "c1", T0))])
     assert stats.conflicts == 1
     assert purchases(store) == 1
@@ -192,14 +197,7 @@ def test_a_fenced_attempt_reports_its_stages_again() -> None:
     p, store, _ = make()
     seen: list[str] = []
     p.on_stage = lambda name, s: seen.append(name)
-    original = store.commit
-
-    async def bump_then_commit(commits):
-        store.commit = original
-        store.meta.setdefault(0, {})["ver"] = store.meta.get(0, {}).get("ver", 0) + 1
-        return await original(commits)
-
-    store.commit = bump_then_commit
+    fence_next_commit(store)
     stats = run(p, [rec(0, tx(0, "c1", T0))])
     assert stats.conflicts == 1
     assert seen.count("decode") == 1 and seen.count("load") == 2 and seen.count("commit") == 2

@@ -168,8 +168,10 @@ OPENAPI: dict[str, Any] = {
             "Recent segment migrations, oldest first, paged by cursor",
             _json(_ref("MigrationPage"), "a page of migrations"),
             parameters=[
-                {"name": "since", "in": "query", "required": False, "schema": _STR,
-                 "description": "the `next` cursor of the previous page"},
+                {"name": "since", "in": "query", "required": False,
+                 "schema": {"type": "string", "pattern": "^[0-9]+(-[0-9]+)?$"},
+                 "description": "the `next` cursor of the previous page (`<ms>-<seq>`); "
+                                "anything else is a 400"},
                 {"name": "limit", "in": "query", "required": False,
                  "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}},
             ],

@@ -82,9 +82,39 @@ async def actions_doc(s: Settings, store: RedisFeatureStore) -> dict[str, Any]:
     return {"as_of": iso(await store.now()), "actions": lift_table(merged)}
 
 
+_U64 = (1 << 64) - 1
+
+
+def check_cursor(since: str) -> str | None:
+    """Why ``since`` is not a cursor of the migrations log (a Redis stream id, ``<ms>`` or
+    ``<ms>-<seq>``, each part at most 2**64 - 1), or None when it is one.
+
+    >>> check_cursor("1700000000000-3") is None, check_cursor("17") is None
+    (True, True)
+    >>> check_cursor("garbage")
+    "since must be a cursor '<ms>-<seq>' as returned in 'next', got 'garbage'"
+    >>> check_cursor("99999999999999999999-0")
+    'since is out of range (each part at most 18446744073709551615)'
+    """
+    parts = since.split("-")
+    if not 1 <= len(parts) <= 2 or not all(p.isascii() and p.isdigit() for p in parts):
+        shown = since if len(since) <= 64 else since[:61] + "..."
+        return f"since must be a cursor '<ms>-<seq>' as returned in 'next', got {shown!r}"
+    if any(int(p) > _U64 for p in parts):
+        return f"since is out of range (each part at most {_U64})"
+    return None
+
+
 async def migrations_doc(s: Settings, r: aioredis.Redis, since: str | None, limit: int
                          ) -> dict[str, Any]:
     """Recent migrations after the cursor ``since`` (oldest first) and the next cursor."""
+    if since:
+        problem = check_cursor(since)
+        if problem is not None:
+            raise ValueError(problem)
+        ms, _, seq = since.partition("-")
+        if int(ms) == _U64 and (not seq or int(seq) == _U64):
+            return {"migrations": [], "next": since}  # nothing can come after the last id
     start = f"({since}" if since else "-"
     rows = await r.xrange(migration_log_key(s), min=start, max="+", count=max(1, limit))
     items, last = [], since

@@ -18,6 +18,7 @@ from aiohttp import web
 
 from stream.metrics import EngineMetrics
 from stream.openapi import OPENAPI
+from stream.queries import check_cursor
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +157,8 @@ class _Views:
 
     async def migrations(self, request: web.Request) -> web.StreamResponse:
         since = request.query.get("since") or None
+        if since is not None and (problem := check_cursor(since)) is not None:
+            return error(400, problem)
         raw = request.query.get("limit", str(DEFAULT_LIMIT))
         try:
             limit = int(raw)
@@ -215,7 +218,8 @@ def add_routes(
     """
     views = _Views(backend, metrics)
     routes: list[tuple[str, Handler]] = [
-        ("/customers/{customer_id}", views.customer),
+        # Any id but an unencoded slash: aiohttp's default pattern also refuses braces.
+        ("/customers/{customer_id:[^/]+}", views.customer),
         ("/segments", views.segments),
         ("/migrations", views.migrations),
         ("/actions", views.actions),

@@ -46,8 +46,10 @@ class FakeBackend:
         self.is_ready = True
         self.fail = False
         self.calls: list[tuple[str | None, int]] = []
+        self.asked: list[str] = []
 
     async def customer(self, customer_id: str) -> dict[str, Any] | None:
+        self.asked.append(customer_id)
         if self.fail:
             raise RuntimeError("redis down: secret detail")
         if customer_id != "c42":
@@ -242,14 +244,47 @@ def test_customer_document_shape() -> None:
 
 def test_migrations_paging_parameters() -> None:
     async def check(client: TestClient[Any, Any], backend: FakeBackend) -> None:
-        body = await (await client.get("/migrations?since=cursor-1&limit=7")).json()
+        body = await (await client.get("/migrations?since=1709294400000-1&limit=7")).json()
         assert body["next"] == "cursor-2"
         await client.get("/migrations")
-        assert backend.calls == [("cursor-1", 7), (None, 100)]
+        await client.get("/migrations?since=1709294400000")
+        assert backend.calls == [("1709294400000-1", 7), (None, 100), ("1709294400000", 100)]
         for bad in ("0", "1001", "ten", "-1"):
             resp = await client.get(f"/migrations?limit={bad}")
             assert resp.status == 400, bad
             assert_matches(await resp.json(), "Error")
+
+    run(check)
+
+
+@pytest.mark.parametrize("since", ["garbage", "-1", "(", "%2B", "-", "1-2-3", "1-", "-1-2",
+                                   "99999999999999999999-0", "1-18446744073709551616",
+                                   "\u0661\u0662", "1 2"])
+def test_a_malformed_migrations_cursor_is_a_400_naming_since(since: str) -> None:
+    async def check(client: TestClient[Any, Any], backend: FakeBackend) -> None:
+        resp = await client.get("/migrations", params={"since": since})
+        assert resp.status == 400
+        body = await resp.json()
+        assert_matches(body, "Error")
+        assert "since" in body["error"]
+        assert backend.calls == []  # refused before reaching the store
+
+    run(check)
+
+
+@pytest.mark.parametrize(("path", "customer_id"), [
+    ("/customers/c%3A%7Bp0%7D", "c:{p0}"),
+    ("/customers/%7Bx%7D", "{x}"),
+    ("/customers/a%7Db", "a}b"),
+    ("/customers/a%2Fb", "a/b"),
+    ("/customers/%C3%A9t%C3%A9", "\u00e9t\u00e9"),
+])
+def test_any_customer_id_reaches_the_backend(path: str, customer_id: str) -> None:
+    async def check(client: TestClient[Any, Any], backend: FakeBackend) -> None:
+        resp = await client.get(path)
+        assert resp.status == 404  # the fake knows only c42: its JSON 404, not the router's
+        assert_matches(await resp.json(), "Error")
+        assert backend.asked == [customer_id]
 
     run(check)
 

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from stream import redact
-from stream.errors import SegstreamError
+from stream.errors import SegstreamError, SettingsError
 from stream.settings import load_settings
 
 err = Console(stderr=True)
@@ -26,7 +26,8 @@ def triggers(
         None, "--group", help="Consumer group (default: <SEGSTREAM_APP_ID>-triggers)."
     ),
     max_attempts: int = typer.Option(
-        10, "--max-attempts", min=1, help="Attempts per migration before giving up (exit 1)."
+        10, "--max-attempts", min=1,
+        help="Attempts per migration before giving up (exit 1; invalid options exit 2)."
     ),
     timeout: float = typer.Option(10.0, "--timeout", min=0.1, help="Seconds per request."),
     json_: bool = typer.Option(
@@ -34,7 +35,7 @@ def triggers(
     ),
 ) -> None:
     """POST every actionable, non-hold-out segment migration to a webhook (at least once)."""
-    from stream.triggers import run_triggers
+    from stream.triggers import TriggerOptionError, run_triggers
 
     try:
         s = load_settings()
@@ -56,7 +57,10 @@ def triggers(
 
     try:
         counts = asyncio.run(run())
-    except SegstreamError as exc:
+    except (TriggerOptionError, SettingsError) as exc:  # wrong input: as a usage error
+        err.print(f"[red]{escape(str(exc))}")
+        raise typer.Exit(2) from None
+    except SegstreamError as exc:  # a service failed, or delivery gave up
         err.print(f"[red]{escape(str(exc))}")
         raise typer.Exit(1) from None
     if json_:

@@ -24,10 +24,11 @@ import orjson
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
+from redis.exceptions import RedisError
 
 from stream.errors import SegstreamError, ServiceError
 from stream.kafka import aiokafka_config
-from stream.redisconn import redis_client
+from stream.redisconn import check_redis, redacted_url, redis_client
 from stream.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,24 @@ class RetryPolicy:
         return float(min(self.max_s, max(d, retry_after or 0.0)))
 
 
+#: Longest migration id accepted (the engine's are 32 hexadecimal characters).
+MAX_ID_CHARS = 512
+
+
+def usable_id(value: Any) -> str | None:
+    """``value`` if it can be a migration id (a non-empty string that fits in an HTTP
+    header and a Redis key), else None.
+
+    >>> usable_id("9f86d081884c7d65"), usable_id(None), usable_id("a\\r\\nX-Evil: 1")
+    ('9f86d081884c7d65', None, None)
+    """
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_ID_CHARS:
+        return None
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        return None
+    return value
+
+
 def seen_key(settings: Settings, migration_id: str) -> str:
     """Redis key marking a migration as delivered."""
     return f"{settings.redis_prefix}triggers:seen:{migration_id}"
@@ -177,9 +196,11 @@ class TriggerRunner:
             return
         try:
             doc = orjson.loads(rec.value)
-            migration_id = str(doc["migration_id"])
+            migration_id = usable_id(doc["migration_id"])
             action = doc.get("action")
-        except (orjson.JSONDecodeError, KeyError, TypeError):
+        except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
+            migration_id = None
+        if migration_id is None:
             log.warning("skipping malformed migration at %s", _where(rec))
             self.stats.malformed += 1
             return
@@ -194,12 +215,26 @@ class TriggerRunner:
             self.stats.holdout += 1
             return
         key = seen_key(self.settings, migration_id)
-        if await self.redis.exists(key):
-            self.stats.duplicates += 1
-            return
+        try:
+            if await self.redis.exists(key):
+                self.stats.duplicates += 1
+                return
+        except RedisError as exc:
+            raise self._redis_failed(exc) from None
         body = orjson.dumps({f: doc.get(f) for f in PAYLOAD_FIELDS})
         if await self.post(body, migration_id, rec):
-            await self.redis.set(key, b"1", nx=True, ex=self.seen_ttl_s)
+            try:
+                await self.redis.set(key, b"1", nx=True, ex=self.seen_ttl_s)
+            except RedisError as exc:
+                # Delivered but not marked: a restart posts it again, with the same
+                # Idempotency-Key; the offset is not committed past it.
+                raise self._redis_failed(exc) from None
+
+    def _redis_failed(self, exc: RedisError) -> ServiceError:
+        return ServiceError(
+            f"Redis at {redacted_url(self.settings.redis_url)} failed (SEGSTREAM_REDIS_URL): "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        )
 
     async def post(self, body: bytes, migration_id: str, rec: ConsumerRecord[Any, Any]) -> bool:
         """POST with retries; True when accepted, False when rejected for good (4xx)."""
@@ -216,13 +251,22 @@ class TriggerRunner:
                     raise _Stopped
                 wait = None
             try:
+                # A redirect is not followed: the client would send the POST again as a
+                # GET without its body, and a 2xx to that would mark an undelivered
+                # trigger as sent. It is retried, then reported.
                 async with self.http.post(
-                    self.url, data=body, headers=headers, timeout=timeout
+                    self.url, data=body, headers=headers, timeout=timeout,
+                    allow_redirects=False,
                 ) as resp:
                     await resp.read()
                     if 200 <= resp.status < 300:
                         self.stats.posted += 1
                         return True
+                    if 300 <= resp.status < 400:
+                        where = resp.headers.get("Location", "?")[:200]
+                        problem = (f"HTTP {resp.status} redirect to {where!r}; redirects are "
+                                   "not followed, point --webhook at the final URL")
+                        continue
                     if resp.status >= 500 or resp.status in RETRY_STATUSES:
                         problem = f"HTTP {resp.status}"
                         wait = _retry_after(resp)
@@ -261,14 +305,19 @@ async def run_triggers(
     """Consume the migrations topic in group ``group`` (default ``<app_id>-triggers``) and POST
     every actionable, non-hold-out migration to ``webhook_url`` until ``stop`` is set.
 
-    Raises :class:`TriggerOptionError` for an invalid URL or timeout before connecting, and
-    :class:`TriggerDeliveryError` when one migration failed ``max_attempts`` times.
+    Raises :class:`TriggerOptionError` for an invalid URL or timeout before connecting,
+    :class:`~stream.errors.SettingsError` or :class:`~stream.errors.ServiceError` naming the
+    setting when Kafka or Redis cannot be used, and :class:`TriggerDeliveryError` when one
+    migration failed ``max_attempts`` times.
     """
     # Checked before anything connects, so a wrong option fails at once.
     check_webhook_url(webhook_url)
     check_request_timeout(request_timeout_s)
     stop = stop or asyncio.Event()
     policy = RetryPolicy(max_attempts, backoff_base_s, backoff_max_s, request_timeout_s)
+    # Fails naming SEGSTREAM_REDIS_URL (or the TLS, cluster or ACL setting) when Redis
+    # cannot be used, before anything is consumed.
+    await asyncio.to_thread(check_redis, settings)
     consumer = AIOKafkaConsumer(
         settings.migrations_topic,
         group_id=group or f"{settings.app_id}-triggers",

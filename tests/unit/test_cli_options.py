@@ -42,6 +42,7 @@ def no_services(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     monkeypatch.setattr("stream.replay.produce", produce)
     monkeypatch.setattr("stream.triggers.AIOKafkaConsumer", connect)
     monkeypatch.setattr("stream.triggers.redis_client", connect)
+    monkeypatch.setattr("stream.triggers.check_redis", connect)
     return calls
 
 
@@ -110,7 +111,7 @@ def test_demo_rejects_an_unparsable_until(monkeypatch: pytest.MonkeyPatch) -> No
 def test_triggers_rejects_a_webhook_that_is_not_an_http_url(
         no_services: list[str], webhook: str) -> None:
     result = run("triggers", "--webhook", webhook)
-    assert result.exit_code != 0
+    assert result.exit_code == 2  # a usage error, not "delivery gave up" (1)
     assert not isinstance(result.exception, AssertionError), result.exception
     assert "--webhook" in _text(result), result.output
 
@@ -118,9 +119,18 @@ def test_triggers_rejects_a_webhook_that_is_not_an_http_url(
 @pytest.mark.parametrize("timeout", ["inf", "nan", "1e9"])
 def test_triggers_rejects_an_unbounded_timeout(no_services: list[str], timeout: str) -> None:
     result = run("triggers", "--webhook", "http://127.0.0.1:9/hook", "--timeout", timeout)
-    assert result.exit_code != 0
+    assert result.exit_code == 2
     assert not isinstance(result.exception, AssertionError), result.exception
     assert "--timeout" in _text(result), result.output
+
+
+def test_triggers_names_the_redis_setting_when_redis_cannot_be_reached(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SEGSTREAM_REDIS_URL", "redis://127.0.0.1:1/0")
+    result = run("triggers", "--webhook", "http://127.0.0.1:9/hook")
+    assert result.exit_code in (1, 2), result.output
+    assert isinstance(result.exception, SystemExit)  # a message, not a traceback
+    assert "SEGSTREAM_REDIS_URL" in _text(result), result.output
 
 
 @pytest.mark.parametrize("value", ["[/x]", "[bold]x"])

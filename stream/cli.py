@@ -19,7 +19,7 @@ from stream import queries, redact
 from stream.cli_bench import bench
 from stream.cli_rules import rules_app
 from stream.cli_triggers import triggers
-from stream.errors import SegstreamError
+from stream.errors import SegstreamError, ServiceError
 from stream.settings import Settings, load_settings
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
@@ -177,7 +177,10 @@ def replay_cdnow(
             raise typer.BadParameter(str(exc), param_hint="--path") from None
         if not path.is_file():
             raise typer.BadParameter(f"{path} does not exist", param_hint="--path")
-    events = cdnow_events(path, until)
+    try:
+        events = cdnow_events(path, until)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--path") from None
     s = _settings()
     ensure_topics(s)
     n = produce(s, to_records(s.transactions_topic, events), total=len(events), rate=rate,
@@ -199,15 +202,16 @@ def replay_jsonl(
         raise typer.BadParameter("--topic must be clickstream or transactions")
     s = _settings()
     ensure_topics(s)
-    n = produce(s, jsonl_records(path, s.topic(topic)), rate=rate, label=path.name)
+    n = produce(s, jsonl_records(path, s.topic(topic), s.max_event_bytes), rate=rate,
+                label=path.name)
     err.print(f"produced {n} records to {s.topic(topic)}")
 
 
 @replay_app.command("synthetic")
 def replay_synthetic(
     customers: Annotated[int, typer.Option(min=1)] = 1000,
-    days: Annotated[int, typer.Option(min=1)] = 60,
-    seed: int = 0,
+    days: Annotated[int, typer.Option(min=1, max=3650)] = 60,
+    seed: Annotated[int, typer.Option(min=0)] = 0,
     rate: Annotated[float | None, typer.Option(help="Events per second", min=0.001)] = None,
     truth: Annotated[Path | None, typer.Option(help="Write each customer's persona here")]
     = None,
@@ -217,16 +221,27 @@ def replay_synthetic(
     from stream.kafka import ensure_topics
     from stream.replay import OutRecord, produce
 
+    if truth is not None and (truth.is_dir() or not truth.parent.is_dir()):
+        raise typer.BadParameter(f"{truth} is not a file in an existing directory",
+                                 param_hint="--truth")
     s = _settings()
+    # The period starts on 2025-01-01, or earlier when it would otherwise reach past today:
+    # events ahead of the wall clock are dead-lettered as from_future.
+    day_ms = 86_400_000
+    start_ms = min(synthetic.DEFAULT_START_MS, (int(time.time() * 1000) // day_ms - days) * day_ms)
+    if truth is not None:  # written first: an unwritable path fails before any topic exists
+        _, _, truths = synthetic.generate(customers, days, seed, start_ms)
+        try:
+            synthetic.write_truth(truth, truths)
+        except OSError as exc:
+            raise typer.BadParameter(f"cannot write {truth}: {exc.strerror or exc}",
+                                     param_hint="--truth") from None
     ensure_topics(s)
-    if truth is not None:
-        _, _, truths = synthetic.generate(customers, days, seed)
-        synthetic.write_truth(truth, truths)
 
     def records() -> Any:
         import orjson
 
-        for kind, event in synthetic.iter_events(customers, days, seed):
+        for kind, event in synthetic.iter_events(customers, days, seed, start_ms):
             yield OutRecord(s.topic(kind), str(event["customer_id"]).encode(),
                             orjson.dumps(event))
 
@@ -236,18 +251,25 @@ def replay_synthetic(
 
 @app.command()
 def wait(
-    timeout: Annotated[float, typer.Option(help="Seconds before giving up")] = 600.0,
+    timeout: Annotated[float, typer.Option(help="Seconds before giving up", min=0)] = 600.0,
     settled: Annotated[bool, typer.Option(
         help="Also wait until every partition was swept with the current scoring inputs "
              "(time, population, models, rules), so segments are final")] = True,
     quiet_s: Annotated[float, typer.Option(
-        help="How long everything must stay caught up before returning")] = 8.0,
+        help="How long everything must stay caught up before returning (at most half "
+             "the timeout)", min=0)] = 8.0,
 ) -> None:
     """Return once every event now in the input topics is processed and published."""
+    from redis.exceptions import RedisError
+
+    from features.store import StoreUnavailable
     from stream.kafka import end_offsets
+    from stream.redisconn import check_redis
 
     s = _settings()
     ends = end_offsets(s, s.input_topics)
+    check_redis(s)
+    quiet = min(quiet_s, timeout / 2)  # a short timeout must still be able to succeed
 
     async def run() -> bool:
         from features.store import RedisFeatureStore
@@ -258,7 +280,7 @@ def wait(
         deadline = time.monotonic() + timeout
         since: float | None = None
         try:
-            while time.monotonic() < deadline:
+            while True:
                 wms = await store.watermarks(s.partitions, list(s.input_topics))
                 behind = sum(1 for tp, end in ends.items() if end > 0 and wms.get(tp, -1) < end - 1)
                 ok = behind == 0 and not await store.outbox_pending(range(s.partitions))
@@ -270,14 +292,19 @@ def wait(
                     return True
                 elif since is None:
                     since = time.monotonic()
-                elif time.monotonic() - since >= quiet_s:
+                if ok and since is not None and time.monotonic() - since >= quiet:
                     return True
-                await asyncio.sleep(0.25)
-            return False
+                if time.monotonic() >= deadline:
+                    return False
+                await asyncio.sleep(min(0.25, max(0.0, deadline - time.monotonic())))
         finally:
             await r.aclose()
 
-    if not asyncio.run(run()):
+    try:
+        caught_up = asyncio.run(run())
+    except (StoreUnavailable, RedisError) as exc:
+        raise _redis_failed(s, exc) from None
+    if not caught_up:
         err.print(f"[red]not caught up after {timeout:.0f}s")
         raise typer.Exit(1)
 
@@ -336,13 +363,28 @@ def customer_doc(s: Settings, customer_id: str) -> dict[str, Any] | None:
         s, r, store, None, customer_id)))
 
 
-async def _with_store(s: Settings, fn: Any) -> Any:
-    from features.store import RedisFeatureStore
-    from stream.app import redis_client
+def _redis_failed(s: Settings, exc: Exception) -> ServiceError:
+    from stream.redisconn import redacted_url
 
+    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return ServiceError(f"Redis at {redacted_url(s.redis_url)} failed (SEGSTREAM_REDIS_URL): "
+                        f"{first}")
+
+
+async def _with_store(s: Settings, fn: Any) -> Any:
+    from redis.exceptions import RedisError
+
+    from features.store import RedisFeatureStore, StoreUnavailable
+    from stream.app import redis_client
+    from stream.redisconn import check_redis
+
+    # Names the setting to fix (URL, password, TLS, cluster) when Redis cannot be used.
+    await asyncio.to_thread(check_redis, s)
     r = redis_client(s)
     try:
         return await fn(r, RedisFeatureStore(r, s.redis_prefix))
+    except (StoreUnavailable, RedisError) as exc:
+        raise _redis_failed(s, exc) from None
     finally:
         await r.aclose()
 
@@ -360,14 +402,15 @@ def customer(customer_id: str, json_: JsonOpt = False) -> None:
     else:
         from rich.table import Table
 
-        t = Table("name", "value", title=f"customer {customer_id}")
+        t = Table("name", "value", title=f"customer {escape(customer_id)}")
         for k, v in doc["segments"].items():
-            t.add_row(f"segment {k}", str(v))
+            t.add_row(escape(f"segment {k}"), escape(str(v)))
         for k, v in {**doc["scores"], **doc["features"]}.items():
-            t.add_row(k, str(v))
+            t.add_row(escape(k), escape(str(v)))
         Console().print(t)
         for h in doc["history"]:
-            err.print(f"{h['at']}  {h['scheme']}: {h['from_segment']} -> {h['to_segment']}")
+            err.print(escape(f"{h['at']}  {h['scheme']}: {h['from_segment']} -> "
+                             f"{h['to_segment']}"))
 
 
 @app.command()
@@ -442,7 +485,7 @@ def forget(customer_id: str, json_: JsonOpt = False) -> None:
     if json_:
         _print_json(doc)
     else:
-        err.print(f"forgot {customer_id}: {doc}")
+        err.print(escape(f"forgot {customer_id}: {doc}"))
 
 
 @app.command()

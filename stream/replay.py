@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -40,14 +41,31 @@ class CdnowRow:
 
 
 def read_cdnow(path: Path) -> list[CdnowRow]:
-    """Rows of CDNOW_master.txt (header skipped), in file order."""
+    """Rows of CDNOW_master.txt (a header line and blank lines skipped), in file order.
+
+    A row that is not ``<customer id> <YYYYMMDD> <quantity> <amount>`` raises ValueError
+    naming the file and line: a replay of part of a file would be silently wrong.
+    """
     rows = []
-    with open(path, encoding="utf-8") as fh:
+    with open(path, encoding="utf-8", errors="replace") as fh:
         for n, line in enumerate(fh):
             parts = line.split()
-            if len(parts) != 4 or not parts[0].isdigit():
-                continue
-            rows.append(CdnowRow(n, parts[0], parts[1], int(parts[2]), float(parts[3])))
+            if not parts or (n == 0 and not parts[0].isdigit()):
+                continue  # blank, or the header
+            try:
+                if len(parts) != 4 or not parts[0].isdigit():
+                    raise ValueError
+                day = parts[1]
+                datetime.strptime(day, "%Y%m%d")
+                quantity, amount = int(parts[2]), float(parts[3])
+                if len(day) != 8 or quantity < 0 or not math.isfinite(amount):
+                    raise ValueError
+            except ValueError:
+                shown = line.strip()[:80]
+                raise ValueError(
+                    f"{path}:{n + 1}: expected '<customer id> <YYYYMMDD> <quantity> "
+                    f"<amount>', got {shown!r}") from None
+            rows.append(CdnowRow(n, parts[0], day, quantity, amount))
     return rows
 
 
@@ -79,12 +97,24 @@ def to_records(topic: str, events: Iterable[dict[str, object]]) -> Iterator[OutR
         yield OutRecord(topic, key, orjson.dumps(e))
 
 
-def jsonl_records(path: Path, topic: str) -> Iterator[OutRecord]:
-    """Lines of a JSON-lines file, keyed by their customer_id; unparsable lines are sent as is."""
+def jsonl_records(path: Path, topic: str, max_bytes: int | None = None
+                  ) -> Iterator[OutRecord]:
+    """Lines of a JSON-lines file, keyed by their customer_id; unparsable lines are sent as is.
+
+    Blank lines and a UTF-8 byte order mark are skipped. A line longer than ``max_bytes``
+    (the engine's ``SEGSTREAM_MAX_EVENT_BYTES``) is sent cut to one byte over it: the
+    engine dead-letters it as ``too_large`` either way, and the cut keeps it under the
+    broker's message size limit, which would otherwise stop the replay there.
+    """
     with open(path, "rb") as fh:
-        for raw in fh:
+        for i, raw in enumerate(fh):
             line = raw.rstrip(b"\r\n")
-            if not line:
+            if i == 0 and line.startswith(b"\xef\xbb\xbf"):
+                line = line[3:]
+            if not line.strip():
+                continue
+            if max_bytes is not None and len(line) > max_bytes:
+                yield OutRecord(topic, None, line[:max_bytes + 1])
                 continue
             key = None
             try:

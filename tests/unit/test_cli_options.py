@@ -143,3 +143,103 @@ def test_main_prints_a_settings_error_without_reading_it_as_markup(
     assert stop.value.code == 2
     err = " ".join(capsys.readouterr().err.split())
     assert "SEGSTREAM_APP_ID" in err and repr(value) in err, err
+
+
+@pytest.mark.parametrize("row", [" 00004 19970101  1   abc", " 00004 1997-01-01  1   1.0",
+                                 " 00004 199701012  1   1.0", " X0004 19970101  1   1.0",
+                                 " 00004 19970101  1", " 00004 19970101  1   $12.00",
+                                 " 00004 19970101  1   nan"])
+def test_replay_cdnow_names_the_file_and_line_of_a_malformed_row(
+        no_services: list[str], tmp_path: Path, row: str) -> None:
+    path = tmp_path / "cdnow.txt"
+    path.write_text(CDNOW + "\n" + row + "\n")
+    result = run("replay", "cdnow", "--path", str(path))
+    assert result.exit_code == 2, result.output
+    assert f"{path.name}:6" in _text(result).replace(" ", "") or ":6:" in result.output
+    assert no_services == []  # nothing created or produced
+
+
+def test_replay_cdnow_reads_a_header_blank_lines_and_crlf(tmp_path: Path) -> None:
+    from stream.replay import read_cdnow
+
+    path = tmp_path / "cdnow.txt"
+    path.write_bytes(CDNOW.replace("\n", "\r\n").encode() + b"\r\n   \r\n")
+    rows = read_cdnow(path)
+    assert [(r.customer_id, r.day, r.quantity, r.amount) for r in rows] == [
+        ("00001", "19970101", 1, 11.77), ("00002", "19970112", 1, 12.0),
+        ("00003", "19970302", 2, 20.76)]
+
+
+def test_replay_jsonl_skips_a_bom_and_blank_lines_and_cuts_oversized_lines(
+        tmp_path: Path) -> None:
+    import orjson
+
+    from stream.replay import jsonl_records
+
+    first = orjson.dumps({"event_id": "e1", "customer_id": "bom-first"})
+    big = orjson.dumps({"event_id": "e2", "customer_id": "big", "pad": "x" * 5000})
+    last = orjson.dumps({"event_id": "e3", "customer_id": "after"})
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + first + b"\r\n   \n\t\n\n" + big + b"\n" + last)
+    out = list(jsonl_records(path, "t", max_bytes=1000))
+    assert [(r.key, r.value) for r in out] == [
+        (b"bom-first", first), (None, big[:1001]), (b"after", last)]
+
+
+def test_replay_synthetic_checks_seed_and_truth_before_creating_topics(
+        no_services: list[str], tmp_path: Path) -> None:
+    result = run("replay", "synthetic", "--customers", "2", "--days", "1", "--seed", "-1")
+    assert result.exit_code == 2 and "--seed" in _text(result)
+    result = run("replay", "synthetic", "--customers", "2", "--days", "1",
+                 "--truth", str(tmp_path / "missing" / "t.jsonl"))
+    assert result.exit_code == 2 and "--truth" in _text(result)
+    assert no_services == []
+
+
+def test_replay_synthetic_never_generates_events_after_today(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    import orjson
+
+    sent: list[Any] = []
+    monkeypatch.setattr("stream.kafka.ensure_topics", lambda _s: None)
+    monkeypatch.setattr("stream.replay.produce",
+                        lambda _s, records, **_kw: len(sent.extend(records) or sent))
+    result = run("replay", "synthetic", "--customers", "5", "--days", "900")
+    assert result.exit_code == 0, result.output
+    ts = [orjson.loads(r.value)["ts"] for r in sent]
+    assert ts and all(isinstance(t, int) for t in ts)
+    assert max(ts) < time.time() * 1000 and min(ts) > 0
+
+
+def test_customer_and_forget_print_ids_as_text_not_markup(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    doc = {"customer_id": "vip[/x]", "segments": {"rfm": "[bold]Loyal"}, "scores": {},
+           "features": {}, "history": []}
+    monkeypatch.setattr(cli, "customer_doc", lambda _s, _cid: doc)
+    result = run("customer", "vip[/x]")
+    assert result.exit_code == 0, result.output
+    assert "vip[/x]" in result.output and "[bold]Loyal" in result.output
+
+    async def erased(_s: Any, _fn: Any) -> dict[str, Any]:
+        return {"customer_id": "vip[/x]", "state": True}
+
+    monkeypatch.setattr(cli, "_with_store", erased)
+    monkeypatch.setattr("stream.forget.publish_tombstone", lambda _s, _cid: None)
+    result = run("forget", "vip[/x]")
+    assert result.exit_code == 0, result.output
+    assert "forgot vip[/x]" in result.output
+
+
+@pytest.mark.parametrize("command", [["customer", "c1"], ["segments"], ["actions"], ["models"],
+                                     ["forget", "c1"], ["clv", "fit"]])
+def test_a_redis_that_cannot_be_reached_is_named_not_a_traceback(
+        monkeypatch: pytest.MonkeyPatch, command: list[str]) -> None:
+    from stream.errors import SegstreamError
+
+    monkeypatch.setenv("SEGSTREAM_REDIS_URL", "redis://127.0.0.1:1/0")
+    result = run(*command)
+    # main() prints a SegstreamError as one line naming the setting and exits 2.
+    assert isinstance(result.exception, SegstreamError), result.exception
+    assert "SEGSTREAM_REDIS_URL" in str(result.exception)

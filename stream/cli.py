@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import re
 import sys
 import time
@@ -266,9 +267,13 @@ def wait(
     from stream.kafka import end_offsets
     from stream.redisconn import check_redis
 
+    for name, value in (("--timeout", timeout), ("--quiet-s", quiet_s)):
+        if not math.isfinite(value):
+            raise typer.BadParameter(f"must be a finite number of seconds (got {value})",
+                                     param_hint=name)
     s = _settings()
-    ends = end_offsets(s, s.input_topics)
     check_redis(s)
+    ends = end_offsets(s, s.input_topics)
     quiet = min(quiet_s, timeout / 2)  # a short timeout must still be able to succeed
 
     async def run() -> bool:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -158,6 +159,8 @@ class EngineMetrics:
                     full, doc, labels, buckets=buckets[name], registry=self.registry
                 )
         self._drift_seen: dict[str, float] = {}
+        #: collections noted by :meth:`observe_gc`, not yet in the histogram
+        self._gc_pending: deque[tuple[int, float]] = deque(maxlen=100_000)
         self._labels_set: dict[str, set[tuple[str, ...]]] = {}
         self._m["worker_up"].set(1)
 
@@ -176,6 +179,7 @@ class EngineMetrics:
                       wait_s: float | None = None) -> None:
         """Record one micro-batch of ``n`` records that took ``seconds``, started
         ``wait_s`` after its oldest record's Kafka timestamp."""
+        self._take_gc()
         self._m["batch_size"].observe(n)
         self._m["batch_seconds"].observe(seconds)
         if wait_s is not None:
@@ -193,8 +197,20 @@ class EngineMetrics:
         self._m["batch_stage_seconds"].labels(stage).observe(max(0.0, seconds))
 
     def observe_gc(self, generation: int, seconds: float) -> None:
-        """Record one garbage collection of ``generation`` that took ``seconds``."""
-        self._m["gc_pause_seconds"].labels(str(generation)).observe(max(0.0, seconds))
+        """Note one garbage collection of ``generation`` that took ``seconds``.
+
+        Safe to call from :data:`gc.callbacks`: a collection can start anywhere, even while
+        this thread holds a metric's lock for a scrape, so it only appends to a queue
+        (no lock); the histogram takes the queue at the next batch or scrape.
+        """
+        self._gc_pending.append((generation, seconds))
+
+    def _take_gc(self) -> None:
+        pending = self._gc_pending
+        hist = self._m["gc_pause_seconds"]
+        while pending:
+            generation, seconds = pending.popleft()
+            hist.labels(str(generation)).observe(max(0.0, seconds))
 
     # -- migrations ------------------------------------------------------------------------
     def migration(
@@ -326,6 +342,7 @@ class EngineMetrics:
     # -- exposition ------------------------------------------------------------------------
     def render(self) -> tuple[bytes, str]:
         """The Prometheus text exposition and its content type."""
+        self._take_gc()
         return generate_latest(self.registry), CONTENT_TYPE
 
     def _replace(self, name: str, rows: Mapping[tuple[str, ...], float]) -> None:

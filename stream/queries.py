@@ -95,9 +95,12 @@ def check_cursor(since: str) -> str | None:
     "since must be a cursor '<ms>-<seq>' as returned in 'next', got 'garbage'"
     >>> check_cursor("99999999999999999999-0")
     'since is out of range (each part at most 18446744073709551615)'
+    >>> check_cursor("0" * 130 + "1")[:22]  # Redis refuses ids over 127 characters
+    'since must be a cursor'
     """
     parts = since.split("-")
-    if not 1 <= len(parts) <= 2 or not all(p.isascii() and p.isdigit() for p in parts):
+    if not 1 <= len(parts) <= 2 or not all(
+            p.isascii() and p.isdigit() and len(p) <= 20 for p in parts):
         shown = since if len(since) <= 64 else since[:61] + "..."
         return f"since must be a cursor '<ms>-<seq>' as returned in 'next', got {shown!r}"
     if any(int(p) > _U64 for p in parts):

@@ -47,7 +47,7 @@ def read_cdnow(path: Path) -> list[CdnowRow]:
     naming the file and line: a replay of part of a file would be silently wrong.
     """
     rows = []
-    with open(path, encoding="utf-8", errors="replace") as fh:
+    with open(path, encoding="utf-8-sig", errors="replace") as fh:
         for n, line in enumerate(fh):
             parts = line.split()
             if not parts or (n == 0 and not parts[0].isdigit()):

@@ -128,3 +128,15 @@ def test_scrape_reads_a_served_page_and_gives_none_when_unreachable() -> None:
         server.shutdown()
         server.server_close()
     assert breakdown.scrape(url, "t0k", timeout=0.5) is None
+
+
+def test_summary_of_a_worker_without_the_stage_and_gc_families() -> None:
+    """An older worker exposes neither: the summary leaves them out, the rest unchanged."""
+    m = EngineMetrics()
+    m.observe_batch(10, 0.01, wait_s=0.01)
+    m.observe_stage("load", 0.002)
+    old = {k: v for k, v in _scraped(m).items()
+           if not k.startswith(("batch_stage_seconds", "gc_pause_seconds"))}
+    s = breakdown.summary(None, old)
+    assert s is not None and s["batches"] == 1 and s["records"] == 10
+    assert "stages" not in s and "gc" not in s

@@ -128,7 +128,7 @@ def test_triggers_names_the_redis_setting_when_redis_cannot_be_reached(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SEGSTREAM_REDIS_URL", "redis://127.0.0.1:1/0")
     result = run("triggers", "--webhook", "http://127.0.0.1:9/hook")
-    assert result.exit_code in (1, 2), result.output
+    assert result.exit_code == 1, result.output  # a service failed (options exit 2)
     assert isinstance(result.exception, SystemExit)  # a message, not a traceback
     assert "SEGSTREAM_REDIS_URL" in _text(result), result.output
 
@@ -206,7 +206,7 @@ def test_replay_synthetic_never_generates_events_after_today(
     monkeypatch.setattr("stream.kafka.ensure_topics", lambda _s: None)
     monkeypatch.setattr("stream.replay.produce",
                         lambda _s, records, **_kw: len(sent.extend(records) or sent))
-    result = run("replay", "synthetic", "--customers", "5", "--days", "900")
+    result = run("replay", "synthetic", "--customers", "5", "--days", "3650")
     assert result.exit_code == 0, result.output
     ts = [orjson.loads(r.value)["ts"] for r in sent]
     assert ts and all(isinstance(t, int) for t in ts)
@@ -233,7 +233,7 @@ def test_customer_and_forget_print_ids_as_text_not_markup(
 
 
 @pytest.mark.parametrize("command", [["customer", "c1"], ["segments"], ["actions"], ["models"],
-                                     ["forget", "c1"], ["clv", "fit"]])
+                                     ["forget", "c1"], ["clv", "fit"], ["wait"]])
 def test_a_redis_that_cannot_be_reached_is_named_not_a_traceback(
         monkeypatch: pytest.MonkeyPatch, command: list[str]) -> None:
     from stream.errors import SegstreamError
@@ -243,3 +243,30 @@ def test_a_redis_that_cannot_be_reached_is_named_not_a_traceback(
     # main() prints a SegstreamError as one line naming the setting and exits 2.
     assert isinstance(result.exception, SegstreamError), result.exception
     assert "SEGSTREAM_REDIS_URL" in str(result.exception)
+
+
+@pytest.mark.parametrize(("option", "value"), [("--timeout", "nan"), ("--timeout", "inf"),
+                                               ("--quiet-s", "nan"), ("--timeout", "-1")])
+def test_wait_refuses_a_timeout_that_is_not_a_finite_number(
+        no_services: list[str], option: str, value: str) -> None:
+    result = run("wait", option, value)
+    assert result.exit_code == 2, result.output
+    assert option in _text(result)
+
+
+def test_a_store_failure_after_the_check_still_names_the_setting(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Redis answered the start-up check, then failed mid-command."""
+    from features.store import StoreUnavailable
+    from stream.errors import ServiceError
+
+    monkeypatch.setattr("stream.redisconn.check_redis", lambda _s: None)
+
+    async def failing(_s: Any, _r: Any, _store: Any) -> Any:
+        raise StoreUnavailable("redis read failed: Connection reset by peer")
+
+    monkeypatch.setattr("stream.queries.segments_doc", failing)
+    result = run("segments")
+    assert isinstance(result.exception, ServiceError), result.exception
+    assert "SEGSTREAM_REDIS_URL" in str(result.exception)
+    assert "Connection reset by peer" in str(result.exception)

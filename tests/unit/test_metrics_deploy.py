@@ -395,3 +395,22 @@ def test_grafana_panels_do_not_overlap() -> None:
                 for y in range(g["y"], g["y"] + g["h"])}
         assert not area & cells, f"{panel['title']} overlaps another panel"
         cells |= area
+
+
+def test_a_collection_noted_while_a_scrape_holds_the_histogram_lock_does_not_wait() -> None:
+    """A collection can start on the thread that is scraping, inside the histogram's
+    (non-reentrant) lock; noting it must not take that lock."""
+    import threading
+
+    m = EngineMetrics()
+    hist = m._m["gc_pause_seconds"]
+
+    def scrape_interrupted_by_a_collection() -> None:
+        with hist._lock:
+            m.observe_gc(2, 0.03)
+
+    t = threading.Thread(target=scrape_interrupted_by_a_collection, daemon=True)
+    t.start()
+    t.join(5)
+    assert not t.is_alive(), "observe_gc waited for a lock its own thread held"
+    assert _samples(m)['segstream_gc_pause_seconds_count{generation="2"}'] == 1

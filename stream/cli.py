@@ -20,7 +20,8 @@ from stream import queries, redact
 from stream.cli_bench import bench
 from stream.cli_rules import rules_app
 from stream.cli_triggers import triggers
-from stream.errors import SegstreamError, ServiceError
+from stream.errors import SegstreamError
+from stream.redisconn import redis_failed
 from stream.settings import Settings, load_settings
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
@@ -308,7 +309,7 @@ def wait(
     try:
         caught_up = asyncio.run(run())
     except (StoreUnavailable, RedisError) as exc:
-        raise _redis_failed(s, exc) from None
+        raise redis_failed(s, exc) from None
     if not caught_up:
         err.print(f"[red]not caught up after {timeout:.0f}s")
         raise typer.Exit(1)
@@ -368,14 +369,6 @@ def customer_doc(s: Settings, customer_id: str) -> dict[str, Any] | None:
         s, r, store, None, customer_id)))
 
 
-def _redis_failed(s: Settings, exc: Exception) -> ServiceError:
-    from stream.redisconn import redacted_url
-
-    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return ServiceError(f"Redis at {redacted_url(s.redis_url)} failed (SEGSTREAM_REDIS_URL): "
-                        f"{first}")
-
-
 async def _with_store(s: Settings, fn: Any) -> Any:
     from redis.exceptions import RedisError
 
@@ -389,7 +382,7 @@ async def _with_store(s: Settings, fn: Any) -> Any:
     try:
         return await fn(r, RedisFeatureStore(r, s.redis_prefix))
     except (StoreUnavailable, RedisError) as exc:
-        raise _redis_failed(s, exc) from None
+        raise redis_failed(s, exc) from None
     finally:
         await r.aclose()
 

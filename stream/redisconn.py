@@ -51,6 +51,14 @@ def redacted_url(url: str) -> str:
     return u._replace(netloc=f"{user}:***@{host}{port}").geturl()
 
 
+def redis_failed(settings: Settings, exc: Exception) -> ServiceError:
+    """The error for a Redis call that failed after start-up, naming the setting (the URL
+    without its password) and the first line of what went wrong."""
+    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return ServiceError(f"Redis at {redacted_url(settings.redis_url)} failed "
+                        f"(SEGSTREAM_REDIS_URL): {first}")
+
+
 def connection_kwargs(settings: Settings) -> dict[str, Any]:
     """Keyword arguments every client gets on top of what the URL says."""
     kw: dict[str, Any] = {

@@ -28,7 +28,7 @@ from redis.exceptions import RedisError
 
 from stream.errors import SegstreamError, ServiceError
 from stream.kafka import aiokafka_config
-from stream.redisconn import check_redis, redacted_url, redis_client
+from stream.redisconn import check_redis, redis_client, redis_failed
 from stream.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -220,7 +220,7 @@ class TriggerRunner:
                 self.stats.duplicates += 1
                 return
         except RedisError as exc:
-            raise self._redis_failed(exc) from None
+            raise redis_failed(self.settings, exc) from None
         body = orjson.dumps({f: doc.get(f) for f in PAYLOAD_FIELDS})
         if await self.post(body, migration_id, rec):
             try:
@@ -228,13 +228,7 @@ class TriggerRunner:
             except RedisError as exc:
                 # Delivered but not marked: a restart posts it again, with the same
                 # Idempotency-Key; the offset is not committed past it.
-                raise self._redis_failed(exc) from None
-
-    def _redis_failed(self, exc: RedisError) -> ServiceError:
-        return ServiceError(
-            f"Redis at {redacted_url(self.settings.redis_url)} failed (SEGSTREAM_REDIS_URL): "
-            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        )
+                raise redis_failed(self.settings, exc) from None
 
     async def post(self, body: bytes, migration_id: str, rec: ConsumerRecord[Any, Any]) -> bool:
         """POST with retries; True when accepted, False when rejected for good (4xx)."""

@@ -170,6 +170,8 @@ class Columns:
     def __init__(self, columns: Mapping[str, Any], size: int | None) -> None:
         self.raw = columns
         self.cache: dict[str, Column] = {}
+        #: columns of arithmetic nodes, by the node's id (see ``_Arith.column``)
+        self.values: dict[int, tuple[Any, Column]] = {}
         if size is None:
             lengths = {len(np.asarray(c)) for c in columns.values()}
             if len(lengths) > 1:
@@ -304,7 +306,24 @@ class _Arith(_Value):
         return _arith(self.op, self.left.value(env), self.right.value(env))
 
     def column(self, cols: Columns) -> Column:
-        a, b = self.left.column(cols), self.right.column(cols)
+        # Computed once per set of columns: hysteresis evaluates a condition twice. The
+        # node is kept with its column, so its id cannot be reused while the entry lives.
+        got = cols.values.get(id(self))
+        if got is None:
+            got = cols.values[id(self)] = (self, self._column(cols))
+        return got[1]
+
+    def _column(self, cols: Columns) -> Column:
+        a = self.left.column(cols)
+        if _is_num(a) and isinstance(self.right, _Literal) and isinstance(self.right.v, float):
+            v = self.right.v  # "value <op> number": no column of the constant
+            if self.op == "/" and v == 0.0:
+                return np.full(cols.n, np.nan)
+            with np.errstate(all="ignore"):
+                r = a / v if self.op == "/" else a + v if self.op == "+" else (
+                    a - v if self.op == "-" else a * v)
+            return np.asarray(r, dtype=np.float64)
+        b = self.right.column(cols)
         if not (_is_num(a) and _is_num(b)):
             out = np.empty(cols.n, dtype=object)
             pairs = zip(_as_objects(a), _as_objects(b), strict=True)
@@ -403,7 +422,12 @@ class _Cmp(_Bool):
 
     def columns(self, cols: Columns, slack: Slack, pol: int) -> BoolArray:
         shift = _shift(self.op, self._amount(slack), pol)
-        a, b = self.left.column(cols), self.right.column(cols)
+        a = self.left.column(cols)
+        if _is_num(a) and isinstance(self.right, _Literal) and isinstance(self.right.v, float):
+            # the usual "value <op> number", as compiled(): no column of the constant
+            bound = self.right.v + shift if self.op in _ORDER else self.right.v
+            return np.asarray(_CMP[self.op](a, bound) & ~np.isnan(a), dtype=np.bool_)
+        b = self.right.column(cols)
         if _is_num(a) and _is_num(b):
             with np.errstate(invalid="ignore"):
                 res = _CMP[self.op](a, b + shift if shift else b)

@@ -238,7 +238,7 @@ def evaluate(inputs: Sequence[CustomerInput], ctx: ScoringContext) -> list[Outco
 
 #: Fewest customers for which the vectorised pre-filter pays for itself (measured with
 #: ``python -m bench.profile_scoring --batch N``).
-MOVING_PREFILTER_MIN = 48
+MOVING_PREFILTER_MIN = 128
 
 
 def _moving(inputs: Sequence[CustomerInput], feats: list[dict[str, Any]],

@@ -289,6 +289,23 @@ def test_evaluate_columns_matches_evaluate_row_by_row(
     assert got.tolist() == [c.evaluate(r, slack) for r in data]
 
 
+@settings(max_examples=200, deadline=None)
+@given(texts=st.lists(conditions, min_size=1, max_size=4),
+       data=st.lists(rows, min_size=1, max_size=12), slack=slacks)
+def test_one_set_of_columns_serves_many_conditions(
+        texts: list[str], data: list[dict[str, Any]], slack: dict[str, float] | None) -> None:
+    """Columns are shared by every condition of a catalogue and by the hysteresis pass,
+    so what one evaluation keeps in them (arithmetic columns) must not change another's.
+    """
+    columns = Columns({"x": _numeric([r["x"] for r in data]),
+                       "y": _numeric([r["y"] for r in data]),
+                       "s": np.array([r["s"] for r in data], dtype=object)}, len(data))
+    for text in texts * 2:
+        c = compile_condition(text)  # new nodes each time: ids may be reused
+        for sl in (None, slack):
+            assert c.evaluate_columns(columns, sl).tolist() == [c.evaluate(r, sl) for r in data]
+
+
 def test_evaluate_columns_edge_cases() -> None:
     c = compile_condition("x > 1 or z is null")
     assert c.evaluate_columns({"x": [0.0, 2.0]}).tolist() == [True, True]  # z missing: null

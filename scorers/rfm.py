@@ -80,6 +80,16 @@ def deltas(old: tuple[str, str, str] | None,
     return {k: v for k, v in out.items() if v}
 
 
+def _add(axes: dict[str, dict[int, int]], hist: Mapping[Any, Any]) -> None:
+    """Add the fields of one histogram (``axis:value -> count``) into ``axes``."""
+    for k, v in hist.items():
+        key = k.decode() if isinstance(k, bytes) else str(k)
+        axis, _, raw = key.partition(":")
+        if axis in axes:
+            bucket = axes[axis]
+            bucket[int(raw)] = bucket.get(int(raw), 0) + int(v)
+
+
 def rank_score(worse: int, total: int) -> int:
     """``min(5, 1 + floor(5 * worse / total))`` in exact integer arithmetic.
 
@@ -107,6 +117,13 @@ class _Axis:
             below.append(acc)
             acc += counts[k]
         return cls(tuple(keys), tuple(below), acc)
+
+    def counts(self) -> dict[int, int]:
+        """The histogram this axis was built from (values with a positive count)."""
+        if not self.keys:
+            return {}
+        ends = (*self.below[1:], self.total)
+        return {k: hi - lo for k, lo, hi in zip(self.keys, self.below, ends, strict=True)}
 
     def strictly_below(self, value: int) -> int:
         i = bisect.bisect_left(self.keys, value)
@@ -146,12 +163,32 @@ class Population:
         """Merge per-partition histograms (as read from Redis or built in memory)."""
         axes: dict[str, dict[int, int]] = {"r": {}, "f": {}, "m": {}}
         for hist in hashes:
-            for k, v in hist.items():
-                key = k.decode() if isinstance(k, bytes) else str(k)
-                axis, _, raw = key.partition(":")
-                if axis in axes:
-                    bucket = axes[axis]
-                    bucket[int(raw)] = bucket.get(int(raw), 0) + int(v)
+            _add(axes, hist)
+        return cls._from_axes(axes)
+
+    def updated(self, changes: Mapping[str, int]) -> Population:
+        """This population with histogram increments (as from :func:`deltas`) added.
+
+        Scoring a group against ``population.updated(their deltas)`` counts every
+        customer of the group with the values being scored, themselves included, as the
+        rule's "fraction of purchasing customers" does; the stored sketch reaches the same
+        counts once the group is committed.
+
+        >>> f = {"purchase_days": 2, "monetary_total": 1.0, "recency_days": 0}
+        >>> Population.empty().score(f, 10)["rfm"] is None
+        True
+        >>> pop = Population.empty().updated(deltas(None, contribution(f, 10)))
+        >>> pop.total, pop.score(f, 10)["rfm"]
+        (1, '111')
+        """
+        if not changes:
+            return self
+        axes = {name: getattr(self, name).counts() for name in ("r", "f", "m")}
+        _add(axes, changes)
+        return self._from_axes(axes)
+
+    @classmethod
+    def _from_axes(cls, axes: dict[str, dict[int, int]]) -> Population:
         built = {name: _Axis.build(counts) for name, counts in axes.items()}
         total = built["f"].total
         # Scores depend on the population only through the quintile thresholds, so the

@@ -186,8 +186,12 @@ MODEL_SCORES = {"churn": "churn_probability", "purchase_7d": "purchase_propensit
 
 
 def _all_scores(feats: list[dict[str, Any]], xs: Sequence[Mapping[str, float]] | None,
-                ctx: ScoringContext) -> list[dict[str, Any]]:
-    """Every score of every customer, in the order of the score contract."""
+                ctx: ScoringContext,
+                profiles: Sequence[tuple[str, str, str] | None] | None = None
+                ) -> list[dict[str, Any]]:
+    """Every score of every customer, in the order of the score contract; ``profiles``
+    holds each customer's stored sketch contribution, so that RFM ranks the group
+    against the population including the group's current values."""
     n = len(feats)
     preds = {name: model.predict_many(xs or []) for name, model in ctx.models.items()}
     clusters: Sequence[str | None] = [None] * n
@@ -195,6 +199,16 @@ def _all_scores(feats: list[dict[str, Any]], xs: Sequence[Mapping[str, float]] |
         clusters = ctx.personas.predict_many(feats)
     clvs = clv_scores_many(ctx.clv, feats)
     today, population = ctx.today, ctx.population
+    if profiles is not None:
+        # The sketch holds what was committed before this evaluation: without the group's
+        # own new or changed values a first purchase had no score at all against an empty
+        # sketch (every customer of a replay's first batch a Prospect, then held there by
+        # the minimum dwell), and in general was ranked without itself.
+        changes: dict[str, int] = {}
+        for f, old in zip(feats, profiles, strict=True):
+            for fld, d in rfm.deltas(old, rfm.contribution(f, today)).items():
+                changes[fld] = changes.get(fld, 0) + d
+        population = population.updated({k: v for k, v in changes.items() if v})
     out = []
     for i in range(n):
         scores: dict[str, Any] = population.score(feats[i], today)
@@ -228,7 +242,7 @@ def evaluate(inputs: Sequence[CustomerInput], ctx: ScoringContext) -> list[Outco
     xs: list[dict[str, float]] | None = None
     if ctx.models:
         xs = [labels.model_inputs(f) for f in feats]
-    all_scores = _all_scores(feats, xs, ctx)
+    all_scores = _all_scores(feats, xs, ctx, [c.profile.rfm for c in inputs])
     moving, prefiltered = _moving(inputs, feats, all_scores, ctx)
     batch = _Batch.of(ctx, prefiltered)
     return [_evaluate_one(c, feats[i], xs[i] if xs is not None else None, all_scores[i], ctx,

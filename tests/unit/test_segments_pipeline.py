@@ -288,3 +288,20 @@ def test_a_busy_worker_paces_its_sweep_and_an_idle_one_does_not() -> None:
         else:
             assert all(p == 0.0 for _, p in steps)
             assert wall < 4 * work
+
+
+def test_a_first_batch_is_ranked_with_itself_not_against_an_empty_sketch() -> None:
+    """RFM ranks a customer among all purchasing customers, themselves included. Scored
+    against the sketch as committed before the batch, every customer of a replay's first
+    batch had no RFM score (an empty sketch), became a Prospect despite their purchases and
+    was then held there by the minimum dwell, whatever the sweeps computed afterwards."""
+    h = Harness(default_catalogue())
+    h.buy([(f"c{i}", T0 + i * DAY, 10.0 * (i + 1)) for i in range(10)])
+    h.sweep()
+    last = {m["customer_id"]: m for m in h.sink.migrations() if m["scheme"] == "rfm"}
+    assert sorted(last) == sorted(f"c{i}" for i in range(10))
+    for i in range(10):
+        m = last[f"c{i}"]
+        # i customers bought longer ago and spent less; everyone bought on one day
+        assert m["scores"]["rfm"] == f"{1 + i // 2}1{1 + i // 2}", m["customer_id"]
+        assert m["to_segment"] != "Prospects", m["customer_id"]

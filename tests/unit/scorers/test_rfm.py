@@ -83,3 +83,28 @@ def test_thresholds_determine_every_score(counts) -> None:
         got = 1 + sum(1 for th, need in zip(t, needed, strict=True)
                       if (th is None and below >= need) or (th is not None and v > th))
         assert got == want
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(customer, max_size=30), st.lists(customer, max_size=10))
+def test_updating_a_population_equals_building_it_with_the_changes(rows, more) -> None:
+    today = 500
+    feats = [{"purchase_days": d, "recency_days": today - last, "monetary_total": t}
+             for last, d, t in rows + more]
+    contribs = [rfm.contribution(f, today) for f in feats]
+    hist: dict[str, int] = {}
+    for c in contribs[:len(rows)]:
+        for k, d in rfm.deltas(None, c).items():
+            hist[k] = hist.get(k, 0) + d
+    changes: dict[str, int] = {}
+    # the new customers join, and the first old one (if any) leaves
+    for old, new in [(None, c) for c in contribs[len(rows):]] + [(c, None) for c in contribs[:1]]:
+        for k, d in rfm.deltas(old, new).items():
+            changes[k] = changes.get(k, 0) + d
+    merged = dict(hist)
+    for k, d in changes.items():
+        merged[k] = merged.get(k, 0) + d
+    got = rfm.Population.from_hashes([hist]).updated(changes)
+    want = rfm.Population.from_hashes([merged])
+    assert (got.total, got.r, got.f, got.m, got.digest) == (
+        want.total, want.r, want.f, want.m, want.digest)

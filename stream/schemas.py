@@ -134,6 +134,14 @@ class TransactionIn(_Input):
     currency: Annotated[str, Field(min_length=1, max_length=8)] | None = None
     items: int | list[Any] | None = None
 
+    @field_validator("amount", mode="before")
+    @classmethod
+    def _not_bool(cls, v: Any) -> Any:
+        # pydantic reads true / false as 1.0 / 0.0: a purchase of 1.00 nobody made
+        if isinstance(v, bool):
+            raise ValueError("amount must be a number, not a boolean")
+        return v
+
     @field_validator("items")
     @classmethod
     def _shallow_items(cls, v: int | list[Any] | None) -> int | list[Any] | None:

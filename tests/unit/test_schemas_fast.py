@@ -87,3 +87,13 @@ def test_timestamps_whose_utc_time_leaves_the_calendar_are_rejected_not_raised()
         doc = {"event_id": "e1", "customer_id": "c1", "ts": ts, "event_type": "login"}
         res = decode("clickstream", b"c1", orjson.dumps(doc), 65_536)
         assert isinstance(res, Rejection) and res.reason == "invalid_schema", res
+
+
+def test_a_boolean_amount_is_rejected_not_read_as_one() -> None:
+    """``"amount": true`` was accepted as a purchase of 1.00 (``false`` as 0.00), while a
+    boolean timestamp is rejected: both now go to the dead-letter topic."""
+    for flag in (True, False):
+        doc = {"event_id": "e", "customer_id": "c1", "ts": 1_735_689_600_000, "amount": flag}
+        got = decode("transactions", b"c1", orjson.dumps(doc), 10_000)
+        assert got.reason == "invalid_schema", got
+        assert "amount" in got.error

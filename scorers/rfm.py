@@ -90,6 +90,10 @@ def _add(axes: dict[str, dict[int, int]], hist: Mapping[Any, Any]) -> None:
             bucket[int(raw)] = bucket.get(int(raw), 0) + int(v)
 
 
+def _base(axis: _Axis | _Changed) -> _Axis:
+    return axis.base if isinstance(axis, _Changed) else axis
+
+
 def rank_score(worse: int, total: int) -> int:
     """``min(5, 1 + floor(5 * worse / total))`` in exact integer arithmetic.
 
@@ -118,13 +122,6 @@ class _Axis:
             acc += counts[k]
         return cls(tuple(keys), tuple(below), acc)
 
-    def counts(self) -> dict[int, int]:
-        """The histogram this axis was built from (values with a positive count)."""
-        if not self.keys:
-            return {}
-        ends = (*self.below[1:], self.total)
-        return {k: hi - lo for k, lo, hi in zip(self.keys, self.below, ends, strict=True)}
-
     def strictly_below(self, value: int) -> int:
         i = bisect.bisect_left(self.keys, value)
         return self.below[i] if i < len(self.keys) else self.total
@@ -148,13 +145,50 @@ class _Axis:
 
 
 @dataclass(frozen=True)
+class _Changed:
+    """An axis with changes its histogram does not hold yet (an evaluated group's own).
+
+    Built from the changes alone, so scoring a group against it costs a few bisections
+    per customer whatever the population's size.
+    """
+
+    base: _Axis
+    #: the changed values, sorted, and the sum of the changes at smaller values
+    keys: tuple[int, ...]
+    below: tuple[int, ...]
+    total: int
+
+    @classmethod
+    def build(cls, base: _Axis, changes: Mapping[int, int]) -> _Changed:
+        keys = sorted(k for k, d in changes.items() if d)
+        below, acc = [], 0
+        for k in keys:
+            below.append(acc)
+            acc += changes[k]
+        return cls(base, tuple(keys), tuple(below), base.total + acc)
+
+    def changes(self) -> dict[int, int]:
+        if not self.keys:
+            return {}
+        ends = (*self.below[1:], self.total - self.base.total)
+        return {k: hi - lo for k, lo, hi in zip(self.keys, self.below, ends, strict=True)}
+
+    def strictly_below(self, value: int) -> int:
+        i = bisect.bisect_left(self.keys, value)
+        d = self.below[i] if i < len(self.keys) else self.total - self.base.total
+        # a sketch read before a customer's previous contribution was committed can be
+        # short of the contribution the changes take away: never below nobody
+        return max(0, self.base.strictly_below(value) + d)
+
+
+@dataclass(frozen=True)
 class Population:
     """The merged sketch of every purchasing customer, ready to score against."""
 
     total: int
-    r: _Axis
-    f: _Axis
-    m: _Axis
+    r: _Axis | _Changed
+    f: _Axis | _Changed
+    m: _Axis | _Changed
     digest: str = ""
 
     @classmethod
@@ -172,7 +206,7 @@ class Population:
         Scoring a group against ``population.updated(their deltas)`` counts every
         customer of the group with the values being scored, themselves included, as the
         rule's "fraction of purchasing customers" does; the stored sketch reaches the same
-        counts once the group is committed.
+        counts once the group is committed. The result scores only: it has no digest.
 
         >>> f = {"purchase_days": 2, "monetary_total": 1.0, "recency_days": 0}
         >>> Population.empty().score(f, 10)["rfm"] is None
@@ -183,9 +217,13 @@ class Population:
         """
         if not changes:
             return self
-        axes = {name: getattr(self, name).counts() for name in ("r", "f", "m")}
+        axes: dict[str, dict[int, int]] = {}
+        for name in ("r", "f", "m"):
+            axis = getattr(self, name)
+            axes[name] = axis.changes() if isinstance(axis, _Changed) else {}
         _add(axes, changes)
-        return self._from_axes(axes)
+        r, f, m = (_Changed.build(_base(getattr(self, n)), axes[n]) for n in ("r", "f", "m"))
+        return Population(max(0, f.total), r, f, m)
 
     @classmethod
     def _from_axes(cls, axes: dict[str, dict[int, int]]) -> Population:

@@ -186,29 +186,19 @@ MODEL_SCORES = {"churn": "churn_probability", "purchase_7d": "purchase_propensit
 
 
 def _all_scores(feats: list[dict[str, Any]], xs: Sequence[Mapping[str, float]] | None,
-                ctx: ScoringContext,
-                profiles: Sequence[tuple[str, str, str] | None] | None = None
+                ctx: ScoringContext, population: rfm.Population | None = None
                 ) -> list[dict[str, Any]]:
-    """Every score of every customer, in the order of the score contract; ``profiles``
-    holds each customer's stored sketch contribution, so that RFM ranks the group
-    against the population including the group's current values."""
+    """Every score of every customer, in the order of the score contract; RFM ranks them
+    in ``population`` (default: the context's)."""
     n = len(feats)
     preds = {name: model.predict_many(xs or []) for name, model in ctx.models.items()}
     clusters: Sequence[str | None] = [None] * n
     if ctx.personas is not None:
         clusters = ctx.personas.predict_many(feats)
     clvs = clv_scores_many(ctx.clv, feats)
-    today, population = ctx.today, ctx.population
-    if profiles is not None:
-        # The sketch holds what was committed before this evaluation: without the group's
-        # own new or changed values a first purchase had no score at all against an empty
-        # sketch (every customer of a replay's first batch a Prospect, then held there by
-        # the minimum dwell), and in general was ranked without itself.
-        changes: dict[str, int] = {}
-        for f, old in zip(feats, profiles, strict=True):
-            for fld, d in rfm.deltas(old, rfm.contribution(f, today)).items():
-                changes[fld] = changes.get(fld, 0) + d
-        population = population.updated({k: v for k, v in changes.items() if v})
+    today = ctx.today
+    if population is None:
+        population = ctx.population
     out = []
     for i in range(n):
         scores: dict[str, Any] = population.score(feats[i], today)
@@ -242,11 +232,22 @@ def evaluate(inputs: Sequence[CustomerInput], ctx: ScoringContext) -> list[Outco
     xs: list[dict[str, float]] | None = None
     if ctx.models:
         xs = [labels.model_inputs(f) for f in feats]
-    all_scores = _all_scores(feats, xs, ctx, [c.profile.rfm for c in inputs])
+    # RFM ranks the group among the purchasing customers with the group's own values, as
+    # the stored sketch will count them once this evaluation is committed. Against the
+    # sketch alone a first purchase had no score on a fresh deployment (every customer of
+    # the first batches a Prospect, then held there by the minimum dwell), and in general
+    # a customer was ranked without themselves.
+    contribs = [rfm.contribution(f, ctx.today) for f in feats]
+    changes: dict[str, int] = {}
+    for c, new in zip(inputs, contribs, strict=True):
+        for fld, d in rfm.deltas(c.profile.rfm, new).items():
+            changes[fld] = changes.get(fld, 0) + d
+    population = ctx.population.updated({k: v for k, v in changes.items() if v})
+    all_scores = _all_scores(feats, xs, ctx, population)
     moving, prefiltered = _moving(inputs, feats, all_scores, ctx)
     batch = _Batch.of(ctx, prefiltered)
     return [_evaluate_one(c, feats[i], xs[i] if xs is not None else None, all_scores[i], ctx,
-                          moving[i], batch)
+                          moving[i], batch, contribs[i])
             for i, c in enumerate(inputs)]
 
 
@@ -335,11 +336,10 @@ class _NbaTrack:
 
 def _evaluate_one(c: CustomerInput, f: dict[str, Any], x: dict[str, float] | None,
                   scores: dict[str, Any], ctx: ScoringContext, moving: set[str],
-                  batch: _Batch) -> Outcome:
+                  batch: _Batch, contrib: tuple[str, str, str] | None) -> Outcome:
     profile = c.profile
     o = Outcome(c.customer_id, profile, False, f, scores)
     # population sketch
-    contrib = rfm.contribution(f, ctx.today)
     for fld, d in rfm.deltas(profile.rfm, contrib).items():
         o.add(RFM_HASH, fld, d)
     label_doc = _labels(c, f, x, profile.labels, o, ctx)

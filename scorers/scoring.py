@@ -177,7 +177,9 @@ def clv_scores_many(model: ClvModel | None, feats: Sequence[Mapping[str, Any]]
         o = out[i]
         o["p_alive"] = alive[k]
         o["expected_purchases_90d"] = expected[k]
-        o["clv_90d"] = expected[k] * spend[k] if spend is not None else None
+        # no value where the Gamma-Gamma model gives no finite expectation (NaN)
+        o["clv_90d"] = (expected[k] * spend[k]
+                        if spend is not None and spend[k] == spend[k] else None)
     return out
 
 

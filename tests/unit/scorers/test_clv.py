@@ -57,3 +57,25 @@ def test_gamma_gamma_matches_lifetimes(summary) -> None:
         clv.expected_spend(params, rep["frequency"], rep["monetary_value"]),
         gg.conditional_expected_average_profit(rep["frequency"], rep["monetary_value"]),
         rtol=1e-6)
+
+
+def test_no_clv_where_gamma_gamma_has_no_finite_expectation() -> None:
+    """With q <= 1 the population mean spend p v / (q - 1) is not finite (a refit on
+    skewed data found q = 0.16: clv_90d of -2.7e12 for customers without repeats), and the
+    model has no spend for a repeat customer whose refunds outweigh their purchases."""
+    from scorers.scoring import ClvModel, clv_scores_many
+
+    bg = clv.BgNbdParams(r=0.243, alpha=4.414, a=0.793, b=2.426)
+    feats = [{"bgnbd_frequency": x, "bgnbd_recency": 30.0, "bgnbd_T": 60.0, "bgnbd_monetary": m}
+             for x, m in ((0, 0.0), (3, 40.0), (2, -5.0), (2, 0.0))]
+    for q, want in ((0.16, [False, True, False, False]), (3.74, [True, True, False, False])):
+        model = ClvModel(bg, clv.GammaGammaParams(p=6.25, q=q, v=15.44), 1)
+        got = clv_scores_many(model, feats)
+        assert [g["clv_90d"] is not None for g in got] == want, q
+        for g, f in zip(got, feats, strict=True):
+            assert g["expected_purchases_90d"] is not None  # BG/NBD stays defined
+            if g["clv_90d"] is not None:
+                x, m = f["bgnbd_frequency"], f["bgnbd_monetary"]
+                spend = (6.25 * 15.44 + 6.25 * x * m) / (6.25 * x + q - 1)  # the paper's form
+                assert g["clv_90d"] == pytest.approx(g["expected_purchases_90d"] * spend)
+                assert g["clv_90d"] > 0

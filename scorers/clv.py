@@ -145,8 +145,8 @@ def expected_spend(params: GammaGammaParams, x: ArrayLike, m: ArrayLike) -> Any:
 
     NaN where the model gives no finite positive expectation: the population mean
     ``p v / (q - 1)`` exists only for ``q > 1``, a customer's posterior mean only for
-    ``p x + q > 1``, and the model describes positive spends only, so a repeat customer
-    whose refunds outweigh their purchases (``m <= 0``) has none either.
+    ``p x + q > 1``, and the model describes spends, so a repeat customer whose refunds
+    outweigh their purchases (``m < 0``) has none either.
 
     >>> expected_spend(GammaGammaParams(p=6.25, q=0.5, v=15.44), [0, 3, 2], [0.0, 40.0, -5.0])
     array([        nan, 46.38356164,         nan])
@@ -156,5 +156,5 @@ def expected_spend(params: GammaGammaParams, x: ArrayLike, m: ArrayLike) -> Any:
     with np.errstate(divide="ignore", invalid="ignore"):
         population = p * v / (q - 1) if q > 1 else np.nan
         individual = (p * v + p * x * m) / (p * x + q - 1)
-    out = np.where(x > 0, np.where((p * x + q > 1) & (m > 0), individual, np.nan), population)
+    out = np.where(x > 0, np.where((p * x + q > 1) & (m >= 0), individual, np.nan), population)
     return out if out.ndim else float(out)

@@ -68,7 +68,8 @@ def test_no_clv_where_gamma_gamma_has_no_finite_expectation() -> None:
     bg = clv.BgNbdParams(r=0.243, alpha=4.414, a=0.793, b=2.426)
     feats = [{"bgnbd_frequency": x, "bgnbd_recency": 30.0, "bgnbd_T": 60.0, "bgnbd_monetary": m}
              for x, m in ((0, 0.0), (3, 40.0), (2, -5.0), (2, 0.0))]
-    for q, want in ((0.16, [False, True, False, False]), (3.74, [True, True, False, False])):
+    # zero spends (CDNOW has some) keep a value: p v / (p x + q - 1)
+    for q, want in ((0.16, [False, True, False, True]), (3.74, [True, True, False, True])):
         model = ClvModel(bg, clv.GammaGammaParams(p=6.25, q=q, v=15.44), 1)
         got = clv_scores_many(model, feats)
         assert [g["clv_90d"] is not None for g in got] == want, q
@@ -79,3 +80,4 @@ def test_no_clv_where_gamma_gamma_has_no_finite_expectation() -> None:
                 spend = (6.25 * 15.44 + 6.25 * x * m) / (6.25 * x + q - 1)  # the paper's form
                 assert g["clv_90d"] == pytest.approx(g["expected_purchases_90d"] * spend)
                 assert g["clv_90d"] > 0
+    assert clv_scores_many(ClvModel(bg, None, 1), feats)[2]["clv_90d"] is None  # no fit yet

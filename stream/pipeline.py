@@ -45,6 +45,11 @@ T = TypeVar("T")
 MAX_COMMIT_ATTEMPTS = 50
 #: Recent migrations kept in Redis for the API (``GET /migrations``).
 MIGRATION_LOG_MAXLEN = 10_000
+#: Most bytes of an input record's key kept by its dead letter (as the record's Kafka key
+#: and in its ``key`` field). A rejected record's key can be as large as the input topic
+#: allows; copied whole, a dead letter with it could exceed what the producer or the DLQ
+#: topic accepts, and that one record would block its partition's outbox for good.
+DLQ_KEY_BYTES = 512
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +143,15 @@ def unpack_outbox(blob: bytes) -> OutboxRecord:
 def outbox_order(blob: bytes) -> tuple[int, int]:
     """The ``order`` an outbox record was encoded with ((0, 0) for older records)."""
     return unpack_outbox(blob).order
+
+
+def dlq_key(key: bytes | None) -> bytes | None:
+    """The Kafka key of a dead letter: the input record's key, cut to :data:`DLQ_KEY_BYTES`.
+
+    >>> dlq_key(b"c1"), len(dlq_key(b"k" * 2_000_000)), dlq_key(None)
+    (b'c1', 512, None)
+    """
+    return key if key is None or len(key) <= DLQ_KEY_BYTES else key[:DLQ_KEY_BYTES]
 
 
 def settled_ms(high_ts: Mapping[str, int], lateness_ms: int) -> int:
@@ -264,7 +278,7 @@ class BatchProcessor:
             payload, encoding = base64.b64encode(cut).decode("ascii"), "base64"
         key = None
         if rec.key is not None:
-            key = rec.key[:512].decode("utf-8", errors="replace")
+            key = rec.key[:DLQ_KEY_BYTES].decode("utf-8", errors="replace")
         return orjson.dumps({
             "source_topic": rec.topic,
             "partition": rec.partition,
@@ -455,7 +469,7 @@ class BatchProcessor:
                                 "newest event of its topic-partition")
             if isinstance(res, Rejection):
                 acc.outbox[f"dlq:{rec.topic}:{rec.offset}"] = encode_outbox(
-                    self.settings.dlq_topic, rec.key, self.dead_letter(rec, res),
+                    self.settings.dlq_topic, dlq_key(rec.key), self.dead_letter(rec, res),
                     order=(snap.ver, len(acc.outbox)))
                 local.dead(res.reason)
                 continue
@@ -469,7 +483,7 @@ class BatchProcessor:
                     exc: BaseException, local: BatchStats) -> None:
         for rec, _ in pairs:
             commit.outbox[f"dlq:{rec.topic}:{rec.offset}"] = encode_outbox(
-                self.settings.dlq_topic, rec.key,
+                self.settings.dlq_topic, dlq_key(rec.key),
                 self.dead_letter(rec, Rejection("processing_error", repr(exc))),
                 order=(commit.expected_ver, len(commit.outbox)))
             local.dead("processing_error")

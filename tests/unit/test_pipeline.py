@@ -201,3 +201,16 @@ def test_a_fenced_attempt_reports_its_stages_again() -> None:
     stats = run(p, [rec(0, tx(0, "c1", T0))])
     assert stats.conflicts == 1
     assert seen.count("decode") == 1 and seen.count("load") == 2 and seen.count("commit") == 2
+
+
+def test_dlq_record_key_is_cut_so_a_huge_key_cannot_block_the_outbox() -> None:
+    # A rejected record's key can be as large as the input topic allows (megabytes); its
+    # dead letter used it whole as its Kafka key, over the producer's request limit.
+    from stream.pipeline import DLQ_KEY_BYTES
+
+    p, store, sink = make()
+    run(p, [rec(0, b"not json", key=b"k" * 2_000_000), rec(1, tx(1, "c1", T0))])
+    [(_, key, value)] = [r for r in sink.sent if r[0] == p.settings.dlq_topic]
+    assert key == b"k" * DLQ_KEY_BYTES
+    assert orjson.loads(value)["key"] == "k" * DLQ_KEY_BYTES
+    assert purchases(store) == 1

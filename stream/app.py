@@ -298,19 +298,74 @@ def watch_gc(observe: Callable[[int, float], None]) -> Callable[[str, dict[str, 
     return on_gc
 
 
-class FaustPublisher:
-    """Publishes outbox records with the app's producer and waits for every ack."""
+#: The longest one record's send may wait to be queued (for its topic's metadata or for
+#: room in the producer's buffer) before the publish fails and its records stay in the
+#: outbox. The producer's own limit is Faust's request timeout, 20 minutes, which every
+#: batch waited out while an output topic was missing.
+PUBLISH_QUEUE_TIMEOUT_S = 15.0
+#: Least time between two attempts of a worker to recreate missing output topics.
+RECREATE_TOPICS_EVERY_S = 10.0
 
-    def __init__(self, app: faust.App) -> None:
+
+class FaustPublisher:
+    """Publishes outbox records with the app's producer and waits for every ack.
+
+    A record that cannot even be queued within :data:`PUBLISH_QUEUE_TIMEOUT_S` fails the
+    publish (the records stay in the outbox for the next flush), and the worker then
+    creates any of the engine's topics that are missing: an output topic deleted while the
+    worker ran (the dead-letter topic, say) held every batch of every partition behind a
+    publish that waited for its metadata for 20 minutes, and then again.
+    """
+
+    def __init__(self, app: faust.App, settings: Settings | None = None,
+                 queue_timeout_s: float = PUBLISH_QUEUE_TIMEOUT_S,
+                 recreate: Callable[[Settings], None] | None = None) -> None:
         self.app = app
+        self.settings = settings
+        self.queue_timeout_s = queue_timeout_s
+        self._recreate = recreate
+        self._recreated_at = -RECREATE_TOPICS_EVERY_S
 
     async def publish(self, records: Sequence[tuple[str, bytes | None, bytes]]) -> None:
         producer = self.app.producer
-        futures = [
-            await producer.send(topic, key, value, None, None, None)
-            for topic, key, value in records
-        ]
+        futures = []
+        try:
+            for topic, key, value in records:
+                futures.append(await asyncio.wait_for(
+                    producer.send(topic, key, value, None, None, None), self.queue_timeout_s))
+        except Exception as exc:
+            for f in futures:  # queued already: delivered or not, nobody waits for them
+                f.add_done_callback(_ignore_outcome)
+            failed = topic
+            if isinstance(exc, TimeoutError):
+                exc = TimeoutError(f"record for {failed} not queued within "
+                                   f"{self.queue_timeout_s:g}s")
+            await self._recreate_missing_topics(failed)
+            raise exc from None
         await asyncio.gather(*futures)
+
+    async def _recreate_missing_topics(self, topic: str) -> None:
+        if self.settings is None:
+            return
+        now = time.monotonic()
+        if now - self._recreated_at < RECREATE_TOPICS_EVERY_S:
+            return
+        self._recreated_at = now
+        recreate = self._recreate
+        if recreate is None:
+            from stream.kafka import ensure_topics as recreate
+        try:
+            await asyncio.to_thread(recreate, self.settings)
+        except Exception as exc:
+            log.warning("publishing to %s failed; creating missing topics failed too: %r",
+                        topic, exc)
+        else:
+            log.warning("publishing to %s failed; the engine's missing topics were created", topic)
+
+
+def _ignore_outcome(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()
 
 
 def _broker_credentials(settings: Settings) -> Any:
@@ -414,7 +469,8 @@ class Engine:
             self.redis = redis_client(self.settings)
             self.store = RedisFeatureStore(self.redis, self.settings.redis_prefix)
             self.runtime = ScoringRuntime(self.settings, self.redis, self.store)
-            self.processor = BatchProcessor(self.settings, self.store, FaustPublisher(self.app),
+            self.processor = BatchProcessor(self.settings, self.store,
+                                            FaustPublisher(self.app, self.settings),
                                             scoring=self.runtime,
                                             background_publish=self.settings.publish_in_background)
             self.sweeper = Sweeper(self.processor, self.runtime, self.store, self.lock,

@@ -7,7 +7,7 @@ import contextlib
 import gc
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -174,6 +174,55 @@ class _Consumer(EagerDelivery, fa.Consumer):
                           why, sum(len(dropped[tp]) for tp, _ in done),
                           ", ".join(f"{tp.topic}[{tp.partition}]@{o}" for tp, o in done))
 
+    async def perform_seek(self) -> None:
+        """Faust's seek to the committed offsets, then back to where the state store's
+        watermarks say the engine's state ends, where that is earlier.
+
+        The state store's watermark is the engine's real commit; Kafka's committed offset
+        only follows it. A store that lost recent writes (a Redis restored from an older
+        AOF or snapshot, a failover to a lagging replica, a server restarted empty) has
+        watermarks behind Kafka's offsets, and the events in between were never applied to
+        what it now holds: resuming at Kafka's offsets lost them for good. Reading them
+        again is safe, as every record at or below a watermark is skipped.
+        """
+        await super().perform_seek()
+        stored = getattr(self.app, "stored_positions", None)
+        inbox = self.inbox
+        if stored is None or inbox is None:
+            return
+        try:
+            positions = await stored()
+        except Exception as exc:
+            self.log.warning("could not compare the state store's watermarks with the "
+                             "committed offsets: %r", exc)
+            return
+        back: dict[Any, int] = {}
+        for tp in self.assignment():
+            if tp.topic not in inbox.topics:
+                continue
+            nxt = positions.get((tp.topic, tp.partition))
+            committed = self._committed_offset.get(tp)
+            if nxt is not None and committed is not None and nxt < committed:
+                back[tp] = nxt
+        if not back:
+            return
+        thread = self._thread
+
+        async def seek() -> None:
+            consumer = thread._ensure_consumer()
+            for tp, offset in back.items():
+                consumer.seek(TopicPartition(tp.topic, tp.partition), offset)
+
+        await thread.call_thread(seek)
+        for tp, offset in back.items():
+            self._read_offset[tp] = offset or None
+            inbox.forget_position(tp)
+        self.log.warning(
+            "the state store holds less than Kafka's committed offsets cover (it lost "
+            "writes): reading again from %s",
+            ", ".join(f"{tp.topic}[{tp.partition}]@{o} (committed {self._committed_offset[tp]})"
+                      for tp, o in sorted(back.items())))
+
     def _new_consumer_thread(self) -> fa.AIOKafkaConsumerThread:
         return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
@@ -203,6 +252,9 @@ class LeanApp(faust.App):
 
     #: set before the worker starts: its consumer puts input records there (:mod:`stream.inbox`)
     inbox: Inbox | None = None
+    #: set before the worker starts: per input (topic, partition) the offset after the
+    #: state store's watermark (the consumer seeks back there after a rebalance)
+    stored_positions: Callable[[], Awaitable[dict[tuple[str, int], int]]] | None = None
 
     def __init__(self, *args: Any, fetch_max_wait_ms: int | None = None,
                  **kwargs: Any) -> None:
@@ -445,6 +497,7 @@ class Engine:
         self.inbox = Inbox(settings.input_topics, stream_buffering(settings)[
             "stream_buffer_maxsize"], self._ack_range)
         self.app.inbox = self.inbox
+        self.app.stored_positions = self._stored_positions
         self.app.agent(self.source, name="ingest", concurrency=1)(self._ingest)
         self.app.timer(OUTBOX_FLUSH_INTERVAL_S)(self._flush_outbox)
         self.app.on_partitions_assigned.connect(self._on_partitions_assigned)
@@ -479,6 +532,14 @@ class Engine:
             self.processor.on_redis = self.backend.on_redis
             self.processor.on_stage = self.metrics.observe_stage
         return self.processor
+
+    async def _stored_positions(self) -> dict[tuple[str, int], int]:
+        """Per input (topic, partition), the offset after the state store's watermark."""
+        self.ensure()
+        assert self.store is not None
+        wms = await self.store.watermarks(self.settings.partitions,
+                                          list(self.settings.input_topics))
+        return {k: v + 1 for k, v in wms.items()}
 
     def _ack_range(self, tp: Any, first: int, last: int) -> None:
         self.app.consumer.ack_range(tp, first, last)

@@ -381,10 +381,13 @@ class FaustPublisher:
     async def publish(self, records: Sequence[tuple[str, bytes | None, bytes]]) -> None:
         producer = self.app.producer
         futures = []
+        loop = asyncio.get_running_loop()
         try:
-            for topic, key, value in records:
-                futures.append(await asyncio.wait_for(
-                    producer.send(topic, key, value, None, None, None), self.queue_timeout_s))
+            # one deadline moved forward per record: no task per send on the hot path
+            async with asyncio.timeout(None) as deadline:
+                for topic, key, value in records:
+                    deadline.reschedule(loop.time() + self.queue_timeout_s)
+                    futures.append(await producer.send(topic, key, value, None, None, None))
         except Exception as exc:
             for f in futures:  # queued already: delivered or not, nobody waits for them
                 f.add_done_callback(_ignore_outcome)

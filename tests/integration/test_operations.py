@@ -566,8 +566,18 @@ def test_scheduled_refit_and_promotion_fill_the_registry(live: Live) -> None:
     assert not unscored, f"no churn probability for {unscored}"
     purchasers = [d for d in docs if d["features"].get("purchases_total")]
     assert purchasers, "no purchasing customer in the sample"
+    q = clv["gamma_gamma"]["q"]
+    valued = 0
     for d in purchasers:
-        assert d["scores"]["clv_90d"] is not None and d["scores"]["p_alive"] is not None, d
+        f, sc = d["features"], d["scores"]
+        assert sc["p_alive"] is not None and sc["expected_purchases_90d"] is not None, d
+        # Gamma-Gamma has no finite expected spend without repeats when q <= 1, nor for a
+        # repeat customer whose refunds outweigh the purchases (README, Scores)
+        undefined = (f["bgnbd_frequency"] == 0 and q <= 1) or (
+            f["bgnbd_frequency"] > 0 and f["bgnbd_monetary"] < 0)
+        assert (sc["clv_90d"] is None) == undefined, (q, d)
+        valued += sc["clv_90d"] is not None
+    assert valued > 0, f"no purchaser with a CLV (q = {q})"
 
 
 def test_model_versions_survive_kill9(live: Live) -> None:

@@ -240,16 +240,17 @@ def evaluate(inputs: Sequence[CustomerInput], ctx: ScoringContext) -> list[Outco
     # the first batches a Prospect, then held there by the minimum dwell), and in general
     # a customer was ranked without themselves.
     contribs = [rfm.contribution(f, ctx.today) for f in feats]
+    moves = [rfm.deltas(c.profile.rfm, new) for c, new in zip(inputs, contribs, strict=True)]
     changes: dict[str, int] = {}
-    for c, new in zip(inputs, contribs, strict=True):
-        for fld, d in rfm.deltas(c.profile.rfm, new).items():
+    for move in moves:
+        for fld, d in move.items():
             changes[fld] = changes.get(fld, 0) + d
     population = ctx.population.updated({k: v for k, v in changes.items() if v})
     all_scores = _all_scores(feats, xs, ctx, population)
     moving, prefiltered = _moving(inputs, feats, all_scores, ctx)
     batch = _Batch.of(ctx, prefiltered)
     return [_evaluate_one(c, feats[i], xs[i] if xs is not None else None, all_scores[i], ctx,
-                          moving[i], batch, contribs[i])
+                          moving[i], batch, contribs[i], moves[i])
             for i, c in enumerate(inputs)]
 
 
@@ -338,11 +339,12 @@ class _NbaTrack:
 
 def _evaluate_one(c: CustomerInput, f: dict[str, Any], x: dict[str, float] | None,
                   scores: dict[str, Any], ctx: ScoringContext, moving: set[str],
-                  batch: _Batch, contrib: tuple[str, str, str] | None) -> Outcome:
+                  batch: _Batch, contrib: tuple[str, str, str] | None,
+                  move: Mapping[str, int]) -> Outcome:
     profile = c.profile
     o = Outcome(c.customer_id, profile, False, f, scores)
-    # population sketch
-    for fld, d in rfm.deltas(profile.rfm, contrib).items():
+    # population sketch: ``move`` replaces the stored contribution by ``contrib``
+    for fld, d in move.items():
         o.add(RFM_HASH, fld, d)
     label_doc = _labels(c, f, x, profile.labels, o, ctx)
     nba_track = _NbaTrack(profile.nba)

@@ -24,9 +24,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 #: histogram families read, without the ``segstream_`` prefix
 FAMILIES = ("batch_wait_seconds", "batch_seconds", "batch_size")
-#: read when the worker has them: garbage-collection pauses (summed over generations) and
-#: the stages of a batch (one histogram per stage, as ``batch_stage_seconds:<stage>``)
-OPTIONAL = ("gc_pause_seconds", "batch_stage_seconds")
+#: read when the worker has them: garbage-collection pauses (summed over generations),
+#: the stages of a batch (one histogram per stage, as ``batch_stage_seconds:<stage>``), the
+#: timer-sweep steps, and the customers they re-evaluated (a counter: its value in ``sum``)
+OPTIONAL = ("gc_pause_seconds", "batch_stage_seconds", "sweep_step_seconds", "sweep_customers")
 STAGES = ("decode", "refresh", "load", "evaluate", "publish_wait", "commit", "publish")
 
 def histogram_quantile(q: float, buckets: Sequence[tuple[float, float]]) -> float | None:
@@ -72,7 +73,7 @@ def parse(text: str, prefix: str = "segstream_") -> dict[str, dict[str, Any]]:
             if s.name.endswith("_bucket"):
                 le = float(s.labels["le"])
                 buckets[le] = buckets.get(le, 0.0) + float(s.value)
-            elif s.name.endswith("_sum"):
+            elif s.name.endswith(("_sum", "_total")):
                 h["sum"] += float(s.value)
             elif s.name.endswith("_count"):
                 h["count"] += float(s.value)
@@ -86,6 +87,21 @@ def parse(text: str, prefix: str = "segstream_") -> dict[str, dict[str, Any]]:
         if name == "gc_pause_seconds" and not found:
             out[name] = {"buckets": [], "sum": 0.0, "count": 0.0, "full": 0.0}
     return out
+
+
+def _sweeps(before: dict[str, dict[str, Any]] | None, after: dict[str, dict[str, Any]]
+            ) -> dict[str, Any] | None:
+    """The timer-sweep steps between two scrapes: how many, the customers they
+    re-evaluated, and how long they held the worker (total and p99 of a step, in ms)."""
+    if "sweep_step_seconds" not in after:
+        return None
+    h = _delta((before or {}).get("sweep_step_seconds"), after["sweep_step_seconds"])
+    customers = after.get("sweep_customers", {}).get("sum", 0.0) - (
+        (before or {}).get("sweep_customers", {}).get("sum", 0.0))
+    top = histogram_quantile(0.99, h["buckets"])
+    return {"steps": round(h["count"]), "customers": round(customers),
+            "held_ms_total": round(h["sum"] * 1000, 1),
+            "step_p99_ms": None if top is None else round(top * 1000, 1)}
 
 
 def scrape(url: str, token: str | None = None, timeout: float = 5.0
@@ -153,4 +169,7 @@ def summary(before: dict[str, dict[str, Any]] | None, after: dict[str, dict[str,
         out["gc"] = {"collections": round(gc["count"]), "full_collections": round(gc["full"]),
                      "pause_ms_total": round(gc["sum"] * 1000, 1),
                      "pause_p99_ms": None if top is None else round(top * 1000, 2)}
+    sweeps = _sweeps(before, after)
+    if sweeps is not None:
+        out["sweeps"] = sweeps
     return out

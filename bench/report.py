@@ -83,6 +83,12 @@ def table(doc: dict[str, Any]) -> Table:
                              f"{gc['collections']:,} ({gc['full_collections']:,}), "
                              f"{gc['pause_ms_total']:,.1f} ms in all, p99 "
                              f"{_n(gc['pause_p99_ms'], '.2f')} ms"))
+            sw = w.get("sweeps")
+            if sw:
+                rows.append((f"  {name}: timer sweeps (steps; customers)",
+                             f"{sw['steps']:,}; {sw['customers']:,}; held the worker "
+                             f"{sw['held_ms_total']:,.1f} ms in all, step p99 "
+                             f"{_n(sw['step_p99_ms'], '.1f')} ms"))
     red = doc["redis"]
     rows += [
         ("Redis round trips / event (client side)", _n(doc["redis_roundtrips_per_event"], ".4f")),

@@ -129,9 +129,12 @@ def _ids(state: CustomerState, event: Event) -> dict[int, int]:
     return state.txn_ids if isinstance(event, TransactionEvent) else state.seen_ids
 
 
-def is_duplicate(state: CustomerState, event: Event) -> bool:
-    """Whether this event id was already applied to the state."""
-    return id_hash(event.event_id) in _ids(state, event)
+def is_duplicate(state: CustomerState, event: Event,
+                 lateness_ms: int = DEFAULT_LATENESS_MS) -> bool:
+    """Whether this event id was already applied to the state (within the lateness of
+    its first timestamp; an id reused later is a new event)."""
+    first = _ids(state, event).get(id_hash(event.event_id))
+    return first is not None and event.ts_ms - first <= lateness_ms
 
 
 def apply(
@@ -162,9 +165,13 @@ def apply_owned(
 def _apply_in_place(s: CustomerState, event: Event, lateness_ms: int) -> None:
     h = id_hash(event.event_id)
     ids = _ids(s, event)
-    if h in ids:
-        return
     ts = event.ts_ms
+    first = ids.get(h)
+    # A duplicate is an id seen within the allowed lateness of its first timestamp; an id
+    # reused later is a new event. Judged on the timestamps alone, not on whether pruning
+    # (which runs once per batch) already forgot the id, so the batching does not matter.
+    if first is not None and ts - first <= lateness_ms:
+        return
     ids[h] = ts
     if ts > s.max_ts:
         s.max_ts = ts

@@ -41,12 +41,18 @@ class Profile:
     #: moves with the same cause and segments (a flip back and forth at one engine time)
     #: still get distinct ids, while a redelivery recomputes the same one
     migrations: int = 0
+    #: what the last evaluation used besides the customer's own state and the population
+    #: (``ScoringContext.context_key``; "" unknown), and the RFM score it ranked the customer
+    #: at: a timer sweep skips a customer for whom both are still current
+    context: str = ""
+    rfm_score: str | None = None
 
     def to_bytes(self) -> bytes:
+        # Fields added later go last, so that an older reader ignores them.
         return packb(
             [_FORMAT, {k: list(v) for k, v in self.segments.items()},
              list(self.rfm) if self.rfm else None, self.labels, self.nba,
-             [list(h) for h in self.history], self.migrations],
+             [list(h) for h in self.history], self.migrations, self.context, self.rfm_score],
         )
 
     @classmethod
@@ -64,6 +70,8 @@ class Profile:
             nba=nba or {},
             history=tuple(tuple(h) for h in hist),
             migrations=int(rest[0]) if rest else len(hist),
+            context=str(rest[1]) if len(rest) > 1 and rest[1] else "",
+            rfm_score=str(rest[2]) if len(rest) > 2 and rest[2] else None,
         )
 
     def with_migration(self, entry: tuple[Any, ...]) -> Profile:

@@ -240,6 +240,23 @@ class Population:
     def empty(cls) -> Population:
         return cls.from_hashes([])
 
+    def rank_of(self, contrib: tuple[str, str, str] | None) -> str | None:
+        """The ``rfm`` score of a customer whose sketch fields are ``contrib`` (as from
+        :func:`contribution`): the same as :meth:`score` of the features they came from.
+
+        >>> pop = Population.from_hashes([{"r:10": 1, "f:1": 1, "m:1": 1},
+        ...                               {"r:12": 1, "f:3": 1, "m:9": 1}])
+        >>> f = {"purchase_days": 3, "monetary_total": 80.0, "recency_days": 0}
+        >>> pop.rank_of(contribution(f, 12)) == pop.score(f, 12)["rfm"], pop.rank_of(None)
+        (True, None)
+        """
+        if contrib is None or self.total <= 0:
+            return None
+        r, f, m = (int(fld.partition(":")[2]) for fld in contrib)
+        return (f"{rank_score(self.r.strictly_below(r), self.total)}"
+                f"{rank_score(self.f.strictly_below(f), self.total)}"
+                f"{rank_score(self.m.strictly_below(m), self.total)}")
+
     def score(self, features: Mapping[str, Any], today: int) -> dict[str, Any]:
         """``rfm_r``, ``rfm_f``, ``rfm_m`` and ``rfm`` of one customer (None if no purchase)."""
         days = features.get("purchase_days") or 0

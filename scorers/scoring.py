@@ -73,6 +73,10 @@ class ScoringContext:
     #: engine time behind which no event of these customers can still be accepted late
     #: (lateness is judged per input partition); defaults to ``now_ms - lateness_ms``
     settled_ms: int | None = None
+    #: identifies every input of an evaluation but the customer's own state, the population
+    #: sketch and the time of day (""; unknown): the scoring process, engine day, rules,
+    #: actions and model versions. Kept in each evaluated profile (see :func:`is_current`).
+    context_key: str = ""
 
     @property
     def today(self) -> int:
@@ -355,13 +359,46 @@ def _evaluate_one(c: CustomerInput, f: dict[str, Any], x: dict[str, float] | Non
         segments, history = _segments(c, f, scores, segments, history, nba_track, o, ctx,
                                       moving, batch)
     nba_doc = nba_track.doc()
+    rfm_score = scores.get("rfm")
     if (segments is profile.segments and label_doc is profile.labels
-            and nba_doc is profile.nba and history is profile.history and contrib == profile.rfm):
+            and nba_doc is profile.nba and history is profile.history and contrib == profile.rfm
+            and profile.context == ctx.context_key and profile.rfm_score == rfm_score):
         return o  # nothing changed: skip building and comparing a new profile
     o.profile = replace(profile, segments=segments, rfm=contrib, labels=label_doc, nba=nba_doc,
-                        history=history, migrations=profile.migrations + len(o.migrations))
+                        history=history, migrations=profile.migrations + len(o.migrations),
+                        context=ctx.context_key, rfm_score=rfm_score)
     o.changed = o.profile != profile
     return o
+
+
+def is_current(profile: Profile, ctx: ScoringContext,
+               population: rfm.Population | None = None) -> bool:
+    """Whether the customer's last evaluation had the inputs an evaluation in ``ctx`` would
+    have, as far as a timer sweep is concerned: the same context key (rules, actions,
+    models, engine day, scoring process) and the same RFM score, ranked in ``population``
+    (default: the context's) from the sketch fields the customer last contributed. A
+    sweep passes over such a customer: re-evaluating them would decide the same.
+
+    The key pins the engine day, and features change only from day to day; within a day
+    the minimum dwell is what can still free a customer to move, so a customer whose
+    dwell in a segment ends today, by ``ctx.now_ms``, is not current. (Label observations
+    and action windows coming due within the day wait for the customer's next
+    evaluation, at the latest the next day's sweep.)
+    """
+    if not ctx.context_key or profile.context != ctx.context_key:
+        return False
+    pop = ctx.population if population is None else population
+    if pop.rank_of(profile.rfm) != profile.rfm_score:
+        return False
+    if ctx.catalogue is not None and profile.segments:
+        day_start = ctx.now_ms - ctx.now_ms % MS_PER_DAY
+        schemes = ctx.catalogue.schemes
+        for name, (_seg, since) in profile.segments.items():
+            scheme = schemes.get(name)
+            if scheme is not None and scheme.min_dwell_ms > 0 and (
+                    day_start <= since + scheme.min_dwell_ms <= ctx.now_ms):
+                return False
+    return True
 
 
 def _by_time(e: Event) -> int:

@@ -534,6 +534,7 @@ class Engine:
             self.processor.on_published = self.backend.on_published
             self.processor.on_redis = self.backend.on_redis
             self.processor.on_stage = self.metrics.observe_stage
+            self.sweeper.on_step = self.metrics.observe_sweep_step
         return self.processor
 
     async def _stored_positions(self) -> dict[tuple[str, int], int]:
@@ -682,8 +683,9 @@ class Engine:
             due = await sweeper.due(self.owned_partitions())
             if due:
                 stats = await sweeper.run_pass(due)
-                log.info("sweep: %d customers, %d migrations, %.1fs", stats.customers,
-                         stats.migrations, stats.seconds)
+                log.info("sweep: %d customers, %d current ones passed over, %d migrations, "
+                         "%.1fs", stats.customers, stats.skipped, stats.migrations,
+                         stats.seconds)
         except Exception as exc:
             log.warning("sweep failed: %r", exc)
 

@@ -79,6 +79,10 @@ _FAMILIES: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
     ("histogram", "gc_pause_seconds",
      "Seconds each garbage collection held the worker's process, by the oldest generation "
      "it collected (0 young ... 2 full).", ("generation",)),
+    ("histogram", "sweep_step_seconds",
+     "Seconds each timer-sweep step held the worker (load, evaluate and commit of a chunk "
+     "of customers); batches wait for a step in progress.", ()),
+    ("counter", "sweep_customers", "Customers re-evaluated by timer sweeps.", ()),
     ("counter", "commit_conflicts",
      "Partition commits refused by the version fence (another owner moved on).", ()),
     ("histogram", "migration_latency_seconds",
@@ -145,6 +149,7 @@ class EngineMetrics:
             "event_loop_lag_seconds": LOOP_LAG_BUCKETS,
             "gc_pause_seconds": GC_BUCKETS,
             "batch_stage_seconds": STAGE_BUCKETS,
+            "sweep_step_seconds": STAGE_BUCKETS,
             "migration_latency_seconds": LATENCY_BUCKETS,
             "redis_roundtrip_seconds": REDIS_BUCKETS,
         }
@@ -195,6 +200,12 @@ class EngineMetrics:
     def observe_stage(self, stage: str, seconds: float) -> None:
         """Record one stage of a micro-batch (``BatchProcessor.on_stage``)."""
         self._m["batch_stage_seconds"].labels(stage).observe(max(0.0, seconds))
+
+    def observe_sweep_step(self, customers: int, seconds: float) -> None:
+        """Record one timer-sweep step over ``customers`` that held the worker ``seconds``."""
+        self._m["sweep_step_seconds"].observe(max(0.0, seconds))
+        if customers:
+            self._m["sweep_customers"].inc(customers)
 
     def observe_gc(self, generation: int, seconds: float) -> None:
         """Note one garbage collection of ``generation`` that took ``seconds``.

@@ -22,8 +22,8 @@ import msgpack
 import orjson
 
 from features import serial
-from features.events import Event
-from features.state import apply_owned, empty
+from features.events import Event, TransactionEvent, id_hash
+from features.state import CustomerState, apply_owned, empty, is_duplicate
 from features.store import (
     FeatureStore,
     LogAppend,
@@ -169,6 +169,10 @@ class _Accepted:
     watermarks: dict[str, int] = field(default_factory=dict)
     outbox: dict[str, bytes] = field(default_factory=dict)
     per_customer: dict[str, list[tuple[RawRecord, Event]]] = field(default_factory=dict)
+    #: the customers' stored states, decoded once for the duplicate check and reused
+    states: dict[str, CustomerState | None] = field(default_factory=dict)
+    #: ids this batch accepted so far: (customer, is transaction, id hash) -> timestamp
+    batch_ids: dict[tuple[str, bool, int], int] = field(default_factory=dict)
 
 
 class Scoring(Protocol):
@@ -375,9 +379,12 @@ class BatchProcessor:
             settled = (settled_ms(acc.high_ts, ctx.lateness_ms) if ctx is not None else None)
             for cid, pairs in acc.per_customer.items():
                 try:
-                    blob = snap.states.get(cid)
                     # A state decoded here is this batch's own: fold into it, no copy.
-                    state = serial.decode(blob) if blob else empty()
+                    if cid in acc.states:
+                        state = acc.states[cid] or empty()
+                    else:
+                        blob = snap.states.get(cid)
+                        state = serial.decode(blob) if blob else empty()
                     state = apply_owned(state, [e for _, e in pairs], self.settings.lateness_ms)
                     # Encoding fails too for a state no store can hold (a sum past 64 bits).
                     encoded = serial.encode(state)
@@ -473,11 +480,34 @@ class BatchProcessor:
                     order=(snap.ver, len(acc.outbox)))
                 local.dead(res.reason)
                 continue
+            if self._duplicate(snap, acc, res):
+                # applied before (or earlier in this batch): not accepted again, so it
+                # moves neither engine time nor the partition's lateness horizon
+                continue
             acc.now_ms = max(acc.now_ms, res.ts_ms)
             if res.ts_ms > hi:
                 acc.high_ts[rec.topic] = res.ts_ms
             acc.per_customer.setdefault(res.customer_id, []).append((rec, res))
         return acc
+
+    def _duplicate(self, snap: PartitionSnapshot, acc: _Accepted, event: Event) -> bool:
+        cid = event.customer_id
+        if cid not in acc.states:
+            try:
+                blob = snap.states.get(cid)
+                acc.states[cid] = serial.decode(blob) if blob else None
+            except Exception:  # left to phase 2, which dead-letters a poison customer
+                return False
+        state = acc.states[cid]
+        lateness = self.settings.lateness_ms
+        if state is not None and is_duplicate(state, event, lateness):
+            return True
+        key = (cid, isinstance(event, TransactionEvent), id_hash(event.event_id))
+        first = acc.batch_ids.get(key)
+        if first is not None and event.ts_ms - first <= lateness:
+            return True
+        acc.batch_ids[key] = event.ts_ms
+        return False
 
     def _dead_pairs(self, commit: PartitionCommit, pairs: list[tuple[RawRecord, Event]],
                     exc: BaseException, local: BatchStats) -> None:

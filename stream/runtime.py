@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -122,13 +123,21 @@ class ScoringRuntime:
         self._models_at = 0.0
         self.clv: ClvModel | None = None
         self.published_rules = False
+        #: this process' part of every context key: a profile evaluated by another process
+        #: (another worker, or this one before a restart, perhaps with other settings or
+        #: code) is never taken as current
+        self.instance = os.urandom(8).hex()
 
     # -- refreshing --------------------------------------------------------------------
     async def refresh(self, force: bool = False) -> None:
         """Re-read whatever is due; one pipelined round trip at most."""
         t = self.clock()
         self._maybe_reload_rules(t)
-        want_pop = force or t - self._population_at >= self.settings.population_refresh_s
+        # An empty cached sketch is read again at every batch: against it a purchaser whose
+        # RFM fields did not change in this batch (a click, a sweep) got no scores at all
+        # and fell to the never-bought fallback (Prospects) until the next re-read.
+        want_pop = (force or self.population.total <= 0
+                    or t - self._population_at >= self.settings.population_refresh_s)
         want_models = force or t - self._models_at >= MODELS_CHECK_S
         if not (want_pop or want_models or not self.published_rules):
             return
@@ -235,6 +244,8 @@ class ScoringRuntime:
                 "churn_horizon_clicks_ms": int(s.churn_horizon_days * 86_400_000),
                 "churn_horizon_transactions_ms": int(s.churn_horizon_txn_days * 86_400_000),
             } if s.models_enabled else None,
+            context_key=context_key(self.instance, now_ms, self.catalogue, self.actions,
+                                    self.versions, self.clv),
         )
 
     def digest(self, now_ms: int) -> str:
@@ -248,6 +259,20 @@ class ScoringRuntime:
             str(self.clv.version if self.clv else 0),
         ]
         return hashlib.blake2b("|".join(parts).encode(), digest_size=8).hexdigest()
+
+
+def context_key(instance: str, now_ms: int, catalogue: Any, actions: Any,
+                versions: dict[str, int], clv_model: ClvModel | None) -> str:
+    """``ScoringContext.context_key``: the process, engine day, rules, actions and models."""
+    parts = [
+        instance,
+        str(now_ms // 86_400_000),
+        catalogue.version if catalogue is not None else "",
+        actions.version if actions is not None else "",
+        repr(sorted(versions.items())),
+        str(clv_model.version if clv_model else 0),
+    ]
+    return hashlib.blake2b("|".join(parts).encode(), digest_size=8).hexdigest()
 
 
 class StaticScoring:
@@ -268,6 +293,7 @@ class StaticScoring:
         self.clv = clv_model
         self.clock = clock
         self.population = rfm.Population.empty()
+        self.instance = os.urandom(8).hex()
 
     async def refresh(self, force: bool = False) -> None:
         tables = await self.store.read_tables(RFM_HASH, range(self.settings.partitions))
@@ -283,4 +309,7 @@ class StaticScoring:
             population=self.population, catalogue=self.catalogue, actions=self.actions,
             clv=self.clv, models=dict(self.models),
             label_options={"min_gap_days": s.observation_gap_days} if self.models else None,
+            context_key=context_key(
+                self.instance, now_ms, self.catalogue, self.actions,
+                {n: m.version for n, m in self.models.items()}, self.clv),
         )

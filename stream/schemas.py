@@ -7,10 +7,12 @@ for the dead-letter topic.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass
 from datetime import datetime
+from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Annotated, Any, Literal
 
 import orjson
@@ -28,6 +30,9 @@ MAX_NESTING = 8
 # Epoch-ms bounds accepted at all: 1970 .. 2200. Finer checks are event-time ones.
 _TS_MIN, _TS_MAX = 0, 7_258_118_400_000
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:(\d{2})(\.\d+)?([Zz]|[+-]\d{2}:\d{2})\Z",
+                      re.ASCII)
+_RFC3339_LOCAL = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?\Z", re.ASCII)
 
 Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS)]
 
@@ -52,15 +57,24 @@ def parse_ts(value: Any) -> int:
         ms = int(value)
     elif isinstance(value, str):
         text = value.strip()
+        m = _RFC3339.match(text)
+        if m is None:
+            # datetime.fromisoformat also takes ISO 8601 forms RFC 3339 does not have
+            # (basic format, week dates, no seconds, "+0000", a decimal comma)
+            if _RFC3339_LOCAL.match(text):
+                raise ValueError("timestamp has no UTC offset")
+            raise ValueError("timestamp is not RFC 3339")
+        leap = m.group(1) == "60"  # RFC 3339 5.6: a leap second, read as POSIX time does
+        if leap:
+            text = text[:m.start(1)] + "59" + text[m.end(1):]
+        text = text[:10] + "T" + text[11:]
         if text.endswith(("Z", "z")):
             text = text[:-1] + "+00:00"
         try:
             dt = datetime.fromisoformat(text)
         except ValueError:
             raise ValueError("timestamp is not RFC 3339") from None
-        if dt.tzinfo is None:
-            raise ValueError("timestamp has no UTC offset")
-        ms = epoch_ms(dt)
+        ms = epoch_ms(dt) + (1000 - epoch_ms(dt) % 1000 if leap else 0)
     else:
         raise ValueError("timestamp must be RFC 3339 or epoch milliseconds")
     if not _TS_MIN <= ms <= _TS_MAX:
@@ -296,4 +310,22 @@ def decode(kind: str, key: bytes | None, value: bytes | None, max_bytes: int) ->
         key_text = None
     if key_text != event.customer_id:
         return Rejection("key_mismatch", "record key must equal customer_id")
+    if isinstance(event, TransactionEvent) and event.amount_units >= _EXACT_UNITS:
+        event = _exact_amount(event, text)
     return event
+
+
+#: From this many units (1e10 currency units) up a float no longer carries every
+#: 1/10,000 of an amount: the amount is read again from the JSON text, as a decimal.
+_EXACT_UNITS = 10**14
+
+
+def _exact_amount(event: TransactionEvent, text: str) -> TransactionEvent:
+    amount = json.loads(text, parse_float=Decimal).get("amount")
+    if isinstance(amount, bool) or not isinstance(amount, int | Decimal | str):
+        return event
+    try:
+        units = int((Decimal(amount) * 10_000).to_integral_value(ROUND_HALF_EVEN))
+    except (ArithmeticError, ValueError):
+        return event
+    return TransactionEvent(event.event_id, event.customer_id, event.ts_ms, units, event.kind)

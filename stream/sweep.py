@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from features import serial
 from features.store import FeatureStore, PartitionCommit, StoreUnavailable
 from scorers.profile import Profile
-from scorers.scoring import CustomerInput
+from scorers.scoring import RFM_HASH, CustomerInput, ScoringContext, is_current
 from stream.pipeline import BatchProcessor, Scoring, settled_ms
 
 log = logging.getLogger(__name__)
@@ -32,11 +32,15 @@ CHUNK = 200
 #: Customers per sweep step while input keeps arriving: a batch waits for at most one
 #: step, and a step of 200 customers held the event loop for 50-100 ms.
 BUSY_CHUNK = 40
+#: Seconds before a chunk whose commit failed (Redis unreachable) is tried again.
+RETRY_S = 0.5
 
 
 @dataclass
 class SweepStats:
+    #: customers evaluated, and customers passed over as current (see ``is_current``)
     customers: int = 0
+    skipped: int = 0
     migrations: int = 0
     conflicts: int = 0
     seconds: float = 0.0
@@ -57,6 +61,8 @@ class Sweeper:
         self.max_share = max_share
         self.swept: dict[int, str] = {}
         self.last_pass_end = 0.0
+        #: called with (customers evaluated, seconds the lock was held) after each step
+        self.on_step: Callable[[int, float], None] | None = None
 
     def pause_after(self, chunk_s: float) -> float:
         """Seconds to wait after a chunk that took ``chunk_s``, so that while input is
@@ -107,33 +113,73 @@ class Sweeper:
     async def _chunk(self, p: int, ids: list[str], stats: SweepStats) -> None:
         for _attempt in range(20):
             async with self.lock:
-                now, snaps = await self.store.load({p: ids}, self.processor.topics)
-                snap = snaps[p]
-                ctx = dataclasses.replace(self.runtime.context(now), settled_ms=settled_ms(
-                    snap.high_ts, self.processor.settings.lateness_ms))
-                inputs = [
-                    CustomerInput(cid, serial.decode(blob),
-                                  Profile.from_bytes(snap.profiles.get(cid)))
-                    for cid, blob in snap.states.items() if blob is not None
-                ]
-                commit = PartitionCommit(p, snap.ver, {}, snap.now_ms)
-                for _c, outcome in self.processor.score(inputs, ctx):
-                    if isinstance(outcome, Exception):
-                        continue
-                    self.processor.add_outcome(commit, outcome, None)
-                stats.customers += len(inputs)
-                if not (commit.profiles or commit.outbox or commit.increments):
-                    return
+                before, held = stats.customers, time.perf_counter()
                 try:
-                    ok = await self.store.commit([commit])
-                except StoreUnavailable as exc:
-                    self.processor.mark_dirty([p])  # the commit may have been applied
-                    log.warning("sweep commit failed (%s); retrying", exc)
-                    await asyncio.sleep(0.5)
-                    continue
-                if ok.get(p):
-                    stats.migrations += sum(1 for k in commit.outbox if k.startswith("m:"))
-                    await self.processor.flush_outbox([p], {p: commit.outbox})
-                    return
-                stats.conflicts += 1
+                    outcome = await self._step(p, ids, stats)
+                finally:
+                    if self.on_step is not None:
+                        self.on_step(stats.customers - before, time.perf_counter() - held)
+            if outcome == "done":
+                return
+            if outcome == "failed":
+                await self.retry_pause()  # outside the lock: batches go on meanwhile
         log.warning("sweep of partition %d gave up on a chunk after repeated conflicts", p)
+
+    def _evaluate(self, customers: list[tuple[str, bytes, Profile]], ctx: ScoringContext,
+                  commit: PartitionCommit) -> dict[str, int]:
+        """Evaluate ``customers`` into ``commit``; returns their changes to the sketch."""
+        inputs = [CustomerInput(cid, serial.decode(blob), profile)
+                  for cid, blob, profile in customers]
+        changes: dict[str, int] = {}
+        for _c, outcome in self.processor.score(inputs, ctx):
+            if isinstance(outcome, Exception):
+                continue
+            self.processor.add_outcome(commit, outcome, None)
+            for fld, d in outcome.increments.get(RFM_HASH, {}).items():
+                changes[fld] = changes.get(fld, 0) + d
+        return {k: v for k, v in changes.items() if v}
+
+    async def retry_pause(self) -> None:
+        """The wait before a chunk whose commit failed is tried again."""
+        await asyncio.sleep(RETRY_S)
+
+    async def _step(self, p: int, ids: list[str], stats: SweepStats) -> str:
+        """One attempt at a chunk, under the lock: ``done`` (committed, or nothing to
+        commit), ``conflict`` (another write moved the partition on) or ``failed``."""
+        now, snaps = await self.store.load({p: ids}, self.processor.topics)
+        snap = snaps[p]
+        ctx = dataclasses.replace(self.runtime.context(now), settled_ms=settled_ms(
+            snap.high_ts, self.processor.settings.lateness_ms))
+        # Customers whose last evaluation used this context wait for the second round: only
+        # those the population has ranked elsewhere since then are evaluated again.
+        first: list[tuple[str, bytes, Profile]] = []
+        second: list[tuple[str, bytes, Profile]] = []
+        for cid, blob in snap.states.items():
+            if blob is not None:
+                profile = Profile.from_bytes(snap.profiles.get(cid))
+                keyed = bool(ctx.context_key) and profile.context == ctx.context_key
+                (second if keyed else first).append((cid, blob, profile))
+        commit = PartitionCommit(p, snap.ver, {}, snap.now_ms)
+        changes = self._evaluate(first, ctx, commit)
+        # Ranked as evaluating everyone together would rank them: with the first round's
+        # changes to the sketch (the second round's own contributions are unchanged).
+        pop = ctx.population.updated(changes)
+        moved = [c for c in second if not is_current(c[2], ctx, pop)]
+        if moved:
+            self._evaluate(moved, dataclasses.replace(ctx, population=pop), commit)
+        stats.customers += len(first) + len(moved)
+        stats.skipped += len(second) - len(moved)
+        if not (commit.profiles or commit.outbox or commit.increments):
+            return "done"
+        try:
+            ok = await self.store.commit([commit])
+        except StoreUnavailable as exc:
+            self.processor.mark_dirty([p])  # the commit may have been applied
+            log.warning("sweep commit failed (%s); retrying", exc)
+            return "failed"
+        if ok.get(p):
+            stats.migrations += sum(1 for k in commit.outbox if k.startswith("m:"))
+            await self.processor.flush_outbox([p], {p: commit.outbox})
+            return "done"
+        stats.conflicts += 1
+        return "conflict"

@@ -81,6 +81,28 @@ def test_summary_counts_the_garbage_collections_between_two_scrapes() -> None:
     assert 2.5 <= s["gc"]["pause_p99_ms"] <= 5.0
 
 
+def test_summary_counts_the_sweep_steps_between_two_scrapes() -> None:
+    m = EngineMetrics()
+    m.observe_batch(10, 0.01, wait_s=0.01)
+    m.observe_sweep_step(200, 0.5)  # before the phase: not counted
+    before = _scraped(m)
+    m.observe_batch(10, 0.01, wait_s=0.01)
+    for _ in range(9):
+        m.observe_sweep_step(40, 0.004)
+    m.observe_sweep_step(0, 0.03)  # an attempt refused by the fence: no customers
+    s = breakdown.summary(before, _scraped(m))
+    assert s is not None
+    assert s["sweeps"]["steps"] == 10 and s["sweeps"]["customers"] == 360
+    assert s["sweeps"]["held_ms_total"] == 66.0
+    assert 25.0 <= s["sweeps"]["step_p99_ms"] <= 50.0  # the slow step's bucket
+    # a worker that swept nothing in the phase reports zero steps, not the earlier ones
+    before = _scraped(m)
+    m.observe_batch(10, 0.01, wait_s=0.01)
+    s = breakdown.summary(before, _scraped(m))
+    assert s is not None and s["sweeps"] == {"steps": 0, "customers": 0, "held_ms_total": 0.0,
+                                            "step_p99_ms": None}
+
+
 def test_summary_gives_each_stage_of_the_batches_between_two_scrapes() -> None:
     m = EngineMetrics()
     m.observe_batch(10, 1.0, wait_s=0.01)
@@ -136,7 +158,7 @@ def test_summary_of_a_worker_without_the_stage_and_gc_families() -> None:
     m.observe_batch(10, 0.01, wait_s=0.01)
     m.observe_stage("load", 0.002)
     old = {k: v for k, v in _scraped(m).items()
-           if not k.startswith(("batch_stage_seconds", "gc_pause_seconds"))}
+           if not k.startswith(("batch_stage_seconds", "gc_pause_seconds", "sweep_"))}
     s = breakdown.summary(None, old)
     assert s is not None and s["batches"] == 1 and s["records"] == 10
-    assert "stages" not in s and "gc" not in s
+    assert "stages" not in s and "gc" not in s and "sweeps" not in s

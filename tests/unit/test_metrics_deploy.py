@@ -81,6 +81,8 @@ def exercised() -> EngineMetrics:
     m.observe_gc(0, 0.0004)
     m.observe_stage("evaluate", 0.02)
     m.observe_gc(2, 0.03)
+    m.observe_sweep_step(40, 0.007)
+    m.observe_sweep_step(0, 0.0004)
     with m.redis_call("load"):
         pass
     with pytest.raises(ConnectionError), m.redis_call("commit"):
@@ -136,6 +138,10 @@ def test_helpers_set_the_values() -> None:
     assert s['segstream_batch_stage_seconds_bucket{le="0.01",stage="evaluate"}'] == 0
     assert s['segstream_gc_pause_seconds_bucket{generation="2",le="0.025"}'] == 0
     assert s['segstream_gc_pause_seconds_bucket{generation="2",le="0.05"}'] == 1
+    assert s["segstream_sweep_customers_total"] == 40
+    assert s["segstream_sweep_step_seconds_count"] == 2
+    assert s['segstream_sweep_step_seconds_bucket{le="0.005"}'] == 1
+    assert s['segstream_sweep_step_seconds_bucket{le="0.01"}'] == 2
     assert s['segstream_migration_latency_seconds_bucket{le="0.02"}'] == 1
     assert s['segstream_redis_errors_total{op="commit"}'] == 1
     assert s['segstream_redis_roundtrip_seconds_count{op="commit"}'] == 1

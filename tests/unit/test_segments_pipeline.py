@@ -71,6 +71,10 @@ class Harness:
     def sweep(self) -> None:
         asyncio.run(self.sweeper.run_pass(range(self.s.partitions)))
 
+    def restart(self) -> None:
+        """As a new process: no stored evaluation is taken as current by the sweeps."""
+        self.scoring.instance = "restarted"
+
 
 SPEND_RULES = """
 schemes:
@@ -266,6 +270,7 @@ def test_a_busy_worker_paces_its_sweep_and_an_idle_one_does_not() -> None:
     for busy in (True, False):
         h = Harness(default_catalogue())
         h.buy([(f"c{i}", T0 + i, 10.0) for i in range(450)])
+        h.restart()
         h.sweeper.busy, h.sweeper.max_share = (lambda b=busy: b), 0.25
         steps: list[tuple[float, float]] = []
         real = h.sweeper.pause_after
@@ -305,3 +310,120 @@ def test_a_first_batch_is_ranked_with_itself_not_against_an_empty_sketch() -> No
         # i customers bought longer ago and spent less; everyone bought on one day
         assert m["scores"]["rfm"] == f"{1 + i // 2}1{1 + i // 2}", m["customer_id"]
         assert m["to_segment"] != "Prospects", m["customer_id"]
+
+
+def test_each_sweep_step_reports_its_customers_and_the_time_it_held_the_lock() -> None:
+    h = Harness(default_catalogue())
+    h.buy([(f"c{i}", T0 + i, 10.0) for i in range(450)])
+    h.restart()
+    h.sweeper.busy = lambda: True
+    steps: list[tuple[int, float]] = []
+    h.sweeper.on_step = lambda n, s: steps.append((n, s))
+    held: list[bool] = []
+    real_step = h.sweeper._step
+
+    async def step(*args: Any) -> str:
+        held.append(h.sweeper.lock.locked())
+        return await real_step(*args)
+
+    h.sweeper._step = step  # type: ignore[method-assign]
+    stats = asyncio.run(h.sweeper.run_pass(range(h.s.partitions)))
+    assert stats.customers == 450
+    assert sum(n for n, _ in steps) == 450
+    assert len(steps) == len(held) == math.ceil(450 / BUSY_CHUNK)
+    assert all(0 < n <= BUSY_CHUNK and s > 0 for n, s in steps)
+    assert all(held)  # every step ran under the batch lock
+
+
+def test_a_sweep_step_that_fails_to_commit_retries_without_holding_the_lock() -> None:
+    from features.store import StoreUnavailable
+
+    h = Harness(default_catalogue())
+    h.buy([(f"c{i}", T0 + i, 10.0) for i in range(5)])
+    h.scoring.catalogue = load_catalogue(SPEND_RULES % {"dwell": 0, "hyst": ""})
+    real_commit = h.store.commit
+    failures = [1]
+    locked_during_pause: list[bool] = []
+
+    async def commit(commits: Any) -> Any:
+        if failures[0]:
+            failures[0] -= 1
+            raise StoreUnavailable("down for a moment")
+        return await real_commit(commits)
+
+    async def pause() -> None:
+        locked_during_pause.append(h.sweeper.lock.locked())
+
+    h.store.commit = commit  # type: ignore[method-assign]
+    h.sweeper.retry_pause = pause  # type: ignore[method-assign]
+    steps: list[tuple[int, float]] = []
+    h.sweeper.on_step = lambda n, s: steps.append((n, s))
+    stats = asyncio.run(h.sweeper.run_pass(range(h.s.partitions)))
+    assert failures == [0] and locked_during_pause == [False]
+    assert [n for n, _ in steps] == [5, 5]  # the failed attempt, then the committed one
+    assert stats.customers == 10
+    assert h.sink.migrations()  # the retried chunk was committed and published
+
+
+RANK_RULES = """
+schemes:
+  rank:
+    segments:
+      - {name: Top, when: "rfm_m >= 4"}
+    fallback: Rest
+"""
+
+
+def _sweep_after_the_population_moved(restart: bool) -> tuple[Any, Harness]:
+    h = Harness(load_catalogue(RANK_RULES))
+    h.buy([(f"a{i}", T0 + i, 10.0 + i) for i in range(200)])
+    # Later the same day, big spenders push the M quintiles up: some of the first
+    # customers leave Top without an event of their own.
+    h.buy([(f"b{i}", T0 + 3_600_000 + i, 500.0 + i) for i in range(120)])
+    if restart:
+        h.restart()
+    before = len(h.sink.migrations())
+    stats = asyncio.run(h.sweeper.run_pass(range(h.s.partitions)))
+    return (stats, h.sink.migrations()[before:]), h
+
+
+def test_a_sweep_passes_over_current_customers_and_decides_as_a_full_one() -> None:
+    (skipping, moved), h = _sweep_after_the_population_moved(restart=False)
+    (full, moved_full), h_full = _sweep_after_the_population_moved(restart=True)
+    key = [(m["customer_id"], m["from_segment"], m["to_segment"], m["migration_id"])
+           for m in moved]
+    assert key == [(m["customer_id"], m["from_segment"], m["to_segment"], m["migration_id"])
+                   for m in moved_full]
+    assert key and all(m["to_segment"] == "Rest" for m in moved)  # the population moved them
+    assert full.customers == 320 and full.skipped == 0
+    # Only customers the new sketch ranks elsewhere were evaluated again.
+    assert skipping.customers + skipping.skipped == 320
+    assert len(moved) <= skipping.customers < 320 // 2
+    segs = {c: p for (_, c), p in h.store.profiles.items()}
+    segs_full = {c: p for (_, c), p in h_full.store.profiles.items()}
+    from scorers.profile import Profile
+
+    assert {c: Profile.from_bytes(b).segments for c, b in segs.items()} == \
+        {c: Profile.from_bytes(b).segments for c, b in segs_full.items()}
+    # A second pass finds every customer current.
+    again = asyncio.run(h.sweeper.run_pass(range(h.s.partitions)))
+    assert again.customers == 0 and again.skipped == 320
+
+
+def test_a_customer_whose_minimum_dwell_ends_today_is_not_current() -> None:
+    from scorers.profile import Profile
+    from scorers.scoring import ScoringContext, is_current
+
+    cat = load_catalogue(SPEND_RULES % {"dwell": 2, "hyst": ""})
+    now = T0 + 10 * DAY + 5 * 3_600_000
+    ctx = ScoringContext(now_ms=now, wall_ms=0, lateness_ms=0, catalogue=cat,
+                         context_key="k")
+    entered = {"before": now - 2 * DAY - 60_000,  # the dwell ended a minute ago
+               "later": now - 2 * DAY + 60_000,  # it ends in a minute: held still
+               "yesterday": now - 3 * DAY}  # ended yesterday: a day's sweep saw it
+    want = {"before": False, "later": True, "yesterday": True}
+    for name, since in entered.items():
+        p = Profile(segments={"spend": ("High", since)}, context="k")
+        assert is_current(p, ctx) is want[name], name
+    assert not is_current(Profile(segments={"spend": ("High", T0)}, context="other"), ctx)
+    assert not is_current(Profile(), ScoringContext(now_ms=now, wall_ms=0, lateness_ms=0))

@@ -129,3 +129,26 @@ def test_changes_a_stale_sketch_lacks_never_rank_below_nobody() -> None:
     for f in (new, other, old):
         got = pop.score(f, today)
         assert all(1 <= got[k] <= 5 for k in ("rfm_r", "rfm_f", "rfm_m")), (f, got)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(customer, min_size=0, max_size=60), customer, st.data())
+def test_a_rank_from_the_sketch_fields_equals_the_score_of_the_features(rows, me, data) -> None:
+    """What a sweep compares with the stored score: ranked from the fields alone, overlays
+    included, exactly as from the features they came from."""
+    today = 500
+    hist: dict[str, int] = {}
+    for last, days, total in rows:
+        f = {"purchase_days": days, "recency_days": today - last, "monetary_total": total}
+        for k, d in rfm.deltas(None, rfm.contribution(f, today)).items():
+            hist[k] = hist.get(k, 0) + d
+    pop = rfm.Population.from_hashes([hist])
+    if data.draw(st.booleans()):  # an overlay, as an evaluated group ranks in
+        last, days, total = data.draw(customer)
+        g = {"purchase_days": days, "recency_days": today - last, "monetary_total": total}
+        pop = pop.updated(rfm.deltas(None, rfm.contribution(g, today)))
+    last, days, total = me
+    f = {"purchase_days": days, "recency_days": today - last, "monetary_total": total}
+    assert pop.rank_of(rfm.contribution(f, today)) == pop.score(f, today)["rfm"]
+    none = {"purchase_days": 0, "recency_days": None, "monetary_total": 0.0}
+    assert pop.rank_of(rfm.contribution(none, today)) is None is pop.score(none, today)["rfm"]

@@ -1,0 +1,137 @@
+"""Input at the edges of the contract: reused and duplicate ids, large amounts, timestamps."""
+from __future__ import annotations
+
+import asyncio
+import random
+
+import orjson
+import pytest
+
+from features import serial
+from features.events import MS_PER_DAY as DAY
+from features.events import TransactionEvent as T
+from features.state import apply_many, derive, empty
+from features.store import MemoryFeatureStore
+from stream.pipeline import BatchProcessor, RawRecord
+from stream.schemas import decode
+from stream.settings import load_settings
+
+T0 = 1_735_689_600_000
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.sent: list = []
+
+    async def publish(self, recs) -> None:
+        self.sent.extend(recs)
+
+
+def _proc():
+    st, sink = MemoryFeatureStore(), Sink()
+    bp = BatchProcessor(load_settings(), st, sink, clock=lambda: (T0 + 365 * DAY) / 1000)
+    return bp, st, sink
+
+
+def _tx(eid: str, ts: int, amount: float = 10) -> bytes:
+    return orjson.dumps({"event_id": eid, "customer_id": "c1", "ts": ts, "amount": amount})
+
+
+def _run(batches: list[list[tuple[str, int]]]) -> dict:
+    bp, st, _ = _proc()
+    off = 0
+    for b in batches:
+        recs = []
+        for eid, ts in b:
+            recs.append(RawRecord("transactions", 0, off, b"c1", _tx(eid, ts)))
+            off += 1
+        asyncio.run(bp.process(recs))
+    return derive(serial.decode(st.customers[(0, "c1")]), st.global_now)
+
+
+def test_reused_event_id_counts_the_same_whatever_the_batching() -> None:
+    """README (Correctness model): "an id reused with a timestamp more than 7 days after the
+    first is taken for a new event"; DESIGN §2: state equals a batch recomputation after
+    any restart (i.e. whatever the micro-batch boundaries). Same records, same offsets."""
+    a, b, a2 = ("A", T0), ("B", T0 + int(7.5 * DAY)), ("A", T0 + 8 * DAY)
+    split = _run([[a], [b], [a2]])
+    joined = _run([[a], [b, a2]])
+    alone = _run([[a], [a2]])
+    assert split["purchases_total"] == joined["purchases_total"] == 3
+    assert alone["purchases_total"] == 2
+
+
+def test_a_discarded_duplicate_does_not_move_engine_time() -> None:
+    """DESIGN §2: now is the largest timestamp *accepted*; a record whose event_id was
+    already applied is not applied again, so it must not age every customer nor make valid
+    events too late."""
+    bp, st, sink = _proc()
+    asyncio.run(bp.process([RawRecord("transactions", 0, 0, b"c1", _tx("e1", T0))]))
+    asyncio.run(bp.process([RawRecord("transactions", 0, 1, b"c1", _tx("e1", T0 + 6 * DAY))]))
+    asyncio.run(bp.process([RawRecord("transactions", 0, 2, b"c1",
+                                      _tx("e2", T0 - int(1.5 * DAY)))]))
+    assert st.global_now == T0
+    assert [orjson.loads(v)["reason"] for _, _, v in sink.sent] == []
+    f = derive(serial.decode(st.customers[(0, "c1")]), st.global_now)
+    assert (f["purchases_total"], f["recency_days"]) == (2, 0)
+
+
+@pytest.mark.parametrize("text", ["785864134478.8205", "999999999999.9999", "651180653605.9472",
+                                  "500000000001.37"])
+def test_large_amounts_are_summed_exactly_in_ten_thousandths(text: str) -> None:
+    """README (Features): money is summed in integer units of 1/10,000 (DESIGN §4: sums are
+    exact); amounts up to 1e12 are valid."""
+    value = orjson.dumps({"event_id": "e", "customer_id": "c1", "ts": T0}).replace(
+        b"}", b',"amount":' + text.encode() + b"}")
+    ev = decode("transactions", b"c1", value, 65536)
+    ip, fr = text.split(".")
+    assert ev.amount_units == int(ip) * 10_000 + int(fr.ljust(4, "0"))
+
+
+def test_four_decimal_amounts_below_1e12_are_exact_property() -> None:
+    rnd = random.Random(0)
+    bad = []
+    for _ in range(20_000):
+        ip, fr = rnd.randint(0, 10**12 - 1), rnd.randint(0, 9999)
+        v = (b'{"event_id":"e","customer_id":"c1","ts":0,"amount":'
+             + f"{ip}.{fr:04d}".encode() + b"}")
+        if decode("transactions", b"c1", v, 65536).amount_units != ip * 10_000 + fr:
+            bad.append(f"{ip}.{fr:04d}")
+    assert bad == []
+
+
+def test_an_id_is_deduplicated_per_input_topic() -> None:
+    """A click and a purchase are different events even when their producers picked the
+    same id (README, Correctness model): each counts once, and a repeat of either does not."""
+    bp, st, _ = _proc()
+    click = orjson.dumps({"event_id": "X", "customer_id": "c1", "ts": T0, "event_type": "login"})
+    asyncio.run(bp.process([RawRecord("transactions", 0, 0, b"c1", _tx("X", T0)),
+                            RawRecord("clickstream", 0, 0, b"c1", click)]))
+    asyncio.run(bp.process([RawRecord("transactions", 0, 1, b"c1", _tx("X", T0)),
+                            RawRecord("clickstream", 0, 1, b"c1", click)]))
+    f = derive(serial.decode(st.customers[(0, "c1")]), st.global_now)
+    assert (f["purchases_total"], f["events_total"]) == (1, 1)
+
+
+@pytest.mark.parametrize("ts", ["20250101T000000Z", "2025-W01-1T00:00:00Z", "2025-01-01T00:00Z",
+                                "2025-01-01T00:00:00+0000", "2025-01-01T00:00:00,5Z"])
+def test_timestamps_that_are_not_rfc3339_are_rejected(ts: str) -> None:
+    """DESIGN §3: ts is an RFC 3339 string or epoch ms; README: a record failing the schema
+    goes to the DLQ as invalid_schema. datetime.fromisoformat (3.11) takes ISO 8601 forms."""
+    v = orjson.dumps({"event_id": "e", "customer_id": "c1", "ts": ts, "event_type": "login"})
+    res = decode("clickstream", b"c1", v, 65536)
+    assert getattr(res, "reason", None) == "invalid_schema"
+
+
+def test_rfc3339_leap_second_is_accepted() -> None:
+    """RFC 3339 §5.6 allows time-second 60 (2016-12-31T23:59:60Z was a real leap second)."""
+    v = orjson.dumps({"event_id": "e", "customer_id": "c1", "ts": "2016-12-31T23:59:60Z",
+                      "event_type": "login"})
+    assert not hasattr(decode("clickstream", b"c1", v, 65536), "reason")
+
+
+def test_pure_state_is_independent_of_grouping_for_reused_ids() -> None:
+    a, b, a2 = T("A", "c", 0, 100), T("B", "c", int(7.5 * DAY), 100), T("A", "c", 8 * DAY, 100)
+    one = apply_many(apply_many(apply_many(empty(), [a]), [b]), [a2])
+    two = apply_many(apply_many(empty(), [a]), [b, a2])
+    assert derive(one, 8 * DAY)["purchases_total"] == derive(two, 8 * DAY)["purchases_total"]

@@ -150,10 +150,13 @@ class TransactionIn(_Input):
 
     @field_validator("amount", mode="before")
     @classmethod
-    def _not_bool(cls, v: Any) -> Any:
-        # pydantic reads true / false as 1.0 / 0.0: a purchase of 1.00 nobody made
+    def _number(cls, v: Any) -> Any:
+        # pydantic reads true / false as 1.0 / 0.0 (a purchase of 1.00 nobody made) and a
+        # numeric string as its number: the contract's amount is a JSON number
         if isinstance(v, bool):
             raise ValueError("amount must be a number, not a boolean")
+        if not isinstance(v, int | float):
+            raise ValueError(f"amount must be a JSON number, not {type(v).__name__}")
         return v
 
     @field_validator("items")

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from stream.schemas import _MODELS, _plain_event, decode
+from stream.schemas import _MODELS, Rejection, _plain_event, decode
 
 _text = st.one_of(st.text(max_size=8), st.text("ab\x00\x1f\x7f", max_size=3),
                   st.text(min_size=250, max_size=260, alphabet="x"))
@@ -97,3 +97,16 @@ def test_a_boolean_amount_is_rejected_not_read_as_one() -> None:
         got = decode("transactions", b"c1", orjson.dumps(doc), 10_000)
         assert got.reason == "invalid_schema", got
         assert "amount" in got.error
+
+
+def test_an_amount_given_as_a_string_is_rejected() -> None:
+    """The contract's amount is a JSON number; pydantic's lax mode read ``"12.5"`` as 12.5."""
+    for amount in ("12.5", "1", "", "1e3", None, [1], {"v": 1}):
+        doc = {"event_id": "e", "customer_id": "c1", "ts": 1_735_689_600_000, "amount": amount}
+        got = decode("transactions", b"c1", orjson.dumps(doc), 10_000)
+        assert isinstance(got, Rejection) and got.reason == "invalid_schema", (amount, got)
+        assert "amount" in got.error
+    for amount in (12.5, 0, 10**12):
+        doc = {"event_id": "e", "customer_id": "c1", "ts": 1_735_689_600_000, "amount": amount}
+        assert not isinstance(decode("transactions", b"c1", orjson.dumps(doc), 10_000),
+                              Rejection)

@@ -30,7 +30,7 @@ import threading
 import time
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 
 from features.store import RedisFeatureStore
 from stream.kafka import aiokafka_config
@@ -97,9 +97,23 @@ class LearnerService:
             with contextlib.suppress(Exception):
                 await self._publish()
             with contextlib.suppress(Exception):
-                assert self.consumer is not None
-                await self.consumer.commit()
+                await self._commit_saved()
         self.learner = None
+
+    async def _commit_saved(self) -> None:
+        """Commit the examples' offsets once everything learned from them is in Redis.
+
+        What a fetch teaches stays in memory until the next checkpoint (every
+        ``CHECKPOINT_S``) or promotion, so the commit moves only when no model holds
+        unsaved learning: a learner killed in between is restarted from its checkpoint and
+        sent again what that checkpoint lacks (it skips, by example id, what it holds).
+        """
+        learner = self.learner
+        if (learner is None or self.consumer is None or learner.offset < 0
+                or learner.unsaved or learner.dirty):
+            return
+        tp = TopicPartition(self.settings.examples_topic, 0)
+        await self.consumer.commit({tp: learner.offset + 1})
 
     async def _publish(self) -> None:
         # A learner whose worker was killed publishes nothing more: a worker that dies
@@ -124,6 +138,7 @@ class LearnerService:
                 next_snapshot = time.monotonic() + self.settings.model_snapshot_s
                 try:
                     await self._publish()
+                    await self._commit_saved()
                 except Exception as exc:
                     log.warning("model snapshot failed: %r", exc)
 
@@ -164,7 +179,7 @@ class LearnerService:
                 assert learner is not None
                 for records in batches.values():
                     learner.learn([(r.offset, r.value) for r in records])
-                await consumer.commit()
+                # committed by _commit_saved once a checkpoint holds what was learned
         finally:
             timer.cancel()
             with contextlib.suppress(BaseException):
@@ -172,7 +187,7 @@ class LearnerService:
             with contextlib.suppress(Exception):
                 await self._publish()
             with contextlib.suppress(Exception):
-                await consumer.commit()
+                await self._commit_saved()
             await consumer.stop()
             await self.redis.aclose()
 

@@ -325,13 +325,19 @@ class BatchProcessor:
                 raise StoreUnavailable("gave up after repeated commit conflicts")
             try:
                 done = await self._attempt(pending, stats)
-            except StoreUnavailable as exc:
+            except Exception as exc:
                 # The commit may have been applied before the error: its outbox records
-                # then wait in Redis, and must be published before anything newer.
+                # then wait in Redis, and must be published before anything newer. Any
+                # error is retried: a batch that escaped would never be fetched again
+                # (the consumer is past it) while the next batches' watermarks pass it.
                 self.mark_dirty(pending)
                 stats.store_retries += 1
                 delay = min(5.0, 0.05 * 2 ** min(stats.store_retries, 7))
-                log.warning("state store unavailable (%s); retrying in %.2fs", exc, delay)
+                if isinstance(exc, StoreUnavailable):
+                    log.warning("state store unavailable (%s); retrying in %.2fs", exc, delay)
+                else:
+                    log.error("batch failed (%r); retrying in %.2fs", exc, delay,
+                              exc_info=stats.store_retries == 1)
                 await asyncio.sleep(delay)
                 continue
             for p in done:

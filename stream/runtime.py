@@ -196,8 +196,13 @@ class ScoringRuntime:
             return
         from scorers.online import OnlineModel
 
-        blobs = await mget_any(self.r, [model_key(self.settings.redis_prefix, n)
-                                        for n in changed])
+        try:
+            blobs = await mget_any(self.r, [model_key(self.settings.redis_prefix, n)
+                                            for n in changed])
+        except RedisError as exc:
+            # As the read in refresh(): the caller's batch retries it with backoff. A raw
+            # RedisError would crash the ingest agent and lose the batch in flight.
+            raise StoreUnavailable(f"redis read failed: {exc}") from None
         for name, blob in zip(changed, blobs, strict=True):
             if blob is None:
                 continue

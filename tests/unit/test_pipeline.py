@@ -214,3 +214,31 @@ def test_dlq_record_key_is_cut_so_a_huge_key_cannot_block_the_outbox() -> None:
     assert key == b"k" * DLQ_KEY_BYTES
     assert orjson.loads(value)["key"] == "k" * DLQ_KEY_BYTES
     assert purchases(store) == 1
+
+
+@pytest.mark.parametrize("where", ["load", "commit"])
+def test_a_batch_that_fails_unexpectedly_is_retried_not_dropped(where: str,
+                                                                 monkeypatch) -> None:
+    """Any error escaping an attempt (not only StoreUnavailable) retries the batch: an
+    error that escaped process() crashed the ingest agent, and the batch in flight was
+    never fetched again while the next batches' watermarks passed over it."""
+    import stream.pipeline as pipeline_mod
+
+    async def no_wait(_s: float) -> None:
+        return None
+
+    monkeypatch.setattr(pipeline_mod.asyncio, "sleep", no_wait)
+    p, store, _ = make()
+    real = getattr(store, where)
+    failures = [2]
+
+    async def flaky(*args, **kwargs):
+        if failures[0]:
+            failures[0] -= 1
+            raise RuntimeError(f"{where} went wrong")
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(store, where, flaky)
+    stats = run(p, [rec(i, tx(i, "c1", T0 + i)) for i in range(3)])
+    assert failures == [0] and stats.store_retries == 2
+    assert purchases(store) == 3

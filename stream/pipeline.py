@@ -23,7 +23,7 @@ import orjson
 
 from features import serial
 from features.events import Event, TransactionEvent, id_hash
-from features.state import CustomerState, apply_owned, empty, is_duplicate
+from features.state import CustomerState, apply_owned, empty
 from features.store import (
     FeatureStore,
     LogAppend,
@@ -506,9 +506,14 @@ class BatchProcessor:
                 return False
         state = acc.states[cid]
         lateness = self.settings.lateness_ms
-        if state is not None and is_duplicate(state, event, lateness):
-            return True
-        key = (cid, isinstance(event, TransactionEvent), id_hash(event.event_id))
+        txn = isinstance(event, TransactionEvent)
+        h = id_hash(event.event_id)
+        # as features.state.is_duplicate, with the id hashed once for both checks
+        if state is not None:
+            first = (state.txn_ids if txn else state.seen_ids).get(h)
+            if first is not None and event.ts_ms - first <= lateness:
+                return True
+        key = (cid, txn, h)
         first = acc.batch_ids.get(key)
         if first is not None and event.ts_ms - first <= lateness:
             return True

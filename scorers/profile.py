@@ -42,9 +42,10 @@ class Profile:
     #: still get distinct ids, while a redelivery recomputes the same one
     migrations: int = 0
     #: what the last evaluation used besides the customer's own state and the population
-    #: (``ScoringContext.context_key``; "" unknown), and the RFM score it ranked the customer
-    #: at: a timer sweep skips a customer for whom both are still current
+    #: (``ScoringContext.context_key``; "" unknown), its engine day, and the RFM score it
+    #: ranked the customer at: a timer sweep skips a customer for whom all are still current
     context: str = ""
+    context_day: int = -1
     rfm_score: str | None = None
 
     def to_bytes(self) -> bytes:
@@ -52,7 +53,8 @@ class Profile:
         return packb(
             [_FORMAT, {k: list(v) for k, v in self.segments.items()},
              list(self.rfm) if self.rfm else None, self.labels, self.nba,
-             [list(h) for h in self.history], self.migrations, self.context, self.rfm_score],
+             [list(h) for h in self.history], self.migrations, self.context, self.rfm_score,
+             self.context_day],
         )
 
     @classmethod
@@ -72,6 +74,7 @@ class Profile:
             migrations=int(rest[0]) if rest else len(hist),
             context=str(rest[1]) if len(rest) > 1 and rest[1] else "",
             rfm_score=str(rest[2]) if len(rest) > 2 and rest[2] else None,
+            context_day=int(rest[3]) if len(rest) > 3 else -1,
         )
 
     def with_migration(self, entry: tuple[Any, ...]) -> Profile:

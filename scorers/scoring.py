@@ -74,8 +74,8 @@ class ScoringContext:
     #: (lateness is judged per input partition); defaults to ``now_ms - lateness_ms``
     settled_ms: int | None = None
     #: identifies every input of an evaluation but the customer's own state, the population
-    #: sketch and the time of day (""; unknown): the scoring process, engine day, rules,
-    #: actions and model versions. Kept in each evaluated profile (see :func:`is_current`).
+    #: sketch and engine time ("": unknown): the scoring process, rules, actions and model
+    #: versions. Kept in evaluated profiles with the engine day (see :func:`is_current`).
     context_key: str = ""
 
     @property
@@ -362,20 +362,42 @@ def _evaluate_one(c: CustomerInput, f: dict[str, Any], x: dict[str, float] | Non
     rfm_score = scores.get("rfm")
     if (segments is profile.segments and label_doc is profile.labels
             and nba_doc is profile.nba and history is profile.history and contrib == profile.rfm
-            and profile.context == ctx.context_key and profile.rfm_score == rfm_score):
+            and not _mark(profile, ctx, rfm_score)):
         return o  # nothing changed: skip building and comparing a new profile
     o.profile = replace(profile, segments=segments, rfm=contrib, labels=label_doc, nba=nba_doc,
-                        history=history, migrations=profile.migrations + len(o.migrations),
-                        context=ctx.context_key, rfm_score=rfm_score)
+                        history=history, migrations=profile.migrations + len(o.migrations))
     o.changed = o.profile != profile
+    # A profile written anyway carries this evaluation's mark; an unchanged one only when
+    # it must (so the outcome does not depend on which path found it unchanged).
+    if ctx.context_key and (o.changed or _mark(profile, ctx, rfm_score)):
+        o.profile = replace(o.profile, context=ctx.context_key, context_day=ctx.today,
+                            rfm_score=rfm_score)
+        o.changed = o.changed or o.profile != profile
     return o
+
+
+def _mark(profile: Profile, ctx: ScoringContext, rfm_score: str | None) -> bool:
+    """Whether an otherwise unchanged profile must be written to record this evaluation.
+
+    A stored mark of the same engine day must be kept true: it would otherwise vouch for
+    an older state. A mark of an earlier day can never be current again (engine time only
+    moves forward), so it may stay as it is; it is renewed when the engine day is the wall
+    clock's (a live stream, whose sweeps it spares), not while a replay of history rolls
+    through its days, where it would cost a profile write per customer and day.
+    """
+    if not ctx.context_key:
+        return False
+    today = ctx.today
+    if profile.context_day == today:
+        return profile.context != ctx.context_key or profile.rfm_score != rfm_score
+    return today >= ctx.wall_ms // MS_PER_DAY - 1
 
 
 def is_current(profile: Profile, ctx: ScoringContext,
                population: rfm.Population | None = None) -> bool:
     """Whether the customer's last evaluation had the inputs an evaluation in ``ctx`` would
     have, as far as a timer sweep is concerned: the same context key (rules, actions,
-    models, engine day, scoring process) and the same RFM score, ranked in ``population``
+    models, scoring process), the same engine day and the same RFM score, ranked in ``population``
     (default: the context's) from the sketch fields the customer last contributed. A
     sweep passes over such a customer: re-evaluating them would decide the same.
 
@@ -385,7 +407,8 @@ def is_current(profile: Profile, ctx: ScoringContext,
     and action windows coming due within the day wait for the customer's next
     evaluation, at the latest the next day's sweep.)
     """
-    if not ctx.context_key or profile.context != ctx.context_key:
+    if not ctx.context_key or profile.context != ctx.context_key or (
+            profile.context_day != ctx.today):
         return False
     pop = ctx.population if population is None else population
     if pop.rank_of(profile.rfm) != profile.rfm_score:

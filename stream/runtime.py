@@ -249,7 +249,7 @@ class ScoringRuntime:
                 "churn_horizon_clicks_ms": int(s.churn_horizon_days * 86_400_000),
                 "churn_horizon_transactions_ms": int(s.churn_horizon_txn_days * 86_400_000),
             } if s.models_enabled else None,
-            context_key=context_key(self.instance, now_ms, self.catalogue, self.actions,
+            context_key=context_key(self.instance, self.catalogue, self.actions,
                                     self.versions, self.clv),
         )
 
@@ -266,12 +266,11 @@ class ScoringRuntime:
         return hashlib.blake2b("|".join(parts).encode(), digest_size=8).hexdigest()
 
 
-def context_key(instance: str, now_ms: int, catalogue: Any, actions: Any,
+def context_key(instance: str, catalogue: Any, actions: Any,
                 versions: dict[str, int], clv_model: ClvModel | None) -> str:
-    """``ScoringContext.context_key``: the process, engine day, rules, actions and models."""
+    """``ScoringContext.context_key``: the process, rules, actions and models."""
     parts = [
         instance,
-        str(now_ms // 86_400_000),
         catalogue.version if catalogue is not None else "",
         actions.version if actions is not None else "",
         repr(sorted(versions.items())),
@@ -315,6 +314,6 @@ class StaticScoring:
             clv=self.clv, models=dict(self.models),
             label_options={"min_gap_days": s.observation_gap_days} if self.models else None,
             context_key=context_key(
-                self.instance, now_ms, self.catalogue, self.actions,
+                self.instance, self.catalogue, self.actions,
                 {n: m.version for n, m in self.models.items()}, self.clv),
         )

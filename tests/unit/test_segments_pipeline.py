@@ -423,7 +423,32 @@ def test_a_customer_whose_minimum_dwell_ends_today_is_not_current() -> None:
                "yesterday": now - 3 * DAY}  # ended yesterday: a day's sweep saw it
     want = {"before": False, "later": True, "yesterday": True}
     for name, since in entered.items():
-        p = Profile(segments={"spend": ("High", since)}, context="k")
+        p = Profile(segments={"spend": ("High", since)}, context="k", context_day=ctx.today)
         assert is_current(p, ctx) is want[name], name
-    assert not is_current(Profile(segments={"spend": ("High", T0)}, context="other"), ctx)
+    assert not is_current(Profile(segments={"spend": ("High", T0)}, context="other",
+                                  context_day=ctx.today), ctx)
+    # a mark of another engine day is never current
+    assert not is_current(Profile(segments={"spend": ("High", T0)}, context="k",
+                                  context_day=ctx.today - 1), ctx)
     assert not is_current(Profile(), ScoringContext(now_ms=now, wall_ms=0, lateness_ms=0))
+
+
+def test_an_unchanged_profile_is_written_for_its_mark_only_when_it_must_be() -> None:
+    """A mark of the same engine day must stay true (else it vouches for an older state);
+    one of an earlier day is renewed live, but not while a replay rolls through its days."""
+    from scorers.profile import Profile
+    from scorers.scoring import ScoringContext, _mark
+
+    now = T0 + 10 * DAY
+    day = now // DAY
+    live = ScoringContext(now_ms=now, wall_ms=now + 60_000, lateness_ms=0, context_key="k")
+    replay = ScoringContext(now_ms=now, wall_ms=now + 400 * DAY, lateness_ms=0,
+                            context_key="k")
+    same = Profile(context="k", context_day=day, rfm_score="345")
+    assert not _mark(same, live, "345") and not _mark(same, replay, "345")
+    assert _mark(same, live, "355") and _mark(same, replay, "355")  # same day: kept true
+    assert _mark(Profile(context="old", context_day=day, rfm_score="345"), replay, "345")
+    earlier = Profile(context="k", context_day=day - 1, rfm_score="345")
+    assert _mark(earlier, live, "345") and not _mark(earlier, replay, "345")
+    unknown = ScoringContext(now_ms=now, wall_ms=now, lateness_ms=0)
+    assert not _mark(earlier, unknown, "345")

@@ -34,6 +34,9 @@ CHUNK = 200
 BUSY_CHUNK = 40
 #: Seconds before a chunk whose commit failed (Redis unreachable) is tried again.
 RETRY_S = 0.5
+#: The most a busy sweep step's time counts for its pause (a step of BUSY_CHUNK customers
+#: takes a few tens of milliseconds; a longer one waited for something).
+PACED_STEP_MAX_S = 0.25
 
 
 @dataclass
@@ -96,14 +99,14 @@ class Sweeper:
                 cursor, ids = await self.store.scan_customers(p, cursor, CHUNK)
                 while ids:
                     step = BUSY_CHUNK if self.busy() else CHUNK
-                    # The step's own work is the CPU time of this thread, not its wall
-                    # time: a step that waited out a broker or Redis outage (publishing
-                    # its migrations, a commit retried) used no worker time then, and
-                    # pausing for 9x the outage held every time-driven move back.
-                    c0 = time.thread_time()
+                    c0 = time.perf_counter()
                     await self._chunk(p, ids[:step], stats)
                     ids = ids[step:]
-                    pause = self.pause_after(time.thread_time() - c0)
+                    # A step counts for at most PACED_STEP_MAX_S: one that waited out a
+                    # broker or Redis outage did no work meanwhile, and pacing it by its
+                    # whole time held every time-driven move back for 9 x the outage.
+                    held = time.perf_counter() - c0
+                    pause = self.pause_after(min(held, PACED_STEP_MAX_S))
                     if pause > 0:
                         await asyncio.sleep(pause)
                 if cursor == 0:

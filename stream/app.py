@@ -22,10 +22,11 @@ from features.store import RedisFeatureStore
 from stream import native
 from stream.backend import STATS_INTERVAL_S, EngineBackend
 from stream.batching import assigned_positions, kafka_backlog
+from stream.clvfit import refit_clv_in_child
 from stream.delivery import Delivery, EagerDelivery
 from stream.errors import SegstreamError
 from stream.inbox import Inbox
-from stream.learner import Learner, refit_clv
+from stream.learner import Learner
 from stream.metrics import EngineMetrics
 from stream.pipeline import BatchProcessor, RawRecord
 from stream.redisconn import redis_client
@@ -710,10 +711,8 @@ class Engine:
             log.warning("model snapshot failed: %r", exc)
 
     async def _refit_clv(self) -> None:
-        self.ensure()
-        assert self.store is not None and self.redis is not None
         try:
-            doc = await refit_clv(self.settings, self.redis, self.store)
+            doc = await refit_clv_in_child(self.settings)
             log.info("CLV refit on %d customers, version %s", doc["customers"], doc["version"])
         except SegstreamError as exc:
             log.info("CLV refit skipped: %s", exc)

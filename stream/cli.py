@@ -531,7 +531,7 @@ def _wait_topics_gone(s: Settings, names: list[str], timeout: float = 30.0) -> N
 @clv_app.command("fit")
 def clv_fit(json_: JsonOpt = False) -> None:
     """Fit BG/NBD and Gamma-Gamma population parameters from the current customer state."""
-    from stream.learner import refit_clv
+    from stream.clvfit import refit_clv
 
     s = _settings()
     doc = asyncio.run(_with_store(s, lambda r, store: refit_clv(s, r, store)))

@@ -17,25 +17,19 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import orjson
 import redis.asyncio as aioredis
 
 from features import serial
 from features.state import derive
 from features.store import RedisFeatureStore
-from scorers import clv
 from scorers.labels import MODELS, Example
 from scorers.online import OnlineModel
-from stream.errors import SegstreamError
 from stream.redisconn import mget_any
 from stream.runtime import model_key, registry_keys
 from stream.settings import Settings
 
 log = logging.getLogger(__name__)
 
-#: Customers sampled for a scheduled CLV refit (the fit is over the population, so a
-#: large uniform sample gives the same parameters at a bounded cost).
-CLV_FIT_MAX_CUSTOMERS = 500_000
 #: The learner counts as caught up after this long without a new example.
 LEARNER_IDLE_S = 3.0
 #: Seconds between training checkpoints (a promotion always writes one).
@@ -215,52 +209,3 @@ class Learner:
 
     def quality(self) -> dict[str, dict[str, Any]]:
         return {name: m.quality() for name, m in self.models.items()}
-
-
-async def refit_clv(settings: Settings, r: aioredis.Redis, store: RedisFeatureStore
-                    ) -> dict[str, Any]:
-    """Fit BG/NBD and Gamma-Gamma on the current customer state and store a new version."""
-    t0 = time.perf_counter()
-    now = await store.now()
-    rows = []
-    async for _, _, blob in store.iter_customers(settings.partitions):
-        f = derive(serial.decode(blob), now)
-        if f["bgnbd_frequency"] is not None:
-            rows.append((f["bgnbd_frequency"], f["bgnbd_recency"], f["bgnbd_T"],
-                         f["bgnbd_monetary"]))
-            if len(rows) >= CLV_FIT_MAX_CUSTOMERS:
-                break
-    if not rows:
-        raise SegstreamError("no purchasing customers yet; nothing to fit")
-    x, t_x, t_big, m = (list(c) for c in zip(*rows, strict=True))
-    bg = clv.fit_bgnbd(x, t_x, t_big)
-    gg = clv.fit_gamma_gamma(x, m)
-    doc: dict[str, Any] = {"customers": len(rows), "as_of": now, "bgnbd": bg.to_json(),
-                           "gamma_gamma": {"p": gg.p, "q": gg.q, "v": gg.v}}
-    keys = registry_keys(settings.redis_prefix)
-    prev = await r.get(keys["clv"])
-    if prev is not None and _same_fit(orjson.loads(prev), doc):
-        # Unchanged parameters keep their version: a new one makes every worker re-score
-        # every customer.
-        old = orjson.loads(prev)
-        old["seconds"] = round(time.perf_counter() - t0, 3)
-        old["unchanged"] = True
-        return dict(old)
-    doc["version"] = int(await r.incr(keys["clv_version"]))
-    doc["seconds"] = round(time.perf_counter() - t0, 3)
-    await r.set(keys["clv"], orjson.dumps(doc))
-    return doc
-
-
-def _same_fit(a: dict[str, Any], b: dict[str, Any], rel: float = 1e-6) -> bool:
-    if a.get("customers") != b.get("customers"):
-        return False
-    for part in ("bgnbd", "gamma_gamma"):
-        for k, v in b[part].items():
-            w = a.get(part, {}).get(k)
-            if isinstance(v, str) or w is None:
-                if v != w:
-                    return False
-            elif abs(float(w) - float(v)) > rel * max(1.0, abs(float(v))):
-                return False
-    return True

@@ -1,0 +1,142 @@
+"""The worker's scheduled CLV refit runs in a child process, never on the event loop.
+
+On purchasers whose history leaves the BG/NBD dropout parameters unidentified, the
+optimiser runs to its evaluation limit: seconds of CPU for a hundred customers, however fast
+the machine. Fitted on the worker's loop, that held every batch, commit, heartbeat and
+``/metrics`` scrape for as long (it fired the ``SegstreamEventLoopHeld`` alert).
+"""
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import time
+import uuid
+
+import numpy as np
+import orjson
+import pytest
+
+from features.store import RedisFeatureStore
+from stream.clvfit import refit_clv, refit_clv_in_child
+from stream.errors import SegstreamError
+from stream.pipeline import BatchProcessor, RawRecord
+from stream.redisconn import redis_client
+from stream.runtime import registry_keys
+from stream.settings import Settings, load_settings
+
+pytestmark = pytest.mark.integration
+T0 = 1_735_689_600_000
+DAY = 86_400_000
+CUSTOMERS = 150
+
+
+class Sink:
+    async def publish(self, recs) -> None:
+        pass
+
+
+def _settings(services: dict[str, str]) -> Settings:
+    return load_settings(kafka_bootstrap=services["kafka"], redis_url=services["redis"],
+                         redis_prefix=f"cf-{uuid.uuid4().hex[:8]}:", partitions=1,
+                         models_enabled=False)
+
+
+def _purchases() -> list[tuple[str, int, float]]:
+    """Every customer buys on day 0 and day 50: nothing tells dropout from no dropout."""
+    rng = np.random.default_rng(7)
+    return [(f"c{i}", T0 + d * DAY, float(rng.uniform(5, 100)))
+            for i in range(CUSTOMERS) for d in (0, 50)]
+
+
+async def _load(s: Settings, r) -> None:
+    store = RedisFeatureStore(r, s.redis_prefix)
+    wall = (T0 + 301 * DAY) / 1000
+    bp = BatchProcessor(s, store, Sink(), clock=lambda: wall)
+    recs = []
+    for n, (cid, ts, amount) in enumerate(sorted(_purchases(), key=lambda p: p[1])):
+        value = orjson.dumps({"event_id": f"t{n}", "customer_id": cid, "ts": ts,
+                              "amount": amount})
+        recs.append(RawRecord(s.transactions_topic, 0, n, cid.encode(), value))
+    for i in range(0, len(recs), 100):
+        await bp.process(recs[i:i + 100])
+
+
+async def _drop(s: Settings, r) -> None:
+    async for k in r.scan_iter(f"{s.redis_prefix}*"):
+        await r.delete(k)
+
+
+def test_the_refit_leaves_the_event_loop_free_and_fits_what_the_worker_would(services) -> None:
+    s = _settings(services)
+
+    async def run() -> tuple[dict, float, dict]:
+        r = redis_client(s)
+        try:
+            await _load(s, r)
+            gaps = [0.0]
+            stop = asyncio.Event()
+
+            async def ticker() -> None:
+                last = time.monotonic()
+                while not stop.is_set():
+                    await asyncio.sleep(0.01)
+                    now = time.monotonic()
+                    gaps.append(now - last)
+                    last = now
+
+            tick = asyncio.create_task(ticker())
+            doc = await refit_clv_in_child(s)
+            stop.set()
+            await tick
+            # The same fit in this process finds the same parameters, so keeps the version.
+            again = await refit_clv(s, r, RedisFeatureStore(r, s.redis_prefix))
+            await _drop(s, r)
+            return doc, max(gaps), again
+        finally:
+            await r.aclose()
+
+    doc, longest, again = asyncio.run(run())
+    assert doc["customers"] == CUSTOMERS and doc["version"] == 1
+    assert again.get("unchanged") is True and again["version"] == 1, again
+    # The fit took seconds (it runs the optimiser to its limit); the loop never waited on it.
+    assert doc["seconds"] > 1.0, doc
+    assert longest < doc["seconds"] / 4, (longest, doc["seconds"])
+
+
+def test_a_cancelled_refit_kills_its_child_and_stores_nothing(services) -> None:
+    s = _settings(services)
+
+    async def run() -> tuple[bytes | None, list]:
+        r = redis_client(s)
+        try:
+            await _load(s, r)
+            task = asyncio.create_task(refit_clv_in_child(s))
+            await asyncio.sleep(1.0)  # spawned, importing or fitting: not done
+            assert not task.done()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            deadline = time.monotonic() + 10
+            while multiprocessing.active_children() and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            left = multiprocessing.active_children()
+            await asyncio.sleep(6)  # longer than the fit: a surviving child would store it
+            stored = await r.get(registry_keys(s.redis_prefix)["clv"])
+            await _drop(s, r)
+            return stored, left
+        finally:
+            await r.aclose()
+
+    stored, left = asyncio.run(run())
+    assert left == []
+    assert stored is None
+
+
+def test_the_child_reports_nothing_to_fit_and_a_redis_it_cannot_reach(services) -> None:
+    s = _settings(services)
+    with pytest.raises(SegstreamError, match="no purchasing customers yet"):
+        asyncio.run(refit_clv_in_child(s))
+    closed = load_settings(kafka_bootstrap=services["kafka"], redis_url="redis://127.0.0.1:1/0",
+                           redis_prefix=s.redis_prefix, partitions=1, models_enabled=False)
+    with pytest.raises((SegstreamError, RuntimeError), match=r"(?i)connect"):
+        asyncio.run(refit_clv_in_child(closed))

@@ -155,9 +155,11 @@ class ActionCatalogue(BaseModel):
         object.__setattr__(self, "rules", resolved)
         return self
 
-    @property
+    @functools.cached_property
     def version(self) -> str:
-        """Short sha256 of the canonical content (equal catalogues, equal versions)."""
+        """Short sha256 of the canonical content (equal catalogues, equal versions).
+
+        Cached (the catalogue is frozen): every batch's scoring context names it."""
         doc = self.model_dump(mode="json", by_alias=True)
         blob = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()[:12]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -364,15 +364,23 @@ def _evaluate_one(c: CustomerInput, f: dict[str, Any], x: dict[str, float] | Non
             and nba_doc is profile.nba and history is profile.history and contrib == profile.rfm
             and not _mark(profile, ctx, rfm_score)):
         return o  # nothing changed: skip building and comparing a new profile
-    o.profile = replace(profile, segments=segments, rfm=contrib, labels=label_doc, nba=nba_doc,
-                        history=history, migrations=profile.migrations + len(o.migrations))
-    o.changed = o.profile != profile
+    # Built directly: ``dataclasses.replace`` (twice) cost more than the rest of this tail.
+    migrations = profile.migrations + len(o.migrations)
+    changed = (migrations != profile.migrations or contrib != profile.rfm
+               or segments != profile.segments or label_doc != profile.labels
+               or nba_doc != profile.nba or history != profile.history)
     # A profile written anyway carries this evaluation's mark; an unchanged one only when
     # it must (so the outcome does not depend on which path found it unchanged).
-    if ctx.context_key and (o.changed or _mark(profile, ctx, rfm_score)):
-        o.profile = replace(o.profile, context=ctx.context_key, context_day=ctx.today,
-                            rfm_score=rfm_score)
-        o.changed = o.changed or o.profile != profile
+    if ctx.context_key and (changed or _mark(profile, ctx, rfm_score)):
+        context, day, score = ctx.context_key, ctx.today, rfm_score
+        changed = changed or (context, day, score) != (
+            profile.context, profile.context_day, profile.rfm_score)
+    else:
+        context, day, score = profile.context, profile.context_day, profile.rfm_score
+    o.profile = Profile(segments=segments, rfm=contrib, labels=label_doc, nba=nba_doc,
+                        history=history, migrations=migrations, context=context,
+                        context_day=day, rfm_score=score)
+    o.changed = changed
     return o
 
 

@@ -198,6 +198,7 @@ class BatchProcessor:
         background_publish: bool = False,
     ) -> None:
         self.settings = settings
+        self._lateness_ms = settings.lateness_ms  # settings are frozen; read per event
         #: publish a batch's outbox while the next batch is loaded and evaluated (see
         #: :meth:`drain`); otherwise :meth:`process` returns once it is published
         self.background_publish = background_publish
@@ -391,7 +392,7 @@ class BatchProcessor:
                     else:
                         blob = snap.states.get(cid)
                         state = serial.decode(blob) if blob else empty()
-                    state = apply_owned(state, [e for _, e in pairs], self.settings.lateness_ms)
+                    state = apply_owned(state, [e for _, e in pairs], self._lateness_ms)
                     # Encoding fails too for a state no store can hold (a sum past 64 bits).
                     encoded = serial.encode(state)
                     profile = Profile.from_bytes(snap.profiles.get(cid))
@@ -468,7 +469,7 @@ class BatchProcessor:
     def _accept(self, snap: PartitionSnapshot, items: list[tuple[RawRecord, Event | Rejection]],
                 local: BatchStats) -> _Accepted:
         acc = _Accepted(now_ms=snap.now_ms, high_ts=dict(snap.high_ts))
-        lateness = self.settings.lateness_ms
+        lateness = self._lateness_ms
         for rec, res in items:
             if rec.offset <= snap.watermarks.get(rec.topic, -1):
                 local.skipped_below_watermark += 1
@@ -505,7 +506,7 @@ class BatchProcessor:
             except Exception:  # left to phase 2, which dead-letters a poison customer
                 return False
         state = acc.states[cid]
-        lateness = self.settings.lateness_ms
+        lateness = self._lateness_ms
         txn = isinstance(event, TransactionEvent)
         h = id_hash(event.event_id)
         # as features.state.is_duplicate, with the id hashed once for both checks

@@ -8,6 +8,7 @@ versioned in Redis, so a restarted worker scores with the version it had.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import os
@@ -132,7 +133,7 @@ class ScoringRuntime:
     async def refresh(self, force: bool = False) -> None:
         """Re-read whatever is due; one pipelined round trip at most."""
         t = self.clock()
-        self._maybe_reload_rules(t)
+        await self._maybe_reload_rules(t)
         # An empty cached sketch is read again at every batch: against it a purchaser whose
         # RFM fields did not change in this batch (a click, a sweep) got no scores at all
         # and fell to the never-bought fallback (Prospects) until the next re-read.
@@ -170,7 +171,7 @@ class ScoringRuntime:
             await self._load_models(versions)
             self._set_clv(res[i + 1])
 
-    def _maybe_reload_rules(self, t: float) -> None:
+    async def _maybe_reload_rules(self, t: float) -> None:
         if t - self._rules_checked < RULES_CHECK_S:
             return
         self._rules_checked = t
@@ -179,7 +180,9 @@ class ScoringRuntime:
             return
         self._rules_mtime = stamp
         try:
-            cat, acts = load_rules(self.settings)
+            # Parsing and compiling a large rules file takes a while (pure-Python YAML):
+            # in a thread, the loop's other tasks (web, timers, producer) go on meanwhile.
+            cat, acts = await asyncio.to_thread(load_rules, self.settings)
         except SettingsError as exc:
             log.error("rules not reloaded, keeping version %s: %s", self.catalogue.version, exc)
             return

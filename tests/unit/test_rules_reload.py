@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
@@ -28,7 +29,7 @@ def test_rules_file_changes_are_picked_up_and_bad_edits_ignored(tmp_path: Path) 
     path.write_text(RULES % 250)
     os.utime(path, (clock[0] + 5, clock[0] + 5))
     clock[0] += RULES_CHECK_S + 1
-    rt._maybe_reload_rules(clock[0])
+    asyncio.run(rt._maybe_reload_rules(clock[0]))
     assert rt.catalogue.version != v1
     assert "250" in rt.catalogue.schemes["spend"].segments[0].when
     assert not rt.published_rules  # the new version is announced on the next refresh
@@ -37,5 +38,5 @@ def test_rules_file_changes_are_picked_up_and_bad_edits_ignored(tmp_path: Path) 
     path.write_text(RULES.replace("spend_30d", "no_such_feature") % 1)
     os.utime(path, (clock[0] + 10, clock[0] + 10))
     clock[0] += RULES_CHECK_S + 1
-    rt._maybe_reload_rules(clock[0])
+    asyncio.run(rt._maybe_reload_rules(clock[0]))
     assert rt.catalogue.version == v2  # an invalid file never replaces valid rules

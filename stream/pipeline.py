@@ -45,6 +45,8 @@ T = TypeVar("T")
 MAX_COMMIT_ATTEMPTS = 50
 #: Recent migrations kept in Redis for the API (``GET /migrations``).
 MIGRATION_LOG_MAXLEN = 10_000
+#: Outbox records decoded (or reported to metrics) between two yields to the event loop.
+OUTBOX_SLICE = 2_000
 #: Most bytes of an input record's key kept by its dead letter (as the record's Kafka key
 #: and in its ``key`` field). A rejected record's key can be as large as the input topic
 #: allows; copied whole, a dead letter with it could exceed what the producer or the DLQ
@@ -593,7 +595,13 @@ class BatchProcessor:
         if stale:
             stored = await self.store.outbox_pending(stale)
             for p, rows in stored.items():
-                decoded = {oid: unpack_outbox(b) for oid, b in rows.items()}
+                decoded: dict[str, OutboxRecord] = {}
+                for n, (oid, b) in enumerate(rows.items(), 1):
+                    decoded[oid] = unpack_outbox(b)
+                    if n % OUTBOX_SLICE == 0:
+                        # An outbox that grew through an output outage can hold many
+                        # thousands of records: let the loop breathe between slices.
+                        await asyncio.sleep(0)
                 pending[p] = dict(sorted(decoded.items(), key=lambda kv: kv[1].order))
         if known is not None:
             for p in parts:
@@ -624,5 +632,8 @@ class BatchProcessor:
             raise
         self._mark_clean(parts, marks)
         if self.on_published is not None:
-            self.on_published(unpacked)
+            for i in range(0, len(unpacked), OUTBOX_SLICE):
+                if i:
+                    await asyncio.sleep(0)
+                self.on_published(unpacked[i:i + OUTBOX_SLICE])
         return len(records)

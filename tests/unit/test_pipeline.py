@@ -242,3 +242,56 @@ def test_a_batch_that_fails_unexpectedly_is_retried_not_dropped(where: str,
     stats = run(p, [rec(i, tx(i, "c1", T0 + i)) for i in range(3)])
     assert failures == [0] and stats.store_retries == 2
     assert purchases(store) == 3
+
+
+class FailingOnce(Sink):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fail = True
+
+    async def publish(self, records: Sequence[tuple[str, bytes | None, bytes]]) -> None:
+        if self.fail:
+            self.fail = False
+            raise RuntimeError("output topic unavailable")
+        self.sent.extend(records)
+
+
+def test_a_large_stored_outbox_is_read_back_in_slices_that_let_the_loop_run(
+        monkeypatch) -> None:
+    import stream.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "OUTBOX_SLICE", 4)
+    s = load_settings()
+    store, sink = MemoryFeatureStore(), FailingOnce()
+    bp = BatchProcessor(s, store, sink, clock=lambda: WALL)
+    bad = [rec(i, b"{not json " + str(i).encode(), key=f"k{i}".encode()) for i in range(25)]
+    run(bp, bad)  # 25 dead letters committed; their publish failed: left in the outbox
+    assert sink.sent == [] and len(store.outboxes[0]) == 25
+    slices: list[int] = []
+    bp.on_published = lambda recs: slices.append(len(recs))
+
+    async def flush_with_ticker() -> int:
+        ticks = 0
+        done = False
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while not done:
+                ticks += 1
+                await asyncio.sleep(0)
+
+        t = asyncio.create_task(ticker())
+        await asyncio.sleep(0)
+        before = ticks
+        await bp.flush_outbox([0])
+        done = True
+        await t
+        return ticks - before
+
+    ticks = asyncio.run(flush_with_ticker())
+    # every dead letter published once, oldest first, and the outbox emptied
+    assert [orjson.loads(v)["offset"] for _, _, v in sink.sent] == list(range(25))
+    assert store.outboxes.get(0, {}) == {}
+    assert slices == [4, 4, 4, 4, 4, 4, 1]
+    # the loop ran other tasks between the slices: at least once per slice read back
+    assert ticks >= 6, ticks

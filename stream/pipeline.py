@@ -236,6 +236,11 @@ class BatchProcessor:
             self._clean.discard(p)
             self._dirtied[p] = self._dirtied.get(p, 0) + 1
 
+    def is_clean(self, partition: int) -> bool:
+        """Whether everything this processor committed for ``partition`` was published
+        (or is being published) and nothing unpublished from elsewhere waits there."""
+        return partition in self._clean
+
     def _mark_clean(self, partitions: Iterable[int], marks: Mapping[int, int]) -> None:
         self._clean.update(p for p in partitions if self._dirtied.get(p, 0) == marks[p])
 
@@ -259,6 +264,16 @@ class BatchProcessor:
             pass  # _publish logged it and marked its partitions dirty
         if self._publishing is task:
             self._publishing = None
+
+    def publish_later(self, partitions: list[int], known: dict[int, dict[str, bytes]]) -> None:
+        """Publish what a commit of these partitions just wrote (``known``) in the
+        background; the next :meth:`drain` waits for it. Call it only after a commit that
+        was itself preceded by a drain, so that one publish runs at a time, in commit order.
+        """
+        task = asyncio.ensure_future(self._publish(partitions, known))
+        # Registered before any waiter's: it runs before a drain returns.
+        task.add_done_callback(partial(self._publish_ended, partitions))
+        self._publishing = task
 
     async def _publish(self, partitions: list[int], known: dict[int, dict[str, bytes]]) -> int:
         try:
@@ -445,10 +460,7 @@ class BatchProcessor:
         published = [c.partition for c in commits if ok.get(c.partition)]
         known = {c.partition: c.outbox for c in commits}
         if self.background_publish:
-            task = asyncio.ensure_future(self._publish(published, known))
-            # Registered before any waiter's: it runs before a drain returns.
-            task.add_done_callback(partial(self._publish_ended, published))
-            self._publishing = task
+            self.publish_later(published, known)
         else:
             t5 = time.perf_counter()
             await self._flush(published, known)

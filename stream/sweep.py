@@ -17,7 +17,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from features import serial
 from features.store import FeatureStore, PartitionCommit, StoreUnavailable
@@ -47,6 +47,8 @@ class SweepStats:
     migrations: int = 0
     conflicts: int = 0
     seconds: float = 0.0
+    #: partitions of the pass whose outbox is being published in the background
+    published_to: dict[int, bool] = field(default_factory=dict)
 
 
 class Sweeper:
@@ -111,6 +113,15 @@ class Sweeper:
                         await asyncio.sleep(pause)
                 if cursor == 0:
                     break
+            # The partition counts as swept (``segstream wait``) once its migrations are
+            # out; one whose publish failed is swept again (its outbox waits in the store
+            # for the next flush).
+            if stats.published_to.pop(p, False):
+                await self.processor.drain()
+                if not self.processor.is_clean(p):
+                    log.warning("sweep of partition %d: outbox publish failed; the "
+                                "partition is swept again", p)
+                    continue
             self.swept[p] = digest
             await self.store.mark_swept(p, digest)
         stats.seconds = time.perf_counter() - t0
@@ -178,6 +189,9 @@ class Sweeper:
         stats.skipped += len(second) - len(moved)
         if not (commit.profiles or commit.outbox or commit.increments):
             return "done"
+        # As a batch does: the publish still running ends before this commit, so outbox
+        # records go out in commit order.
+        await self.processor.drain()
         try:
             ok = await self.store.commit([commit])
         except StoreUnavailable as exc:
@@ -186,7 +200,12 @@ class Sweeper:
             return "failed"
         if ok.get(p):
             stats.migrations += sum(1 for k in commit.outbox if k.startswith("m:"))
-            await self.processor.flush_outbox([p], {p: commit.outbox})
+            if self.processor.background_publish:
+                # Published while the next batch or step runs, not under the batch lock.
+                self.processor.publish_later([p], {p: commit.outbox})
+                stats.published_to[p] = True
+            else:
+                await self.processor.flush_outbox([p], {p: commit.outbox})
             return "done"
         stats.conflicts += 1
         return "conflict"

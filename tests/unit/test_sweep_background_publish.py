@@ -1,0 +1,212 @@
+"""A sweep step's outbox published in the background, as a batch's is.
+
+With ``background_publish`` a sweep step commits under the batch lock and returns without
+waiting for Kafka to acknowledge its migrations: the next batch or step loads and
+evaluates meanwhile, and its commit waits for that publish first. These tests hold what
+must not change: every committed migration is published, in commit order with the
+batches' records; nothing published stays in the stored outbox; a partition counts as
+swept only once its migrations are out, and one whose publish failed is swept again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+
+from features.store import MemoryFeatureStore
+from scorers.profile import Profile
+from scorers.rules import default_catalogue
+from stream.pipeline import BatchProcessor, RawRecord
+from stream.runtime import StaticScoring
+from stream.settings import load_settings
+from stream.sweep import Sweeper
+
+DAY = 86_400_000
+T0 = 1_735_689_600_000
+WALL = (T0 + 3 * 365 * DAY) / 1000
+
+
+class Gate:
+    """A publisher that waits for ``open`` and fails the calls listed in ``fail``."""
+
+    def __init__(self, fail: Sequence[bool] = ()) -> None:
+        self.sent: list[tuple[str, bytes | None, bytes]] = []
+        self.open = asyncio.Event()
+        self.open.set()
+        self.fail = list(fail)
+        self.calls = 0
+        self.started = 0
+
+    async def publish(self, records: Sequence[tuple[str, bytes | None, bytes]]) -> None:
+        self.started += 1
+        await self.open.wait()
+        fail = self.fail[self.calls] if self.calls < len(self.fail) else False
+        self.calls += 1
+        if fail:
+            raise ConnectionError("broker unavailable")
+        self.sent.extend(records)
+
+    def migrations(self) -> list[dict[str, Any]]:
+        return [orjson.loads(v) for t, _, v in self.sent if t == "segment-migrations"]
+
+
+class Harness:
+    def __init__(self, gate: Gate) -> None:
+        self.s = load_settings(partitions=1)
+        self.store = MemoryFeatureStore()
+        self.gate = gate
+        self.scoring = StaticScoring(self.s, self.store,
+                                     default_catalogue().without_anti_flapping(),
+                                     clock=lambda: WALL)
+        self.p = BatchProcessor(self.s, self.store, gate, clock=lambda: WALL,
+                                scoring=self.scoring, background_publish=True)
+        self.lock = asyncio.Lock()
+        self.sweeper = Sweeper(self.p, self.scoring, self.store, self.lock)
+        self.offset = 0
+
+    async def buy(self, customers: Sequence[str], ts: int, amount: float = 10.0) -> None:
+        recs = []
+        for cid in customers:
+            ev = {"event_id": f"{cid}-{ts}", "customer_id": cid, "ts": ts, "amount": amount}
+            recs.append(RawRecord("transactions", 0, self.offset, cid.encode(),
+                                  orjson.dumps(ev)))
+            self.offset += 1
+        async with self.lock:
+            await self.p.process(recs)
+
+    async def history(self, n: int) -> None:
+        """``n`` customers who bought every few days for 40 days, each spending differently."""
+        for day in range(0, 40, 4):
+            await self.buy([f"c{i}" for i in range(n) if (i + day) % 3], T0 + day * DAY,
+                           5.0 + 7 * (day % 5))
+
+    def restart(self) -> None:
+        """As a new process: no stored evaluation is taken as current by the sweeps."""
+        self.scoring.instance = "restarted"
+
+
+def last_moves(migrations: list[dict[str, Any]]) -> dict[tuple[str, str], str]:
+    out = {}
+    for m in migrations:
+        out[(m["customer_id"], m["scheme"])] = m["to_segment"]
+    return out
+
+
+def chained(migrations: list[dict[str, Any]]) -> bool:
+    """Each customer's moves in a scheme follow on from each other, in publish order."""
+    at: dict[tuple[str, str], str | None] = {}
+    for m in migrations:
+        key = (m["customer_id"], m["scheme"])
+        if key in at and at[key] != m["from_segment"]:
+            return False
+        at[key] = m["to_segment"]
+    return True
+
+
+def test_a_sweep_step_returns_before_its_publish_and_the_pass_waits_for_it_at_the_end(
+) -> None:
+    async def main() -> None:
+        h = Harness(Gate())
+        await h.history(30)
+        await h.p.drain()
+        before, calls = len(h.gate.migrations()), h.gate.started
+        h.restart()
+        h.gate.open.clear()  # the broker is slow
+        # Months later the silent customers move (time-driven migrations).
+        h.store.global_now = T0 + 300 * DAY
+        sweep = asyncio.ensure_future(h.sweeper.run_pass([0]))
+        for _ in range(200):
+            if h.gate.started > calls:
+                break
+            await asyncio.sleep(0.005)
+        assert h.gate.started == calls + 1
+        await asyncio.sleep(0.02)
+        # The step committed and let go of the lock; the pass waits for the publish
+        # before it counts the partition as swept.
+        assert not h.lock.locked()
+        assert not sweep.done() and 0 not in h.store.swept
+        assert h.store.outboxes.get(0)
+        h.gate.open.set()
+        stats = await sweep
+        assert stats.migrations > 0
+        assert len(h.gate.migrations()) == before + stats.migrations
+        assert 0 in h.store.swept and 0 in h.sweeper.swept
+        assert not h.store.outboxes.get(0)
+
+    asyncio.run(main())
+
+
+def test_a_failed_sweep_publish_leaves_the_partition_to_be_swept_again() -> None:
+    async def main() -> None:
+        h = Harness(Gate())
+        await h.history(30)
+        await h.p.drain()
+        h.restart()
+        h.store.global_now = T0 + 300 * DAY
+        h.gate.fail = [False] * h.gate.calls + [True]
+        stats = await h.sweeper.run_pass([0])
+        assert stats.migrations > 0
+        assert 0 not in h.sweeper.swept and 0 not in h.store.swept
+        assert len(h.store.outboxes.get(0, {})) >= stats.migrations  # still stored
+        # The next pass publishes what waits first, then counts the partition as swept.
+        due = await h.sweeper.due([0])
+        assert due == [0]
+        await h.sweeper.run_pass(due)
+        await h.p.drain()
+        assert 0 in h.sweeper.swept
+        async with h.lock:
+            await h.p.flush_outbox([0])
+        assert not h.store.outboxes.get(0)
+        moves = h.gate.migrations()
+        assert chained(moves)
+        ids = [m["migration_id"] for m in moves]
+        assert len(set(ids)) == len(ids)  # the failed publish sent nothing
+
+    asyncio.run(main())
+
+
+def test_sweeps_and_batches_interleaved_publish_every_migration_in_commit_order() -> None:
+    """Batches and sweep passes alternate over days of input while the broker is slow and
+    fails now and then: every customer's published moves chain from one to the next, and
+    the last move published for each customer and scheme is the segment stored for them."""
+
+    async def main() -> None:
+        gate = Gate(fail=[i % 7 == 3 for i in range(500)])
+        h = Harness(gate)
+        customers = [f"c{i}" for i in range(60)]
+        for day in range(0, 120, 6):
+            h.store.global_now = max(h.store.global_now, T0 + day * DAY)
+            buyers = customers[day % 5::(3 + day % 4)]
+            gate.open.clear()
+            batch = asyncio.ensure_future(h.buy(buyers, T0 + day * DAY, 5.0 + day))
+            await asyncio.sleep(0)
+            gate.open.set()
+            await batch
+            if day % 12 == 0:
+                h.restart()
+            await h.sweeper.run_pass([0])
+        await h.p.drain()
+        for _ in range(5):  # publishes that failed wait in the store for a flush
+            async with h.lock:
+                try:
+                    await h.p.flush_outbox([0])
+                except ConnectionError:
+                    continue
+            if not h.store.outboxes.get(0):
+                break
+        assert not h.store.outboxes.get(0)
+        first: dict[str, dict[str, Any]] = {}
+        for m in gate.migrations():
+            first.setdefault(m["migration_id"], m)
+        moves = list(first.values())
+        assert moves and chained(moves)
+        stored = {}
+        for (_p, cid), blob in h.store.profiles.items():
+            for scheme, (seg, _since) in Profile.from_bytes(blob).segments.items():
+                stored[(cid, scheme)] = seg
+        assert stored and last_moves(moves) == stored
+
+    asyncio.run(main())

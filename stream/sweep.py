@@ -32,6 +32,14 @@ CHUNK = 200
 #: Customers per sweep step while input keeps arriving: a batch waits for at most one
 #: step, and a step of 200 customers held the event loop for 50-100 ms.
 BUSY_CHUNK = 40
+#: The time a busy sweep step aims to hold the batch lock, so a batch arriving meanwhile
+#: waits about this long at most: steps shrink below BUSY_CHUNK customers when a customer
+#: costs more (many schemes, many moves, a slow Redis).
+BUSY_STEP_S = 0.02
+#: Fewest customers in a busy step (each step also pays its Redis round trips).
+MIN_BUSY_CHUNK = 4
+#: Weight of the latest step in the running cost per customer.
+COST_WEIGHT = 0.3
 #: Seconds before a chunk whose commit failed (Redis unreachable) is tried again.
 RETRY_S = 0.5
 #: The most a busy sweep step's time counts for its pause (a step of BUSY_CHUNK customers
@@ -68,6 +76,21 @@ class Sweeper:
         self.last_pass_end = 0.0
         #: called with (customers evaluated, seconds the lock was held) after each step
         self.on_step: Callable[[int, float], None] | None = None
+        #: running lock time per customer of a step (0: no step measured yet)
+        self.cost_per_customer = 0.0
+
+    def busy_step(self) -> int:
+        """Customers in the next step while input arrives: as many as fit in
+        :data:`BUSY_STEP_S` at the running cost, within MIN_BUSY_CHUNK..BUSY_CHUNK."""
+        if self.cost_per_customer <= 0:
+            return BUSY_CHUNK
+        return max(MIN_BUSY_CHUNK, min(BUSY_CHUNK, int(BUSY_STEP_S / self.cost_per_customer)))
+
+    def _observe_cost(self, customers: int, held_s: float) -> None:
+        # Capped like the pacing: a step that waited out an outage says little of the cost.
+        per = min(held_s, PACED_STEP_MAX_S) / customers
+        old = self.cost_per_customer
+        self.cost_per_customer = per if old <= 0 else (1 - COST_WEIGHT) * old + COST_WEIGHT * per
 
     def pause_after(self, chunk_s: float) -> float:
         """Seconds to wait after a chunk that took ``chunk_s``, so that while input is
@@ -100,7 +123,7 @@ class Sweeper:
             while True:
                 cursor, ids = await self.store.scan_customers(p, cursor, CHUNK)
                 while ids:
-                    step = BUSY_CHUNK if self.busy() else CHUNK
+                    step = self.busy_step() if self.busy() else CHUNK
                     c0 = time.perf_counter()
                     await self._chunk(p, ids[:step], stats)
                     ids = ids[step:]
@@ -135,8 +158,11 @@ class Sweeper:
                 try:
                     outcome = await self._step(p, ids, stats)
                 finally:
+                    held = time.perf_counter() - held
                     if self.on_step is not None:
-                        self.on_step(stats.customers - before, time.perf_counter() - held)
+                        self.on_step(stats.customers - before, held)
+            if ids:
+                self._observe_cost(len(ids), held)
             if outcome == "done":
                 return
             if outcome == "failed":

@@ -26,7 +26,13 @@ from scorers.scoring import ACTION_HASH
 from stream.pipeline import BatchProcessor, RawRecord
 from stream.runtime import StaticScoring
 from stream.settings import load_settings
-from stream.sweep import BUSY_CHUNK, Sweeper
+from stream.sweep import (
+    BUSY_CHUNK,
+    BUSY_STEP_S,
+    MIN_BUSY_CHUNK,
+    PACED_STEP_MAX_S,
+    Sweeper,
+)
 
 DAY = 86_400_000
 T0 = 1_735_689_600_000
@@ -330,9 +336,52 @@ def test_each_sweep_step_reports_its_customers_and_the_time_it_held_the_lock() -
     stats = asyncio.run(h.sweeper.run_pass(range(h.s.partitions)))
     assert stats.customers == 450
     assert sum(n for n, _ in steps) == 450
-    assert len(steps) == len(held) == math.ceil(450 / BUSY_CHUNK)
+    assert len(steps) == len(held) >= math.ceil(450 / BUSY_CHUNK)
     assert all(0 < n <= BUSY_CHUNK and s > 0 for n, s in steps)
     assert all(held)  # every step ran under the batch lock
+
+
+def test_busy_sweep_steps_shrink_to_what_fits_their_time_when_customers_cost_more() -> None:
+    """A catalogue or a Redis that makes each customer cost more must not make a busy
+    step hold the batch lock longer: steps are sized by their measured cost."""
+    h = Harness(default_catalogue())
+    h.buy([(f"c{i}", T0 + i, 10.0) for i in range(300)])
+    h.restart()
+    h.sweeper.busy = lambda: True
+    h.sweeper.max_share = 1.0  # no pauses: only the step sizes matter here
+    per_customer = 0.004
+    real_score = h.p.score
+
+    def slow_score(inputs: Any, ctx: Any) -> Any:
+        time.sleep(per_customer * len(inputs))
+        return real_score(inputs, ctx)
+
+    h.p.score = slow_score  # type: ignore[method-assign]
+    steps: list[tuple[int, float]] = []
+    h.sweeper.on_step = lambda n, s: steps.append((n, s))
+    stats = asyncio.run(h.sweeper.run_pass(range(h.s.partitions)))
+    assert stats.customers == 300 and sum(n for n, _ in steps) == 300
+    assert steps[0][0] == BUSY_CHUNK  # nothing measured yet
+    fit = int(BUSY_STEP_S / per_customer)
+    assert all(MIN_BUSY_CHUNK <= n <= fit for n, _ in steps[1:-1]), [n for n, _ in steps]
+    later = [sec for _, sec in steps[1:]]
+    assert max(later) < steps[0][1] / 2  # each later step held the lock far less
+
+
+def test_the_busy_step_size_follows_the_running_cost_within_its_bounds() -> None:
+    sw = Sweeper(None, None, None, asyncio.Lock())  # type: ignore[arg-type]
+    assert sw.busy_step() == BUSY_CHUNK
+    sw.cost_per_customer = 1e-6
+    assert sw.busy_step() == BUSY_CHUNK
+    sw.cost_per_customer = BUSY_STEP_S / 10
+    assert sw.busy_step() == 10
+    sw.cost_per_customer = 10.0
+    assert sw.busy_step() == MIN_BUSY_CHUNK
+    sw.cost_per_customer = 0.0
+    sw._observe_cost(10, 0.05)
+    assert sw.cost_per_customer == pytest.approx(0.005)
+    sw._observe_cost(10, 100.0)  # waited out an outage: counts as PACED_STEP_MAX_S at most
+    assert sw.cost_per_customer <= 0.005 * 0.7 + 0.3 * PACED_STEP_MAX_S / 10 + 1e-12
 
 
 def test_a_sweep_step_that_fails_to_commit_retries_without_holding_the_lock() -> None:

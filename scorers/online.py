@@ -212,20 +212,33 @@ class OnlineModel:
         """The logistic weights on standardised inputs (for inspection)."""
         return dict(self.pipeline.steps["LogisticRegression"].weights)
 
-    def snapshot(self) -> bytes:
-        """The whole model (with ``position`` and the recent ids) as bytes."""
-        state = {k: v for k, v in self.__dict__.items() if k != "_cache"}
+    def snapshot(self, serving: bool = False) -> bytes:
+        """The whole model (with ``position`` and the recent ids) as bytes.
+
+        ``serving``: without the recent example ids, which only learning uses. Workers
+        load every new serving version while they process input; the ids (up to
+        ``dedupe`` of them) were nearly all of a snapshot's bytes and of its loading
+        time (about 3.3 MB and 30 ms against 70 KB and 1 ms, at 100,000 ids).
+        """
+        skip = ("_cache", "_seen", "_order") if serving else ("_cache",)
+        state = {k: v for k, v in self.__dict__.items() if k not in skip}
         return pickle.dumps({"format": SNAPSHOT_FORMAT, "state": state},
                             protocol=pickle.HIGHEST_PROTOCOL)
 
     @classmethod
     def restore(cls, data: bytes) -> OnlineModel:
-        """A model from :meth:`snapshot` bytes; only load snapshots the engine wrote itself."""
+        """A model from :meth:`snapshot` bytes; only load snapshots the engine wrote itself.
+
+        A serving snapshot comes back remembering no example ids: learning on from it
+        drops no redelivery of what it learned before.
+        """
         doc = pickle.loads(data)  # our own registry's bytes only
         if not isinstance(doc, dict) or doc.get("format") != SNAPSHOT_FORMAT:
             raise ValueError("not an online model snapshot of a known format")
         model = cls.__new__(cls)
         model.__dict__.update(doc["state"])
+        model.__dict__.setdefault("_seen", set())
+        model.__dict__.setdefault("_order", deque())
         model._cache = None
         return model
 

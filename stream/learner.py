@@ -187,9 +187,12 @@ class Learner:
             version = int(await self.r.hincrby(self.keys["model_seq"], name, 1))
             model.version = version
             blob = model.snapshot()
+            # Workers load the serving snapshot while they process input: it leaves out
+            # what only learning needs (the checkpoint keeps it).
+            serving = model.snapshot(serving=True) if name != "cluster" else blob
             # The snapshot before the version that points at it, so a reader never sees a
             # version without its model. (No MULTI: these keys span slots on a cluster.)
-            await self.r.set(model_key(prefix, name), blob)
+            await self.r.set(model_key(prefix, name), serving)
             await self.r.set(checkpoint_key(prefix, name), blob)
             await self.r.hset(self.keys["models"], name, version)
             out[name] = version

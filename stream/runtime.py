@@ -117,7 +117,9 @@ class ScoringRuntime:
         self._rules_mtime = (_mtime(settings.rules_path), _mtime(settings.actions_path))
         self._rules_checked = clock()
         self.population = rfm.Population.empty()
-        self._population_at = 0.0
+        #: the sketch per partition, and when each partition's part was last read
+        self._sketch = rfm.SketchParts()
+        self._sketch_read_at: dict[int, float] = {}
         self.models: dict[str, Any] = {}
         self.personas: Any | None = None
         self.versions: dict[str, int] = {}
@@ -134,20 +136,26 @@ class ScoringRuntime:
         """Re-read whatever is due; one pipelined round trip at most."""
         t = self.clock()
         await self._maybe_reload_rules(t)
+        parts = range(self.settings.partitions)
+        every = self.settings.population_refresh_s
         # An empty cached sketch is read again at every batch: against it a purchaser whose
         # RFM fields did not change in this batch (a click, a sweep) got no scores at all
         # and fell to the never-bought fallback (Prospects) until the next re-read.
-        want_pop = (force or self.population.total <= 0
-                    or t - self._population_at >= self.settings.population_refresh_s)
+        if force or self.population.total <= 0 or len(self._sketch) < len(parts):
+            due = list(parts)
+        else:
+            # Each partition's part is re-read once it is ``every`` seconds old; the parts
+            # come due at different times (see below), so a batch reads one or two of them
+            # instead of one batch a second reading (and parsing) them all.
+            read_at = self._sketch_read_at
+            due = [p for p in parts if t - read_at.get(p, 0.0) >= every]
         want_models = force or t - self._models_at >= MODELS_CHECK_S
-        if not (want_pop or want_models or not self.published_rules):
+        if not (due or want_models or not self.published_rules):
             return
-        parts = range(self.settings.partitions)
         try:
             async with self.r.pipeline(transaction=False) as pipe:
-                if want_pop:
-                    for p in parts:
-                        pipe.hgetall(self.store.keys.table(p, RFM_HASH))
+                for p in due:
+                    pipe.hgetall(self.store.keys.table(p, RFM_HASH))
                 if want_models:
                     pipe.hgetall(self.keys["models"])
                     pipe.get(self.keys["clv"])
@@ -159,11 +167,18 @@ class ScoringRuntime:
             raise StoreUnavailable(f"redis read failed: {exc}") from None
         self.store.roundtrips += 1
         self.published_rules = True
-        i = 0
-        if want_pop:
-            self.population = rfm.Population.from_hashes(res[: len(parts)])
-            self._population_at = t
-            i = len(parts)
+        i = len(due)
+        if due:
+            for p, hist in zip(due, res[:i], strict=True):
+                self._sketch.replace(p, hist or {})
+            self.population = self._sketch.population()
+            if len(due) == len(parts):
+                # Read all at once: spread their next reads evenly over the interval.
+                for k, p in enumerate(parts):
+                    self._sketch_read_at[p] = t - every * k / len(parts)
+            else:
+                for p in due:
+                    self._sketch_read_at[p] = t
         if want_models:
             self._models_at = t
             versions = {(k.decode() if isinstance(k, bytes) else k): int(v)

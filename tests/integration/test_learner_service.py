@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import pickle
 import random
 import signal
 import subprocess
@@ -18,7 +19,7 @@ import redis
 
 from scorers.labels import Example
 from scorers.online import OnlineModel
-from stream.learner import Learner
+from stream.learner import Learner, checkpoint_key
 from stream.learner_service import group_id
 from stream.runtime import model_key, registry_keys
 from tests import redis_servers
@@ -95,6 +96,14 @@ def test_learner_process_learns_every_example_once_and_stops_with_its_worker(
             assert model.examples == reference.models[name].examples
             assert model.predict_many(probe) == reference.models[name].predict_many(probe)
         assert int(r.hget(keys["learner"], "offset")) == len(first) - 1
+        # Workers load the serving snapshot: it leaves out the example ids, which only
+        # learning uses; the checkpoint the learner resumes from keeps every one of them.
+        for name, model in models.items():
+            serving = r.get(model_key(s.redis_prefix, name))
+            assert "_seen" not in pickle.loads(serving)["state"]
+            assert not model._seen
+            kept = OnlineModel.restore(r.get(checkpoint_key(s.redis_prefix, name)))
+            assert len(kept._seen) == kept.examples == model.examples
 
         # The learner's worker dies: the learner follows within a couple of seconds.
         parent.kill()

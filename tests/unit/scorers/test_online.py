@@ -85,6 +85,24 @@ def test_snapshot_restore_gives_identical_predictions(trained: OnlineModel) -> N
     assert back.quality()["duplicates"] == 1
 
 
+def test_a_serving_snapshot_scores_as_the_model_without_its_example_ids(
+        trained: OnlineModel) -> None:
+    full, serving = trained.snapshot(), trained.snapshot(serving=True)
+    assert len(full) - len(serving) >= 2 * 1_500 * 5  # the 1,500 ids, kept twice
+    back = OnlineModel.restore(serving)
+    xs = [e.x for e in _stream(200, 8)] + [{}, {"a": 3.0}]
+    assert back.predict_many(xs) == trained.predict_many(xs)
+    assert back.quality() == trained.quality()
+    assert back.version == trained.version and back.ready
+    # It remembers no ids: an example it learned before counts as new...
+    assert not back._seen and not back._order
+    back.learn(_stream(1, 1)[0])
+    assert back.quality()["duplicates"] == 0 and back.examples == trained.examples + 1
+    # ...and from there on it deduplicates again.
+    back.learn(_stream(1, 1)[0])
+    assert back.quality()["duplicates"] == 1
+
+
 def test_restore_refuses_foreign_bytes() -> None:
     import pickle
 

@@ -23,31 +23,15 @@ from stream.pipeline import BatchProcessor, RawRecord
 from stream.runtime import StaticScoring
 from stream.settings import load_settings
 from stream.sweep import Sweeper
+from tests.unit.test_background_publish import Gate as BatchGate
 
 DAY = 86_400_000
 T0 = 1_735_689_600_000
 WALL = (T0 + 3 * 365 * DAY) / 1000
 
 
-class Gate:
-    """A publisher that waits for ``open`` and fails the calls listed in ``fail``."""
-
-    def __init__(self, fail: Sequence[bool] = ()) -> None:
-        self.sent: list[tuple[str, bytes | None, bytes]] = []
-        self.open = asyncio.Event()
-        self.open.set()
-        self.fail = list(fail)
-        self.calls = 0
-        self.started = 0
-
-    async def publish(self, records: Sequence[tuple[str, bytes | None, bytes]]) -> None:
-        self.started += 1
-        await self.open.wait()
-        fail = self.fail[self.calls] if self.calls < len(self.fail) else False
-        self.calls += 1
-        if fail:
-            raise ConnectionError("broker unavailable")
-        self.sent.extend(records)
+class Gate(BatchGate):
+    """The batch tests' publisher (waits for ``open``, fails the calls listed in ``fail``)."""
 
     def migrations(self) -> list[dict[str, Any]]:
         return [orjson.loads(v) for t, _, v in self.sent if t == "segment-migrations"]

@@ -325,19 +325,19 @@ class SketchParts:
         old = self._parts.get(partition)
         for name, merged in self._axes.items():
             if old is not None:
-                for k, c in old[name].items():
-                    left = merged.get(k, 0) - c
-                    if left:
-                        merged[k] = left
-                    else:
-                        merged.pop(k, None)
-            for k, c in new[name].items():
-                left = merged.get(k, 0) + c
-                if left:
-                    merged[k] = left
-                else:
-                    merged.pop(k, None)
+                _merge(merged, old[name], -1)
+            _merge(merged, new[name], 1)
         self._parts[partition] = new
 
     def population(self) -> Population:
         return Population._from_axes(self._axes)
+
+
+def _merge(merged: dict[int, int], counts: Mapping[int, int], sign: int) -> None:
+    """Add (``sign`` 1) or take away (-1) ``counts`` in ``merged``, dropping zero sums."""
+    for k, c in counts.items():
+        left = merged.get(k, 0) + sign * c
+        if left:
+            merged[k] = left
+        else:
+            merged.pop(k, None)

@@ -56,7 +56,7 @@ class SweepStats:
     conflicts: int = 0
     seconds: float = 0.0
     #: partitions of the pass whose outbox is being published in the background
-    published_to: dict[int, bool] = field(default_factory=dict)
+    published_to: set[int] = field(default_factory=set)
 
 
 class Sweeper:
@@ -139,7 +139,8 @@ class Sweeper:
             # The partition counts as swept (``segstream wait``) once its migrations are
             # out; one whose publish failed is swept again (its outbox waits in the store
             # for the next flush).
-            if stats.published_to.pop(p, False):
+            if p in stats.published_to:
+                stats.published_to.discard(p)
                 await self.processor.drain()
                 if not self.processor.is_clean(p):
                     log.warning("sweep of partition %d: outbox publish failed; the "
@@ -154,11 +155,11 @@ class Sweeper:
     async def _chunk(self, p: int, ids: list[str], stats: SweepStats) -> None:
         for _attempt in range(20):
             async with self.lock:
-                before, held = stats.customers, time.perf_counter()
+                before, t0 = stats.customers, time.perf_counter()
                 try:
                     outcome = await self._step(p, ids, stats)
                 finally:
-                    held = time.perf_counter() - held
+                    held = time.perf_counter() - t0
                     if self.on_step is not None:
                         self.on_step(stats.customers - before, held)
             if ids:
@@ -229,7 +230,7 @@ class Sweeper:
             if self.processor.background_publish:
                 # Published while the next batch or step runs, not under the batch lock.
                 self.processor.publish_later([p], {p: commit.outbox})
-                stats.published_to[p] = True
+                stats.published_to.add(p)
             else:
                 await self.processor.flush_outbox([p], {p: commit.outbox})
             return "done"

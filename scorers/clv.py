@@ -43,8 +43,49 @@ class GammaGammaParams:
     v: float
 
 
+# Repeat purchase days above this use ``betaln`` directly (a customer with more repeat days
+# than this has bought on most days for over a century).
+_MAX_SUM_TERMS = 50_000
+# Fits search each parameter's logarithm within these bounds (about 2e-9 to 5e8): beyond
+# them the likelihood is flat to double precision, and a parameter there means "as good as
+# infinite or zero" for every score computed from it.
+_LOG_BOUND = 20.0
+
+
 def _arr(v: ArrayLike) -> NDArray[np.float64]:
     return np.asarray(v, dtype=float)
+
+
+def _log_beta_ratio(a: float, b: float, x: NDArray[np.float64]) -> NDArray[np.float64]:
+    """``betaln(a, b + x) - betaln(a, b)``, accurate also where ``a`` and ``b`` are huge.
+
+    The difference of two ``betaln`` values loses every digit once ``a`` and ``b`` reach about
+    1e12 (each term is then about 1e13 or more), and a fit that follows the noise runs off
+    towards infinity. For whole ``x`` (repeat purchase days always are) it is the finite sum
+    ``-sum(log1p(a / (b + k)) for k < x)``, which has no cancellation.
+    """
+    whole = x.size > 0 and bool(np.all((x >= 0) & (x == np.floor(x))))
+    top = int(x.max()) if whole else 0
+    if not whole or top > _MAX_SUM_TERMS:
+        return betaln(a, b + x) - betaln(a, b)  # type: ignore[no-any-return]
+    terms = np.cumsum(-np.log1p(a / (b + np.arange(top, dtype=float))))
+    return np.concatenate(([0.0], terms))[x.astype(np.int64)]  # type: ignore[no-any-return]
+
+
+def _log_poch(z: Any, a: Any) -> Any:
+    """``gammaln(z + a) - gammaln(z)``, accurate also where ``z`` is huge.
+
+    The plain difference loses about ``z * log(z)`` machine epsilons; for ``z`` above 1e7
+    (and ``a`` small beside it) the Stirling series of the difference is used instead:
+    ``a log z + a (a - 1) / (2 z) - a (a - 1) (2 a - 1) / (12 z**2)``, whose next term is
+    below ``a**4 / z**3``.
+    """
+    z, a = np.asarray(z, dtype=float), np.asarray(a, dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        series = (a * np.log(z) + a * (a - 1) / (2 * z)
+                  - a * (a - 1) * (2 * a - 1) / (12 * z * z))
+    big = (z > 1e7) & (np.abs(a) < 1e-5 * z)
+    return np.where(big, series, gammaln(z + a) - gammaln(z))
 
 
 def bgnbd_loglik(params: BgNbdParams, x: ArrayLike, t_x: ArrayLike, T: ArrayLike
@@ -52,8 +93,8 @@ def bgnbd_loglik(params: BgNbdParams, x: ArrayLike, t_x: ArrayLike, T: ArrayLike
     """Per-customer BG/NBD log-likelihood."""
     r, alpha, a, b = params.r, params.alpha, params.a, params.b
     x, t_x, T = _arr(x), _arr(t_x), _arr(T)
-    a1 = gammaln(r + x) - gammaln(r) + r * np.log(alpha)
-    a2 = betaln(a, b + x) - betaln(a, b)
+    a1 = _log_poch(r, x) + r * np.log(alpha)
+    a2 = _log_beta_ratio(a, b, x)
     a3 = -(r + x) * np.log(alpha + T)
     with np.errstate(divide="ignore"):
         a4 = np.log(a) - np.log(b + np.maximum(x, 1) - 1) - (r + x) * np.log(alpha + t_x)
@@ -75,11 +116,13 @@ def fit_bgnbd(x: ArrayLike, t_x: ArrayLike, T: ArrayLike) -> BgNbdParams:
         return float(-(weights * ll).sum() / weights.sum())
 
     best = None
+    bounds = [(-_LOG_BOUND, _LOG_BOUND)] * 4
     for start in (np.zeros(4), np.log([0.5, 1.0, 0.5, 2.0])):
-        res = minimize(nll, start, method="Nelder-Mead",
+        res = minimize(nll, start, method="Nelder-Mead", bounds=bounds,
                        options={"xatol": 1e-10, "fatol": 1e-12, "maxiter": 20_000,
                                 "maxfev": 40_000})
-        res = minimize(nll, res.x, method="L-BFGS-B", options={"ftol": 1e-15, "gtol": 1e-10})
+        res = minimize(nll, res.x, method="L-BFGS-B", bounds=bounds,
+                       options={"ftol": 1e-15, "gtol": 1e-10})
         if best is None or res.fun < best.fun:
             best = res
     assert best is not None
@@ -118,7 +161,7 @@ def gamma_gamma_loglik(params: GammaGammaParams, x: ArrayLike, m: ArrayLike
     p, q, v = params.p, params.q, params.v
     x, m = _arr(x), _arr(m)
     return (  # type: ignore[no-any-return]
-        gammaln(p * x + q) - gammaln(p * x) - gammaln(q) + q * np.log(v)
+        _log_poch(p * x, q) - gammaln(q) + q * np.log(v)
         + (p * x - 1) * np.log(m) + (p * x) * np.log(x) - (p * x + q) * np.log(x * m + v)
     )
 
@@ -133,9 +176,11 @@ def fit_gamma_gamma(x: ArrayLike, m: ArrayLike) -> GammaGammaParams:
         p, q, v = np.exp(logp)
         return float(-gamma_gamma_loglik(GammaGammaParams(p, q, v), x, m).mean())
 
-    res = minimize(nll, np.zeros(3), method="Nelder-Mead",
+    bounds = [(-_LOG_BOUND, _LOG_BOUND)] * 3
+    res = minimize(nll, np.zeros(3), method="Nelder-Mead", bounds=bounds,
                    options={"xatol": 1e-10, "fatol": 1e-12, "maxiter": 20_000, "maxfev": 40_000})
-    res = minimize(nll, res.x, method="L-BFGS-B", options={"ftol": 1e-15, "gtol": 1e-10})
+    res = minimize(nll, res.x, method="L-BFGS-B", bounds=bounds,
+                   options={"ftol": 1e-15, "gtol": 1e-10})
     p, q, v = np.exp(res.x)
     return GammaGammaParams(float(p), float(q), float(v))
 

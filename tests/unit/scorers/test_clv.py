@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import cdnow_oracle
 import numpy as np
+import pandas as pd
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from lifetimes import BetaGeoFitter, GammaGammaFitter
 from lifetimes.utils import summary_data_from_transaction_data
 
@@ -81,3 +86,84 @@ def test_no_clv_where_gamma_gamma_has_no_finite_expectation() -> None:
                 assert g["clv_90d"] == pytest.approx(g["expected_purchases_90d"] * spend)
                 assert g["clv_90d"] > 0
     assert clv_scores_many(ClvModel(bg, None, 1), feats)[2]["clv_90d"] is None  # no fit yet
+
+
+def _prefix_summary(until: str):
+    df = cdnow_oracle.load()
+    df = df[df["date"] < until]
+    return summary_data_from_transaction_data(df, "customer_id", "date",
+                                              monetary_value_col="amount", freq="D",
+                                              observation_period_end=df["date"].max())
+
+
+@pytest.mark.parametrize("until", ["1997-01-08", "1997-01-15", "1997-03-01"])
+def test_bgnbd_fit_on_short_histories_stays_finite_and_at_least_as_likely_as_lifetimes(
+        until) -> None:
+    # A deployment refits from its first days. There the difference of two betaln values
+    # lost every digit at huge a and b, and the fit followed the rounding noise to a = 8.5e15
+    # (1997-03-01) or 5.5e307 (1997-01-15), with a likelihood lifetimes puts far below its own.
+    summ = _prefix_summary(until)
+    x, t_x, big_t = (summ[c].to_numpy() for c in ("frequency", "recency", "T"))
+    ours = clv.fit_bgnbd(x, t_x, big_t)
+    values = np.array([ours.r, ours.alpha, ours.a, ours.b])
+    assert np.isfinite(values).all() and (values > 0).all()
+    assert (np.abs(np.log(values[[0, 2, 3]])) <= 20 + 1e-9).all()
+    nll = BetaGeoFitter._negative_log_likelihood
+    weights = np.ones(len(x))
+    ours_nll = nll(np.log(values), x, t_x, big_t, weights, 0.0)
+    try:
+        bg = BetaGeoFitter().fit(x, t_x, big_t)
+    except Exception:  # lifetimes does not converge on the first week
+        bg = None
+    if bg is not None:
+        theirs_nll = nll(np.log(bg.params_[["r", "alpha", "a", "b"]].to_numpy()), x, t_x,
+                         big_t, weights, 0.0)
+        assert ours_nll <= theirs_nll + 1e-9
+        if until == "1997-03-01":  # a well-identified optimum: the same parameters
+            for name in ("r", "alpha", "a", "b"):
+                assert getattr(ours, name) == pytest.approx(bg.params_[name], rel=0.01), name
+    # Scores from the fit are finite for every customer and equal lifetimes' closed forms.
+    assert np.isfinite(clv.p_alive(ours, x, t_x, big_t)).all()
+    exp90 = clv.expected_purchases(ours, 90, x, t_x, big_t)
+    assert np.isfinite(exp90).all()
+    ref = BetaGeoFitter()
+    ref.params_ = pd.Series({"r": ours.r, "alpha": ours.alpha, "a": ours.a, "b": ours.b})
+    theirs = ref.conditional_expected_number_of_purchases_up_to_time(90, x, t_x, big_t)
+    # lifetimes' log-space form gives NaN for some customers when a < 1; ours stays finite.
+    known = np.isfinite(theirs)
+    assert known.mean() > 0.5
+    np.testing.assert_allclose(exp90[known], theirs[known], rtol=1e-6)
+
+
+@pytest.mark.parametrize("until", ["1997-01-08", "1997-01-15", "1997-02-01"])
+def test_gamma_gamma_fit_on_short_histories_stays_finite(until) -> None:
+    summ = _prefix_summary(until)
+    gg = clv.fit_gamma_gamma(summ["frequency"], summ["monetary_value"])
+    values = np.array([gg.p, gg.q, gg.v])
+    assert np.isfinite(values).all() and (np.abs(np.log(values)) <= 20 + 1e-9).all()
+    spend = clv.expected_spend(gg, summ["frequency"], summ["monetary_value"])
+    assert np.isfinite(spend[summ["frequency"].to_numpy() > 0]).all()
+    rep = summ[(summ["frequency"] > 0) & (summ["monetary_value"] > 0)]
+    try:
+        ref = GammaGammaFitter().fit(rep["frequency"], rep["monetary_value"])
+    except Exception:  # lifetimes does not converge on the first weeks
+        return
+    nll = GammaGammaFitter._negative_log_likelihood
+    args = (rep["frequency"].to_numpy(), rep["monetary_value"].to_numpy(),
+            np.ones(len(rep)), 0.0)
+    assert nll(np.log(values), *args) <= nll(np.log(ref.params_.to_numpy()), *args) + 1e-9
+
+
+@given(st.floats(1e-3, 1e18), st.floats(1e-3, 1e18), st.integers(0, 300))
+@settings(max_examples=200, deadline=None)
+def test_log_beta_ratio_equals_the_exact_product(a, b, x) -> None:
+    exact = -math.fsum(math.log1p(a / (b + k)) for k in range(x))
+    got = float(clv._log_beta_ratio(a, b, np.array([float(x)]))[0])
+    assert got == pytest.approx(exact, rel=1e-9, abs=1e-9)
+
+
+@given(st.floats(1e-2, 1e18), st.integers(0, 200))
+@settings(max_examples=200, deadline=None)
+def test_log_poch_equals_the_exact_sum_of_logs(z, n) -> None:
+    exact = math.fsum(math.log(z + k) for k in range(n))
+    assert float(clv._log_poch(z, n)) == pytest.approx(exact, rel=1e-9, abs=1e-9)

@@ -162,6 +162,10 @@ def settled_ms(high_ts: Mapping[str, int], lateness_ms: int) -> int:
     return (min(marks) if marks else -1) - lateness_ms
 
 
+class _Redo(Exception):
+    """An attempt found poison customers; their records are now rejections: judge again."""
+
+
 @dataclass(slots=True)
 class _Accepted:
     """A partition's records of one batch after watermark and event-time checks."""
@@ -343,6 +347,8 @@ class BatchProcessor:
                 raise StoreUnavailable("gave up after repeated commit conflicts")
             try:
                 done = await self._attempt(pending, stats)
+            except _Redo:
+                continue
             except Exception as exc:
                 # The commit may have been applied before the error: its outbox records
                 # then wait in Redis, and must be published before anything newer. Any
@@ -393,6 +399,7 @@ class BatchProcessor:
         ctx = self.scoring.context(now) if self.scoring is not None and now >= 0 else None
         commits: list[PartitionCommit] = []
         scored: list[tuple[PartitionCommit, _Accepted, CustomerInput]] = []
+        poison: list[tuple[list[tuple[RawRecord, Event]], Exception]] = []
         for p, acc in accepted.items():
             if not acc.watermarks:
                 continue
@@ -416,7 +423,7 @@ class BatchProcessor:
                 except Exception as exc:  # a poison customer must not stall the partition
                     log.exception("processing failed for customer %s; %d events dead-lettered",
                                   cid_ref(cid), len(pairs))
-                    self._dead_pairs(commit, pairs, exc, local)
+                    poison.append((pairs, exc))
                     continue
                 last = pairs[-1][0]
                 c = CustomerInput(
@@ -432,10 +439,15 @@ class BatchProcessor:
             outcomes = self.score([c for _, _, c in scored], ctx)
             for (commit, acc, c), (_, outcome) in zip(scored, outcomes, strict=True):
                 if isinstance(outcome, Exception):
-                    commit.states.pop(c.customer_id, None)
-                    self._dead_pairs(commit, acc.per_customer[c.customer_id], outcome, local)
+                    poison.append((acc.per_customer[c.customer_id], outcome))
                     continue
                 self.add_outcome(commit, outcome, c.trigger)
+        if poison:
+            # Their events were counted into engine time and the lateness horizons in phase
+            # 1, and the others were scored at that time: judge the batch again with them
+            # rejected, so only accepted events move time (DESIGN §2).
+            self._reject_poison(pending, poison)
+            raise _Redo
         local.applied += sum(len(acc.per_customer[c.customer_id]) for commit, acc, c in scored
                              if c.customer_id in commit.states)
         # The previous batch's publish ran while this one loaded and evaluated; it ends
@@ -535,14 +547,16 @@ class BatchProcessor:
         acc.batch_ids[key] = event.ts_ms
         return False
 
-    def _dead_pairs(self, commit: PartitionCommit, pairs: list[tuple[RawRecord, Event]],
-                    exc: BaseException, local: BatchStats) -> None:
-        for rec, _ in pairs:
-            commit.outbox[f"dlq:{rec.topic}:{rec.offset}"] = encode_outbox(
-                self.settings.dlq_topic, dlq_key(rec.key),
-                self.dead_letter(rec, Rejection("processing_error", repr(exc))),
-                order=(commit.expected_ver, len(commit.outbox)))
-            local.dead("processing_error")
+    @staticmethod
+    def _reject_poison(pending: dict[int, list[tuple[RawRecord, Event | Rejection]]],
+                       poison: list[tuple[list[tuple[RawRecord, Event]], Exception]]) -> None:
+        """Turn the failed customers' records of ``pending`` into ``processing_error``s."""
+        failed = {(rec.topic, rec.partition, rec.offset): Rejection("processing_error",
+                                                                    repr(exc))
+                  for pairs, exc in poison for rec, _ in pairs}
+        for p, items in pending.items():
+            pending[p] = [(rec, failed.get((rec.topic, rec.partition, rec.offset), res))
+                          for rec, res in items]
 
     def score(self, inputs: list[CustomerInput], ctx: ScoringContext
                ) -> list[tuple[CustomerInput, Outcome | Exception]]:

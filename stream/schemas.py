@@ -282,6 +282,14 @@ def decode(kind: str, key: bytes | None, value: bytes | None, max_bytes: int) ->
     >>> decode("transactions", b"c1", b'not json', 1000).reason
     'not_json'
     """
+    try:
+        return _decode(kind, key, value, max_bytes)
+    except Exception as exc:  # e.g. RecursionError re-reading a deeply nested document
+        return Rejection("invalid_schema", f"record: {type(exc).__name__}: {exc}")
+
+
+def _decode(kind: str, key: bytes | None, value: bytes | None, max_bytes: int
+            ) -> Event | Rejection:
     if value is None:
         return Rejection("empty", "record has no value")
     if len(value) > max_bytes:

@@ -6,7 +6,7 @@ import re
 import ssl
 from pathlib import Path
 from typing import Literal
-from urllib.parse import urlparse
+from urllib.parse import parse_qs, urlparse
 
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -61,7 +61,11 @@ class Settings(BaseSettings):
     allowed_lateness_days: float = Field(7.0, ge=0, le=3650)
     max_future_skew_s: float = Field(300.0, ge=0, le=31_536_000)
     max_event_bytes: int = Field(65_536, ge=256, le=10_000_000)
-    dlq_payload_bytes: int = Field(4_096, ge=64, le=1_000_000)
+    #: Most bytes of a rejected record kept in its dead letter. Escaped as JSON, a byte can
+    #: take six (a control character), so at this bound a dead letter stays under the
+    #: producer's 1 MiB request and the default 1 MB ``max.message.bytes``; a larger one
+    #: would be refused by Kafka and block its partition's outbox for good.
+    dlq_payload_bytes: int = Field(4_096, ge=64, le=160_000)
 
     #: The longest the broker holds a worker's fetch when its partitions have no new records.
     kafka_fetch_max_wait_ms: int = Field(50, ge=1, le=10_000)
@@ -190,7 +194,7 @@ class Settings(BaseSettings):
     def _bootstrap(cls, v: str) -> str:
         for part in v.split(","):
             host, _, port = part.strip().rpartition(":")
-            if not host or not port.isdigit():
+            if not host or not (port.isascii() and port.isdigit()):
                 raise ValueError("expected host:port[,host:port...]")
             if not 1 <= int(port) <= 65535:
                 raise ValueError(f"port {port} is not between 1 and 65535")
@@ -210,6 +214,13 @@ class Settings(BaseSettings):
                 raise ValueError("the port is not a number between 1 and 65535")
             if not urlparse(v).hostname:
                 raise ValueError("no host")
+            path = urlparse(v).path.strip("/")
+            if path and not (path.isascii() and path.isdigit()):
+                # redis-py ignores a database it cannot parse and uses database 0
+                raise ValueError(f"the database {path!r} is not a non-negative number")
+        for db in parse_qs(urlparse(v).query).get("db", []):
+            if not (db.isascii() and db.isdigit()):
+                raise ValueError(f"the database {db!r} is not a non-negative number")
         return v
 
     @field_validator("redis_cluster")

@@ -135,3 +135,80 @@ def test_pure_state_is_independent_of_grouping_for_reused_ids() -> None:
     one = apply_many(apply_many(apply_many(empty(), [a]), [b]), [a2])
     two = apply_many(apply_many(empty(), [a]), [b, a2])
     assert derive(one, 8 * DAY)["purchases_total"] == derive(two, 8 * DAY)["purchases_total"]
+
+
+def _txc(eid: str, cid: str, ts: int, amount: float = 10) -> bytes:
+    return orjson.dumps({"event_id": eid, "customer_id": cid, "ts": ts, "amount": amount})
+
+
+def test_a_poison_customers_events_do_not_move_engine_time() -> None:
+    """DESIGN §2: now is the largest timestamp *accepted*. Events dead-lettered because their
+    customer's state cannot be stored were not accepted: they must neither age the other
+    customers nor make their valid events too late."""
+    bp, st, sink = _proc()
+    asyncio.run(bp.process([RawRecord("transactions", 0, 0, b"c1", _txc("a", "c1", T0))]))
+    # 2,000 purchases of 1e12 pass 2**63 ten-thousandths: no store can hold the sum
+    huge = [RawRecord("transactions", 0, 1 + i, b"big", _txc(f"b{i}", "big", T0 + 30 * DAY,
+                                                             1e12)) for i in range(2_000)]
+    mixed = [*huge, RawRecord("transactions", 0, 2_001, b"c2", _txc("c", "c2", T0 + DAY))]
+    stats = asyncio.run(bp.process(mixed))
+    assert stats.dead_letters == {"processing_error": 2_000}
+    assert st.global_now == T0 + DAY
+    late = asyncio.run(bp.process([RawRecord("transactions", 0, 2_002, b"c1",
+                                             _txc("d", "c1", T0 + 2 * DAY))]))
+    assert late.dead_letters == {}
+    f = derive(serial.decode(st.customers[(0, "c1")]), st.global_now)
+    assert (f["purchases_total"], f["recency_days"]) == (2, 0)
+    assert st.meta[0]["wm:transactions"] == 2_002
+    assert [orjson.loads(v)["reason"] for _, _, v in sink.sent
+            if orjson.loads(v).get("reason")] == ["processing_error"] * 2_000
+
+
+def test_a_customer_whose_scoring_fails_does_not_move_engine_time(monkeypatch) -> None:
+    """The same when evaluation raises for one customer: the others are scored at the engine
+    time of the accepted events only."""
+    import stream.pipeline as pl
+    from scorers.rules import default_catalogue
+    from stream.runtime import StaticScoring
+
+    wall = (T0 + 365 * DAY) / 1000
+    settings = load_settings()
+    st, sink = MemoryFeatureStore(), Sink()
+    scoring = StaticScoring(settings, st, default_catalogue(), None, clock=lambda: wall)
+    bp = BatchProcessor(settings, st, sink, clock=lambda: wall, scoring=scoring)
+    real = pl.evaluate
+    seen_now: list[int] = []
+
+    def fail_bad(inputs, ctx):
+        if any(c.customer_id == "bad" for c in inputs):
+            raise RuntimeError("boom")
+        seen_now.append(ctx.now_ms)
+        return real(inputs, ctx)
+
+    monkeypatch.setattr(pl, "evaluate", fail_bad)
+    recs = [RawRecord("transactions", 0, 0, b"c1", _txc("a", "c1", T0)),
+            RawRecord("transactions", 0, 1, b"bad", _txc("b", "bad", T0 + 20 * DAY))]
+    stats = asyncio.run(bp.process(recs))
+    assert stats.dead_letters == {"processing_error": 1}
+    assert st.global_now == T0
+    assert seen_now[-1] == T0  # the kept evaluation (the first attempt's is discarded)
+    assert (0, "bad") not in st.customers and (0, "c1") in st.customers
+    assert [orjson.loads(v)["reason"] for t, _, v in sink.sent
+            if t == settings.dlq_topic] == ["processing_error"]
+
+
+def test_a_deeply_nested_unknown_field_is_rejected_and_its_batch_goes_on() -> None:
+    """A large amount is re-read exactly with the standard library's JSON parser, whose
+    nesting limit is lower than orjson's: that must reject the record, not fail the batch."""
+    deep = "[" * 1_000 + "]" * 1_000
+    bad = ('{"event_id":"b","customer_id":"c2","ts":%d,"amount":2e10,"x":%s}'
+           % (T0, deep)).encode()
+    res = decode("transactions", b"c2", bad, 1_000_000)
+    assert res.reason == "invalid_schema" and "RecursionError" in res.error
+    bp, st, sink = _proc()
+    stats = asyncio.run(bp.process([RawRecord("transactions", 0, 0, b"c1", _tx("g", T0)),
+                                    RawRecord("transactions", 0, 1, b"c2", bad)]))
+    assert stats.dead_letters == {"invalid_schema": 1}
+    assert (0, "c1") in st.customers and (0, "c2") not in st.customers
+    dl = [orjson.loads(v) for _, _, v in sink.sent if orjson.loads(v).get("reason")]
+    assert dl[0]["offset"] == 1 and dl[0]["payload"] == bad.decode()

@@ -163,6 +163,12 @@ def test_dlq_payload_is_truncated_and_keeps_the_source() -> None:
 
 @pytest.mark.parametrize("var,value", [("SEGSTREAM_PARTITIONS", "0"),
                                        ("SEGSTREAM_REDIS_URL", "http://x"),
+                                       # a typo for database 10: redis-py would use 0
+                                       ("SEGSTREAM_REDIS_URL", "redis://h:6379/1O"),
+                                       ("SEGSTREAM_REDIS_URL", "redis://h:6379/-1"),
+                                       ("SEGSTREAM_REDIS_URL", "unix:///tmp/r.sock?db=x"),
+                                       ("SEGSTREAM_KAFKA_BOOTSTRAP", "h:\uff19\uff10"),
+                                       ("SEGSTREAM_DLQ_PAYLOAD_BYTES", "1000000"),
                                        ("SEGSTREAM_REDIS_PREFIX", "{bad}")])
 def test_invalid_setting_names_the_variable(monkeypatch, var: str, value: str) -> None:
     from stream.errors import SettingsError
@@ -170,6 +176,29 @@ def test_invalid_setting_names_the_variable(monkeypatch, var: str, value: str) -
     monkeypatch.setenv(var, value)
     with pytest.raises(SettingsError, match=var):
         load_settings()
+
+
+@pytest.mark.parametrize("url", ["redis://h:6379", "redis://h:6379/", "redis://h:6379/12",
+                                 "rediss://u:p@h:6380/0", "unix:///tmp/r.sock?db=3"])
+def test_valid_redis_urls_are_accepted(monkeypatch, url: str) -> None:
+    monkeypatch.setenv("SEGSTREAM_REDIS_URL", url)
+    assert load_settings().redis_url == url
+
+
+@pytest.mark.parametrize("fill", [b"\x01", b'"', b"\xff", "\u2028".encode()])
+def test_the_largest_dead_letter_fits_kafkas_default_record_limit(monkeypatch, fill) -> None:
+    """At the largest SEGSTREAM_DLQ_PAYLOAD_BYTES, a dead letter of the worst bytes (JSON
+    escapes a control character to six) with the longest key and error stays under 1 MB."""
+    from stream.schemas import Rejection
+
+    monkeypatch.setenv("SEGSTREAM_DLQ_PAYLOAD_BYTES", "160000")
+    p, _, _ = make()
+    raw = fill * 400_000
+    dl = p.dead_letter(RawRecord("transactions", 0, 1, b"\x01" * 10_000, raw),
+                       Rejection("invalid_schema", "\x01" * 5_000))
+    assert len(dl) < 1_000_000
+    d = orjson.loads(dl)
+    assert d["payload_truncated"] is True
 
 
 def test_each_stage_of_a_batch_is_reported_once_per_attempt_and_within_the_batch() -> None:

@@ -18,9 +18,9 @@ old contribution is removed by decrementing its old fields when the value
 changes. Recency and frequency are exact. For monetary values the only error is
 inside a bucket: customers whose totals differ by less than a factor
 ``(1 + ALPHA) / (1 - ALPHA)`` (about 0.4 %) count as ties, so ``p`` is low by at
-most the share of customers in the customer's own bucket, and a score differs
-from the exact rule by at most one, and only when that share straddles a
-multiple of 1/5.
+most the share of customers in the customer's own bucket: a score is below the
+exact rule only when that share straddles a multiple of 1/5, by one for a share
+under 1/5 and by up to four when most customers' totals fall in one bucket.
 
 >>> pop = Population.from_hashes([{"r:10": 1, "f:1": 1, "m:1": 1},
 ...                               {"r:12": 1, "f:3": 1, "m:9": 1}])

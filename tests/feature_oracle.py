@@ -40,17 +40,19 @@ def iso_ms(ts_ms: Any) -> str | None:
 
 
 def _frame(events: list[Event]) -> pd.DataFrame:
-    """One row per distinct event id (duplicates carry identical content)."""
-    rows: dict[str, tuple[Any, ...]] = {}
+    """One row per distinct event: ids are a customer's, per input topic (README), so the
+    same id of another customer, or of a click and a purchase, is another event; a
+    redelivery carries identical content."""
+    rows: dict[tuple[str, bool, str], tuple[Any, ...]] = {}
     for e in events:
         if isinstance(e, TransactionEvent):
             row = (e.customer_id, e.ts_ms, e.kind, e.amount_units, None, None)
         else:
             row = (e.customer_id, e.ts_ms, "click", 0, e.event_type, e.session_id)
-        rows.setdefault(e.event_id, row)
+        rows.setdefault((e.customer_id, isinstance(e, TransactionEvent), e.event_id), row)
     cols = list(zip(*rows.values(), strict=True)) or [()] * 6
     df = pd.DataFrame({
-        "event_id": pd.Series(list(rows), dtype=object),
+        "event_id": pd.Series([k[2] for k in rows], dtype=object),
         "customer_id": pd.Series(cols[0], dtype=object),
         "ts": pd.Series(cols[1], dtype="int64"),
         "kind": pd.Series(cols[2], dtype=object),
@@ -58,7 +60,7 @@ def _frame(events: list[Event]) -> pd.DataFrame:
         "event_type": pd.Series(cols[4], dtype=object),
         "session_id": pd.Series(cols[5], dtype=object),
     })
-    assert not df["event_id"].duplicated().any()
+    assert not df[["customer_id", "kind", "event_id"]].duplicated().any()
     df["day"] = df["ts"] // MS_PER_DAY
     df["signed"] = df["amount"].where(df["kind"] == "purchase",
                                       (-df["amount"]).where(df["kind"] == "refund", 0))

@@ -245,6 +245,22 @@ def test_oracle_covers_every_feature_name() -> None:
     assert tuple(derive(empty(), 0)) == FEATURE_NAMES
 
 
+def test_oracle_takes_ids_per_customer_and_topic() -> None:
+    """README: ids are a customer's, per input topic. The same id on a click and a purchase
+    of one customer, or on two customers' purchases, names different events."""
+    M = MS_PER_DAY
+    events: list[Event] = [ClickEvent("e1", "alice", 5 * M, LOGIN, "s"),
+                           TransactionEvent("e1", "alice", 5 * M + 1, 100_000),
+                           TransactionEvent("e1", "bob", 5 * M + 2, 50_000),
+                           TransactionEvent("e1", "bob", 5 * M + 2, 50_000)]  # redelivery
+    want = oracle(events, 6 * M)
+    assert (want["alice"]["purchases_total"], want["alice"]["events_total"]) == (1, 1)
+    assert (want["bob"]["purchases_total"], want["bob"]["monetary_total"]) == (1, 5.0)
+    for cid in ("alice", "bob"):
+        mine = [e for e in events if e.customer_id == cid]
+        assert_features_equal(derive(apply_many(empty(), mine), 6 * M), want[cid])
+
+
 def test_oracle_hand_computed_example() -> None:
     """Pin the oracle itself to hand-computed values so both sides can't drift together."""
     d = 20_000

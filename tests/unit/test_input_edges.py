@@ -201,8 +201,8 @@ def test_a_deeply_nested_unknown_field_is_rejected_and_its_batch_goes_on() -> No
     """A large amount is re-read exactly with the standard library's JSON parser, whose
     nesting limit is lower than orjson's: that must reject the record, not fail the batch."""
     deep = "[" * 1_000 + "]" * 1_000
-    bad = ('{"event_id":"b","customer_id":"c2","ts":%d,"amount":2e10,"x":%s}'
-           % (T0, deep)).encode()
+    bad = (f'{{"event_id":"b","customer_id":"c2","ts":{T0},"amount":2e10,"x":{deep}}}'
+           ).encode()
     res = decode("transactions", b"c2", bad, 1_000_000)
     assert res.reason == "invalid_schema" and "RecursionError" in res.error
     bp, st, sink = _proc()

@@ -69,7 +69,7 @@ def _log_beta_ratio(a: float, b: float, x: NDArray[np.float64]) -> NDArray[np.fl
     if not whole or top > _MAX_SUM_TERMS:
         return betaln(a, b + x) - betaln(a, b)  # type: ignore[no-any-return]
     terms = np.cumsum(-np.log1p(a / (b + np.arange(top, dtype=float))))
-    return np.concatenate(([0.0], terms))[x.astype(np.int64)]  # type: ignore[no-any-return]
+    return np.concatenate(([0.0], terms))[x.astype(np.int64)]
 
 
 def _log_poch(z: Any, a: Any) -> Any:

@@ -4,13 +4,18 @@ The customer's feature state and profile are deleted, and their contributions to
 the shared counters (RFM population sketch, segment sizes) are removed, in one
 fenced commit on the customer's partition, so a worker processing the partition at
 the same moment cannot resurrect or double-remove them. Pending outbox records of
-the customer and their entries in the recent-migrations log are dropped, and a
-tombstone keyed by the customer is published on the migrations topic so that
-downstream consumers (and compacted topics) forget them too. Action conversion
-counters are aggregates without identities and are kept.
+the customer (migrations, dead letters, learner examples) and their entries in the
+recent-migrations log are dropped, and a tombstone keyed by the customer is published on
+the migrations topic so that downstream consumers (and compacted topics) forget them too.
+Action conversion counters are aggregates without identities and are kept. Running it
+again finishes an erase that failed part-way (the outbox of every partition is searched
+when no state is left).
 
 Events of the customer still in the input topics are not removed from Kafka (topic
-retention governs them); replaying them would recreate the customer.
+retention governs them); replaying them would recreate the customer. A worker's outbox
+publish already under way when the customer is forgotten can still deliver (and log)
+the records it read before: forget a customer while their partition is quiet, or run it
+again once that publish has ended to drop what it logged.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import redis.asyncio as aioredis
 
 from features.store import PartitionCommit, RedisFeatureStore
 from scorers import rfm
+from scorers.labels import customer_hash
 from scorers.profile import Profile
 from scorers.scoring import RFM_HASH, SEGMENT_HASH
 from stream.pipeline import unpack_outbox
@@ -56,18 +62,39 @@ async def forget(s: Settings, r: aioredis.Redis, store: RedisFeatureStore,
             await asyncio.sleep(0.05)
         else:
             raise RuntimeError("partition kept changing; try again")
-        removed["outbox_records"] = await _drop_outbox(store, part, customer_id)
+    # Also when no state was found: a run that erased the state but failed before this
+    # point (a timeout, a kill) is finished by running it again. Without the state the
+    # partition is unknown, so every partition's outbox is looked at.
+    parts = [found[0]] if found is not None else list(range(s.partitions))
+    removed["outbox_records"] = await _drop_outbox(s, store, parts, customer_id)
     removed["log_entries"] = await _drop_log(s, r, customer_id)
     return removed
 
 
-async def _drop_outbox(store: RedisFeatureStore, part: int, customer_id: str) -> int:
-    pending = await store.outbox_pending([part])
-    key = customer_id.encode()
-    mine = [oid for oid, blob in pending.get(part, {}).items() if unpack_outbox(blob).key == key]
+def _is_mine(s: Settings, blob: bytes, key: bytes, pseudonym: str) -> bool:
+    """Whether an outbox record is the customer's: keyed by them (migrations, dead letters)
+    or a learner example of theirs (keyed by nothing, named by the id's pseudonym)."""
+    rec = unpack_outbox(blob)
+    if rec.key == key:
+        return True
+    if rec.topic != s.examples_topic or rec.value is None:
+        return False
+    try:
+        return bool(orjson.loads(rec.value).get("customer_hash") == pseudonym)
+    except (orjson.JSONDecodeError, AttributeError):
+        return False
+
+
+async def _drop_outbox(s: Settings, store: RedisFeatureStore, parts: list[int],
+                       customer_id: str) -> int:
+    pending = await store.outbox_pending(parts)
+    key, pseudonym = customer_id.encode(), customer_hash(customer_id)
+    mine = {p: [oid for oid, blob in records.items() if _is_mine(s, blob, key, pseudonym)]
+            for p, records in pending.items()}
+    mine = {p: ids for p, ids in mine.items() if ids}
     if mine:
-        await store.outbox_done({part: mine})
-    return len(mine)
+        await store.outbox_done(mine)
+    return sum(len(ids) for ids in mine.values())
 
 
 async def _drop_log(s: Settings, r: aioredis.Redis, customer_id: str) -> int:

@@ -139,6 +139,10 @@ class Settings(BaseSettings):
         # An empty value is a mistake, not a way to turn the feature off: say so.
         if v is not None and not v.get_secret_value().strip():
             raise ValueError(f"empty; unset {env_name(info.field_name or '')} instead")
+        if v is not None and info.field_name == "api_token":
+            # Clients' tokens are compared without surrounding whitespace; a secret read
+            # from a file often ends in a newline, which would lock every client out.
+            return SecretStr(v.get_secret_value().strip())
         return v
 
     @field_validator("rules_path", "actions_path")

@@ -112,7 +112,9 @@ def _authorized(request: web.Request, token: bytes) -> bool:
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer":
         return False
-    return hmac.compare_digest(given.strip().encode(), token)
+    # aiohttp hands non-UTF-8 header bytes over as surrogate escapes: encode them back
+    # (they then just fail to match) instead of failing the request with a 500
+    return hmac.compare_digest(given.strip().encode("utf-8", "surrogateescape"), token)
 
 
 def _guard(handler: Handler, token: str | None, public: bool) -> Handler:

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+import orjson
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
@@ -201,6 +202,31 @@ def test_token_required(path: str) -> None:
         assert lower.status == 200, path
 
     run(check, TOKEN)
+
+
+def test_a_token_with_bytes_that_are_not_utf8_is_refused_with_a_json_401() -> None:
+    async def check(client: TestClient[Any, Any], _: FakeBackend) -> None:
+        assert client.port is not None
+        reader, writer = await asyncio.open_connection(client.host, client.port)
+        writer.write(b"GET /segments HTTP/1.1\r\nHost: x\r\n"
+                     b"Authorization: Bearer t\xf6k\xe9n\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        raw = await reader.read()
+        writer.close()
+        head, _, body = raw.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 401"), head
+        assert b"application/json" in head
+        assert_matches(orjson.loads(body), "Error")
+
+    run(check, TOKEN)
+
+
+def test_a_token_setting_is_taken_without_surrounding_whitespace(monkeypatch) -> None:
+    from stream.settings import load_settings
+
+    monkeypatch.setenv("SEGSTREAM_API_TOKEN", f" {TOKEN}\n")  # a secret file's newline
+    token = load_settings().api_token
+    assert token is not None and token.get_secret_value() == TOKEN
 
 
 @pytest.mark.parametrize("path", sorted(PUBLIC_PATHS))

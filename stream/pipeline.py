@@ -448,8 +448,7 @@ class BatchProcessor:
             # rejected, so only accepted events move time (DESIGN §2).
             self._reject_poison(pending, poison)
             raise _Redo
-        local.applied += sum(len(acc.per_customer[c.customer_id]) for commit, acc, c in scored
-                             if c.customer_id in commit.states)
+        local.applied += sum(len(acc.per_customer[c.customer_id]) for _, acc, c in scored)
         # The previous batch's publish ran while this one loaded and evaluated; it ends
         # before this commit, so outbox records go out in the order they were committed
         # and a failed commit below marks its partitions dirty after that publish.

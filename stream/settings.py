@@ -209,20 +209,20 @@ class Settings(BaseSettings):
     def _redis_url(cls, v: str) -> str:
         if not v.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("expected redis://, rediss:// or unix:// URL")
+        url = urlparse(v)
+        databases = parse_qs(url.query).get("db", [])
         if not v.startswith("unix://"):
             try:
-                port = urlparse(v).port
+                port = url.port
             except ValueError:
                 raise ValueError("the port is not a number between 1 and 65535") from None
             if port == 0:
                 raise ValueError("the port is not a number between 1 and 65535")
-            if not urlparse(v).hostname:
+            if not url.hostname:
                 raise ValueError("no host")
-            path = urlparse(v).path.strip("/")
-            if path and not (path.isascii() and path.isdigit()):
-                # redis-py ignores a database it cannot parse and uses database 0
-                raise ValueError(f"the database {path!r} is not a non-negative number")
-        for db in parse_qs(urlparse(v).query).get("db", []):
+            databases.append(url.path.strip("/") or "0")
+        for db in databases:
+            # redis-py ignores a database it cannot parse and uses database 0
             if not (db.isascii() and db.isdigit()):
                 raise ValueError(f"the database {db!r} is not a non-negative number")
         return v

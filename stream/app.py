@@ -28,7 +28,7 @@ from stream.errors import SegstreamError
 from stream.inbox import Inbox
 from stream.learner import Learner
 from stream.metrics import EngineMetrics
-from stream.pipeline import BatchProcessor, RawRecord
+from stream.pipeline import BatchProcessor, RawRecord, decode_record, input_kinds
 from stream.redisconn import redis_client
 from stream.runtime import ScoringRuntime, load_rules
 from stream.settings import Settings
@@ -101,6 +101,7 @@ class _Consumer(EagerDelivery, fa.Consumer):
                 self.log.warning("seek to committed offsets failed: %r", exc)
             return
         others = {}
+        decode = getattr(self.app, "decode_input", None)
         input_tps = [tp for tp in records if tp.topic in inbox.topics]
         for i, tp in enumerate(input_tps):
             recs = records[tp]
@@ -108,8 +109,15 @@ class _Consumer(EagerDelivery, fa.Consumer):
                 inbox.forget_position(tp)
                 await self._fetch_again({tp: recs}, generation, "partition paused")
                 continue
-            kept = await inbox.put(tp, [RawRecord(r.topic, r.partition, r.offset, r.key,
-                                                  r.value, r.timestamp) for r in recs])
+            # Decoded here, as fetched: the ingest loop's batch then only applies them,
+            # and this runs while it waits for Redis (see stream.pipeline.decode_record).
+            if decode is None:
+                raw = [RawRecord(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp)
+                       for r in recs]
+            else:
+                raw = [RawRecord(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp,
+                                 decode(r.topic, r.key, r.value)) for r in recs]
+            kept = await inbox.put(tp, raw)
             if (not kept or not self.flow_active
                     or self.app.consumer_generation_id != generation):
                 # A rebalance began while the inbox had no room: what this fetch returned
@@ -253,6 +261,8 @@ class LeanApp(faust.App):
 
     #: set before the worker starts: its consumer puts input records there (:mod:`stream.inbox`)
     inbox: Inbox | None = None
+    #: set with the inbox: decodes an input record as it is fetched, (topic, key, value)
+    decode_input: Callable[[str, bytes | None, bytes | None], Any] | None = None
     #: set before the worker starts: per input (topic, partition) the offset after the
     #: state store's watermark (the consumer seeks back there after a rebalance)
     stored_positions: Callable[[], Awaitable[dict[tuple[str, int], int]]] | None = None
@@ -501,6 +511,8 @@ class Engine:
         self.inbox = Inbox(settings.input_topics, stream_buffering(settings)[
             "stream_buffer_maxsize"], self._ack_range)
         self.app.inbox = self.inbox
+        self.app.decode_input = partial(decode_record, input_kinds(settings),
+                                        settings.max_event_bytes)
         self.app.stored_positions = self._stored_positions
         self.app.agent(self.source, name="ingest", concurrency=1)(self._ingest)
         self.app.timer(OUTBOX_FLUSH_INTERVAL_S)(self._flush_outbox)

@@ -67,6 +67,32 @@ class RawRecord:
     key: bytes | None
     value: bytes | None
     timestamp_ms: int | None = None
+    #: the record already decoded (:func:`decode_record`), or None: decoded in its batch
+    decoded: Event | Rejection | None = None
+
+
+def input_kinds(settings: Settings) -> dict[str, str]:
+    """The event kind of each input topic."""
+    return {settings.clickstream_topic: "clickstream",
+            settings.transactions_topic: "transactions"}
+
+
+def decode_record(kinds: Mapping[str, str], max_bytes: int, topic: str, key: bytes | None,
+                  value: bytes | None) -> Event | Rejection:
+    """An input record's event, or why it has none; all but the wall-clock check a batch
+    makes (an event too far in the future), so it can run as soon as the record is fetched.
+
+    >>> kinds = {"tx": "transactions"}
+    >>> decode_record(kinds, 1000, "other", b"c1", b"{}").reason
+    'unknown_topic'
+    >>> decode_record(kinds, 1000, "tx", b"c1", b'{"event_id": "e", "customer_id": "c1", '
+    ...               b'"ts": 0, "amount": 1}').customer_id
+    'c1'
+    """
+    kind = kinds.get(topic)
+    if kind is None:
+        return Rejection("unknown_topic", f"not an input topic: {topic}")
+    return decode(kind, key, value, max_bytes)
 
 
 class Publisher(Protocol):
@@ -229,10 +255,9 @@ class BatchProcessor:
         self.store = store
         self.publisher = publisher
         self.clock = clock
-        self.kinds = {
-            settings.clickstream_topic: "clickstream",
-            settings.transactions_topic: "transactions",
-        }
+        self.kinds = input_kinds(settings)
+        #: decodes one input record: (topic, key, value) -> event or rejection
+        self.decode_record = partial(decode_record, self.kinds, settings.max_event_bytes)
         self.topics = list(settings.input_topics)
         #: partitions whose stored outbox holds nothing this processor has not published or
         #: is not publishing; any other partition's outbox is read back before publishing,
@@ -330,16 +355,14 @@ class BatchProcessor:
                                                                          Event | Rejection]]]:
         horizon = int(self.clock() * 1000) + self.settings.future_skew_ms
         by_part: dict[int, list[tuple[RawRecord, Event | Rejection]]] = {}
+        decode_one = self.decode_record
         for rec in records:
-            kind = self.kinds.get(rec.topic)
-            res: Event | Rejection
-            if kind is None:
-                res = Rejection("unknown_topic", f"not an input topic: {rec.topic}")
-            else:
-                res = decode(kind, rec.key, rec.value, self.settings.max_event_bytes)
-                if not isinstance(res, Rejection) and res.ts_ms > horizon:
-                    res = Rejection("from_future", "timestamp is more than "
-                                    f"{self.settings.max_future_skew_s:g}s ahead of wall clock")
+            res = rec.decoded
+            if res is None:
+                res = decode_one(rec.topic, rec.key, rec.value)
+            if not isinstance(res, Rejection) and res.ts_ms > horizon:
+                res = Rejection("from_future", "timestamp is more than "
+                                f"{self.settings.max_future_skew_s:g}s ahead of wall clock")
             by_part.setdefault(rec.partition, []).append((rec, res))
         return by_part
 

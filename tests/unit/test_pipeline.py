@@ -366,3 +366,29 @@ def test_a_large_stored_outbox_is_read_back_in_slices_that_let_the_loop_run(
     assert slices == [4, 4, 4, 4, 4, 4, 1]
     # the loop ran other tasks between the slices: at least once per slice read back
     assert ticks >= 6, ticks
+
+
+def test_a_record_decoded_when_fetched_is_not_decoded_again(monkeypatch) -> None:
+    """The consumer decodes input records as it fetches them; a batch applies what they
+    carry and still judges event time against the wall clock of the batch."""
+    import stream.pipeline as pipeline_mod
+
+    p, store, sink = make()
+    fetched = [rec(0, tx(0, "c1", T0)), rec(1, tx(1, "c1", int(WALL * 1000) + 3_600_000)),
+               rec(2, b"not json")]
+    early = [RawRecord(r.topic, r.partition, r.offset, r.key, r.value, None,
+                       p.decode_record(r.topic, r.key, r.value)) for r in fetched]
+    calls: list[bytes | None] = []
+    real = pipeline_mod.decode
+
+    def counting(kind, key, value, max_bytes):
+        calls.append(value)
+        return real(kind, key, value, max_bytes)
+
+    monkeypatch.setattr(pipeline_mod, "decode", counting)
+    run(p, early)
+    assert calls == []
+    assert purchases(store) == 1
+    reasons = sorted(orjson.loads(v)["reason"] for t, _, v in sink.sent
+                     if t == p.settings.dlq_topic)
+    assert reasons == ["from_future", "not_json"]

@@ -47,24 +47,38 @@ end
 local now = tonumber(redis.call('HGET', KEYS[1], 'now') or '-1')
 if tonumber(ARGV[i]) > now then redis.call('HSET', KEYS[1], 'now', ARGV[i]) end
 i = i + 1
-local nout = tonumber(ARGV[i]); i = i + 1
-for _ = 1, nout do
-  redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
-  i = i + 2
+-- Writes of many keys or fields go out as one command per chunk of 1,000 arguments (an
+-- even number: pairs stay whole), not one call each.
+local function chunked(cmd, key, list)
+  for s = 1, #list, 1000 do
+    local e = math.min(s + 999, #list)
+    if key then redis.call(cmd, key, unpack(list, s, e))
+    else redis.call(cmd, unpack(list, s, e)) end
+  end
 end
+local nout = tonumber(ARGV[i]); i = i + 1
+local fields = {}
+for j = i, i + 2 * nout - 1 do fields[#fields + 1] = ARGV[j] end
+chunked('HSET', KEYS[2], fields)
+i = i + 2 * nout
 local nset = tonumber(ARGV[i]); i = i + 1
+local sets, added, gone = {}, {}, {}
 for k = 4, 3 + nset do
   local key = KEYS[k]
   local is_customer = string.sub(key, 1, hl) == head
   if ARGV[i] == '' then
     redis.call('DEL', key)
-    if is_customer then redis.call('SREM', KEYS[3], string.sub(key, hl + 1)) end
+    if is_customer then gone[#gone + 1] = string.sub(key, hl + 1) end
   else
-    redis.call('SET', key, ARGV[i])
-    if is_customer then redis.call('SADD', KEYS[3], string.sub(key, hl + 1)) end
+    sets[#sets + 1] = key
+    sets[#sets + 1] = ARGV[i]
+    if is_customer then added[#added + 1] = string.sub(key, hl + 1) end
   end
   i = i + 1
 end
+chunked('MSET', nil, sets)
+chunked('SADD', KEYS[3], added)
+chunked('SREM', KEYS[3], gone)
 for k = 4 + nset, #KEYS do
   local nf = tonumber(ARGV[i]); i = i + 1
   for _ = 1, nf do

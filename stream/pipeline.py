@@ -34,7 +34,7 @@ from features.store import (
 from scorers.profile import Profile
 from scorers.scoring import CustomerInput, Outcome, ScoringContext, evaluate
 from stream.redact import cid_ref
-from stream.schemas import Rejection, decode
+from stream.schemas import MAX_ID_CHARS, Rejection, decode
 from stream.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,8 @@ T = TypeVar("T")
 MAX_COMMIT_ATTEMPTS = 50
 #: Recent migrations kept in Redis for the API (``GET /migrations``).
 MIGRATION_LOG_MAXLEN = 10_000
+#: The longest customer id in bytes (UTF-8 takes up to 4 a character).
+_MAX_ID_BYTES = 4 * MAX_ID_CHARS
 #: Turns of the event loop a batch gives its reads before it decodes (three take a
 #: pipelined read to the socket with uvloop and asyncio alike; one more for slack).
 READ_AHEAD_TURNS = 4
@@ -189,6 +191,13 @@ def settled_ms(high_ts: Mapping[str, int], lateness_ms: int) -> int:
     """Event time behind which a partition accepts no more events (lateness is per topic)."""
     marks = [v for v in high_ts.values() if v >= 0]
     return (min(marks) if marks else -1) - lateness_ms
+
+
+def _retrieved(fut: asyncio.Future[Any]) -> None:
+    """Done callback: mark a task's exception as seen (it is raised where the task is
+    awaited, or the batch it belonged to was given up on)."""
+    if not fut.cancelled():
+        fut.exception()
 
 
 #: Engine time and the partitions' snapshots, as a batch's reads return them.
@@ -369,6 +378,8 @@ class BatchProcessor:
     async def process(self, records: Sequence[RawRecord]) -> BatchStats:
         """Apply a batch; returns once its state is committed and its outbox published."""
         stats = BatchStats(records=len(records))
+        if not records:
+            return stats
         t0 = time.perf_counter()
         # The batch's reads go out before its records are decoded, so that Redis answers
         # while they are: whatever scoring state is due, and the states of the customers
@@ -376,13 +387,14 @@ class BatchProcessor:
         # attempt uses them if they cover every customer decoding accepted.
         ahead: asyncio.Future[_Read] | None = asyncio.ensure_future(
             self._read(self._keyed(records)))
-        # A few turns of the event loop take the reads to the wire (the task, its two
-        # round trips, a connection from the pool) before decoding holds the loop.
-        for _ in range(READ_AHEAD_TURNS):
-            if ahead.done():
-                break
-            await asyncio.sleep(0)
+        ahead.add_done_callback(_retrieved)
         try:
+            # A few turns of the event loop take the reads to the wire (the task, its two
+            # round trips, a connection from the pool) before decoding holds the loop.
+            for _ in range(READ_AHEAD_TURNS):
+                if ahead.done():
+                    break
+                await asyncio.sleep(0)
             pending = self._decode_all(records)
         except BaseException:
             ahead.cancel()
@@ -431,7 +443,8 @@ class BatchProcessor:
             ids = out.get(rec.partition)
             if ids is None:
                 ids = out[rec.partition] = set()
-            if rec.key is not None:
+            # A key longer than any customer id names nobody: not sent to Redis
+            if rec.key is not None and len(rec.key) <= _MAX_ID_BYTES:
                 ids.add(rec.key.decode("utf-8", "replace"))
         return out
 
@@ -453,7 +466,14 @@ class BatchProcessor:
                 stage("load", time.perf_counter() - t0)
             return out
 
-        _, (now, snaps) = await asyncio.gather(refresh(), load())
+        reads = (asyncio.ensure_future(refresh()), asyncio.ensure_future(load()))
+        try:
+            _, (now, snaps) = await asyncio.gather(*reads)
+        except BaseException:
+            for task in reads:  # the other read must not run on into the retry
+                task.cancel()
+                task.add_done_callback(_retrieved)
+            raise
         return now, snaps
 
     async def _attempt(self, pending: dict[int, list[tuple[RawRecord, Event | Rejection]]],

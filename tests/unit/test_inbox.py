@@ -550,3 +550,25 @@ def test_getmany_stops_at_a_rebalance_that_began_while_the_inbox_was_full() -> N
 
     asyncio.run(run())
     assert (B, 12, 12) in acks.calls and not any(t == B and f < 12 for t, f, _ in acks.calls)
+
+
+def test_getmany_decodes_input_records_as_it_puts_them_with_the_engines_decoder() -> None:
+    import orjson
+
+    from stream.app import Engine
+    from stream.settings import load_settings
+
+    s = load_settings()
+    decode = Engine(s).app.decode_input
+    assert decode is not None
+    click = orjson.dumps({"event_id": "e1", "customer_id": "k", "ts": 1_735_689_600_000,
+                          "event_type": "login"})
+    fetched = kafka_records(TP(s.clickstream_topic, 0), [4, 5])
+    fetched[0].value = click
+    box = Inbox([s.clickstream_topic], 100, Acks())
+    c = _FakeConsumer(box, {TP(s.clickstream_topic, 0): fetched})
+    c.app.decode_input = decode
+    asyncio.run(drain(c))
+    first, second = box.take(10).records
+    assert (first.decoded.customer_id, first.decoded.event_id) == ("k", "e1")
+    assert second.decoded.reason == "not_json"

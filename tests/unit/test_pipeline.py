@@ -392,3 +392,18 @@ def test_a_record_decoded_when_fetched_is_not_decoded_again(monkeypatch) -> None
     reasons = sorted(orjson.loads(v)["reason"] for t, _, v in sink.sent
                      if t == p.settings.dlq_topic)
     assert reasons == ["from_future", "not_json"]
+
+
+def test_a_key_longer_than_any_customer_id_is_not_read_ahead() -> None:
+    p, store, _ = make()
+    loads: list[dict] = []
+    real_load = store.load
+
+    async def load(wanted, topics):
+        loads.append({k: set(v) for k, v in wanted.items()})
+        return await real_load(wanted, topics)
+
+    store.load = load
+    run(p, [rec(0, tx(0, "c1", T0), key=b"k" * 2_000_000), rec(1, tx(1, "c1", T0))])
+    assert loads == [{0: {"c1"}}]
+    assert purchases(store) == 1

@@ -34,7 +34,7 @@ from features.store import (
 from scorers.profile import Profile
 from scorers.scoring import CustomerInput, Outcome, ScoringContext, evaluate
 from stream.redact import cid_ref
-from stream.schemas import MAX_ID_CHARS, Rejection, decode
+from stream.schemas import Rejection, decode
 from stream.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -45,11 +45,6 @@ T = TypeVar("T")
 MAX_COMMIT_ATTEMPTS = 50
 #: Recent migrations kept in Redis for the API (``GET /migrations``).
 MIGRATION_LOG_MAXLEN = 10_000
-#: The longest customer id in bytes (UTF-8 takes up to 4 a character).
-_MAX_ID_BYTES = 4 * MAX_ID_CHARS
-#: Turns of the event loop a batch gives its reads before it decodes (three take a
-#: pipelined read to the socket with uvloop and asyncio alike; one more for slack).
-READ_AHEAD_TURNS = 4
 #: Outbox records decoded (or reported to metrics) between two yields to the event loop.
 OUTBOX_SLICE = 2_000
 #: Most bytes of an input record's key kept by its dead letter (as the record's Kafka key
@@ -193,17 +188,6 @@ def settled_ms(high_ts: Mapping[str, int], lateness_ms: int) -> int:
     return (min(marks) if marks else -1) - lateness_ms
 
 
-def _retrieved(fut: asyncio.Future[Any]) -> None:
-    """Done callback: mark a task's exception as seen (it is raised where the task is
-    awaited, or the batch it belonged to was given up on)."""
-    if not fut.cancelled():
-        fut.exception()
-
-
-#: Engine time and the partitions' snapshots, as a batch's reads return them.
-_Read = tuple[int, dict[int, PartitionSnapshot]]
-
-
 class _Redo(Exception):
     """An attempt found poison customers; their records are now rejections: judge again."""
 
@@ -256,8 +240,7 @@ class BatchProcessor:
         self.on_redis: Callable[[str, float, bool], None] | None = None
         #: called with (stage, seconds) as each stage of a batch ends (metrics): decode,
         #: refresh, load, evaluate, publish_wait (for the previous batch's publish), commit,
-        #: publish (only when not publishing in the background); refresh and load run at
-        #: once, while the records are decoded
+        #: publish (only when not publishing in the background)
         self.on_stage: Callable[[str, float], None] | None = None
         #: called with the outbox records after Kafka acknowledged them (metrics)
         self.on_published: Callable[[list[OutboxRecord]], None] | None = None
@@ -378,35 +361,15 @@ class BatchProcessor:
     async def process(self, records: Sequence[RawRecord]) -> BatchStats:
         """Apply a batch; returns once its state is committed and its outbox published."""
         stats = BatchStats(records=len(records))
-        if not records:
-            return stats
         t0 = time.perf_counter()
-        # The batch's reads go out before its records are decoded, so that Redis answers
-        # while they are: whatever scoring state is due, and the states of the customers
-        # the records are keyed by (an accepted event's key is its customer_id). The first
-        # attempt uses them if they cover every customer decoding accepted.
-        ahead: asyncio.Future[_Read] | None = asyncio.ensure_future(
-            self._read(self._keyed(records)))
-        ahead.add_done_callback(_retrieved)
-        try:
-            # A few turns of the event loop take the reads to the wire (the task, its two
-            # round trips, a connection from the pool) before decoding holds the loop.
-            for _ in range(READ_AHEAD_TURNS):
-                if ahead.done():
-                    break
-                await asyncio.sleep(0)
-            pending = self._decode_all(records)
-        except BaseException:
-            ahead.cancel()
-            raise
+        pending = self._decode_all(records)
         if self.on_stage is not None:
             self.on_stage("decode", time.perf_counter() - t0)
         while pending:
             if stats.conflicts >= MAX_COMMIT_ATTEMPTS:
                 raise StoreUnavailable("gave up after repeated commit conflicts")
-            read, ahead = ahead, None
             try:
-                done = await self._attempt(pending, stats, read)
+                done = await self._attempt(pending, stats)
             except _Redo:
                 continue
             except Exception as exc:
@@ -430,71 +393,24 @@ class BatchProcessor:
                 stats.conflicts += 1
                 log.info("commit fenced on partitions %s (their version moved on); reloading",
                          sorted(pending))
-        if ahead is not None:  # nothing to apply (no records)
-            ahead.cancel()
         return stats
 
-    @staticmethod
-    def _keyed(records: Sequence[RawRecord]) -> dict[int, set[str]]:
-        """Per partition, the customers the records' keys name (a key that is not UTF-8
-        is read as some id that names nobody: its record is rejected)."""
-        out: dict[int, set[str]] = {}
-        for rec in records:
-            ids = out.get(rec.partition)
-            if ids is None:
-                ids = out[rec.partition] = set()
-            # A key longer than any customer id names nobody: not sent to Redis
-            if rec.key is not None and len(rec.key) <= _MAX_ID_BYTES:
-                ids.add(rec.key.decode("utf-8", "replace"))
-        return out
-
-    async def _read(self, wanted: Mapping[int, Iterable[str]]) -> _Read:
-        """Refresh the scoring state and load ``wanted``, the two round trips at once."""
-        stage = self.on_stage
-
-        async def refresh() -> None:
-            t0 = time.perf_counter()
-            if self.scoring is not None:
-                await self.scoring.refresh()
-            if stage is not None:
-                stage("refresh", time.perf_counter() - t0)
-
-        async def load() -> tuple[int, dict[int, PartitionSnapshot]]:
-            t0 = time.perf_counter()
-            out = await self._timed("load", self.store.load(wanted, self.topics))
-            if stage is not None:
-                stage("load", time.perf_counter() - t0)
-            return out
-
-        reads = (asyncio.ensure_future(refresh()), asyncio.ensure_future(load()))
-        try:
-            _, (now, snaps) = await asyncio.gather(*reads)
-        except BaseException:
-            for task in reads:  # the other read must not run on into the retry
-                task.cancel()
-                task.add_done_callback(_retrieved)
-            raise
-        return now, snaps
-
     async def _attempt(self, pending: dict[int, list[tuple[RawRecord, Event | Rejection]]],
-                       stats: BatchStats, ahead: asyncio.Future[_Read] | None = None
-                       ) -> list[int]:
+                       stats: BatchStats) -> list[int]:
         wanted = {
             p: [r.customer_id for _, r in items if not isinstance(r, Rejection)]
             for p, items in pending.items()
         }
         stage = self.on_stage
-        read: _Read | None = None
-        if ahead is not None:
-            now, snaps = read = await ahead
-            for p, ids in wanted.items():
-                snap = snaps.get(p)
-                if snap is None or any(c not in snap.states for c in ids):
-                    read = None  # decoding accepted a customer no key named: read again
-                    break
-        if read is None:
-            now, snaps = await self._read(wanted)
+        t0 = time.perf_counter()
+        if self.scoring is not None:
+            await self.scoring.refresh()
+        t1 = time.perf_counter()
+        now, snaps = await self._timed("load", self.store.load(wanted, self.topics))
         t2 = time.perf_counter()
+        if stage is not None:
+            stage("refresh", t1 - t0)
+            stage("load", t2 - t1)
         local = BatchStats()
         # Phase 1: judge every record against its partition's watermarks and event time.
         accepted: dict[int, _Accepted] = {}

@@ -90,9 +90,7 @@ def _install():
         f = sys._getframe(1)
         in_batch = False
         while f is not None:
-            # a batch's reads run in a task of their own (BatchProcessor._read)
-            if f.f_code.co_name == "_attempt" or \
-                    f.f_code.co_qualname.startswith("BatchProcessor._read"):
+            if f.f_code.co_name == "_attempt":
                 in_batch = True
                 break
             f = f.f_back

@@ -49,17 +49,15 @@ if tonumber(ARGV[i]) > now then redis.call('HSET', KEYS[1], 'now', ARGV[i]) end
 i = i + 1
 -- Writes of many keys or fields go out as one command per chunk of 1,000 arguments (an
 -- even number: pairs stay whole), not one call each.
-local function chunked(cmd, key, list)
-  for s = 1, #list, 1000 do
-    local e = math.min(s + 999, #list)
+local function chunked(cmd, key, list, first, last)
+  for s = first, last, 1000 do
+    local e = math.min(s + 999, last)
     if key then redis.call(cmd, key, unpack(list, s, e))
     else redis.call(cmd, unpack(list, s, e)) end
   end
 end
 local nout = tonumber(ARGV[i]); i = i + 1
-local fields = {}
-for j = i, i + 2 * nout - 1 do fields[#fields + 1] = ARGV[j] end
-chunked('HSET', KEYS[2], fields)
+chunked('HSET', KEYS[2], ARGV, i, i + 2 * nout - 1)
 i = i + 2 * nout
 local nset = tonumber(ARGV[i]); i = i + 1
 local sets, added, gone = {}, {}, {}
@@ -76,9 +74,9 @@ for k = 4, 3 + nset do
   end
   i = i + 1
 end
-chunked('MSET', nil, sets)
-chunked('SADD', KEYS[3], added)
-chunked('SREM', KEYS[3], gone)
+chunked('MSET', nil, sets, 1, #sets)
+chunked('SADD', KEYS[3], added, 1, #added)
+chunked('SREM', KEYS[3], gone, 1, #gone)
 for k = 4 + nset, #KEYS do
   local nf = tonumber(ARGV[i]); i = i + 1
   for _ = 1, nf do

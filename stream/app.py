@@ -28,7 +28,7 @@ from stream.errors import SegstreamError
 from stream.inbox import Inbox
 from stream.learner import Learner
 from stream.metrics import EngineMetrics
-from stream.pipeline import BatchProcessor, RawRecord, decode_record, input_kinds
+from stream.pipeline import BatchProcessor, RawRecord, record_decoder
 from stream.redisconn import redis_client
 from stream.runtime import ScoringRuntime, load_rules
 from stream.settings import Settings
@@ -511,8 +511,7 @@ class Engine:
         self.inbox = Inbox(settings.input_topics, stream_buffering(settings)[
             "stream_buffer_maxsize"], self._ack_range)
         self.app.inbox = self.inbox
-        self.app.decode_input = partial(decode_record, input_kinds(settings),
-                                        settings.max_event_bytes)
+        self.app.decode_input = record_decoder(settings)
         self.app.stored_positions = self._stored_positions
         self.app.agent(self.source, name="ingest", concurrency=1)(self._ingest)
         self.app.timer(OUTBOX_FLUSH_INTERVAL_S)(self._flush_outbox)

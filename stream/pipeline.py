@@ -68,10 +68,13 @@ class RawRecord:
     decoded: Event | Rejection | None = None
 
 
-def input_kinds(settings: Settings) -> dict[str, str]:
-    """The event kind of each input topic."""
-    return {settings.clickstream_topic: "clickstream",
-            settings.transactions_topic: "transactions"}
+def record_decoder(settings: Settings) -> Callable[[str, bytes | None, bytes | None],
+                                                   Event | Rejection]:
+    """:func:`decode_record` for these settings' input topics and size limit: the one
+    decoder of the consumer (as it fetches) and of a batch (records not decoded yet)."""
+    kinds = {settings.clickstream_topic: "clickstream",
+             settings.transactions_topic: "transactions"}
+    return partial(decode_record, kinds, settings.max_event_bytes)
 
 
 def decode_record(kinds: Mapping[str, str], max_bytes: int, topic: str, key: bytes | None,
@@ -247,9 +250,8 @@ class BatchProcessor:
         self.store = store
         self.publisher = publisher
         self.clock = clock
-        self.kinds = input_kinds(settings)
         #: decodes one input record: (topic, key, value) -> event or rejection
-        self.decode_record = partial(decode_record, self.kinds, settings.max_event_bytes)
+        self.decode_record = record_decoder(settings)
         self.topics = list(settings.input_topics)
         #: partitions whose stored outbox holds nothing this processor has not published or
         #: is not publishing; any other partition's outbox is read back before publishing,

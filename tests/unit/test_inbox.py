@@ -8,14 +8,16 @@ from collections import defaultdict
 from types import SimpleNamespace
 from typing import Any, NamedTuple
 
+import orjson
 import pytest
 from faust.transport.drivers import aiokafka as fa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stream.app import _Consumer
+from stream.app import Engine, _Consumer
 from stream.inbox import Inbox
 from stream.pipeline import RawRecord
+from stream.settings import load_settings
 
 
 class TP(NamedTuple):
@@ -553,11 +555,6 @@ def test_getmany_stops_at_a_rebalance_that_began_while_the_inbox_was_full() -> N
 
 
 def test_getmany_decodes_input_records_as_it_puts_them_with_the_engines_decoder() -> None:
-    import orjson
-
-    from stream.app import Engine
-    from stream.settings import load_settings
-
     s = load_settings()
     decode = Engine(s).app.decode_input
     assert decode is not None

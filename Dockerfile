@@ -6,7 +6,7 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/*
 COPY . /src
-RUN pip install --no-cache-dir /src \
+RUN pip install --no-cache-dir -c /src/constraints.txt /src \
     && SEGSTREAM_NATIVE_DIR=/opt/segstream/native segstream native build
 
 FROM python:3.11-slim
@@ -21,11 +21,12 @@ RUN groupadd --system --gid 10001 segstream \
     && useradd --system --uid 10001 --gid segstream --create-home \
        --home-dir /home/segstream --shell /usr/sbin/nologin segstream
 
-# Every dependency ships manylinux wheels for CPython 3.11, so no compiler is needed. The
+# Every dependency ships manylinux wheels for CPython 3.11, so no compiler is needed; both
+# stages install the versions of constraints.txt. The
 # compiled modules were built from these same sources (each is loaded only while its source
 # has the hash it was built from).
 COPY . /src
-RUN pip install --no-cache-dir /src && rm -rf /src
+RUN pip install --no-cache-dir -c /src/constraints.txt /src && rm -rf /src
 COPY --from=native /opt/segstream/native /opt/segstream/native
 ENV SEGSTREAM_NATIVE_DIR=/opt/segstream/native
 

@@ -78,11 +78,11 @@ class Bars:
         return update
 
 
-def run_floor(dep: BenchDeployment, expect: int) -> tuple[RateResult, float]:
+def run_floor(dep: BenchDeployment, expect: int) -> tuple[RateResult, float | None]:
     """F: the trivial Faust agent in its own process until it counted ``expect`` records.
 
     Returns the rate and the floor's CPU seconds per million records (from its first
-    batch to the last).
+    batch to the last; None for a run over before the process was sampled twice).
     """
     s = dep.settings("floor")
     out = dep.workdir / "floor.json"
@@ -110,7 +110,9 @@ def run_floor(dep: BenchDeployment, expect: int) -> tuple[RateResult, float]:
         dep.stop(proc)
     res = RateResult(int(doc["count"]), int(doc["first_batch"]), float(doc["t_first"]),
                      float(doc["t_last"]))
-    return res, (cpu - (cpu0 or 0.0)) / max(1, res.count - res.first_batch) * 1e6
+    if cpu0 is None or cpu == cpu0:
+        return res, None  # done before a second sample: no CPU interval was measured
+    return res, (cpu - cpu0) / max(1, res.count - res.first_batch) * 1e6
 
 
 def redis_memory(s: Settings, used_before: float) -> dict[str, Any]:
@@ -305,7 +307,7 @@ def run(opts: Options, console: Console | None = None) -> dict[str, Any]:
 
 
 def assemble(opts: Options, w: workload.Workload, produce_eps: float, lim: RateResult,
-             floor: tuple[RateResult, float], e1: EngineResult, ek: EngineResult | None,
+             floor: tuple[RateResult, float | None], e1: EngineResult, ek: EngineResult | None,
              lat: dict[str, latency.LatencyResult], mem: dict[str, Any],
              base: Settings) -> dict[str, Any]:
     """The result document: DESIGN's keys first, then the details."""
@@ -359,7 +361,8 @@ def assemble(opts: Options, w: workload.Workload, produce_eps: float, lim: RateR
         "engine": _engine_json(e1),
         "limit": {"events": lim.count, "seconds": round(lim.t_last - lim.t_first, 2)},
         "floor": {"events": flo.count, "seconds": round(flo.t_last - flo.t_first, 2),
-                  "cpu_s_per_million_events": round(floor_cpu, 1)},
+                  "cpu_s_per_million_events": (
+                      round(floor_cpu, 1) if floor_cpu is not None else None)},
     }
     if ek is not None:
         doc["scaling"] = {**_engine_json(ek), "ratio_vs_1": round(ek.eps / e1.eps, 3)}

@@ -105,6 +105,25 @@ def test_small_bench_reports_every_figure(services: dict[str, str], tmp_path: Pa
         admin.close()
 
 
+def test_a_run_smaller_than_one_fetch_still_times_the_limit(services: dict[str, str],
+                                                            tmp_path: Path) -> None:
+    # 3,000 records fit in one fetch of the limit consumer: L is timed from its first batch
+    # to its last, so with a single batch it had nothing to time and reported 0 events/s.
+    env = dict(os.environ, SEGSTREAM_KAFKA_BOOTSTRAP=services["kafka"],
+               SEGSTREAM_REDIS_URL=services["redis"], PYTHONUNBUFFERED="1")
+    proc = subprocess.run(
+        [*_bench_cmd(), "--events", "3000", "--customers", "500", "--skip-latency", "--json",
+         "--results-dir", str(tmp_path)],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    doc = json.loads(proc.stdout)
+    assert doc["limit"]["events"] == 3000
+    assert doc["limit_eps"] > 0 and doc["ratios"]["engine_over_limit"] > 0, doc["limit"]
+    cpu = doc["floor"]["cpu_s_per_million_events"]
+    assert cpu is None or cpu > 0, doc["floor"]
+
+
 def test_seeded_serving_models_are_what_the_engine_scores_with(services: dict[str, str]
                                                                ) -> None:
     import asyncio

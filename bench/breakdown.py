@@ -117,6 +117,33 @@ def scrape(url: str, token: str | None = None, timeout: float = 5.0
         return None
 
 
+def counter_by_label(url: str, name: str, label: str, token: str | None = None,
+                     timeout: float = 5.0) -> dict[str, float] | None:
+    """A counter of the worker's ``/metrics`` at ``url`` by one label (``name`` without the
+    ``segstream_`` prefix and the ``_total`` suffix); None if it cannot be read.
+
+    >>> counter_by_label("http://127.0.0.1:9/metrics", "dlq_records", "reason") is None
+    True
+    """
+    req = urllib.request.Request(url)
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return None
+    out: dict[str, float] = {}
+    for fam in text_string_to_metric_families(text):
+        if fam.name != f"segstream_{name}":
+            continue
+        for smp in fam.samples:
+            if smp.name.endswith("_total"):
+                key = smp.labels.get(label, "")
+                out[key] = out.get(key, 0.0) + float(smp.value)
+    return out
+
+
 def _delta(before: dict[str, Any] | None, after: dict[str, Any]) -> dict[str, Any]:
     if before is None:
         return after

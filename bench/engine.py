@@ -23,7 +23,7 @@ from typing import Any
 import psutil
 import redis
 
-from bench import machine, worker
+from bench import breakdown, machine, worker
 from bench.deploy import BenchDeployment
 from features.store import Keys
 from scorers.labels import MODELS
@@ -62,6 +62,9 @@ class EngineResult:
     #: (None: not during the run); until then churn and propensity scores are null,
     #: which makes an evaluation cheaper
     models_serving_from: int | None = None
+    #: input records the workers dead-lettered during the run, by reason (None: their
+    #: metrics could not be read); a benchmark whose input is rejected measures little
+    dead_letters: dict[str, int] | None = None
     #: CPU seconds per second of the run, by who spent them: every core of the machine
     #: (``machine``), the workers, their learners, the broker and Redis (when they run
     #: here), time the hypervisor gave to other machines (``steal``), and the rest (the
@@ -223,6 +226,8 @@ def run_engine(dep: BenchDeployment, role: str, workers: int, total: int,
                    "steal": spent["steal"]}
         by_role["rest"] = max(0.0, by_role["machine"] - sum(
             v for k, v in by_role.items() if k != "machine"))
+        time.sleep(POLL_S)  # a batch's counters move just after its commit
+        dead = dead_letters(dep, s, procs)
     finally:
         if profiler is not None:
             profiler.send_signal(signal.SIGINT)
@@ -239,5 +244,20 @@ def run_engine(dep: BenchDeployment, role: str, workers: int, total: int,
         procs=procs, profile_path=profile if profiler is not None else None,
         models_serving_from=models_from,
         cpu_by_role={k: v / seconds for k, v in by_role.items()},
+        dead_letters=dead,
     )
+
+
+def dead_letters(dep: BenchDeployment, s: Settings, procs: list[subprocess.Popen[bytes]]
+                 ) -> dict[str, int] | None:
+    """The workers' ``segstream_dlq_records_total`` by reason, summed over workers."""
+    token = s.api_token.get_secret_value() if s.api_token else None
+    out: dict[str, int] = {}
+    for p in procs:
+        got = breakdown.counter_by_label(dep.metrics_url(p), "dlq_records", "reason", token)
+        if got is None:
+            return None
+        for reason, n in got.items():
+            out[reason] = out.get(reason, 0) + int(n)
+    return out
 

@@ -48,6 +48,12 @@ def table(doc: dict[str, Any]) -> Table:
         rows.append(("E: online models serving",
                      "not during E (churn and propensity scores null)" if served is None
                      else f"from input record {served:,} of {doc['events']:,}"))
+    if "dead_letters" in eng:
+        dead = eng["dead_letters"]
+        rows.append(("E: input records dead-lettered",
+                     "- (worker metrics not read)" if dead is None else
+                     ", ".join(f"{n:,} {reason}" for reason, n in sorted(dead.items()))
+                     or "none"))
     if "scaling" in doc:
         sc = doc["scaling"]
         rows.append((f"E with {sc['workers']} workers",

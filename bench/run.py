@@ -185,6 +185,7 @@ def _engine_json(e: EngineResult) -> dict[str, Any]:
         "rss_peak_mb": round(e.rss_peak_mb, 1),
         "redis_roundtrips": e.roundtrips, "redis_commands": e.commands,
         "models_serving_from_event": e.models_serving_from,
+        "dead_letters": e.dead_letters,
         # CPU seconds per second of the run: the machine's cores, and who spent them
         "cpu_by_role": {k: round(v, 3) for k, v in e.cpu_by_role.items()},
     }

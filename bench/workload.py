@@ -20,10 +20,16 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import murmur2
 
 from stream import synthetic
+from stream.errors import SegstreamError
 from stream.kafka import aiokafka_config
 from stream.settings import Settings
 
 DAY_MS = 86_400_000
+WEEK_MS = 7 * DAY_MS
+#: The newest event of the input is at least this far behind the wall clock: the engine
+#: dead-letters an event more than ``SEGSTREAM_MAX_FUTURE_SKEW_S`` ahead of it (``from_future``),
+#: and the latency phases continue the input's event time for a few minutes more.
+PAST_MARGIN_MS = DAY_MS
 #: About 11.5 events per customer over 60 days at the default persona mix.
 EVENTS_PER_CUSTOMER_DAY = 11.5 / 60
 BATCH_BYTES = 512 * 1024
@@ -42,6 +48,9 @@ class Workload:
     customers_seen: int = 0
     first_ts: int = -1
     last_ts: int = -1
+    #: the earliest and the latest event time
+    min_ts: int = 0
+    max_ts: int = 0
     value_bytes: int = 0
 
 
@@ -90,14 +99,43 @@ def _events(n: int, customers: int, seed: int, start_ms: int, id_tag: str = ""
         start_ms += days * DAY_MS
 
 
+def _weeks_back(excess_ms: int) -> int:
+    # whole weeks keep the synthetic week's rhythm (days of the week, hours of the day)
+    return math.ceil(excess_ms / WEEK_MS) * WEEK_MS if excess_ms > 0 else 0
+
+
 def build(events: int, customers: int, seed: int, partitions: int,
-          progress: Callable[[int], None] | None = None) -> Workload:
-    """Generate and serialise ``events`` events over ``customers`` customers."""
+          progress: Callable[[int], None] | None = None, now_ms: int | None = None
+          ) -> Workload:
+    """Generate and serialise ``events`` events over ``customers`` customers, all of them
+    :data:`PAST_MARGIN_MS` or more before ``now_ms`` (default: the wall clock).
+
+    The events start at :data:`synthetic.DEFAULT_START_MS`. Many events per customer take
+    a long period, which can reach past that point: the same events are then generated
+    again, starting as many whole weeks earlier as it takes.
+    """
+    now = int(time.time() * 1000) if now_ms is None else now_ms
+    w = _build(events, customers, seed, partitions, synthetic.DEFAULT_START_MS, progress)
+    excess = w.max_ts - (now - PAST_MARGIN_MS)
+    if excess > 0:
+        w = _build(events, customers, seed, partitions,
+                   synthetic.DEFAULT_START_MS - _weeks_back(excess), progress)
+    if w.min_ts < 0 or w.max_ts > now - PAST_MARGIN_MS:
+        years = (w.max_ts - w.min_ts) / (365.25 * DAY_MS)
+        raise SegstreamError(
+            f"--events {events:,} over --customers {customers:,}: "
+            f"{events / customers:,.0f} events per customer take {years:,.0f} years of "
+            "synthetic event time, more than lies between 1970 and now; "
+            "give more customers or fewer events")
+    return w
+
+
+def _build(events: int, customers: int, seed: int, partitions: int, start_ms: int,
+           progress: Callable[[int], None] | None) -> Workload:
     w = Workload(partitions)
     parts: dict[bytes, int] = {}
     seen: set[str] = set()
-    for i, (kind, event) in enumerate(_events(events, customers, seed,
-                                              synthetic.DEFAULT_START_MS), 1):
+    for i, (kind, event) in enumerate(_events(events, customers, seed, start_ms), 1):
         cid = str(event["customer_id"])
         key = cid.encode()
         p = parts.get(key)
@@ -109,8 +147,9 @@ def build(events: int, customers: int, seed: int, partitions: int,
         w.by_kind[kind] = w.by_kind.get(kind, 0) + 1
         w.value_bytes += len(value)
         ts = int(event["ts"])  # type: ignore[call-overload]
-        if w.first_ts < 0:
-            w.first_ts = ts
+        if i == 1:
+            w.first_ts = w.min_ts = w.max_ts = ts
+        w.min_ts, w.max_ts = min(w.min_ts, ts), max(w.max_ts, ts)
         w.last_ts = ts
         if progress is not None and i % 10_000 == 0:
             progress(i)

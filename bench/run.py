@@ -28,6 +28,7 @@ from bench.deploy import BenchDeployment
 from bench.engine import BenchError, EngineResult, ProcessTree, run_engine
 from bench.limit import RateResult, run_limit
 from bench.models import seed_serving_models
+from stream.kafka import end_offsets
 from stream.settings import Settings, load_settings
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -232,7 +233,9 @@ def run(opts: Options, console: Console | None = None) -> dict[str, Any]:
                 prof.parent.mkdir(parents=True, exist_ok=True)
             if opts.models == "serving" and es.models_enabled:
                 seed_serving_models(es)
-            e1 = run_engine(dep, "engine", 1, w.events, profile=prof, progress=bars.updater(t))
+            ends = end_offsets(es, es.input_topics)
+            e1 = run_engine(dep, "engine", 1, w.events, profile=prof, progress=bars.updater(t),
+                            ends=ends)
             bars.progress.update(t, note=f"{e1.eps:,.0f}/s")
             mem = redis_memory(es, mem_before)
 
@@ -275,7 +278,7 @@ def run(opts: Options, console: Console | None = None) -> dict[str, Any]:
                 if opts.models == "serving" and ks.models_enabled:
                     seed_serving_models(ks)
                 ek = run_engine(dep, f"engine{opts.workers}", opts.workers, w.events,
-                                progress=bars.updater(t))
+                                progress=bars.updater(t), ends=ends)
                 bars.progress.update(t, note=f"{ek.eps:,.0f}/s")
                 for p in ek.procs:
                     dep.stop(p)

@@ -15,6 +15,13 @@ def _n(v: Any, fmt: str = ",.0f") -> str:
     return str(v)
 
 
+def _dead_note(dead: dict[str, int] | None) -> str:
+    """The dead letters of a latency phase, when it had any."""
+    if not dead:
+        return ""
+    return "; dead-lettered " + ", ".join(f"{n:,} {r}" for r, n in sorted(dead.items()))
+
+
 def _cpu_roles(by_role: dict[str, float]) -> str:
     if not by_role:
         return "n/a"
@@ -71,7 +78,7 @@ def table(doc: dict[str, Any]) -> Table:
                      f"{_n(lat['offered_eps'])}/{_n(lat['achieved_eps'])} ev/s, "
                      f"{lat['unprocessed']}; watermark {_lat(lat['watermark_ms'])} ms; "
                      f"migrations {lat['migrations']} ({lat['migrations_with_trigger']} "
-                     "with trigger)"))
+                     "with trigger)" + _dead_note(lat.get("dead_letters"))))
         w = lat.get("worker")
         if w:
             rows.append((f"  {name}: worker batches (p50/p95/p99)",

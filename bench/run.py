@@ -25,7 +25,7 @@ from rich.progress import (
 
 from bench import breakdown, latency, machine, profile, workload
 from bench.deploy import BenchDeployment
-from bench.engine import BenchError, EngineResult, ProcessTree, run_engine
+from bench.engine import BenchError, EngineResult, ProcessTree, dead_letters, run_engine
 from bench.limit import RateResult, run_limit
 from bench.models import seed_serving_models
 from stream.kafka import end_offsets
@@ -256,12 +256,17 @@ def run(opts: Options, console: Console | None = None) -> dict[str, Any]:
                     url = dep.metrics_url(e1.procs[0])
                     token = es.api_token.get_secret_value() if es.api_token else None
                     before = breakdown.scrape(url, token)
+                    dead0 = dead_letters(dep, es, e1.procs[:1])
                     lat[name] = asyncio.run(latency.measure(
                         es, offered, rate, opts.latency_seconds, drain))
                     # The worker's own account of the phase: waiting before batches and
                     # processing them (its histograms, scraped before and after).
                     lat[name].extra["worker"] = breakdown.summary(
                         before, breakdown.scrape(url, token))
+                    dead1 = dead_letters(dep, es, e1.procs[:1])
+                    lat[name].extra["dead_letters"] = (
+                        None if dead0 is None or dead1 is None else
+                        {k: n - dead0.get(k, 0) for k, n in dead1.items() if n > dead0.get(k, 0)})
                     lat[name].extra["saturated"] = rate > e1.eps
                     i += need[name]
                     p = lat[name].latency_ms or {}

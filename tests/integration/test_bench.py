@@ -51,6 +51,7 @@ def test_small_bench_reports_every_figure(services: dict[str, str], tmp_path: Pa
     for name, lat in doc["latency"].items():
         w = lat["worker"]
         assert w["records"] == lat["produced"] and w["batches"] > 0, (name, w, lat)
+        assert lat["dead_letters"] == {}, (name, lat["dead_letters"])
         for part in ("batch_wait_ms", "batch_processing_ms"):
             q = w[part]
             assert 0 <= q["p50"] <= q["p95"] <= q["p99"], (name, part, q)

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from functools import partial
@@ -15,6 +16,7 @@ from typing import Any
 import faust
 import redis.asyncio as aioredis
 from aiokafka import TopicPartition
+from aiokafka.partitioner import DefaultPartitioner
 from faust import transport
 from faust.transport.drivers import aiokafka as fa
 
@@ -370,14 +372,24 @@ PUBLISH_QUEUE_TIMEOUT_S = 15.0
 RECREATE_TOPICS_EVERY_S = 10.0
 
 
+_DEFAULT_PARTITIONER = DefaultPartitioner()
+
+
 class FaustPublisher:
     """Publishes outbox records with the app's producer and waits for every ack.
 
-    A record that cannot even be queued within :data:`PUBLISH_QUEUE_TIMEOUT_S` fails the
-    publish (the records stay in the outbox for the next flush), and the worker then
-    creates any of the engine's topics that are missing: an output topic deleted while the
-    worker ran (the dead-letter topic, say) held every batch of every partition behind a
-    publish that waited for its metadata for 20 minutes, and then again.
+    The records go out as one record batch per topic-partition, built here and handed to
+    the app's aiokafka producer (``send_batch``): a ``send`` per record, with its future
+    and Faust's sensor hooks, cost about three times the CPU per record. Keyed records
+    take the partition of the producer's default partitioner (murmur2 of the key, as the
+    Java client), so a customer's records stay in one partition and in their order;
+    records without a key (the training examples) go to one partition per publish.
+
+    A partition whose batch cannot even be queued within :data:`PUBLISH_QUEUE_TIMEOUT_S`
+    fails the publish (the records stay in the outbox for the next flush), and the worker
+    then creates any of the engine's topics that are missing: an output topic deleted while
+    the worker ran (the dead-letter topic, say) held every batch of every partition behind
+    a publish that waited for its metadata for 20 minutes, and then again.
     """
 
     def __init__(self, app: faust.App, settings: Settings | None = None,
@@ -389,22 +401,53 @@ class FaustPublisher:
         self._recreate = recreate
         self._recreated_at = -RECREATE_TOPICS_EVERY_S
 
+    def _kafka(self) -> Any:
+        """The app's started aiokafka producer."""
+        return self.app.producer._ensure_producer()
+
+    def _partitioner(self) -> Callable[[bytes, list[int], list[int]], int]:
+        """The partitioner the app's producer was given (Faust's default is aiokafka's)."""
+        return getattr(self.app.producer, "partitioner", None) or _DEFAULT_PARTITIONER
+
     async def publish(self, records: Sequence[tuple[str, bytes | None, bytes]]) -> None:
-        producer = self.app.producer
-        futures = []
+        if not records:
+            return
+        kafka = self._kafka()
+        partitioner = self._partitioner()
+        futures: list[asyncio.Future[Any]] = []
         loop = asyncio.get_running_loop()
+        topic = records[0][0]
         try:
-            # one deadline moved forward per record: no task per send on the hot path
+            # one deadline moved forward per wait: no task per send on the hot path
             async with asyncio.timeout(None) as deadline:
+                groups: dict[tuple[str, int], list[tuple[bytes | None, bytes]]] = {}
+                partitions: dict[str, tuple[list[int], int]] = {}
                 for topic, key, value in records:
+                    known = partitions.get(topic)
+                    if known is None:
+                        deadline.reschedule(loop.time() + self.queue_timeout_s)
+                        every = sorted(await kafka.partitions_for(topic))
+                        known = partitions[topic] = (every, random.choice(every))
+                    every, keyless = known
+                    p = keyless if key is None else partitioner(key, every, every)
+                    groups.setdefault((topic, p), []).append((key, value))
+                for (topic, p), rows in groups.items():
+                    batch = kafka.create_batch()
+                    for key, value in rows:
+                        if batch.append(key=key, value=value, timestamp=None) is None:
+                            # full (a first record always fits): queue it, start another
+                            deadline.reschedule(loop.time() + self.queue_timeout_s)
+                            futures.append(await kafka.send_batch(batch, topic, partition=p))
+                            batch = kafka.create_batch()
+                            batch.append(key=key, value=value, timestamp=None)
                     deadline.reschedule(loop.time() + self.queue_timeout_s)
-                    futures.append(await producer.send(topic, key, value, None, None, None))
+                    futures.append(await kafka.send_batch(batch, topic, partition=p))
         except Exception as exc:
             for f in futures:  # queued already: delivered or not, nobody waits for them
                 f.add_done_callback(_ignore_outcome)
             failed = topic
             if isinstance(exc, TimeoutError):
-                exc = TimeoutError(f"record for {failed} not queued within "
+                exc = TimeoutError(f"records for {failed} not queued within "
                                    f"{self.queue_timeout_s:g}s")
             await self._recreate_missing_topics(failed)
             raise exc from None

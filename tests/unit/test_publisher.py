@@ -1,6 +1,7 @@
-"""The worker's outbox publisher: a record that cannot be queued fails the publish in
-bounded time (its records stay in the outbox) and missing topics are recreated, at most
-once per interval."""
+"""The worker's outbox publisher: records go out as one batch per topic-partition, keyed
+records in the partition of the producer's partitioner and in their order; a record that
+cannot be queued fails the publish in bounded time (its records stay in the outbox) and
+missing topics are recreated, at most once per interval."""
 
 from __future__ import annotations
 
@@ -10,32 +11,73 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from aiokafka.partitioner import murmur2
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from stream.app import RECREATE_TOPICS_EVERY_S, FaustPublisher
 from stream.settings import load_settings
 
+PARTITIONS = 6
 
-class _Producer:
-    """Queues a record at once, except for a topic whose metadata never arrives."""
 
-    def __init__(self, missing: str) -> None:
-        self.missing = missing
-        self.sent: list[tuple[str, bytes]] = []
+class _Batch:
+    """A record batch that holds ``room`` records (the first one always fits)."""
 
-    async def send(self, topic: str, key: Any, value: bytes, *_: Any) -> asyncio.Future[Any]:
+    def __init__(self, room: int) -> None:
+        self.room = room
+        self.rows: list[tuple[bytes | None, bytes]] = []
+        self.closed = False
+
+    def append(self, *, key: bytes | None, value: bytes, timestamp: Any) -> object | None:
+        if self.closed or (self.rows and len(self.rows) >= self.room):
+            self.closed = True
+            return None
+        self.rows.append((key, value))
+        return object()
+
+
+class _Kafka:
+    """An aiokafka producer's batch interface; a topic in ``missing`` never gets metadata,
+    and a topic in ``stuck`` never has room for a batch."""
+
+    def __init__(self, missing: str = "", stuck: str = "", room: int = 1000) -> None:
+        self.missing, self.stuck, self.room = missing, stuck, room
+        self.queued: list[tuple[str, int, list[tuple[bytes | None, bytes]]]] = []
+
+    async def partitions_for(self, topic: str) -> set[int]:
         if topic == self.missing:
             await asyncio.Event().wait()
-        self.sent.append((topic, value))
+        return set(range(PARTITIONS))
+
+    def create_batch(self) -> _Batch:
+        return _Batch(self.room)
+
+    async def send_batch(self, batch: _Batch, topic: str, *, partition: int
+                         ) -> asyncio.Future[Any]:
+        if topic == self.stuck:
+            await asyncio.Event().wait()
+        assert batch.rows, "an empty batch was queued"
+        self.queued.append((topic, partition, list(batch.rows)))
         fut = asyncio.get_running_loop().create_future()
         fut.set_result(None)
         return fut
 
+    def values(self) -> list[bytes]:
+        return [v for _, _, rows in self.queued for _, v in rows]
 
-def test_a_record_that_cannot_be_queued_fails_the_publish_and_topics_are_recreated() -> None:
+
+def _publisher(kafka: _Kafka, **kwargs: Any) -> FaustPublisher:
+    app = SimpleNamespace(producer=SimpleNamespace(_ensure_producer=lambda: kafka,
+                                                   partitioner=None))
+    return FaustPublisher(app, load_settings(), **kwargs)  # type: ignore[arg-type]
+
+
+def test_a_topic_without_metadata_fails_the_publish_and_topics_are_recreated() -> None:
     recreated: list[float] = []
-    producer = _Producer("segmentation-dlq")
-    pub = FaustPublisher(SimpleNamespace(producer=producer), load_settings(),
-                         queue_timeout_s=0.2, recreate=lambda s: recreated.append(time.time()))
+    kafka = _Kafka(missing="segmentation-dlq")
+    pub = _publisher(kafka, queue_timeout_s=0.2,
+                     recreate=lambda s: recreated.append(time.time()))
     records = [("segment-migrations", b"k", b"1"), ("segmentation-dlq", b"k", b"2"),
                ("segment-migrations", b"k", b"3")]
 
@@ -46,11 +88,69 @@ def test_a_record_that_cannot_be_queued_fails_the_publish_and_topics_are_recreat
         assert time.perf_counter() - t0 < 5  # not the producer's 20-minute timeout
         with pytest.raises(TimeoutError):
             await pub.publish(records)
-        # a long publish whose records each queue at once is not cut short
-        many = [("segment-migrations", b"k", b"x")] * 2000
+        # a long publish whose batches each queue at once is not cut short
+        many = [("segment-migrations", b"k%d" % i, b"x") for i in range(2000)]
         await pub.publish(many)
 
     asyncio.run(go())
-    assert [v for _, v in producer.sent[:2]] == [b"1", b"1"]  # nothing after the stuck one
+    # every topic's partitions are known before anything is queued: nothing of the
+    # failed publishes went out, then all 2,000 records did
+    assert kafka.values() == [b"x"] * 2000
     assert len(recreated) == 1  # the second failure came within RECREATE_TOPICS_EVERY_S
     assert RECREATE_TOPICS_EVERY_S >= 1
+
+
+def test_a_batch_that_cannot_be_queued_fails_the_publish_in_bounded_time() -> None:
+    kafka = _Kafka(stuck="segmentation-examples")
+    pub = _publisher(kafka, queue_timeout_s=0.2, recreate=lambda s: None)
+
+    async def go() -> None:
+        t0 = time.perf_counter()
+        with pytest.raises(TimeoutError, match="segmentation-examples"):
+            await pub.publish([("segment-migrations", b"k", b"1"),
+                               ("segmentation-examples", None, b"2")])
+        assert time.perf_counter() - t0 < 5
+
+    asyncio.run(go())
+
+
+_records = st.lists(
+    st.tuples(st.sampled_from(["segment-migrations", "segmentation-examples"]),
+              st.one_of(st.none(), st.sampled_from([b"c1", b"c2", b"c3", b"00042", b"zz"]))),
+    max_size=60)
+
+
+@settings(max_examples=60, deadline=None)
+@given(_records, st.integers(1, 7))
+def test_each_partition_gets_its_records_in_order_in_full_batches(
+        spec: list[tuple[str, bytes | None]], room: int) -> None:
+    records = [(topic, key, b"%d" % i) for i, (topic, key) in enumerate(spec)]
+    kafka = _Kafka(room=room)
+    asyncio.run(_publisher(kafka).publish(records))
+
+    assert sorted(kafka.values()) == sorted(v for _, _, v in records)  # each one once
+    by_partition: dict[tuple[str, int], list[bytes]] = {}
+    keyless: dict[str, set[int]] = {}
+    for topic, p, rows in kafka.queued:
+        assert 1 <= len(rows) <= room
+        for key, value in rows:
+            by_partition.setdefault((topic, p), []).append(value)
+            if key is None:
+                keyless.setdefault(topic, set()).add(p)
+            else:  # the Java client's default partition of the key
+                assert p == (murmur2(key) & 0x7FFFFFFF) % PARTITIONS, (key, p)
+    for (topic, p), values in by_partition.items():
+        assert values == [v for t, k, v in records if t == topic and (
+            (k is None and p in keyless.get(topic, set())) or
+            (k is not None and (murmur2(k) & 0x7FFFFFFF) % PARTITIONS == p))]
+    # only the last batch of a partition may have room left
+    sizes: dict[tuple[str, int], list[int]] = {}
+    for topic, p, rows in kafka.queued:
+        sizes.setdefault((topic, p), []).append(len(rows))
+    assert all(n == room for ns in sizes.values() for n in ns[:-1]), sizes
+    assert all(len(ps) == 1 for ps in keyless.values()), keyless
+
+
+def test_nothing_to_publish_needs_no_producer() -> None:
+    app = SimpleNamespace(producer=None)
+    asyncio.run(FaustPublisher(app, load_settings()).publish([]))  # type: ignore[arg-type]

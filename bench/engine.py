@@ -225,6 +225,11 @@ def run_engine(dep: BenchDeployment, role: str, workers: int, total: int,
         t0, n0, cpu0, (rt0, cmds0), server0 = first
         seconds = max(1e-9, now - t0)
         events = done - n0
+        if events <= 0:
+            # E is timed from its first progress sample to the last: none lay between
+            raise BenchError(f"E committed all {done:,} events before its second progress "
+                             f"sample ({POLL_S:g} s apart): too few to time; give more "
+                             "--events")
         cpu_s = cpu - cpu0
         worker_cpu_s = tree.roots_cpu() - roots0
         spent = {k: services1[k] - services0[k] for k in services0 if k in services1}

@@ -109,24 +109,47 @@ def test_small_bench_reports_every_figure(services: dict[str, str], tmp_path: Pa
 
 def test_a_small_run_of_many_events_per_customer_measures_the_engine(
         services: dict[str, str], tmp_path: Path) -> None:
-    # 3,000 records fit in one fetch of the limit consumer: L is timed from its first batch
-    # to its last, so with a single batch it had nothing to time and reported 0 events/s.
-    # 600 events per customer take ten years of synthetic time: from the generator's
+    # 667 events per customer take eleven years of synthetic time: from the generator's
     # default start they reached past the wall clock, and E dead-lettered most of them.
+    # (E is timed between progress samples 0.1 s apart: 3,000 events, two batches, are
+    # too few to time, and the benchmark says so.)
     env = dict(os.environ, SEGSTREAM_KAFKA_BOOTSTRAP=services["kafka"],
                SEGSTREAM_REDIS_URL=services["redis"], PYTHONUNBUFFERED="1")
     proc = subprocess.run(
-        [*_bench_cmd(), "--events", "3000", "--customers", "5", "--skip-latency", "--json",
+        [*_bench_cmd(), "--events", "20000", "--customers", "30", "--skip-latency", "--json",
          "--results-dir", str(tmp_path)],
         env=env, cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     doc = json.loads(proc.stdout)
-    assert doc["limit"]["events"] == 3000
+    assert doc["limit"]["events"] == 20000
     assert doc["limit_eps"] > 0 and doc["ratios"]["engine_over_limit"] > 0, doc["limit"]
     cpu = doc["floor"]["cpu_s_per_million_events"]
     assert cpu is None or cpu > 0, doc["floor"]
     assert doc["engine"]["dead_letters"] == {}, doc["engine"]
+
+
+def test_the_limit_times_a_run_that_fits_in_one_fetch(services: dict[str, str]) -> None:
+    # L is timed from its first fetch to its last: 3,000 records fit in one fetch of
+    # 10,000, which left nothing timed and reported 0 events/s.
+    import asyncio
+
+    from bench import workload
+    from bench.deploy import BenchDeployment
+    from bench.limit import run_limit
+    from stream.settings import load_settings
+
+    base = load_settings(kafka_bootstrap=services["kafka"], redis_url=services["redis"])
+    dep = BenchDeployment(base)
+    try:
+        dep.create_topics()
+        w = workload.build(3000, 500, 0, base.partitions)
+        asyncio.run(workload.produce(dep.settings("engine"), w))
+        res = asyncio.run(run_limit(dep.settings("limit"), w.events, timeout=120))
+    finally:
+        dep.cleanup()
+    assert res.count == 3000
+    assert res.first_batch < res.count and res.eps > 0, res
 
 
 def test_seeded_serving_models_are_what_the_engine_scores_with(services: dict[str, str]

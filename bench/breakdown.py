@@ -104,17 +104,23 @@ def _sweeps(before: dict[str, dict[str, Any]] | None, after: dict[str, dict[str,
             "step_p99_ms": None if top is None else round(top * 1000, 1)}
 
 
-def scrape(url: str, token: str | None = None, timeout: float = 5.0
-           ) -> dict[str, dict[str, Any]] | None:
-    """:func:`parse` of the worker's ``/metrics`` at ``url``; None if it cannot be read."""
+def _metrics_text(url: str, token: str | None, timeout: float) -> str | None:
+    """The worker's ``/metrics`` at ``url``; None if it cannot be read."""
     req = urllib.request.Request(url)
     if token:
         req.add_header("Authorization", f"Bearer {token}")
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return parse(resp.read().decode())
+            return str(resp.read().decode())
     except OSError:
         return None
+
+
+def scrape(url: str, token: str | None = None, timeout: float = 5.0
+           ) -> dict[str, dict[str, Any]] | None:
+    """:func:`parse` of the worker's ``/metrics`` at ``url``; None if it cannot be read."""
+    text = _metrics_text(url, token, timeout)
+    return parse(text) if text is not None else None
 
 
 def counter_by_label(url: str, name: str, label: str, token: str | None = None,
@@ -125,13 +131,8 @@ def counter_by_label(url: str, name: str, label: str, token: str | None = None,
     >>> counter_by_label("http://127.0.0.1:9/metrics", "dlq_records", "reason") is None
     True
     """
-    req = urllib.request.Request(url)
-    if token:
-        req.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            text = resp.read().decode()
-    except OSError:
+    text = _metrics_text(url, token, timeout)
+    if text is None:
         return None
     out: dict[str, float] = {}
     for fam in text_string_to_metric_families(text):

@@ -580,10 +580,11 @@ class Engine:
             self.redis = redis_client(self.settings)
             self.store = RedisFeatureStore(self.redis, self.settings.redis_prefix)
             self.runtime = ScoringRuntime(self.settings, self.redis, self.store)
-            self.processor = BatchProcessor(self.settings, self.store,
-                                            FaustPublisher(self.app, self.settings),
+            s = self.settings
+            self.processor = BatchProcessor(s, self.store, FaustPublisher(self.app, s),
                                             scoring=self.runtime,
-                                            background_publish=self.settings.publish_in_background)
+                                            background_publish=s.publish_in_background,
+                                            background_commit=s.commit_in_background)
             self.sweeper = Sweeper(self.processor, self.runtime, self.store, self.lock,
                                    busy=self._busy, max_share=self.settings.sweep_max_share)
             self.processor.on_published = self.backend.on_published

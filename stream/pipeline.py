@@ -192,7 +192,13 @@ def settled_ms(high_ts: Mapping[str, int], lateness_ms: int) -> int:
 
 
 class _Redo(Exception):
-    """An attempt found poison customers; their records are now rejections: judge again."""
+    """An attempt must be judged again from a fresh load: it found poison customers (their
+    records are now rejections), or it read a background commit that did not land."""
+
+
+class PipelineFailed(Exception):
+    """A batch committing in the background gave up (see :meth:`BatchProcessor.process`):
+    nothing after it may be committed, so the worker stops and resumes from the store."""
 
 
 @dataclass(slots=True)
@@ -231,6 +237,7 @@ class BatchProcessor:
         clock: Callable[[], float] = time.time,
         scoring: Scoring | None = None,
         background_publish: bool = False,
+        background_commit: bool = False,
     ) -> None:
         self.settings = settings
         self._lateness_ms = settings.lateness_ms  # settings are frozen; read per event
@@ -238,6 +245,17 @@ class BatchProcessor:
         #: :meth:`drain`); otherwise :meth:`process` returns once it is published
         self.background_publish = background_publish
         self._publishing: asyncio.Future[int] | None = None
+        #: commit a batch's state (then publish its outbox) while the next batch is loaded
+        #: and evaluated: :meth:`process` returns once the batch is evaluated, and the next
+        #: batch reads what this one is committing where the store may not hold it yet
+        self.background_commit = background_commit
+        #: the partition commits of the batch committing in the background, if any
+        self._inflight: dict[int, PartitionCommit] = {}
+        #: whether the last background commit landed as it was evaluated (every partition
+        #: on its first try): a batch that read it before it landed is judged again if not
+        self._inflight_ok = True
+        #: the error a background commit gave up with; every later batch raises it
+        self._failed: BaseException | None = None
         self.scoring = scoring
         #: called with (operation, seconds, ok) after each Redis round trip of a batch (metrics)
         self.on_redis: Callable[[str, float, bool], None] | None = None
@@ -276,7 +294,8 @@ class BatchProcessor:
         self._clean.update(p for p in partitions if self._dirtied.get(p, 0) == marks[p])
 
     async def drain(self) -> None:
-        """Wait until the outbox publish still running in the background (if any) is done.
+        """Wait until the commit and outbox publish still running in the background (if
+        any) are done.
 
         A failed background publish leaves its partitions dirty: their records stay in
         the stored outbox, and the next flush of those partitions reads them back and
@@ -320,6 +339,89 @@ class BatchProcessor:
         if task.cancelled():  # a stop, maybe before it even started: as a failure
             self.mark_dirty(partitions)
 
+    @staticmethod
+    def _overlay(snaps: Mapping[int, PartitionSnapshot],
+                 inflight: Mapping[int, PartitionCommit]) -> int:
+        """Make loaded snapshots read as if the background commit had landed; returns the
+        newest engine time it carries.
+
+        The version becomes the one that commit makes, whatever the store returned: if
+        anyone else wrote the partition since, the commit built on this snapshot is fenced
+        and the batch reloads."""
+        now = -1
+        for p, c in inflight.items():
+            now = max(now, c.now_ms)
+            snap = snaps.get(p)
+            if snap is None:
+                continue
+            snap.ver = c.expected_ver + 1
+            snap.now_ms = max(snap.now_ms, c.now_ms)
+            for t, off in c.watermarks.items():
+                if off > snap.watermarks.get(t, -1):
+                    snap.watermarks[t] = off
+            for t, ts in c.high_ts.items():
+                if ts > snap.high_ts.get(t, -1):
+                    snap.high_ts[t] = ts
+            states, profiles = snap.states, snap.profiles
+            for cid in states:
+                blob = c.states.get(cid)
+                if blob is not None:
+                    states[cid] = blob
+                prof = c.profiles.get(cid)
+                if prof is not None:
+                    profiles[cid] = prof
+        return now
+
+    def _commit_later(self, commits: list[PartitionCommit],
+                      pending: dict[int, list[tuple[RawRecord, Event | Rejection]]]) -> None:
+        """Commit an evaluated batch, then publish its outbox, in the background; the next
+        :meth:`drain` waits for both. Call it only after a drain (one runs at a time)."""
+        self._inflight = {c.partition: c for c in commits}
+        self._inflight_ok = True
+        task = asyncio.ensure_future(self._settle(commits, pending))
+        task.add_done_callback(partial(self._publish_ended, list(pending)))
+        self._publishing = task
+
+    async def _settle(self, commits: list[PartitionCommit],
+                      pending: dict[int, list[tuple[RawRecord, Event | Rejection]]]) -> int:
+        """The background part of a batch: its commit and publish. A partition whose
+        commit was refused or failed is applied again from a fresh load, here, before any
+        later batch commits (their drain waits for this)."""
+        try:
+            t0 = time.perf_counter()
+            try:
+                ok = await self._timed("commit", self.store.commit(commits))
+            except Exception as exc:
+                # The commit may have been applied: its outbox records then wait in the
+                # store and go out before anything newer (the partitions are dirty).
+                self._inflight_ok = False
+                self.mark_dirty(pending)
+                log.warning("background commit failed (%r); applying the batch again", exc)
+                await asyncio.sleep(0.1)
+                await self._run(pending, BatchStats(), "settle")
+                return 0
+            if self.on_stage is not None:
+                self.on_stage("commit", time.perf_counter() - t0)
+            failed = {p: items for p, items in pending.items() if not ok.get(p, True)}
+            published = [c.partition for c in commits if ok.get(c.partition)]
+            n = await self._publish(published, {c.partition: c.outbox for c in commits})
+            if failed:
+                self._inflight_ok = False
+                log.info("commit fenced on partitions %s (their version moved on); "
+                         "reloading", sorted(failed))
+                await self._run(failed, BatchStats(), "settle")
+            return n
+        except asyncio.CancelledError:
+            self._inflight_ok = False
+            raise
+        except BaseException as exc:
+            self._inflight_ok = False
+            self._failed = exc
+            log.error("a batch committing in the background gave up: %r", exc)
+            raise
+        finally:
+            self._inflight = {}
+
     def dead_letter(self, rec: RawRecord, rejection: Rejection) -> bytes:
         """The DLQ record of a rejected input, as the bytes to publish."""
         limit = self.settings.dlq_payload_bytes
@@ -361,19 +463,45 @@ class BatchProcessor:
         return by_part
 
     async def process(self, records: Sequence[RawRecord]) -> BatchStats:
-        """Apply a batch; returns once its state is committed and its outbox published."""
+        """Apply a batch; returns once its state is committed and its outbox published.
+
+        With ``background_commit`` it returns once the batch is evaluated: its commit and
+        then its publish run while the next batch loads and evaluates (the next batch
+        reads the customers and watermarks this one is committing from the commit itself,
+        and ends that commit before its own). If the commit is refused or fails, the batch
+        is applied again from a fresh load before anything newer commits, and a batch that
+        read it is judged again. The stats are those of the evaluation. A background commit
+        that gives up makes every later batch raise :class:`PipelineFailed`.
+        """
+        self._raise_failed()
         stats = BatchStats(records=len(records))
         t0 = time.perf_counter()
         pending = self._decode_all(records)
         if self.on_stage is not None:
             self.on_stage("decode", time.perf_counter() - t0)
+        await self._run(pending, stats, "overlap" if self.background_commit else "plain")
+        return stats
+
+    def _raise_failed(self) -> None:
+        if self._failed is not None:
+            raise PipelineFailed(f"a batch committing in the background gave up: "
+                                 f"{self._failed!r}") from self._failed
+
+    async def _run(self, pending: dict[int, list[tuple[RawRecord, Event | Rejection]]],
+                   stats: BatchStats, mode: str) -> None:
+        """Attempts until every partition of ``pending`` is committed (or, ``overlap``,
+        committing in the background). ``mode``: ``plain`` (commit here; publish here or
+        in the background), ``overlap`` (commit and publish in the background) or
+        ``settle`` (inside a background commit: commit and publish here, no drain)."""
         while pending:
             if stats.conflicts >= MAX_COMMIT_ATTEMPTS:
                 raise StoreUnavailable("gave up after repeated commit conflicts")
             try:
-                done = await self._attempt(pending, stats)
+                done = await self._attempt(pending, stats, mode)
             except _Redo:
                 continue
+            except PipelineFailed:
+                raise
             except Exception as exc:
                 # The commit may have been applied before the error: its outbox records
                 # then wait in Redis, and must be published before anything newer. Any
@@ -395,10 +523,9 @@ class BatchProcessor:
                 stats.conflicts += 1
                 log.info("commit fenced on partitions %s (their version moved on); reloading",
                          sorted(pending))
-        return stats
 
     async def _attempt(self, pending: dict[int, list[tuple[RawRecord, Event | Rejection]]],
-                       stats: BatchStats) -> list[int]:
+                       stats: BatchStats, mode: str = "plain") -> list[int]:
         wanted = {
             p: [r.customer_id for _, r in items if not isinstance(r, Rejection)]
             for p, items in pending.items()
@@ -408,7 +535,12 @@ class BatchProcessor:
         if self.scoring is not None:
             await self.scoring.refresh()
         t1 = time.perf_counter()
+        # What the batch committing in the background writes, as it was when loading began:
+        # the store may or may not hold it yet; the commit below is fenced on it.
+        inflight = dict(self._inflight) if mode == "overlap" else {}
         now, snaps = await self._timed("load", self.store.load(wanted, self.topics))
+        if inflight:
+            now = max(now, self._overlay(snaps, inflight))
         t2 = time.perf_counter()
         if stage is not None:
             stage("refresh", t1 - t0)
@@ -478,13 +610,25 @@ class BatchProcessor:
         # before this commit, so outbox records go out in the order they were committed
         # and a failed commit below marks its partitions dirty after that publish.
         t3 = time.perf_counter()
-        await self.drain()
+        if mode != "settle":
+            await self.drain()
         t4 = time.perf_counter()
-        ok = await self._timed("commit", self.store.commit(commits))
-        if stage is not None:
-            stage("evaluate", t3 - t2)
-            stage("publish_wait", t4 - t3)
-            stage("commit", time.perf_counter() - t4)
+        if mode == "overlap":
+            self._raise_failed()
+            if inflight and not self._inflight_ok:
+                raise _Redo  # it read a commit that did not land as it was evaluated
+            if stage is not None:
+                stage("evaluate", t3 - t2)
+                stage("publish_wait", t4 - t3)
+            if commits:
+                self._commit_later(commits, {p: pending[p] for p in pending})
+            ok: Mapping[int, bool] = {c.partition: True for c in commits}
+        else:
+            ok = await self._timed("commit", self.store.commit(commits))
+            if stage is not None:
+                stage("evaluate", t3 - t2)
+                stage("publish_wait", t4 - t3)
+                stage("commit", time.perf_counter() - t4)
         done = [p for p in pending if ok.get(p, True)]
         stats.applied += local.applied
         stats.migrations += sum(sum(1 for k in c.outbox if k.startswith("m:"))
@@ -493,9 +637,13 @@ class BatchProcessor:
         for reason, n in local.dead_letters.items():
             if any(ok.get(c.partition) for c in commits):
                 stats.dead_letters[reason] = stats.dead_letters.get(reason, 0) + n
+        if mode == "overlap":
+            return done
         published = [c.partition for c in commits if ok.get(c.partition)]
         known = {c.partition: c.outbox for c in commits}
-        if self.background_publish:
+        if mode == "settle":
+            await self._publish(published, known)
+        elif self.background_publish:
             self.publish_later(published, known)
         else:
             t5 = time.perf_counter()

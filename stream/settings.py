@@ -84,6 +84,12 @@ class Settings(BaseSettings):
     #: is loaded and evaluated; off, a batch ends once its outbox is published. Either way
     #: the outbox is committed with the batch and published in commit order.
     publish_in_background: bool = True
+    #: Commit a batch's state to the store, then publish its outbox, while the next batch
+    #: is loaded and evaluated (which reads what that commit writes from the commit
+    #: itself); off, a batch ends once its state is committed. A commit that does not land
+    #: is applied again before any later batch commits, and a batch that read it is judged
+    #: again.
+    commit_in_background: bool = True
     #: The worker's event loop: ``uvloop`` (libuv; cheaper per loop turn, and Faust takes a
     #: turn per event) or ``asyncio`` (the standard library's).
     event_loop: Literal["uvloop", "asyncio"] = "uvloop"

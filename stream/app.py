@@ -602,7 +602,17 @@ class Engine:
         return {k: v + 1 for k, v in wms.items()}
 
     def _ack_range(self, tp: Any, first: int, last: int) -> None:
-        self.app.consumer.ack_range(tp, first, last)
+        """A batch's offsets go to Kafka once its state is in the store: a batch committing
+        in the background acks when its commit lands, if the partition is still ours."""
+
+        def ack() -> None:
+            if self.inbox.owns(tp):
+                self.app.consumer.ack_range(tp, first, last)
+
+        if self.processor is None:
+            ack()
+        else:
+            self.processor.when_committed(ack)
 
     def _busy(self) -> bool:
         """Whether input arrived within the last ``IDLE_S``."""

@@ -83,6 +83,10 @@ class Inbox:
         self._room = asyncio.Event()
         self._room.set()
 
+    def owns(self, tp: Any) -> bool:
+        """Whether ``tp`` is assigned to this worker (and not revoked since)."""
+        return tp in self._owned
+
     def assign(self, tps: Iterable[Any]) -> None:
         """These partitions are now this worker's (they start from wherever Kafka puts them)."""
         self._epoch += 1

@@ -74,8 +74,10 @@ _FAMILIES: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
      "(code holding the loop delays everything else).", ()),
     ("histogram", "batch_stage_seconds",
      "Seconds each stage of a micro-batch took: decode, refresh (scoring inputs), load, "
-     "evaluate, publish_wait (the previous batch's publish), commit, and publish when the "
-     "outbox is not published in the background.", ("stage",)),
+     "evaluate, publish_wait (the previous batch's background work: its publish, and its "
+     "commit when committing in the background), commit (when committing in the "
+     "background, from sending it to its answer, overlapping the next batch), and publish "
+     "when the outbox is not published in the background.", ("stage",)),
     ("histogram", "gc_pause_seconds",
      "Seconds each garbage collection held the worker's process, by the oldest generation "
      "it collected (0 young ... 2 full).", ("generation",)),

@@ -256,6 +256,10 @@ class BatchProcessor:
         self._inflight_ok = True
         #: the error a background commit gave up with; every later batch raises it
         self._failed: BaseException | None = None
+        #: run once the batch committing in the background has committed (see
+        #: :meth:`when_committed`); dropped if it gives up or is cancelled
+        self._after_commit: list[Callable[[], None]] = []
+        self._committing = False
         self.scoring = scoring
         #: called with (operation, seconds, ok) after each Redis round trip of a batch (metrics)
         self.on_redis: Callable[[str, float, bool], None] | None = None
@@ -372,15 +376,39 @@ class BatchProcessor:
                     profiles[cid] = prof
         return now
 
+    def when_committed(self, fn: Callable[[], None]) -> None:
+        """Call ``fn`` once the batch committing in the background (if any) has committed
+        every partition, or now if none is. The worker acknowledges a batch's input offsets
+        to Kafka this way: never before the state they cover is in the store."""
+        if self._committing:
+            self._after_commit.append(fn)
+        else:
+            fn()
+
+    def _committed(self) -> None:
+        self._committing = False
+        done, self._after_commit = self._after_commit, []
+        for fn in done:
+            fn()
+
     def _commit_later(self, commits: list[PartitionCommit],
                       pending: dict[int, list[tuple[RawRecord, Event | Rejection]]]) -> None:
         """Commit an evaluated batch, then publish its outbox, in the background; the next
         :meth:`drain` waits for both. Call it only after a drain (one runs at a time)."""
         self._inflight = {c.partition: c for c in commits}
         self._inflight_ok = True
+        self._committing = True
         task = asyncio.ensure_future(self._settle(commits, pending))
-        task.add_done_callback(partial(self._publish_ended, list(pending)))
+        task.add_done_callback(partial(self._settle_ended, list(pending)))
         self._publishing = task
+
+    def _settle_ended(self, partitions: list[int], task: asyncio.Future[int]) -> None:
+        if task.cancelled() or task.exception() is not None:
+            # Cancelled (a stop), perhaps before it started, or given up: what it did not
+            # commit is not acknowledged, and what it did not publish waits in the store.
+            self.mark_dirty(partitions)
+            self._inflight, self._inflight_ok = {}, False
+            self._committing, self._after_commit = False, []
 
     async def _settle(self, commits: list[PartitionCommit],
                       pending: dict[int, list[tuple[RawRecord, Event | Rejection]]]) -> int:
@@ -399,10 +427,13 @@ class BatchProcessor:
                 log.warning("background commit failed (%r); applying the batch again", exc)
                 await asyncio.sleep(0.1)
                 await self._run(pending, BatchStats(), "settle")
+                self._committed()
                 return 0
             if self.on_stage is not None:
                 self.on_stage("commit", time.perf_counter() - t0)
             failed = {p: items for p, items in pending.items() if not ok.get(p, True)}
+            if not failed:
+                self._committed()
             published = [c.partition for c in commits if ok.get(c.partition)]
             n = await self._publish(published, {c.partition: c.outbox for c in commits})
             if failed:
@@ -410,12 +441,11 @@ class BatchProcessor:
                 log.info("commit fenced on partitions %s (their version moved on); "
                          "reloading", sorted(failed))
                 await self._run(failed, BatchStats(), "settle")
+                self._committed()
             return n
         except asyncio.CancelledError:
-            self._inflight_ok = False
             raise
         except BaseException as exc:
-            self._inflight_ok = False
             self._failed = exc
             log.error("a batch committing in the background gave up: %r", exc)
             raise

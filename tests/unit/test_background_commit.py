@@ -313,3 +313,73 @@ def test_a_background_commit_that_gives_up_stops_every_later_batch(
         assert not store.customers  # nothing after the failed batch was committed
 
     asyncio.run(main())
+
+
+def test_offsets_are_acknowledged_only_once_the_commit_landed(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker acks a batch's input offsets through ``when_committed``: an ack before
+    the state is in the store could skip the batch for good (a new owner that cannot read
+    the store's watermarks starts at Kafka's committed offset)."""
+    no_sleep(monkeypatch)
+
+    async def main() -> None:
+        store, sink = GatedStore(), Sink()
+        p = BatchProcessor(load_settings(partitions=1), store, sink, clock=lambda: WALL,
+                           background_publish=True, background_commit=True)
+        acks: list[str] = []
+        p.when_committed(lambda: acks.append("idle"))  # nothing in flight: at once
+        assert acks == ["idle"]
+        t0 = synthetic.DEFAULT_START_MS
+        store.gate.clear()
+        await p.process([RawRecord("transactions", 0, 0, b"c1", tx(0, "c1", t0))])
+        p.when_committed(lambda: acks.append("first"))
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert acks == ["idle"]  # the commit has not landed
+        store.gate.set()
+        await p.drain()
+        assert acks == ["idle", "first"] and store.commits_done == 1
+
+        # a commit that gives up never acknowledges
+        fence_commits(store, 1)
+        await p.process([RawRecord("transactions", 0, 1, b"c1", tx(1, "c1", t0 + 1))])
+        p.when_committed(lambda: acks.append("second"))
+        await p.drain()
+        assert acks == ["idle", "first"]
+        with pytest.raises(PipelineFailed):
+            await p.process([RawRecord("transactions", 0, 2, b"c1", tx(2, "c1", t0 + 2))])
+
+    asyncio.run(main())
+
+
+def test_a_cancelled_background_commit_acknowledges_nothing_and_leaves_the_next_batch_sound(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    no_sleep(monkeypatch)
+
+    async def main() -> None:
+        store, sink = GatedStore(), Sink()
+        p = BatchProcessor(load_settings(partitions=1), store, sink, clock=lambda: WALL,
+                           background_publish=True, background_commit=True)
+        t0 = synthetic.DEFAULT_START_MS
+        store.gate.clear()
+        await p.process([RawRecord("transactions", 0, 0, b"c1", tx(0, "c1", t0))])
+        acks: list[int] = []
+        p.when_committed(lambda: acks.append(0))
+        assert p._publishing is not None
+        p._publishing.cancel()  # as a worker stop cancels it
+        await p.drain()
+        store.gate.set()
+        assert acks == [] and not store.customers
+        # the next batch does not build on the cancelled commit: it reloads, and the first
+        # batch's record comes again (as after a restart) with the second's
+        await p.process([RawRecord("transactions", 0, 0, b"c1", tx(0, "c1", t0)),
+                         RawRecord("transactions", 0, 1, b"c1", tx(1, "c1", t0 + 1))])
+        p.when_committed(lambda: acks.append(1))
+        await p.drain()
+        assert acks == [1]
+        from features import serial
+        from features.state import derive
+        state = serial.decode(store.customers[(0, "c1")])
+        assert derive(state, store.global_now)["purchases_total"] == 2
+
+    asyncio.run(main())

@@ -224,16 +224,20 @@ class GatedStore(MemoryFeatureStore):
         return out
 
 
+def overlapping(store: MemoryFeatureStore) -> BatchProcessor:
+    """One partition, committing and publishing in the background, as a worker does."""
+    return BatchProcessor(load_settings(partitions=1), store, Sink(), clock=lambda: WALL,
+                          background_publish=True, background_commit=True)
+
+
 def tx(i: int, cid: str, ts: int) -> bytes:
     return orjson.dumps({"event_id": f"e{i}", "customer_id": cid, "ts": ts, "amount": 10.0})
 
 
 def test_the_next_batch_is_evaluated_while_the_commit_runs_and_reads_it() -> None:
     async def main() -> None:
-        store, sink = GatedStore(), Sink()
-        s = load_settings(partitions=1)
-        p = BatchProcessor(s, store, sink, clock=lambda: WALL, background_publish=True,
-                           background_commit=True)
+        store = GatedStore()
+        p = overlapping(store)
         t0 = synthetic.DEFAULT_START_MS
         store.gate.clear()  # Redis is slow
         await p.process([RawRecord("transactions", 0, 0, b"c1", tx(0, "c1", t0))])
@@ -270,9 +274,8 @@ def test_a_batch_that_read_a_refused_commit_is_judged_again(
     no_sleep(monkeypatch)
 
     async def main() -> None:
-        store, sink = GatedStore(), Sink()
-        p = BatchProcessor(load_settings(partitions=1), store, sink, clock=lambda: WALL,
-                           background_publish=True, background_commit=True)
+        store = GatedStore()
+        p = overlapping(store)
         t0 = synthetic.DEFAULT_START_MS
         store.gate.clear()
         await p.process([RawRecord("transactions", 0, 0, b"c1", tx(0, "c1", t0))])
@@ -300,9 +303,8 @@ def test_a_background_commit_that_gives_up_stops_every_later_batch(
     no_sleep(monkeypatch)
 
     async def main() -> None:
-        store, sink = MemoryFeatureStore(), Sink()
-        p = BatchProcessor(load_settings(partitions=1), store, sink, clock=lambda: WALL,
-                           background_publish=True, background_commit=True)
+        store = MemoryFeatureStore()
+        p = overlapping(store)
         fence_commits(store, 1)  # every commit is fenced
         t0 = synthetic.DEFAULT_START_MS
         await p.process([RawRecord("transactions", 0, 0, b"c1", tx(0, "c1", t0))])
@@ -323,9 +325,8 @@ def test_offsets_are_acknowledged_only_once_the_commit_landed(
     no_sleep(monkeypatch)
 
     async def main() -> None:
-        store, sink = GatedStore(), Sink()
-        p = BatchProcessor(load_settings(partitions=1), store, sink, clock=lambda: WALL,
-                           background_publish=True, background_commit=True)
+        store = GatedStore()
+        p = overlapping(store)
         acks: list[str] = []
         p.when_committed(lambda: acks.append("idle"))  # nothing in flight: at once
         assert acks == ["idle"]
@@ -357,9 +358,8 @@ def test_a_cancelled_background_commit_acknowledges_nothing_and_leaves_the_next_
     no_sleep(monkeypatch)
 
     async def main() -> None:
-        store, sink = GatedStore(), Sink()
-        p = BatchProcessor(load_settings(partitions=1), store, sink, clock=lambda: WALL,
-                           background_publish=True, background_commit=True)
+        store = GatedStore()
+        p = overlapping(store)
         t0 = synthetic.DEFAULT_START_MS
         store.gate.clear()
         await p.process([RawRecord("transactions", 0, 0, b"c1", tx(0, "c1", t0))])

@@ -21,6 +21,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from features import serial
+from features.state import derive
 from features.store import MemoryFeatureStore, PartitionCommit, StoreUnavailable
 from scorers.nba import default_actions
 from scorers.rules import default_catalogue
@@ -230,21 +232,30 @@ def overlapping(store: MemoryFeatureStore) -> BatchProcessor:
                           background_publish=True, background_commit=True)
 
 
-def tx(i: int, cid: str, ts: int) -> bytes:
-    return orjson.dumps({"event_id": f"e{i}", "customer_id": cid, "ts": ts, "amount": 10.0})
+T0 = synthetic.DEFAULT_START_MS
+
+
+def purchase(offset: int) -> RawRecord:
+    """Customer c1's purchase number ``offset``, at that offset of partition 0."""
+    return RawRecord("transactions", 0, offset, b"c1", orjson.dumps(
+        {"event_id": f"e{offset}", "customer_id": "c1", "ts": T0 + offset, "amount": 10.0}))
+
+
+def purchases(store: MemoryFeatureStore) -> int:
+    state = serial.decode(store.customers[(0, "c1")])
+    return int(derive(state, store.global_now)["purchases_total"])
 
 
 def test_the_next_batch_is_evaluated_while_the_commit_runs_and_reads_it() -> None:
     async def main() -> None:
         store = GatedStore()
         p = overlapping(store)
-        t0 = synthetic.DEFAULT_START_MS
         store.gate.clear()  # Redis is slow
-        await p.process([RawRecord("transactions", 0, 0, b"c1", tx(0, "c1", t0))])
+        await p.process([purchase(0)])
         assert store.commits_done == 0 and not store.customers  # returned before its commit
         nxt = asyncio.ensure_future(p.process([
-            RawRecord("transactions", 0, 1, b"c1", tx(1, "c1", t0 + 1)),
-            RawRecord("transactions", 0, 0, b"c1", tx(0, "c1", t0)),  # redelivered
+            purchase(1),
+            purchase(0),  # redelivered
         ]))
         for _ in range(20):
             await asyncio.sleep(0)
@@ -258,10 +269,7 @@ def test_the_next_batch_is_evaluated_while_the_commit_runs_and_reads_it() -> Non
         assert stats.applied == 1 and stats.skipped_below_watermark == 1
         assert stats.conflicts == 0 and store.loads == 2
         assert store.commits_done == 2 and store.meta[0]["ver"] == 2
-        from features import serial
-        from features.state import derive
-        state = serial.decode(store.customers[(0, "c1")])
-        assert derive(state, store.global_now)["purchases_total"] == 2
+        assert purchases(store) == 2
 
     asyncio.run(main())
 
@@ -276,21 +284,17 @@ def test_a_batch_that_read_a_refused_commit_is_judged_again(
     async def main() -> None:
         store = GatedStore()
         p = overlapping(store)
-        t0 = synthetic.DEFAULT_START_MS
         store.gate.clear()
-        await p.process([RawRecord("transactions", 0, 0, b"c1", tx(0, "c1", t0))])
+        await p.process([purchase(0)])
         nxt = asyncio.ensure_future(
-            p.process([RawRecord("transactions", 0, 1, b"c1", tx(1, "c1", t0 + 1))]))
+            p.process([purchase(1)]))
         for _ in range(20):
             await asyncio.sleep(0)
         store.meta.setdefault(0, {})["ver"] = 5  # another writer, before the commit lands
         store.gate.set()
         await nxt
         await p.drain()
-        from features import serial
-        from features.state import derive
-        state = serial.decode(store.customers[(0, "c1")])
-        assert derive(state, store.global_now)["purchases_total"] == 2
+        assert purchases(store) == 2
         # first batch: its load, its reload after the fence; second: its overlaid load,
         # its reload after the first was applied again
         assert store.loads == 4 and store.meta[0]["ver"] == 7
@@ -306,12 +310,11 @@ def test_a_background_commit_that_gives_up_stops_every_later_batch(
         store = MemoryFeatureStore()
         p = overlapping(store)
         fence_commits(store, 1)  # every commit is fenced
-        t0 = synthetic.DEFAULT_START_MS
-        await p.process([RawRecord("transactions", 0, 0, b"c1", tx(0, "c1", t0))])
+        await p.process([purchase(0)])
         with pytest.raises(PipelineFailed, match="gave up"):
-            await p.process([RawRecord("transactions", 0, 1, b"c1", tx(1, "c1", t0 + 1))])
+            await p.process([purchase(1)])
         with pytest.raises(PipelineFailed):
-            await p.process([RawRecord("transactions", 0, 2, b"c1", tx(2, "c1", t0 + 2))])
+            await p.process([purchase(2)])
         assert not store.customers  # nothing after the failed batch was committed
 
     asyncio.run(main())
@@ -330,9 +333,8 @@ def test_offsets_are_acknowledged_only_once_the_commit_landed(
         acks: list[str] = []
         p.when_committed(lambda: acks.append("idle"))  # nothing in flight: at once
         assert acks == ["idle"]
-        t0 = synthetic.DEFAULT_START_MS
         store.gate.clear()
-        await p.process([RawRecord("transactions", 0, 0, b"c1", tx(0, "c1", t0))])
+        await p.process([purchase(0)])
         p.when_committed(lambda: acks.append("first"))
         for _ in range(20):
             await asyncio.sleep(0)
@@ -343,12 +345,12 @@ def test_offsets_are_acknowledged_only_once_the_commit_landed(
 
         # a commit that gives up never acknowledges
         fence_commits(store, 1)
-        await p.process([RawRecord("transactions", 0, 1, b"c1", tx(1, "c1", t0 + 1))])
+        await p.process([purchase(1)])
         p.when_committed(lambda: acks.append("second"))
         await p.drain()
         assert acks == ["idle", "first"]
         with pytest.raises(PipelineFailed):
-            await p.process([RawRecord("transactions", 0, 2, b"c1", tx(2, "c1", t0 + 2))])
+            await p.process([purchase(2)])
 
     asyncio.run(main())
 
@@ -360,9 +362,8 @@ def test_a_cancelled_background_commit_acknowledges_nothing_and_leaves_the_next_
     async def main() -> None:
         store = GatedStore()
         p = overlapping(store)
-        t0 = synthetic.DEFAULT_START_MS
         store.gate.clear()
-        await p.process([RawRecord("transactions", 0, 0, b"c1", tx(0, "c1", t0))])
+        await p.process([purchase(0)])
         acks: list[int] = []
         p.when_committed(lambda: acks.append(0))
         assert p._publishing is not None
@@ -372,14 +373,11 @@ def test_a_cancelled_background_commit_acknowledges_nothing_and_leaves_the_next_
         assert acks == [] and not store.customers
         # the next batch does not build on the cancelled commit: it reloads, and the first
         # batch's record comes again (as after a restart) with the second's
-        await p.process([RawRecord("transactions", 0, 0, b"c1", tx(0, "c1", t0)),
-                         RawRecord("transactions", 0, 1, b"c1", tx(1, "c1", t0 + 1))])
+        await p.process([purchase(0),
+                         purchase(1)])
         p.when_committed(lambda: acks.append(1))
         await p.drain()
         assert acks == [1]
-        from features import serial
-        from features.state import derive
-        state = serial.decode(store.customers[(0, "c1")])
-        assert derive(state, store.global_now)["purchases_total"] == 2
+        assert purchases(store) == 2
 
     asyncio.run(main())

@@ -6,12 +6,13 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import faust
 import redis.asyncio as aioredis
@@ -30,7 +31,7 @@ from stream.errors import SegstreamError
 from stream.inbox import Inbox
 from stream.learner import Learner
 from stream.metrics import EngineMetrics
-from stream.pipeline import BatchProcessor, RawRecord, record_decoder
+from stream.pipeline import BatchProcessor, PipelineFailed, RawRecord, record_decoder
 from stream.redisconn import redis_client
 from stream.runtime import ScoringRuntime, load_rules
 from stream.settings import Settings
@@ -472,6 +473,17 @@ class FaustPublisher:
             log.warning("publishing to %s failed; the engine's missing topics were created", topic)
 
 
+def fail_stop(exc: BaseException) -> NoReturn:
+    """End the worker process at once: a batch gave up, and nothing after it may be
+    committed. Restarted, the worker resumes from the state store's watermarks (a stop
+    like any crash, which the store's commits are made to survive). Left running, Faust
+    would restart the agent, which would take the next batches from past the lost one."""
+    log.critical("the worker stops: %s. Restarted, it resumes from the state store's "
+                 "watermarks", exc)
+    logging.shutdown()
+    os._exit(70)
+
+
 def _ignore_outcome(fut: asyncio.Future[Any]) -> None:
     if not fut.cancelled():
         fut.exception()
@@ -590,6 +602,7 @@ class Engine:
             self.processor.on_published = self.backend.on_published
             self.processor.on_redis = self.backend.on_redis
             self.processor.on_stage = self.metrics.observe_stage
+            self.processor.on_conflicts = self.metrics.commit_conflicts
             self.sweeper.on_step = self.metrics.observe_sweep_step
         return self.processor
 
@@ -688,7 +701,10 @@ class Engine:
                     lambda: bool(stream.should_stop)):
                 t0, started = time.perf_counter(), time.time()
                 async with self.lock:
-                    stats = await processor.process(records)
+                    try:
+                        stats = await processor.process(records)
+                    except PipelineFailed as exc:
+                        fail_stop(exc)
                 self.last_batch_end = time.monotonic()
                 by_topic: dict[str, int] = {}
                 oldest: int | None = None

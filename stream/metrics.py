@@ -195,6 +195,11 @@ class EngineMetrics:
         if conflicts:
             self._m["commit_conflicts"].inc(conflicts)
 
+    def commit_conflicts(self, n: int) -> None:
+        """Count commits refused by the version fence outside a batch's own stats (the
+        background commit of a batch)."""
+        self._m["commit_conflicts"].inc(n)
+
     def observe_loop_lag(self, seconds: float) -> None:
         """Record how late the event loop ran a periodic check (``stream.watchdog``)."""
         self._m["event_loop_lag_seconds"].observe(max(0.0, seconds))

@@ -197,8 +197,10 @@ class _Redo(Exception):
 
 
 class PipelineFailed(Exception):
-    """A batch committing in the background gave up (see :meth:`BatchProcessor.process`):
-    nothing after it may be committed, so the worker stops and resumes from the store."""
+    """A batch gave up (its commit was fenced again and again), or one committing in the
+    background gave up or was cancelled before it landed (see
+    :meth:`BatchProcessor.process`): nothing after it may be committed, so the worker
+    stops, and restarted it resumes from the store's watermarks."""
 
 
 @dataclass(slots=True)
@@ -256,6 +258,9 @@ class BatchProcessor:
         self._inflight_ok = True
         #: the error a background commit gave up with; every later batch raises it
         self._failed: BaseException | None = None
+        #: called with the number of commits refused by the version fence in the
+        #: background (metrics; a batch's own are in its stats)
+        self.on_conflicts: Callable[[int], None] | None = None
         #: run once the batch committing in the background has committed (see
         #: :meth:`when_committed`); dropped if it gives up or is cancelled
         self._after_commit: list[Callable[[], None]] = []
@@ -406,6 +411,10 @@ class BatchProcessor:
         if task.cancelled() or task.exception() is not None:
             # Cancelled (a stop), perhaps before it started, or given up: what it did not
             # commit is not acknowledged, and what it did not publish waits in the store.
+            # Its records left the inbox: a later batch committing past them would lose
+            # them for good, so none may (the worker restarts from the watermarks).
+            if task.cancelled() and self._failed is None:
+                self._failed = PipelineFailed("its commit was cancelled before it landed")
             self.mark_dirty(partitions)
             self._inflight, self._inflight_ok = {}, False
             self._committing, self._after_commit = False, []
@@ -426,7 +435,11 @@ class BatchProcessor:
                 self.mark_dirty(pending)
                 log.warning("background commit failed (%r); applying the batch again", exc)
                 await asyncio.sleep(0.1)
-                await self._run(pending, BatchStats(), "settle")
+                retry = BatchStats(store_retries=1)
+                try:
+                    await self._run(pending, retry, "settle")
+                finally:
+                    self._count_conflicts(retry.conflicts)
                 self._committed()
                 return 0
             if self.on_stage is not None:
@@ -440,7 +453,11 @@ class BatchProcessor:
                 self._inflight_ok = False
                 log.info("commit fenced on partitions %s (their version moved on); "
                          "reloading", sorted(failed))
-                await self._run(failed, BatchStats(), "settle")
+                retry = BatchStats(conflicts=1)
+                try:
+                    await self._run(failed, retry, "settle")
+                finally:
+                    self._count_conflicts(retry.conflicts)
                 self._committed()
             return n
         except asyncio.CancelledError:
@@ -451,6 +468,10 @@ class BatchProcessor:
             raise
         finally:
             self._inflight = {}
+
+    def _count_conflicts(self, n: int) -> None:
+        if n and self.on_conflicts is not None:
+            self.on_conflicts(n)
 
     def dead_letter(self, rec: RawRecord, rejection: Rejection) -> bytes:
         """The DLQ record of a rejected input, as the bytes to publish."""
@@ -503,7 +524,7 @@ class BatchProcessor:
         read it is judged again. The stats are those of the evaluation. A background commit
         that gives up makes every later batch raise :class:`PipelineFailed`.
         """
-        self._raise_failed()
+        self.raise_if_failed()
         stats = BatchStats(records=len(records))
         t0 = time.perf_counter()
         pending = self._decode_all(records)
@@ -512,7 +533,9 @@ class BatchProcessor:
         await self._run(pending, stats, "overlap" if self.background_commit else "plain")
         return stats
 
-    def _raise_failed(self) -> None:
+    def raise_if_failed(self) -> None:
+        """Raise :class:`PipelineFailed` if a batch committing in the background gave up
+        or was cancelled: nothing may be committed after it."""
         if self._failed is not None:
             raise PipelineFailed(f"a batch committing in the background gave up: "
                                  f"{self._failed!r}") from self._failed
@@ -525,7 +548,7 @@ class BatchProcessor:
         ``settle`` (inside a background commit: commit and publish here, no drain)."""
         while pending:
             if stats.conflicts >= MAX_COMMIT_ATTEMPTS:
-                raise StoreUnavailable("gave up after repeated commit conflicts")
+                raise PipelineFailed("gave up after repeated commit conflicts")
             try:
                 done = await self._attempt(pending, stats, mode)
             except _Redo:
@@ -644,7 +667,7 @@ class BatchProcessor:
             await self.drain()
         t4 = time.perf_counter()
         if mode == "overlap":
-            self._raise_failed()
+            self.raise_if_failed()
             if inflight and not self._inflight_ok:
                 raise _Redo  # it read a commit that did not land as it was evaluated
             if stage is not None:

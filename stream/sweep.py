@@ -191,8 +191,10 @@ class Sweeper:
     async def _step(self, p: int, ids: list[str], stats: SweepStats) -> str:
         """One attempt at a chunk, under the lock: ``done`` (committed, or nothing to
         commit), ``conflict`` (another write moved the partition on) or ``failed``."""
-        # A batch's commit may still be running in the background: load what it wrote.
+        # A batch's commit may still be running in the background: load what it wrote
+        # (and commit nothing past one that gave up).
         await self.processor.drain()
+        self.processor.raise_if_failed()
         now, snaps = await self.store.load({p: ids}, self.processor.topics)
         snap = snaps[p]
         ctx = dataclasses.replace(self.runtime.context(now), settled_ms=settled_ms(

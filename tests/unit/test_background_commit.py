@@ -385,3 +385,42 @@ def test_a_cancelled_background_commit_acknowledges_nothing_and_stops_later_batc
         assert purchases(store) == 2
 
     asyncio.run(main())
+
+
+def test_a_sweep_commits_nothing_past_a_batch_that_failed() -> None:
+    from stream.sweep import Sweeper, SweepStats
+
+    async def main() -> None:
+        store = MemoryFeatureStore()
+        p = overlapping(store)
+        scoring = FixedPopulation(p.settings, store, default_catalogue(), default_actions(),
+                                  clock=lambda: WALL + 90 * DAY / 1000)  # customers went quiet
+        p.scoring = scoring
+        await p.process([purchase(0)])
+        await p.drain()
+        sweeper = Sweeper(p, scoring, store, asyncio.Lock())
+        p._failed = PipelineFailed("gave up after repeated commit conflicts")
+        ver = store.meta[0]["ver"]
+        with pytest.raises(PipelineFailed):
+            await sweeper._step(0, ["c1"], SweepStats())
+        assert store.meta[0]["ver"] == ver
+
+    asyncio.run(main())
+
+
+def test_fail_stop_ends_the_process_with_a_critical_log(monkeypatch: pytest.MonkeyPatch,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    import stream.app as app_mod
+
+    codes: list[int] = []
+
+    def fake_exit(code: int) -> None:
+        codes.append(code)
+        raise SystemExit(code)
+
+    monkeypatch.setattr(app_mod.os, "_exit", fake_exit)
+    monkeypatch.setattr(app_mod.logging, "shutdown", lambda: None)
+    with caplog.at_level("CRITICAL", logger="stream.app"), pytest.raises(SystemExit):
+        app_mod.fail_stop(PipelineFailed("gave up after repeated commit conflicts"))
+    assert codes == [70]
+    assert "resumes from the state store's watermarks" in caplog.text

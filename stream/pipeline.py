@@ -435,12 +435,7 @@ class BatchProcessor:
                 self.mark_dirty(pending)
                 log.warning("background commit failed (%r); applying the batch again", exc)
                 await asyncio.sleep(0.1)
-                retry = BatchStats(store_retries=1)
-                try:
-                    await self._run(pending, retry, "settle")
-                finally:
-                    self._count_conflicts(retry.conflicts)
-                self._committed()
+                await self._reapply(pending, BatchStats(store_retries=1))
                 return 0
             if self.on_stage is not None:
                 self.on_stage("commit", time.perf_counter() - t0)
@@ -453,12 +448,7 @@ class BatchProcessor:
                 self._inflight_ok = False
                 log.info("commit fenced on partitions %s (their version moved on); "
                          "reloading", sorted(failed))
-                retry = BatchStats(conflicts=1)
-                try:
-                    await self._run(failed, retry, "settle")
-                finally:
-                    self._count_conflicts(retry.conflicts)
-                self._committed()
+                await self._reapply(failed, BatchStats(conflicts=1))
             return n
         except asyncio.CancelledError:
             raise
@@ -469,9 +459,16 @@ class BatchProcessor:
         finally:
             self._inflight = {}
 
-    def _count_conflicts(self, n: int) -> None:
-        if n and self.on_conflicts is not None:
-            self.on_conflicts(n)
+    async def _reapply(self, pending: dict[int, list[tuple[RawRecord, Event | Rejection]]],
+                       retry: BatchStats) -> None:
+        """Apply again, from a fresh load, partitions whose background commit did not land;
+        then the batch counts as committed. Fences met on the way count for the metrics."""
+        try:
+            await self._run(pending, retry, "settle")
+        finally:
+            if retry.conflicts and self.on_conflicts is not None:
+                self.on_conflicts(retry.conflicts)
+        self._committed()
 
     def dead_letter(self, rec: RawRecord, rejection: Rejection) -> bytes:
         """The DLQ record of a rejected input, as the bytes to publish."""

@@ -603,6 +603,7 @@ class Engine:
             self.processor.on_redis = self.backend.on_redis
             self.processor.on_stage = self.metrics.observe_stage
             self.processor.on_conflicts = self.metrics.commit_conflicts
+            self.processor.on_failed = fail_stop
             self.sweeper.on_step = self.metrics.observe_sweep_step
         return self.processor
 

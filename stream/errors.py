@@ -21,3 +21,12 @@ class StoreError(SegstreamError):
 
 class CommitConflict(StoreError):
     """Another writer committed to the partition since the batch was loaded."""
+
+
+class PipelineFailed(SegstreamError):
+    """A batch gave up (its commit was fenced again and again), or one committing in the
+    background gave up or was cancelled before it landed (see
+    :meth:`stream.pipeline.BatchProcessor.process`): nothing after it may be committed, so
+    the worker stops, and restarted it resumes from the store's watermarks. Its message
+    carries no customer data (logs keep it: an underlying error is described with
+    :func:`stream.redact.describe`)."""

@@ -33,7 +33,8 @@ from features.store import (
 )
 from scorers.profile import Profile
 from scorers.scoring import CustomerInput, Outcome, ScoringContext, evaluate
-from stream.redact import cid_ref
+from stream.errors import PipelineFailed
+from stream.redact import cid_ref, describe
 from stream.schemas import Rejection, decode
 from stream.settings import Settings
 
@@ -196,13 +197,6 @@ class _Redo(Exception):
     records are now rejections), or it read a background commit that did not land."""
 
 
-class PipelineFailed(Exception):
-    """A batch gave up (its commit was fenced again and again), or one committing in the
-    background gave up or was cancelled before it landed (see
-    :meth:`BatchProcessor.process`): nothing after it may be committed, so the worker
-    stops, and restarted it resumes from the store's watermarks."""
-
-
 @dataclass(slots=True)
 class _Accepted:
     """A partition's records of one batch after watermark and event-time checks."""
@@ -261,6 +255,11 @@ class BatchProcessor:
         #: called with the number of commits refused by the version fence in the
         #: background (metrics; a batch's own are in its stats)
         self.on_conflicts: Callable[[int], None] | None = None
+        #: called with :class:`PipelineFailed` the moment a batch committing in the
+        #: background gives up, so that a worker stops then, and not only when a later
+        #: batch arrives (there may be none: the end of a replay) while its input waits
+        #: unacknowledged and unfetched
+        self.on_failed: Callable[[PipelineFailed], None] | None = None
         #: run once the batch committing in the background has committed (see
         #: :meth:`when_committed`); dropped if it gives up or is cancelled
         self._after_commit: list[Callable[[], None]] = []
@@ -418,6 +417,9 @@ class BatchProcessor:
             self.mark_dirty(partitions)
             self._inflight, self._inflight_ok = {}, False
             self._committing, self._after_commit = False, []
+            # A cancel is a stop under way; a batch that gave up stops the worker now.
+            if not task.cancelled() and self.on_failed is not None:
+                self.on_failed(self._failure())
 
     async def _settle(self, commits: list[PartitionCommit],
                       pending: dict[int, list[tuple[RawRecord, Event | Rejection]]]) -> int:
@@ -530,12 +532,19 @@ class BatchProcessor:
         await self._run(pending, stats, "overlap" if self.background_commit else "plain")
         return stats
 
+    def _failure(self) -> PipelineFailed:
+        failed = self._failed
+        if isinstance(failed, PipelineFailed):
+            why = str(failed)
+        else:
+            why = describe(failed) if failed is not None else "unknown"
+        return PipelineFailed(f"a batch committing in the background gave up: {why}")
+
     def raise_if_failed(self) -> None:
         """Raise :class:`PipelineFailed` if a batch committing in the background gave up
         or was cancelled: nothing may be committed after it."""
         if self._failed is not None:
-            raise PipelineFailed(f"a batch committing in the background gave up: "
-                                 f"{self._failed!r}") from self._failed
+            raise self._failure() from self._failed
 
     async def _run(self, pending: dict[int, list[tuple[RawRecord, Event | Rejection]]],
                    stats: BatchStats, mode: str) -> None:

@@ -312,13 +312,19 @@ def test_a_background_commit_that_gives_up_stops_every_later_batch(
     async def main() -> None:
         store = MemoryFeatureStore()
         p = overlapping(store)
+        failures: list[PipelineFailed] = []
+        p.on_failed = failures.append
         fence_commits(store, 1)  # every commit is fenced
         await p.process([purchase(0)])
+        await p.drain()
+        # reported as it gives up, with no later batch to find it (a worker stops then)
+        assert len(failures) == 1 and "repeated commit conflicts" in str(failures[0])
         with pytest.raises(PipelineFailed, match="gave up"):
             await p.process([purchase(1)])
         with pytest.raises(PipelineFailed):
             await p.process([purchase(2)])
         assert not store.customers  # nothing after the failed batch was committed
+        assert len(failures) == 1
 
     asyncio.run(main())
 
@@ -368,12 +374,15 @@ def test_a_cancelled_background_commit_acknowledges_nothing_and_stops_later_batc
         store.gate.clear()
         await p.process([purchase(0)])
         acks: list[int] = []
+        failures: list[PipelineFailed] = []
+        p.on_failed = failures.append
         p.when_committed(lambda: acks.append(0))
         assert p._publishing is not None
         p._publishing.cancel()  # as a worker stop cancels it
         await p.drain()
         store.gate.set()
         assert acks == [] and not store.customers
+        assert failures == []  # a stop under way, not a failure to stop for
         # Its records left the inbox: a batch committing past them would lose them, so
         # none may; restarted, the worker reads them again from the watermark.
         with pytest.raises(PipelineFailed, match="cancelled"):

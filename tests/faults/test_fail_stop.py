@@ -1,0 +1,121 @@
+"""A partition whose version another writer keeps moving: the worker gives up and stops.
+
+A thread outside the engine bumps partition 0's version in Redis (``HINCRBY meta ver 1``)
+in a tight loop, as a writer that never stops would (a split brain, a runaway script).
+Every commit of partition 0 is refused by the version fence, and after
+``MAX_COMMIT_ATTEMPTS`` refusals in a row the batch gives up. The worker must then stop at
+once, with exit code 70 and a critical log line, whether the batch commits in the
+background (the default) or not, and also when no later batch arrives to find the failure
+(the whole input here is one or two batches). It must not acknowledge to Kafka any input
+of partition 0 that it did not commit. Once the writer is gone, a restarted worker
+processes everything exactly once, judged against the input.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import fault_oracle
+import pytest
+import redis
+
+from stream.pipeline import MAX_COMMIT_ATTEMPTS
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+EVENTS = 1_500
+#: What fail_stop exits with.
+EXIT_CODE = 70
+
+
+class VersionMover(threading.Thread):
+    """Moves one partition's version on, again and again, until stopped."""
+
+    def __init__(self, url: str, key: str) -> None:
+        super().__init__(daemon=True)
+        self.client = redis.Redis.from_url(url)
+        self.key = key
+        self.halt = threading.Event()
+        self.moves = 0
+
+    def run(self) -> None:
+        while not self.halt.is_set():
+            self.client.hincrby(self.key, "ver", 1)
+            self.moves += 1
+
+    def stop(self) -> None:
+        self.halt.set()
+        self.join(timeout=10)
+        self.client.close()
+
+
+def acknowledged(dep: Any, partition: int) -> dict[str, int]:
+    """The consumer group's committed offsets of one partition, by input topic."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    from stream.kafka import client_config
+
+    s = dep.settings
+    c = KafkaConsumer(**client_config(s), group_id=s.app_id, enable_auto_commit=False)
+    try:
+        found = {t: c.committed(TopicPartition(t, partition)) for t in s.input_topics}
+    finally:
+        c.close()
+    return {t: off for t, off in found.items() if off is not None}
+
+
+def watermarks(dep: Any, partition: int) -> dict[str, int]:
+    """The state store's last applied offset of one partition, by input topic."""
+    s = dep.settings
+    r = redis.Redis.from_url(s.redis_url)
+    try:
+        meta = r.hgetall(f"{s.redis_prefix}{{p{partition}}}:meta")
+    finally:
+        r.close()
+    return {t: int(meta[f"wm:{t}".encode()]) for t in s.input_topics
+            if f"wm:{t}".encode() in meta}
+
+
+@pytest.mark.parametrize("background", ["true", "false"])
+def test_a_batch_that_gives_up_stops_the_worker_and_a_restart_loses_nothing(
+        deployment, tmp_path: Path, background: str) -> None:
+    deployment.env["SEGSTREAM_COMMIT_IN_BACKGROUND"] = background
+    inputs = fault_oracle.synthetic_input(EVENTS, seed=83)
+    fault_oracle.produce(deployment, inputs)
+    s = deployment.settings
+    mover = VersionMover(s.redis_url, f"{s.redis_prefix}{{p0}}:meta")
+    mover.start()
+    try:
+        t0 = time.monotonic()
+        w = deployment.start_worker(tmp_path)
+        try:
+            rc = w.wait(timeout=180)
+        except Exception:
+            deployment.kill(w)
+            raise AssertionError("the worker kept running after its batch gave up:\n"
+                                 + deployment.logs[0].read_text()[-3000:]) from None
+        print(f"worker exited {rc} after {time.monotonic() - t0:.1f}s; "
+              f"the version moved {mover.moves} times")
+    finally:
+        mover.stop()
+    log = deployment.logs[0].read_text(errors="replace")
+    assert rc == EXIT_CODE, log[-3000:]
+    stops = [ln for ln in log.splitlines() if "CRITICAL" in ln and "the worker stops" in ln]
+    # the reason is logged in full: it carries no customer data
+    assert len(stops) == 1 and "gave up after repeated commit conflicts" in stops[0], \
+        log[-3000:]
+    assert log.count("commit fenced on partitions") >= MAX_COMMIT_ATTEMPTS - 1, log[-3000:]
+    # Nothing of partition 0 acknowledged past what the store holds (here: nothing of it
+    # was ever committed, so no watermark, and no offset may be acknowledged).
+    wm = watermarks(deployment, 0)
+    acked = acknowledged(deployment, 0)
+    for topic, offset in acked.items():
+        assert offset <= wm.get(topic, -1) + 1, (topic, offset, wm)
+
+    deployment.start_worker(tmp_path)
+    deployment.cli("wait", "--timeout", "600")
+    summary = fault_oracle.judge(deployment, inputs)
+    print({"background": background, "acknowledged_p0": acked, "watermarks_p0": wm, **summary})

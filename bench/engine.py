@@ -94,6 +94,9 @@ def server_counters(r: redis.Redis) -> dict[str, float]:
     out = {k: float(st.get(k, 0)) for k in ("total_commands_processed", "total_reads_processed",
                                              "total_net_input_bytes")}
     out["used_memory"] = float(mem.get("used_memory", 0))
+    with contextlib.suppress(redis.RedisError):
+        pers: dict[str, Any] = r.info("persistence")  # type: ignore[assignment]
+        out["aof_rewrites"] = float(pers.get("aof_rewrites", 0))
     return out
 
 
@@ -113,6 +116,9 @@ class Services:
             with contextlib.suppress(psutil.Error):
                 t = proc.cpu_times()
                 out[role] = t.user + t.system
+                if role == "redis":
+                    # its forks (AOF rewrites), counted once Redis has reaped them
+                    out["redis_forks"] = t.children_user + t.children_system
         return out
 
 

@@ -95,6 +95,10 @@ def native_modules() -> str:
     return f"{compiled} of {len(native.MODULES)} compiled"
 
 
+def _text(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
 def describe(settings: Settings) -> dict[str, Any]:
     """CPU, cores, RAM, Python, Kafka, Redis and the code's git commit."""
     import redis
@@ -103,6 +107,11 @@ def describe(settings: Settings) -> dict[str, Any]:
     try:
         info: dict[str, Any] = r.info("server")  # type: ignore[assignment]
         redis_version = str(info.get("redis_version", "unknown"))
+        persistence: dict[str, Any] = {}
+        with contextlib.suppress(redis.RedisError):  # CONFIG may be refused to the user
+            got = r.config_get("appendonly")
+            got.update(r.config_get("auto-aof-rewrite-percentage"))
+            persistence = {_text(k).replace("-", "_"): _text(v) for k, v in got.items()}
     finally:
         r.close()
     return {
@@ -117,6 +126,7 @@ def describe(settings: Settings) -> dict[str, Any]:
         "python": platform.python_version(),
         "kafka": kafka_version(settings),
         "redis": redis_version,
+        "redis_persistence": persistence,
         "git_commit": git_commit(),
         "native_modules": native_modules(),
     }

@@ -26,7 +26,8 @@ def _cpu_roles(by_role: dict[str, float]) -> str:
     if not by_role:
         return "n/a"
     parts = ", ".join(_n(by_role.get(k), ".2f") if k in by_role else "n/a"
-                      for k in ("worker", "learner", "broker", "redis", "steal", "rest"))
+                      for k in ("worker", "learner", "broker", "redis", "redis_forks",
+                                "steal", "rest"))
     return f"{_n(by_role.get('machine'), '.2f')}: {parts}"
 
 
@@ -113,6 +114,7 @@ def table(doc: dict[str, Any]) -> Table:
          _n(red["memory_usage_bytes_per_customer"])),
         ("Redis fixed bytes (log, models; not per customer)",
          _n(red.get("memory_usage_fixed_bytes", 0))),
+        ("Redis AOF rewrites during E (server, shared)", _n(red.get("aof_rewrites_during_e"))),
         ("worker peak RSS", f"{_n(doc['worker_rss_mb'], ',.1f')} MB"),
         ("worker CPU s / million events (E; F)",
          f"{_n(doc['cpu_s_per_million_events'], ',.1f')}; "
@@ -120,7 +122,8 @@ def table(doc: dict[str, Any]) -> Table:
         ("E worker alone: CPU s / million events; CPU s per second",
          f"{_n(eng.get('worker_cpu_s', 0) / max(1, eng['events_measured']) * 1e6, ',.1f')}; "
          f"{_n(eng.get('worker_cpu_share', 0), '.2f')}"),
-        ("E: CPU s per second (machine: worker, learner, broker, Redis, steal, rest)",
+        ("E: CPU s per second (machine: worker, learner, broker, Redis, Redis's forks, "
+         "steal, rest)",
          _cpu_roles(eng.get("cpu_by_role") or {})),
         ("worker start-up to first commit", f"{_n(eng['startup_s'], '.1f')} s"),
         ("producer", f"{_n(doc['produce_eps'])} ev/s"),

@@ -364,6 +364,8 @@ def assemble(opts: Options, w: workload.Workload, produce_eps: float, lim: RateR
             "server_commands_per_event": round(
                 e1.server["total_commands_processed"] / per_event, 4),
             "server_reads_per_event": round(e1.server["total_reads_processed"] / per_event, 4),
+            "aof_rewrites_during_e": (int(e1.server["aof_rewrites"])
+                                      if "aof_rewrites" in e1.server else None),
             "server_note": "server_* are INFO stats deltas of the whole Redis during E: they "
                            "include Lua-internal calls and every other client",
         },

@@ -450,6 +450,11 @@ def test_worker_redis_url_points_at_redis_service(
     redis_port = int(command[command.index("--port") + 1]) if "--port" in command else 6379
     assert (url.port or 6379) == redis_port
     assert "--appendonly" in command and command[command.index("--appendonly") + 1] == "yes"
+    # the append-only file is rewritten as rarely as by the local Redis of `segstream up`
+    from stream.services import REDIS_AOF_REWRITE_PERCENTAGE
+
+    at = command.index("--auto-aof-rewrite-percentage")
+    assert int(command[at + 1]) == REDIS_AOF_REWRITE_PERCENTAGE
 
 
 def test_worker_environment_builds_settings(

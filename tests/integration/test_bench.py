@@ -79,6 +79,12 @@ def test_small_bench_reports_every_figure(services: dict[str, str], tmp_path: Pa
     assert spent <= roles["machine"] * 1.1 + 0.05, roles
     assert roles["machine"] <= doc["machine"]["cores_logical"] * 1.05, roles
     assert doc["machine"]["native_modules"]
+    # Redis' forks (AOF rewrites) are counted apart; the project's Redis rewrites rarely.
+    assert roles.get("redis_forks", -1) >= 0, roles
+    assert doc["machine"]["redis_persistence"] == {
+        "appendonly": "yes", "auto_aof_rewrite_percentage": "800"}
+    assert isinstance(doc["redis"]["aof_rewrites_during_e"], int)
+    assert doc["redis"]["aof_rewrites_during_e"] >= 0
     # Trained models were in the registry before the E worker committed anything.
     assert doc["models"] == "serving" and doc["engine"]["models_serving_from_event"] == 0
     # Every round trip carries at least one command (both counters see the engine's client).

@@ -95,15 +95,11 @@ def native_modules() -> str:
     return f"{compiled} of {len(native.MODULES)} compiled"
 
 
-def _text(v: Any) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
-
-
 def describe(settings: Settings) -> dict[str, Any]:
     """CPU, cores, RAM, Python, Kafka, Redis and the code's git commit."""
     import redis
 
-    r = redis.from_url(settings.redis_url)
+    r = redis.from_url(settings.redis_url, decode_responses=True)
     try:
         info: dict[str, Any] = r.info("server")  # type: ignore[assignment]
         redis_version = str(info.get("redis_version", "unknown"))
@@ -111,7 +107,7 @@ def describe(settings: Settings) -> dict[str, Any]:
         with contextlib.suppress(redis.RedisError):  # CONFIG may be refused to the user
             got = r.config_get("appendonly")
             got.update(r.config_get("auto-aof-rewrite-percentage"))
-            persistence = {_text(k).replace("-", "_"): _text(v) for k, v in got.items()}
+            persistence = {k.replace("-", "_"): v for k, v in got.items()}
     finally:
         r.close()
     return {

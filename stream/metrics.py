@@ -193,7 +193,7 @@ class EngineMetrics:
             # A producer clock ahead of this host's can make it negative: count it as 0.
             self._m["batch_wait_seconds"].observe(max(0.0, wait_s))
         if conflicts:
-            self._m["commit_conflicts"].inc(conflicts)
+            self.commit_conflicts(conflicts)
 
     def commit_conflicts(self, n: int) -> None:
         """Count commits refused by the version fence outside a batch's own stats (the

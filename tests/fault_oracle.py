@@ -114,26 +114,30 @@ class PacedProducer(threading.Thread):
         assert self.sent == len(self.records)
 
 
-def progress(dep: Any) -> dict[int, int]:
-    """Per partition, input records at or below the committed watermarks of both topics."""
+def watermarks(dep: Any) -> dict[tuple[str, int], int]:
+    """The state store's last applied offset per (input topic, partition), where any."""
     from features.store import RedisFeatureStore
     from stream.redisconn import redis_client
 
     s = dep.settings
 
-    async def run() -> dict[int, int]:
+    async def run() -> dict[tuple[str, int], int]:
         r = redis_client(s)
         try:
-            wms = await RedisFeatureStore(r, s.redis_prefix).watermarks(
+            return await RedisFeatureStore(r, s.redis_prefix).watermarks(
                 s.partitions, list(s.input_topics))
         finally:
             await r.aclose()
-        out = dict.fromkeys(range(s.partitions), 0)
-        for (_, p), w in wms.items():
-            out[p] += w + 1
-        return out
 
     return asyncio.run(run())
+
+
+def progress(dep: Any) -> dict[int, int]:
+    """Per partition, input records at or below the committed watermarks of both topics."""
+    out = dict.fromkeys(range(dep.settings.partitions), 0)
+    for (_, p), w in watermarks(dep).items():
+        out[p] += w + 1
+    return out
 
 
 def applied(dep: Any) -> int:

@@ -67,18 +67,6 @@ def acknowledged(dep: Any, partition: int) -> dict[str, int]:
     return {t: off for t, off in found.items() if off is not None}
 
 
-def watermarks(dep: Any, partition: int) -> dict[str, int]:
-    """The state store's last applied offset of one partition, by input topic."""
-    s = dep.settings
-    r = redis.Redis.from_url(s.redis_url)
-    try:
-        meta = r.hgetall(f"{s.redis_prefix}{{p{partition}}}:meta")
-    finally:
-        r.close()
-    return {t: int(meta[f"wm:{t}".encode()]) for t in s.input_topics
-            if f"wm:{t}".encode() in meta}
-
-
 @pytest.mark.parametrize("background", ["true", "false"])
 def test_a_batch_that_gives_up_stops_the_worker_and_a_restart_loses_nothing(
         deployment, tmp_path: Path, background: str) -> None:
@@ -110,7 +98,7 @@ def test_a_batch_that_gives_up_stops_the_worker_and_a_restart_loses_nothing(
     assert log.count("commit fenced on partitions") >= MAX_COMMIT_ATTEMPTS - 1, log[-3000:]
     # Nothing of partition 0 acknowledged past what the store holds (here: nothing of it
     # was ever committed, so no watermark, and no offset may be acknowledged).
-    wm = watermarks(deployment, 0)
+    wm = {t: w for (t, p), w in fault_oracle.watermarks(deployment).items() if p == 0}
     acked = acknowledged(deployment, 0)
     for topic, offset in acked.items():
         assert offset <= wm.get(topic, -1) + 1, (topic, offset, wm)

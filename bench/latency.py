@@ -11,12 +11,16 @@ its send time). Two latencies are measured per input record:
   minus the record's timestamp; every input record has one.
 
 The migration latency is the headline when migrations carry triggers; otherwise
-the watermark latency is, and the result says which.
+the watermark latency is, and the result says which. Each phase also reports the
+watermark latency by second of the phase (``watermark_by_second``: whether a tail is
+spread out or a few stalls) and this process's own collector pauses
+(``load_generator_gc``; the collector is paused while offering, see :func:`measure`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 from bisect import bisect_left
 from collections.abc import Sequence
@@ -172,9 +176,52 @@ async def _offer(producer: AIOKafkaProducer, s: Settings, records: Sequence[Live
     return out, produce_s
 
 
+class _GcPauses:
+    """This process's garbage-collection pauses while offering: a pause of the load
+    generator between stamping records and sending them counts as the engine's latency."""
+
+    def __init__(self) -> None:
+        self.pauses: list[tuple[float, float, int]] = []  # (end epoch ms, ms, generation)
+        self._t0 = 0.0
+
+    def __call__(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        else:
+            self.pauses.append((time.time() * 1000, (time.perf_counter() - self._t0) * 1000,
+                                int(info.get("generation", -1))))
+
+    def summary(self, since_ms: float) -> dict[str, Any]:
+        ms = [p for _, p, _ in self.pauses]
+        return {"collections": len(ms), "pause_ms_total": round(sum(ms), 1),
+                "pause_ms_max": round(max(ms, default=0.0), 1),
+                "long": [{"second": int((end - since_ms) // 1000), "ms": round(p, 1),
+                          "generation": g} for end, p, g in self.pauses if p >= 20.0]}
+
+
 async def measure(s: Settings, records: Sequence[LiveRecord], rate: float, seconds: float,
                   drain_timeout: float = 120.0) -> LatencyResult:
     """Offer ``rate`` events/s for ``seconds`` to a running engine; measure latencies."""
+    # This process holds the whole generated workload: a full collection traverses it
+    # for 200+ ms (measured: two such pauses in every 15 s phase at 1,000,000 events),
+    # stalling the producer between stamping records and sending them, and the watermark
+    # poll. The heap is frozen and the collector paused while offering, so the phase
+    # measures the engine; the pauses left are reported with the result.
+    gc.collect()
+    gc.freeze()
+    gc.disable()
+    pauses = _GcPauses()
+    gc.callbacks.append(pauses)
+    try:
+        return await _measure(s, records, rate, seconds, drain_timeout, pauses)
+    finally:
+        gc.callbacks.remove(pauses)
+        gc.enable()
+        gc.unfreeze()
+
+
+async def _measure(s: Settings, records: Sequence[LiveRecord], rate: float, seconds: float,
+                   drain_timeout: float, pauses: _GcPauses) -> LatencyResult:
     cfg = aiokafka_config(s)
     producer = AIOKafkaProducer(**cfg, acks="all", linger_ms=1)
     consumer = AIOKafkaConsumer(**cfg, group_id=None, enable_auto_commit=False)
@@ -196,6 +243,7 @@ async def measure(s: Settings, records: Sequence[LiveRecord], rate: float, secon
         await asyncio.sleep(0.2)
 
         n = min(len(records), int(rate * seconds))
+        offer_ms = time.time() * 1000
         sent_ms, produce_s = await _offer(producer, s, records[:n], rate)
 
         last: dict[tuple[str, int], int] = {}
@@ -230,10 +278,37 @@ async def measure(s: Settings, records: Sequence[LiveRecord], rate: float, secon
                if trig is not None and trig in sent_at]
     with_trigger = sum(1 for trig, _ in watch.migrations if trig is not None)
     method = "migration_trigger" if mig_lat else "watermark"
+    covered = [(ts, at - ts) for topic, p, off, ts in sent_ms
+               if (at := watch.covered((topic, p), off)) is not None]
     return LatencyResult(
         offered_eps=rate, achieved_eps=n / produce_s, produced=n, method=method,
         latency_ms=percentiles(mig_lat) if mig_lat else percentiles(wm_lat),
         watermark_ms=percentiles(wm_lat), migration_ms=percentiles(mig_lat),
         migrations=len(watch.migrations), migrations_with_trigger=with_trigger,
         unprocessed=unprocessed, drain_s=drain_s,
+        extra={"watermark_by_second": by_second(covered),
+               "load_generator_gc": pauses.summary(offer_ms)},
     )
+
+
+def by_second(samples: Sequence[tuple[float, float]]) -> list[dict[str, float]]:
+    """Latencies grouped by the second of the phase their input was sent in: whether a
+    tail is spread over the phase or comes from a few stalls. ``samples`` are
+    ``(sent epoch ms, latency ms)``.
+
+    >>> by_second([(1000.0, 5.0), (1500.0, 7.0), (2100.0, 300.0)])[1]
+    {'second': 1, 'n': 1, 'p50': 300.0, 'p99': 300.0, 'max': 300.0}
+    """
+    if not samples:
+        return []
+    start = min(ts for ts, _ in samples)
+    groups: dict[int, list[float]] = {}
+    for ts, lat in samples:
+        groups.setdefault(int((ts - start) // 1000), []).append(lat)
+    out = []
+    for sec in sorted(groups):
+        pct = percentiles(groups[sec])
+        assert pct is not None
+        out.append({"second": sec, "n": len(groups[sec]), "p50": pct["p50"],
+                    "p99": pct["p99"], "max": pct["max"]})
+    return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from typing import Any
 
 from rich.table import Table
@@ -80,6 +81,16 @@ def table(doc: dict[str, Any]) -> Table:
                      f"{lat['unprocessed']}; watermark {_lat(lat['watermark_ms'])} ms; "
                      f"migrations {lat['migrations']} ({lat['migrations_with_trigger']} "
                      "with trigger)" + _dead_note(lat.get("dead_letters"))))
+        by_second = lat.get("watermark_by_second")
+        if by_second:
+            worst = max(by_second, key=lambda r: r["p99"])
+            rows.append((f"  {name}: watermark p99 by second of the phase",
+                         f"median {statistics.median(r['p99'] for r in by_second):,.0f} ms, "
+                         f"worst {worst['p99']:,.0f} ms (second {worst['second']})"))
+        own = lat.get("load_generator_gc")
+        if own:
+            rows.append((f"  {name}: load generator's garbage collections",
+                         f"{own['collections']:,}, longest {own['pause_ms_max']:,.1f} ms"))
         w = lat.get("worker")
         if w:
             rows.append((f"  {name}: worker batches (p50/p95/p99)",

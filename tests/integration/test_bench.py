@@ -55,6 +55,12 @@ def test_small_bench_reports_every_figure(services: dict[str, str], tmp_path: Pa
         for part in ("batch_wait_ms", "batch_processing_ms"):
             q = w[part]
             assert 0 <= q["p50"] <= q["p95"] <= q["p99"], (name, part, q)
+        # Every processed record falls in one second of the phase; the load generator's
+        # collector stayed paused while it offered (its pauses stalled the producer).
+        seconds = lat["watermark_by_second"]
+        assert sum(r["n"] for r in seconds) == lat["produced"] - lat["unprocessed"], name
+        assert max(r["max"] for r in seconds) == lat["watermark_ms"]["max"], name
+        assert lat["load_generator_gc"]["collections"] == 0, (name, lat["load_generator_gc"])
     for key in ("cpu", "cores_logical", "ram_gb", "python", "kafka", "redis", "git_commit"):
         assert doc["machine"][key], key
     assert doc["events"] == 20000 and doc["customers"] == 2000

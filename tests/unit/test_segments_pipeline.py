@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import math
+import statistics
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -365,7 +366,9 @@ def test_busy_sweep_steps_shrink_to_what_fits_their_time_when_customers_cost_mor
     fit = int(BUSY_STEP_S / per_customer)
     assert all(MIN_BUSY_CHUNK <= n <= fit for n, _ in steps[1:-1]), [n for n, _ in steps]
     later = [sec for _, sec in steps[1:]]
-    assert max(later) < steps[0][1] / 2  # each later step held the lock far less
+    # Each later step held the lock far less (the median: one step descheduled on a busy
+    # machine must not fail this; unshrunk steps would each hold it as long as the first).
+    assert statistics.median(later) < steps[0][1] / 2
 
 
 def test_the_busy_step_size_follows_the_running_cost_within_its_bounds() -> None:

@@ -1,0 +1,65 @@
+"""The latency phase's diagnostics: latencies by second, and the load generator's pauses."""
+
+from __future__ import annotations
+
+import gc
+import time
+
+import numpy as np
+import pandas as pd
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bench.latency import _GcPauses, by_second
+
+samples = st.lists(
+    st.tuples(st.floats(1.7e12, 1.7e12 + 20_000, allow_nan=False),
+              st.floats(0, 5_000, allow_nan=False)),
+    min_size=1, max_size=200,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(samples)
+def test_by_second_matches_a_pandas_groupby(rows: list[tuple[float, float]]) -> None:
+    df = pd.DataFrame(rows, columns=["sent", "lat"])
+    df["second"] = ((df["sent"] - df["sent"].min()) // 1000).astype(int)
+    want = df.groupby("second")["lat"].agg(
+        n="size", p50=lambda s: s.quantile(0.5), p99=lambda s: s.quantile(0.99),
+        max="max")
+    got = by_second(rows)
+    assert [r["second"] for r in got] == list(want.index)
+    for r in got:
+        w = want.loc[r["second"]]
+        assert r["n"] == w["n"]
+        # rounded to 0.1 ms as the other percentiles of the result
+        assert np.isclose(r["p50"], w["p50"], atol=0.051)
+        assert np.isclose(r["p99"], w["p99"], atol=0.051)
+        assert np.isclose(r["max"], w["max"], atol=0.051)
+
+
+def test_by_second_of_nothing_is_empty() -> None:
+    assert by_second([]) == []
+
+
+def test_collector_pauses_are_recorded_with_their_second() -> None:
+    pauses = _GcPauses()
+    gc.callbacks.append(pauses)
+    try:
+        junk = [[i] for i in range(300_000)]  # something to traverse
+        gc.collect()
+        del junk
+    finally:
+        gc.callbacks.remove(pauses)
+    assert pauses.pauses and pauses.pauses[-1][2] == 2
+    # a long one, as the collector reports it
+    pauses("start", {"generation": 2})
+    time.sleep(0.03)
+    pauses("stop", {"generation": 2})
+    start = pauses.pauses[-1][0] - 3_500
+    out = pauses.summary(start)
+    assert out["collections"] == len(pauses.pauses)
+    assert out["pause_ms_max"] >= 30.0
+    assert out["pause_ms_max"] == round(max(p for _, p, _ in pauses.pauses), 1)
+    assert out["long"] and all(row["ms"] >= 20.0 for row in out["long"])
+    assert out["long"][-1]["second"] == 3 and out["long"][-1]["generation"] == 2

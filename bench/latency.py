@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import threading
 import time
 from bisect import bisect_left
 from collections.abc import Sequence
@@ -29,11 +30,11 @@ from typing import Any
 
 import numpy as np
 import orjson
-import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from bench.workload import LiveRecord, aiokafka_config
 from features.store import Keys
+from stream.redisconn import SyncRedis, redis_sync_client
 from stream.settings import Settings
 
 WATERMARK_POLL_S = 0.01
@@ -96,23 +97,31 @@ class _Watch:
         }
         self.migrations: list[tuple[tuple[str, int, int] | None, int]] = []
         self.stop = asyncio.Event()
+        self.halt = threading.Event()
 
-    async def watermarks(self, r: aioredis.Redis) -> None:
+    def poll_watermarks(self, r: SyncRedis) -> None:
+        """Record when each partition's committed watermark moves, until :attr:`halt`.
+
+        Run in a thread of its own: on the event loop that also produces, a poll held up
+        by the producer's work (the acknowledgements and bookkeeping at the end of a
+        phase took 120 ms) recorded the coverage of the records sent just before as that
+        much later than the engine committed them.
+        """
         fields = [f"wm:{t}" for t in self.topics]
-        while not self.stop.is_set():
-            async with r.pipeline(transaction=False) as pipe:
-                for p in range(self.s.partitions):
-                    pipe.hmget(self.keys.meta(p), fields)
-                rows = await pipe.execute()
+        while not self.halt.is_set():
+            pipe = r.pipeline(transaction=False)
+            for p in range(self.s.partitions):
+                pipe.hmget(self.keys.meta(p), fields)
+            rows = pipe.execute()
             now_ms = time.time() * 1000
             for p, row in enumerate(rows):
                 for t, v in zip(self.topics, row, strict=True):
                     wm = -1 if v is None else int(v)
                     times, wms = self.hist[(t, p)]
                     if not wms or wm > wms[-1]:
-                        times.append(now_ms)
+                        times.append(now_ms)  # first: a reader bisects ``wms``
                         wms.append(wm)
-            await asyncio.sleep(WATERMARK_POLL_S)
+            self.halt.wait(WATERMARK_POLL_S)
 
     def covered(self, tp: tuple[str, int], offset: int) -> float | None:
         """When the watermark of ``tp`` first reached ``offset`` (epoch ms)."""
@@ -137,8 +146,9 @@ class _Watch:
 
 
 async def _offer(producer: AIOKafkaProducer, s: Settings, records: Sequence[LiveRecord],
-                 rate: float) -> tuple[list[tuple[str, int, int, int]], float]:
-    """Send at ``rate`` per second; returns ``(topic, partition, offset, timestamp ms)`` of each.
+                 rate: float) -> tuple[list[tuple[str, int, int, int, int]], float]:
+    """Send at ``rate`` per second; returns the record batches sent, as ``(topic,
+    partition, first offset, records, timestamp ms)``, and the seconds it took.
 
     Records due in one tick go out as one record batch per partition (built here, as
     the Python producer's per-record ``send`` costs more CPU than the load needs),
@@ -169,11 +179,15 @@ async def _offer(producer: AIOKafkaProducer, s: Settings, records: Sequence[Live
         await asyncio.sleep(0.002)
     await asyncio.gather(*(f for f, *_ in pending))
     produce_s = max(1e-9, time.monotonic() - start)
-    out = []
-    for fut, topic, p, count, ts in pending:
-        base = fut.result().offset
-        out += [(topic, p, base + i, ts) for i in range(count)]
-    return out, produce_s
+    return [(topic, p, fut.result().offset, count, ts)
+            for fut, topic, p, count, ts in pending], produce_s
+
+
+def _each_record(batches: Sequence[tuple[str, int, int, int, int]]
+                 ) -> list[tuple[str, int, int, int]]:
+    """``(topic, partition, offset, timestamp ms)`` of every record of ``batches``."""
+    return [(topic, p, base + i, ts) for topic, p, base, count, ts in batches
+            for i in range(count)]
 
 
 class _GcPauses:
@@ -225,8 +239,10 @@ async def _measure(s: Settings, records: Sequence[LiveRecord], rate: float, seco
     cfg = aiokafka_config(s)
     producer = AIOKafkaProducer(**cfg, acks="all", linger_ms=1)
     consumer = AIOKafkaConsumer(**cfg, group_id=None, enable_auto_commit=False)
-    r = aioredis.from_url(s.redis_url)
+    r = redis_sync_client(s)
     watch = _Watch(s)
+    poller = threading.Thread(target=watch.poll_watermarks, args=(r,), daemon=True,
+                              name="watermark-poll")
     await producer.start()
     await consumer.start()
     tasks: list[asyncio.Task[None]] = []
@@ -238,17 +254,17 @@ async def _measure(s: Settings, records: Sequence[LiveRecord], rate: float, seco
         await consumer.seek_to_end(*mig_tps)
         for tp in mig_tps:
             await consumer.position(tp)
-        tasks = [asyncio.create_task(watch.watermarks(r)),
-                 asyncio.create_task(watch.migrations_from(consumer))]
+        poller.start()
+        tasks = [asyncio.create_task(watch.migrations_from(consumer))]
         await asyncio.sleep(0.2)
 
         n = min(len(records), int(rate * seconds))
         offer_ms = time.time() * 1000
-        sent_ms, produce_s = await _offer(producer, s, records[:n], rate)
-
+        batches, produce_s = await _offer(producer, s, records[:n], rate)
+        # Per partition only, until every record is covered; per record comes after.
         last: dict[tuple[str, int], int] = {}
-        for topic, p, off, _ in sent_ms:
-            last[(topic, p)] = max(last.get((topic, p), -1), off)
+        for topic, p, base, count, _ in batches:
+            last[(topic, p)] = max(last.get((topic, p), -1), base + count - 1)
         t_end = time.monotonic()
         while time.monotonic() - t_end < drain_timeout:
             if all(watch.covered(tp, off) is not None for tp, off in last.items()):
@@ -258,13 +274,17 @@ async def _measure(s: Settings, records: Sequence[LiveRecord], rate: float, seco
         await asyncio.sleep(AFTER_DRAIN_S)
     finally:
         watch.stop.set()
+        watch.halt.set()
+        if poller.is_alive():
+            poller.join()
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await producer.stop()
         await consumer.stop()
-        await r.aclose()
+        r.close()
 
+    sent_ms = _each_record(batches)
     sent_at = {(topic, p, off): ts for topic, p, off, ts in sent_ms}
     wm_lat: list[float] = []
     unprocessed = 0

@@ -34,6 +34,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from bench.workload import LiveRecord, aiokafka_config
 from features.store import Keys
+from stream.app import watch_gc
 from stream.redisconn import SyncRedis, redis_sync_client
 from stream.settings import Settings
 
@@ -196,14 +197,10 @@ class _GcPauses:
 
     def __init__(self) -> None:
         self.pauses: list[tuple[float, float, int]] = []  # (end epoch ms, ms, generation)
-        self._t0 = 0.0
 
-    def __call__(self, phase: str, info: dict[str, Any]) -> None:
-        if phase == "start":
-            self._t0 = time.perf_counter()
-        else:
-            self.pauses.append((time.time() * 1000, (time.perf_counter() - self._t0) * 1000,
-                                int(info.get("generation", -1))))
+    def observe(self, generation: int, seconds: float) -> None:
+        """One collection, as :func:`stream.app.watch_gc` reports it."""
+        self.pauses.append((time.time() * 1000, seconds * 1000, generation))
 
     def summary(self, since_ms: float) -> dict[str, Any]:
         ms = [p for _, p, _ in self.pauses]
@@ -225,11 +222,11 @@ async def measure(s: Settings, records: Sequence[LiveRecord], rate: float, secon
     gc.freeze()
     gc.disable()
     pauses = _GcPauses()
-    gc.callbacks.append(pauses)
+    hook = watch_gc(pauses.observe)
     try:
         return await _measure(s, records, rate, seconds, drain_timeout, pauses)
     finally:
-        gc.callbacks.remove(pauses)
+        gc.callbacks.remove(hook)
         gc.enable()
         gc.unfreeze()
 

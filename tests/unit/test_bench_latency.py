@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bench.latency import _GcPauses, by_second
+from stream.app import watch_gc
 
 samples = st.lists(
     st.tuples(st.floats(1.7e12, 1.7e12 + 20_000, allow_nan=False),
@@ -44,18 +45,18 @@ def test_by_second_of_nothing_is_empty() -> None:
 
 def test_collector_pauses_are_recorded_with_their_second() -> None:
     pauses = _GcPauses()
-    gc.callbacks.append(pauses)
+    hook = watch_gc(pauses.observe)
     try:
         junk = [[i] for i in range(300_000)]  # something to traverse
         gc.collect()
         del junk
     finally:
-        gc.callbacks.remove(pauses)
+        gc.callbacks.remove(hook)
     assert pauses.pauses and pauses.pauses[-1][2] == 2
     # a long one, as the collector reports it
-    pauses("start", {"generation": 2})
+    hook("start", {"generation": 2})
     time.sleep(0.03)
-    pauses("stop", {"generation": 2})
+    hook("stop", {"generation": 2})
     start = pauses.pauses[-1][0] - 3_500
     out = pauses.summary(start)
     assert out["collections"] == len(pauses.pauses)

@@ -17,9 +17,10 @@ exact and independent of the order in which events arrive.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Literal
+from typing import Any, Literal
+
+from features.record import record
 
 MS_PER_DAY = 86_400_000
 UNITS_PER_CURRENCY = 10_000
@@ -71,7 +72,7 @@ def id_hash(value: str) -> int:
     return int.from_bytes(digest, "big") >> 1
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ClickEvent:
     """A clickstream event: something the customer did in the product."""
 
@@ -83,8 +84,18 @@ class ClickEvent:
 
     kind: Literal["click"] = "click"
 
+    def __init__(self, event_id: str, customer_id: str, ts_ms: int, event_type: str,
+                 session_id: str | None = None, kind: Literal["click"] = "click") -> None:
+        w: Any = self
+        w.event_id = event_id
+        w.customer_id = customer_id
+        w.ts_ms = ts_ms
+        w.event_type = event_type
+        w.session_id = session_id
+        w.kind = kind
 
-@dataclass(frozen=True, slots=True)
+
+@record
 class TransactionEvent:
     """A purchase or refund. ``amount_units`` is always >= 0; ``kind`` gives the sign."""
 
@@ -93,6 +104,15 @@ class TransactionEvent:
     ts_ms: int
     amount_units: int
     kind: Literal["purchase", "refund"] = "purchase"
+
+    def __init__(self, event_id: str, customer_id: str, ts_ms: int, amount_units: int,
+                 kind: Literal["purchase", "refund"] = "purchase") -> None:
+        w: Any = self
+        w.event_id = event_id
+        w.customer_id = customer_id
+        w.ts_ms = ts_ms
+        w.amount_units = amount_units
+        w.kind = kind
 
 
 Event = ClickEvent | TransactionEvent

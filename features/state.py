@@ -96,6 +96,36 @@ class CustomerState:
     sessions: dict[int, int] = field(default_factory=dict)
     event_types: dict[str, int] = field(default_factory=dict)
 
+    def __init__(self, max_ts: int = -1, first_seen_ts: int = -1,
+                 seen_ids: dict[int, int] | None = None, max_txn_ts: int = -1,
+                 txn_ids: dict[int, int] | None = None, first_purchase_ts: int = -1,
+                 last_purchase_ts: int = -1, purchases_total: int = 0, refunds_total: int = 0,
+                 monetary_units: int = 0, pdays: dict[int, list[int]] | None = None,
+                 old_purchase_days: int = 0, old_pday_spend: int = 0,
+                 first_day_spend: int | None = None, last_event_ts: int = -1,
+                 events_total: int = 0, cdays: dict[int, list[int]] | None = None,
+                 sessions: dict[int, int] | None = None,
+                 event_types: dict[str, int] | None = None) -> None:
+        self.max_ts = max_ts
+        self.first_seen_ts = first_seen_ts
+        self.seen_ids = {} if seen_ids is None else seen_ids
+        self.max_txn_ts = max_txn_ts
+        self.txn_ids = {} if txn_ids is None else txn_ids
+        self.first_purchase_ts = first_purchase_ts
+        self.last_purchase_ts = last_purchase_ts
+        self.purchases_total = purchases_total
+        self.refunds_total = refunds_total
+        self.monetary_units = monetary_units
+        self.pdays = {} if pdays is None else pdays
+        self.old_purchase_days = old_purchase_days
+        self.old_pday_spend = old_pday_spend
+        self.first_day_spend = first_day_spend
+        self.last_event_ts = last_event_ts
+        self.events_total = events_total
+        self.cdays = {} if cdays is None else cdays
+        self.sessions = {} if sessions is None else sessions
+        self.event_types = {} if event_types is None else event_types
+
     def copy(self) -> CustomerState:
         """A deep copy, safe to mutate (every container is new; numbers are immutable)."""
         return CustomerState(

@@ -39,13 +39,14 @@ import hashlib
 import math
 import operator
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any
 
 import msgpack
 import orjson
 
 from features.events import MS_PER_DAY
+from features.record import record
 from features.serial import packb
 
 CHURN = "churn"
@@ -154,7 +155,7 @@ def example_id(customer_id: str, model: str, obs_ts_ms: int) -> str:
     return hashlib.blake2b(key, digest_size=12).hexdigest()
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Observation:
     """A pending snapshot: model inputs ``x`` at ``obs_ts_ms``, outcome due by the horizon."""
 
@@ -163,13 +164,21 @@ class Observation:
     x: dict[str, float]
     horizon_ms: int
 
+    def __init__(self, model: str, obs_ts_ms: int, x: dict[str, float],
+                 horizon_ms: int) -> None:
+        w: Any = self
+        w.model = model
+        w.obs_ts_ms = obs_ts_ms
+        w.x = x
+        w.horizon_ms = horizon_ms
+
     @property
     def end_ms(self) -> int:
         """The last instant inside the horizon."""
         return self.obs_ts_ms + self.horizon_ms
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Example:
     """A resolved observation: inputs ``x`` and label ``y`` (0 or 1), ready to learn from."""
 
@@ -180,6 +189,17 @@ class Example:
     resolved_ts_ms: int
     x: dict[str, float]
     y: int
+
+    def __init__(self, example_id: str, model: str, customer_hash: str, obs_ts_ms: int,
+                 resolved_ts_ms: int, x: dict[str, float], y: int) -> None:
+        w: Any = self
+        w.example_id = example_id
+        w.model = model
+        w.customer_hash = customer_hash
+        w.obs_ts_ms = obs_ts_ms
+        w.resolved_ts_ms = resolved_ts_ms
+        w.x = x
+        w.y = y
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able form."""
@@ -215,7 +235,7 @@ def _input_list(x: Mapping[str, float]) -> list[float]:
         return [x.get(n, 0.0) for n in INPUT_NAMES]
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class LabelState:
     """A customer's pending observations and the time of the latest one, per model.
 
@@ -224,6 +244,12 @@ class LabelState:
 
     pending: dict[str, Observation] = field(default_factory=dict)
     last_obs_ms: dict[str, int] = field(default_factory=dict)
+
+    def __init__(self, pending: dict[str, Observation] | None = None,
+                 last_obs_ms: dict[str, int] | None = None) -> None:
+        w: Any = self
+        w.pending = {} if pending is None else pending
+        w.last_obs_ms = {} if last_obs_ms is None else last_obs_ms
 
     def to_dict(self) -> dict[str, Any]:
         """Plain msgpack-able form.

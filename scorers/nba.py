@@ -27,12 +27,13 @@ import importlib.resources
 import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from features.record import record
 from scorers.rules import MAX_DAYS, RulesError, parse_yaml, read_catalogue_text, short_repr
 
 #: This module's functions: pydantic must take the methods of its models for methods,
@@ -280,7 +281,7 @@ def in_holdout(customer_id: str, action_id: str, share: float, salt: str = "") -
 # -- per-customer state -------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Exposure:
     """An action decided for a customer (either arm), awaiting a purchase until ``until_ms``."""
 
@@ -290,8 +291,17 @@ class Exposure:
     at_ms: int
     until_ms: int
 
+    def __init__(self, action_id: str, segment: str, holdout: bool, at_ms: int,
+                 until_ms: int) -> None:
+        w: Any = self
+        w.action_id = action_id
+        w.segment = segment
+        w.holdout = holdout
+        w.at_ms = at_ms
+        w.until_ms = until_ms
 
-@dataclass(frozen=True, slots=True)
+
+@record
 class Conversion:
     """A purchase credited to an exposure."""
 
@@ -301,8 +311,17 @@ class Conversion:
     at_ms: int
     purchase_ms: int
 
+    def __init__(self, action_id: str, segment: str, holdout: bool, at_ms: int,
+                 purchase_ms: int) -> None:
+        w: Any = self
+        w.action_id = action_id
+        w.segment = segment
+        w.holdout = holdout
+        w.at_ms = at_ms
+        w.purchase_ms = purchase_ms
 
-@dataclass(frozen=True, slots=True)
+
+@record
 class Decision:
     """The action a migration triggers; ``holdout`` means: record it, do not send it."""
 
@@ -311,12 +330,19 @@ class Decision:
     priority: int
     holdout: bool
 
+    def __init__(self, action_id: str, channel: str, priority: int, holdout: bool) -> None:
+        w: Any = self
+        w.action_id = action_id
+        w.channel = channel
+        w.priority = priority
+        w.holdout = holdout
+
     def as_event(self) -> dict[str, Any]:
         """The ``action`` field of a migration event (DESIGN §3)."""
         return {"action_id": self.action_id, "channel": self.channel, "holdout": self.holdout}
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class NbaState:
     """What a customer has been sent: last send per action, recent sends, open exposures.
 
@@ -328,6 +354,13 @@ class NbaState:
     last_sent: dict[str, int] = field(default_factory=dict)
     recent: tuple[int, ...] = ()
     pending: tuple[Exposure, ...] = ()
+
+    def __init__(self, last_sent: dict[str, int] | None = None, recent: tuple[int, ...] = (),
+                 pending: tuple[Exposure, ...] = ()) -> None:
+        w: Any = self
+        w.last_sent = {} if last_sent is None else last_sent
+        w.recent = recent
+        w.pending = pending
 
     @property
     def is_empty(self) -> bool:

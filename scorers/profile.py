@@ -11,11 +11,12 @@ True
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import field, replace
 from typing import Any
 
 import msgpack
 
+from features.record import record
 from features.serial import packb
 
 _FORMAT = 1
@@ -23,7 +24,7 @@ _FORMAT = 1
 HISTORY_LIMIT = 20
 
 
-@dataclass(frozen=True)
+@record(slots=False)
 class Profile:
     """What the scoring step keeps per customer."""
 
@@ -47,6 +48,22 @@ class Profile:
     context: str = ""
     context_day: int = -1
     rfm_score: str | None = None
+
+    def __init__(self, segments: dict[str, tuple[str, int]] | None = None,
+                 rfm: tuple[str, str, str] | None = None, labels: dict[str, Any] | None = None,
+                 nba: dict[str, Any] | None = None, history: tuple[tuple[Any, ...], ...] = (),
+                 migrations: int = 0, context: str = "", context_day: int = -1,
+                 rfm_score: str | None = None) -> None:
+        w: Any = self
+        w.segments = {} if segments is None else segments
+        w.rfm = rfm
+        w.labels = {} if labels is None else labels
+        w.nba = {} if nba is None else nba
+        w.history = history
+        w.migrations = migrations
+        w.context = context
+        w.context_day = context_day
+        w.rfm_score = rfm_score
 
     def to_bytes(self) -> bytes:
         # Fields added later go last, so that an older reader ignores them.

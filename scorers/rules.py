@@ -49,6 +49,7 @@ import yaml  # type: ignore[import-untyped, unused-ignore]
 from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from features.record import record
 from features.state import FEATURE_NAMES, iso
 from scorers.conditions import Columns, Condition, ConditionError, compile_condition
 from scorers.names import SCORE_NAMES, TEXT_SCORES
@@ -407,15 +408,20 @@ def default_catalogue() -> Catalogue:
 # ---------------------------------------------------------------- assignment
 
 
-@dataclass(frozen=True)
+@record(slots=False)
 class SegmentState:
     """A customer's current segment in one scheme and when they entered it."""
 
     segment: str
     since_ms: int
 
+    def __init__(self, segment: str, since_ms: int) -> None:
+        w: Any = self
+        w.segment = segment
+        w.since_ms = since_ms
 
-@dataclass(frozen=True)
+
+@record(slots=False)
 class Assignment:
     """The outcome of :func:`assign`; ``held`` means the minimum dwell kept the customer."""
 
@@ -423,6 +429,13 @@ class Assignment:
     changed: bool
     reason: str
     held: bool = False
+
+    def __init__(self, segment: str, changed: bool, reason: str, held: bool = False) -> None:
+        w: Any = self
+        w.segment = segment
+        w.changed = changed
+        w.reason = reason
+        w.held = held
 
     def state(self, current: SegmentState | None, now_ms: int) -> SegmentState:
         """The customer's segment state after this assignment."""

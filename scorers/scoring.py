@@ -105,6 +105,16 @@ class CustomerInput:
     #: depends on the customer's input partition); None: the context's ``settled_ms``
     settled_ms: int | None = None
 
+    def __init__(self, customer_id: str, state: CustomerState, profile: Profile,
+                 events: Sequence[Event] = (), trigger: Mapping[str, Any] | None = None,
+                 settled_ms: int | None = None) -> None:
+        self.customer_id = customer_id
+        self.state = state
+        self.profile = profile
+        self.events = events
+        self.trigger = trigger
+        self.settled_ms = settled_ms
+
 
 @dataclass
 class Outcome:
@@ -118,6 +128,20 @@ class Outcome:
     migrations: list[dict[str, Any]] = field(default_factory=list)
     examples: list[Any] = field(default_factory=list)
     increments: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def __init__(self, customer_id: str, profile: Profile, changed: bool,
+                 features: dict[str, Any], scores: dict[str, Any],
+                 migrations: list[dict[str, Any]] | None = None,
+                 examples: list[Any] | None = None,
+                 increments: dict[str, dict[str, int]] | None = None) -> None:
+        self.customer_id = customer_id
+        self.profile = profile
+        self.changed = changed
+        self.features = features
+        self.scores = scores
+        self.migrations = [] if migrations is None else migrations
+        self.examples = [] if examples is None else examples
+        self.increments = {} if increments is None else increments
 
     def add(self, table: str, fld: str, delta: int) -> None:
         row = self.increments.setdefault(table, {})

@@ -23,6 +23,7 @@ import orjson
 
 from features import serial
 from features.events import Event, TransactionEvent, id_hash
+from features.record import record
 from features.state import CustomerState, apply_owned, empty
 from features.store import (
     FeatureStore,
@@ -55,7 +56,7 @@ OUTBOX_SLICE = 2_000
 DLQ_KEY_BYTES = 512
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class RawRecord:
     """One Kafka record as consumed, before any decoding."""
 
@@ -67,6 +68,18 @@ class RawRecord:
     timestamp_ms: int | None = None
     #: the record already decoded (:func:`decode_record`), or None: decoded in its batch
     decoded: Event | Rejection | None = None
+
+    def __init__(self, topic: str, partition: int, offset: int, key: bytes | None,
+                 value: bytes | None, timestamp_ms: int | None = None,
+                 decoded: Event | Rejection | None = None) -> None:
+        w: Any = self
+        w.topic = topic
+        w.partition = partition
+        w.offset = offset
+        w.key = key
+        w.value = value
+        w.timestamp_ms = timestamp_ms
+        w.decoded = decoded
 
 
 def record_decoder(settings: Settings) -> Callable[[str, bytes | None, bytes | None],
@@ -126,7 +139,7 @@ def wall_iso(ts_s: float) -> str:
 Move = tuple[str, str | None, str]
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class OutboxRecord:
     """An outbox record as decoded for publishing."""
 
@@ -139,6 +152,17 @@ class OutboxRecord:
     move: Move | None = None
     #: its place in the partition's output: commit version, position in that commit
     order: tuple[int, int] = (0, 0)
+
+    def __init__(self, topic: str, key: bytes | None, value: bytes,
+                 ingested_ms: int | None = None, move: Move | None = None,
+                 order: tuple[int, int] = (0, 0)) -> None:
+        w: Any = self
+        w.topic = topic
+        w.key = key
+        w.value = value
+        w.ingested_ms = ingested_ms
+        w.move = move
+        w.order = order
 
 
 def encode_outbox(topic: str, key: bytes | None, value: bytes,

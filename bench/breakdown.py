@@ -26,8 +26,10 @@ from prometheus_client.parser import text_string_to_metric_families
 FAMILIES = ("batch_wait_seconds", "batch_seconds", "batch_size")
 #: read when the worker has them: garbage-collection pauses (summed over generations),
 #: the stages of a batch (one histogram per stage, as ``batch_stage_seconds:<stage>``), the
-#: timer-sweep steps, and the customers they re-evaluated (a counter: its value in ``sum``)
-OPTIONAL = ("gc_pause_seconds", "batch_stage_seconds", "sweep_step_seconds", "sweep_customers")
+#: timer-sweep steps, the customers they re-evaluated (a counter: its value in ``sum``), and
+#: the event loop's lag behind its timer
+OPTIONAL = ("gc_pause_seconds", "batch_stage_seconds", "sweep_step_seconds", "sweep_customers",
+            "event_loop_lag_seconds")
 STAGES = ("decode", "refresh", "load", "evaluate", "publish_wait", "commit", "publish")
 
 def histogram_quantile(q: float, buckets: Sequence[tuple[float, float]]) -> float | None:
@@ -46,6 +48,29 @@ def histogram_quantile(q: float, buckets: Sequence[tuple[float, float]]) -> floa
             return lower + (bound - lower) * (rank - below) / (count - below)
         lower, below = bound, count
     return lower
+
+
+def longest(buckets: Sequence[tuple[float, float]]) -> tuple[float, float] | None:
+    """The bucket (lower bound, upper bound] holding the largest observation of cumulative
+    ``buckets``, None without observations: a p99 over many batches does not show one
+    stall that only one or two batches met, this does.
+
+    >>> longest([(0.01, 2.0), (0.02, 2.0), (0.05, 3.0), (float("inf"), 3.0)])
+    (0.02, 0.05)
+    >>> longest([(0.01, 0.0), (float("inf"), 0.0)]) is None
+    True
+    """
+    lower, below, found = 0.0, 0.0, None
+    for bound, count in buckets:
+        if count > below:
+            found = (lower, bound)
+        lower, below = bound, count
+    return found
+
+
+def _range_ms(buckets: Sequence[tuple[float, float]]) -> list[float] | None:
+    top = longest(buckets)
+    return None if top is None else [round(top[0] * 1000, 2), round(top[1] * 1000, 2)]
 
 
 def parse(text: str, prefix: str = "segstream_") -> dict[str, dict[str, Any]]:
@@ -178,6 +203,15 @@ def summary(before: dict[str, dict[str, Any]] | None, after: dict[str, dict[str,
         "batch_processing_ms": ms("batch_seconds"),
         "mean_batch_processing_ms": round(d["batch_seconds"]["sum"] / batches * 1000, 1),
     }
+    # The bucket of the longest of each, in ms ((lower, upper]; upper inf past the last).
+    longest_ms: dict[str, list[float] | None] = {
+        "batch_wait": _range_ms(d["batch_wait_seconds"]["buckets"]),
+        "batch_processing": _range_ms(d["batch_seconds"]["buckets"]),
+    }
+    if "event_loop_lag_seconds" in after:
+        lag = _delta((before or {}).get("event_loop_lag_seconds"),
+                     after["event_loop_lag_seconds"])
+        longest_ms["event_loop_lag"] = _range_ms(lag["buckets"])
     stages = {}
     for name in STAGES:
         key = f"batch_stage_seconds:{name}"
@@ -189,6 +223,7 @@ def summary(before: dict[str, dict[str, Any]] | None, after: dict[str, dict[str,
         top = histogram_quantile(0.99, h["buckets"])
         stages[name] = {"mean_ms": round(h["sum"] / batches * 1000, 2),
                         "p99_ms": None if top is None else round(top * 1000, 1)}
+        longest_ms[name] = _range_ms(h["buckets"])
     if stages:
         out["stages"] = stages
     if "gc_pause_seconds" in after:
@@ -200,4 +235,5 @@ def summary(before: dict[str, dict[str, Any]] | None, after: dict[str, dict[str,
     sweeps = _sweeps(before, after)
     if sweeps is not None:
         out["sweeps"] = sweeps
+    out["longest_ms"] = longest_ms
     return out

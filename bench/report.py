@@ -32,6 +32,14 @@ def _cpu_roles(by_role: dict[str, float]) -> str:
     return f"{_n(by_role.get('machine'), '.2f')}: {parts}"
 
 
+def _bucket(r: list[float] | None) -> str:
+    """A histogram bucket (lower, upper] in ms, as ``breakdown.summary``'s ``longest_ms``."""
+    if not r:
+        return "-"
+    lo, hi = r
+    return f"({lo:,g}, {hi:,g}]" if hi != float("inf") else f"over {lo:,g}"
+
+
 def _lat(d: dict[str, Any] | None) -> str:
     if not d or d.get("p50") is None:
         return "-"
@@ -108,6 +116,10 @@ def table(doc: dict[str, Any]) -> Table:
                              f"{gc['collections']:,} ({gc['full_collections']:,}), "
                              f"{gc['pause_ms_total']:,.1f} ms in all, p99 "
                              f"{_n(gc['pause_p99_ms'], '.2f')} ms"))
+            top = w.get("longest_ms")
+            if top:
+                rows.append((f"  {name}: the longest of each, in the bucket (ms)",
+                             "; ".join(f"{k} {_bucket(v)}" for k, v in top.items())))
             sw = w.get("sweeps")
             if sw:
                 rows.append((f"  {name}: timer sweeps (steps; customers)",

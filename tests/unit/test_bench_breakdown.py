@@ -162,3 +162,33 @@ def test_summary_of_a_worker_without_the_stage_and_gc_families() -> None:
     s = breakdown.summary(None, old)
     assert s is not None and s["batches"] == 1 and s["records"] == 10
     assert "stages" not in s and "gc" not in s and "sweeps" not in s
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(0.0, 12.0), min_size=1, max_size=200),
+       st.lists(st.floats(0.0, 12.0), max_size=50))
+def test_longest_is_the_bucket_of_the_largest_observation_of_the_phase(
+        earlier: list[float], waits: list[float]) -> None:
+    """Only what happened between the two scrapes counts: a longer wait before the first
+    scrape does not show."""
+    m = EngineMetrics()
+    for w in earlier:
+        m.observe_batch(10, 0.01, wait_s=w)
+    before = _scraped(m)
+    for w in waits:
+        m.observe_batch(10, 0.01, wait_s=w)
+        m.observe_loop_lag(w)
+    s = breakdown.summary(before, _scraped(m))
+    if not waits:
+        assert s is None
+        return
+    assert s is not None
+    top = max(waits)
+    upper = next((b for b in LATENCY_BUCKETS if top <= b), math.inf)
+    lower = max((b for b in (0.0, *LATENCY_BUCKETS) if b < upper), default=0.0)
+    lo, hi = s["longest_ms"]["batch_wait"]
+    assert lo == round(lower * 1000, 2) and hi == round(upper * 1000, 2)
+    lag_lo, lag_hi = s["longest_ms"]["event_loop_lag"]
+    assert lag_lo * 1e-3 - 1e-9 <= top <= lag_hi * 1e-3 + 1e-9
+    # every batch took 10 ms: the longest lies in (5, 10] ms
+    assert s["longest_ms"]["batch_processing"] == [5.0, 10.0]

@@ -68,9 +68,14 @@ def longest(buckets: Sequence[tuple[float, float]]) -> tuple[float, float] | Non
     return found
 
 
-def _range_ms(buckets: Sequence[tuple[float, float]]) -> list[float] | None:
+def _range_ms(buckets: Sequence[tuple[float, float]]) -> list[float | None] | None:
+    """:func:`longest` in ms; an upper bound past the last bucket is None, as JSON has no
+    infinity (``[10000.0, None]``: over 10 s)."""
     top = longest(buckets)
-    return None if top is None else [round(top[0] * 1000, 2), round(top[1] * 1000, 2)]
+    if top is None:
+        return None
+    lo, hi = top
+    return [round(lo * 1000, 2), None if math.isinf(hi) else round(hi * 1000, 2)]
 
 
 def parse(text: str, prefix: str = "segstream_") -> dict[str, dict[str, Any]]:
@@ -203,8 +208,8 @@ def summary(before: dict[str, dict[str, Any]] | None, after: dict[str, dict[str,
         "batch_processing_ms": ms("batch_seconds"),
         "mean_batch_processing_ms": round(d["batch_seconds"]["sum"] / batches * 1000, 1),
     }
-    # The bucket of the longest of each, in ms ((lower, upper]; upper inf past the last).
-    longest_ms: dict[str, list[float] | None] = {
+    # The bucket of the longest of each, in ms ((lower, upper]; upper None past the last).
+    longest_ms: dict[str, list[float | None] | None] = {
         "batch_wait": _range_ms(d["batch_wait_seconds"]["buckets"]),
         "batch_processing": _range_ms(d["batch_seconds"]["buckets"]),
     }

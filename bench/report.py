@@ -32,12 +32,12 @@ def _cpu_roles(by_role: dict[str, float]) -> str:
     return f"{_n(by_role.get('machine'), '.2f')}: {parts}"
 
 
-def _bucket(r: list[float] | None) -> str:
+def _bucket(r: list[float | None] | None) -> str:
     """A histogram bucket (lower, upper] in ms, as ``breakdown.summary``'s ``longest_ms``."""
     if not r:
         return "-"
     lo, hi = r
-    return f"({lo:,g}, {hi:,g}]" if hi != float("inf") else f"over {lo:,g}"
+    return f"over {lo:,g}" if hi is None else f"({lo:,g}, {hi:,g}]"
 
 
 def _lat(d: dict[str, Any] | None) -> str:

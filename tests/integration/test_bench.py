@@ -57,7 +57,7 @@ def test_small_bench_reports_every_figure(services: dict[str, str], tmp_path: Pa
             assert 0 <= q["p50"] <= q["p95"] <= q["p99"], (name, part, q)
             # the bucket of the longest lies at or past the p99's
             lo, hi = w["longest_ms"][part.removesuffix("_ms")]
-            assert lo < hi and hi >= q["p99"], (name, part, w["longest_ms"], q)
+            assert hi is None or (lo < hi and hi >= q["p99"]), (name, part, w["longest_ms"], q)
         assert w["longest_ms"]["event_loop_lag"] is not None, (name, w["longest_ms"])
         # Every processed record falls in one second of the phase; the load generator's
         # collector stayed paused while it offered (its pauses stalled the producer).

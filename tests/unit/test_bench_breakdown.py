@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -9,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bench import breakdown
+from bench import breakdown, report
 from stream.metrics import LATENCY_BUCKETS, EngineMetrics
 
 
@@ -192,3 +193,16 @@ def test_longest_is_the_bucket_of_the_largest_observation_of_the_phase(
     assert lag_lo * 1e-3 - 1e-9 <= top <= lag_hi * 1e-3 + 1e-9
     # every batch took 10 ms: the longest lies in (5, 10] ms
     assert s["longest_ms"]["batch_processing"] == [5.0, 10.0]
+
+
+def test_a_longest_past_the_last_bucket_has_no_upper_bound_and_stays_valid_json() -> None:
+    m = EngineMetrics()
+    m.observe_batch(10, 0.01, wait_s=0.01)
+    before = _scraped(m)
+    m.observe_batch(10, 60.0, wait_s=0.01)  # past the last batch_seconds bucket (10 s)
+    s = breakdown.summary(before, _scraped(m))
+    assert s is not None
+    assert s["longest_ms"]["batch_processing"] == [10000.0, None]
+    json.loads(json.dumps(s, allow_nan=False))  # no Infinity in the document
+    assert report._bucket(s["longest_ms"]["batch_processing"]) == "over 10,000"
+    assert report._bucket(s["longest_ms"]["batch_wait"]) == "(5, 10]"

@@ -122,6 +122,20 @@ class Services:
         return out
 
 
+def roles_cpu(worker_s: float, learner_s: float, services0: dict[str, float],
+              services1: dict[str, float]) -> dict[str, float]:
+    """CPU seconds by role between two :meth:`Services.sample` calls: the workers and
+    their learners (measured by the caller), the broker, Redis, the machine in all, and
+    the rest of the machine (this benchmark's own process among it)."""
+    spent = {k: services1[k] - services0[k] for k in services0 if k in services1}
+    by_role = {"machine": spent["machine"], "worker": worker_s, "learner": learner_s,
+               **{k: v for k, v in spent.items() if k not in ("machine", "steal")},
+               "steal": spent["steal"]}
+    by_role["rest"] = max(0.0, by_role["machine"] - sum(
+        v for k, v in by_role.items() if k != "machine"))
+    return by_role
+
+
 class ProcessTree:
     """CPU seconds and RSS of some processes and their children."""
 
@@ -238,13 +252,7 @@ def run_engine(dep: BenchDeployment, role: str, workers: int, total: int,
                              "--events")
         cpu_s = cpu - cpu0
         worker_cpu_s = tree.roots_cpu() - roots0
-        spent = {k: services1[k] - services0[k] for k in services0 if k in services1}
-        by_role = {"machine": spent["machine"], "worker": worker_cpu_s,
-                   "learner": cpu_s - worker_cpu_s,
-                   **{k: v for k, v in spent.items() if k not in ("machine", "steal")},
-                   "steal": spent["steal"]}
-        by_role["rest"] = max(0.0, by_role["machine"] - sum(
-            v for k, v in by_role.items() if k != "machine"))
+        by_role = roles_cpu(worker_cpu_s, cpu_s - worker_cpu_s, services0, services1)
         time.sleep(POLL_S)  # a batch's counters move just after its commit
         dead = dead_letters(dep, s, procs)
     finally:

@@ -13,8 +13,11 @@ its send time). Two latencies are measured per input record:
 The migration latency is the headline when migrations carry triggers; otherwise
 the watermark latency is, and the result says which. Each phase also reports the
 watermark latency by second of the phase (``watermark_by_second``: whether a tail is
-spread out or a few stalls) and this process's own collector pauses
-(``load_generator_gc``; the collector is paused while offering, see :func:`measure`).
+spread out or a few stalls), the time from each record batch's timestamp to the
+broker's acknowledgement by the same seconds (``ack_by_second``: a second whose
+latency was spent before the engine could fetch its records) and this process's own
+collector pauses (``load_generator_gc``; the collector is paused while offering, see
+:func:`measure`).
 """
 
 from __future__ import annotations
@@ -147,15 +150,28 @@ class _Watch:
 
 
 async def _offer(producer: AIOKafkaProducer, s: Settings, records: Sequence[LiveRecord],
-                 rate: float) -> tuple[list[tuple[str, int, int, int, int]], float]:
+                 rate: float, acks: list[tuple[float, float]] | None = None
+                 ) -> tuple[list[tuple[str, int, int, int, int]], float]:
     """Send at ``rate`` per second; returns the record batches sent, as ``(topic,
     partition, first offset, records, timestamp ms)``, and the seconds it took.
 
     Records due in one tick go out as one record batch per partition (built here, as
     the Python producer's per-record ``send`` costs more CPU than the load needs),
     stamped with the tick's wall-clock time, which becomes their Kafka timestamp.
+    Each acknowledged batch appends ``(timestamp ms, ms from it to the broker's
+    acknowledgement)`` to ``acks``: the part of a record's latency spent before the
+    engine can fetch it.
     """
     pending: list[tuple[asyncio.Future[Any], str, int, int, int]] = []
+
+    def track(fut: asyncio.Future[Any], ts: int) -> asyncio.Future[Any]:
+        def acked(f: asyncio.Future[Any]) -> None:
+            if acks is not None and not f.cancelled() and f.exception() is None:
+                acks.append((ts, time.time() * 1000 - ts))
+
+        fut.add_done_callback(acked)
+        return fut
+
     start = time.monotonic()
     sent = 0
     while sent < len(records):
@@ -169,13 +185,13 @@ async def _offer(producer: AIOKafkaProducer, s: Settings, records: Sequence[Live
                 batch, count = producer.create_batch(), 0
                 for rec in recs:
                     if batch.append(key=rec.key, value=rec.value, timestamp=now_ms) is None:
-                        pending.append((await producer.send_batch(batch, topic, partition=p),
-                                        topic, p, count, now_ms))
+                        pending.append((track(await producer.send_batch(
+                            batch, topic, partition=p), now_ms), topic, p, count, now_ms))
                         batch, count = producer.create_batch(), 0
                         batch.append(key=rec.key, value=rec.value, timestamp=now_ms)
                     count += 1
-                pending.append((await producer.send_batch(batch, topic, partition=p),
-                                topic, p, count, now_ms))
+                pending.append((track(await producer.send_batch(batch, topic, partition=p),
+                                      now_ms), topic, p, count, now_ms))
             sent = due
         await asyncio.sleep(0.002)
     await asyncio.gather(*(f for f, *_ in pending))
@@ -257,7 +273,8 @@ async def _measure(s: Settings, records: Sequence[LiveRecord], rate: float, seco
 
         n = min(len(records), int(rate * seconds))
         offer_ms = time.time() * 1000
-        batches, produce_s = await _offer(producer, s, records[:n], rate)
+        acks: list[tuple[float, float]] = []
+        batches, produce_s = await _offer(producer, s, records[:n], rate, acks)
         # Per partition only, until every record is covered; per record comes after.
         last: dict[tuple[str, int], int] = {}
         for topic, p, base, count, _ in batches:
@@ -304,21 +321,26 @@ async def _measure(s: Settings, records: Sequence[LiveRecord], rate: float, seco
         migrations=len(watch.migrations), migrations_with_trigger=with_trigger,
         unprocessed=unprocessed, drain_s=drain_s,
         extra={"watermark_by_second": by_second(covered),
+               "ack_by_second": by_second(acks, start=min((ts for ts, _ in covered),
+                                                          default=None)),
                "load_generator_gc": pauses.summary(offer_ms)},
     )
 
 
-def by_second(samples: Sequence[tuple[float, float]]) -> list[dict[str, float]]:
+def by_second(samples: Sequence[tuple[float, float]], start: float | None = None
+              ) -> list[dict[str, float]]:
     """Latencies grouped by the second of the phase their input was sent in: whether a
     tail is spread over the phase or comes from a few stalls. ``samples`` are
-    ``(sent epoch ms, latency ms)``.
+    ``(sent epoch ms, latency ms)``; seconds count from ``start`` (by default the
+    first sample's), so two series of one phase can be set side by side.
 
     >>> by_second([(1000.0, 5.0), (1500.0, 7.0), (2100.0, 300.0)])[1]
     {'second': 1, 'n': 1, 'p50': 300.0, 'p99': 300.0, 'max': 300.0}
     """
     if not samples:
         return []
-    start = min(ts for ts, _ in samples)
+    if start is None:
+        start = min(ts for ts, _ in samples)
     groups: dict[int, list[float]] = {}
     for ts, lat in samples:
         groups.setdefault(int((ts - start) // 1000), []).append(lat)

@@ -95,6 +95,16 @@ def table(doc: dict[str, Any]) -> Table:
             rows.append((f"  {name}: watermark p99 by second of the phase",
                          f"median {statistics.median(r['p99'] for r in by_second):,.0f} ms, "
                          f"worst {worst['p99']:,.0f} ms (second {worst['second']})"))
+        acks = lat.get("ack_by_second")
+        if acks:
+            worst = max(acks, key=lambda r: r["p99"])
+            rows.append((f"  {name}: broker acknowledgement p99 by second",
+                         f"median {statistics.median(r['p99'] for r in acks):,.0f} ms, "
+                         f"worst {worst['p99']:,.0f} ms (second {worst['second']})"))
+        roles = lat.get("cpu_by_role")
+        if roles:
+            rows.append((f"  {name}: CPU s per second (machine: worker, learner, broker, "
+                         "Redis, Redis's forks, steal, rest)", _cpu_roles(roles)))
         own = lat.get("load_generator_gc")
         if own:
             rows.append((f"  {name}: load generator's garbage collections",

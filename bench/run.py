@@ -25,7 +25,15 @@ from rich.progress import (
 
 from bench import breakdown, latency, machine, profile, workload
 from bench.deploy import BenchDeployment
-from bench.engine import BenchError, EngineResult, ProcessTree, dead_letters, run_engine
+from bench.engine import (
+    BenchError,
+    EngineResult,
+    ProcessTree,
+    Services,
+    dead_letters,
+    roles_cpu,
+    run_engine,
+)
 from bench.limit import RateResult, run_limit
 from bench.models import seed_serving_models
 from stream.kafka import end_offsets
@@ -257,8 +265,20 @@ def run(opts: Options, console: Console | None = None) -> dict[str, Any]:
                     token = es.api_token.get_secret_value() if es.api_token else None
                     before = breakdown.scrape(url, token)
                     dead0 = dead_letters(dep, es, e1.procs[:1])
+                    tree, services = ProcessTree([e1.procs[0].pid]), Services(es)
+                    cpu0, svc0 = tree.sample(), services.sample()
+                    roots0, t0 = tree.roots_cpu(), time.monotonic()
                     lat[name] = asyncio.run(latency.measure(
                         es, offered, rate, opts.latency_seconds, drain))
+                    # Where the machine's CPU went over the phase (its drain included):
+                    # how close to a full core the worker ran at this load.
+                    span = max(1e-9, time.monotonic() - t0)
+                    cpu1, svc1 = tree.sample(), services.sample()
+                    worker_s = tree.roots_cpu() - roots0
+                    lat[name].extra["cpu_by_role"] = {
+                        k: round(v / span, 3)
+                        for k, v in roles_cpu(worker_s, cpu1 - cpu0 - worker_s, svc0,
+                                              svc1).items()}
                     # The worker's own account of the phase: waiting before batches and
                     # processing them (its histograms, scraped before and after).
                     lat[name].extra["worker"] = breakdown.summary(

@@ -65,6 +65,15 @@ def test_small_bench_reports_every_figure(services: dict[str, str], tmp_path: Pa
         assert sum(r["n"] for r in seconds) == lat["produced"] - lat["unprocessed"], name
         assert max(r["max"] for r in seconds) == lat["watermark_ms"]["max"], name
         assert lat["load_generator_gc"]["collections"] == 0, (name, lat["load_generator_gc"])
+        # The phase's CPU by role: the worker ran, and no role used more than the machine.
+        roles = lat["cpu_by_role"]
+        assert roles["worker"] > 0 and roles["machine"] > 0, (name, roles)
+        assert all(v <= roles["machine"] + 0.05 for k, v in roles.items()
+                   if k not in ("machine", "rest")), (name, roles)
+        # Every record batch sent was acknowledged, in the seconds the records were sent in.
+        acks = lat["ack_by_second"]
+        assert acks and all(r["p50"] >= 0 for r in acks), (name, acks)
+        assert {r["second"] for r in acks} <= {r["second"] for r in seconds}, (name, acks)
     for key in ("cpu", "cores_logical", "ram_gb", "python", "kafka", "redis", "git_commit"):
         assert doc["machine"][key], key
     assert doc["events"] == 20000 and doc["customers"] == 2000

@@ -39,6 +39,19 @@ def test_by_second_matches_a_pandas_groupby(rows: list[tuple[float, float]]) -> 
         assert np.isclose(r["max"], w["max"], atol=0.051)
 
 
+@settings(max_examples=40, deadline=None)
+@given(samples, st.floats(0, 3_000, allow_nan=False))
+def test_by_second_counts_from_a_given_start(rows: list[tuple[float, float]],
+                                             before: float) -> None:
+    # Two series of one phase (watermark latencies, broker acknowledgements) share the
+    # phase's start: second k of one is second k of the other.
+    start = min(ts for ts, _ in rows) - before
+    df = pd.DataFrame(rows, columns=["sent", "lat"])
+    want = df.groupby(((df["sent"] - start) // 1000).astype(int))["lat"].size()
+    got = by_second(rows, start=start)
+    assert [(r["second"], r["n"]) for r in got] == list(want.items())
+
+
 def test_by_second_of_nothing_is_empty() -> None:
     assert by_second([]) == []
 

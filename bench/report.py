@@ -32,6 +32,13 @@ def _cpu_roles(by_role: dict[str, float]) -> str:
     return f"{_n(by_role.get('machine'), '.2f')}: {parts}"
 
 
+def _worst_second(by_second: list[dict[str, float]]) -> str:
+    """The median and the worst of the seconds' p99s (``bench.latency.by_second``)."""
+    worst = max(by_second, key=lambda r: r["p99"])
+    return (f"median {statistics.median(r['p99'] for r in by_second):,.0f} ms, "
+            f"worst {worst['p99']:,.0f} ms (second {worst['second']:.0f})")
+
+
 def _bucket(r: list[float | None] | None) -> str:
     """A histogram bucket (lower, upper] in ms, as ``breakdown.summary``'s ``longest_ms``."""
     if not r:
@@ -89,18 +96,11 @@ def table(doc: dict[str, Any]) -> Table:
                      f"{lat['unprocessed']}; watermark {_lat(lat['watermark_ms'])} ms; "
                      f"migrations {lat['migrations']} ({lat['migrations_with_trigger']} "
                      "with trigger)" + _dead_note(lat.get("dead_letters"))))
-        by_second = lat.get("watermark_by_second")
-        if by_second:
-            worst = max(by_second, key=lambda r: r["p99"])
-            rows.append((f"  {name}: watermark p99 by second of the phase",
-                         f"median {statistics.median(r['p99'] for r in by_second):,.0f} ms, "
-                         f"worst {worst['p99']:,.0f} ms (second {worst['second']})"))
-        acks = lat.get("ack_by_second")
-        if acks:
-            worst = max(acks, key=lambda r: r["p99"])
-            rows.append((f"  {name}: broker acknowledgement p99 by second",
-                         f"median {statistics.median(r['p99'] for r in acks):,.0f} ms, "
-                         f"worst {worst['p99']:,.0f} ms (second {worst['second']})"))
+        for key, what in (("watermark_by_second", "watermark p99 by second of the phase"),
+                          ("ack_by_second", "broker acknowledgement p99 by second")):
+            by_second = lat.get(key)
+            if by_second:
+                rows.append((f"  {name}: {what}", _worst_second(by_second)))
         roles = lat.get("cpu_by_role")
         if roles:
             rows.append((f"  {name}: CPU s per second (machine: worker, learner, broker, "

@@ -77,3 +77,29 @@ def test_collector_pauses_are_recorded_with_their_second() -> None:
     assert out["pause_ms_max"] == round(max(p for _, p, _ in pauses.pauses), 1)
     assert out["long"] and all(row["ms"] >= 20.0 for row in out["long"])
     assert out["long"][-1]["second"] == 3 and out["long"][-1]["generation"] == 2
+
+
+def test_the_table_shows_each_phase_by_second_and_its_cpu() -> None:
+    from pathlib import Path
+
+    import orjson
+    from rich.console import Console
+
+    from bench import report
+
+    path = Path(__file__).resolve().parents[2] / "bench/results/20261205T135320Z.json"
+    doc = orjson.loads(path.read_bytes())
+    console = Console(width=400, record=True)
+    console.print(report.table(doc))
+    text = console.export_text()
+    for name, lat in doc["latency"].items():
+        for key, what in (("watermark_by_second", "watermark p99 by second of the phase"),
+                          ("ack_by_second", "broker acknowledgement p99 by second")):
+            p99s = [r["p99"] for r in lat[key]]
+            worst = lat[key][int(np.argmax(p99s))]
+            line = next(ln for ln in text.splitlines() if f"{name}: {what}" in ln)
+            assert f"median {np.median(p99s):,.0f} ms" in line, line
+            assert f"worst {worst['p99']:,.0f} ms (second {worst['second']})" in line, line
+        line = next(ln for ln in text.splitlines() if f"{name}: CPU s per second" in ln)
+        roles = lat["cpu_by_role"]
+        assert f"{roles['machine']:.2f}: {roles['worker']:.2f}, {roles['learner']:.2f}" in line

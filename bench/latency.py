@@ -159,8 +159,9 @@ async def _offer(producer: AIOKafkaProducer, s: Settings, records: Sequence[Live
     the Python producer's per-record ``send`` costs more CPU than the load needs),
     stamped with the tick's wall-clock time, which becomes their Kafka timestamp.
     Each acknowledged batch appends ``(timestamp ms, ms from it to the broker's
-    acknowledgement)`` to ``acks``: the part of a record's latency spent before the
-    engine can fetch it.
+    acknowledgement)`` to ``acks``: at most the part of a record's latency spent before
+    the engine could fetch it (the broker appended the batch before its acknowledgement
+    reached this process).
     """
     pending: list[tuple[asyncio.Future[Any], str, int, int, int]] = []
 

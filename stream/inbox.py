@@ -5,7 +5,8 @@ stream's iterator and an ack chain, one event loop turn each: ``segstream bench`
 measured that path (Faust's own floor, F) at 31 to 39 CPU µs per record, and the
 engine only batched the records again after it. Taking the records a fetch at a
 time lifted the engine's throughput from about 4,900 to about 12,000 events/s in
-the same benchmark run on 60,000 events (README, Performance).
+the same benchmark run on 60,000 events (docs/performance.md, "The inbox and the
+learner process").
 
 The worker's consumer instead puts what one fetch returned for an input partition
 into an :class:`Inbox` as one chunk, and the ingest loop takes micro-batches out of

@@ -1,0 +1,61 @@
+"""The README and the performance page: every relative link reaches a file and, when it
+names one, a heading of it; every benchmark result a figure cites is in ``bench/results``."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+PAGES = ("README.md", "docs/performance.md")
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor of a Markdown heading: lower case, punctuation dropped, spaces to
+    hyphens."""
+    text = heading.lstrip("#").strip().lower()
+    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+def anchors(path: Path) -> set[str]:
+    in_code = False
+    out: set[str] = set()
+    for line in path.read_text().splitlines():
+        if line.startswith("```"):
+            in_code = not in_code
+        elif not in_code and line.startswith("#"):
+            out.add(slug(line))
+    return out
+
+
+def test_slug_follows_github() -> None:
+    assert slug("### Redis' append-only file") == "redis-append-only-file"
+    assert slug("## Figures of `b7f141d` (2026-12-05, before the step's value classes)") == (
+        "figures-of-b7f141d-2026-12-05-before-the-steps-value-classes")
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_relative_links_resolve(page: str) -> None:
+    source = ROOT / page
+    broken = []
+    for target in LINK.findall(source.read_text()):
+        if re.match(r"[a-z]+:", target):
+            continue
+        path, _, anchor = target.partition("#")
+        dest = (source.parent / path).resolve() if path else source
+        if not dest.exists():
+            broken.append(target)
+        elif anchor and dest.suffix == ".md" and anchor not in anchors(dest):
+            broken.append(target)
+    assert broken == []
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_cited_results_exist(page: str) -> None:
+    cited = set(re.findall(r"bench/results/(\d{8}T\d{6}Z)", (ROOT / page).read_text()))
+    assert cited, "the page cites no benchmark result"
+    missing = sorted(c for c in cited if not (ROOT / "bench" / "results" / f"{c}.json").exists())
+    assert missing == []

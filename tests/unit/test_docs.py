@@ -46,9 +46,9 @@ def test_relative_links_resolve(page: str) -> None:
             continue
         path, _, anchor = target.partition("#")
         dest = (source.parent / path).resolve() if path else source
-        if not dest.exists():
-            broken.append(target)
-        elif anchor and dest.suffix == ".md" and anchor not in anchors(dest):
+        missing_anchor = dest.exists() and bool(anchor) and dest.suffix == ".md" and (
+            anchor not in anchors(dest))
+        if not dest.exists() or missing_anchor:
             broken.append(target)
     assert broken == []
 

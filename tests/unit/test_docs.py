@@ -1,8 +1,10 @@
 """The README and the performance page: every relative link reaches a file and, when it
-names one, a heading of it; every benchmark result a figure cites is in ``bench/results``."""
+names one, a heading of it; every result a page cites, by its path or (in the tables, under
+a ``bench/results/20261205T…`` header) by its time alone, is one file of ``bench/results``."""
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 
@@ -20,7 +22,8 @@ def slug(heading: str) -> str:
     return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
 
 
-def anchors(path: Path) -> set[str]:
+@functools.cache
+def anchors(path: Path) -> frozenset[str]:
     in_code = False
     out: set[str] = set()
     for line in path.read_text().splitlines():
@@ -28,7 +31,7 @@ def anchors(path: Path) -> set[str]:
             in_code = not in_code
         elif not in_code and line.startswith("#"):
             out.add(slug(line))
-    return out
+    return frozenset(out)
 
 
 def test_slug_follows_github() -> None:
@@ -46,9 +49,8 @@ def test_relative_links_resolve(page: str) -> None:
             continue
         path, _, anchor = target.partition("#")
         dest = (source.parent / path).resolve() if path else source
-        missing_anchor = dest.exists() and bool(anchor) and dest.suffix == ".md" and (
-            anchor not in anchors(dest))
-        if not dest.exists() or missing_anchor:
+        if not dest.exists() or (anchor and dest.suffix == ".md"
+                                 and anchor not in anchors(dest)):
             broken.append(target)
     assert broken == []
 
@@ -59,3 +61,13 @@ def test_cited_results_exist(page: str) -> None:
     assert cited, "the page cites no benchmark result"
     missing = sorted(c for c in cited if not (ROOT / "bench" / "results" / f"{c}.json").exists())
     assert missing == []
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_results_cited_by_time_are_one_file(page: str) -> None:
+    stamps = set(re.findall(r"`(\d{6}Z)`", (ROOT / page).read_text()))
+    assert stamps, "the page cites no result by its time"
+    results = [p.name for p in (ROOT / "bench" / "results").glob("*.json")]
+    unclear = {t: n for t in sorted(stamps)
+               if (n := sum(name.endswith(f"T{t}.json") for name in results)) != 1}
+    assert unclear == {}

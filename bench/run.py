@@ -359,6 +359,7 @@ def assemble(opts: Options, w: workload.Workload, produce_eps: float, lim: RateR
         "events_by_topic": w.by_kind,
         "partitions": base.partitions,
         "batch_max": base.batch_max,
+        "kafka_fetch_coalesce_ms": base.kafka_fetch_coalesce_ms,
         "seed": opts.seed,
         "models": opts.models,
         "produce_eps": round(produce_eps, 1),

@@ -28,6 +28,7 @@ from stream.batching import assigned_positions, kafka_backlog
 from stream.clvfit import refit_clv_in_child
 from stream.delivery import Delivery, EagerDelivery
 from stream.errors import SegstreamError
+from stream.fetch_size import FetchSizer
 from stream.inbox import Inbox
 from stream.learner import Learner
 from stream.metrics import EngineMetrics
@@ -63,10 +64,15 @@ class _Consumer(EagerDelivery, fa.Consumer):
     #: where records of the input topics go, a fetch at a time (set by the engine);
     #: without one, every record goes through Faust's conductor and streams
     inbox: Inbox | None = None
+    #: the fetches' minimum size, from the input rate (None: Kafka's default, one byte)
+    fetch_sizer: FetchSizer | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.inbox = getattr(self.app, "inbox", None)
+        coalesce_ms = getattr(self.app, "fetch_coalesce_ms", None)
+        if coalesce_ms:
+            self.fetch_sizer = FetchSizer(coalesce_ms)
         deliver = self.callback
         self.callback = lambda message: Delivery(deliver(message))
 
@@ -106,6 +112,7 @@ class _Consumer(EagerDelivery, fa.Consumer):
         others = {}
         decode = getattr(self.app, "decode_input", None)
         input_tps = [tp for tp in records if tp.topic in inbox.topics]
+        sizer, fetched = self.fetch_sizer, 0
         for i, tp in enumerate(input_tps):
             recs = records[tp]
             if not (active is None or tp in active or tp in self._buffered_partitions):
@@ -132,6 +139,10 @@ class _Consumer(EagerDelivery, fa.Consumer):
                 await self._fetch_again(rest, generation, "a rebalance began")
                 return
             self._read_offset[tp] = recs[-1].offset
+            if sizer is not None:
+                fetched += sum([len(r.value) for r in recs if r.value is not None])
+        if sizer is not None and sizer.observe(fetched, self._input_brokers):
+            self.set_fetch_min_bytes(sizer.min_bytes)
         for tp, recs in records.items():
             if tp.topic not in inbox.topics:
                 others[tp] = recs
@@ -141,6 +152,25 @@ class _Consumer(EagerDelivery, fa.Consumer):
                 break
             if active is None or tp in active or tp in self._buffered_partitions:
                 yield tp, to_message(tp, record)
+
+    def _input_brokers(self) -> int:
+        """Brokers leading the input partitions assigned to this worker (at least 1)."""
+        inbox = self.inbox
+        try:
+            cluster = self._thread._consumer._client.cluster
+            leaders = {cluster.leader_for_partition(TopicPartition(tp.topic, tp.partition))
+                       for tp in self.assignment()
+                       if inbox is not None and tp.topic in inbox.topics}
+        except Exception:  # not started, or no metadata yet
+            return 1
+        return max(1, len(leaders - {None, -1}))
+
+    def set_fetch_min_bytes(self, n: int) -> None:
+        """The minimum size of the next fetches (read by the consumer thread as it builds
+        each fetch request)."""
+        fetcher = getattr(getattr(self._thread, "_consumer", None), "_fetcher", None)
+        if fetcher is not None:
+            fetcher._fetch_min_bytes = n
 
     async def _fetch_again(self, dropped: Mapping[Any, Sequence[Any]], generation: int,
                            why: str) -> None:
@@ -271,8 +301,9 @@ class LeanApp(faust.App):
     stored_positions: Callable[[], Awaitable[dict[tuple[str, int], int]]] | None = None
 
     def __init__(self, *args: Any, fetch_max_wait_ms: int | None = None,
-                 **kwargs: Any) -> None:
+                 fetch_coalesce_ms: int | None = None, **kwargs: Any) -> None:
         self.fetch_max_wait_ms = fetch_max_wait_ms
+        self.fetch_coalesce_ms = fetch_coalesce_ms
         if kwargs.get("datadir"):
             # Faust makes the app's own directory at start, but not its parents.
             Path(kwargs["datadir"]).parent.mkdir(parents=True, exist_ok=True)
@@ -519,6 +550,7 @@ class Engine:
             broker=settings.kafka_url,
             broker_credentials=_broker_credentials(settings),
             fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms,
+            fetch_coalesce_ms=settings.kafka_fetch_coalesce_ms,
             store="memory://",
             datadir=str(settings.data_dir / "faust" / settings.app_id),
             autodiscover=False,
@@ -647,6 +679,13 @@ class Engine:
                 for tp, high, committed, _ in assigned_positions(self.app,
                                                                  self.settings.input_topics)
                 if high is not None}
+
+    def fetch_min_bytes(self) -> int:
+        """The minimum fetch size the worker's consumer asks for now, as its fetcher holds it
+        (1, Kafka's default, before the consumer started)."""
+        thread = getattr(self.app.consumer, "_thread", None)
+        fetcher = getattr(getattr(thread, "_consumer", None), "_fetcher", None)
+        return int(getattr(fetcher, "_fetch_min_bytes", 1))
 
     def kafka_connected(self) -> bool:
         try:

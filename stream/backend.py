@@ -98,6 +98,7 @@ class EngineBackend:
         self.metrics.set_lags(self.lags)
         owned = e.owned_partitions()
         self.metrics.set_partitions_assigned(len(owned))
+        self.metrics.set_fetch_min_bytes(e.fetch_min_bytes())
         # Only the owned partitions, so that summing over workers counts each record once.
         with self.metrics.redis_call("read"):
             async with r.pipeline(transaction=False) as pipe:

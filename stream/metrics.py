@@ -116,6 +116,9 @@ _FAMILIES: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
     ("gauge", "worker_up", "1 while the worker process runs.", ()),
     ("gauge", "worker_ready", "1 when Kafka and Redis are reachable and partitions assigned.", ()),
     ("gauge", "partitions_assigned", "Input partitions assigned to this worker.", ()),
+    ("gauge", "kafka_fetch_min_bytes",
+     "fetch.min.bytes the worker's consumer asks the broker for: it follows the input rate "
+     "when SEGSTREAM_KAFKA_FETCH_COALESCE_MS is set, else 1.", ()),
 )
 
 _SUFFIXES = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count")}
@@ -258,6 +261,10 @@ class EngineMetrics:
     def set_partitions_assigned(self, n: int) -> None:
         """Set the number of input partitions this worker owns."""
         self._m["partitions_assigned"].set(n)
+
+    def set_fetch_min_bytes(self, n: int) -> None:
+        """Set the minimum fetch size the worker's consumer asks for now."""
+        self._m["kafka_fetch_min_bytes"].set(n)
 
     # -- Redis -----------------------------------------------------------------------------
     def observe_redis(self, seconds: float, op: str = "commit") -> None:

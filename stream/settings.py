@@ -69,6 +69,10 @@ class Settings(BaseSettings):
 
     #: The longest the broker holds a worker's fetch when its partitions have no new records.
     kafka_fetch_max_wait_ms: int = Field(50, ge=1, le=10_000)
+    #: About how long the broker holds a worker's fetch to gather more input: the fetch's
+    #: minimum size follows the input rate (:mod:`stream.fetch_size`). 0: a fetch is
+    #: answered at the first new record. At most ``kafka_fetch_max_wait_ms``.
+    kafka_fetch_coalesce_ms: int = Field(0, ge=0, le=10_000)
     #: Largest record batch the worker's producer sends to one partition. The producer
     #: keeps one request in flight per broker, and a request carries one batch per
     #: partition, so a batch's outbox goes out in about size / (partitions x this)
@@ -156,6 +160,15 @@ class Settings(BaseSettings):
     def _readable(cls, v: Path | None) -> Path | None:
         if v is not None and not v.is_file():
             raise ValueError("no such file")
+        return v
+
+    @field_validator("kafka_fetch_coalesce_ms")
+    @classmethod
+    def _coalesce_within_wait(cls, v: int, info: ValidationInfo) -> int:
+        wait = info.data.get("kafka_fetch_max_wait_ms")
+        if wait is not None and v > wait:
+            raise ValueError(f"{v} ms is longer than SEGSTREAM_KAFKA_FETCH_MAX_WAIT_MS ({wait} "
+                             "ms), the longest the broker holds a fetch")
         return v
 
     @field_validator("kafka_sasl_mechanism")

@@ -412,6 +412,7 @@ class _FakeConsumer:
     """The state ``_Consumer.getmany`` reads, around a real inbox."""
 
     _fetch_again = _Consumer._fetch_again
+    fetch_sizer = None  # fetches at Kafka's default minimum (tests/unit/test_fetch_size.py)
 
     def __init__(self, box: Inbox, records: dict[TP, list[Any]],
                  active: set[TP] | None = None) -> None:

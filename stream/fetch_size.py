@@ -1,15 +1,16 @@
 """The worker's ``fetch.min.bytes``, following its input rate.
 
 With Kafka's default of one byte the broker answers a fetch as soon as one new record is
-there, and the consumer sends the next fetch at once: at a few thousand events per second a
-worker fetched a few records at a time, hundreds of times a second, and its consumer thread
-and the broker spent the CPU of those round trips (about a seventh of a core each at 5,000
-events/s in ``segstream bench``). Asking the broker to hold a fetch until about
-``SEGSTREAM_KAFKA_FETCH_COALESCE_MS`` of input is there gathers as many records per fetch at
-the price of about that much latency; the broker never holds a fetch longer than
+there, and the consumer sends the next fetch at once: at 5,000 events/s in ``segstream bench``
+a worker fetched a few dozen records at a time, and the round trips cost its consumer thread
+about 0.14 of a core and the broker about 0.2. Asking the broker to hold a fetch until about
+``SEGSTREAM_KAFKA_FETCH_COALESCE_MS`` of input is there gathers more records per fetch at the
+price of up to that much latency; the broker never holds a fetch longer than
 ``SEGSTREAM_KAFKA_FETCH_MAX_WAIT_MS``, which therefore bounds what a wrong estimate costs.
+Off by default: at 20 ms the benchmark's worker spent about an eighth less CPU at 5,000
+events/s, but the p99 latency did not fall (README, "Fewer, fuller fetches").
 
-The estimate counts the fetched records' key and value bytes, uncompressed, over windows of
+The estimate counts the fetched records' value bytes, uncompressed, over windows of
 ``WINDOW_S``; the broker counts stored bytes, which for compressed input are fewer, so such
 input waits longer than the target (never past the maximum wait). A fetch goes to each
 broker leading some of the worker's input partitions and counts that broker's bytes only,

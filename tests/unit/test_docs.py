@@ -71,3 +71,43 @@ def test_results_cited_by_time_are_one_file(page: str) -> None:
     unclear = {t: n for t in sorted(stamps)
                if (n := sum(name.endswith(f"T{t}.json") for name in results)) != 1}
     assert unclear == {}
+
+
+def _documented_defaults() -> dict[str, str]:
+    """``SEGSTREAM_X`` -> its default as the README's settings table writes it, for the rows
+    that name each setting in full and give as many backticked defaults."""
+    out: dict[str, str] = {}
+    for line in (ROOT / "README.md").read_text().splitlines():
+        cells = line.split("|")
+        if len(cells) < 4 or not cells[1].strip().startswith("`SEGSTREAM_"):
+            continue
+        names = re.findall(r"`(SEGSTREAM_[A-Z0-9_]+)`", cells[1])
+        values = re.findall(r"`([^`]*)`", cells[2])
+        if names and len(names) == len(values) and "," not in cells[2].replace("`, `", ""):
+            out.update(zip(names, values, strict=True))
+    return out
+
+
+def test_settings_table_gives_each_default_as_the_code_has_it() -> None:
+    from stream.settings import Settings, env_name
+
+    documented = _documented_defaults()
+    checked = []
+    for name, f in Settings.model_fields.items():
+        doc = documented.get(env_name(name))
+        default = f.default
+        if doc is None or isinstance(default, Path) or default is None:
+            continue
+        if isinstance(default, bool):
+            assert doc == str(default).lower(), env_name(name)
+        elif isinstance(default, int | float):
+            assert float(doc) == float(default), (env_name(name), doc, default)
+        elif hasattr(default, "get_secret_value"):
+            continue
+        else:
+            assert doc == str(default), env_name(name)
+        checked.append(name)
+    # the table's numeric and boolean rows are all compared, not silently skipped
+    assert {"kafka_fetch_max_wait_ms", "kafka_fetch_coalesce_ms", "batch_max",
+            "batch_within_s", "gc_freeze", "sweep_max_share"} <= set(checked)
+    assert len(checked) >= 25

@@ -165,10 +165,14 @@ class _Consumer(EagerDelivery, fa.Consumer):
             return 1
         return max(1, len(leaders - {None, -1}))
 
+    def fetcher(self) -> Any:
+        """The consumer thread's aiokafka fetcher (None before the consumer started)."""
+        return getattr(getattr(self._thread, "_consumer", None), "_fetcher", None)
+
     def set_fetch_min_bytes(self, n: int) -> None:
         """The minimum size of the next fetches (read by the consumer thread as it builds
         each fetch request)."""
-        fetcher = getattr(getattr(self._thread, "_consumer", None), "_fetcher", None)
+        fetcher = self.fetcher()
         if fetcher is not None:
             fetcher._fetch_min_bytes = n
 
@@ -683,8 +687,8 @@ class Engine:
     def fetch_min_bytes(self) -> int:
         """The minimum fetch size the worker's consumer asks for now, as its fetcher holds it
         (1, Kafka's default, before the consumer started)."""
-        thread = getattr(self.app.consumer, "_thread", None)
-        fetcher = getattr(getattr(thread, "_consumer", None), "_fetcher", None)
+        consumer = self.app.consumer
+        fetcher = consumer.fetcher() if isinstance(consumer, _Consumer) else None
         return int(getattr(fetcher, "_fetch_min_bytes", 1))
 
     def kafka_connected(self) -> bool:

@@ -325,6 +325,12 @@ class BatchProcessor:
     def _mark_clean(self, partitions: Iterable[int], marks: Mapping[int, int]) -> None:
         self._clean.update(p for p in partitions if self._dirtied.get(p, 0) == marks[p])
 
+    @property
+    def settled(self) -> bool:
+        """Whether no commit or outbox publish is running in the background (a
+        :meth:`drain` would return at once)."""
+        return self._publishing is None or self._publishing.done()
+
     async def drain(self) -> None:
         """Wait until the commit and outbox publish still running in the background (if
         any) are done.

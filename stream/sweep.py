@@ -42,6 +42,9 @@ MIN_BUSY_CHUNK = 4
 COST_WEIGHT = 0.3
 #: Seconds before a chunk whose commit failed (Redis unreachable) is tried again.
 RETRY_S = 0.5
+#: How often a sweep step waits for the background commit and publish of the batch
+#: before it outside the batch lock, before it waits for them holding the lock.
+SETTLE_TRIES = 3
 #: The most a busy sweep step's time counts for its pause (a step of BUSY_CHUNK customers
 #: takes a few tens of milliseconds; a longer one waited for something).
 PACED_STEP_MAX_S = 0.25
@@ -154,7 +157,8 @@ class Sweeper:
 
     async def _chunk(self, p: int, ids: list[str], stats: SweepStats) -> None:
         for _attempt in range(20):
-            async with self.lock:
+            await self._acquire()
+            try:
                 before, t0 = stats.customers, time.perf_counter()
                 try:
                     outcome = await self._step(p, ids, stats)
@@ -162,6 +166,8 @@ class Sweeper:
                     held = time.perf_counter() - t0
                     if self.on_step is not None:
                         self.on_step(stats.customers - before, held)
+            finally:
+                self.lock.release()
             if ids:
                 self._observe_cost(len(ids), held)
             if outcome == "done":
@@ -169,6 +175,26 @@ class Sweeper:
             if outcome == "failed":
                 await self.retry_pause()  # outside the lock: batches go on meanwhile
         log.warning("sweep of partition %d gave up on a chunk after repeated conflicts", p)
+
+    async def _acquire(self) -> None:
+        """Take the batch lock, preferably with nothing committing or publishing in the
+        background.
+
+        A step must start after the background commit and publish of the batch before it
+        (it loads what that batch committed). Waiting for them while holding the lock
+        kept the next batch waiting too, for a broker acknowledgement that is neither's
+        work; so the step waits for them first, and gives the lock back when a batch
+        slipped in meanwhile and left work of its own in the background. After
+        :data:`SETTLE_TRIES` such turns it keeps the lock and waits under it (the step's
+        own drain), so that a steady input cannot hold sweeps off for good.
+        """
+        for _turn in range(SETTLE_TRIES):
+            await self.processor.drain()
+            await self.lock.acquire()
+            if self.processor.settled:
+                return
+            self.lock.release()
+        await self.lock.acquire()
 
     def _evaluate(self, customers: list[tuple[str, bytes, Profile]], ctx: ScoringContext,
                   commit: PartitionCommit) -> dict[str, int]:

@@ -194,3 +194,74 @@ def test_sweeps_and_batches_interleaved_publish_every_migration_in_commit_order(
         assert stored and last_moves(moves) == stored
 
     asyncio.run(main())
+
+
+def test_a_sweep_step_waits_for_a_batchs_publish_without_holding_the_lock() -> None:
+    """A batch's outbox still publishing (a slow broker) keeps the next sweep step from
+    starting, but not the next batch: the step waits for it before it takes the lock."""
+
+    async def main() -> None:
+        h = Harness(Gate())
+        await h.history(30)
+        await h.p.drain()
+        h.restart()
+        h.store.global_now = T0 + 300 * DAY
+        h.gate.open.clear()  # the broker is slow
+        await h.buy(["late"], T0 + 300 * DAY)  # returns; its publish waits for the broker
+        assert not h.p.settled
+        sweep = asyncio.ensure_future(h.sweeper.run_pass([0]))
+        try:
+            await asyncio.sleep(0.05)
+            assert not h.lock.locked()
+            swept_before = h.store.global_now
+            # Another batch runs meanwhile (it reads what the first one committed).
+            batch = asyncio.ensure_future(h.buy(["later"], T0 + 300 * DAY + 1))
+            await asyncio.sleep(0.05)
+            assert not sweep.done()
+        finally:
+            h.gate.open.set()  # a failed check must not leave the publish waiting
+        await asyncio.wait_for(batch, 5)
+        stats = await asyncio.wait_for(sweep, 5)
+        await h.p.drain()
+        assert stats.customers > 0 and stats.migrations > 0
+        assert h.store.global_now >= swept_before
+        moves = h.gate.migrations()
+        assert chained(moves)
+        assert not h.store.outboxes.get(0)
+
+    asyncio.run(main())
+
+
+def test_a_sweep_step_that_keeps_finding_a_batch_in_flight_still_runs() -> None:
+    """Batches that leave a publish running every time the step takes the lock do not hold
+    sweeps off for good: after a few turns the step waits under the lock."""
+
+    async def main() -> None:
+        h = Harness(Gate())
+        await h.history(20)
+        await h.p.drain()
+        h.restart()
+        h.store.global_now = T0 + 300 * DAY
+        turns = 0
+        real_drain = h.p.drain
+
+        async def drain_then_batch() -> None:
+            nonlocal turns
+            await real_drain()
+            if not h.lock.locked() and turns < 10:
+                # a batch slips in before the step takes the lock, and leaves its
+                # publish running
+                turns += 1
+                h.gate.open.clear()
+                await h.buy([f"b{turns}"], T0 + 300 * DAY)
+                asyncio.get_running_loop().call_later(0.01, h.gate.open.set)
+
+        h.p.drain = drain_then_batch  # type: ignore[method-assign]
+        stats = await asyncio.wait_for(h.sweeper.run_pass([0]), 10)
+        h.p.drain = real_drain  # type: ignore[method-assign]
+        await h.p.drain()
+        assert stats.customers > 0
+        assert 3 <= turns < 10  # it gave up waiting outside the lock after a few turns
+        assert chained(h.gate.migrations())
+
+    asyncio.run(main())

@@ -259,12 +259,27 @@ def _apply_click(s: CustomerState, event: ClickEvent, day: int) -> None:
             s.sessions[sh] = day
 
 
+def id_horizon_ms(lateness_ms: int) -> int:
+    """How far behind a customer's newest event of a topic its event ids are kept.
+
+    An id first seen at ``t`` makes a duplicate of any later record with that id stamped
+    up to ``t + lateness``, and such a record is still accepted while the newest event of
+    its topic-partition is at most ``lateness`` past it: until ``t + 2 * lateness``. An id
+    kept only ``lateness`` was forgotten while its duplicates could still arrive, and one
+    arriving in a later batch was counted again (in the same batch it was not).
+
+    >>> id_horizon_ms(7 * MS_PER_DAY) == 14 * MS_PER_DAY
+    True
+    """
+    return 2 * lateness_ms
+
+
 def _prune(s: CustomerState, lateness_ms: int) -> None:
     """Drop what no window and no late event can reach any more."""
     keep = retention_days(lateness_ms)
     if s.max_txn_ts >= 0:
         _prune_transactions(s, day_of(s.max_txn_ts) - keep + 1)
-        floor = s.max_txn_ts - lateness_ms
+        floor = s.max_txn_ts - id_horizon_ms(lateness_ms)
         s.txn_ids = {k: t for k, t in s.txn_ids.items() if t >= floor}
     if s.last_event_ts >= 0:
         _prune_clicks(s, day_of(s.last_event_ts), keep, lateness_ms)
@@ -291,7 +306,7 @@ def _prune_clicks(s: CustomerState, top: int, keep: int, lateness_ms: int) -> No
         s.sessions = {k: d for k, d in s.sessions.items() if d >= distinct_oldest}
     if s.event_types:
         s.event_types = {k: d for k, d in s.event_types.items() if d >= distinct_oldest}
-    id_floor = s.last_event_ts - lateness_ms
+    id_floor = s.last_event_ts - id_horizon_ms(lateness_ms)
     if s.seen_ids:
         s.seen_ids = {k: t for k, t in s.seen_ids.items() if t >= id_floor}
 

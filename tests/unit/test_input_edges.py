@@ -6,6 +6,8 @@ import random
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from features import serial
 from features.events import MS_PER_DAY as DAY
@@ -212,3 +214,52 @@ def test_a_deeply_nested_unknown_field_is_rejected_and_its_batch_goes_on() -> No
     assert (0, "c1") in st.customers and (0, "c2") not in st.customers
     dl = [orjson.loads(v) for _, _, v in sink.sent if orjson.loads(v).get("reason")]
     assert dl[0]["offset"] == 1 and dl[0]["payload"] == bad.decode()
+
+
+def _reference_purchases(records: list[tuple[str, int]], lateness: int) -> int:
+    """Independent reading of the README's rules, records in arrival order: a record more
+    than ``lateness`` behind the newest accepted one is too late; an id seen before
+    (never forgotten here) at a timestamp within ``lateness`` of that first one is a
+    duplicate; anything else is a new purchase, and an id reused later starts again."""
+    first: dict[str, int] = {}
+    newest, count = None, 0
+    for eid, ts in records:
+        if newest is not None and ts < newest - lateness:
+            continue
+        seen = first.get(eid)
+        if seen is not None and ts - seen <= lateness:
+            continue
+        first[eid] = ts
+        newest = ts if newest is None else max(newest, ts)
+        count += 1
+    return count
+
+
+def test_a_duplicate_counts_once_after_its_first_copy_is_a_lateness_old() -> None:
+    """An id first seen at t is a duplicate up to t + 7 days, and such a record is still
+    accepted while the newest event is at most 7 days past it: the id must be kept that
+    long. It was kept 7 days behind the newest event only, so in a later batch it was
+    counted again (in the same batch it was not)."""
+    recs = [("A", T0), ("B", T0 + 7 * DAY + 1), ("A", T0 + 6 * DAY)]
+    split = _run([[r] for r in recs])
+    joined = _run([recs])
+    assert split["purchases_total"] == joined["purchases_total"] == 2
+    assert split["monetary_total"] == joined["monetary_total"] == 20
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_duplicates_and_reused_ids_count_as_the_reference_whatever_the_batching(
+        data: st.DataObject) -> None:
+    """Records of a few ids at timestamps spread over weeks, in any arrival order and any
+    split into micro-batches: the purchases counted equal an independent reading of the
+    rules (which never forgets an id)."""
+    lateness = 7 * DAY
+    n = data.draw(st.integers(1, 12))
+    recs = [(data.draw(st.sampled_from("ABCD")),
+             T0 + data.draw(st.integers(0, 40)) * DAY // 2 + data.draw(st.sampled_from(
+                 [0, 1, -1, DAY // 3]))) for _ in range(n)]
+    cuts = sorted(set(data.draw(st.lists(st.integers(1, max(1, n - 1)), max_size=n))))
+    batches = [recs[i:j] for i, j in zip([0, *cuts], [*cuts, n], strict=True) if recs[i:j]]
+    got = _run(batches)
+    assert got["purchases_total"] == _reference_purchases(recs, lateness)

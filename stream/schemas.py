@@ -30,8 +30,9 @@ MAX_NESTING = 8
 # Epoch-ms bounds accepted at all: 1970 .. 2200. Finer checks are event-time ones.
 _TS_MIN, _TS_MAX = 0, 7_258_118_400_000
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:(\d{2})(\.\d+)?([Zz]|[+-]\d{2}:\d{2})\Z",
-                      re.ASCII)
+# RFC 3339 5.6: time-numoffset is time-hour (00-23) ":" time-minute (00-59).
+_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:(\d{2})(\.\d+)?"
+                      r"([Zz]|[+-](?:[01]\d|2[0-3]):[0-5]\d)\Z", re.ASCII)
 _RFC3339_LOCAL = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?\Z", re.ASCII)
 
 Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS)]

@@ -116,7 +116,9 @@ def test_an_id_is_deduplicated_per_input_topic() -> None:
 
 
 @pytest.mark.parametrize("ts", ["20250101T000000Z", "2025-W01-1T00:00:00Z", "2025-01-01T00:00Z",
-                                "2025-01-01T00:00:00+0000", "2025-01-01T00:00:00,5Z"])
+                                "2025-01-01T00:00:00+0000", "2025-01-01T00:00:00,5Z",
+                                "2025-01-01T00:00:00+05:99", "2025-01-01T00:00:00-00:60",
+                                "2025-01-01T00:00:00+24:00", "2025-01-01T00:00:00+00:75"])
 def test_timestamps_that_are_not_rfc3339_are_rejected(ts: str) -> None:
     """DESIGN §3: ts is an RFC 3339 string or epoch ms; README: a record failing the schema
     goes to the DLQ as invalid_schema. datetime.fromisoformat (3.11) takes ISO 8601 forms."""
@@ -263,3 +265,11 @@ def test_duplicates_and_reused_ids_count_as_the_reference_whatever_the_batching(
     batches = [recs[i:j] for i, j in zip([0, *cuts], [*cuts, n], strict=True) if recs[i:j]]
     got = _run(batches)
     assert got["purchases_total"] == _reference_purchases(recs, lateness)
+
+
+@pytest.mark.parametrize(("ts", "ms"), [("2025-01-01T05:30:00+05:30", 1_735_689_600_000),
+                                        ("2025-01-01T00:00:00-23:59", 1_735_775_940_000),
+                                        ("2025-01-01T23:59:00+23:59", 1_735_689_600_000)])
+def test_rfc3339_offsets_up_to_23_59_are_read(ts: str, ms: int) -> None:
+    v = orjson.dumps({"event_id": "e", "customer_id": "c1", "ts": ts, "event_type": "login"})
+    assert decode("clickstream", b"c1", v, 65536).ts_ms == ms

@@ -322,9 +322,27 @@ def _decode(kind: str, key: bytes | None, value: bytes | None, max_bytes: int
         key_text = None
     if key_text != event.customer_id:
         return Rejection("key_mismatch", "record key must equal customer_id")
-    if isinstance(event, TransactionEvent) and event.amount_units >= _EXACT_UNITS:
+    if isinstance(event, TransactionEvent) and (event.amount_units >= _EXACT_UNITS
+                                                or _near_half_unit(doc.get("amount"))):
         event = _exact_amount(event, text)
     return event
+
+
+def _near_half_unit(amount: Any) -> bool:
+    """Whether a float amount lies about halfway between two 1/10,000 units.
+
+    Rounding the float product (``to_units``) rounds half-even on the double, not on the
+    decimal the record wrote: ``1.00005`` is the double 1.0000500000000001 and gave 10,001
+    units where the decimal gives 10,000. Amounts with at most four decimals are never near
+    a half unit, so only an amount with a fifth decimal of about 5 is read again.
+
+    >>> _near_half_unit(1.00005), _near_half_unit(19.99), _near_half_unit(0.00016)
+    (True, False, False)
+    """
+    if type(amount) is not float:
+        return False
+    x = amount * 10_000
+    return abs(x - math.floor(x) - 0.5) < 0.01
 
 
 #: From this many units (1e10 currency units) up a float no longer carries every

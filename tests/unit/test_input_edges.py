@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from decimal import ROUND_HALF_EVEN, Decimal
 
 import orjson
 import pytest
@@ -273,3 +274,15 @@ def test_duplicates_and_reused_ids_count_as_the_reference_whatever_the_batching(
 def test_rfc3339_offsets_up_to_23_59_are_read(ts: str, ms: int) -> None:
     v = orjson.dumps({"event_id": "e", "customer_id": "c1", "ts": ts, "event_type": "login"})
     assert decode("clickstream", b"c1", v, 65536).ts_ms == ms
+
+
+@pytest.mark.parametrize(("text", "units"), [("1.00005", 10_000), ("0.00015", 2),
+                                             ("0.00005", 0), ("2.00025", 20_002),
+                                             ("123456.78915", 1_234_567_892),
+                                             ("1.000051", 10_001), ("0.00016", 2)])
+def test_amounts_round_half_even_on_the_decimal_they_write(text: str, units: int) -> None:
+    """README (Features): amounts are summed in units of 1/10,000, rounded half-even; the
+    rounding is the decimal's, not the nearest double's."""
+    value = b'{"event_id":"e","customer_id":"c1","ts":0,"amount":' + text.encode() + b"}"
+    assert decode("transactions", b"c1", value, 65536).amount_units == units
+    assert units == int((Decimal(text) * 10_000).to_integral_value(ROUND_HALF_EVEN))

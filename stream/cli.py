@@ -21,7 +21,7 @@ from stream.cli_bench import bench
 from stream.cli_rules import rules_app
 from stream.cli_triggers import triggers
 from stream.errors import SegstreamError
-from stream.redisconn import redis_failed
+from stream.redisconn import redacted_url, redis_failed
 from stream.settings import Settings, load_settings
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
@@ -49,6 +49,13 @@ def _until_day(value: str | None) -> str | None:
     raise typer.BadParameter(f"{value!r} is not a date: expected YYYY-MM-DD, e.g. 1997-10-01")
 
 
+def _finite_rate(value: float | None) -> float | None:
+    """A ``--rate`` that is a number of events per second (``inf`` would mean unthrottled)."""
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"must be a finite number of events per second (got {value})")
+    return value
+
+
 def _settings() -> Settings:
     return load_settings()
 
@@ -70,10 +77,10 @@ def up(json_: JsonOpt = False) -> None:
     done = services.up(s)
     if json_:
         _print_json({"kafka": {"bootstrap": s.kafka_bootstrap, "action": done["kafka"]},
-                     "redis": {"url": s.redis_url, "action": done["redis"]}})
+                     "redis": {"url": redacted_url(s.redis_url), "action": done["redis"]}})
         return
-    err.print(f"kafka  {s.kafka_bootstrap}  ({done['kafka']})")
-    err.print(f"redis  {s.redis_url}  ({done['redis']})")
+    err.print(escape(f"kafka  {s.kafka_bootstrap}  ({done['kafka']})"))
+    err.print(escape(f"redis  {redacted_url(s.redis_url)}  ({done['redis']})"))
 
 
 @app.command()
@@ -94,7 +101,7 @@ def status(json_: JsonOpt = False) -> None:
     s = _settings()
     h = services.health(s)
     doc = {"kafka": {"bootstrap": s.kafka_bootstrap, "healthy": h.kafka},
-           "redis": {"url": s.redis_url, "healthy": h.redis},
+           "redis": {"url": redacted_url(s.redis_url), "healthy": h.redis},
            "api": _api_url(s)}
     if json_:
         _print_json(doc)
@@ -164,7 +171,7 @@ def replay_cdnow(
     until: Annotated[str | None, typer.Option(
         help="Only purchases before this YYYY-MM-DD", callback=_until_day)] = None,
     rate: Annotated[float | None, typer.Option(
-        help="Events per second (default: unthrottled)", min=0.001)]
+        help="Events per second (default: unthrottled)", min=0.001, callback=_finite_rate)]
     = None,
 ) -> None:
     """Replay the CDNOW transaction log as purchase events, in time order."""
@@ -194,7 +201,8 @@ def replay_cdnow(
 def replay_jsonl(
     path: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True)],
     topic: Annotated[str, typer.Option(help="clickstream or transactions")],
-    rate: Annotated[float | None, typer.Option(help="Events per second", min=0.001)] = None,
+    rate: Annotated[float | None, typer.Option(
+        help="Events per second", min=0.001, callback=_finite_rate)] = None,
 ) -> None:
     """Replay a JSON-lines file into an input topic (bad lines go through to the DLQ)."""
     from stream.kafka import ensure_topics
@@ -214,7 +222,8 @@ def replay_synthetic(
     customers: Annotated[int, typer.Option(min=1)] = 1000,
     days: Annotated[int, typer.Option(min=1, max=3650)] = 60,
     seed: Annotated[int, typer.Option(min=0)] = 0,
-    rate: Annotated[float | None, typer.Option(help="Events per second", min=0.001)] = None,
+    rate: Annotated[float | None, typer.Option(
+        help="Events per second", min=0.001, callback=_finite_rate)] = None,
     truth: Annotated[Path | None, typer.Option(help="Write each customer's persona here")]
     = None,
 ) -> None:

@@ -6,6 +6,7 @@ The main CLI registers :func:`bench` as a command; the work is done by :mod:`ben
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -56,6 +57,7 @@ def bench(
         raise typer.BadParameter("must be serving or cold", param_hint="--models")
     if live_event_time not in ("wall", "synthetic"):
         raise typer.BadParameter("must be wall or synthetic", param_hint="--live-event-time")
+    _results_dir(results_dir)
     doc = run(Options(events=events, customers=customers, seed=seed, skip_latency=skip_latency,
                       workers=workers, profile=profile, latency_seconds=latency_seconds,
                       latency_eps=latency_eps, results_dir=results_dir, models=models,
@@ -65,3 +67,19 @@ def bench(
         sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
     else:
         Console().print(table(doc))
+
+
+def _results_dir(path: Path) -> None:
+    """Create the results directory, or fail naming ``--results-dir``, before the run: the
+    result is written at its end, after minutes of measurements."""
+    if path.exists() and not path.is_dir():
+        raise typer.BadParameter(f"{path} is a file, not a directory",
+                                 param_hint="--results-dir")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file on the way to it, or no permission
+        raise typer.BadParameter(f"cannot create the directory {path}: {exc.strerror or exc}",
+                                 param_hint="--results-dir") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise typer.BadParameter(f"the directory {path} is not writable",
+                                 param_hint="--results-dir")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import ssl
 from collections.abc import Sequence
 from typing import Any
-from urllib.parse import urlparse
 
 import hiredis
 import redis
@@ -29,26 +28,11 @@ from redis.exceptions import (
 )
 
 from stream.errors import ServiceError, SettingsError
-from stream.settings import Settings
+from stream.settings import Settings, redacted_url
 
 #: Either asyncio client; both speak the same commands for everything the engine sends.
 AsyncRedis = aioredis.Redis | aioredis.RedisCluster
 SyncRedis = redis.Redis | redis.RedisCluster
-
-
-def redacted_url(url: str) -> str:
-    """The URL without its password, for messages and logs.
-
-    >>> redacted_url("rediss://engine:hunter2@cache:6380/0")
-    'rediss://engine:***@cache:6380/0'
-    """
-    u = urlparse(url)
-    if u.password is None:
-        return url
-    user = u.username or ""
-    host = u.hostname or ""
-    port = f":{u.port}" if u.port else ""
-    return u._replace(netloc=f"{user}:***@{host}{port}").geturl()
 
 
 def redis_failed(settings: Settings, exc: Exception) -> ServiceError:

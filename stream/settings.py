@@ -2,21 +2,40 @@
 
 from __future__ import annotations
 
+import difflib
+import ipaddress
+import logging
+import os
 import re
 import ssl
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import parse_qs, unquote, urlparse
 
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from stream.errors import SettingsError
 
+log = logging.getLogger(__name__)
+
 ENV_PREFIX = "SEGSTREAM_"
-_NAME_RE = re.compile(r"^[A-Za-z0-9._:-]*$")
+# Patterns are applied with fullmatch: ``$`` would also match before a final newline.
+_NAME_RE = re.compile(r"[A-Za-z0-9._:-]*")
 #: What Kafka allows in a topic name (the app id names a topic and the consumer group).
-_TOPIC_RE = re.compile(r"^[A-Za-z0-9._-]*$")
+_TOPIC_RE = re.compile(r"[A-Za-z0-9._-]*")
+#: A host name: dot-separated labels (letters, digits, ``_`` and ``-``), a final dot allowed.
+_HOST_NAME_RE = re.compile(r"[\w-]+(?:\.[\w-]+)*\.?")
+#: ``SEGSTREAM_*`` variables read outside :class:`Settings` (not typos of a setting):
+#: compiled modules (``stream.native``), ``segstream up`` with Docker, the learner child,
+#: and the test suite's own.
+OTHER_ENV_VARS = frozenset({
+    "SEGSTREAM_NATIVE", "SEGSTREAM_NATIVE_DIR", "SEGSTREAM_USE_DOCKER",
+    "SEGSTREAM_LEARNER_PARENT_PID", "SEGSTREAM_FAULT_SEED", "SEGSTREAM_UPDATE_SCREENSHOT",
+})
+#: The test suite's variables (``tests/conftest.py`` keeps them out of a deployment's).
+_TEST_ENV_PREFIX = "SEGSTREAM_TEST"
 
 
 class Settings(BaseSettings):
@@ -131,7 +150,7 @@ class Settings(BaseSettings):
     @classmethod
     def _topic_name(cls, v: str) -> str:
         # Part of topic names: Kafka allows only these characters in them.
-        if not _TOPIC_RE.match(v):
+        if not _TOPIC_RE.fullmatch(v):
             raise ValueError("use only letters, digits and . _ - (it is part of topic names)")
         return v
 
@@ -139,8 +158,17 @@ class Settings(BaseSettings):
     @classmethod
     def _plain_name(cls, v: str) -> str:
         # Braces would change Redis Cluster hash slots.
-        if not _NAME_RE.match(v):
+        if not _NAME_RE.fullmatch(v):
             raise ValueError("use only letters, digits and . _ : -")
+        return v
+
+    @field_validator("web_host")
+    @classmethod
+    def _web_host(cls, v: str) -> str:
+        # Bound as given: a URL or a stray space would fail only when the server starts.
+        if v and not is_host(v, brackets=False):
+            raise ValueError("expected a host name or IP address to listen on (no scheme, "
+                             "port, path or spaces), e.g. 127.0.0.1 or 0.0.0.0")
         return v
 
     @field_validator("api_token", "log_hash_key")
@@ -190,6 +218,9 @@ class Settings(BaseSettings):
                          ) -> str | SecretStr | None:
         mechanism = info.data.get("kafka_sasl_mechanism")
         given = v.get_secret_value() if isinstance(v, SecretStr) else v
+        if given and not given.strip():
+            raise ValueError(f"only whitespace; give a value or unset "
+                             f"{env_name(info.field_name or '')}")
         if mechanism is not None and not given:
             raise ValueError(f"required when SEGSTREAM_KAFKA_SASL_MECHANISM is {mechanism}")
         protocol = info.data.get("kafka_security_protocol")
@@ -219,6 +250,10 @@ class Settings(BaseSettings):
             host, _, port = part.strip().rpartition(":")
             if not host or not (port.isascii() and port.isdigit()):
                 raise ValueError("expected host:port[,host:port...]")
+            if not is_host(host):
+                raise ValueError(f"{part.strip()!r} is not host:port with a host name or IP "
+                                 "address (no scheme or spaces); expected "
+                                 "host:port[,host:port...]")
             if not 1 <= int(port) <= 65535:
                 raise ValueError(f"port {port} is not between 1 and 65535")
         return v
@@ -330,13 +365,93 @@ def _check_ca_file(path: Path) -> None:
         raise ValueError(f"not a PEM file of CA certificates ({exc})") from None
 
 
+def is_host(host: str, brackets: bool = True) -> bool:
+    """Whether ``host`` is a host name or an IP address (IPv6 also in ``[...]`` if
+    ``brackets``): no scheme, port, path or whitespace.
+
+    >>> [is_host(h) for h in ("kafka-0.svc", "10.0.0.1", "::1", "[::1]", "http://h", "a b")]
+    [True, True, True, True, False, False]
+    """
+    if brackets and host.startswith("[") and host.endswith("]"):
+        return ":" in host and _is_ip(host[1:-1])
+    return _is_ip(host) or (len(host) <= 253 and _HOST_NAME_RE.fullmatch(host) is not None)
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def redacted_url(url: str) -> str:
+    """The URL without its password (in the user info or a ``password=`` parameter).
+
+    A password may hold an unescaped ``/``, ``@`` or ``?`` (the server would not read it,
+    but the error message shows the URL), so the user info runs to the last ``@``.
+
+    >>> redacted_url("rediss://engine:hunter2@cache:6380/0")
+    'rediss://engine:***@cache:6380/0'
+    >>> redacted_url("redis://:a/b@c@h:1/0"), redacted_url("unix:///r.sock?password=pw&db=1")
+    ('redis://:***@h:1/0', 'unix:///r.sock?password=***&db=1')
+    """
+    scheme, sep, rest = url.partition("://") if "://" in url else ("", "", url)
+    head, q, query = rest.partition("?")
+    query = _redacted_query(query)
+    if "@" in query:  # not in a password parameter: the password itself holds a "?"
+        userinfo, _, after = f"{head}?{query}".rpartition("@")
+        tail, q, query = after.partition("?")
+        head, query = f"{userinfo}@{tail}", _redacted_query(query)
+    userinfo, at, hostpath = head.rpartition("@")
+    user, colon, _password = userinfo.partition(":")
+    if colon:
+        head = f"{user}:***{at}{hostpath}"
+    return f"{scheme}{sep}{head}{q}{query}"
+
+
+def _redacted_query(query: str) -> str:
+    """A URL's query string with the value of every ``password`` parameter hidden."""
+    parts = []
+    for part in query.split("&"):
+        name, eq, _value = part.partition("=")
+        parts.append(f"{name}=***" if eq and unquote(name).strip().lower() == "password"
+                     else part)
+    return "&".join(parts)
+
+
 def env_name(field: str) -> str:
     """The environment variable of a settings field."""
     return f"{ENV_PREFIX}{field.upper()}"
 
 
+_warned_unknown: set[str] = set()
+
+
+def warn_unknown_env(environ: Mapping[str, str] | None = None) -> list[str]:
+    """Log a warning for every ``SEGSTREAM_*`` variable that nothing reads (a typo is
+    otherwise silently ignored), naming the setting it most resembles; once per variable
+    and process. The names warned about now."""
+    environ = os.environ if environ is None else environ
+    known = {env_name(f) for f in Settings.model_fields} | OTHER_ENV_VARS
+    unknown = sorted(
+        name for name in environ
+        if name.upper().startswith(ENV_PREFIX) and name.upper() not in known
+        and not name.upper().startswith(_TEST_ENV_PREFIX) and name not in _warned_unknown)
+    for name in unknown:
+        _warned_unknown.add(name)
+        close = difflib.get_close_matches(name.upper(), sorted(known), n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        log.warning("ignoring unknown setting %s%s", name, hint)
+    return unknown
+
+
 def load_settings(**overrides: object) -> Settings:
-    """Build the settings once; an invalid value raises :class:`SettingsError` naming it."""
+    """Build the settings once; an invalid value raises :class:`SettingsError` naming it.
+
+    An unknown ``SEGSTREAM_*`` variable is logged as a warning (:func:`warn_unknown_env`).
+    """
+    warn_unknown_env()
     try:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
@@ -347,7 +462,7 @@ def load_settings(**overrides: object) -> Settings:
             secret = info is not None and "SecretStr" in str(info.annotation)
             shown = err.get("input")
             if field == "redis_url" and isinstance(shown, str):
-                shown = re.sub(r"(//[^:/@]*:)[^@/]*@", r"\1***@", shown)  # a password
+                shown = redacted_url(shown)
             got = "value hidden" if secret else f"got {shown!r}"
             lines.append(f"{env_name(field)}: {err['msg']} ({got})")
         raise SettingsError("invalid setting: " + "; ".join(lines)) from None

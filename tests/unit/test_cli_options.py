@@ -270,3 +270,55 @@ def test_a_store_failure_after_the_check_still_names_the_setting(
     assert isinstance(result.exception, ServiceError), result.exception
     assert "SEGSTREAM_REDIS_URL" in str(result.exception)
     assert "Connection reset by peer" in str(result.exception)
+
+
+@pytest.mark.parametrize("url", ["redis://app:TOPSECRET@127.0.0.1:1/0",
+                                 "redis://app:TOP@SECRET@127.0.0.1:1/0",
+                                 "redis://127.0.0.1:1/0?password=TOPSECRET"])
+@pytest.mark.parametrize("command", [["status", "--json"], ["status"], ["up", "--json"], ["up"]])
+def test_status_and_up_never_print_the_redis_password(
+        monkeypatch: pytest.MonkeyPatch, command: list[str], url: str) -> None:
+    from stream import services
+
+    monkeypatch.setenv("SEGSTREAM_REDIS_URL", url)
+    monkeypatch.setattr(services, "health", lambda _s: services.Health(True, True))
+    monkeypatch.setattr(services, "up", lambda _s: {"kafka": "reused", "redis": "reused"})
+    result = run(*command)
+    assert result.exit_code == 0, result.output
+    assert "SECRET" not in result.output, result.output
+    if command[0] == "up" or "--json" in command:
+        assert "127.0.0.1:1/0" in result.output and "***" in result.output, result.output
+
+
+def test_bench_checks_the_results_dir_before_anything_runs(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    ran: list[Any] = []
+    monkeypatch.setattr("bench.run.run", lambda opts, console=None: ran.append(opts) or {})
+    monkeypatch.setattr("bench.report.table", lambda _doc: "")
+    taken = tmp_path / "results.json"
+    taken.write_text("{}")
+    for bad in (taken, taken / "sub"):
+        result = run("bench", "--results-dir", str(bad))
+        assert result.exit_code == 2, result.output
+        assert "--results-dir" in _text(result), result.output
+        assert not isinstance(result.exception, FileExistsError | NotADirectoryError)
+    assert ran == []
+    fresh = tmp_path / "new" / "results"
+    result = run("bench", "--results-dir", str(fresh))
+    assert result.exit_code == 0, result.output
+    assert fresh.is_dir() and [o.results_dir for o in ran] == [fresh]
+
+
+@pytest.mark.parametrize("value", ["inf", "+inf", "Infinity", "-inf", "nan", "0", "-1"])
+@pytest.mark.parametrize("command", [["jsonl", "{path}", "--topic", "clickstream"],
+                                     ["cdnow", "--path", "{path}"],
+                                     ["synthetic", "--customers", "1", "--days", "1"]])
+def test_replay_refuses_a_rate_that_is_not_a_positive_finite_number(
+        no_services: list[str], tmp_path: Path, command: list[str], value: str) -> None:
+    path = tmp_path / "in.txt"
+    path.write_text(CDNOW)
+    args = [a.replace("{path}", str(path)) for a in command]
+    result = run("replay", *args, "--rate", value)
+    assert result.exit_code == 2, result.output
+    assert "--rate" in _text(result), result.output
+    assert no_services == []

@@ -80,3 +80,157 @@ def test_native_switch_fails_without_a_traceback() -> None:
                          capture_output=True, text=True, timeout=60)
     assert res.returncode != 0
     assert "SEGSTREAM_NATIVE" in res.stderr and "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("var,value,why", [
+    # '$' of re.match matched before a final newline: names with one passed the check
+    ("SEGSTREAM_APP_ID", "seg\n", "topic names"),
+    ("SEGSTREAM_TOPIC_PREFIX", "team-a.\n", "topic names"),
+    ("SEGSTREAM_REDIS_PREFIX", "segstream:\n", "letters, digits"),
+    # the worker's HTTP server would fail to bind only once it started
+    ("SEGSTREAM_WEB_HOST", " ", "host name or IP address"),
+    ("SEGSTREAM_WEB_HOST", "a b", "host name or IP address"),
+    ("SEGSTREAM_WEB_HOST", "http://h", "host name or IP address"),
+    ("SEGSTREAM_WEB_HOST", "h/x", "host name or IP address"),
+    ("SEGSTREAM_WEB_HOST", "0.0.0.0\n", "host name or IP address"),
+    # every broker of the list is host:port, without a scheme or spaces
+    ("SEGSTREAM_KAFKA_BOOTSTRAP", "kafka://h:9092", "'kafka://h:9092' is not host:port"),
+    ("SEGSTREAM_KAFKA_BOOTSTRAP", "h:9092 b:9093", "'h:9092 b:9093' is not host:port"),
+    ("SEGSTREAM_KAFKA_BOOTSTRAP", "h :9092", "'h :9092' is not host:port"),
+    ("SEGSTREAM_KAFKA_BOOTSTRAP", "a:1,[h]:9092", "'[h]:9092' is not host:port"),
+])
+def test_names_and_hosts_are_checked_whole(monkeypatch: pytest.MonkeyPatch, var: str,
+                                           value: str, why: str) -> None:
+    monkeypatch.setenv(var, value)
+    with pytest.raises(SettingsError, match=var) as info:
+        load_settings()
+    assert why in str(info.value)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("web_host", "0.0.0.0"), ("web_host", "::"), ("web_host", "worker-0.segstream.svc"),
+    ("web_host", "localhost"), ("web_host", "fe80::1%eth0"),
+    ("kafka_bootstrap", "kafka-bootstrap.kafka.svc:9093"),
+    ("kafka_bootstrap", "[::1]:9092, 10.0.0.1:9092 ,kafka_0:9092"),
+    ("kafka_bootstrap", "::1:9092"),
+])
+def test_host_names_and_addresses_are_accepted(field: str, value: str) -> None:
+    assert getattr(load_settings(**{field: value}), field) == value
+
+
+@pytest.mark.parametrize("var", ["SEGSTREAM_KAFKA_SASL_USERNAME",
+                                 "SEGSTREAM_KAFKA_SASL_PASSWORD"])
+@pytest.mark.parametrize("blank", [" ", "\t\n"])
+def test_blank_sasl_credentials_are_refused(monkeypatch: pytest.MonkeyPatch, var: str,
+                                            blank: str) -> None:
+    monkeypatch.setenv("SEGSTREAM_KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
+    monkeypatch.setenv("SEGSTREAM_KAFKA_SASL_MECHANISM", "SCRAM-SHA-512")
+    monkeypatch.setenv("SEGSTREAM_KAFKA_SASL_USERNAME", "bob")
+    monkeypatch.setenv("SEGSTREAM_KAFKA_SASL_PASSWORD", "pw")
+    monkeypatch.setenv(var, blank)
+    with pytest.raises(SettingsError) as info:
+        load_settings()
+    assert f"{var}: Value error, only whitespace" in str(info.value), info.value
+
+
+@pytest.mark.parametrize("url", [
+    "redis://u:qx1@qx2@127.0.0.1:99999/0",
+    "redis://:qx1/qx2@h:1/0",
+    "redis://h:99999/0?password=qx1",
+    "unix:///tmp/r.sock?password=qx1&db=x",
+    "redis://u:qx1?qx2@h:99999/0",
+    "redis://h:99999/0?password=qx1@qx2",
+])
+def test_no_form_of_redis_password_is_echoed(monkeypatch: pytest.MonkeyPatch,
+                                             url: str) -> None:
+    from stream.redisconn import redacted_url
+
+    monkeypatch.setenv("SEGSTREAM_REDIS_URL", url)
+    with pytest.raises(SettingsError, match="SEGSTREAM_REDIS_URL") as info:
+        load_settings()
+    for text in (str(info.value), redacted_url(url)):
+        assert "qx" not in text and "***" in text, text
+
+
+def test_redacted_url_keeps_everything_but_the_password() -> None:
+    from stream.redisconn import redacted_url
+
+    assert redacted_url("redis://u:sec@ret@h:1/0") == "redis://u:***@h:1/0"
+    assert redacted_url("redis://:a/b@h:1/0") == "redis://:***@h:1/0"
+    assert redacted_url("redis://h:1/0?password=secret") == "redis://h:1/0?password=***"
+    assert redacted_url("redis://bob@h:1/0?db=2") == "redis://bob@h:1/0?db=2"
+    assert redacted_url("redis://[::1]:6379/0") == "redis://[::1]:6379/0"
+
+
+@pytest.fixture
+def unknown_env(monkeypatch: pytest.MonkeyPatch,
+                caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    """Warnings of a fresh process: none given yet, and no SEGSTREAM_* variable but the test's."""
+    import os
+
+    from stream import settings
+
+    monkeypatch.setattr(settings, "_warned_unknown", set())
+    for name in list(os.environ):
+        if name.upper().startswith("SEGSTREAM_"):
+            monkeypatch.delenv(name)
+    caplog.set_level("WARNING", logger="stream.settings")
+    return caplog
+
+
+def test_an_unknown_variable_is_warned_about_once_with_the_likely_setting(
+        monkeypatch: pytest.MonkeyPatch, unknown_env: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("SEGSTREAM_REDIS_UR", "redis://127.0.0.1:6379/0")
+    monkeypatch.setenv("SEGSTREAM_PARTITION", "3")
+    monkeypatch.setenv("SEGSTREAM_ZZZZZZZZZZZZZZZZ", "1")
+    s = load_settings()
+    load_settings()
+    assert s.partitions == 6  # a warning, not a failure, and the typo is not read
+    messages = [r.getMessage() for r in unknown_env.records]
+    assert sorted(messages) == [
+        "ignoring unknown setting SEGSTREAM_PARTITION; did you mean SEGSTREAM_PARTITIONS?",
+        "ignoring unknown setting SEGSTREAM_REDIS_UR; did you mean SEGSTREAM_REDIS_URL?",
+        "ignoring unknown setting SEGSTREAM_ZZZZZZZZZZZZZZZZ",
+    ], messages
+
+
+def test_variables_read_outside_the_settings_are_not_warned_about(
+        monkeypatch: pytest.MonkeyPatch, unknown_env: pytest.LogCaptureFixture) -> None:
+    for name, value in [("SEGSTREAM_NATIVE", "1"), ("SEGSTREAM_NATIVE_DIR", "/tmp/n"),
+                        ("SEGSTREAM_USE_DOCKER", "0"), ("SEGSTREAM_LEARNER_PARENT_PID", "1"),
+                        ("SEGSTREAM_FAULT_SEED", "7"), ("SEGSTREAM_UPDATE_SCREENSHOT", "0"),
+                        ("SEGSTREAM_TEST_KAFKA", "127.0.0.1:19092"),
+                        ("SEGSTREAM_TEST_REDIS", "redis://127.0.0.1:16379/0"),
+                        ("SEGSTREAM_TEST_ROOT", "/"), ("SEGSTREAM_TEST_POISON", "x"),
+                        ("SEGSTREAM_PARTITIONS", "3")]:
+        monkeypatch.setenv(name, value)
+    assert load_settings().partitions == 3
+    assert unknown_env.records == []
+
+
+def test_every_segstream_variable_the_repository_names_is_known() -> None:
+    """A variable the code, tests or deployment files read must not be warned about."""
+    import re
+
+    from stream.settings import OTHER_ENV_VARS, Settings, env_name
+
+    known = {env_name(f) for f in Settings.model_fields} | OTHER_ENV_VARS
+    found: dict[str, str] = {}
+    skip = {".venv", ".git", "build", ".mypy_cache", ".ruff_cache", ".pytest_cache",
+            ".hypothesis", "segstream.egg-info", "node_modules", "results"}
+    for path in ROOT.rglob("*"):
+        if skip & set(path.relative_to(ROOT).parts) or not path.is_file() \
+                or path == Path(__file__).resolve():  # this file names typos on purpose
+            continue
+        if path.suffix not in (".py", ".md", ".yml", ".yaml", ".toml", ".cfg", ".sh", ".env",
+                               "") and path.name not in ("Makefile", "Dockerfile"):
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        for name in re.findall(r"\bSEGSTREAM_[A-Z0-9_]*[A-Z0-9]\b", text):
+            found.setdefault(name, str(path.relative_to(ROOT)))
+    unknown = {n: p for n, p in found.items()
+               if n not in known and not n.startswith("SEGSTREAM_TEST") and n != "SEGSTREAM_X"}
+    assert unknown == {}

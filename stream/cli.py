@@ -552,8 +552,8 @@ def clv_fit(json_: JsonOpt = False) -> None:
 
 @app.command()
 def demo(
-    rate: Annotated[float, typer.Option(help="Events per second (0: unthrottled)", min=0)]
-    = 3000.0,
+    rate: Annotated[float, typer.Option(help="Events per second (0: unthrottled)", min=0,
+                                        callback=_finite_rate)] = 3000.0,
     duration: Annotated[float | None, typer.Option(
         help="Seconds to keep running after the replay, then stop (default: until Ctrl-C)",
         min=0)] = None,

@@ -52,7 +52,7 @@ from rich.text import Text
 
 from stream.replay import OutRecord
 from stream.schemas import parse_ts
-from stream.settings import Settings
+from stream.settings import Settings, redacted_url
 
 _DAY_MS = 86_400_000
 #: What the worker logs once it runs (the tests wait for the same line).
@@ -449,7 +449,7 @@ def run_demo(s: Settings, opts: DemoOptions, console: Console | None = None) -> 
         with con.status("Kafka and Redis"):
             done = services.up(s)
         con.print(f"kafka {s.kafka_bootstrap} ({done['kafka']}), "
-                  f"redis {s.redis_url} ({done['redis']})")
+                  f"redis {redacted_url(s.redis_url)} ({done['redis']})")
         ensure_topics(s)
         with con.status("preparing the replay"):
             plan = plan_replay(opts)

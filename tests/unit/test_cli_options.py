@@ -322,3 +322,14 @@ def test_replay_refuses_a_rate_that_is_not_a_positive_finite_number(
     assert result.exit_code == 2, result.output
     assert "--rate" in _text(result), result.output
     assert no_services == []
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "-1"])
+def test_demo_refuses_a_rate_that_is_not_finite(monkeypatch: pytest.MonkeyPatch,
+                                                value: str) -> None:
+    ran: list[Any] = []
+    monkeypatch.setattr("stream.demo.run_demo", lambda *a, **kw: ran.append(a) or 0)
+    result = run("demo", "--rate", value)
+    assert result.exit_code == 2, result.output
+    assert "--rate" in _text(result), result.output
+    assert ran == []

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from stream.errors import ServiceError
+from stream.errors import ServiceError, SettingsError
 from stream.settings import Settings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -308,7 +308,11 @@ def _compose_up() -> None:
 
 def up(settings: Settings) -> dict[str, str]:
     """Make Kafka and Redis healthy; returns what was done for each."""
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SettingsError(f"SEGSTREAM_DATA_DIR: cannot create {settings.data_dir} "
+                            f"({exc.strerror or exc})") from None
     done: dict[str, str] = {}
     h = health(settings)
     if not (h.kafka and h.redis) and os.environ.get("SEGSTREAM_USE_DOCKER") == "1" \

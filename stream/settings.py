@@ -162,6 +162,16 @@ class Settings(BaseSettings):
             raise ValueError("use only letters, digits and . _ : -")
         return v
 
+    @field_validator("data_dir", mode="before")
+    @classmethod
+    def _data_dir(cls, v: object) -> object:
+        # An empty value would be read as the working directory.
+        if isinstance(v, str) and not v.strip():
+            raise ValueError("empty; give a directory or unset it (default ~/.cache/segstream)")
+        if isinstance(v, str | Path) and Path(v).exists() and not Path(v).is_dir():
+            raise ValueError(f"{v} exists and is not a directory")
+        return v
+
     @field_validator("web_host")
     @classmethod
     def _web_host(cls, v: str) -> str:

@@ -234,3 +234,27 @@ def test_every_segstream_variable_the_repository_names_is_known() -> None:
     unknown = {n: p for n, p in found.items()
                if n not in known and not n.startswith("SEGSTREAM_TEST") and n != "SEGSTREAM_X"}
     assert unknown == {}
+
+
+def test_a_data_dir_that_is_empty_or_a_file_is_refused(monkeypatch: pytest.MonkeyPatch,
+                                                        tmp_path: Path) -> None:
+    afile = tmp_path / "f"
+    afile.write_text("x")
+    for value, why in (("", "empty"), ("  ", "empty"), (str(afile), "not a directory")):
+        monkeypatch.setenv("SEGSTREAM_DATA_DIR", value)
+        with pytest.raises(SettingsError, match="SEGSTREAM_DATA_DIR") as info:
+            load_settings()
+        assert why in str(info.value)
+    monkeypatch.setenv("SEGSTREAM_DATA_DIR", str(tmp_path / "new" / "dir"))
+    assert load_settings().data_dir == tmp_path / "new" / "dir"
+
+
+def test_up_names_the_data_dir_it_cannot_create(tmp_path: Path) -> None:
+    from stream import services
+
+    afile = tmp_path / "f"
+    afile.write_text("x")
+    s = load_settings(data_dir=tmp_path / "ok")
+    object.__setattr__(s, "data_dir", afile / "below-a-file")
+    with pytest.raises(SettingsError, match="SEGSTREAM_DATA_DIR: cannot create"):
+        services.up(s)

@@ -297,7 +297,9 @@ class Settings(BaseSettings):
         url = str(info.data.get("redis_url") or "")
         if v and url.startswith("unix://"):
             raise ValueError("a Redis Cluster is reached over TCP, not a unix:// socket")
-        if v and urlparse(url).path.strip("/") not in ("", "0"):
+        parts = urlparse(url)
+        dbs = [parts.path.strip("/"), *parse_qs(parts.query).get("db", [])]
+        if v and any(db not in ("", "0") for db in dbs):
             raise ValueError("a Redis Cluster has only database 0 (use .../0 in the URL)")
         return v
 

@@ -258,3 +258,14 @@ def test_up_names_the_data_dir_it_cannot_create(tmp_path: Path) -> None:
     object.__setattr__(s, "data_dir", afile / "below-a-file")
     with pytest.raises(SettingsError, match="SEGSTREAM_DATA_DIR: cannot create"):
         services.up(s)
+
+
+@pytest.mark.parametrize("url,ok", [("redis://h:1/0", True), ("redis://h:1", True),
+                                    ("redis://h:1/0?db=0", True), ("redis://h:1/3", False),
+                                    ("redis://h:1/0?db=3", False), ("redis://h:1?db=2", False)])
+def test_a_redis_cluster_is_refused_any_database_but_0(url: str, ok: bool) -> None:
+    if ok:
+        assert load_settings(redis_url=url, redis_cluster=True).redis_cluster
+    else:
+        with pytest.raises(SettingsError, match=r"SEGSTREAM_REDIS_CLUSTER.*only database 0"):
+            load_settings(redis_url=url, redis_cluster=True)

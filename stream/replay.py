@@ -66,6 +66,9 @@ def read_cdnow(path: Path) -> list[CdnowRow]:
                     f"{path}:{n + 1}: expected '<customer id> <YYYYMMDD> <quantity> "
                     f"<amount>', got {shown!r}") from None
             rows.append(CdnowRow(n, parts[0], day, quantity, amount))
+    if not rows:
+        # A file of only a header (or of one line of anything) replays nothing: not CDNOW.
+        raise ValueError(f"{path}: no '<customer id> <YYYYMMDD> <quantity> <amount>' rows")
     return rows
 
 

@@ -333,3 +333,14 @@ def test_demo_refuses_a_rate_that_is_not_finite(monkeypatch: pytest.MonkeyPatch,
     assert result.exit_code == 2, result.output
     assert "--rate" in _text(result), result.output
     assert ran == []
+
+
+@pytest.mark.parametrize("text", ["", "customer date quantity amount\n", "hello\n\n"])
+def test_replay_cdnow_refuses_a_file_without_rows(no_services: list[str], tmp_path: Path,
+                                                  text: str) -> None:
+    path = tmp_path / "cdnow.txt"
+    path.write_text(text)
+    result = run("replay", "cdnow", "--path", str(path))
+    assert result.exit_code == 2, result.output
+    assert "no '<customer id>" in _text(result), result.output
+    assert no_services == []

@@ -171,7 +171,9 @@ def install() -> dict[str, Path]:
     try:
         on = enabled()
     except ValueError as exc:  # at import: exit with the message, not a traceback
-        raise SystemExit(f"invalid setting: {exc}") from None
+        # as the CLI reports a setting error: "error: ...", exit status 2
+        sys.stderr.write(f"error: invalid setting: {exc}\n")
+        raise SystemExit(2) from None
     if on:
         compiled = {s.module: s.compiled for s in status() if s.compiled is not None}
     sys.meta_path.insert(0, _Finder(compiled))

@@ -344,3 +344,22 @@ def test_replay_cdnow_refuses_a_file_without_rows(no_services: list[str], tmp_pa
     assert result.exit_code == 2, result.output
     assert "no '<customer id>" in _text(result), result.output
     assert no_services == []
+
+
+@pytest.mark.parametrize("env,why", [
+    ({"SEGSTREAM_NATIVE_DIR": "{file}"}, "SEGSTREAM_NATIVE_DIR: "),
+    ({"SEGSTREAM_NATIVE": "maybe"}, "SEGSTREAM_NATIVE='maybe'")])
+def test_native_names_a_bad_setting_without_a_traceback(tmp_path: Path, env: dict[str, str],
+                                                        why: str) -> None:
+    import os
+    import subprocess
+    import sys
+
+    afile = tmp_path / "f"
+    afile.write_text("x")
+    full = {**os.environ, **{k: v.replace("{file}", str(afile)) for k, v in env.items()}}
+    for action in ("status", "build"):
+        proc = subprocess.run([sys.executable, "-m", "stream.cli", "native", action],
+                              env=full, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2, proc.stderr
+        assert why in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

@@ -29,7 +29,9 @@ MAX_ID_CHARS = 256
 MAX_NESTING = 8
 # Epoch-ms bounds accepted at all: 1970 .. 2200. Finer checks are event-time ones.
 _TS_MIN, _TS_MAX = 0, 7_258_118_400_000
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+#: Control characters (C0, DEL, C1) and the Unicode line and paragraph separators: an id
+#: holding one breaks log lines and line-based tools downstream.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 # RFC 3339 5.6: time-numoffset is time-hour (00-23) ":" time-minute (00-59).
 _RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:(\d{2})(\.\d+)?"
                       r"([Zz]|[+-](?:[01]\d|2[0-3]):[0-5]\d)\Z", re.ASCII)
@@ -86,6 +88,8 @@ def parse_ts(value: Any) -> int:
 def _no_control(v: str | None) -> str | None:
     if v is not None and _CONTROL.search(v):
         raise ValueError("contains control characters")
+    if v is not None and v.isspace():
+        raise ValueError("is only whitespace")
     return v
 
 
@@ -231,7 +235,8 @@ _MODELS: dict[str, type[ClickstreamIn] | type[TransactionIn]] = {
 
 
 def _id_ok(v: Any, limit: int = MAX_ID_CHARS) -> bool:
-    return type(v) is str and 0 < len(v) <= limit and _CONTROL.search(v) is None
+    return (type(v) is str and 0 < len(v) <= limit and _CONTROL.search(v) is None
+            and not v.isspace())
 
 
 def _plain_event(kind: str, doc: dict[str, Any]) -> Event | None:

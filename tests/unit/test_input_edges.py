@@ -286,3 +286,23 @@ def test_amounts_round_half_even_on_the_decimal_they_write(text: str, units: int
     value = b'{"event_id":"e","customer_id":"c1","ts":0,"amount":' + text.encode() + b"}"
     assert decode("transactions", b"c1", value, 65536).amount_units == units
     assert units == int((Decimal(text) * 10_000).to_integral_value(ROUND_HALF_EVEN))
+
+
+@pytest.mark.parametrize("field", ["event_id", "customer_id", "session_id", "event_type"])
+@pytest.mark.parametrize("bad", [" ", "\t \u3000", "a\u0085b", "a\u2028b", "a\u2029b",
+                                 "a\x9fb", "a\x00b"])
+def test_ids_of_whitespace_or_with_control_characters_are_rejected(field: str,
+                                                                    bad: str) -> None:
+    doc = {"event_id": "e", "customer_id": "c1", "ts": T0, "event_type": "login",
+           "session_id": "s1", field: bad}
+    key = doc["customer_id"].encode()
+    for d in (doc, {**doc, "ts": "2025-01-01T00:00:00Z"}):  # fast path and the model
+        res = decode("clickstream", key, orjson.dumps(d), 65536)
+        assert getattr(res, "reason", None) == "invalid_schema", (field, bad, res)
+
+
+@pytest.mark.parametrize("good", ["c 1", " c1", "kund\u00e9-7", "\u00a0x", "\u4e2d\u6587"])
+def test_ids_with_inner_spaces_or_letters_beyond_ascii_are_accepted(good: str) -> None:
+    doc = {"event_id": good, "customer_id": good, "ts": T0, "event_type": "login"}
+    res = decode("clickstream", good.encode(), orjson.dumps(doc), 65536)
+    assert res.customer_id == good and res.event_id == good

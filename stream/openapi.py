@@ -88,6 +88,10 @@ _CUSTOMER = _obj(
               "description": "scheme -> current segment"},
     history={"type": "array", "items": {"type": "object"},
              "description": "the customer's migrations, oldest first"},
+    segments_since={"type": "object", "additionalProperties": _STR,
+                    "description": "scheme -> engine time the customer entered the segment"},
+    model_versions={"type": "object", "additionalProperties": {"type": "integer"},
+                    "description": "model -> version the scores came from"},
 )
 _THROUGHPUT_POINT = _obj(
     ["t", "events_in_per_s", "migrations_per_s", "dlq_per_s", "lag"],

@@ -13,6 +13,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import Any, Protocol, runtime_checkable
+from urllib.parse import unquote
 
 import orjson
 from aiohttp import web
@@ -95,6 +96,25 @@ def error(status: int, message: str, **headers: str) -> web.Response:
                              dumps=_dumps)
 
 
+def _shown(value: str, limit: int = 64) -> str:
+    """``repr`` of user input for an error message, cut to ``limit`` characters."""
+    return repr(value if len(value) <= limit else value[:limit] + "...")
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The router's own 404 and 405 (no such route, a method other than GET or HEAD) as
+    ``{"error": ...}`` like every other error of the API, keeping their headers."""
+    try:
+        return await handler(request)
+    except (web.HTTPNotFound, web.HTTPMethodNotAllowed) as exc:
+        if exc.content_type == "application/json":
+            raise
+        headers = {k: v for k, v in exc.headers.items()
+                   if k.lower() not in ("content-type", "content-length")}
+        return error(exc.status, exc.reason.lower(), **headers)
+
+
 def _dumps(value: Any) -> str:
     # orjson: the dashboard's /api/stats (history of every segment) is serialised on the
     # worker's event loop at every poll; the standard library took ~10x longer.
@@ -155,9 +175,14 @@ class _Views:
 
     async def customer(self, request: web.Request) -> web.StreamResponse:
         customer_id = request.match_info["customer_id"]
+        raw = request.rel_url.raw_path.rsplit("/", 1)[-1]
+        try:  # aiohttp leaves an escape that is not UTF-8 (%FF) as its text
+            unquote(raw, errors="strict")
+        except UnicodeDecodeError:
+            return error(400, f"customer id {_shown(raw)} is not percent-encoded UTF-8")
         doc = await self.backend.customer(customer_id)
         if doc is None:
-            return error(404, f"unknown customer {customer_id!r}")
+            return error(404, f"unknown customer {_shown(customer_id)}")
         return _json(doc)
 
     async def segments(self, request: web.Request) -> web.StreamResponse:
@@ -168,12 +193,12 @@ class _Views:
         if since is not None and (problem := check_cursor(since)) is not None:
             return error(400, problem)
         raw = request.query.get("limit", str(DEFAULT_LIMIT))
-        try:
-            limit = int(raw)
-        except ValueError:
-            return error(400, f"limit must be an integer, got {raw!r}")
-        if not 1 <= limit <= MAX_LIMIT:
-            return error(400, f"limit must be between 1 and {MAX_LIMIT}, got {limit}")
+        # int() also takes "+5", "1_0", " 5" and other scripts' digits
+        if not (raw.isascii() and raw.isdigit()):
+            return error(400, f"limit must be an integer, got {_shown(raw)}")
+        if len(raw) > 9 or not 1 <= int(raw) <= MAX_LIMIT:
+            return error(400, f"limit must be between 1 and {MAX_LIMIT}, got {_shown(raw)}")
+        limit = int(raw)
         return _json(await self.backend.migrations(since, limit))
 
     async def actions(self, request: web.Request) -> web.StreamResponse:
@@ -225,6 +250,8 @@ def add_routes(
     ``/dashboard``.
     """
     views = _Views(backend, metrics)
+    if json_errors not in app.middlewares:
+        app.middlewares.append(json_errors)
     routes: list[tuple[str, Handler]] = [
         # Any id but an unencoded slash: aiohttp's default pattern also refuses braces.
         ("/customers/{customer_id:[^/]+}", views.customer),

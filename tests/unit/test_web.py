@@ -384,3 +384,58 @@ def test_existing_root_route_is_left_alone() -> None:
 
 def test_fake_backend_satisfies_the_protocol() -> None:
     assert isinstance(FakeBackend(), ApiBackend)
+
+
+def test_the_routers_own_404_and_405_are_json_errors() -> None:
+    async def check(client: TestClient[Any, Any], _: FakeBackend) -> None:
+        for path in ("/nowhere", "/customers/a/b", "/customers/"):
+            resp = await client.get(path)
+            assert resp.status == 404, path
+            assert resp.content_type == "application/json", path
+            assert_matches(await resp.json(), "Error")
+        for method in ("POST", "PUT", "DELETE", "PATCH"):
+            resp = await client.request(method, "/segments")
+            assert resp.status == 405, method
+            assert resp.content_type == "application/json", method
+            assert set(resp.headers["Allow"].split(",")) == {"GET", "HEAD"}
+            assert_matches(await resp.json(), "Error")
+
+    run(check)
+
+
+def test_limit_is_plain_ascii_digits_and_errors_do_not_echo_long_input() -> None:
+    async def check(client: TestClient[Any, Any], backend: FakeBackend) -> None:
+        for bad in ("%2B5", "1_0", "%205", "%D9%A1", "5%20", "9" * 5_000):
+            resp = await client.get(f"/migrations?limit={bad}")
+            assert resp.status == 400, bad
+            body = await resp.json()
+            assert "limit" in body["error"] and len(body["error"]) < 200, bad
+        assert backend.calls == []
+        resp = await client.get("/customers/" + "x" * 5_000)
+        assert resp.status == 404 and len((await resp.json())["error"]) < 200
+
+    run(check)
+
+
+def test_a_customer_id_that_is_not_utf8_percent_encoding_is_a_400() -> None:
+    async def check(client: TestClient[Any, Any], _: FakeBackend) -> None:
+        for raw in ("%FF", "%ED%A0%80", "c%C3"):
+            resp = await client.get(f"/customers/{raw}")
+            assert resp.status == 400, raw
+            assert "not percent-encoded UTF-8" in (await resp.json())["error"]
+        resp = await client.get("/customers/%25FF")  # the id "%FF" itself: a lookup
+        assert resp.status == 404
+
+    run(check)
+
+
+def test_the_customer_schema_lists_every_key_the_engine_returns() -> None:
+    import inspect
+
+    from stream import queries
+
+    source = inspect.getsource(queries.customer_doc)
+    returned = set(re.findall(r'^        "(\w+)":', source, flags=re.M))
+    assert {"customer_id", "segments_since", "model_versions"} <= returned
+    schema = OPENAPI["components"]["schemas"]["Customer"]["properties"]
+    assert returned <= set(schema), returned - set(schema)

@@ -67,6 +67,14 @@ class Harness:
             await self.buy([f"c{i}" for i in range(n) if (i + day) % 3], T0 + day * DAY,
                            5.0 + 7 * (day % 5))
 
+    async def months_later(self, n: int) -> None:
+        """:meth:`history` of ``n`` customers, published; then a new process, months
+        later, whose sweeps move the silent customers."""
+        await self.history(n)
+        await self.p.drain()
+        self.restart()
+        self.store.global_now = T0 + 300 * DAY
+
     def restart(self) -> None:
         """As a new process: no stored evaluation is taken as current by the sweeps."""
         self.scoring.instance = "restarted"
@@ -126,10 +134,7 @@ def test_a_sweep_step_returns_before_its_publish_and_the_pass_waits_for_it_at_th
 def test_a_failed_sweep_publish_leaves_the_partition_to_be_swept_again() -> None:
     async def main() -> None:
         h = Harness(Gate())
-        await h.history(30)
-        await h.p.drain()
-        h.restart()
-        h.store.global_now = T0 + 300 * DAY
+        await h.months_later(30)
         h.gate.fail = [False] * h.gate.calls + [True]
         stats = await h.sweeper.run_pass([0])
         assert stats.migrations > 0
@@ -202,10 +207,7 @@ def test_a_sweep_step_waits_for_a_batchs_publish_without_holding_the_lock() -> N
 
     async def main() -> None:
         h = Harness(Gate())
-        await h.history(30)
-        await h.p.drain()
-        h.restart()
-        h.store.global_now = T0 + 300 * DAY
+        await h.months_later(30)
         h.gate.open.clear()  # the broker is slow
         await h.buy(["late"], T0 + 300 * DAY)  # returns; its publish waits for the broker
         assert not h.p.settled
@@ -238,10 +240,7 @@ def test_a_sweep_step_that_keeps_finding_a_batch_in_flight_still_runs() -> None:
 
     async def main() -> None:
         h = Harness(Gate())
-        await h.history(20)
-        await h.p.drain()
-        h.restart()
-        h.store.global_now = T0 + 300 * DAY
+        await h.months_later(20)
         turns = 0
         real_drain = h.p.drain
 

@@ -587,10 +587,7 @@ def native(
     from stream import native as nat
 
     directory = nat.native_dir()
-    try:
-        nat.enabled()
-    except ValueError as exc:
-        raise SegstreamError(str(exc)) from None
+    # (a bad SEGSTREAM_NATIVE already ended the process when ``stream`` was imported)
     if directory.exists() and not directory.is_dir():
         raise SegstreamError(f"{nat.ENV_DIR}: {directory} exists and is not a directory")
     if action == "clean":

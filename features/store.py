@@ -96,6 +96,22 @@ if tonumber(ARGV[1]) > cur then redis.call('SET', KEYS[1], ARGV[1]); return tonu
 return cur
 """
 
+#: Appends ARGV[2..] to the stream KEYS[1], each as one entry ``m``, capped at about ARGV[1]
+#: entries. One command for a whole batch of migrations: an XADD per entry cost the
+#: worker about ten times the CPU per entry in redis-py's pipeline (building, packing and
+#: reading back one command each). Sent with EVAL, not EVALSHA: the body is short, and a
+#: server that restarted without its script cache needs nothing loaded again.
+_LOG_APPEND = """
+local key, maxlen = KEYS[1], ARGV[1]
+for i = 2, #ARGV do
+  redis.call('XADD', key, 'MAXLEN', '~', maxlen, '*', 'm', ARGV[i])
+end
+return #ARGV - 1
+"""
+#: Most entries one log-append script call adds (each call holds the server a few
+#: milliseconds at most).
+LOG_APPEND_CHUNK = 1000
+
 
 #: Field of a partition's meta hash: the scoring inputs its last completed sweep used.
 SWEPT_FIELD = "swept"
@@ -434,9 +450,12 @@ class RedisFeatureStore:
         self.roundtrips += 1
 
     def _queue_log(self, pipe: Any, log: LogAppend) -> None:
-        for v in log.values:
-            pipe.xadd(f"{self.keys.prefix}{log.name}", {"m": v}, maxlen=log.maxlen,
-                      approximate=True)
+        # Entries the cap would trim at once are not written: the newest ``maxlen`` stay.
+        values = log.values[-log.maxlen:] if log.maxlen > 0 else ()
+        key = f"{self.keys.prefix}{log.name}"
+        for i in range(0, len(values), LOG_APPEND_CHUNK):
+            pipe.execute_command("EVAL", _LOG_APPEND, 1, key, log.maxlen,
+                                 *values[i:i + LOG_APPEND_CHUNK])
 
     async def outbox_pending(self, partitions: Iterable[int]) -> dict[int, dict[str, bytes]]:
         """Records committed to the outbox of these partitions and not yet published."""

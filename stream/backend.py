@@ -60,6 +60,8 @@ class EngineBackend:
     def on_published(self, records: Sequence[OutboxRecord]) -> None:
         topic = self.engine.settings.migrations_topic
         wall_ms = time.time() * 1000
+        observe = self.metrics.observe_latency
+        moves: dict[tuple[str, str | None, str], int] = {}
         for rec in records:
             if rec.topic != topic:
                 continue
@@ -67,13 +69,15 @@ class EngineBackend:
             if move is None:  # written before outbox records carried their move
                 m = orjson.loads(rec.value)
                 move = (m["scheme"], m["from_segment"], m["to_segment"])
-            scheme, frm, to = move
-            ingested = rec.ingested_ms
-            latency = (wall_ms - ingested) / 1000 if ingested else None
-            self.metrics.migration(scheme, frm, to, latency)
+            moves[move] = moves.get(move, 0) + 1
+            if rec.ingested_ms:
+                observe((wall_ms - rec.ingested_ms) / 1000)
+        # Counted once per move: a labelled counter's lookup costs more than its increment.
+        for (scheme, frm, to), n in moves.items():
+            self.metrics.migration(scheme, frm, to, count=n)
             flows = self.flows.setdefault(scheme, {})
-            flows[(frm, to)] = flows.get((frm, to), 0) + 1
-            self._counts["migrations"] += 1
+            flows[(frm, to)] = flows.get((frm, to), 0) + n
+            self._counts["migrations"] += n
 
     # -- periodic upkeep -----------------------------------------------------------------
     async def sample(self) -> None:

@@ -235,10 +235,12 @@ class EngineMetrics:
 
     # -- migrations ------------------------------------------------------------------------
     def migration(
-        self, scheme: str, frm: str | None, to: str, latency_s: float | None = None
+        self, scheme: str, frm: str | None, to: str, latency_s: float | None = None,
+        count: int = 1,
     ) -> None:
-        """Count one published migration; ``latency_s`` is ingestion-to-publish seconds."""
-        self._m["migrations"].labels(scheme, frm or "", to).inc()
+        """Count ``count`` published migrations of one move; ``latency_s`` is one
+        ingestion-to-publish time, observed once (see :meth:`observe_latency`)."""
+        self._m["migrations"].labels(scheme, frm or "", to).inc(count)
         if latency_s is not None and latency_s >= 0:
             self._m["migration_latency_seconds"].observe(latency_s)
 

@@ -13,7 +13,13 @@ import uuid
 
 import pytest
 
-from features.store import MemoryFeatureStore, PartitionCommit, RedisFeatureStore
+from features.store import (
+    LOG_APPEND_CHUNK,
+    LogAppend,
+    MemoryFeatureStore,
+    PartitionCommit,
+    RedisFeatureStore,
+)
 from stream.redisconn import redis_client
 from stream.settings import load_settings
 
@@ -92,3 +98,41 @@ def test_large_commits_with_deletions_match_the_in_memory_twin(services) -> None
             await r.aclose()
 
     asyncio.run(run())
+
+
+def test_the_migrations_log_keeps_every_append_in_order_and_the_newest_under_its_cap(
+        services) -> None:
+    """The log is appended with one script call per chunk of values: appends longer than a
+    chunk keep every value in order, and an append longer than the cap keeps the newest."""
+    s = load_settings(kafka_bootstrap=services["kafka"], redis_url=services["redis"],
+                      redis_prefix=f"sl-{uuid.uuid4().hex[:8]}:", partitions=2)
+    first = [f"a{i}".encode() for i in range(2 * LOG_APPEND_CHUNK + 500)]
+    second = [f"b{i}".encode() for i in range(LOG_APPEND_CHUNK + 500)]
+    cap = LOG_APPEND_CHUNK + 200
+    key = f"{s.redis_prefix}migrations:log"
+
+    async def run() -> tuple[list[bytes], list[bytes], list[bytes]]:
+        r = redis_client(s)
+        try:
+            real, twin = RedisFeatureStore(r, s.redis_prefix), MemoryFeatureStore()
+            for store in (real, twin):
+                await store.append_log("migrations:log", first, 10_000)
+            after_first = [e[b"m"] for _, e in await r.xrange(key, "-", "+")]
+            await r.hset(f"{s.redis_prefix}{{p0}}:outbox", "o1", b"rec")
+            for store in (real, twin):
+                await store.outbox_done({0: ["o1"]}, LogAppend("migrations:log", second, cap))
+            assert not await r.hexists(f"{s.redis_prefix}{{p0}}:outbox", "o1")
+            after_second = [e[b"m"] for _, e in await r.xrange(key, "-", "+")]
+            return after_first, after_second, twin.logs["migrations:log"]
+        finally:
+            async for k in r.scan_iter(f"{s.redis_prefix}*"):
+                await r.delete(k)
+            await r.aclose()
+
+    after_first, after_second, twin_log = asyncio.run(run())
+    assert after_first == first
+    assert twin_log == second[-cap:]
+    # Redis trims whole stream nodes (``MAXLEN ~``): the newest ``cap`` values, in order,
+    # and at most a node's worth (100 entries by default) of older ones before them.
+    assert after_second[-cap:] == second[-cap:]
+    assert cap <= len(after_second) <= cap + 100

@@ -288,7 +288,7 @@ class RedisFeatureStore:
         except RedisError as exc:
             raise StoreUnavailable(f"redis load failed: {exc}") from None
         self.roundtrips += 1
-        now = _int(res[0])
+        stored_now = now = _int(res[0])
         out: dict[int, PartitionSnapshot] = {}
         i = 1
         for p, ids in order:
@@ -310,6 +310,11 @@ class RedisFeatureStore:
                 profiles=profiles,
             )
             now = max(now, out[p].now_ms)
+        if now > stored_now:
+            # A commit applied its partitions but not the engine time after them (an error
+            # on that command: another cluster node, a full server): raise it now, or
+            # sweeps would read an engine time behind the partitions' until newer input.
+            await self._raise_now(now)
         return now, out
 
     async def commit(self, commits: Sequence[PartitionCommit]) -> dict[int, bool]:
@@ -561,6 +566,7 @@ class MemoryFeatureStore:
                 profiles={c: self.profiles.get((p, c)) for c in cids},
             )
             now = max(now, out[p].now_ms)
+        self.global_now = now  # as RedisFeatureStore.load repairs a lagging engine time
         return now, out
 
     async def commit(self, commits: Sequence[PartitionCommit]) -> dict[int, bool]:

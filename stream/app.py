@@ -812,6 +812,10 @@ class Engine:
                 log.info("sweep: %d customers, %d current ones passed over, %d migrations, "
                          "%.1fs", stats.customers, stats.skipped, stats.migrations,
                          stats.seconds)
+                if stats.unreadable or stats.abandoned:
+                    log.warning("sweep: %d customers whose stored state cannot be read "
+                                "passed over; %d chunks given up (swept again)",
+                                stats.unreadable, stats.abandoned)
         except Exception as exc:
             log.warning("sweep failed: %r", exc)
 

@@ -288,6 +288,10 @@ class BatchProcessor:
         #: :meth:`when_committed`); dropped if it gives up or is cancelled
         self._after_commit: list[Callable[[], None]] = []
         self._committing = False
+        #: the highest watermark each of this processor's commits wrote, per (partition,
+        #: topic): watermarks only move forward, whoever owns the partition, so a load
+        #: that reads one below it means the store lost writes (see :meth:`_check_kept`)
+        self._wrote: dict[tuple[int, str], int] = {}
         self.scoring = scoring
         #: called with (operation, seconds, ok) after each Redis round trip of a batch (metrics)
         self.on_redis: Callable[[str, float, bool], None] | None = None
@@ -410,6 +414,39 @@ class BatchProcessor:
                     profiles[cid] = prof
         return now
 
+    def _note_written(self, commits: Sequence[PartitionCommit], ok: Mapping[int, bool]) -> None:
+        """Remember the watermarks of the commits the store applied."""
+        wrote = self._wrote
+        for c in commits:
+            if ok.get(c.partition):
+                for t, off in c.watermarks.items():
+                    if off > wrote.get((c.partition, t), -1):
+                        wrote[(c.partition, t)] = off
+
+    def _check_kept(self, snaps: Mapping[int, PartitionSnapshot]) -> None:
+        """Stop if the store no longer holds a watermark this processor committed.
+
+        A Redis that lost recent writes while the worker ran (a failover to a lagging
+        replica, a server restarted from an older append-only file or empty) has
+        watermarks behind what the worker applied, and the consumer is already past the
+        records in between: applying the next batch would move the watermark past them,
+        and they would never be applied. The worker stops instead; on its restart the
+        consumer goes back to where the store's watermarks end
+        (:meth:`stream.app._Consumer.perform_seek`) and applies them again.
+        """
+        wrote = self._wrote
+        if not wrote:
+            return
+        for p, snap in snaps.items():
+            for t in self.topics:
+                mine = wrote.get((p, t))
+                if mine is not None and snap.watermarks.get(t, -1) < mine:
+                    raise PipelineFailed(
+                        f"the state store lost committed writes: the watermark of {t} "
+                        f"partition {p} is {snap.watermarks.get(t, -1)}, below the "
+                        f"{mine} this worker committed; restarting to apply the records "
+                        "in between again")
+
     def when_committed(self, fn: Callable[[], None]) -> None:
         """Call ``fn`` once the batch committing in the background (if any) has committed
         every partition, or now if none is. The worker acknowledges a batch's input offsets
@@ -460,6 +497,7 @@ class BatchProcessor:
             t0 = time.perf_counter()
             try:
                 ok = await self._timed("commit", self.store.commit(commits))
+                self._note_written(commits, ok)
             except Exception as exc:
                 # The commit may have been applied: its outbox records then wait in the
                 # store and go out before anything newer (the partitions are dirty).
@@ -630,6 +668,7 @@ class BatchProcessor:
         now, snaps = await self._timed("load", self.store.load(wanted, self.topics))
         if inflight:
             now = max(now, self._overlay(snaps, inflight))
+        self._check_kept(snaps)
         t2 = time.perf_counter()
         if stage is not None:
             stage("refresh", t1 - t0)
@@ -714,6 +753,7 @@ class BatchProcessor:
             ok: Mapping[int, bool] = {c.partition: True for c in commits}
         else:
             ok = await self._timed("commit", self.store.commit(commits))
+            self._note_written(commits, ok)
             if stage is not None:
                 stage("evaluate", t3 - t2)
                 stage("publish_wait", t4 - t3)

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from features import serial
+from features.state import CustomerState
 from features.store import FeatureStore, PartitionCommit, StoreUnavailable
 from scorers.profile import Profile
 from scorers.scoring import RFM_HASH, CustomerInput, ScoringContext, is_current
@@ -40,6 +41,8 @@ BUSY_STEP_S = 0.02
 MIN_BUSY_CHUNK = 4
 #: Weight of the latest step in the running cost per customer.
 COST_WEIGHT = 0.3
+#: Attempts at a chunk (conflicts with batches, failed commits) before it is given up.
+CHUNK_ATTEMPTS = 20
 #: Seconds before a chunk whose commit failed (Redis unreachable) is tried again.
 RETRY_S = 0.5
 #: How often a sweep step waits for the background commit and publish of the batch
@@ -57,6 +60,11 @@ class SweepStats:
     skipped: int = 0
     migrations: int = 0
     conflicts: int = 0
+    #: customers passed over because their stored state or profile could not be read
+    unreadable: int = 0
+    #: chunks given up after repeated conflicts or failed commits (their partition is
+    #: not marked swept, so the next pass tries it again)
+    abandoned: int = 0
     seconds: float = 0.0
     #: partitions of the pass whose outbox is being published in the background
     published_to: set[int] = field(default_factory=set)
@@ -122,13 +130,13 @@ class Sweeper:
             await self.runtime.refresh()
             now = await self.store.now()
             digest = self.runtime.digest(now)
-            cursor = 0
+            cursor, complete = 0, True
             while True:
                 cursor, ids = await self.store.scan_customers(p, cursor, CHUNK)
                 while ids:
                     step = self.busy_step() if self.busy() else CHUNK
                     c0 = time.perf_counter()
-                    await self._chunk(p, ids[:step], stats)
+                    complete = await self._chunk(p, ids[:step], stats) and complete
                     ids = ids[step:]
                     # A step counts for at most PACED_STEP_MAX_S: one that waited out a
                     # broker or Redis outage did no work meanwhile, and pacing it by its
@@ -139,6 +147,10 @@ class Sweeper:
                         await asyncio.sleep(pause)
                 if cursor == 0:
                     break
+            if not complete:
+                # A chunk was given up: the partition is not settled, and the next pass
+                # (its scoring inputs are still the same) must take it again.
+                continue
             # The partition counts as swept (``segstream wait``) once its migrations are
             # out; one whose publish failed is swept again (its outbox waits in the store
             # for the next flush).
@@ -149,14 +161,15 @@ class Sweeper:
                     log.warning("sweep of partition %d: outbox publish failed; the "
                                 "partition is swept again", p)
                     continue
-            self.swept[p] = digest
             await self.store.mark_swept(p, digest)
+            self.swept[p] = digest  # only once the store says so too (``segstream wait``)
         stats.seconds = time.perf_counter() - t0
         self.last_pass_end = time.monotonic()
         return stats
 
-    async def _chunk(self, p: int, ids: list[str], stats: SweepStats) -> None:
-        for _attempt in range(20):
+    async def _chunk(self, p: int, ids: list[str], stats: SweepStats) -> bool:
+        """Sweep one chunk of customers; False if it was given up."""
+        for _attempt in range(CHUNK_ATTEMPTS):
             await self._acquire()
             try:
                 before, t0 = stats.customers, time.perf_counter()
@@ -171,10 +184,14 @@ class Sweeper:
             if ids:
                 self._observe_cost(len(ids), held)
             if outcome == "done":
-                return
+                return True
             if outcome == "failed":
                 await self.retry_pause()  # outside the lock: batches go on meanwhile
-        log.warning("sweep of partition %d gave up on a chunk after repeated conflicts", p)
+        stats.abandoned += 1
+        log.warning("sweep of partition %d gave up on a chunk of %d customers after %d "
+                    "conflicts or failed commits; the partition is swept again", p,
+                    len(ids), CHUNK_ATTEMPTS)
+        return False
 
     async def _acquire(self) -> None:
         """Take the batch lock, preferably with nothing committing or publishing in the
@@ -196,11 +213,10 @@ class Sweeper:
             self.lock.release()
         await self.lock.acquire()
 
-    def _evaluate(self, customers: list[tuple[str, bytes, Profile]], ctx: ScoringContext,
-                  commit: PartitionCommit) -> dict[str, int]:
+    def _evaluate(self, customers: list[tuple[str, CustomerState, Profile]],
+                  ctx: ScoringContext, commit: PartitionCommit) -> dict[str, int]:
         """Evaluate ``customers`` into ``commit``; returns their changes to the sketch."""
-        inputs = [CustomerInput(cid, serial.decode(blob), profile)
-                  for cid, blob, profile in customers]
+        inputs = [CustomerInput(cid, state, profile) for cid, state, profile in customers]
         changes: dict[str, int] = {}
         for _c, outcome in self.processor.score(inputs, ctx):
             if isinstance(outcome, Exception):
@@ -227,13 +243,22 @@ class Sweeper:
             snap.high_ts, self.processor.settings.lateness_ms))
         # Customers whose last evaluation used this context wait for the second round: only
         # those the population has ranked elsewhere since then are evaluated again.
-        first: list[tuple[str, bytes, Profile]] = []
-        second: list[tuple[str, bytes, Profile]] = []
+        first: list[tuple[str, CustomerState, Profile]] = []
+        second: list[tuple[str, CustomerState, Profile]] = []
         for cid, blob in snap.states.items():
             if blob is not None:
-                profile = Profile.from_bytes(snap.profiles.get(cid))
+                try:
+                    state = serial.decode(blob)
+                    profile = Profile.from_bytes(snap.profiles.get(cid))
+                except Exception as exc:
+                    # As the ingest path's poison customer: the others of the chunk and of
+                    # the partition are swept all the same.
+                    stats.unreadable += 1
+                    log.warning("sweep of partition %d: customer %r passed over, its "
+                                "stored state cannot be read: %r", p, cid, exc)
+                    continue
                 keyed = bool(ctx.context_key) and profile.context == ctx.context_key
-                (second if keyed else first).append((cid, blob, profile))
+                (second if keyed else first).append((cid, state, profile))
         commit = PartitionCommit(p, snap.ver, {}, snap.now_ms)
         changes = self._evaluate(first, ctx, commit)
         # Ranked as evaluating everyone together would rank them: with the first round's

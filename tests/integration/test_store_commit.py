@@ -136,3 +136,38 @@ def test_the_migrations_log_keeps_every_append_in_order_and_the_newest_under_its
     # and at most a node's worth (100 entries by default) of older ones before them.
     assert after_second[-cap:] == second[-cap:]
     assert cap <= len(after_second) <= cap + 100
+
+
+def test_a_load_raises_an_engine_time_left_behind_by_a_commit(services) -> None:
+    """A commit's partitions applied and its engine-time command failed (the key lives on
+    another cluster node, or the server refused the write): the next load finds a
+    partition's time ahead of the engine time and raises it, as the twin does (the retry
+    of the batch loads that partition again)."""
+    s = load_settings(kafka_bootstrap=services["kafka"], redis_url=services["redis"],
+                      redis_prefix=f"sn-{uuid.uuid4().hex[:8]}:", partitions=2)
+    later = 1_735_689_600_000 + 30 * 86_400_000
+
+    async def run() -> list[tuple[int, int, int]]:
+        r = redis_client(s)
+        try:
+            real, twin = RedisFeatureStore(r, s.redis_prefix), MemoryFeatureStore()
+            seen = []
+            for store in (real, twin):
+                commit = PartitionCommit(1, 0, {"clickstream": 3}, later, {"c1": b"x"}, {})
+                assert await store.commit([commit]) == {1: True}
+                # the engine time as the failed command left it
+                if store is real:
+                    await r.set(f"{s.redis_prefix}now", 1_000)
+                else:
+                    twin.global_now = 1_000
+                before = await store.now()
+                now, _ = await store.load({1: ["c9"]}, TOPICS)
+                seen.append((before, now, await store.now()))
+            return seen
+        finally:
+            async for k in r.scan_iter(f"{s.redis_prefix}*"):
+                await r.delete(k)
+            await r.aclose()
+
+    real, twin = asyncio.run(run())
+    assert real == twin == (1_000, later, later)

@@ -350,3 +350,57 @@ def test_a_record_decoded_when_fetched_is_not_decoded_again(monkeypatch) -> None
     reasons = sorted(orjson.loads(v)["reason"] for t, _, v in sink.sent
                      if t == p.settings.dlq_topic)
     assert reasons == ["from_future", "not_json"]
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_a_store_that_lost_committed_writes_stops_the_worker_before_it_skips_them(
+        background: bool) -> None:
+    """Redis went back to an older copy while the worker ran (a failover to a lagging
+    replica, say): the consumer is past records the store no longer holds. The next batch
+    must not move the watermark past them; a worker restarted from the store's watermark
+    then applies every record exactly once."""
+    import copy
+
+    from stream.errors import PipelineFailed
+
+    s = load_settings()
+    store, sink = MemoryFeatureStore(), Sink()
+    recs = [rec(i, tx(i, "c1", T0 + i * 1000)) for i in range(30)]
+
+    def processor() -> BatchProcessor:
+        return BatchProcessor(s, store, sink, clock=lambda: WALL,
+                              background_publish=background, background_commit=background)
+
+    async def scenario() -> tuple[BatchProcessor, int]:
+        p = processor()
+        await p.process(recs[:10])
+        await p.drain()
+        older = copy.deepcopy((store.meta, store.customers, store.profiles, store.tables,
+                               store.global_now))
+        await p.process(recs[10:20])
+        await p.drain()
+        # the store goes back to what it held after the first batch
+        (store.meta, store.customers, store.profiles, store.tables,
+         store.global_now) = older
+        with pytest.raises(PipelineFailed, match="lost committed writes"):
+            await p.process(recs[20:30])
+        stuck = store.meta[0]["wm:transactions"]
+        # the restart reads again from the store's watermark
+        restarted = processor()
+        await restarted.process(recs[stuck + 1:])
+        await restarted.drain()
+        return restarted, stuck
+
+    _, stuck = asyncio.run(scenario())
+    assert stuck == 9
+    assert store.meta[0]["wm:transactions"] == 29
+    assert purchases(store) == 30
+
+
+def test_watermarks_another_owner_moved_forward_are_not_taken_for_lost_writes() -> None:
+    p, store, _ = make()
+    run(p, [rec(i, tx(i, "c1", T0 + i)) for i in range(5)])
+    store.meta[0]["wm:transactions"] = 40  # another worker applied up to 40 meanwhile
+    stats = run(p, [rec(i, tx(i, "c1", T0 + i)) for i in range(38, 45)])
+    assert stats.skipped_below_watermark == 3
+    assert purchases(store) == 5 + 4

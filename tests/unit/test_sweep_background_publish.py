@@ -16,13 +16,13 @@ from typing import Any
 
 import orjson
 
-from features.store import MemoryFeatureStore
+from features.store import MemoryFeatureStore, StoreUnavailable
 from scorers.profile import Profile
 from scorers.rules import default_catalogue
 from stream.pipeline import BatchProcessor, RawRecord
 from stream.runtime import StaticScoring
 from stream.settings import load_settings
-from stream.sweep import Sweeper
+from stream.sweep import CHUNK_ATTEMPTS, Sweeper
 from tests.unit.test_background_publish import Gate as BatchGate
 
 DAY = 86_400_000
@@ -262,5 +262,65 @@ def test_a_sweep_step_that_keeps_finding_a_batch_in_flight_still_runs() -> None:
         assert stats.customers > 0
         assert 3 <= turns < 10  # it gave up waiting outside the lock after a few turns
         assert chained(h.gate.migrations())
+
+    asyncio.run(main())
+
+
+def test_a_customer_whose_state_cannot_be_read_does_not_stop_the_others_sweep() -> None:
+    """One stored state the engine cannot decode (written by a newer version, say): the
+    rest of its chunk and of its partition move as they would without it, and the
+    partition counts as swept."""
+    async def main() -> tuple[dict[tuple[str, str], str], dict[tuple[str, str], str], int]:
+        clean = Harness(Gate())
+        await clean.months_later(30)
+        await clean.sweeper.run_pass([0])
+        await clean.p.drain()
+        h = Harness(Gate())
+        await h.months_later(30)
+        h.store.customers[(0, "c1")] = b"\xff not a state"
+        stats = await h.sweeper.run_pass([0])
+        await h.p.drain()
+        assert 0 in h.sweeper.swept and 0 in h.store.swept
+        return last_moves(clean.gate.migrations()), last_moves(h.gate.migrations()), \
+            stats.unreadable
+
+    expected, moves, unreadable = asyncio.run(main())
+    assert unreadable == 1
+    others = {k: v for k, v in expected.items() if k[0] != "c1"}
+    assert len({k[0] for k in others}) >= 10
+    assert {k: v for k, v in moves.items() if k[0] != "c1"} == others
+
+
+def test_a_chunk_given_up_leaves_its_partition_to_be_swept_again() -> None:
+    """Every commit of a chunk fails (a full Redis refusing writes, say) until the sweep
+    gives the chunk up: the partition is not marked swept, and the next pass moves the
+    customers once commits go through again."""
+    async def main() -> None:
+        h = Harness(Gate())
+        await h.months_later(30)
+        commit = h.store.commit
+        refused = 0
+
+        async def refuse(commits):  # type: ignore[no-untyped-def]
+            nonlocal refused
+            refused += 1
+            raise StoreUnavailable("OOM command not allowed when used memory > 'maxmemory'")
+
+        async def no_pause() -> None:
+            return None
+
+        before = len(h.gate.migrations())
+        h.store.commit = refuse  # type: ignore[method-assign]
+        h.sweeper.retry_pause = no_pause  # type: ignore[method-assign]
+        stats = await h.sweeper.run_pass([0])
+        assert refused >= CHUNK_ATTEMPTS and stats.abandoned >= 1 and stats.migrations == 0
+        assert 0 not in h.sweeper.swept and 0 not in h.store.swept
+        assert await h.sweeper.due([0]) == [0]
+        h.store.commit = commit  # type: ignore[method-assign]
+        stats = await h.sweeper.run_pass([0])
+        await h.p.drain()
+        assert stats.migrations > 0 and stats.abandoned == 0
+        assert 0 in h.sweeper.swept and 0 in h.store.swept
+        assert len(h.gate.migrations()) - before == stats.migrations
 
     asyncio.run(main())

@@ -103,8 +103,16 @@ def bgnbd_loglik(params: BgNbdParams, x: ArrayLike, t_x: ArrayLike, T: ArrayLike
 
 
 def fit_bgnbd(x: ArrayLike, t_x: ArrayLike, T: ArrayLike) -> BgNbdParams:
-    """Maximum-likelihood BG/NBD parameters (identical customers are pooled by weight)."""
+    """Maximum-likelihood BG/NBD parameters (identical customers are pooled by weight).
+
+    Raises :class:`ValueError` when the data cannot identify them: no customer with a
+    repeat purchase, or none observed for any time (every ``T`` 0), where the
+    likelihood is flat and the optimiser would hand back its starting point.
+    """
     x, t_x, T = _arr(x), _arr(t_x), _arr(T)
+    if not (x > 0).any() or not (T > 0).any():
+        raise ValueError("BG/NBD needs customers with repeat purchases and some time "
+                         "observed (bgnbd_frequency > 0 and bgnbd_T > 0)")
     rows, weights = np.unique(np.column_stack([x, t_x, T]), axis=0, return_counts=True)
     ux, ut, uT = rows[:, 0], rows[:, 1], rows[:, 2]
     # Work in a time unit where T is about 10, as the likelihood is badly scaled in days.
@@ -170,6 +178,9 @@ def fit_gamma_gamma(x: ArrayLike, m: ArrayLike) -> GammaGammaParams:
     """Maximum-likelihood Gamma-Gamma parameters from repeat customers (x > 0, m > 0)."""
     x, m = _arr(x), _arr(m)
     keep = (x > 0) & (m > 0)
+    if not keep.any():
+        raise ValueError("Gamma-Gamma needs customers with repeat purchases and a positive "
+                         "mean spend (bgnbd_frequency > 0 and bgnbd_monetary > 0)")
     x, m = x[keep], m[keep]
 
     def nll(logp: NDArray[np.float64]) -> float:

@@ -12,6 +12,7 @@ moved), so both follow identical rules.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -201,13 +202,15 @@ def clv_scores_many(model: ClvModel | None, feats: Sequence[Mapping[str, Any]]
     if model.gamma_gamma is not None:
         m = np.array([feats[i].get("bgnbd_monetary") or 0.0 for i in rows], dtype=float)
         spend = clv.expected_spend(model.gamma_gamma, x, m).tolist()
+    isfinite = math.isfinite
     for k, i in enumerate(rows):
         o = out[i]
-        o["p_alive"] = alive[k]
-        o["expected_purchases_90d"] = expected[k]
-        # no value where the Gamma-Gamma model gives no finite expectation (NaN)
-        o["clv_90d"] = (expected[k] * spend[k]
-                        if spend is not None and spend[k] == spend[k] else None)
+        # no value where a model gives no finite answer (parameters at a bound, say)
+        a, e = alive[k], expected[k]
+        o["p_alive"] = a if isfinite(a) else None
+        o["expected_purchases_90d"] = e if isfinite(e) else None
+        c = e * spend[k] if spend is not None else math.nan
+        o["clv_90d"] = c if isfinite(c) else None
     return out
 
 

@@ -146,3 +146,51 @@ def test_the_child_reports_nothing_to_fit_and_a_redis_it_cannot_reach(services) 
                            redis_prefix=s.redis_prefix, partitions=1, models_enabled=False)
     with pytest.raises((SegstreamError, RuntimeError), match=r"(?i)connect"):
         asyncio.run(refit_clv_in_child(closed))
+
+
+@pytest.mark.parametrize("days, spend", [((0,), 20.0), ((0, 3), -4.0)])
+def test_a_refit_on_data_that_identifies_no_model_stores_no_invented_parameters(
+        services, days: tuple[int, ...], spend: float) -> None:
+    """Only first purchases, all today: BG/NBD is unidentified, and the refit says so
+    instead of storing the optimiser's start (whose expected purchases were -inf).
+    Repeat purchase days whose spend is negative (refunds): BG/NBD is fitted and the
+    Gamma-Gamma part stays null, so clv_90d is null rather than made up."""
+    s = _settings(services)
+
+    async def run() -> tuple[str | None, bytes | None]:
+        r = redis_client(s)
+        try:
+            store = RedisFeatureStore(r, s.redis_prefix)
+            last = T0 + max(days) * DAY
+            bp = BatchProcessor(s, store, Sink(), clock=lambda: (last + DAY // 2) / 1000)
+            rows = [(i, d, "purchase", 20.0 if d == 0 else 10.0)
+                    for d in days for i in range(40)]
+            # a later day's purchase with a larger refund the same day: its spend is < 0
+            rows += [(i, d, "refund", 10.0 - spend) for d in days if d for i in range(40)]
+            recs = []
+            for n, (i, d, kind, amount) in enumerate(sorted(rows, key=lambda r: r[1])):
+                value = orjson.dumps({"event_id": f"t{n}", "customer_id": f"c{i}",
+                                      "ts": T0 + d * DAY + n, "kind": kind,
+                                      "amount": amount})
+                recs.append(RawRecord(s.transactions_topic, 0, n, f"c{i}".encode(), value))
+            await bp.process(recs)
+            try:
+                await refit_clv(s, r, store)
+                refused = None
+            except SegstreamError as exc:
+                refused = str(exc)
+            stored = await r.get(registry_keys(s.redis_prefix)["clv"])
+            await _drop(s, r)
+            return refused, stored
+        finally:
+            await r.aclose()
+
+    refused, stored = asyncio.run(run())
+    if days == (0,):
+        assert refused is not None and "nothing to fit" in refused and stored is None
+    else:
+        assert refused is None and stored is not None
+        doc = orjson.loads(stored)
+        assert doc["gamma_gamma"] is None
+        assert all(np.isfinite(v) and v > 0 for v in doc["bgnbd"].values()
+                   if isinstance(v, float))

@@ -167,3 +167,37 @@ def test_log_beta_ratio_equals_the_exact_product(a, b, x) -> None:
 def test_log_poch_equals_the_exact_sum_of_logs(z, n) -> None:
     exact = math.fsum(math.log(z + k) for k in range(n))
     assert float(clv._log_poch(z, n)) == pytest.approx(exact, rel=1e-9, abs=1e-9)
+
+
+@pytest.mark.parametrize("x, t_x, big_t", [
+    ([0] * 50, [0] * 50, [0] * 50),     # every purchaser bought for the first time today
+    ([0] * 50, [0] * 50, [5] * 50),     # nobody has bought twice yet
+    ([2] * 50, [0] * 50, [0] * 50),     # inconsistent, but again no time observed
+])
+def test_bgnbd_refuses_data_that_cannot_identify_it(x, t_x, big_t) -> None:
+    """The likelihood is flat there: the optimiser would return its start (a = 1), and
+    the expected purchases' (a + b + x - 1) / (a - 1) would be infinite."""
+    with pytest.raises(ValueError, match="repeat purchases"):
+        clv.fit_bgnbd(x, t_x, big_t)
+
+
+@pytest.mark.parametrize("x, m", [([0, 0, 0], [0.0, 0.0, 0.0]), ([1, 2], [-5.0, -3.0]),
+                                  ([0, 3], [12.0, 0.0])])
+def test_gamma_gamma_refuses_data_without_a_repeat_customer_of_positive_spend(x, m) -> None:
+    with pytest.raises(ValueError, match="positive mean spend"):
+        clv.fit_gamma_gamma(x, m)
+
+
+def test_scores_of_parameters_at_a_degenerate_point_are_null_not_infinite() -> None:
+    """Parameters stored by an older version from such data (a = 1 exactly): no
+    infinite expected purchases or CLV reach the rules, whose comparisons would take
+    -inf as a real number (``clv_90d < 20`` would match everyone)."""
+    from scorers.scoring import ClvModel, clv_scores_many
+
+    model = ClvModel(clv.BgNbdParams(r=1.0, alpha=0.1, a=1.0, b=1.0),
+                     clv.GammaGammaParams(p=1.0, q=1.0, v=1.0), 1)
+    feats = [{"bgnbd_frequency": x, "bgnbd_recency": x, "bgnbd_T": x, "bgnbd_monetary": m}
+             for x, m in ((0, 0.0), (1, 20.0))]
+    for got in clv_scores_many(model, feats):
+        assert got["expected_purchases_90d"] is None and got["clv_90d"] is None
+        assert got["p_alive"] is None or math.isfinite(got["p_alive"])

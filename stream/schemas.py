@@ -57,7 +57,7 @@ def parse_ts(value: Any) -> int:
     elif isinstance(value, float):
         if not math.isfinite(value):
             raise ValueError("timestamp is not finite")
-        ms = int(value)
+        ms = math.floor(value)  # as for an RFC 3339 time: -0.5 is before the epoch, not at it
     elif isinstance(value, str):
         text = value.strip()
         m = _RFC3339.match(text)

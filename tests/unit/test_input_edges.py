@@ -306,3 +306,15 @@ def test_ids_with_inner_spaces_or_letters_beyond_ascii_are_accepted(good: str) -
     doc = {"event_id": good, "customer_id": good, "ts": T0, "event_type": "login"}
     res = decode("clickstream", good.encode(), orjson.dumps(doc), 65536)
     assert res.customer_id == good and res.event_id == good
+
+
+@pytest.mark.parametrize("ts, accepted", [(-0.5, False), (-1e-9, False), (0.0, True),
+                                          (0.5, True)])
+def test_epoch_ms_floats_before_the_epoch_are_rejected_like_negative_integers(
+        ts: float, accepted: bool) -> None:
+    """-0.5 ms is before 1970-01-01 as -1 is: truncating it toward zero accepted it."""
+    v = orjson.dumps({"event_id": "e", "customer_id": "c1", "ts": ts, "event_type": "login"})
+    res = decode("clickstream", b"c1", v, 65536)
+    assert (getattr(res, "reason", None) is None) == accepted, res
+    if not accepted:
+        assert res.reason == "invalid_schema"

@@ -570,3 +570,43 @@ def test_getmany_decodes_input_records_as_it_puts_them_with_the_engines_decoder(
     first, second = box.take(10).records
     assert (first.decoded.customer_id, first.decoded.event_id) == ("k", "e1")
     assert second.decoded.reason == "not_json"
+
+
+@pytest.mark.parametrize("stopping", [False, True])
+def test_a_failed_seek_back_stops_the_worker_unless_it_is_stopping(
+        monkeypatch: pytest.MonkeyPatch, stopping: bool) -> None:
+    """Records fetched and not taken, and the seek back to them fails: the consumer is
+    past them, and the next fetches' watermarks would pass them for good. The worker
+    stops (and resumes from the committed state); a consumer that is stopping anyway
+    only logs it."""
+    import stream.app as app_mod
+
+    stops: list[BaseException] = []
+
+    class Stopped(Exception):
+        pass
+
+    def fake_stop(exc: BaseException) -> None:
+        stops.append(exc)
+        raise Stopped  # as os._exit, nothing after it runs
+
+    monkeypatch.setattr(app_mod, "fail_stop", fake_stop)
+    box = Inbox(["clickstream"], 100, Acks())
+    c = _FakeConsumer(box, {A: kafka_records(A, [0, 1])})
+    c.flow_active = False
+    c.should_stop = stopping
+
+    def broken_seek(tp: Any, offset: int) -> None:
+        raise RuntimeError("consumer closed")
+
+    c.kafka.seek = broken_seek  # type: ignore[method-assign]
+    if stopping:
+        asyncio.run(drain(c))
+    else:
+        with pytest.raises(Stopped):
+            asyncio.run(drain(c))
+    assert box.size == 0
+    if stopping:
+        assert stops == []
+    else:
+        assert len(stops) == 1 and "not taken" in str(stops[0])

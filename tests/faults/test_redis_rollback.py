@@ -1,4 +1,5 @@
-"""Redis loses its newest writes (restored from an older copy) while no worker runs.
+"""Redis loses its newest writes (restored from an older copy), with no worker running
+and under a running one.
 
 With ``appendfsync everysec`` (what ``segstream up`` runs), a host crash loses up to a
 second of acknowledged writes; a failover to a lagging replica or a restore from a backup
@@ -70,5 +71,53 @@ def test_a_worker_after_redis_lost_writes_reads_the_lost_events_again(
     # includes the profiles' record of migrations already published, so a customer's
     # move in the lost span is made, and published, again, and its id (from the
     # triggering offset) need not match the first one's if the batches fell differently.
+    fault_oracle.check_features(deployment, inputs)
+    fault_oracle.check_counters(deployment, fault_oracle.profiles(deployment))
+
+
+def test_a_running_worker_whose_redis_lost_writes_stops_and_its_restart_reads_them_again(
+        deployment, tmp_path: Path) -> None:
+    """The same loss under a running worker, with no rebalance (a failover to a lagging
+    replica): the consumer is past the lost records, and the next batch would have moved
+    the watermarks past them for good. The worker stops at that batch instead (exit 70,
+    one critical line); restarted, it seeks back and everything is exact."""
+    import redis
+
+    inputs = fault_oracle.synthetic_input(EVENTS, seed=11)
+    first, second = EVENTS // 3, 2 * EVENTS // 3
+    fault_oracle.produce(deployment, inputs[:first])
+    r = redis.Redis.from_url(deployment.settings.redis_url)
+    pattern = deployment.settings.redis_prefix + "*"
+    try:
+        w = deployment.start_worker(tmp_path)
+        fault_oracle.wait_applied(deployment, first)
+        os.killpg(w.pid, signal.SIGSTOP)
+        try:
+            copy = {k: r.dump(k) for k in r.scan_iter(match=pattern, count=1000)}
+            at_copy = fault_oracle.applied(deployment)
+        finally:
+            os.killpg(w.pid, signal.SIGCONT)
+        fault_oracle.produce(deployment, inputs[first:second])
+        fault_oracle.wait_applied(deployment, second)
+        os.killpg(w.pid, signal.SIGSTOP)  # the loss happens between two of its batches
+        try:
+            for k in list(r.scan_iter(match=pattern, count=1000)):
+                r.delete(k)
+            for k, v in copy.items():
+                r.restore(k, 0, v, replace=True)
+        finally:
+            os.killpg(w.pid, signal.SIGCONT)
+        assert fault_oracle.applied(deployment) == at_copy < second
+        fault_oracle.produce(deployment, inputs[second:])
+        assert w.wait(timeout=180) == 70
+        assert fault_oracle.applied(deployment) == at_copy  # nothing applied past the hole
+    finally:
+        r.close()
+    log = deployment.logs[-1].read_bytes()
+    assert b"lost committed writes" in log and b"CRITICAL" in log
+    w = deployment.start_worker(tmp_path)
+    deployment.cli("wait", "--timeout", "240", timeout=300)
+    assert w.poll() is None
+    assert fault_oracle.applied(deployment) == EVENTS
     fault_oracle.check_features(deployment, inputs)
     fault_oracle.check_counters(deployment, fault_oracle.profiles(deployment))

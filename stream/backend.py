@@ -60,7 +60,7 @@ class EngineBackend:
     def on_published(self, records: Sequence[OutboxRecord]) -> None:
         topic = self.engine.settings.migrations_topic
         wall_ms = time.time() * 1000
-        observe = self.metrics.observe_latency
+        latencies: list[float] = []
         moves: dict[tuple[str, str | None, str], int] = {}
         for rec in records:
             if rec.topic != topic:
@@ -71,7 +71,8 @@ class EngineBackend:
                 move = (m["scheme"], m["from_segment"], m["to_segment"])
             moves[move] = moves.get(move, 0) + 1
             if rec.ingested_ms:
-                observe((wall_ms - rec.ingested_ms) / 1000)
+                latencies.append((wall_ms - rec.ingested_ms) / 1000)
+        self.metrics.observe_latencies(latencies)
         # Counted once per move: a labelled counter's lookup costs more than its increment.
         for (scheme, frm, to), n in moves.items():
             self.metrics.migration(scheme, frm, to, count=n)

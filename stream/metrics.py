@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import math
 import time
+from bisect import bisect_left
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -140,6 +141,40 @@ def _no_created_series() -> None:
     _prom_metrics.disable_created_metrics()  # type: ignore[no-untyped-call]
 
 
+def observe_many(hist: Any, values: Sequence[float]) -> None:
+    """``hist.observe(v)`` for every value, with one increment per bucket touched.
+
+    ``Histogram.observe`` takes two locks per value (the sum's and a bucket's); a batch
+    publishes hundreds of migrations at once. The values land in the buckets ``observe``
+    puts them in (the first upper bound not below the value); a client without the
+    internals read here observes them one by one.
+    """
+    bounds = getattr(hist, "_upper_bounds", None)
+    buckets = getattr(hist, "_buckets", None)
+    total = getattr(hist, "_sum", None)
+    if bounds is None or buckets is None or total is None or len(bounds) != len(buckets) or any(
+            v != v for v in values):
+        for v in values:
+            hist.observe(v)
+        return
+    if not values:
+        return
+    check = getattr(hist, "_raise_if_not_observable", None)
+    if check is not None:
+        check()  # a labelled histogram's parent takes no observations, as observe() says
+    counts = [0] * len(bounds)
+    acc = 0.0
+    for v in values:
+        i = bisect_left(bounds, v)
+        if i < len(counts):  # past the last bound (never: it is +Inf) observe counts nowhere
+            counts[i] += 1
+        acc += v
+    total.inc(acc)
+    for i, n in enumerate(counts):
+        if n:
+            buckets[i].inc(n)
+
+
 class EngineMetrics:
     """Every metric the engine exposes, owned by a private registry."""
 
@@ -248,6 +283,10 @@ class EngineMetrics:
         """Record one ingestion-to-publish latency without counting a migration."""
         if seconds >= 0:
             self._m["migration_latency_seconds"].observe(seconds)
+
+    def observe_latencies(self, seconds: Iterable[float]) -> None:
+        """:meth:`observe_latency` of each value (negative and NaN ones are left out)."""
+        observe_many(self._m["migration_latency_seconds"], [s for s in seconds if s >= 0])
 
     # -- Kafka -----------------------------------------------------------------------------
     def set_lag(self, topic: str, partition: int, lag: int) -> None:

@@ -30,6 +30,30 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 EVENTS = 8_000
 
 
+def _copy_after(deployment, tmp_path: Path, r, inputs: list, first: int):
+    """Produce ``inputs[:first]``, start a worker, and once it applied them copy this
+    deployment's keys while the worker is stopped (SIGSTOP). Returns the worker, the
+    copy and the records applied at the copy."""
+    fault_oracle.produce(deployment, inputs[:first])
+    w = deployment.start_worker(tmp_path)
+    fault_oracle.wait_applied(deployment, first)
+    os.killpg(w.pid, signal.SIGSTOP)
+    try:
+        pattern = deployment.settings.redis_prefix + "*"
+        copy = {k: r.dump(k) for k in r.scan_iter(match=pattern, count=1000)}
+        return w, copy, fault_oracle.applied(deployment)
+    finally:
+        os.killpg(w.pid, signal.SIGCONT)
+
+
+def _put_back(deployment, r, copy: dict) -> None:
+    """Replace this deployment's keys by the copy."""
+    for k in list(r.scan_iter(match=deployment.settings.redis_prefix + "*", count=1000)):
+        r.delete(k)
+    for k, v in copy.items():
+        r.restore(k, 0, v, replace=True)
+
+
 def test_a_worker_after_redis_lost_writes_reads_the_lost_events_again(
         deployment, tmp_path: Path) -> None:
     import redis
@@ -39,26 +63,14 @@ def test_a_worker_after_redis_lost_writes_reads_the_lost_events_again(
     # faster than the test's polling applied all 8,000 events before a copy taken "a
     # third of the way through", and the loss lost nothing.
     first = EVENTS // 3
-    fault_oracle.produce(deployment, inputs[:first])
     r = redis.Redis.from_url(deployment.settings.redis_url)
-    pattern = deployment.settings.redis_prefix + "*"
     try:
-        w = deployment.start_worker(tmp_path)
-        fault_oracle.wait_applied(deployment, first)
-        os.killpg(w.pid, signal.SIGSTOP)
-        try:
-            copy = {k: r.dump(k) for k in r.scan_iter(match=pattern, count=1000)}
-            at_copy = fault_oracle.applied(deployment)
-        finally:
-            os.killpg(w.pid, signal.SIGCONT)
+        w, copy, at_copy = _copy_after(deployment, tmp_path, r, inputs, first)
         fault_oracle.produce(deployment, inputs[first:])
         fault_oracle.wait_applied(deployment, EVENTS)
         deployment.cli("wait", "--timeout", "300", "--no-settled", timeout=360)
         deployment.kill(w, signal.SIGTERM)  # Kafka's offsets are committed at the end
-        for k in list(r.scan_iter(match=pattern, count=1000)):
-            r.delete(k)
-        for k, v in copy.items():
-            r.restore(k, 0, v, replace=True)
+        _put_back(deployment, r, copy)
         assert fault_oracle.applied(deployment) == at_copy < EVENTS
     finally:
         r.close()
@@ -85,26 +97,14 @@ def test_a_running_worker_whose_redis_lost_writes_stops_and_its_restart_reads_th
 
     inputs = fault_oracle.synthetic_input(EVENTS, seed=11)
     first, second = EVENTS // 3, 2 * EVENTS // 3
-    fault_oracle.produce(deployment, inputs[:first])
     r = redis.Redis.from_url(deployment.settings.redis_url)
-    pattern = deployment.settings.redis_prefix + "*"
     try:
-        w = deployment.start_worker(tmp_path)
-        fault_oracle.wait_applied(deployment, first)
-        os.killpg(w.pid, signal.SIGSTOP)
-        try:
-            copy = {k: r.dump(k) for k in r.scan_iter(match=pattern, count=1000)}
-            at_copy = fault_oracle.applied(deployment)
-        finally:
-            os.killpg(w.pid, signal.SIGCONT)
+        w, copy, at_copy = _copy_after(deployment, tmp_path, r, inputs, first)
         fault_oracle.produce(deployment, inputs[first:second])
         fault_oracle.wait_applied(deployment, second)
         os.killpg(w.pid, signal.SIGSTOP)  # the loss happens between two of its batches
         try:
-            for k in list(r.scan_iter(match=pattern, count=1000)):
-                r.delete(k)
-            for k, v in copy.items():
-                r.restore(k, 0, v, replace=True)
+            _put_back(deployment, r, copy)
         finally:
             os.killpg(w.pid, signal.SIGCONT)
         assert fault_oracle.applied(deployment) == at_copy < second

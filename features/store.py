@@ -25,12 +25,15 @@ so every write is idempotent.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, RedisError
+
+log = logging.getLogger(__name__)
 
 _COMMIT = """
 local ver = redis.call('HGET', KEYS[1], 'ver') or '0'
@@ -314,8 +317,18 @@ class RedisFeatureStore:
             # A commit applied its partitions but not the engine time after them (an error
             # on that command: another cluster node, a full server): raise it now, or
             # sweeps would read an engine time behind the partitions' until newer input.
-            await self._raise_now(now)
+            await self._repair_now(now)
         return now, out
+
+    async def _repair_now(self, now_ms: int) -> None:
+        """Best effort: the next commit raises the engine time too, so a failure here is
+        logged and the load goes on. Sent with EVAL: a server that lost its script cache
+        (the likely reason the time is behind) needs nothing loaded."""
+        try:
+            await self.r.eval(_MAX_SET, 1, self.keys.now(), now_ms)
+        except RedisError as exc:
+            log.warning("raising the engine time to a partition's failed: %r", exc)
+        self.roundtrips += 1
 
     async def commit(self, commits: Sequence[PartitionCommit]) -> dict[int, bool]:
         """Apply each partition's commit atomically; False where the version moved on."""

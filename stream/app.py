@@ -782,6 +782,9 @@ class Engine:
     async def _on_partitions_revoked(self, sender: Any, revoked: Any, **_: Any) -> None:
         """Faust seeks to the committed offsets after a rebalance: what waits is dropped."""
         dropped = self.inbox.revoke(revoked)
+        if self.processor is not None:
+            self.processor.forget_partitions(
+                tp.partition for tp in revoked if tp.topic in self.inbox.topics)
         if dropped:
             log.info("rebalance: %d fetched input records dropped, to be fetched again",
                      dropped)
@@ -823,6 +826,8 @@ class Engine:
                     log.warning("sweep: %d customers whose stored state cannot be read "
                                 "passed over; %d chunks given up (swept again)",
                                 stats.unreadable, stats.abandoned)
+        except PipelineFailed as exc:
+            fail_stop(exc)  # the store lost writes, or a batch gave up: nothing may go on
         except Exception as exc:
             log.warning("sweep failed: %r", exc)
 

@@ -53,18 +53,17 @@ async def refit_clv(settings: Settings, r: AsyncRedis, store: RedisFeatureStore
     if not rows:
         raise SegstreamError("no purchasing customers yet; nothing to fit")
     x, t_x, t_big, m = (list(c) for c in zip(*rows, strict=True))
-    if not any(v > 0 for v in x) or not any(v > 0 for v in t_big):
-        # The likelihood is flat there: a "fit" would be the optimiser's starting point.
-        raise SegstreamError("no repeat purchases yet (or every purchasing customer is "
-                             "new today); nothing to fit")
+    # Without these the likelihoods are flat: a "fit" would be the optimiser's starting
+    # point (BG/NBD's a = 1 made the expected purchases -inf; Gamma-Gamma's p = q = v = 1
+    # priced every repeat customer). Nothing is stored, and the scores stay unserved.
+    if not any(v > 0 for v in t_big):
+        raise SegstreamError("every purchasing customer is new today; nothing to fit")
+    if not any(f > 0 and s > 0 for f, s in zip(x, m, strict=True)):
+        raise SegstreamError("no repeat purchase of positive spend yet; nothing to fit")
     bg = clv.fit_bgnbd(x, t_x, t_big)
-    # Without a repeat purchase of positive spend the spend model is unknown: clv_90d
-    # stays null while expected_purchases_90d and p_alive are served.
-    gg = (clv.fit_gamma_gamma(x, m) if any(f > 0 and s > 0 for f, s in zip(x, m, strict=True))
-          else None)
+    gg = clv.fit_gamma_gamma(x, m)
     doc: dict[str, Any] = {"customers": len(rows), "as_of": now, "bgnbd": bg.to_json(),
-                           "gamma_gamma": None if gg is None else {"p": gg.p, "q": gg.q,
-                                                                   "v": gg.v}}
+                           "gamma_gamma": {"p": gg.p, "q": gg.q, "v": gg.v}}
     keys = registry_keys(settings.redis_prefix)
     prev = await r.get(keys["clv"])
     if prev is not None and _same_fit(orjson.loads(prev), doc):
@@ -84,10 +83,8 @@ def _same_fit(a: dict[str, Any], b: dict[str, Any], rel: float = 1e-6) -> bool:
     if a.get("customers") != b.get("customers"):
         return False
     for part in ("bgnbd", "gamma_gamma"):
-        if (a.get(part) is None) != (b[part] is None):
-            return False
-        for k, v in (b[part] or {}).items():
-            w = (a.get(part) or {}).get(k)
+        for k, v in b[part].items():
+            w = a.get(part, {}).get(k)
             if isinstance(v, str) or w is None:
                 if v != w:
                     return False

@@ -288,9 +288,10 @@ class BatchProcessor:
         #: :meth:`when_committed`); dropped if it gives up or is cancelled
         self._after_commit: list[Callable[[], None]] = []
         self._committing = False
-        #: the highest watermark each of this processor's commits wrote, per (partition,
-        #: topic): watermarks only move forward, whoever owns the partition, so a load
-        #: that reads one below it means the store lost writes (see :meth:`_check_kept`)
+        #: the highest watermark per (partition, topic) this processor's commits wrote or
+        #: its loads read: watermarks only move forward, whoever owns the partition, so a
+        #: load that reads one below it means the store lost writes (see
+        #: :meth:`check_kept`)
         self._wrote: dict[tuple[int, str], int] = {}
         self.scoring = scoring
         #: called with (operation, seconds, ok) after each Redis round trip of a batch (metrics)
@@ -423,8 +424,24 @@ class BatchProcessor:
                     if off > wrote.get((c.partition, t), -1):
                         wrote[(c.partition, t)] = off
 
-    def _check_kept(self, snaps: Mapping[int, PartitionSnapshot]) -> None:
-        """Stop if the store no longer holds a watermark this processor committed.
+    def _note_held(self, watermarks: Mapping[int, Mapping[str, int]]) -> None:
+        """Remember watermarks a load found in the store (a commit whose reply was lost,
+        another owner's commits): the store must keep them too."""
+        wrote = self._wrote
+        for p, wms in watermarks.items():
+            for t, off in wms.items():
+                if off > wrote.get((p, t), -1):
+                    wrote[(p, t)] = off
+
+    def forget_partitions(self, partitions: Iterable[int]) -> None:
+        """Partitions this worker no longer owns: a later assignment positions the consumer
+        from the store's watermarks as they are then (``perform_seek``)."""
+        gone = set(partitions)
+        for key in [k for k in self._wrote if k[0] in gone]:
+            del self._wrote[key]
+
+    def check_kept(self, snaps: Mapping[int, PartitionSnapshot]) -> None:
+        """Stop if the store no longer holds a watermark this processor committed or read.
 
         A Redis that lost recent writes while the worker ran (a failover to a lagging
         replica, a server restarted from an older append-only file or empty) has
@@ -666,9 +683,14 @@ class BatchProcessor:
         # the store may or may not hold it yet; the commit below is fenced on it.
         inflight = dict(self._inflight) if mode == "overlap" else {}
         now, snaps = await self._timed("load", self.store.load(wanted, self.topics))
+        # What the store returned is what it held: remembered as such, not with the
+        # background commit laid over it (which may yet be refused).
+        held = {p: dict(s.watermarks) for p, s in snaps.items()} if inflight else None
         if inflight:
             now = max(now, self._overlay(snaps, inflight))
-        self._check_kept(snaps)
+        self.check_kept(snaps)
+        self._note_held(held if held is not None else
+                        {p: s.watermarks for p, s in snaps.items()})
         t2 = time.perf_counter()
         if stage is not None:
             stage("refresh", t1 - t0)

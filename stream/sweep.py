@@ -25,6 +25,7 @@ from features.store import FeatureStore, PartitionCommit, StoreUnavailable
 from scorers.profile import Profile
 from scorers.scoring import RFM_HASH, CustomerInput, ScoringContext, is_current
 from stream.pipeline import BatchProcessor, Scoring, settled_ms
+from stream.redact import cid_ref
 
 log = logging.getLogger(__name__)
 
@@ -238,6 +239,9 @@ class Sweeper:
         await self.processor.drain()
         self.processor.raise_if_failed()
         now, snaps = await self.store.load({p: ids}, self.processor.topics)
+        # An idle worker's only loads may be its sweeps': a store that lost writes stops
+        # it here as at a batch (nothing is committing in the background after the drain).
+        self.processor.check_kept(snaps)
         snap = snaps[p]
         ctx = dataclasses.replace(self.runtime.context(now), settled_ms=settled_ms(
             snap.high_ts, self.processor.settings.lateness_ms))
@@ -254,8 +258,8 @@ class Sweeper:
                     # As the ingest path's poison customer: the others of the chunk and of
                     # the partition are swept all the same.
                     stats.unreadable += 1
-                    log.warning("sweep of partition %d: customer %r passed over, its "
-                                "stored state cannot be read: %r", p, cid, exc)
+                    log.warning("sweep of partition %d: customer %s passed over, its "
+                                "stored state cannot be read: %r", p, cid_ref(cid), exc)
                     continue
                 keyed = bool(ctx.context_key) and profile.context == ctx.context_key
                 (second if keyed else first).append((cid, state, profile))

@@ -404,3 +404,53 @@ def test_watermarks_another_owner_moved_forward_are_not_taken_for_lost_writes() 
     stats = run(p, [rec(i, tx(i, "c1", T0 + i)) for i in range(38, 45)])
     assert stats.skipped_below_watermark == 3
     assert purchases(store) == 5 + 4
+
+
+def test_a_commit_whose_reply_was_lost_still_counts_when_the_store_loses_it_later() -> None:
+    """The commit of offsets 10-19 was applied but its reply timed out: the retry reads
+    watermark 19 and commits nothing. If the store then goes back to watermark 9, the next
+    batch must stop, not commit 20-29 over the hole."""
+    import copy
+
+    from stream.errors import PipelineFailed
+
+    p, store, _ = make()
+    recs = [rec(i, tx(i, "c1", T0 + i * 1000)) for i in range(30)]
+
+    async def scenario() -> None:
+        await p.process(recs[:10])
+        older = copy.deepcopy((store.meta, store.customers, store.profiles, store.tables,
+                               store.global_now))
+        store.fail_next_commit_after_apply = True
+        stats = await p.process(recs[10:20])
+        assert stats.store_retries == 1
+        (store.meta, store.customers, store.profiles, store.tables,
+         store.global_now) = older
+        with pytest.raises(PipelineFailed, match="lost committed writes"):
+            await p.process(recs[20:30])
+
+    asyncio.run(scenario())
+    assert store.meta[0]["wm:transactions"] == 9
+
+
+def test_a_partition_given_back_after_another_owner_saw_a_loss_is_not_a_loss() -> None:
+    """Revoked, the partition's watermarks are forgotten: the store went back while
+    another worker owned it, and the new assignment's seek already starts from there."""
+    import copy
+
+    p, store, _ = make()
+    recs = [rec(i, tx(i, "c1", T0 + i * 1000)) for i in range(30)]
+
+    async def scenario() -> None:
+        await p.process(recs[:10])
+        older = copy.deepcopy((store.meta, store.customers, store.profiles, store.tables,
+                               store.global_now))
+        await p.process(recs[10:20])
+        p.forget_partitions([0])
+        (store.meta, store.customers, store.profiles, store.tables,
+         store.global_now) = older
+        await p.process(recs[10:30])  # read again from the store's watermark
+
+    asyncio.run(scenario())
+    assert store.meta[0]["wm:transactions"] == 29
+    assert purchases(store) == 30

@@ -324,3 +324,31 @@ def test_a_chunk_given_up_leaves_its_partition_to_be_swept_again() -> None:
         assert len(h.gate.migrations()) - before == stats.migrations
 
     asyncio.run(main())
+
+
+def test_an_idle_workers_sweep_stops_it_when_the_store_lost_writes() -> None:
+    """No input arrives, so no batch loads: the sweep's load must find the loss, and the
+    pass must not evaluate and publish from the store's older copy."""
+    import copy
+
+    import pytest
+
+    from stream.errors import PipelineFailed
+
+    async def main() -> None:
+        h = Harness(Gate())
+        await h.history(30)
+        await h.p.drain()
+        older = copy.deepcopy((h.store.meta, h.store.customers, h.store.profiles,
+                               h.store.tables))
+        await h.buy([f"c{i}" for i in range(30)], T0 + 60 * DAY)
+        await h.p.drain()
+        h.restart()
+        h.store.global_now = T0 + 300 * DAY
+        (h.store.meta, h.store.customers, h.store.profiles, h.store.tables) = older
+        sent = len(h.gate.sent)
+        with pytest.raises(PipelineFailed, match="lost committed writes"):
+            await h.sweeper.run_pass([0])
+        assert len(h.gate.sent) == sent and 0 not in h.sweeper.swept
+
+    asyncio.run(main())

@@ -211,15 +211,8 @@ class _Consumer(EagerDelivery, fa.Consumer):
         try:
             done = await thread.call_thread(seek)
         except Exception as exc:
-            if self.should_stop:  # the consumer is stopping: nothing fetches past them
-                self.log.warning("seek back to %d fetched partitions failed: %r",
-                                 len(firsts), exc)
-                return
-            # The consumer is past records no batch took: the next fetches would be
-            # applied, their watermarks would pass these records, and they would be
-            # skipped for good. A restart resumes from the committed state instead.
-            fail_stop(PipelineFailed(f"seek back to {len(firsts)} fetched partitions "
-                                     f"failed ({exc!r}); their records were not taken"))
+            self.log.warning("seek back to %d fetched partitions failed: %r", len(firsts), exc)
+            return
         for tp, _ in done:
             self._read_offset.pop(tp, None)
         if done:

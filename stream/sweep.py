@@ -20,7 +20,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from features import serial
-from features.state import CustomerState
 from features.store import FeatureStore, PartitionCommit, StoreUnavailable
 from scorers.profile import Profile
 from scorers.scoring import RFM_HASH, CustomerInput, ScoringContext, is_current
@@ -214,10 +213,15 @@ class Sweeper:
             self.lock.release()
         await self.lock.acquire()
 
-    def _evaluate(self, customers: list[tuple[str, CustomerState, Profile]],
-                  ctx: ScoringContext, commit: PartitionCommit) -> dict[str, int]:
+    def _evaluate(self, customers: list[tuple[str, bytes, Profile]], ctx: ScoringContext,
+                  commit: PartitionCommit, p: int, stats: SweepStats) -> dict[str, int]:
         """Evaluate ``customers`` into ``commit``; returns their changes to the sketch."""
-        inputs = [CustomerInput(cid, state, profile) for cid, state, profile in customers]
+        inputs = []
+        for cid, blob, profile in customers:
+            try:
+                inputs.append(CustomerInput(cid, serial.decode(blob), profile))
+            except Exception as exc:
+                self._unreadable(p, cid, exc, stats)
         changes: dict[str, int] = {}
         for _c, outcome in self.processor.score(inputs, ctx):
             if isinstance(outcome, Exception):
@@ -226,6 +230,14 @@ class Sweeper:
             for fld, d in outcome.increments.get(RFM_HASH, {}).items():
                 changes[fld] = changes.get(fld, 0) + d
         return {k: v for k, v in changes.items() if v}
+
+    @staticmethod
+    def _unreadable(p: int, cid: str, exc: Exception, stats: SweepStats) -> None:
+        # As the ingest path's poison customer: the others of the chunk and of the
+        # partition are swept all the same.
+        stats.unreadable += 1
+        log.warning("sweep of partition %d: customer %s passed over, its stored state "
+                    "cannot be read: %r", p, cid_ref(cid), exc)
 
     async def retry_pause(self) -> None:
         """The wait before a chunk whose commit failed is tried again."""
@@ -247,30 +259,26 @@ class Sweeper:
             snap.high_ts, self.processor.settings.lateness_ms))
         # Customers whose last evaluation used this context wait for the second round: only
         # those the population has ranked elsewhere since then are evaluated again.
-        first: list[tuple[str, CustomerState, Profile]] = []
-        second: list[tuple[str, CustomerState, Profile]] = []
+        first: list[tuple[str, bytes, Profile]] = []
+        second: list[tuple[str, bytes, Profile]] = []
         for cid, blob in snap.states.items():
             if blob is not None:
                 try:
-                    state = serial.decode(blob)
                     profile = Profile.from_bytes(snap.profiles.get(cid))
                 except Exception as exc:
-                    # As the ingest path's poison customer: the others of the chunk and of
-                    # the partition are swept all the same.
-                    stats.unreadable += 1
-                    log.warning("sweep of partition %d: customer %s passed over, its "
-                                "stored state cannot be read: %r", p, cid_ref(cid), exc)
+                    self._unreadable(p, cid, exc, stats)
                     continue
                 keyed = bool(ctx.context_key) and profile.context == ctx.context_key
-                (second if keyed else first).append((cid, state, profile))
+                (second if keyed else first).append((cid, blob, profile))
         commit = PartitionCommit(p, snap.ver, {}, snap.now_ms)
-        changes = self._evaluate(first, ctx, commit)
+        changes = self._evaluate(first, ctx, commit, p, stats)
         # Ranked as evaluating everyone together would rank them: with the first round's
         # changes to the sketch (the second round's own contributions are unchanged).
         pop = ctx.population.updated(changes)
         moved = [c for c in second if not is_current(c[2], ctx, pop)]
         if moved:
-            self._evaluate(moved, dataclasses.replace(ctx, population=pop), commit)
+            self._evaluate(moved, dataclasses.replace(ctx, population=pop), commit, p,
+                           stats)
         stats.customers += len(first) + len(moved)
         stats.skipped += len(second) - len(moved)
         if not (commit.profiles or commit.outbox or commit.increments):

@@ -52,6 +52,18 @@ def purchases(store: MemoryFeatureStore, cid: str = "c1", part: int = 0) -> int:
     return derive(serial.decode(store.customers[(part, cid)]), store.global_now)["purchases_total"]
 
 
+def store_copy(store: MemoryFeatureStore) -> tuple:
+    """What the store holds, to put back later as a Redis restored from a copy would."""
+    import copy
+
+    return copy.deepcopy((store.meta, store.customers, store.profiles, store.tables,
+                          store.global_now))
+
+
+def put_back(store: MemoryFeatureStore, held: tuple) -> None:
+    (store.meta, store.customers, store.profiles, store.tables, store.global_now) = held
+
+
 def test_redelivered_offsets_are_skipped() -> None:
     p, store, _ = make()
     batch = [rec(i, tx(i, "c1", T0 + i)) for i in range(5)]
@@ -359,8 +371,6 @@ def test_a_store_that_lost_committed_writes_stops_the_worker_before_it_skips_the
     replica, say): the consumer is past records the store no longer holds. The next batch
     must not move the watermark past them; a worker restarted from the store's watermark
     then applies every record exactly once."""
-    import copy
-
     from stream.errors import PipelineFailed
 
     s = load_settings()
@@ -375,13 +385,11 @@ def test_a_store_that_lost_committed_writes_stops_the_worker_before_it_skips_the
         p = processor()
         await p.process(recs[:10])
         await p.drain()
-        older = copy.deepcopy((store.meta, store.customers, store.profiles, store.tables,
-                               store.global_now))
+        older = store_copy(store)
         await p.process(recs[10:20])
         await p.drain()
         # the store goes back to what it held after the first batch
-        (store.meta, store.customers, store.profiles, store.tables,
-         store.global_now) = older
+        put_back(store, older)
         with pytest.raises(PipelineFailed, match="lost committed writes"):
             await p.process(recs[20:30])
         stuck = store.meta[0]["wm:transactions"]
@@ -410,8 +418,6 @@ def test_a_commit_whose_reply_was_lost_still_counts_when_the_store_loses_it_late
     """The commit of offsets 10-19 was applied but its reply timed out: the retry reads
     watermark 19 and commits nothing. If the store then goes back to watermark 9, the next
     batch must stop, not commit 20-29 over the hole."""
-    import copy
-
     from stream.errors import PipelineFailed
 
     p, store, _ = make()
@@ -419,13 +425,11 @@ def test_a_commit_whose_reply_was_lost_still_counts_when_the_store_loses_it_late
 
     async def scenario() -> None:
         await p.process(recs[:10])
-        older = copy.deepcopy((store.meta, store.customers, store.profiles, store.tables,
-                               store.global_now))
+        older = store_copy(store)
         store.fail_next_commit_after_apply = True
         stats = await p.process(recs[10:20])
         assert stats.store_retries == 1
-        (store.meta, store.customers, store.profiles, store.tables,
-         store.global_now) = older
+        put_back(store, older)
         with pytest.raises(PipelineFailed, match="lost committed writes"):
             await p.process(recs[20:30])
 
@@ -436,19 +440,15 @@ def test_a_commit_whose_reply_was_lost_still_counts_when_the_store_loses_it_late
 def test_a_partition_given_back_after_another_owner_saw_a_loss_is_not_a_loss() -> None:
     """Revoked, the partition's watermarks are forgotten: the store went back while
     another worker owned it, and the new assignment's seek already starts from there."""
-    import copy
-
     p, store, _ = make()
     recs = [rec(i, tx(i, "c1", T0 + i * 1000)) for i in range(30)]
 
     async def scenario() -> None:
         await p.process(recs[:10])
-        older = copy.deepcopy((store.meta, store.customers, store.profiles, store.tables,
-                               store.global_now))
+        older = store_copy(store)
         await p.process(recs[10:20])
         p.forget_partitions([0])
-        (store.meta, store.customers, store.profiles, store.tables,
-         store.global_now) = older
+        put_back(store, older)
         await p.process(recs[10:30])  # read again from the store's watermark
 
     asyncio.run(scenario())

@@ -417,16 +417,11 @@ class BatchProcessor:
 
     def _note_written(self, commits: Sequence[PartitionCommit], ok: Mapping[int, bool]) -> None:
         """Remember the watermarks of the commits the store applied."""
-        wrote = self._wrote
-        for c in commits:
-            if ok.get(c.partition):
-                for t, off in c.watermarks.items():
-                    if off > wrote.get((c.partition, t), -1):
-                        wrote[(c.partition, t)] = off
+        self._note_held({c.partition: c.watermarks for c in commits if ok.get(c.partition)})
 
     def _note_held(self, watermarks: Mapping[int, Mapping[str, int]]) -> None:
-        """Remember watermarks a load found in the store (a commit whose reply was lost,
-        another owner's commits): the store must keep them too."""
+        """Remember watermarks the store holds: what a commit wrote, or what a load found
+        (a commit whose reply was lost, another owner's commits)."""
         wrote = self._wrote
         for p, wms in watermarks.items():
             for t, off in wms.items():

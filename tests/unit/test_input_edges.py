@@ -318,3 +318,57 @@ def test_epoch_ms_floats_before_the_epoch_are_rejected_like_negative_integers(
     assert (getattr(res, "reason", None) is None) == accepted, res
     if not accepted:
         assert res.reason == "invalid_schema"
+
+
+def _amount_units(text: str) -> object:
+    value = b'{"event_id":"e","customer_id":"c1","ts":0,"amount":' + text.encode() + b"}"
+    res = decode("transactions", b"c1", value, 65536)
+    return getattr(res, "amount_units", res)
+
+
+@settings(max_examples=3_000, deadline=None)
+@given(ip=st.one_of(st.integers(0, 10**12 - 1), st.integers(4 * 10**9, 2 * 10**10)),
+       fr=st.integers(0, 9999), tail=st.sampled_from(
+    ["5", "50", "5000001", "4999999", "49", "51"]))
+def test_amounts_with_a_fifth_decimal_round_as_their_decimal_at_every_size(
+        ip: int, fr: int, tail: str) -> None:
+    """README (Features): an amount with more decimals is rounded half-even on the decimal it
+    writes, at every size up to 1e12. Exact halves of a unit are where a double's error
+    decides, and that error grows with the amount (a check that held below 4e9 missed
+    9191002977.91105)."""
+    text = f"{ip}.{fr:04d}{tail}"
+    assert _amount_units(text) == int((Decimal(text) * 10_000).to_integral_value(
+        ROUND_HALF_EVEN))
+
+
+def test_the_halves_that_a_double_rounded_the_wrong_way_are_exact() -> None:
+    for text in ("9191002977.91105", "6000000000.00015", "11999999999.99985"):
+        assert _amount_units(text) == int((Decimal(text) * 10_000).to_integral_value(
+            ROUND_HALF_EVEN)), text
+
+
+@pytest.mark.parametrize("text", ["1000000000000.00006", "1000000000000.0001",
+                                  "1000000000000.00005000001"])
+def test_an_amount_above_1e12_as_written_is_rejected(text: str) -> None:
+    """README: amounts up to 1e12 are valid. One whose double is 1e12 but whose decimal is
+    above it was summed as more than the largest valid amount."""
+    res = _amount_units(text)
+    assert getattr(res, "reason", None) == "invalid_schema", res
+    assert _amount_units("1000000000000.00004") == 10**16  # half-even: 1e12 exactly
+    assert _amount_units("1000000000000") == 10**16
+
+
+@pytest.mark.parametrize("ts", ["2025-06-15T12:34:60Z", "2016-12-31T23:58:60Z",
+                                "2025-01-01T23:59:60+05:00", "2016-12-31T22:59:60Z"])
+def test_second_60_outside_the_last_minute_of_a_utc_day_is_rejected(ts: str) -> None:
+    """RFC 3339 §5.7: a leap second ends a UTC day. Second 60 of another minute is no time:
+    it was read as the next minute."""
+    v = orjson.dumps({"event_id": "e", "customer_id": "c1", "ts": ts, "event_type": "login"})
+    assert getattr(decode("clickstream", b"c1", v, 65536), "reason", None) == "invalid_schema"
+
+
+@pytest.mark.parametrize("ts", ["2016-12-31T23:59:60Z", "2016-12-31T18:59:60-05:00",
+                                "2017-01-01T05:29:60+05:30", "2016-12-31T23:59:60.999Z"])
+def test_a_leap_second_in_any_offset_is_read_as_the_next_second(ts: str) -> None:
+    v = orjson.dumps({"event_id": "e", "customer_id": "c1", "ts": ts, "event_type": "login"})
+    assert decode("clickstream", b"c1", v, 65536).ts_ms == 1_483_228_800_000  # 2017-01-01Z

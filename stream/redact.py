@@ -34,6 +34,9 @@ from typing import Any
 SAFE_MODULES = ("kafka.", "aiokafka.", "redis.", "aiohttp.", "ssl.", "asyncio.",
                 "stream.errors.", "features.store.")
 SAFE_TYPES: tuple[type[BaseException], ...] = (OSError, TimeoutError)
+#: ... except these, whose messages quote what they were given: aiohttp's HTTP parser errors
+#: quote the request line (a customer id in the path of a request it refused).
+UNSAFE_MODULES = ("aiohttp.http_exceptions.",)
 _CUSTOMER_PATH = re.compile(r"(/customers/)[^\s\"?]+")
 REF_PREFIX = "cid:"
 REF_HEX = 16
@@ -68,6 +71,8 @@ def cid_ref(customer_id: str | bytes | None) -> str:
 
 def _safe(exc: BaseException) -> bool:
     module = type(exc).__module__ + "."
+    if module.startswith(UNSAFE_MODULES):
+        return False
     return isinstance(exc, SAFE_TYPES) or module.startswith(SAFE_MODULES)
 
 

@@ -11,9 +11,11 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from features.state import iso
+from features.store import StoreUnavailable
 from stream import queries
 from stream.metrics import EngineMetrics
 from stream.pipeline import BatchStats, OutboxRecord
+from stream.redact import describe
 
 if TYPE_CHECKING:
     from stream.app import Engine
@@ -179,7 +181,13 @@ class EngineBackend:
 
     async def stats(self) -> dict[str, Any]:
         e = self.engine
-        now = await e.store.now() if e.store is not None else -1
+        try:
+            now = await e.store.now() if e.store is not None else -1
+        except StoreUnavailable as exc:
+            # Everything else here is the worker's own: the dashboard keeps its charts
+            # through an outage (``/readyz`` reports it); only the engine time is unknown.
+            log.warning("stats without the engine time: %s", describe(exc))
+            now = -1
         return {
             "as_of": iso(now) if now >= 0 else None,
             "generated_at": iso(int(time.time() * 1000)),

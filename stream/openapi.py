@@ -174,8 +174,9 @@ OPENAPI: dict[str, Any] = {
             parameters=[
                 {"name": "since", "in": "query", "required": False,
                  "schema": {"type": "string", "pattern": "^[0-9]+(-[0-9]+)?$"},
-                 "description": "the `next` cursor of the previous page (`<ms>-<seq>`); "
-                                "anything else is a 400"},
+                 "description": "the `next` cursor of the previous page (`<ms>-<seq>`), "
+                                "or `<ms>` alone: after every entry of that millisecond "
+                                "(of the log's clock); anything else is a 400"},
                 {"name": "limit", "in": "query", "required": False,
                  "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}},
             ],
@@ -209,6 +210,9 @@ OPENAPI: dict[str, Any] = {
             "BadRequest": _json(_ref("Error"), "invalid parameter"),
             "NotReady": _json(_ref("Ready"), "not ready"),
             "Internal": _json(_ref("Error"), "internal error"),
+            "Unavailable": {**_json(_ref("Error"), "the store did not answer; retry later"),
+                            "headers": {"Retry-After": {
+                                "description": "seconds to wait", "schema": _INT}}},
         },
         "schemas": {
             "Error": _obj(["error"], error=_STR),
@@ -233,6 +237,13 @@ OPENAPI: dict[str, Any] = {
 OPENAPI["paths"]["/dashboard"] = OPENAPI["paths"]["/"]
 OPENAPI["paths"]["/customers/{customer_id}"]["get"]["responses"]["404"] = {
     "$ref": "#/components/responses/NotFound"
+}
+for _path in ("/customers/{customer_id}", "/segments", "/migrations", "/actions"):
+    OPENAPI["paths"][_path]["get"]["responses"]["503"] = {
+        "$ref": "#/components/responses/Unavailable"
+    }
+OPENAPI["paths"]["/customers/{customer_id}"]["get"]["responses"]["400"] = {
+    "$ref": "#/components/responses/BadRequest"  # an id that is not percent-encoded UTF-8
 }
 OPENAPI["paths"]["/migrations"]["get"]["responses"]["400"] = {
     "$ref": "#/components/responses/BadRequest"

@@ -118,7 +118,11 @@ async def migrations_doc(s: Settings, r: aioredis.Redis, since: str | None, limi
         ms, _, seq = since.partition("-")
         if int(ms) == _U64 and (not seq or int(seq) == _U64):
             return {"migrations": [], "next": since}  # nothing can come after the last id
-    start = f"({since}" if since else "-"
+        # ``<ms>`` alone is after every entry of that millisecond (Redis would read
+        # ``(<ms>`` as ``(<ms>-0`` and return the rest of the millisecond)
+        start = f"({since}" if seq else f"({ms}-{_U64}"
+    else:
+        start = "-"
     rows = await r.xrange(migration_log_key(s), min=start, max="+", count=max(1, limit))
     items, last = [], since
     for rid, fields in rows:

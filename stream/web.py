@@ -17,10 +17,14 @@ from urllib.parse import unquote
 
 import orjson
 from aiohttp import web
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from features.store import StoreUnavailable
 from stream.metrics import EngineMetrics
 from stream.openapi import OPENAPI
 from stream.queries import check_cursor
+from stream.redact import describe
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +32,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 MAX_LIMIT = 1000
 DEFAULT_LIMIT = 100
+#: Errors of a store that is down or does not answer in time: 503 with ``Retry-After``.
+STORE_DOWN = (StoreUnavailable, RedisConnectionError, RedisTimeoutError, TimeoutError)
+RETRY_AFTER_S = 5
 #: Routes answered without a token (liveness and readiness probes, the dashboard page shell).
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/", "/dashboard"})
 
@@ -148,6 +155,11 @@ def _guard(handler: Handler, token: str | None, public: bool) -> Handler:
             return await handler(request)
         except web.HTTPException:
             raise
+        except STORE_DOWN as exc:
+            # An outage, not a bug: the client may retry (and tell the two apart).
+            log.warning("%s %s: the store did not answer (%s)", request.method,
+                        _route(request), describe(exc))
+            return error(503, "store unavailable", **{"Retry-After": str(RETRY_AFTER_S)})
         except Exception:
             log.exception("%s %s failed", request.method, _route(request))
             return error(500, "internal error")

@@ -439,3 +439,57 @@ def test_the_customer_schema_lists_every_key_the_engine_returns() -> None:
     assert {"customer_id", "segments_since", "model_versions"} <= returned
     schema = OPENAPI["components"]["schemas"]["Customer"]["properties"]
     assert returned <= set(schema), returned - set(schema)
+
+
+@pytest.mark.parametrize("exc", ["unavailable", "connection", "timeout"])
+@pytest.mark.parametrize("route", ["/customers/c42", "/segments", "/migrations", "/actions"])
+def test_a_store_that_does_not_answer_is_a_503_with_retry_after(exc: str, route: str) -> None:
+    """An outage is not a bug: a client can tell the two apart and retry (README, HTTP API)."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    from features.store import StoreUnavailable
+
+    error = {"unavailable": StoreUnavailable("redis read failed: secret detail"),
+             "connection": RedisConnectionError("Error 111 connecting"),
+             "timeout": RedisTimeoutError("Timeout reading from socket")}[exc]
+
+    class Down(FakeBackend):
+        async def _down(self, *_: Any) -> Any:
+            raise error
+
+        customer = segments = migrations = actions = _down  # type: ignore[assignment]
+
+    async def main() -> None:
+        async with serve(None, Down()) as (client, _):
+            resp = await client.get(route)
+            assert resp.status == 503
+            assert resp.headers["Retry-After"] == "5"
+            assert await resp.json() == {"error": "store unavailable"}
+            documented = OPENAPI["paths"][route.replace("c42", "{customer_id}")]["get"]
+            assert "503" in documented["responses"]
+
+    asyncio.run(main())
+
+
+def test_stats_keep_the_workers_own_figures_while_the_store_is_down() -> None:
+    """The dashboard's charts are held in the worker's memory: an outage of Redis costs only
+    the engine time (as_of null), not the whole page."""
+    from types import SimpleNamespace
+
+    from features.store import StoreUnavailable
+    from stream.backend import EngineBackend
+
+    class DownStore:
+        async def now(self) -> int:
+            raise StoreUnavailable("redis read failed: Timeout reading from socket")
+
+    engine = SimpleNamespace(store=DownStore(), model_quality=dict)
+    backend = EngineBackend(engine, EngineMetrics())  # type: ignore[arg-type]
+    backend.flows = {"rfm": {(None, "Loyal"): 3}}
+    backend.throughput.append({"t": 1, "events_in_per_s": 5.0, "migrations_per_s": 1.0,
+                               "dlq_per_s": 0.0, "lag": 0})
+    doc = asyncio.run(backend.stats())
+    assert doc["as_of"] is None
+    assert doc["flows"] == {"rfm": [{"from": None, "to": "Loyal", "count": 3}]}
+    assert len(doc["throughput"]) == 1

@@ -201,6 +201,9 @@ class _Views:
         return _json(await self.backend.segments())
 
     async def migrations(self, request: web.Request) -> web.StreamResponse:
+        for name in ("since", "limit"):
+            if len(request.query.getall(name, ())) > 1:  # which one was meant?
+                return error(400, f"{name} given more than once")
         since = request.query.get("since") or None
         if since is not None and (problem := check_cursor(since)) is not None:
             return error(400, problem)
@@ -208,9 +211,10 @@ class _Views:
         # int() also takes "+5", "1_0", " 5" and other scripts' digits
         if not (raw.isascii() and raw.isdigit()):
             return error(400, f"limit must be an integer, got {_shown(raw)}")
-        if len(raw) > 9 or not 1 <= int(raw) <= MAX_LIMIT:
+        digits = raw.lstrip("0") or "0"  # int() refuses over 4,300 digits, zeros included
+        if len(digits) > 9 or not 1 <= int(digits) <= MAX_LIMIT:
             return error(400, f"limit must be between 1 and {MAX_LIMIT}, got {_shown(raw)}")
-        limit = int(raw)
+        limit = int(digits)
         return _json(await self.backend.migrations(since, limit))
 
     async def actions(self, request: web.Request) -> web.StreamResponse:

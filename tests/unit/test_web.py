@@ -493,3 +493,27 @@ def test_stats_keep_the_workers_own_figures_while_the_store_is_down() -> None:
     assert doc["as_of"] is None
     assert doc["flows"] == {"rfm": [{"from": None, "to": "Loyal", "count": 3}]}
     assert len(doc["throughput"]) == 1
+
+
+@pytest.mark.parametrize("query", ["limit=5&limit=abc", "limit=abc&limit=5", "since=1&since=x",
+                                   "since=1&since=2"])
+def test_a_parameter_given_twice_is_a_400(query: str) -> None:
+    """Which of two values was meant cannot be known: neither is taken silently."""
+    async def check(client: TestClient[Any, Any], backend: FakeBackend) -> None:
+        resp = await client.get(f"/migrations?{query}")
+        assert resp.status == 400
+        assert "more than once" in (await resp.json())["error"]
+        assert backend.calls == []
+
+    run(check)
+
+
+def test_leading_zeros_do_not_make_a_limit_out_of_range() -> None:
+    async def check(client: TestClient[Any, Any], backend: FakeBackend) -> None:
+        assert (await client.get("/migrations?limit=0000000005")).status == 200
+        assert (await client.get("/migrations?limit=00000000000000000000001001")).status == 400
+        assert (await client.get("/migrations?limit=" + "0" * 5_000 + "7")).status == 200
+        assert (await client.get("/migrations?limit=" + "0" * 5_000)).status == 400
+        assert backend.calls == [(None, 5), (None, 7)]
+
+    run(check)

@@ -121,13 +121,13 @@ def _explain(settings: Settings, exc: BaseException) -> ServiceError:
 
 
 async def _probe(settings: Settings, timeout_s: float) -> BaseException | None:
-    from aiokafka.conn import create_conn
+    from aiokafka.conn import create_conn, get_ip_port_afi
     from aiokafka.protocol.metadata import MetadataRequest
 
     cfg = aiokafka_config(settings)
     first: BaseException | None = None
     for server in cfg["bootstrap_servers"]:
-        host, _, port = server.rpartition(":")
+        host, port, _ = get_ip_port_afi(server)  # as the clients read it: "[::1]" is ::1
         conn = None
         try:
             conn = await asyncio.wait_for(create_conn(

@@ -260,6 +260,10 @@ class Settings(BaseSettings):
             host, _, port = part.strip().rpartition(":")
             if not host or not (port.isascii() and port.isdigit()):
                 raise ValueError("expected host:port[,host:port...]")
+            if ":" in host and _is_ip(host):
+                # the Kafka clients read "::1:9092" as the address "::1:9092", default port
+                raise ValueError(f"{part.strip()!r}: an IPv6 address goes in brackets, as "
+                                 f"[{host}]:{port}")
             if not is_host(host):
                 raise ValueError(f"{part.strip()!r} is not host:port with a host name or IP "
                                  "address (no scheme or spaces); expected "

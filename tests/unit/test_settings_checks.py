@@ -104,7 +104,7 @@ def test_native_switch_fails_without_a_traceback() -> None:
     ("web_host", "localhost"), ("web_host", "fe80::1%eth0"),
     ("kafka_bootstrap", "kafka-bootstrap.kafka.svc:9093"),
     ("kafka_bootstrap", "[::1]:9092, 10.0.0.1:9092 ,kafka_0:9092"),
-    ("kafka_bootstrap", "::1:9092"),
+    ("kafka_bootstrap", "[fe80::1%eth0]:9092"),
 ])
 def test_host_names_and_addresses_are_accepted(field: str, value: str) -> None:
     assert getattr(load_settings(**{field: value}), field) == value
@@ -261,3 +261,42 @@ def test_a_redis_cluster_is_refused_any_database_but_0(url: str, ok: bool) -> No
     else:
         with pytest.raises(SettingsError, match=r"SEGSTREAM_REDIS_CLUSTER.*only database 0"):
             load_settings(redis_url=url, redis_cluster=True)
+
+
+@pytest.mark.parametrize("value", ["::1:9092", "kafka:9092,fe80::1:9093"])
+def test_an_ipv6_broker_without_brackets_is_refused(value: str) -> None:
+    """The Kafka clients read "::1:9092" as the address ::1:9092 on the default port, while
+    host:port splitting reads ::1 port 9092: one setting, two brokers."""
+    with pytest.raises(SettingsError, match=r"SEGSTREAM_KAFKA_BOOTSTRAP.*brackets"):
+        load_settings(kafka_bootstrap=value)
+
+
+def test_the_start_up_check_reaches_a_bracketed_ipv6_broker() -> None:
+    """The check connects where the clients would: to ::1 for "[::1]:port" (with the
+    brackets kept it resolved nothing and reported every such broker as down)."""
+    import socket
+    import threading
+
+    from stream.kafka import _probe, _run
+
+    server = socket.socket(socket.AF_INET6)
+    server.bind(("::1", 0))
+    server.listen(1)
+    server.settimeout(10)
+    seen: list[object] = []
+
+    def accept() -> None:
+        try:
+            conn, addr = server.accept()
+            seen.append(addr)
+            conn.close()
+        except OSError:
+            pass
+
+    t = threading.Thread(target=accept)
+    t.start()
+    port = server.getsockname()[1]
+    failure = _run(_probe(load_settings(kafka_bootstrap=f"[::1]:{port}"), 2.0))
+    t.join(10)
+    server.close()
+    assert seen, f"nothing connected; the probe failed with {failure!r}"

@@ -15,6 +15,7 @@ from urllib.parse import parse_qs, unquote, urlparse
 
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from redis.connection import parse_url as redis_parse_url
 
 from stream.errors import SettingsError
 
@@ -293,6 +294,10 @@ class Settings(BaseSettings):
             # redis-py ignores a database it cannot parse and uses database 0
             if not (db.isascii() and db.isdigit()):
                 raise ValueError(f"the database {db!r} is not a non-negative number")
+        try:  # the client's own reading of the URL's options (?socket_timeout=abc)
+            redis_parse_url(v)
+        except ValueError as exc:  # its messages name the option, never the password
+            raise ValueError(str(exc)) from None
         return v
 
     @field_validator("redis_cluster")

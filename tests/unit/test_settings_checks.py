@@ -300,3 +300,14 @@ def test_the_start_up_check_reaches_a_bracketed_ipv6_broker() -> None:
     t.join(10)
     server.close()
     assert seen, f"nothing connected; the probe failed with {failure!r}"
+
+
+@pytest.mark.parametrize("option", ["socket_timeout=abc", "health_check_interval=x",
+                                    "socket_connect_timeout=1s"])
+def test_a_redis_url_option_the_client_cannot_read_names_the_setting(option: str) -> None:
+    """It ended in a traceback at the first connection (exit 1), naming no setting."""
+    url = f"redis://user:hunter2@127.0.0.1:1/0?{option}"
+    with pytest.raises(SettingsError, match=r"SEGSTREAM_REDIS_URL") as info:
+        load_settings(redis_url=url)
+    assert option.split("=")[0] in str(info.value)
+    assert "hunter2" not in str(info.value)

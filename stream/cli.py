@@ -484,7 +484,16 @@ def models(json_: JsonOpt = False) -> None:
 def forget(customer_id: str, json_: JsonOpt = False) -> None:
     """Erase a customer everywhere the engine keeps data and publish a tombstone."""
     from stream import forget as erase
+    from stream.schemas import MAX_ID_CHARS, _no_control
 
+    # Ids the input schema refuses were never stored: erasing one would only publish a
+    # tombstone for a key no migration has.
+    try:
+        if not customer_id or len(customer_id) > MAX_ID_CHARS:
+            raise ValueError(f"must have 1 to {MAX_ID_CHARS} characters")
+        _no_control(customer_id)
+    except ValueError as exc:
+        raise typer.BadParameter(f"the customer id {exc}", param_hint="CUSTOMER_ID") from None
     s = _settings()
     doc = asyncio.run(_with_store(s, lambda r, store: erase.forget(s, r, store, customer_id)))
     erase.publish_tombstone(s, customer_id)
@@ -560,7 +569,7 @@ def demo(
     customers: Annotated[int, typer.Option(help="Synthetic customers", min=0)] = 2000,
     days: Annotated[int, typer.Option(
         help="Synthetic period in days before today, without CDNOW (with CDNOW the "
-             "synthetic customers live through the CDNOW period)", min=1)] = 60,
+             "synthetic customers live through the CDNOW period)", min=1, max=3650)] = 60,
     until: Annotated[str | None, typer.Option(
         help="Only CDNOW purchases before YYYY-MM-DD", callback=_until_day)] = None,
     cdnow: Annotated[bool, typer.Option("--cdnow/--no-cdnow", help="Replay CDNOW")] = True,

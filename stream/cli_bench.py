@@ -28,9 +28,9 @@ def bench(
     profile: Annotated[bool, typer.Option(
         help="Record the E worker with py-spy (speedscope file in bench/results)")] = False,
     latency_seconds: Annotated[float, typer.Option(
-        min=1, help="Seconds of offered load per latency measurement")] = 15.0,
+        min=1, max=3600, help="Seconds of offered load per latency measurement")] = 15.0,
     latency_eps: Annotated[float, typer.Option(
-        min=1, help="The fixed offered load of the headline latency")] = 5_000.0,
+        min=1, max=1_000_000, help="The fixed offered load of the headline latency")] = 5_000.0,
     results_dir: Annotated[Path, typer.Option(help="Where the JSON results go")] = RESULTS_DIR,
     models: Annotated[str, typer.Option(
         help="serving: E starts with trained online models, personas and CLV parameters "

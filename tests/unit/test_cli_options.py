@@ -363,3 +363,34 @@ def test_native_names_a_bad_setting_without_a_traceback(tmp_path: Path, env: dic
                               env=full, capture_output=True, text=True, timeout=60)
         assert proc.returncode == 2, proc.stderr
         assert why in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("cid", ["", "   ", "a\x01b", "x" * 257, "a\u2028b"])
+def test_forget_refuses_an_id_the_input_schema_refuses(monkeypatch: pytest.MonkeyPatch,
+                                                       cid: str) -> None:
+    """Such an id was never stored; erasing it only published a tombstone keyed by it."""
+    def touched(*_a: Any, **_kw: Any) -> Any:
+        raise AssertionError("reached Redis or Kafka")
+
+    monkeypatch.setattr("stream.forget.publish_tombstone", touched)
+    monkeypatch.setattr(cli, "_with_store", touched)
+    result = run("forget", cid)
+    assert result.exit_code == 2, result.output
+    assert "CUSTOMER_ID" in _text(result)
+
+
+@pytest.mark.parametrize("args", [["demo", "--days", "3651"],
+                                  ["bench", "--latency-seconds", "inf"],
+                                  ["bench", "--latency-eps", "inf"]])
+def test_unbounded_sizes_are_refused_before_anything_runs(
+        monkeypatch: pytest.MonkeyPatch, args: list[str]) -> None:
+    """--days 100000000 built its whole input before it ran out of memory; an infinite
+    latency phase failed minutes into the benchmark."""
+    def started(*_a: Any, **_kw: Any) -> Any:
+        raise AssertionError("it started")
+
+    monkeypatch.setattr("stream.demo.run_demo", started)
+    monkeypatch.setattr("bench.run.run", started, raising=False)
+    result = run(*args)
+    assert result.exit_code == 2, result.output
+    assert args[1] in _text(result)

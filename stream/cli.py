@@ -121,12 +121,13 @@ def worker() -> None:
 
     from stream.app import create_engine, tune_gc, use_event_loop, watch_gc
     from stream.kafka import ensure_topics
-    from stream.redisconn import check_redis
+    from stream.redisconn import check_lateness, check_redis
 
     s = _settings()
     use_event_loop(s)
     redact.install_from_settings(s)
     check_redis(s)  # a wrong password or TLS setting fails here, naming the setting
+    check_lateness(s)
     ensure_topics(s)
     engine = create_engine(s)
     w = Worker(engine.app, loglevel=s.log_level, quiet=True, redirect_stdouts=False)

@@ -212,3 +212,47 @@ def _serves_cluster(client: Any) -> bool:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0][:300]
+
+
+#: Keeps the smallest allowed lateness (ms) the deployment's state was ever kept with, and
+#: returns it: a state pruned under a lateness stays pruned (see :func:`check_lateness`).
+_LATENESS_KEPT = """
+local v = redis.call('GET', KEYS[1])
+if not v or tonumber(ARGV[1]) < tonumber(v) then
+  redis.call('SET', KEYS[1], ARGV[1])
+  return ARGV[1]
+end
+return v
+"""
+
+
+def lateness_key(settings: Settings) -> str:
+    """The key holding the smallest allowed lateness the deployment's state was kept with."""
+    return f"{settings.redis_prefix}kept_lateness_ms"
+
+
+def check_lateness(settings: Settings) -> None:
+    """Refuse, naming the setting, an allowed lateness larger than any the deployment's
+    state was kept with before.
+
+    A state keeps its event ids for twice the allowed lateness and its day buckets for the
+    larger of 90 days and the lateness; what it pruned under a smaller lateness is gone. A
+    larger lateness would accept events whose id or day the state no longer has: they
+    would be counted twice, or into days already folded. A smaller one is always safe, and
+    from then on is the one kept.
+    """
+    client = redis_sync_client(settings)
+    try:
+        kept = int(client.eval(_LATENESS_KEPT, 1, lateness_key(settings),
+                               settings.lateness_ms))
+    finally:
+        client.close()
+    if settings.lateness_ms > kept:
+        days = f"{kept / 86_400_000:g}"
+        raise SettingsError(
+            f"SEGSTREAM_ALLOWED_LATENESS_DAYS: {settings.allowed_lateness_days:g} days is more "
+            f"than the {days} this deployment's state has been kept with (event ids for twice "
+            "the lateness, day buckets for the larger of 90 days and it): events within the "
+            "new lateness could be counted twice or land in days already folded. Keep it at "
+            f"most {days}, or build the state again with it (segstream reset --yes, then "
+            "replay the input)")

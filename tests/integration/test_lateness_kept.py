@@ -1,0 +1,54 @@
+"""A deployment's state is pruned under its allowed lateness (event ids kept for twice it,
+day buckets for the larger of 90 days and it): a worker refuses at start a lateness larger
+than any the state was kept with, naming the setting, and accepts a smaller one."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from typing import Any
+
+import pytest
+import redis
+
+from stream.errors import SettingsError
+from stream.redisconn import check_lateness, lateness_key
+from stream.settings import load_settings
+
+pytestmark = pytest.mark.integration
+
+
+def test_the_smallest_lateness_kept_is_remembered_and_a_larger_one_refused(services) -> None:
+    prefix = f"lk-{uuid.uuid4().hex[:8]}:"
+
+    def settings(days: float) -> Any:
+        return load_settings(kafka_bootstrap=services["kafka"], redis_url=services["redis"],
+                             redis_prefix=prefix, allowed_lateness_days=days)
+
+    r = redis.from_url(services["redis"])
+    try:
+        check_lateness(settings(7))  # a fresh deployment takes any
+        assert int(r.get(lateness_key(settings(7)))) == 7 * 86_400_000
+        check_lateness(settings(7))  # the same again
+        with pytest.raises(SettingsError, match="SEGSTREAM_ALLOWED_LATENESS_DAYS") as info:
+            check_lateness(settings(30))
+        assert "at most 7" in str(info.value)
+        check_lateness(settings(2.5))  # smaller is safe, and from now on the one kept
+        assert int(r.get(lateness_key(settings(7)))) == int(2.5 * 86_400_000)
+        with pytest.raises(SettingsError, match=r"at most 2\.5"):
+            check_lateness(settings(7))
+
+        # the worker command refuses it before it starts (exit 2, one line naming it)
+        env = {**os.environ, "SEGSTREAM_KAFKA_BOOTSTRAP": services["kafka"],
+               "SEGSTREAM_REDIS_URL": services["redis"], "SEGSTREAM_REDIS_PREFIX": prefix,
+               "SEGSTREAM_ALLOWED_LATENESS_DAYS": "7"}
+        res = subprocess.run([sys.executable, "-m", "stream.cli", "worker"], env=env,
+                             capture_output=True, text=True, timeout=120)
+        assert res.returncode == 2, res.stderr[-2000:]
+        assert "SEGSTREAM_ALLOWED_LATENESS_DAYS" in res.stderr
+        assert "Traceback" not in res.stderr
+    finally:
+        for k in r.scan_iter(f"{prefix}*"):
+            r.delete(k)
+        r.close()

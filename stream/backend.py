@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from features.state import iso
-from features.store import StoreUnavailable
 from stream import queries
 from stream.metrics import EngineMetrics
 from stream.pipeline import BatchStats, OutboxRecord
 from stream.redact import describe
+from stream.web import is_outage
 
 if TYPE_CHECKING:
     from stream.app import Engine
@@ -183,7 +183,9 @@ class EngineBackend:
         e = self.engine
         try:
             now = await e.store.now() if e.store is not None else -1
-        except StoreUnavailable as exc:
+        except Exception as exc:
+            if not is_outage(exc):
+                raise
             # Everything else here is the worker's own: the dashboard keeps its charts
             # through an outage (``/readyz`` reports it); only the engine time is unknown.
             log.warning("stats without the engine time: %s", describe(exc))

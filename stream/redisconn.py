@@ -217,8 +217,8 @@ def _first_line(exc: BaseException) -> str:
 #: Keeps the smallest allowed lateness (ms) the deployment's state was ever kept with, and
 #: returns it: a state pruned under a lateness stays pruned (see :func:`check_lateness`).
 _LATENESS_KEPT = """
-local v = redis.call('GET', KEYS[1])
-if not v or tonumber(ARGV[1]) < tonumber(v) then
+local v = tonumber(redis.call('GET', KEYS[1]) or '')
+if not v or tonumber(ARGV[1]) < v then
   redis.call('SET', KEYS[1], ARGV[1])
   return ARGV[1]
 end
@@ -235,18 +235,28 @@ def check_lateness(settings: Settings) -> None:
     """Refuse, naming the setting, an allowed lateness larger than any the deployment's
     state was kept with before.
 
+    Like the engine's own writes, this needs the deployment's keys and ``EVAL``. While
+    workers run, lower the lateness on all of them together: a worker still running with the
+    larger one would accept events into partitions pruned under the smaller (it checks only
+    as it starts).
+
     A state keeps its event ids for twice the allowed lateness and its day buckets for the
     larger of 90 days and the lateness; what it pruned under a smaller lateness is gone. A
     larger lateness would accept events whose id or day the state no longer has: they
     would be counted twice, or into days already folded. A smaller one is always safe, and
     from then on is the one kept.
     """
-    client = redis_sync_client(settings)
     try:
-        kept = int(client.eval(_LATENESS_KEPT, 1, lateness_key(settings),
-                               settings.lateness_ms))
-    finally:
-        client.close()
+        client = redis_sync_client(settings)
+        try:
+            kept = int(client.eval(_LATENESS_KEPT, 1, lateness_key(settings),
+                                   settings.lateness_ms))
+        finally:
+            client.close()
+    except RedisError as exc:
+        raise ServiceError(
+            f"SEGSTREAM_REDIS_URL: cannot keep the allowed lateness in Redis at "
+            f"{redacted_url(settings.redis_url)}: {_first_line(exc)}") from None
     if settings.lateness_ms > kept:
         days = f"{kept / 86_400_000:g}"
         raise SettingsError(

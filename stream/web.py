@@ -17,10 +17,15 @@ from urllib.parse import unquote
 
 import orjson
 from aiohttp import web
+from redis.exceptions import (
+    AuthenticationError,
+    ClusterDownError,
+    RedisClusterUnreachableError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from features.store import StoreUnavailable
 from stream.metrics import EngineMetrics
 from stream.openapi import OPENAPI
 from stream.queries import check_cursor
@@ -32,9 +37,39 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 MAX_LIMIT = 1000
 DEFAULT_LIMIT = 100
-#: Errors of a store that is down or does not answer in time: 503 with ``Retry-After``.
-STORE_DOWN = (StoreUnavailable, RedisConnectionError, RedisTimeoutError, TimeoutError)
+#: Errors of a store that is down or does not answer in time (also when wrapped, as
+#: ``features.store.StoreUnavailable`` does): 503 with ``Retry-After``. Any other error, a
+#: refused command or credentials among them, is a 500.
+STORE_DOWN = (RedisConnectionError, RedisTimeoutError, TimeoutError, ClusterDownError,
+              TryAgainError, RedisClusterUnreachableError)
 RETRY_AFTER_S = 5
+
+
+def is_outage(exc: BaseException) -> bool:
+    """Whether ``exc``, or an error it was raised from or while handling, is the store
+    being down or slow rather than refusing what it was asked.
+
+    >>> from features.store import StoreUnavailable
+    >>> try:
+    ...     try:
+    ...         raise RedisTimeoutError("Timeout reading from socket")
+    ...     except RedisTimeoutError:
+    ...         raise StoreUnavailable("redis read failed") from None
+    ... except StoreUnavailable as e:
+    ...     print(is_outage(e), is_outage(StoreUnavailable("NOPERM")))
+    True False
+    """
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, STORE_DOWN) and not isinstance(e, AuthenticationError):
+            return True
+        stack += [e.__cause__, e.__context__]
+    return False
 #: Routes answered without a token (liveness and readiness probes, the dashboard page shell).
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/", "/dashboard"})
 
@@ -155,12 +190,13 @@ def _guard(handler: Handler, token: str | None, public: bool) -> Handler:
             return await handler(request)
         except web.HTTPException:
             raise
-        except STORE_DOWN as exc:
-            # An outage, not a bug: the client may retry (and tell the two apart).
-            log.warning("%s %s: the store did not answer (%s)", request.method,
-                        _route(request), describe(exc))
-            return error(503, "store unavailable", **{"Retry-After": str(RETRY_AFTER_S)})
-        except Exception:
+        except Exception as exc:
+            if is_outage(exc):
+                # An outage, not a bug: the client may retry (and tell the two apart).
+                log.warning("%s %s: the store did not answer (%s)", request.method,
+                            _route(request), describe(exc))
+                return error(503, "store unavailable",
+                             **{"Retry-After": str(RETRY_AFTER_S)})
             log.exception("%s %s failed", request.method, _route(request))
             return error(500, "internal error")
 

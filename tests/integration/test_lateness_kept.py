@@ -39,6 +39,11 @@ def test_the_smallest_lateness_kept_is_remembered_and_a_larger_one_refused(servi
         with pytest.raises(SettingsError, match=r"at most 2\.5"):
             check_lateness(settings(7))
 
+        r.set(lateness_key(settings(7)), b"junk")  # unreadable: taken for none
+        check_lateness(settings(7))
+        assert int(r.get(lateness_key(settings(7)))) == 7 * 86_400_000
+        check_lateness(settings(2.5))
+
         # the worker command refuses it before it starts (exit 2, one line naming it)
         env = {**os.environ, "SEGSTREAM_KAFKA_BOOTSTRAP": services["kafka"],
                "SEGSTREAM_REDIS_URL": services["redis"], "SEGSTREAM_REDIS_PREFIX": prefix,

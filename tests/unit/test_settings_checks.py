@@ -311,3 +311,13 @@ def test_a_redis_url_option_the_client_cannot_read_names_the_setting(option: str
         load_settings(redis_url=url)
     assert option.split("=")[0] in str(info.value)
     assert "hunter2" not in str(info.value)
+
+
+def test_the_lateness_check_names_the_setting_when_redis_does_not_answer() -> None:
+    from stream.errors import ServiceError
+    from stream.redisconn import check_lateness
+
+    with pytest.raises(ServiceError, match="SEGSTREAM_REDIS_URL") as info:
+        check_lateness(load_settings(redis_url="redis://user:pw9x@127.0.0.1:1/0",
+                                     redis_timeout_s=1))
+    assert "pw9x" not in str(info.value)

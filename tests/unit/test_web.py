@@ -441,18 +441,53 @@ def test_the_customer_schema_lists_every_key_the_engine_returns() -> None:
     assert returned <= set(schema), returned - set(schema)
 
 
-@pytest.mark.parametrize("exc", ["unavailable", "connection", "timeout"])
-@pytest.mark.parametrize("route", ["/customers/c42", "/segments", "/migrations", "/actions"])
-def test_a_store_that_does_not_answer_is_a_503_with_retry_after(exc: str, route: str) -> None:
-    """An outage is not a bug: a client can tell the two apart and retry (README, HTTP API)."""
+def _wrapped(inner: BaseException) -> BaseException:
+    """``inner`` as the store raises it: a ``StoreUnavailable`` raised while handling it."""
+    from features.store import StoreUnavailable
+
+    try:
+        try:
+            raise inner
+        except Exception as exc:
+            raise StoreUnavailable(f"redis read failed: {exc}") from None
+    except StoreUnavailable as outer:
+        return outer
+
+
+def _store_error(kind: str) -> BaseException:
+    from redis.exceptions import (
+        AuthenticationError,
+        ClusterDownError,
+        NoPermissionError,
+        RedisClusterUnreachableError,
+        ResponseError,
+    )
     from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import TimeoutError as RedisTimeoutError
 
-    from features.store import StoreUnavailable
+    return {
+        "connection": RedisConnectionError("Error 111 connecting"),
+        "timeout": RedisTimeoutError("Timeout reading from socket"),
+        "wrapped timeout": _wrapped(RedisTimeoutError("Timeout reading from socket")),
+        "cluster down": ClusterDownError("CLUSTERDOWN The cluster is down"),
+        "cluster unreachable": RedisClusterUnreachableError("no node answered"),
+        "wrapped noperm": _wrapped(NoPermissionError("NOPERM no permissions")),
+        "wrongtype": ResponseError("WRONGTYPE Operation against a key"),
+        "credentials": AuthenticationError("invalid username-password pair"),
+    }[kind]
 
-    error = {"unavailable": StoreUnavailable("redis read failed: secret detail"),
-             "connection": RedisConnectionError("Error 111 connecting"),
-             "timeout": RedisTimeoutError("Timeout reading from socket")}[exc]
+
+@pytest.mark.parametrize(("kind", "status"), [
+    ("connection", 503), ("timeout", 503), ("wrapped timeout", 503), ("cluster down", 503),
+    ("cluster unreachable", 503), ("wrapped noperm", 500), ("wrongtype", 500),
+    ("credentials", 500)])
+@pytest.mark.parametrize("route", ["/customers/c42", "/segments", "/migrations", "/actions"])
+def test_a_store_that_does_not_answer_is_a_503_with_retry_after(kind: str, status: int,
+                                                                route: str) -> None:
+    """An outage is not a bug: a client can tell the two apart and retry (README, HTTP API).
+    A command the store refuses (permissions, a key of another type, credentials) is no
+    outage: retrying will not help, and it stays a 500 with its traceback logged."""
+    error = _store_error(kind)
 
     class Down(FakeBackend):
         async def _down(self, *_: Any) -> Any:
@@ -463,11 +498,14 @@ def test_a_store_that_does_not_answer_is_a_503_with_retry_after(exc: str, route:
     async def main() -> None:
         async with serve(None, Down()) as (client, _):
             resp = await client.get(route)
-            assert resp.status == 503
-            assert resp.headers["Retry-After"] == "5"
-            assert await resp.json() == {"error": "store unavailable"}
+            assert resp.status == status
+            if status == 503:
+                assert resp.headers["Retry-After"] == "5"
+                assert await resp.json() == {"error": "store unavailable"}
+            else:
+                assert await resp.json() == {"error": "internal error"}
             documented = OPENAPI["paths"][route.replace("c42", "{customer_id}")]["get"]
-            assert "503" in documented["responses"]
+            assert str(status) in documented["responses"]
 
     asyncio.run(main())
 
@@ -477,12 +515,17 @@ def test_stats_keep_the_workers_own_figures_while_the_store_is_down() -> None:
     the engine time (as_of null), not the whole page."""
     from types import SimpleNamespace
 
+    from redis.exceptions import NoPermissionError, RedisClusterUnreachableError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
     from features.store import StoreUnavailable
     from stream.backend import EngineBackend
 
     class DownStore:
+        error: BaseException = _wrapped(RedisTimeoutError("Timeout reading from socket"))
+
         async def now(self) -> int:
-            raise StoreUnavailable("redis read failed: Timeout reading from socket")
+            raise self.error
 
     engine = SimpleNamespace(store=DownStore(), model_quality=dict)
     backend = EngineBackend(engine, EngineMetrics())  # type: ignore[arg-type]
@@ -493,6 +536,11 @@ def test_stats_keep_the_workers_own_figures_while_the_store_is_down() -> None:
     assert doc["as_of"] is None
     assert doc["flows"] == {"rfm": [{"from": None, "to": "Loyal", "count": 3}]}
     assert len(doc["throughput"]) == 1
+    DownStore.error = RedisClusterUnreachableError("no node answered")
+    assert asyncio.run(backend.stats())["as_of"] is None
+    DownStore.error = _wrapped(NoPermissionError("NOPERM"))  # not an outage: raised
+    with pytest.raises(StoreUnavailable):
+        asyncio.run(backend.stats())
 
 
 @pytest.mark.parametrize("query", ["limit=5&limit=abc", "limit=abc&limit=5", "since=1&since=x",

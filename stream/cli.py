@@ -485,16 +485,14 @@ def models(json_: JsonOpt = False) -> None:
 def forget(customer_id: str, json_: JsonOpt = False) -> None:
     """Erase a customer everywhere the engine keeps data and publish a tombstone."""
     from stream import forget as erase
-    from stream.schemas import MAX_ID_CHARS, _no_control
+    from stream.schemas import MAX_ID_CHARS, _id_ok
 
     # Ids the input schema refuses were never stored: erasing one would only publish a
     # tombstone for a key no migration has.
-    try:
-        if not customer_id or len(customer_id) > MAX_ID_CHARS:
-            raise ValueError(f"must have 1 to {MAX_ID_CHARS} characters")
-        _no_control(customer_id)
-    except ValueError as exc:
-        raise typer.BadParameter(f"the customer id {exc}", param_hint="CUSTOMER_ID") from None
+    if not _id_ok(customer_id):
+        raise typer.BadParameter(
+            f"the customer id must have 1 to {MAX_ID_CHARS} characters, not only whitespace "
+            "and no control character", param_hint="CUSTOMER_ID")
     s = _settings()
     doc = asyncio.run(_with_store(s, lambda r, store: erase.forget(s, r, store, customer_id)))
     erase.publish_tombstone(s, customer_id)

@@ -559,8 +559,13 @@ class BatchProcessor:
         cut = raw[:limit]
         try:
             payload, encoding = cut.decode("utf-8"), "utf-8"
-        except UnicodeDecodeError:
-            payload, encoding = base64.b64encode(cut).decode("ascii"), "base64"
+        except UnicodeDecodeError as e:
+            if len(raw) > limit and e.reason == "unexpected end of data":
+                # UTF-8 cut inside its last character: keep the whole characters before it
+                # (at most 3 bytes fewer), not a base64 of text
+                payload, encoding = cut[:e.start].decode("utf-8"), "utf-8"
+            else:
+                payload, encoding = base64.b64encode(cut).decode("ascii"), "base64"
         key = None
         if rec.key is not None:
             key = rec.key[:DLQ_KEY_BYTES].decode("utf-8", errors="replace")

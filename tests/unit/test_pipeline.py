@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import time
 from collections.abc import Sequence
 
@@ -171,6 +172,26 @@ def test_dlq_payload_is_truncated_and_keeps_the_source() -> None:
     assert d["offset"] == 7 and d["source_topic"] == "transactions"
     assert d["payload_truncated"] is True
     assert len(d["payload"]) == load_settings().dlq_payload_bytes
+
+
+@pytest.mark.parametrize("lead", [0, 1, 2, 3])
+def test_a_utf8_payload_cut_inside_a_character_stays_text(lead: int) -> None:
+    """Truncation at a byte limit that falls inside a multi-byte character keeps the
+    whole characters before it as text; only a payload that is not UTF-8 is base64."""
+    p, _, sink = make()
+    limit = load_settings().dlq_payload_bytes
+    raw = b"x" * lead + "\U0001F600".encode() * limit  # 4-byte characters
+    run(p, [rec(7, raw)])
+    d = orjson.loads(sink.sent[0][2])
+    assert d["payload_encoding"] == "utf-8" and d["payload_truncated"] is True
+    kept = d["payload"].encode()
+    assert raw.startswith(kept) and limit - 3 <= len(kept) <= limit
+    # a payload that is not UTF-8 before the cut is still base64
+    p, _, sink = make()
+    run(p, [rec(8, b"\xff" + raw)])
+    d = orjson.loads(sink.sent[0][2])
+    assert d["payload_encoding"] == "base64"
+    assert base64.b64decode(d["payload"]) == (b"\xff" + raw)[:limit]
 
 
 @pytest.mark.parametrize("var,value", [("SEGSTREAM_PARTITIONS", "0"),

@@ -70,6 +70,11 @@ class EngineResult:
     #: here), time the hypervisor gave to other machines (``steal``), and the rest (the
     #: benchmark's own poller, the OS, other processes)
     cpu_by_role: dict[str, float] = field(default_factory=dict)
+    #: per worker, what its own metrics say it did over the measured part of the run
+    #: (:func:`bench.breakdown.summary`: batches, mean records per batch, the mean of each
+    #: stage per batch, sweeps, collector pauses) and its own CPU seconds per input record
+    #: it processed; None where its metrics could not be read
+    per_worker: list[dict[str, Any] | None] = field(default_factory=list)
 
 
 def watermark_progress(r: redis.Redis, s: Settings, ends: dict[tuple[str, int], int]) -> int:
@@ -148,6 +153,10 @@ class ProcessTree:
         """CPU seconds of the root processes alone, as of the last sample."""
         return sum(self._cpu.get(root.pid, 0.0) for root in self.roots)
 
+    def own_cpu(self, pid: int) -> float:
+        """CPU seconds of one process alone (not its children), as of the last sample."""
+        return self._cpu.get(pid, 0.0)
+
     def sample(self) -> float:
         """Sample now; returns total CPU seconds so far (exited children keep their last)."""
         rss = 0
@@ -204,6 +213,9 @@ def run_engine(dep: BenchDeployment, role: str, workers: int, total: int,
     spawned = time.monotonic()
     procs = [dep.spawn("bench.worker", s, f"{role}-{i}", BENCH_COUNTERS=str(counters[i]))
              for i in range(workers)]
+    token = s.api_token.get_secret_value() if s.api_token else None
+    scraped: list[dict[str, dict[str, Any]] | None] = []
+    own_cpu0: list[float] = []
     profiler: subprocess.Popen[bytes] | None = None
     tree = ProcessTree([p.pid for p in procs])
     services = Services(s)
@@ -234,6 +246,8 @@ def run_engine(dep: BenchDeployment, role: str, workers: int, total: int,
             if first is None and done > 0:
                 first = (now, done, cpu, _read_counters(counters), server_counters(r))
                 roots0, services0 = tree.roots_cpu(), services.sample()
+                own_cpu0 = [tree.own_cpu(p.pid) for p in procs]
+                scraped = [breakdown.scrape(dep.metrics_url(p), token) for p in procs]
                 if profile is not None:  # the steady state only, not imports and group join
                     profiler = start_profiler(procs[0].pid, profile,
                                               dep.workdir / f"{role}-py-spy.log")
@@ -255,6 +269,16 @@ def run_engine(dep: BenchDeployment, role: str, workers: int, total: int,
         by_role = roles_cpu(worker_cpu_s, cpu_s - worker_cpu_s, services0, services1)
         time.sleep(POLL_S)  # a batch's counters move just after its commit
         dead = dead_letters(dep, s, procs)
+        tree.sample()
+        per_worker = []
+        for i, p in enumerate(procs):
+            before = scraped[i] if i < len(scraped) else None
+            got = None if before is None else breakdown.summary(
+                before, breakdown.scrape(dep.metrics_url(p), token))
+            if got is not None and got.get("records") and i < len(own_cpu0):
+                got["cpu_us_per_record"] = round(
+                    (tree.own_cpu(p.pid) - own_cpu0[i]) / got["records"] * 1e6, 1)
+            per_worker.append(got)
     finally:
         if profiler is not None:
             profiler.send_signal(signal.SIGINT)
@@ -272,6 +296,7 @@ def run_engine(dep: BenchDeployment, role: str, workers: int, total: int,
         models_serving_from=models_from,
         cpu_by_role={k: v / seconds for k, v in by_role.items()},
         dead_letters=dead,
+        per_worker=per_worker,
     )
 
 

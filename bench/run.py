@@ -197,6 +197,9 @@ def _engine_json(e: EngineResult) -> dict[str, Any]:
         "dead_letters": e.dead_letters,
         # CPU seconds per second of the run: the machine's cores, and who spent them
         "cpu_by_role": {k: round(v, 3) for k, v in e.cpu_by_role.items()},
+        # each worker's own account of the run (batches, stages, sweeps) and its CPU per
+        # record it processed, e.g. to see where a second worker's records cost more
+        "per_worker": e.per_worker,
     }
 
 

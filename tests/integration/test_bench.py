@@ -83,6 +83,14 @@ def test_small_bench_reports_every_figure(services: dict[str, str], tmp_path: Pa
     assert doc["ratios"]["engine_over_limit"] > 0 and doc["ratios"]["engine_over_floor"] > 0
     assert doc["engine"]["events_measured"] > 0
     assert doc["engine"]["dead_letters"] == {}, "the benchmark's own input is all valid"
+    # The worker's own account of E: the records of its batches cover what E measured
+    # (a record fetched again after the consumer group's first rebalance counts twice),
+    # and its CPU per record is the worker's CPU over them.
+    (own,) = doc["engine"]["per_worker"]
+    assert own["records"] >= doc["engine"]["events_measured"] * 0.9, own
+    assert own["batches"] > 0 and own["stages"]["evaluate"]["mean_ms"] > 0, own
+    assert 0 < own["cpu_us_per_record"] <= doc["engine"]["worker_cpu_s"] / own["records"] \
+        * 1e6 * 1.5, own
     # The worker alone (its learner child excluded) is part of the engine's CPU.
     assert 0 < doc["engine"]["worker_cpu_s"] <= doc["engine"]["cpu_s"]
     assert doc["engine"]["worker_cpu_share"] > 0

@@ -166,13 +166,12 @@ class OnlineModel:
             return [None] * len(xs)
         if not xs:
             return []
-        names, means, inv_std, weights, intercept = self._params()
-        get = itemgetter(*names) if len(names) > 1 else None
-        try:  # fast path: every input present (always so for model_inputs)
-            rows = [get(x) for x in xs] if get else [[x[names[0]]] for x in xs]
-        except KeyError:
-            rows = [[x.get(n, math.nan) for n in names] for x in xs]
-        mat = np.array(rows, dtype=float).reshape(len(xs), len(names))
+        return self._predict_matrix(input_matrix(self._params()[0], xs))
+
+    def _predict_matrix(self, mat: Any) -> list[float | None]:
+        """:meth:`predict_many` of inputs already in a matrix, a column per input name in
+        the order of :meth:`_params` (NaN where absent)."""
+        _, means, inv_std, weights, intercept = self._params()
         # An absent input contributes nothing, as in River's sparse dot product.
         z = np.nan_to_num((mat - means) * inv_std, nan=0.0) @ weights + intercept
         z = np.clip(z, -30.0, 30.0)  # River's sigmoid saturates at |z| > 30 as well
@@ -180,6 +179,10 @@ class OnlineModel:
         p[z <= -30.0] = 0.0
         p[z >= 30.0] = 1.0
         return [float(v) for v in p]
+
+    def input_names(self) -> list[str] | None:
+        """The names of the inputs the model reads, in its column order (None: not ready)."""
+        return self._params()[0] if self.ready else None
 
     def predict_one(self, x: Mapping[str, float]) -> float | None:
         """:meth:`predict_many` of one input."""
@@ -243,4 +246,53 @@ class OnlineModel:
         return model
 
 
-__all__ = ["SNAPSHOT_FORMAT", "OnlineModel"]
+def input_matrix(names: Sequence[str], xs: Sequence[Mapping[str, float]]) -> Any:
+    """The inputs ``xs`` as a float matrix, a row per input and a column per name (NaN
+    where an input lacks the name)."""
+    get = itemgetter(*names) if len(names) > 1 else None
+    try:  # fast path: every input present (always so for model_inputs)
+        rows = [get(x) for x in xs] if get else [[x[names[0]]] for x in xs]
+    except KeyError:
+        rows = [[x.get(n, math.nan) for n in names] for x in xs]
+    return np.array(rows, dtype=float).reshape(len(xs), len(names))
+
+
+def predict_models(models: Mapping[str, Any], xs: Sequence[Mapping[str, float]]
+                   ) -> dict[str, Any]:
+    """``predict_many`` of every model on the same inputs. For the :class:`OnlineModel`
+    among them, the matrix is built once for all that read the same names (each takes its
+    columns in its own order: the same numbers as its own ``predict_many``); any other
+    model predicts on its own.
+
+    >>> a, b = OnlineModel("a", min_per_class=1), OnlineModel("b", min_per_class=1)
+    >>> for i in range(4):  # b first sees v, then u: its columns are in the other order
+    ...     a.learn(Example(f"e{i}", "a", "h", i, i, {"u": float(i), "v": 1.0}, i % 2))
+    ...     b.learn(Example(f"e{i}", "b", "h", i, i, {"v": 2.0 - i, "u": 1.0}, i % 2))
+    >>> a.input_names(), b.input_names()
+    (['u', 'v'], ['v', 'u'])
+    >>> xs = [{"u": 0.5, "v": 3.0}, {"u": 2.0, "v": -1.0}]
+    >>> got = predict_models({"a": a, "b": b}, xs)
+    >>> got == {"a": a.predict_many(xs), "b": b.predict_many(xs)} and got["a"] != got["b"]
+    True
+    """
+    out: dict[str, list[float | None]] = {}
+    shared: dict[frozenset[str], tuple[dict[str, int], Any]] = {}
+    for name, model in models.items():
+        names = model.input_names() if xs and isinstance(model, OnlineModel) else None
+        if names is None:
+            out[name] = model.predict_many(xs)
+            continue
+        key = frozenset(names)
+        if len(key) != len(names) or key not in shared:
+            shared[key] = ({n: i for i, n in enumerate(names)}, input_matrix(names, xs))
+            if len(key) != len(names):  # a name twice: its own matrix, never shared
+                out[name] = model._predict_matrix(shared.pop(key)[1])
+                continue
+        pos, mat = shared[key]
+        order = [pos[n] for n in names]
+        same = order == list(range(len(order)))
+        out[name] = model._predict_matrix(mat if same else mat[:, order])
+    return out
+
+
+__all__ = ["SNAPSHOT_FORMAT", "OnlineModel", "input_matrix", "predict_models"]

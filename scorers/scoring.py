@@ -224,7 +224,11 @@ def _all_scores(feats: list[dict[str, Any]], xs: Sequence[Mapping[str, float]] |
     """Every score of every customer, in the order of the score contract; RFM ranks them
     in ``population`` (default: the context's)."""
     n = len(feats)
-    preds = {name: model.predict_many(xs or []) for name, model in ctx.models.items()}
+    preds: Mapping[str, Sequence[float | None]] = {}
+    if ctx.models:
+        from scorers.online import predict_models  # loaded with the models already
+
+        preds = predict_models(ctx.models, xs or [])
     clusters: Sequence[str | None] = [None] * n
     if ctx.personas is not None:
         clusters = ctx.personas.predict_many(feats)

@@ -809,6 +809,8 @@ class Engine:
         if not idle and time.monotonic() - sweeper.last_pass_end < self.settings.sweep_interval_s:
             return
         try:
+            if idle:
+                await sweeper.check_store(self.owned_partitions())
             due = await sweeper.due(self.owned_partitions())
             if due:
                 stats = await sweeper.run_pass(due)

@@ -428,6 +428,10 @@ class BatchProcessor:
                 if off > wrote.get((p, t), -1):
                     wrote[(p, t)] = off
 
+    def written_partitions(self) -> set[int]:
+        """Partitions whose watermarks this processor committed or found in the store."""
+        return {p for p, _t in self._wrote}
+
     def forget_partitions(self, partitions: Iterable[int]) -> None:
         """Partitions this worker no longer owns: a later assignment positions the consumer
         from the store's watermarks as they are then (``perform_seek``)."""

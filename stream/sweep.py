@@ -112,6 +112,30 @@ class Sweeper:
             return 0.0
         return chunk_s * (1.0 - self.max_share) / self.max_share
 
+    async def check_store(self, partitions: Iterable[int]) -> None:
+        """Stop (``PipelineFailed``) if the store lost what this worker committed to
+        ``partitions``, with no batch or sweep needed to find out.
+
+        A batch and a sweep step check the watermarks they load, but an idle worker loads
+        nothing: a Redis restarted empty under it went unnoticed until input came for a
+        partition it had committed to, and meanwhile sweeps and batches of its other
+        partitions scored against the emptied state. Called while the worker is idle;
+        one round trip, under the batch lock with nothing committing in the background
+        (a commit landing between the read and the check would look like a loss).
+        """
+        wrote = self.processor.written_partitions()
+        parts = sorted(p for p in partitions if p in wrote)
+        if not parts:
+            return
+        await self._acquire()
+        try:
+            await self.processor.drain()
+            self.processor.raise_if_failed()
+            _now, snaps = await self.store.load({p: [] for p in parts}, self.processor.topics)
+            self.processor.check_kept(snaps)
+        finally:
+            self.lock.release()
+
     async def due(self, partitions: Iterable[int]) -> list[int]:
         """Partitions whose last completed pass used other inputs than now."""
         await self.runtime.refresh()

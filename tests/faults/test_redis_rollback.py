@@ -121,3 +121,33 @@ def test_a_running_worker_whose_redis_lost_writes_stops_and_its_restart_reads_th
     assert fault_oracle.applied(deployment) == EVENTS
     fault_oracle.check_features(deployment, inputs)
     fault_oracle.check_counters(deployment, fault_oracle.profiles(deployment))
+
+
+def test_an_idle_worker_whose_redis_was_emptied_stops_without_new_input(
+        deployment, tmp_path: Path) -> None:
+    """Redis restarted empty (no persistence) under a worker with no input: the worker
+    loads nothing, and used to go on unaware (sweeping emptied partitions, scoring the
+    next input against the partial state) until input came for a partition it had
+    committed to. Its idle check of the stored watermarks stops it by itself (exit 70);
+    restarted, it reads the input again from the start and everything is exact."""
+    import redis
+
+    events = 3_000
+    inputs = fault_oracle.synthetic_input(events, seed=13)
+    fault_oracle.produce(deployment, inputs)
+    w = deployment.start_worker(tmp_path)
+    fault_oracle.wait_applied(deployment, events)
+    r = redis.Redis.from_url(deployment.settings.redis_url)
+    try:
+        _put_back(deployment, r, {})  # every key of the deployment gone
+    finally:
+        r.close()
+    assert w.wait(timeout=120) == 70
+    log = deployment.logs[-1].read_bytes()
+    assert b"lost committed writes" in log and b"CRITICAL" in log
+    w = deployment.start_worker(tmp_path)
+    deployment.cli("wait", "--timeout", "240", timeout=300)
+    assert w.poll() is None
+    assert fault_oracle.applied(deployment) == events
+    fault_oracle.check_features(deployment, inputs)
+    fault_oracle.check_counters(deployment, fault_oracle.profiles(deployment))

@@ -157,10 +157,52 @@ def expected_purchases(params: BgNbdParams, t: float, x: ArrayLike, t_x: ArrayLi
     z = t / (alpha + T + t)
     hyp = hyp2f1(_a, _b, _c, z)
     first = (a + b + x - 1) / (a - 1)
-    second = 1 - hyp * ((alpha + T) / (alpha + t + T)) ** (r + x)
+    second = np.asarray(1 - hyp * ((alpha + T) / (alpha + t + T)) ** (r + x), dtype=float)
+    lost = ~np.isfinite(second)
+    if lost.any():
+        # scipy's 2F1 gives NaN for a large first parameter (r + x past about 2e4: a fit
+        # of customers whose rates barely differ sends r and alpha up together). Its
+        # series has positive terms here (0 < z < 1, b + x > 0, a + b + x - 1 > 0), so
+        # summing it loses no digits; (1 - z)^(r + x) is applied in logarithms.
+        shape = second.shape
+        second = second.reshape(-1).copy()
+        idx = np.flatnonzero(lost.reshape(-1))
+
+        def pick(v: Any) -> NDArray[np.float64]:
+            return np.broadcast_to(v, shape).reshape(-1)[idx]
+
+        series = hyp2f1_series(pick(_a), pick(_b), pick(_c), pick(z))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            second[idx] = 1 - np.exp(np.log(series) + pick(_a) * np.log1p(-pick(z)))
+        second = second.reshape(shape)
     denom = 1 + (x > 0) * (a / (b + x - 1 + (x == 0))) * ((alpha + T) / (alpha + t_x)) ** (r + x)
     out = first * second / denom
     return out if np.ndim(out) else float(out)
+
+
+def hyp2f1_series(a: ArrayLike, b: ArrayLike, c: ArrayLike, z: ArrayLike,
+                  max_terms: int = 20_000) -> NDArray[np.float64]:
+    """The Gauss hypergeometric function 2F1(a, b; c; z) by its power series, for |z| < 1;
+    NaN where it does not converge within ``max_terms`` terms.
+
+    >>> from scipy.special import hyp2f1
+    >>> bool(np.isclose(hyp2f1_series(3.5, 1.2, 20.0, 0.3)[()], hyp2f1(3.5, 1.2, 20.0, 0.3)))
+    True
+    """
+    a, b, c, z = np.broadcast_arrays(*(np.asarray(v, dtype=float) for v in (a, b, c, z)))
+    total = np.ones(a.shape)
+    term = np.ones(a.shape)
+    going = np.abs(z) < 1
+    for n in range(max_terms):
+        term = np.where(going, term * (a + n) * (b + n) / ((c + n) * (n + 1)) * z, 0.0)
+        total = total + term
+        # done once a term no longer moves the sum (its terms shrink from here on: the
+        # ratio tends to z, and any growth ends once n passes |a|, |b| and |c| times |z|)
+        going &= ~((np.abs(term) <= 1e-17 * np.abs(total))
+                   & (n + 1 > np.abs(z) * np.maximum(np.abs(a), np.abs(b))))
+        if not going.any():
+            return total
+    return np.where(going | (np.abs(z) >= 1), np.nan, total)
 
 
 def gamma_gamma_loglik(params: GammaGammaParams, x: ArrayLike, m: ArrayLike

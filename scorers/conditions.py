@@ -190,6 +190,11 @@ class Columns:
         if col is None:
             return np.full(self.n, np.nan)
         arr = np.asarray(col)
+        if arr.dtype.kind in "US" and not isinstance(col, np.ndarray):
+            # numpy makes text of every item of a list mixing text and numbers (5.0 became
+            # "5.0"): keep the items as they were
+            arr = np.empty(len(col), dtype=object)
+            arr[:] = list(col)
         if arr.shape != (self.n,):
             raise ValueError(f"column of shape {arr.shape}, expected ({self.n},)")
         if arr.dtype.kind in "biuf":

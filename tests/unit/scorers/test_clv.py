@@ -201,3 +201,75 @@ def test_scores_of_parameters_at_a_degenerate_point_are_null_not_infinite() -> N
     for got in clv_scores_many(model, feats):
         assert got["expected_purchases_90d"] is None and got["clv_90d"] is None
         assert got["p_alive"] is None or math.isfinite(got["p_alive"])
+
+
+def _expected_purchases_decimal(p: clv.BgNbdParams, t: float, x: int, t_x: float,
+                                T: float) -> float:
+    """The BG/NBD conditional expectation (Fader, Hardie and Lee 2005, eq. 10) with its
+    2F1 summed term by term in 60-digit decimals: no scipy, no transformation."""
+    from decimal import Decimal, getcontext
+
+    getcontext().prec = 60
+    r, alpha, a, b = (Decimal(repr(v)) for v in (p.r, p.alpha, p.a, p.b))
+    t_, x_, tx_, T_ = (Decimal(repr(float(v))) for v in (t, x, t_x, T))
+    A, B, C = r + x_, b + x_, a + b + x_ - 1
+    z = t_ / (alpha + T_ + t_)
+    total = term = Decimal(1)
+    n = 0
+    while n < 10 or abs(term) > Decimal("1e-40") * abs(total):
+        term = term * (A + n) * (B + n) / ((C + n) * (n + 1)) * z
+        total += term
+        n += 1
+    second = 1 - total * ((alpha + T_) / (alpha + t_ + T_)) ** A
+    first = (a + b + x_ - 1) / (a - 1)
+    denom = 1 + (a / (b + x_ - 1) * ((alpha + T_) / (alpha + tx_)) ** A if x > 0 else 0)
+    return float(first * second / denom)
+
+
+@pytest.mark.parametrize("r", [1e3, 3e4, 1e6, 2.5e8])
+def test_expected_purchases_stay_finite_and_exact_for_a_huge_r(r: float) -> None:
+    """A fit of customers whose purchase rates barely differ sends r and alpha up together
+    (r / alpha fixed); scipy's 2F1 gives NaN past r of about 2e4, which made every
+    customer's expected purchases and CLV null."""
+    p = clv.BgNbdParams(r=r, alpha=r * 9.965, a=0.815, b=15.22)
+    x = np.array([35, 0, 1, 4, 120])
+    t_x = np.array([327.0, 0.0, 10.0, 200.0, 700.0])
+    T = np.array([344.0, 30.0, 400.0, 210.0, 730.0])
+    got = clv.expected_purchases(p, 90.0, x, t_x, T)
+    assert np.isfinite(got).all()
+    for i in range(len(x)):
+        want = _expected_purchases_decimal(p, 90.0, int(x[i]), t_x[i], T[i])
+        assert got[i] == pytest.approx(want, rel=1e-8, abs=1e-12), (i, got[i], want)
+    # a single customer gives the same number as in a column
+    assert clv.expected_purchases(p, 90.0, 35, 327.0, 344.0) == got[0]
+
+
+def _hyp2f1_decimal(a: float, b: float, c: float, z: float) -> float:
+    """2F1(a, b; c; z) summed term by term in 50-digit decimals (0 <= z < 1, positive
+    parameters: every term positive)."""
+    from decimal import Decimal, getcontext
+
+    getcontext().prec = 50
+    a_, b_, c_, z_ = (Decimal(repr(v)) for v in (a, b, c, z))
+    total = term = Decimal(1)
+    n = 0
+    while n < 10 or term > Decimal("1e-30") * total:
+        term = term * (a_ + n) * (b_ + n) / ((c_ + n) * (n + 1)) * z_
+        total += term
+        n += 1
+    return float(total)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.floats(0.05, 500.0), st.floats(0.05, 50.0), st.floats(0.05, 600.0),
+       st.floats(0.0, 0.5))
+def test_the_2f1_series_is_exact_where_expected_purchases_sums_it(
+        a: float, b: float, c: float, z: float) -> None:
+    """2F1(r + x, b + x; a + b + x - 1; t / (alpha + T + t)): every term positive. (Not
+    against scipy: its 2F1(207, 1; 104; 0.5) is 6.7e31, the sum 19.01.)"""
+    want = _hyp2f1_decimal(a, b, c, z)
+    got = float(clv.hyp2f1_series(a, b, c, z)[()])
+    if want < 1e300:
+        assert got == pytest.approx(want, rel=1e-10)
+    assert float(clv.hyp2f1_series(207.0, 1.0, 104.0, 0.5)[()]) == pytest.approx(
+        19.010285736651658, rel=1e-12)

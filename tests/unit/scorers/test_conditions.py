@@ -289,6 +289,19 @@ def test_evaluate_columns_matches_evaluate_row_by_row(
     assert got.tolist() == [c.evaluate(r, slack) for r in data]
 
 
+@settings(max_examples=300, deadline=None)
+@given(text=conditions, data=st.lists(rows, min_size=1, max_size=12), slack=slacks)
+def test_evaluate_columns_of_plain_lists_matches_evaluate(
+        text: str, data: list[dict[str, Any]], slack: dict[str, float] | None) -> None:
+    """Columns given as lists, as a caller has them: a list mixing text and numbers
+    (["a", 1.0]) kept its numbers as numbers (numpy alone makes "1.0" of them)."""
+    c = compile_condition(text)
+    columns = {k: [r[k] for r in data] for k in ("x", "y", "s")}
+    assert c.evaluate_columns(columns, slack).tolist() == [c.evaluate(r, slack) for r in data]
+    mixed = compile_condition("s > 0.5")
+    assert mixed.evaluate_columns({"s": ["a", 1.0]}).tolist() == [False, True]
+
+
 @settings(max_examples=200, deadline=None)
 @given(texts=st.lists(conditions, min_size=1, max_size=4),
        data=st.lists(rows, min_size=1, max_size=12), slack=slacks)

@@ -776,8 +776,10 @@ class Engine:
         """Faust seeks to the committed offsets after a rebalance: what waits is dropped."""
         dropped = self.inbox.revoke(revoked)
         if self.processor is not None:
-            self.processor.forget_partitions(
-                tp.partition for tp in revoked if tp.topic in self.inbox.topics)
+            gone = {tp.partition for tp in revoked if tp.topic in self.inbox.topics}
+            self.processor.forget_partitions(gone)
+            if self.sweeper is not None:
+                self.sweeper.forget(gone)
         if dropped:
             log.info("rebalance: %d fetched input records dropped, to be fetched again",
                      dropped)
@@ -821,6 +823,10 @@ class Engine:
                     log.warning("sweep: %d customers whose stored state cannot be read "
                                 "passed over; %d chunks given up (swept again)",
                                 stats.unreadable, stats.abandoned)
+            held = await sweeper.run_held(self.owned_partitions())
+            if held.customers or held.abandoned:
+                log.info("sweep: %d customers whose minimum dwell ended evaluated, %d "
+                         "migrations, %.1fs", held.customers, held.migrations, held.seconds)
         except PipelineFailed as exc:
             fail_stop(exc)  # the store lost writes, or a batch gave up: nothing may go on
         except Exception as exc:

@@ -364,13 +364,33 @@ async def _all_swept(s: Settings, r: Any, store: Any) -> bool:
     from stream.runtime import registry_keys
 
     context = await r.get(registry_keys(s.redis_prefix)["context"])
+    now = await store.now()
     if context is None:
-        return bool(await store.now() < 0)  # nothing accepted yet: nothing to sweep
+        return bool(now < 0)  # nothing accepted yet: nothing to sweep
     async with r.pipeline(transaction=False) as pipe:
         for p in range(s.partitions):
             pipe.hget(store.keys.meta(p), SWEPT_FIELD)
         swept = await pipe.execute()
-    return all(v == context for v in swept)
+    if not all(v == context for v in swept):
+        return False
+    # The context is what the workers last swept with; only a live worker renews it. A
+    # batch that moved engine time into a new day, or the population's RFM thresholds,
+    # just before its worker died left it as it was: the day and the thresholds it names
+    # must be the store's own.
+    text = context.decode(errors="replace") if isinstance(context, bytes) else str(context)
+    day, sep, rest = text.partition(":")
+    thresholds = rest.partition(":")[0]
+    if not sep or not day.isdigit():
+        return True  # written by an older worker: as before
+    if int(day) != now // 86_400_000:
+        return False
+    if thresholds:
+        from scorers import rfm
+        from scorers.scoring import RFM_HASH
+
+        tables = await store.read_tables(RFM_HASH, range(s.partitions))
+        return bool(rfm.Population.from_hashes(tables.values()).digest == thresholds)
+    return True
 
 
 def customer_doc(s: Settings, customer_id: str) -> dict[str, Any] | None:

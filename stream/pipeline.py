@@ -302,6 +302,9 @@ class BatchProcessor:
         self.on_stage: Callable[[str, float], None] | None = None
         #: called with the outbox records after Kafka acknowledged them (metrics)
         self.on_published: Callable[[list[OutboxRecord]], None] | None = None
+        #: called with (partition, customer id, profile, -1) for each evaluation that moved
+        #: a customer (the sweeper times the end of the minimum dwell it starts)
+        self.on_moved: Callable[[int, str, Any, int], None] | None = None
         self.store = store
         self.publisher = publisher
         self.clock = clock
@@ -909,6 +912,8 @@ class BatchProcessor:
         """Put an evaluation's profile, counters, migrations and examples into a commit."""
         if o.changed:
             commit.profiles[o.customer_id] = o.profile.to_bytes()
+        if o.migrations and self.on_moved is not None:
+            self.on_moved(commit.partition, o.customer_id, o.profile, -1)
         for table, row in o.increments.items():
             dst = commit.increments.setdefault(table, {})
             for fld, d in row.items():

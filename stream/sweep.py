@@ -14,17 +14,23 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import heapq
 import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from features import serial
+from features.events import MS_PER_DAY
 from features.store import FeatureStore, PartitionCommit, StoreUnavailable
 from scorers.profile import Profile
 from scorers.scoring import RFM_HASH, CustomerInput, ScoringContext, is_current
 from stream.pipeline import BatchProcessor, Scoring, settled_ms
 from stream.redact import cid_ref
+
+#: The swept marker of a partition with held customers coming due: never the context, so
+#: ``segstream wait`` does not count the partition as settled until they are evaluated.
+HELD_MARK = "held"
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +95,12 @@ class Sweeper:
         self.on_step: Callable[[int, float], None] | None = None
         #: running lock time per customer of a step (0: no step measured yet)
         self.cost_per_customer = 0.0
+        #: per partition, a heap of (end of a minimum dwell, customer id): customers held
+        #: in a segment past the engine time of their last evaluation (:meth:`note_held`)
+        self.held: dict[int, list[tuple[int, str]]] = {}
+        self._held_known: set[tuple[int, str, int]] = set()
+        if processor is not None:
+            processor.on_moved = self.note_held
 
     def busy_step(self) -> int:
         """Customers in the next step while input arrives: as many as fit in
@@ -136,13 +148,84 @@ class Sweeper:
         finally:
             self.lock.release()
 
+    def key(self, now_ms: int) -> str:
+        """What a pass at ``now_ms`` is marked with: the engine day and the population's
+        RFM thresholds in clear (``segstream wait`` compares them with the store's, so a
+        worker that died after a batch moved either leaves the deployment unsettled),
+        then the digest of every scoring input (:meth:`ScoringRuntime.digest`)."""
+        pop = getattr(self.runtime, "population", None)
+        return (f"{now_ms // MS_PER_DAY}:{pop.digest if pop is not None else ''}:"
+                f"{self.runtime.digest(now_ms)}")
+
+    def note_held(self, p: int, customer_id: str, profile: Profile, now_ms: int = -1) -> None:
+        """Remember when ``profile``'s minimum dwells end past ``now_ms``: the customer is
+        evaluated again then (:meth:`run_held`), with no event of theirs and within the
+        engine day (a pass over the partition only follows a new day or new inputs)."""
+        catalogue = getattr(self.runtime, "catalogue", None)
+        if catalogue is None or not profile.segments:
+            return
+        schemes = catalogue.schemes
+        for name, (segment, since) in profile.segments.items():
+            scheme = schemes.get(name)
+            if scheme is None or scheme.min_dwell_ms <= 0 or (
+                    segment not in scheme.segment_names):
+                continue
+            end = since + scheme.min_dwell_ms
+            if end > now_ms and (p, customer_id, end) not in self._held_known:
+                self._held_known.add((p, customer_id, end))
+                heapq.heappush(self.held.setdefault(p, []), (end, customer_id))
+
+    def forget(self, partitions: Iterable[int]) -> None:
+        """Partitions this worker no longer owns: if they come back, another owner may
+        have moved their customers meanwhile, so they are swept (and noted) afresh."""
+        for p in partitions:
+            self.swept.pop(p, None)
+            for _end, cid in self.held.pop(p, []):
+                self._held_known.discard((p, cid, _end))
+
+    async def run_held(self, partitions: Iterable[int]) -> SweepStats:
+        """Evaluate the customers of ``partitions`` whose minimum dwell has ended by the
+        engine time now (they may move now), as a sweep evaluates them."""
+        stats = SweepStats()
+        now = await self.store.now()
+        if now < 0:
+            return stats
+        t0 = time.perf_counter()
+        for p in sorted(set(partitions)):
+            heap = self.held.get(p)
+            ids: list[str] = []
+            while heap and heap[0][0] <= now:
+                end, cid = heapq.heappop(heap)
+                self._held_known.discard((p, cid, end))
+                ids.append(cid)
+            ids = list(dict.fromkeys(ids))
+            if not ids:
+                continue
+            marked = self.swept.get(p)
+            if marked is not None:
+                await self.store.mark_swept(p, HELD_MARK)
+            complete = True
+            while ids:
+                complete = await self._chunk(p, ids[:CHUNK], stats) and complete
+                ids = ids[CHUNK:]
+            if p in stats.published_to:
+                stats.published_to.discard(p)
+                await self.processor.drain()
+                complete = complete and self.processor.is_clean(p)
+            if not complete:
+                self.swept.pop(p, None)  # the next pass takes the whole partition again
+            elif marked is not None and self.swept.get(p) == marked:
+                await self.store.mark_swept(p, marked)
+        stats.seconds = time.perf_counter() - t0
+        return stats
+
     async def due(self, partitions: Iterable[int]) -> list[int]:
         """Partitions whose last completed pass used other inputs than now."""
         await self.runtime.refresh()
         now = await self.store.now()
         if now < 0:
             return []
-        digest = self.runtime.digest(now)
+        digest = self.key(now)
         # Published so that `segstream wait` can tell when every partition is settled.
         await self.store.set_context(digest)
         return [p for p in partitions if self.swept.get(p) != digest]
@@ -153,7 +236,7 @@ class Sweeper:
         for p in partitions:
             await self.runtime.refresh()
             now = await self.store.now()
-            digest = self.runtime.digest(now)
+            digest = self.key(now)
             cursor, complete = 0, True
             while True:
                 cursor, ids = await self.store.scan_customers(p, cursor, CHUNK)
@@ -247,9 +330,10 @@ class Sweeper:
             except Exception as exc:
                 self._unreadable(p, cid, exc, stats)
         changes: dict[str, int] = {}
-        for _c, outcome in self.processor.score(inputs, ctx):
+        for c, outcome in self.processor.score(inputs, ctx):
             if isinstance(outcome, Exception):
                 continue
+            self.note_held(p, c.customer_id, outcome.profile, ctx.now_ms)
             self.processor.add_outcome(commit, outcome, None)
             for fld, d in outcome.increments.get(RFM_HASH, {}).items():
                 changes[fld] = changes.get(fld, 0) + d
@@ -294,6 +378,7 @@ class Sweeper:
                     continue
                 keyed = bool(ctx.context_key) and profile.context == ctx.context_key
                 (second if keyed else first).append((cid, blob, profile))
+                self.note_held(p, cid, profile, ctx.now_ms)
         commit = PartitionCommit(p, snap.ver, {}, snap.now_ms)
         changes = self._evaluate(first, ctx, commit, p, stats)
         # Ranked as evaluating everyone together would rank them: with the first round's

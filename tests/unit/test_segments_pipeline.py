@@ -75,6 +75,15 @@ class Harness:
             self.offsets[part] += 1
         asyncio.run(self.p.process(recs))
 
+    def click(self, cid: str, ts: int) -> None:
+        """One micro-batch of one page view."""
+        part = hash(cid) % self.s.partitions
+        ev = {"event_id": f"{cid}-{ts}", "customer_id": cid, "ts": ts,
+              "event_type": "page_view"}
+        asyncio.run(self.p.process([RawRecord("clickstream", part, self.offsets[-1 - part],
+                                              cid.encode(), orjson.dumps(ev))]))
+        self.offsets[-1 - part] += 1
+
     def sweep(self) -> None:
         asyncio.run(self.sweeper.run_pass(range(self.s.partitions)))
 
@@ -504,3 +513,35 @@ def test_an_unchanged_profile_is_written_for_its_mark_only_when_it_must_be() -> 
     assert _mark(earlier, live, "345") and not _mark(earlier, replay, "345")
     unknown = ScoringContext(now_ms=now, wall_ms=now, lateness_ms=0)
     assert not _mark(earlier, unknown, "345")
+
+
+def test_a_held_customer_moves_when_the_minimum_dwell_ends_within_the_engine_day() -> None:
+    """A pass over a partition follows a new engine day or new scoring inputs; a minimum
+    dwell ending later in the day waited for the next day's pass (23 hours of engine time
+    late) and `segstream wait` called the segments settled meanwhile. The sweeper times
+    each dwell's end and evaluates the customer once engine time reaches it."""
+    cat = load_catalogue(SPEND_RULES % {"dwell": 2, "hyst": ""})
+    h = Harness(cat, partitions=2)
+    hour = 3_600_000
+    parts = range(h.s.partitions)
+
+    def moves() -> list[tuple[str, str]]:
+        return [(m["to_segment"], m["at"]) for m in h.sink.migrations()
+                if m["customer_id"] == "c1"]
+
+    h.buy([("c1", T0 + 5 * hour, 20.0)])  # placed in Low at 05:00
+    h.buy([("c1", T0 + 6 * hour, 100.0)])  # 7-day spend 120: High, held in Low for 2 days
+    h.sweep()
+    h.click("o1", T0 + 2 * DAY + 4 * hour)  # day 2, 04:00: held for another hour
+    h.sweep()  # the new day's pass
+    asyncio.run(h.sweeper.run_held(parts))
+    assert moves() == [("Low", "2025-01-01T05:00:00.000Z")]
+    h.click("o1", T0 + 2 * DAY + 6 * hour)  # 06:00: the dwell ended an hour ago
+    assert asyncio.run(h.sweeper.due(parts)) == []  # same day, same population: no pass
+    stats = asyncio.run(h.sweeper.run_held(parts))
+    assert stats.customers == 1 and stats.migrations == 1
+    assert moves() == [("Low", "2025-01-01T05:00:00.000Z"),
+                       ("High", "2025-01-03T06:00:00.000Z")]
+    # evaluated once: nothing is due any more, and the partitions are marked swept again
+    assert asyncio.run(h.sweeper.run_held(parts)).customers == 0
+    assert all(h.store.swept.get(p) == h.sweeper.swept[p] for p in parts)

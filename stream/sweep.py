@@ -96,9 +96,10 @@ class Sweeper:
         #: running lock time per customer of a step (0: no step measured yet)
         self.cost_per_customer = 0.0
         #: per partition, a heap of (end of a minimum dwell, customer id): customers held
-        #: in a segment past the engine time of their last evaluation (:meth:`note_held`)
+        #: in a segment past the engine time of their last evaluation (:meth:`note_held`);
+        #: an entry counts only while it is the customer's earliest in ``held_next``
         self.held: dict[int, list[tuple[int, str]]] = {}
-        self._held_known: set[tuple[int, str, int]] = set()
+        self.held_next: dict[int, dict[str, int]] = {}
         if processor is not None:
             processor.on_moved = self.note_held
 
@@ -158,30 +159,53 @@ class Sweeper:
                 f"{self.runtime.digest(now_ms)}")
 
     def note_held(self, p: int, customer_id: str, profile: Profile, now_ms: int = -1) -> None:
-        """Remember when ``profile``'s minimum dwells end past ``now_ms``: the customer is
-        evaluated again then (:meth:`run_held`), with no event of theirs and within the
-        engine day (a pass over the partition only follows a new day or new inputs)."""
+        """Remember when ``profile``'s minimum dwells end past ``now_ms`` (-1: the profile
+        of a move, made at its newest segment entry): the customer is evaluated again
+        then (:meth:`run_held`), with no event of theirs and within the engine day (a
+        pass over the partition only follows a new day or new inputs)."""
         catalogue = getattr(self.runtime, "catalogue", None)
         if catalogue is None or not profile.segments:
             return
         schemes = catalogue.schemes
+        if now_ms < 0:  # a move: its segment's entry time is the evaluation's engine time
+            now_ms = max(since for _seg, since in profile.segments.values())
+        soonest = -1
         for name, (segment, since) in profile.segments.items():
             scheme = schemes.get(name)
             if scheme is None or scheme.min_dwell_ms <= 0 or (
                     segment not in scheme.segment_names):
                 continue
             end = since + scheme.min_dwell_ms
-            if end > now_ms and (p, customer_id, end) not in self._held_known:
-                self._held_known.add((p, customer_id, end))
-                heapq.heappush(self.held.setdefault(p, []), (end, customer_id))
+            if end > now_ms and (soonest < 0 or end < soonest):
+                soonest = end
+        if soonest < 0:
+            return
+        # Only the earliest end is kept: the evaluation then notes the later ones again.
+        known = self.held_next.setdefault(p, {})
+        have = known.get(customer_id)
+        if have is None or soonest < have:
+            known[customer_id] = soonest
+            heapq.heappush(self.held.setdefault(p, []), (soonest, customer_id))
+
+    def _pop_held(self, p: int, now_ms: int) -> list[str]:
+        """The customers of partition ``p`` whose earliest dwell end is at or before
+        ``now_ms``, forgotten here (their evaluation notes their later ends)."""
+        heap, known = self.held.get(p), self.held_next.get(p)
+        out: list[str] = []
+        while heap and heap[0][0] <= now_ms:
+            end, cid = heapq.heappop(heap)
+            if known is not None and known.get(cid) == end:
+                del known[cid]
+                out.append(cid)
+        return out
 
     def forget(self, partitions: Iterable[int]) -> None:
         """Partitions this worker no longer owns: if they come back, another owner may
         have moved their customers meanwhile, so they are swept (and noted) afresh."""
         for p in partitions:
             self.swept.pop(p, None)
-            for _end, cid in self.held.pop(p, []):
-                self._held_known.discard((p, cid, _end))
+            self.held.pop(p, None)
+            self.held_next.pop(p, None)
 
     async def run_held(self, partitions: Iterable[int]) -> SweepStats:
         """Evaluate the customers of ``partitions`` whose minimum dwell has ended by the
@@ -192,13 +216,7 @@ class Sweeper:
             return stats
         t0 = time.perf_counter()
         for p in sorted(set(partitions)):
-            heap = self.held.get(p)
-            ids: list[str] = []
-            while heap and heap[0][0] <= now:
-                end, cid = heapq.heappop(heap)
-                self._held_known.discard((p, cid, end))
-                ids.append(cid)
-            ids = list(dict.fromkeys(ids))
+            ids = self._pop_held(p, now)
             if not ids:
                 continue
             marked = self.swept.get(p)
@@ -206,8 +224,13 @@ class Sweeper:
                 await self.store.mark_swept(p, HELD_MARK)
             complete = True
             while ids:
-                complete = await self._chunk(p, ids[:CHUNK], stats) and complete
-                ids = ids[CHUNK:]
+                step = self.busy_step() if self.busy() else CHUNK
+                c0 = time.perf_counter()
+                complete = await self._chunk(p, ids[:step], stats) and complete
+                ids = ids[step:]
+                pause = self.pause_after(min(time.perf_counter() - c0, PACED_STEP_MAX_S))
+                if pause > 0:
+                    await asyncio.sleep(pause)
             if p in stats.published_to:
                 stats.published_to.discard(p)
                 await self.processor.drain()
@@ -270,6 +293,9 @@ class Sweeper:
                     continue
             await self.store.mark_swept(p, digest)
             self.swept[p] = digest  # only once the store says so too (``segstream wait``)
+            # Every customer whose dwell ended by then was evaluated in this pass (their
+            # mark is of an earlier day, or their dwell ends today: not current).
+            self._pop_held(p, now)
         stats.seconds = time.perf_counter() - t0
         self.last_pass_end = time.monotonic()
         return stats

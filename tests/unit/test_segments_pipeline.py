@@ -545,3 +545,33 @@ def test_a_held_customer_moves_when_the_minimum_dwell_ends_within_the_engine_day
     # evaluated once: nothing is due any more, and the partitions are marked swept again
     assert asyncio.run(h.sweeper.run_held(parts)).customers == 0
     assert all(h.store.swept.get(p) == h.sweeper.swept[p] for p in parts)
+
+
+def test_the_dwell_timer_keeps_each_customers_earliest_future_end_only() -> None:
+    """A move starts one dwell; the customer's other schemes' dwells that ended long ago
+    schedule nothing, and a customer is evaluated once for their earliest end (that
+    evaluation notes the later ones again), not once per end ever noted."""
+    from scorers.profile import Profile
+
+    cat = load_catalogue("""
+schemes:
+  a:
+    anti_flapping: {min_dwell_days: 2}
+    segments: [{name: A1, when: "spend_7d >= 1"}]
+    fallback: A0
+  b:
+    anti_flapping: {min_dwell_days: 5}
+    segments: [{name: B1, when: "spend_7d >= 1"}]
+    fallback: B0
+""")
+    sw = Harness(cat).sweeper
+    now = T0 + 10 * DAY
+    sw.note_held(0, "c", Profile(segments={"a": ("A1", T0), "b": ("B1", now)}))
+    assert sw.held_next[0] == {"c": now + 5 * DAY}
+    sw.note_held(0, "c", Profile(segments={"a": ("A1", now - DAY), "b": ("B1", now)}), now)
+    assert sw.held_next[0] == {"c": now + DAY}
+    sw.note_held(0, "gone", Profile(segments={"a": ("Unknown", now)}), now)  # not a segment
+    assert sw._pop_held(0, now + DAY - 1) == []
+    assert sw._pop_held(0, now + DAY) == ["c"]
+    assert sw._pop_held(0, now + 10 * DAY) == []  # the later entry was superseded
+    assert sw.held_next[0] == {}

@@ -215,13 +215,18 @@ class Sweeper:
         if now < 0:
             return stats
         t0 = time.perf_counter()
+        await self.runtime.refresh()
+        key = self.key(now)
         for p in sorted(set(partitions)):
+            marked = self.swept.get(p)
+            if marked != key:
+                # Due for a pass (a new day, new inputs, or engine time moved on during
+                # the last one): the pass evaluates these customers and drops their ends.
+                continue
             ids = self._pop_held(p, now)
             if not ids:
                 continue
-            marked = self.swept.get(p)
-            if marked is not None:
-                await self.store.mark_swept(p, HELD_MARK)
+            await self.store.mark_swept(p, HELD_MARK)
             complete = True
             while ids:
                 step = self.busy_step() if self.busy() else CHUNK
@@ -237,7 +242,7 @@ class Sweeper:
                 complete = complete and self.processor.is_clean(p)
             if not complete:
                 self.swept.pop(p, None)  # the next pass takes the whole partition again
-            elif marked is not None and self.swept.get(p) == marked:
+            elif self.swept.get(p) == marked:
                 await self.store.mark_swept(p, marked)
         stats.seconds = time.perf_counter() - t0
         return stats

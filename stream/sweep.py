@@ -100,8 +100,10 @@ class Sweeper:
         #: an entry counts only while it is the customer's earliest in ``held_next``
         self.held: dict[int, list[tuple[int, str]]] = {}
         self.held_next: dict[int, dict[str, int]] = {}
+        self._catalogue: object = None
+        self._short_dwell = False
         if processor is not None:
-            processor.on_moved = self.note_held
+            processor.on_moved = self.note_moved
 
     def busy_step(self) -> int:
         """Customers in the next step while input arrives: as many as fit in
@@ -186,6 +188,20 @@ class Sweeper:
         if have is None or soonest < have:
             known[customer_id] = soonest
             heapq.heappush(self.held.setdefault(p, []), (soonest, customer_id))
+
+    def note_moved(self, p: int, customer_id: str, profile: Profile, now_ms: int = -1) -> None:
+        """:meth:`note_held` for a move, where a pass may not note it in time: a dwell of a
+        day or more that a move starts ends on a later engine day, and that day's pass
+        (which reads every customer of the partition) notes it, or evaluates the customer
+        if the dwell has ended by then. Only a catalogue with a shorter dwell needs each
+        move noted (it costs the ingest path a few microseconds per move)."""
+        catalogue = getattr(self.runtime, "catalogue", None)
+        if catalogue is not self._catalogue:
+            self._catalogue = catalogue
+            self._short_dwell = catalogue is not None and any(
+                0 < s.min_dwell_ms < MS_PER_DAY for s in catalogue.schemes.values())
+        if self._short_dwell:
+            self.note_held(p, customer_id, profile, now_ms)
 
     def _pop_held(self, p: int, now_ms: int) -> list[str]:
         """The customers of partition ``p`` whose earliest dwell end is at or before

@@ -575,3 +575,29 @@ schemes:
     assert sw._pop_held(0, now + DAY) == ["c"]
     assert sw._pop_held(0, now + 10 * DAY) == []  # the later entry was superseded
     assert sw.held_next[0] == {}
+
+
+def test_a_dwell_shorter_than_a_day_is_timed_from_the_move_itself() -> None:
+    """A dwell of a day or more ends on a later engine day, whose pass notes it; a shorter
+    one may end before any pass reads the customer, so the move itself is noted."""
+    cat = load_catalogue("""
+schemes:
+  busy:
+    anti_flapping: {min_dwell_days: 0.25}
+    segments: [{name: Busy, when: "events_1d >= 2"}]
+    fallback: Calm
+""")
+    h = Harness(cat)
+    hour = 3_600_000
+    parts = range(h.s.partitions)
+    h.click("o1", T0 + 4 * hour)
+    h.sweep()  # every partition swept with this day's inputs
+    h.click("c1", T0 + 5 * hour)  # placed in Calm: held until 11:00
+    h.click("c1", T0 + 6 * hour)  # two events today: Busy, but held
+    h.click("o1", T0 + 12 * hour)
+    assert asyncio.run(h.sweeper.due(parts)) == []  # same day and population: no pass
+    asyncio.run(h.sweeper.run_held(parts))
+    moves = [(m["to_segment"], m["at"]) for m in h.sink.migrations()
+             if m["customer_id"] == "c1"]
+    assert moves == [("Calm", "2025-01-01T05:00:00.000Z"),
+                     ("Busy", "2025-01-01T12:00:00.000Z")]

@@ -54,6 +54,19 @@ def _put_back(deployment, r, copy: dict) -> None:
         r.restore(k, 0, v, replace=True)
 
 
+def _stopped_then_exact_after_restart(deployment, tmp_path: Path, inputs: list) -> None:
+    """The stopped worker said why (one critical line); a restarted one applies every
+    input and the state is exact."""
+    log = deployment.logs[-1].read_bytes()
+    assert b"lost committed writes" in log and b"CRITICAL" in log
+    w = deployment.start_worker(tmp_path)
+    deployment.cli("wait", "--timeout", "240", timeout=300)
+    assert w.poll() is None
+    assert fault_oracle.applied(deployment) == len(inputs)
+    fault_oracle.check_features(deployment, inputs)
+    fault_oracle.check_counters(deployment, fault_oracle.profiles(deployment))
+
+
 def test_a_worker_after_redis_lost_writes_reads_the_lost_events_again(
         deployment, tmp_path: Path) -> None:
     import redis
@@ -113,14 +126,7 @@ def test_a_running_worker_whose_redis_lost_writes_stops_and_its_restart_reads_th
         assert fault_oracle.applied(deployment) == at_copy  # nothing applied past the hole
     finally:
         r.close()
-    log = deployment.logs[-1].read_bytes()
-    assert b"lost committed writes" in log and b"CRITICAL" in log
-    w = deployment.start_worker(tmp_path)
-    deployment.cli("wait", "--timeout", "240", timeout=300)
-    assert w.poll() is None
-    assert fault_oracle.applied(deployment) == EVENTS
-    fault_oracle.check_features(deployment, inputs)
-    fault_oracle.check_counters(deployment, fault_oracle.profiles(deployment))
+    _stopped_then_exact_after_restart(deployment, tmp_path, inputs)
 
 
 def test_an_idle_worker_whose_redis_was_emptied_stops_without_new_input(
@@ -143,11 +149,4 @@ def test_an_idle_worker_whose_redis_was_emptied_stops_without_new_input(
     finally:
         r.close()
     assert w.wait(timeout=120) == 70
-    log = deployment.logs[-1].read_bytes()
-    assert b"lost committed writes" in log and b"CRITICAL" in log
-    w = deployment.start_worker(tmp_path)
-    deployment.cli("wait", "--timeout", "240", timeout=300)
-    assert w.poll() is None
-    assert fault_oracle.applied(deployment) == events
-    fault_oracle.check_features(deployment, inputs)
-    fault_oracle.check_counters(deployment, fault_oracle.profiles(deployment))
+    _stopped_then_exact_after_restart(deployment, tmp_path, inputs)

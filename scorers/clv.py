@@ -162,8 +162,9 @@ def expected_purchases(params: BgNbdParams, t: float, x: ArrayLike, t_x: ArrayLi
     if lost.any():
         # scipy's 2F1 gives NaN for a large first parameter (r + x past about 2e4: a fit
         # of customers whose rates barely differ sends r and alpha up together). Its
-        # series has positive terms here (0 < z < 1, b + x > 0, a + b + x - 1 > 0), so
-        # summing it loses no digits; (1 - z)^(r + x) is applied in logarithms.
+        # series has positive terms here (0 < z < 1, b + x > 0, and a + b + x - 1 > 0 but
+        # for a customer without repeat purchases when a + b < 1), so summing it loses no
+        # digits; it is kept in logarithms, (1 - z)^(r + x) applied there too.
         shape = second.shape
         second = second.reshape(-1).copy()
         idx = np.flatnonzero(lost.reshape(-1))
@@ -171,38 +172,55 @@ def expected_purchases(params: BgNbdParams, t: float, x: ArrayLike, t_x: ArrayLi
         def pick(v: Any) -> NDArray[np.float64]:
             return np.broadcast_to(v, shape).reshape(-1)[idx]
 
-        series = hyp2f1_series(pick(_a), pick(_b), pick(_c), pick(z))
-        with np.errstate(divide="ignore", invalid="ignore"):
-            second[idx] = 1 - np.exp(np.log(series) + pick(_a) * np.log1p(-pick(z)))
+        log_sum = hyp2f1_series(pick(_a), pick(_b), pick(_c), pick(z), log=True)
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            second[idx] = 1 - np.exp(log_sum + pick(_a) * np.log1p(-pick(z)))
         second = second.reshape(shape)
-    denom = 1 + (x > 0) * (a / (b + x - 1 + (x == 0))) * ((alpha + T) / (alpha + t_x)) ** (r + x)
+    with np.errstate(over="ignore"):  # a ratio past the largest double: the customer is gone
+        odds = (a / (b + x - 1 + (x == 0))) * ((alpha + T) / (alpha + t_x)) ** (r + x)
+    denom = 1 + np.where(x > 0, odds, 0.0)  # not 0 x inf for a customer without repeats
     out = first * second / denom
     return out if np.ndim(out) else float(out)
 
 
 def hyp2f1_series(a: ArrayLike, b: ArrayLike, c: ArrayLike, z: ArrayLike,
-                  max_terms: int = 20_000) -> NDArray[np.float64]:
-    """The Gauss hypergeometric function 2F1(a, b; c; z) by its power series, for |z| < 1;
-    NaN where it does not converge within ``max_terms`` terms.
+                  max_terms: int = 20_000, log: bool = False) -> NDArray[np.float64]:
+    """The Gauss hypergeometric function 2F1(a, b; c; z) by its power series, for |z| < 1
+    and finite parameters (NaN otherwise, or where it does not converge within
+    ``max_terms`` terms). With ``log``, the natural logarithm of a positive sum: the
+    terms are rescaled as they grow, so a sum past the largest double still has one.
 
     >>> from scipy.special import hyp2f1
     >>> bool(np.isclose(hyp2f1_series(3.5, 1.2, 20.0, 0.3)[()], hyp2f1(3.5, 1.2, 20.0, 0.3)))
     True
+    >>> hyp2f1_series([1.0, 1.0], 1.0, 1.0, [2.0, 0.5]).tolist()  # 1 / (1 - z) inside
+    [nan, 2.0]
     """
     a, b, c, z = np.broadcast_arrays(*(np.asarray(v, dtype=float) for v in (a, b, c, z)))
     total = np.ones(a.shape)
     term = np.ones(a.shape)
-    going = np.abs(z) < 1
-    for n in range(max_terms):
-        term = np.where(going, term * (a + n) * (b + n) / ((c + n) * (n + 1)) * z, 0.0)
-        total = total + term
-        # done once a term no longer moves the sum (its terms shrink from here on: the
-        # ratio tends to z, and any growth ends once n passes |a|, |b| and |c| times |z|)
-        going &= ~((np.abs(term) <= 1e-17 * np.abs(total))
-                   & (n + 1 > np.abs(z) * np.maximum(np.abs(a), np.abs(b))))
-        if not going.any():
-            return total
-    return np.where(going | (np.abs(z) >= 1), np.nan, total)
+    offset = np.zeros(a.shape)  # the sum is total * e^offset
+    usable = (np.abs(z) < 1) & np.isfinite(a) & np.isfinite(b) & np.isfinite(c)
+    going = usable.copy()
+    # Terms may grow until n passes |z| max(|a|, |b|) and |c| (the ratio of two terms
+    # tends to z); only then can a term too small to move the sum end it.
+    grows_until = np.maximum(np.abs(z) * np.maximum(np.abs(a), np.abs(b)), np.abs(c))
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        for n in range(max_terms):
+            term = np.where(going, term * (a + n) * (b + n) / ((c + n) * (n + 1)) * z, 0.0)
+            total = total + term
+            big = np.abs(total) > 1e250
+            if big.any():
+                term = np.where(big, term / 1e250, term)
+                total = np.where(big, total / 1e250, total)
+                offset = offset + np.where(big, 250 * np.log(10.0), 0.0)
+            going &= ~((np.abs(term) <= 1e-17 * np.abs(total)) & (n + 1 > grows_until))
+            going &= np.isfinite(total)
+            if not going.any():
+                break
+        bad = going | ~usable | ~np.isfinite(total)
+        out = np.log(total) + offset if log else total * np.exp(offset)
+    return np.where(bad, np.nan, out)
 
 
 def gamma_gamma_loglik(params: GammaGammaParams, x: ArrayLike, m: ArrayLike

@@ -190,7 +190,7 @@ class Columns:
         if col is None:
             return np.full(self.n, np.nan)
         arr = np.asarray(col)
-        if arr.dtype.kind in "US" and not isinstance(col, np.ndarray):
+        if arr.dtype.kind in "US" and not isinstance(col, np.ndarray | str | bytes):
             # numpy makes text of every item of a list mixing text and numbers (5.0 became
             # "5.0"): keep the items as they were
             arr = np.empty(len(col), dtype=object)

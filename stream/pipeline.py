@@ -913,7 +913,11 @@ class BatchProcessor:
         if o.changed:
             commit.profiles[o.customer_id] = o.profile.to_bytes()
         if o.migrations and self.on_moved is not None:
-            self.on_moved(commit.partition, o.customer_id, o.profile, -1)
+            try:
+                self.on_moved(commit.partition, o.customer_id, o.profile, -1)
+            except Exception as exc:  # timing a dwell must never fail a batch
+                log.warning("dwell timer: a move was not noted (%r); the next pass notes "
+                            "it", exc)
         for table, row in o.increments.items():
             dst = commit.increments.setdefault(table, {})
             for fld, d in row.items():

@@ -100,6 +100,9 @@ class Sweeper:
         #: an entry counts only while it is the customer's earliest in ``held_next``
         self.held: dict[int, list[tuple[int, str]]] = {}
         self.held_next: dict[int, dict[str, int]] = {}
+        #: per partition, how often it was revoked: a pass or timer run that began before
+        #: a revocation must not mark the partition swept
+        self._generation: dict[int, int] = {}
         self._catalogue: object = None
         self._short_dwell = False
         if processor is not None:
@@ -185,7 +188,8 @@ class Sweeper:
         # Only the earliest end is kept: the evaluation then notes the later ones again.
         known = self.held_next.setdefault(p, {})
         have = known.get(customer_id)
-        if have is None or soonest < have:
+        # An end at or before this evaluation is spent: the customer is being evaluated.
+        if have is None or soonest < have or have <= now_ms:
             known[customer_id] = soonest
             heapq.heappush(self.held.setdefault(p, []), (soonest, customer_id))
 
@@ -219,6 +223,7 @@ class Sweeper:
         """Partitions this worker no longer owns: if they come back, another owner may
         have moved their customers meanwhile, so they are swept (and noted) afresh."""
         for p in partitions:
+            self._generation[p] = self._generation.get(p, 0) + 1
             self.swept.pop(p, None)
             self.held.pop(p, None)
             self.held_next.pop(p, None)
@@ -242,20 +247,28 @@ class Sweeper:
             ids = self._pop_held(p, now)
             if not ids:
                 continue
-            await self.store.mark_swept(p, HELD_MARK)
-            complete = True
-            while ids:
-                step = self.busy_step() if self.busy() else CHUNK
-                c0 = time.perf_counter()
-                complete = await self._chunk(p, ids[:step], stats) and complete
-                ids = ids[step:]
-                pause = self.pause_after(min(time.perf_counter() - c0, PACED_STEP_MAX_S))
-                if pause > 0:
-                    await asyncio.sleep(pause)
-            if p in stats.published_to:
-                stats.published_to.discard(p)
-                await self.processor.drain()
-                complete = complete and self.processor.is_clean(p)
+            generation = self._generation.get(p, 0)
+            try:
+                await self.store.mark_swept(p, HELD_MARK)
+                complete = True
+                while ids:
+                    step = self.busy_step() if self.busy() else CHUNK
+                    c0 = time.perf_counter()
+                    complete = await self._chunk(p, ids[:step], stats) and complete
+                    ids = ids[step:]
+                    pause = self.pause_after(min(time.perf_counter() - c0, PACED_STEP_MAX_S))
+                    if pause > 0:
+                        await asyncio.sleep(pause)
+                if p in stats.published_to:
+                    stats.published_to.discard(p)
+                    await self.processor.drain()
+                    complete = complete and self.processor.is_clean(p)
+            except BaseException:
+                # Their ends are gone from the timer: the next pass takes the partition.
+                self.swept.pop(p, None)
+                raise
+            if self._generation.get(p, 0) != generation:
+                continue  # revoked meanwhile: its next owner marks it
             if not complete:
                 self.swept.pop(p, None)  # the next pass takes the whole partition again
             elif self.swept.get(p) == marked:
@@ -281,6 +294,7 @@ class Sweeper:
             await self.runtime.refresh()
             now = await self.store.now()
             digest = self.key(now)
+            generation = self._generation.get(p, 0)
             cursor, complete = 0, True
             while True:
                 cursor, ids = await self.store.scan_customers(p, cursor, CHUNK)
@@ -312,6 +326,8 @@ class Sweeper:
                     log.warning("sweep of partition %d: outbox publish failed; the "
                                 "partition is swept again", p)
                     continue
+            if self._generation.get(p, 0) != generation:
+                continue  # revoked during the pass: its next owner sweeps and marks it
             await self.store.mark_swept(p, digest)
             self.swept[p] = digest  # only once the store says so too (``segstream wait``)
             # Every customer whose dwell ended by then was evaluated in this pass (their

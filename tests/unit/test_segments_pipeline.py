@@ -577,16 +577,19 @@ schemes:
     assert sw.held_next[0] == {}
 
 
-def test_a_dwell_shorter_than_a_day_is_timed_from_the_move_itself() -> None:
-    """A dwell of a day or more ends on a later engine day, whose pass notes it; a shorter
-    one may end before any pass reads the customer, so the move itself is noted."""
-    cat = load_catalogue("""
+SHORT_DWELL = """
 schemes:
   busy:
     anti_flapping: {min_dwell_days: 0.25}
     segments: [{name: Busy, when: "events_1d >= 2"}]
     fallback: Calm
-""")
+"""
+
+
+def test_a_dwell_shorter_than_a_day_is_timed_from_the_move_itself() -> None:
+    """A dwell of a day or more ends on a later engine day, whose pass notes it; a shorter
+    one may end before any pass reads the customer, so the move itself is noted."""
+    cat = load_catalogue(SHORT_DWELL)
     h = Harness(cat)
     hour = 3_600_000
     parts = range(h.s.partitions)
@@ -601,3 +604,74 @@ schemes:
              if m["customer_id"] == "c1"]
     assert moves == [("Calm", "2025-01-01T05:00:00.000Z"),
                      ("Busy", "2025-01-01T12:00:00.000Z")]
+
+
+def _held_in_calm(partitions: int = 1) -> Harness:
+    """c1 placed in Calm at 05:00 (held until 11:00), wanting Busy from 06:00."""
+    h = Harness(load_catalogue(SHORT_DWELL), partitions=partitions)
+    hour = 3_600_000
+    h.click("o1", T0 + 4 * hour)
+    h.sweep()
+    h.click("c1", T0 + 5 * hour)
+    h.click("c1", T0 + 6 * hour)
+    return h
+
+
+def test_a_pass_that_moves_a_held_customer_times_the_dwell_it_starts() -> None:
+    """The end a customer was noted with was kept while a later one came (only an earlier
+    end replaced it), and the pass then dropped it as covered: a customer moved by a pass
+    had no end timed for the dwell that move started."""
+    h = _held_in_calm()
+    hour = 3_600_000
+    h.buy([("o2", T0 + 12 * hour, 50.0)])  # engine time 12:00, new RFM thresholds
+    parts = range(h.s.partitions)
+    assert asyncio.run(h.sweeper.due(parts))
+    assert asyncio.run(h.sweeper.run_held(parts)).customers == 0  # left to the pass
+    h.sweep()  # moves c1 to Busy at 12:00: a dwell until 18:00
+    assert [m["to_segment"] for m in h.sink.migrations() if m["customer_id"] == "c1"] == [
+        "Calm", "Busy"]
+    assert h.sweeper.held_next[0]["c1"] == T0 + 18 * hour
+
+
+def test_a_timer_run_that_fails_leaves_its_partition_to_the_next_pass() -> None:
+    """Its customers' ends are already taken from the timer and the partition is marked
+    held: a failure (Redis down, say) must not leave it so until the next day."""
+    from features.store import StoreUnavailable
+
+    h = _held_in_calm()
+    parts = range(h.s.partitions)
+    h.click("o1", T0 + 12 * 3_600_000)
+    assert asyncio.run(h.sweeper.due(parts)) == []
+
+    async def down(*args: Any) -> bool:
+        raise StoreUnavailable("redis read failed")
+
+    h.sweeper._chunk = down  # type: ignore[method-assign]
+    with pytest.raises(StoreUnavailable):
+        asyncio.run(h.sweeper.run_held(parts))
+    assert h.store.swept[0] == "held" and 0 not in h.sweeper.swept
+    del h.sweeper._chunk
+    assert asyncio.run(h.sweeper.due(parts)) == [0]
+    h.sweep()
+    assert [m["to_segment"] for m in h.sink.migrations() if m["customer_id"] == "c1"] == [
+        "Calm", "Busy"]
+    assert h.store.swept[0] == h.sweeper.swept[0] != "held"
+
+
+def test_a_partition_revoked_during_a_pass_is_not_marked_by_it() -> None:
+    """The pass ends after the partition left: marking it would tell a later return of
+    the partition (and `segstream wait`) that it was swept with what the next owner did
+    meanwhile unseen."""
+    h = _held_in_calm()
+    parts = range(h.s.partitions)
+    h.buy([("o2", T0 + 12 * 3_600_000, 50.0)])
+    before = h.store.swept.get(0)
+    real = h.sweeper._chunk
+
+    async def revoked_midway(*args: Any) -> bool:
+        h.sweeper.forget([0])
+        return await real(*args)
+
+    h.sweeper._chunk = revoked_midway  # type: ignore[method-assign]
+    asyncio.run(h.sweeper.run_pass(parts))
+    assert 0 not in h.sweeper.swept and h.store.swept.get(0) == before

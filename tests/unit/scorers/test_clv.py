@@ -226,12 +226,14 @@ def _expected_purchases_decimal(p: clv.BgNbdParams, t: float, x: int, t_x: float
     return float(first * second / denom)
 
 
-@pytest.mark.parametrize("r", [1e3, 3e4, 1e6, 2.5e8])
-def test_expected_purchases_stay_finite_and_exact_for_a_huge_r(r: float) -> None:
+@pytest.mark.parametrize("r,alpha", [(1e3, 9.965e3), (3e4, 3e4 * 9.965), (1e6, 9.965e6),
+                                     (2.5e8, 2.5e8 * 9.965), (3e4, 3e3), (5e4, 2e3)])
+def test_expected_purchases_stay_finite_and_exact_for_a_huge_r(r: float, alpha: float) -> None:
     """A fit of customers whose purchase rates barely differ sends r and alpha up together
     (r / alpha fixed); scipy's 2F1 gives NaN past r of about 2e4, which made every
-    customer's expected purchases and CLV null."""
-    p = clv.BgNbdParams(r=r, alpha=r * 9.965, a=0.815, b=15.22)
+    customer's expected purchases and CLV null. The last two: rates of 10 and 25 purchase
+    days a day, where the series' sum passes the largest double."""
+    p = clv.BgNbdParams(r=r, alpha=alpha, a=0.815, b=15.22)
     x = np.array([35, 0, 1, 4, 120])
     t_x = np.array([327.0, 0.0, 10.0, 200.0, 700.0])
     T = np.array([344.0, 30.0, 400.0, 210.0, 730.0])
@@ -241,7 +243,8 @@ def test_expected_purchases_stay_finite_and_exact_for_a_huge_r(r: float) -> None
         want = _expected_purchases_decimal(p, 90.0, int(x[i]), t_x[i], T[i])
         assert got[i] == pytest.approx(want, rel=1e-8, abs=1e-12), (i, got[i], want)
     # a single customer gives the same number as in a column
-    assert clv.expected_purchases(p, 90.0, 35, 327.0, 344.0) == got[0]
+    assert clv.expected_purchases(p, 90.0, 35, 327.0, 344.0) == pytest.approx(got[0],
+                                                                              rel=1e-12)
 
 
 def _hyp2f1_decimal(a: float, b: float, c: float, z: float) -> float:
@@ -273,3 +276,31 @@ def test_the_2f1_series_is_exact_where_expected_purchases_sums_it(
         assert got == pytest.approx(want, rel=1e-10)
     assert float(clv.hyp2f1_series(207.0, 1.0, 104.0, 0.5)[()]) == pytest.approx(
         19.010285736651658, rel=1e-12)
+
+
+def test_the_2f1_series_refuses_what_it_cannot_sum() -> None:
+    """NaN outside |z| < 1 and for a NaN parameter (at once, not after every term), the
+    series' own value where c is negative (terms change sign: scipy's value there)."""
+    import time
+
+    from scipy.special import hyp2f1
+
+    assert np.isnan(clv.hyp2f1_series(1.0, 1.0, 1.0, 2.0)[()])
+    assert np.isnan(clv.hyp2f1_series([1.0, 1.0], 1.0, 1.0, [-1.5, 0.5])).tolist() == [True,
+                                                                                      False]
+    t0 = time.process_time()
+    assert np.isnan(clv.hyp2f1_series(math.nan, 1.0, 1.0, 0.5)[()])
+    assert time.process_time() - t0 < 0.05
+    assert clv.hyp2f1_series(3.0, 0.5, -0.2, 0.3)[()] == pytest.approx(
+        float(hyp2f1(3.0, 0.5, -0.2, 0.3)), rel=1e-12)
+    # its logarithm past the largest double, against a decimal sum
+    from decimal import Decimal, getcontext
+
+    getcontext().prec = 50
+    total = term = Decimal(1)
+    for n in range(20_000):
+        term = term * (1000 + n) * (1000 + n) / ((1 + n) * (n + 1)) * Decimal("0.5")
+        total += term
+    got = clv.hyp2f1_series(1000.0, 1000.0, 1.0, 0.5, log=True)[()]
+    assert got > 710 and got == pytest.approx(float(total.ln()), rel=1e-12)
+    assert np.isinf(clv.hyp2f1_series(1000.0, 1000.0, 1.0, 0.5)[()])

@@ -300,6 +300,8 @@ def test_evaluate_columns_of_plain_lists_matches_evaluate(
     assert c.evaluate_columns(columns, slack).tolist() == [c.evaluate(r, slack) for r in data]
     mixed = compile_condition("s > 0.5")
     assert mixed.evaluate_columns({"s": ["a", 1.0]}).tolist() == [False, True]
+    with pytest.raises(ValueError, match="shape"):  # a string is one value, not a column
+        mixed.evaluate_columns({"s": "ab"}, size=2)
 
 
 @settings(max_examples=200, deadline=None)

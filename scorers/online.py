@@ -276,6 +276,7 @@ def predict_models(models: Mapping[str, Any], xs: Sequence[Mapping[str, float]]
     True
     """
     out: dict[str, list[float | None]] = {}
+    # keyed by the set of names (a model's names are its scaler's keys: never repeated)
     shared: dict[frozenset[str], tuple[dict[str, int], Any]] = {}
     for name, model in models.items():
         names = model.input_names() if xs and isinstance(model, OnlineModel) else None
@@ -283,11 +284,8 @@ def predict_models(models: Mapping[str, Any], xs: Sequence[Mapping[str, float]]
             out[name] = model.predict_many(xs)
             continue
         key = frozenset(names)
-        if len(key) != len(names) or key not in shared:
+        if key not in shared:
             shared[key] = ({n: i for i, n in enumerate(names)}, input_matrix(names, xs))
-            if len(key) != len(names):  # a name twice: its own matrix, never shared
-                out[name] = model._predict_matrix(shared.pop(key)[1])
-                continue
         pos, mat = shared[key]
         order = [pos[n] for n in names]
         same = order == list(range(len(order)))

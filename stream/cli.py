@@ -377,12 +377,15 @@ async def _all_swept(s: Settings, r: Any, store: Any) -> bool:
     # batch that moved engine time into a new day, or the population's RFM thresholds,
     # just before its worker died left it as it was: the day and the thresholds it names
     # must be the store's own.
+    from features.events import MS_PER_DAY
+    from stream.sweep import Sweeper
+
     text = context.decode(errors="replace") if isinstance(context, bytes) else str(context)
-    day, sep, rest = text.partition(":")
-    thresholds = rest.partition(":")[0]
-    if not sep or not day.isdigit():
+    parts = Sweeper.key_parts(text)
+    if parts is None:
         return True  # written by an older worker: as before
-    if int(day) != now // 86_400_000:
+    day, thresholds = parts
+    if day != now // MS_PER_DAY:
         return False
     if thresholds:
         from scorers import rfm

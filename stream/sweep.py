@@ -163,6 +163,15 @@ class Sweeper:
         return (f"{now_ms // MS_PER_DAY}:{pop.digest if pop is not None else ''}:"
                 f"{self.runtime.digest(now_ms)}")
 
+    @staticmethod
+    def key_parts(key: str) -> tuple[int, str] | None:
+        """The engine day and the RFM threshold digest a :meth:`key` names (None: a key
+        of another form, as older workers wrote)."""
+        day, sep, rest = key.partition(":")
+        if not sep or not day.isdigit():
+            return None
+        return int(day), rest.partition(":")[0]
+
     def note_held(self, p: int, customer_id: str, profile: Profile, now_ms: int = -1) -> None:
         """Remember when ``profile``'s minimum dwells end past ``now_ms`` (-1: the profile
         of a move, made at its newest segment entry): the customer is evaluated again

@@ -230,6 +230,11 @@ def run_engine(dep: BenchDeployment, role: str, workers: int, total: int,
                 if p.poll() is not None:
                     raise BenchError(f"engine worker exited ({p.returncode}):\n"
                                      f"{dep.log_tail(f'{role}-{i}')}")
+            if first is None:
+                # The workers' metrics before the watermarks E starts from: a worker counts a
+                # batch just after committing it, so every batch counted here is already in
+                # the watermarks read next, and the per-worker account covers what E measures.
+                before = [breakdown.scrape(dep.metrics_url(p), token) for p in procs]
             done = watermark_progress(r, s, ends)
             now = time.monotonic()
             cpu = tree.sample()
@@ -247,7 +252,7 @@ def run_engine(dep: BenchDeployment, role: str, workers: int, total: int,
                 first = (now, done, cpu, _read_counters(counters), server_counters(r))
                 roots0, services0 = tree.roots_cpu(), services.sample()
                 own_cpu0 = [tree.own_cpu(p.pid) for p in procs]
-                scraped = [breakdown.scrape(dep.metrics_url(p), token) for p in procs]
+                scraped = before
                 if profile is not None:  # the steady state only, not imports and group join
                     profiler = start_profiler(procs[0].pid, profile,
                                               dep.workdir / f"{role}-py-spy.log")

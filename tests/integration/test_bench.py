@@ -83,11 +83,12 @@ def test_small_bench_reports_every_figure(services: dict[str, str], tmp_path: Pa
     assert doc["ratios"]["engine_over_limit"] > 0 and doc["ratios"]["engine_over_floor"] > 0
     assert doc["engine"]["events_measured"] > 0
     assert doc["engine"]["dead_letters"] == {}, "the benchmark's own input is all valid"
-    # The worker's own account of E: the records of its batches cover what E measured
-    # (a record fetched again after the consumer group's first rebalance counts twice),
-    # and its CPU per record is the worker's CPU over them.
+    # The worker's own account of E: the records of its batches cover what E measured (its
+    # metrics are read before the watermarks E starts from; a record fetched again after
+    # the consumer group's first rebalance counts twice), and its CPU per record is the
+    # worker's CPU over them.
     (own,) = doc["engine"]["per_worker"]
-    assert own["records"] >= doc["engine"]["events_measured"] * 0.9, own
+    assert own["records"] >= doc["engine"]["events_measured"], own
     assert own["batches"] > 0 and own["stages"]["evaluate"]["mean_ms"] > 0, own
     assert 0 < own["cpu_us_per_record"] <= doc["engine"]["worker_cpu_s"] / own["records"] \
         * 1e6 * 1.5, own

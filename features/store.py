@@ -124,6 +124,12 @@ class StoreUnavailable(Exception):
     """Redis failed; the write may or may not have been applied (reload to find out)."""
 
 
+#: The first part (up to a colon) of every deployment-wide key after the prefix; a
+#: partition's keys start with its hash tag ``{pN}`` instead.
+KEY_FAMILIES = frozenset({"now", "context", "models", "model", "clv", "rules", "learner",
+                          "kept_lateness_ms", "triggers", "migrations"})
+
+
 @dataclass(frozen=True, slots=True)
 class Keys:
     """Names of every Redis key of one deployment."""
@@ -157,6 +163,27 @@ class Keys:
 
     def all_pattern(self) -> str:
         return f"{self.prefix}*"
+
+    def owns(self, key: str | bytes) -> bool:
+        """Whether ``key`` is one of this deployment's: under its prefix, and of a family
+        the engine writes. Another deployment whose prefix merely starts with this one
+        (``segstream:`` and ``segstream:eu:``) keeps its keys through a reset.
+
+        >>> k = Keys("segstream:")
+        >>> [k.owns(x) for x in (k.customer(3, "c1"), k.now(), "segstream:model:churn",
+        ...                      "segstream:eu:now", "segstream:eu:{p0}:c:c1", "other:now")]
+        [True, True, True, False, False, False]
+        """
+        if isinstance(key, bytes):
+            key = key.decode("utf-8", "replace")
+        if not key.startswith(self.prefix):
+            return False
+        rest = key[len(self.prefix):]
+        if rest.startswith("{p"):
+            tag, sep, _ = rest.partition("}")
+            return bool(sep) and tag[2:].isdigit()
+        family, _, _ = rest.partition(":")
+        return family in KEY_FAMILIES
 
 
 @dataclass(slots=True)

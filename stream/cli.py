@@ -532,6 +532,7 @@ def reset(yes: Annotated[bool, typer.Option("--yes", help="Really delete")] = Fa
     if not yes:
         err.print("refusing without --yes")
         raise typer.Exit(2)
+    from features.store import Keys
     from stream.kafka import admin, delete_topics
     from stream.redisconn import delete_matching, redis_sync_client
 
@@ -547,7 +548,9 @@ def reset(yes: Annotated[bool, typer.Option("--yes", help="Really delete")] = Fa
         a.close()
     r = redis_sync_client(s)
     try:
-        n = delete_matching(r, f"{s.redis_prefix}*")
+        # Only keys of the engine's own families: a deployment whose prefix starts with
+        # this one's (``segstream:`` and ``segstream:eu:``) keeps its keys.
+        n = delete_matching(r, f"{s.redis_prefix}*", only=Keys(s.redis_prefix).owns)
     finally:
         r.close()
     _wait_topics_gone(s, names)

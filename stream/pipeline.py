@@ -88,11 +88,14 @@ def record_decoder(settings: Settings) -> Callable[[str, bytes | None, bytes | N
     decoder of the consumer (as it fetches) and of a batch (records not decoded yet)."""
     kinds = {settings.clickstream_topic: "clickstream",
              settings.transactions_topic: "transactions"}
+    if settings.currency:
+        return partial(decode_record, kinds, settings.max_event_bytes,
+                       currency=settings.currency)
     return partial(decode_record, kinds, settings.max_event_bytes)
 
 
 def decode_record(kinds: Mapping[str, str], max_bytes: int, topic: str, key: bytes | None,
-                  value: bytes | None) -> Event | Rejection:
+                  value: bytes | None, currency: str | None = None) -> Event | Rejection:
     """An input record's event, or why it has none; all but the wall-clock check a batch
     makes (an event too far in the future), so it can run as soon as the record is fetched.
 
@@ -106,7 +109,7 @@ def decode_record(kinds: Mapping[str, str], max_bytes: int, topic: str, key: byt
     kind = kinds.get(topic)
     if kind is None:
         return Rejection("unknown_topic", f"not an input topic: {topic}")
-    return decode(kind, key, value, max_bytes)
+    return decode(kind, key, value, max_bytes, currency)
 
 
 class Publisher(Protocol):

@@ -9,7 +9,7 @@ builds (asyncio for the worker, sync for CLI paths) comes from here, so they all
 from __future__ import annotations
 
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import hiredis
@@ -26,6 +26,7 @@ from redis.exceptions import (
     RedisError,
     ResponseError,
 )
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from stream.errors import ServiceError, SettingsError
 from stream.settings import Settings, redacted_url
@@ -127,12 +128,16 @@ async def mget_any(client: Any, keys: Sequence[str]) -> list[Any]:
     return list(await client.mget(list(keys)))
 
 
-def delete_matching(client: Any, pattern: str, batch: int = 1000) -> int:
-    """UNLINK every key matching a pattern (on every primary of a cluster); the count."""
+def delete_matching(client: Any, pattern: str, batch: int = 1000,
+                    only: Callable[[Any], bool] | None = None) -> int:
+    """UNLINK every key matching a pattern (and ``only``, when given) on every primary
+    of a cluster; the count."""
     n = 0
     keys: list[Any] = []
     # On a cluster, scan_iter walks every primary and unlink splits its keys by slot.
     for k in client.scan_iter(match=pattern, count=batch):
+        if only is not None and not only(k):
+            continue
         keys.append(k)
         if len(keys) >= batch:
             n += int(client.unlink(*keys))
@@ -195,6 +200,9 @@ def check_redis(settings: Settings) -> None:
                 f"({_first_line(exc)}); check the CA file and the host name") from None
         hint = "" if settings.redis_url.startswith("rediss://") else \
             " (if the server only speaks TLS, use a rediss:// URL)"
+        if isinstance(exc, RedisTimeoutError):
+            hint = (f" (no answer within SEGSTREAM_REDIS_TIMEOUT_S = "
+                    f"{settings.redis_timeout_s:g} s){hint}")
         raise ServiceError(
             f"SEGSTREAM_REDIS_URL: cannot use Redis at {where}: {_first_line(exc)}{hint}"
         ) from None

@@ -157,7 +157,8 @@ class TransactionIn(_Input):
     amount: Annotated[float, Field(ge=0, le=1e12, allow_inf_nan=False)]
     kind: Literal["purchase", "refund"] = "purchase"
     currency: Annotated[str, Field(min_length=1, max_length=8)] | None = None
-    items: int | list[Any] | None = None
+    #: Not read by the engine: any JSON value (a purchase is never lost over it).
+    items: Any = None
 
     @field_validator("amount", mode="before")
     @classmethod
@@ -170,11 +171,12 @@ class TransactionIn(_Input):
             raise ValueError(f"amount must be a JSON number, not {type(v).__name__}")
         return v
 
-    @field_validator("items")
+    @field_validator("currency")
     @classmethod
-    def _shallow_items(cls, v: int | list[Any] | None) -> int | list[Any] | None:
-        if isinstance(v, list) and _depth(v) > MAX_NESTING:
-            raise ValueError(f"items nested deeper than {MAX_NESTING} levels")
+    def _currency_text(cls, v: str | None) -> str | None:
+        if v is not None and not _id_ok(v, 8):
+            raise ValueError("currency may not be only whitespace nor hold a control "
+                             "character")
         return v
 
     def to_event(self) -> TransactionEvent:
@@ -267,7 +269,7 @@ def _plain_event(kind: str, doc: dict[str, Any]) -> Event | None:
         return ClickEvent(eid, cid, ts, event_type, session)
     if kind == "transactions":
         amount, sign = doc.get("amount"), doc.get("kind", "purchase")
-        currency, items = doc.get("currency"), doc.get("items")
+        currency = doc.get("currency")
         if type(amount) is int:
             if not 0 <= amount <= 10**12:
                 return None
@@ -276,16 +278,14 @@ def _plain_event(kind: str, doc: dict[str, Any]) -> Event | None:
             return None
         if sign not in ("purchase", "refund") or type(sign) is not str:
             return None
-        if currency is not None and (type(currency) is not str or not 0 < len(currency) <= 8):
-            return None
-        if items is not None and type(items) is not int and (
-                type(items) is not list or _depth(items) > MAX_NESTING):
+        if currency is not None and not _id_ok(currency, 8):
             return None
         return TransactionEvent(eid, cid, ts, to_units(amount), sign)
     return None
 
 
-def decode(kind: str, key: bytes | None, value: bytes | None, max_bytes: int) -> Event | Rejection:
+def decode(kind: str, key: bytes | None, value: bytes | None, max_bytes: int,
+           currency: str | None = None) -> Event | Rejection:
     """Turn a raw record of input topic ``kind`` into an event or a rejection.
 
     >>> decode("transactions", b"c1", b'{"event_id":"e","customer_id":"c1","ts":0,"amount":1}',
@@ -295,13 +295,13 @@ def decode(kind: str, key: bytes | None, value: bytes | None, max_bytes: int) ->
     'not_json'
     """
     try:
-        return _decode(kind, key, value, max_bytes)
+        return _decode(kind, key, value, max_bytes, currency)
     except Exception as exc:  # e.g. RecursionError re-reading a deeply nested document
         return Rejection("invalid_schema", f"record: {type(exc).__name__}: {exc}")
 
 
-def _decode(kind: str, key: bytes | None, value: bytes | None, max_bytes: int
-            ) -> Event | Rejection:
+def _decode(kind: str, key: bytes | None, value: bytes | None, max_bytes: int,
+            currency: str | None = None) -> Event | Rejection:
     if value is None:
         return Rejection("empty", "record has no value")
     if len(value) > max_bytes:
@@ -333,9 +333,14 @@ def _decode(kind: str, key: bytes | None, value: bytes | None, max_bytes: int
         key_text = None
     if key_text != event.customer_id:
         return Rejection("key_mismatch", "record key must equal customer_id")
+    if currency is not None and isinstance(event, TransactionEvent):
+        named = doc.get("currency")
+        if named is not None and named.upper() != currency.upper():
+            return Rejection("currency", f"currency {named!r} is not the deployment's "
+                             f"{currency.upper()} (SEGSTREAM_CURRENCY)")
     if isinstance(event, TransactionEvent) and (event.amount_units >= _EXACT_UNITS
                                                 or _near_half_unit(doc.get("amount"))):
-        event = _exact_amount(event, text)
+        event = _exact_amount(event, text, doc.get("amount"))
         if event.amount_units > _MAX_UNITS:  # within a double of 1e12, above it as written
             return Rejection("invalid_schema", "amount: Input should be less than or equal "
                              "to 1000000000000")
@@ -369,8 +374,15 @@ _EXACT_UNITS = 10**12
 _MAX_UNITS = 10**16
 
 
-def _exact_amount(event: TransactionEvent, text: str) -> TransactionEvent:
-    amount = json.loads(text, parse_float=Decimal).get("amount")
+def _exact_amount(event: TransactionEvent, text: str, amount: Any = None) -> TransactionEvent:
+    try:
+        amount = json.loads(text, parse_float=Decimal).get("amount")
+    except RecursionError:
+        # An unknown field nested deeper than the decimal parser goes (orjson read it):
+        # the shortest decimal that reads back as the double, which is the amount as
+        # written for any amount written with at most 15 significant digits.
+        if isinstance(amount, float):
+            amount = Decimal(repr(amount))
     if isinstance(amount, bool) or not isinstance(amount, int | Decimal | str):
         return event
     try:

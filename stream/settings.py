@@ -42,7 +42,8 @@ _TEST_ENV_PREFIX = "SEGSTREAM_TEST"
 class Settings(BaseSettings):
     """Engine configuration. Every field is ``SEGSTREAM_<FIELD>`` in the environment."""
 
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="ignore")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="ignore",
+                                      allow_inf_nan=False)
 
     app_id: str = Field("segstream", min_length=1, max_length=100)
     topic_prefix: str = Field("", max_length=100)
@@ -81,6 +82,10 @@ class Settings(BaseSettings):
     allowed_lateness_days: float = Field(7.0, ge=0, le=3650)
     max_future_skew_s: float = Field(300.0, ge=0, le=31_536_000)
     max_event_bytes: int = Field(65_536, ge=256, le=10_000_000)
+    #: The one currency of the deployment's amounts (ISO 4217, e.g. ``USD``): a transaction
+    #: naming another goes to the DLQ as ``currency`` (one without ``currency`` is taken to
+    #: be in it). Unset: amounts are summed as given, whatever currency they name.
+    currency: str | None = Field(None, pattern=r"^[A-Za-z]{3}$")
     #: Most bytes of a rejected record kept in its dead letter. Escaped as JSON, a byte can
     #: take six (a control character), so at this bound a dead letter stays under the
     #: producer's 1 MiB request and the default 1 MB ``max.message.bytes``; a larger one
@@ -169,8 +174,12 @@ class Settings(BaseSettings):
         # An empty value would be read as the working directory.
         if isinstance(v, str) and not v.strip():
             raise ValueError("empty; give a directory or unset it (default ~/.cache/segstream)")
-        if isinstance(v, str | Path) and Path(v).exists() and not Path(v).is_dir():
-            raise ValueError(f"{v} exists and is not a directory")
+        if isinstance(v, str | Path):
+            # ``~`` as a shell would read it, and absolute: ``segstream down`` finds what
+            # ``up`` started (their PID files) from any working directory.
+            v = Path(v).expanduser().absolute()
+            if v.exists() and not v.is_dir():
+                raise ValueError(f"{v} exists and is not a directory")
         return v
 
     @field_validator("web_host")

@@ -185,7 +185,18 @@ class Deployment:
 
     def cleanup(self) -> None:
         self.stop_all()
-        self.cli("reset", "--yes", check=False, timeout=120)
+        done = self.cli("reset", "--yes", check=False, timeout=120)
+        if done.returncode == 0:
+            # A reset deletes only the engine's own key families (another deployment's
+            # prefix may start with this one's): every key the test's engine wrote is one.
+            from stream.redisconn import redis_sync_client
+
+            r = redis_sync_client(self.settings)
+            try:
+                left = list(r.scan_iter(match=f"{self.settings.redis_prefix}*", count=1000))
+            finally:
+                r.close()
+            assert not left, f"keys a reset left behind: {left[:10]}"
 
 
 @pytest.fixture

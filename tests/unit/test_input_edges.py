@@ -202,21 +202,83 @@ def test_a_customer_whose_scoring_fails_does_not_move_engine_time(monkeypatch) -
             if t == settings.dlq_topic] == ["processing_error"]
 
 
-def test_a_deeply_nested_unknown_field_is_rejected_and_its_batch_goes_on() -> None:
-    """A large amount is re-read exactly with the standard library's JSON parser, whose
-    nesting limit is lower than orjson's: that must reject the record, not fail the batch."""
+@pytest.mark.parametrize("amount, units", [("2e10", 200_000_000_000_000),
+                                            ("1.00005", 10_000), ("1.5", 15_000),
+                                            ("123456789.00015", 1_234_567_890_002)])
+def test_a_deeply_nested_unknown_field_does_not_decide_whether_a_record_is_accepted(
+        amount: str, units: int) -> None:
+    """Unknown fields are ignored however deep (up to orjson's limit). An amount that is
+    re-read as a decimal (large, or near a half unit) went through the standard library's
+    JSON parser, whose nesting limit is lower: the record was rejected for its amount."""
     deep = "[" * 1_000 + "]" * 1_000
-    bad = (f'{{"event_id":"b","customer_id":"c2","ts":{T0},"amount":2e10,"x":{deep}}}'
+    rec = (f'{{"event_id":"b","customer_id":"c2","ts":{T0},"amount":{amount},"x":{deep}}}'
            ).encode()
-    res = decode("transactions", b"c2", bad, 1_000_000)
-    assert res.reason == "invalid_schema" and "RecursionError" in res.error
-    bp, st, sink = _proc()
+    res = decode("transactions", b"c2", rec, 1_000_000)
+    assert isinstance(res, T) and res.amount_units == units, res
+    assert res.amount_units == int((Decimal(amount) * 10_000).to_integral_value(
+        ROUND_HALF_EVEN))
+    bp, st, _sink = _proc()
     stats = asyncio.run(bp.process([RawRecord("transactions", 0, 0, b"c1", _tx("g", T0)),
-                                    RawRecord("transactions", 0, 1, b"c2", bad)]))
-    assert stats.dead_letters == {"invalid_schema": 1}
-    assert (0, "c1") in st.customers and (0, "c2") not in st.customers
-    dl = [orjson.loads(v) for _, _, v in sink.sent if orjson.loads(v).get("reason")]
-    assert dl[0]["offset"] == 1 and dl[0]["payload"] == bad.decode()
+                                    RawRecord("transactions", 0, 1, b"c2", rec)]))
+    assert stats.dead_letters == {} and stats.applied == 2
+    assert derive(serial.decode(st.customers[(0, "c2")]), T0)["monetary_total"] == units / 10_000
+
+
+@pytest.mark.parametrize("items", ["2", "-5", '"abc"', '{"sku": "a"}', "2.5", "1e30", "true",
+                                   '[{"sku": "a", "qty": 2}]', "null"])
+def test_a_purchase_is_never_lost_over_its_items(items: str) -> None:
+    """The engine does not read ``items``: any JSON value is accepted, by both decoders."""
+    rec = (f'{{"event_id":"b","customer_id":"c2","ts":{T0},"amount":3.5,"kind":"purchase",'
+           f'"items":{items}}}').encode()
+    res = decode("transactions", b"c2", rec, 10_000)
+    assert isinstance(res, T) and res.amount_units == 35_000, res
+    # with a field the fast path leaves to the model, the model accepts it too
+    res = decode("transactions", b"c2", rec.replace(b'"amount":3.5', b'"amount":3.50001'),
+                 10_000)
+    assert isinstance(res, T) and res.amount_units == 35_000, res
+
+
+@pytest.mark.parametrize("currency", ['" "', '"\\u0000"', '"US\\nD"', '""', '"ABCDEFGHI"', "5"])
+def test_a_currency_that_is_not_text_of_one_to_eight_characters_is_rejected(
+        currency: str) -> None:
+    rec = (f'{{"event_id":"b","customer_id":"c2","ts":{T0},"amount":3.5,'
+           f'"currency":{currency}}}').encode()
+    res = decode("transactions", b"c2", rec, 10_000)
+    assert res.reason == "invalid_schema" and res.error.startswith("currency"), res
+
+
+def test_the_deployments_currency_dead_letters_transactions_in_another() -> None:
+    """``SEGSTREAM_CURRENCY`` set: another currency is a ``currency`` dead letter (any case
+    names the same one), none is taken to be the deployment's; unset, all are summed."""
+    def tx(eid: str, currency: str | None) -> bytes:
+        doc = {"event_id": eid, "customer_id": "c1", "ts": T0, "amount": 10}
+        if currency is not None:
+            doc["currency"] = currency
+        return orjson.dumps(doc)
+
+    recs = [RawRecord("transactions", 0, i, b"c1", tx(f"e{i}", c))
+            for i, c in enumerate(["USD", "usd", None, "JPY", "EUR"])]
+    for setting, kept, dead in ((None, 5, {}), ("USD", 3, {"currency": 2}),
+                                ("usd", 3, {"currency": 2})):
+        st, sink = MemoryFeatureStore(), Sink()
+        bp = BatchProcessor(load_settings(currency=setting), st, sink,
+                            clock=lambda: (T0 + 365 * DAY) / 1000)
+        stats = asyncio.run(bp.process(recs))
+        assert stats.dead_letters == dead, setting
+        feats = derive(serial.decode(st.customers[(0, "c1")]), T0)
+        assert feats["monetary_total"] == 10 * kept, (setting, feats["monetary_total"])
+        if dead:
+            dl = [orjson.loads(v) for _, _, v in sink.sent if orjson.loads(v).get("reason")]
+            assert sorted(d["offset"] for d in dl) == [3, 4]
+            assert all("SEGSTREAM_CURRENCY" in d["error"] for d in dl), dl
+
+
+def test_a_currency_setting_that_is_not_three_letters_fails_naming_it() -> None:
+    from stream.errors import SettingsError
+
+    for bad in ("US", "USDX", "U$D", ""):
+        with pytest.raises((SettingsError, ValueError), match=r"currency|CURRENCY"):
+            load_settings(currency=bad)
 
 
 def _reference_purchases(records: list[tuple[str, int]], lateness: int) -> int:

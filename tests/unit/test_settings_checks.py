@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.mark.parametrize("var,value,why", [
     # accepted before, then failed on the first batch (int(inf * 1000))
-    ("SEGSTREAM_MAX_FUTURE_SKEW_S", "inf", "less than or equal"),
+    ("SEGSTREAM_MAX_FUTURE_SKEW_S", "inf", "finite number"),
     # ':' is valid in Redis keys, not in Kafka topic names
     ("SEGSTREAM_TOPIC_PREFIX", "team:a.", "topic names"),
     ("SEGSTREAM_APP_ID", "team:a", "topic names"),
@@ -28,6 +28,10 @@ ROOT = Path(__file__).resolve().parents[2]
     ("SEGSTREAM_API_TOKEN", "", "unset SEGSTREAM_API_TOKEN"),
     ("SEGSTREAM_LOG_HASH_KEY", " ", "unset SEGSTREAM_LOG_HASH_KEY"),
     ("SEGSTREAM_REDIS_PREFIX", "", "at least 1"),
+    # a float setting that is not a number: the message says so
+    ("SEGSTREAM_ALLOWED_LATENESS_DAYS", "nan", "finite number"),
+    ("SEGSTREAM_SWEEP_INTERVAL_S", "nan", "finite number"),
+    ("SEGSTREAM_CURRENCY", "US", "pattern"),
     ("SEGSTREAM_WEB_HOST", "", "at least 1"),
     # credentials a PLAINTEXT connection would ignore
     ("SEGSTREAM_KAFKA_SASL_USERNAME", "bob", "would be ignored"),
@@ -321,3 +325,30 @@ def test_the_lateness_check_names_the_setting_when_redis_does_not_answer() -> No
         check_lateness(load_settings(redis_url="redis://user:pw9x@127.0.0.1:1/0",
                                      redis_timeout_s=1))
     assert "pw9x" not in str(info.value)
+
+
+def test_a_data_directory_is_read_as_a_shell_reads_it(monkeypatch: pytest.MonkeyPatch,
+                                                      tmp_path: Path) -> None:
+    """``~`` is the home directory and a relative path is made absolute at start, so the
+    PID files ``segstream down`` reads are the ones ``up`` wrote from any directory."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert load_settings(data_dir="~/state").data_dir == tmp_path / "state"
+    monkeypatch.chdir(tmp_path)
+    assert load_settings(data_dir="rel/x").data_dir == tmp_path / "rel" / "x"
+
+
+def test_a_redis_that_does_not_answer_names_the_timeout_setting() -> None:
+    """A server that accepts connections and never answers: the error names the timeout
+    setting, not only the URL."""
+    import socket
+
+    from stream.errors import ServiceError
+    from stream.redisconn import check_redis
+
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(4)
+        port = srv.getsockname()[1]
+        s = load_settings(redis_url=f"redis://127.0.0.1:{port}/0", redis_timeout_s=0.3)
+        with pytest.raises(ServiceError, match=r"SEGSTREAM_REDIS_TIMEOUT_S = 0\.3 s"):
+            check_redis(s)

@@ -64,10 +64,6 @@ def _print_json(doc: Any) -> None:
     sys.stdout.write(json.dumps(doc, indent=2, sort_keys=False, default=str) + "\n")
 
 
-def _api_url(s: Settings) -> str:
-    return f"http://{s.web_host}:{s.web_port}"
-
-
 @app.command()
 def up(json_: JsonOpt = False) -> None:
     """Start (or reuse) local Kafka and Redis and wait until both answer."""
@@ -102,7 +98,7 @@ def status(json_: JsonOpt = False) -> None:
     h = services.health(s)
     doc = {"kafka": {"bootstrap": s.kafka_bootstrap, "healthy": h.kafka},
            "redis": {"url": redacted_url(s.redis_url), "healthy": h.redis},
-           "api": _api_url(s)}
+           "api": s.api_url}
     if json_:
         _print_json(doc)
     else:

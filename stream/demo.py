@@ -484,7 +484,7 @@ def _run(s: Settings, opts: DemoOptions, plan: ReplayPlan, con: Console, log: Pa
         if why is not None:
             con.print(f"[red]{why}; the end of its log:[/red]\n{log_tail(log)}")
             return 1
-        base = f"http://{s.web_host}:{s.web_port}"
+        base = s.api_url
         con.print(f"dashboard [bold underline]{base}/[/]  (also {base}/dashboard)")
         con.print(f"API       [bold underline]{base}/segments[/], {base}/migrations, "
                   f"{base}/customers/<id>, {base}/openapi.json")

@@ -65,7 +65,9 @@ class Settings(BaseSettings):
     log_hash_key: SecretStr | None = None
 
     redis_url: str = "redis://127.0.0.1:6379/0"
-    redis_timeout_s: float = Field(5.0, gt=0, le=120)
+    #: The durations have floors where a smaller value cannot work: a Redis timeout
+    #: shorter than a round trip, or a sweep interval that turns the sweeper into a busy loop.
+    redis_timeout_s: float = Field(5.0, ge=0.05, le=120)
     #: ``redis_url`` is one seed node of a Redis Cluster (the other nodes are discovered).
     redis_cluster: bool = False
     #: CA bundle that signed the server's certificate (``rediss://`` only; default: system CAs).
@@ -108,7 +110,7 @@ class Settings(BaseSettings):
     batch_max: int = Field(2_000, ge=1, le=100_000)
     #: The longest a micro-batch gathers input; it is handed over sooner once it holds
     #: ``batch_max`` records or everything that was waiting for the worker.
-    batch_within_s: float = Field(0.05, gt=0, le=10)
+    batch_within_s: float = Field(0.05, ge=0.001, le=10)
     #: Publish a batch's outbox (migrations, examples, dead letters) while the next batch
     #: is loaded and evaluated; off, a batch ends once its outbox is published. Either way
     #: the outbox is committed with the batch and published in commit order.
@@ -133,11 +135,11 @@ class Settings(BaseSettings):
 
     rules_path: Path | None = None
     actions_path: Path | None = None
-    sweep_interval_s: float = Field(30.0, gt=0, le=86_400)
+    sweep_interval_s: float = Field(30.0, ge=0.1, le=86_400)
     #: While events keep arriving, sweeps take at most this share of the worker's time:
     #: after each step of a pass that took t seconds, the pass waits t * (1 - share) / share.
     sweep_max_share: float = Field(0.1, gt=0, le=1)
-    population_refresh_s: float = Field(1.0, gt=0, le=3_600)
+    population_refresh_s: float = Field(1.0, ge=0.05, le=3_600)
     models_enabled: bool = True
     #: where the online models train: a child process of each worker (one of them active)
     #: or the worker's own event loop, shared with the ingest agent
@@ -145,8 +147,8 @@ class Settings(BaseSettings):
     churn_horizon_days: float = Field(30.0, gt=0, le=3650)
     churn_horizon_txn_days: float = Field(90.0, gt=0, le=3650)
     observation_gap_days: int = Field(7, ge=1, le=3650)
-    model_snapshot_s: float = Field(5.0, gt=0, le=3_600)
-    model_promote_s: float = Field(300.0, gt=0, le=86_400)
+    model_snapshot_s: float = Field(5.0, ge=0.1, le=3_600)
+    model_promote_s: float = Field(300.0, ge=0.1, le=86_400)
     clv_refit_interval_s: float = Field(600.0, ge=0, le=604_800)
 
     data_dir: Path = Path.home() / ".cache" / "segstream"
@@ -381,6 +383,26 @@ class Settings(BaseSettings):
     @property
     def future_skew_ms(self) -> int:
         return int(self.max_future_skew_s * 1000)
+
+    @property
+    def api_url(self) -> str:
+        """The HTTP API's base URL as a client on this host reaches it: a wildcard bind
+        address (``0.0.0.0``, ``::``, empty) is reached on the loopback, and an IPv6
+        address is bracketed.
+
+        >>> [Settings(web_host=h, web_port=6066).api_url for h in ("0.0.0.0", "::", "fe80::1")]
+        ['http://127.0.0.1:6066', 'http://[::1]:6066', 'http://[fe80::1]:6066']
+        """
+        host = self.web_host
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            ip = None
+        if not host or (ip is not None and ip.is_unspecified):
+            host = "::1" if ip is not None and ip.version == 6 else "127.0.0.1"
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.web_port}"
 
     @property
     def kafka_url(self) -> str:

@@ -290,6 +290,30 @@ def test_status_and_up_never_print_the_redis_password(
         assert "127.0.0.1:1/0" in result.output and "***" in result.output, result.output
 
 
+@pytest.mark.parametrize("host, api", [("0.0.0.0", "http://127.0.0.1:7001"),
+                                       ("::", "http://[::1]:7001"),
+                                       ("10.1.2.3", "http://10.1.2.3:7001"),
+                                       ("fd00::5", "http://[fd00::5]:7001"),
+                                       ("worker-0.svc", "http://worker-0.svc:7001")])
+def test_status_json_gives_an_api_url_a_client_can_open(
+        monkeypatch: pytest.MonkeyPatch, host: str, api: str) -> None:
+    """A wildcard bind address is no address to connect to, and an IPv6 one needs
+    brackets in a URL."""
+    import json
+    import urllib.parse
+
+    from stream import services
+
+    monkeypatch.setenv("SEGSTREAM_WEB_HOST", host)
+    monkeypatch.setenv("SEGSTREAM_WEB_PORT", "7001")
+    monkeypatch.setattr(services, "health", lambda _s: services.Health(True, True))
+    result = run("status", "--json")
+    assert result.exit_code == 0, result.output
+    got = json.loads(result.output)["api"]
+    assert got == api
+    assert urllib.parse.urlsplit(got).port == 7001
+
+
 def test_bench_checks_the_results_dir_before_anything_runs(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     ran: list[Any] = []

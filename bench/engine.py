@@ -277,9 +277,9 @@ def run_engine(dep: BenchDeployment, role: str, workers: int, total: int,
         tree.sample()
         per_worker = []
         for i, p in enumerate(procs):
+            # No baseline (the worker's metrics did not answer yet): everything since it started.
             before = scraped[i] if i < len(scraped) else None
-            got = None if before is None else breakdown.summary(
-                before, breakdown.scrape(dep.metrics_url(p), token))
+            got = breakdown.summary(before, breakdown.scrape(dep.metrics_url(p), token))
             if got is not None and got.get("records") and i < len(own_cpu0):
                 got["cpu_us_per_record"] = round(
                     (tree.own_cpu(p.pid) - own_cpu0[i]) / got["records"] * 1e6, 1)

@@ -335,7 +335,8 @@ def _decode(kind: str, key: bytes | None, value: bytes | None, max_bytes: int,
         return Rejection("key_mismatch", "record key must equal customer_id")
     if currency is not None and isinstance(event, TransactionEvent):
         named = doc.get("currency")
-        if named is not None and named.upper() != currency.upper():
+        # ASCII case only: str.upper() folds some other letters onto ASCII ones (a long s is "S")
+        if named is not None and (not named.isascii() or named.upper() != currency.upper()):
             return Rejection("currency", f"currency {named!r} is not the deployment's "
                              f"{currency.upper()} (SEGSTREAM_CURRENCY)")
     if isinstance(event, TransactionEvent) and (event.amount_units >= _EXACT_UNITS

@@ -179,7 +179,10 @@ class Settings(BaseSettings):
         if isinstance(v, str | Path):
             # ``~`` as a shell would read it, and absolute: ``segstream down`` finds what
             # ``up`` started (their PID files) from any working directory.
-            v = Path(v).expanduser().absolute()
+            try:
+                v = Path(v).expanduser().absolute()
+            except RuntimeError as exc:  # ``~user`` of no such user
+                raise ValueError(f"{v}: {exc}") from None
             if v.exists() and not v.is_dir():
                 raise ValueError(f"{v} exists and is not a directory")
         return v

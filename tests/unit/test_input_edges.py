@@ -257,9 +257,10 @@ def test_the_deployments_currency_dead_letters_transactions_in_another() -> None
         return orjson.dumps(doc)
 
     recs = [RawRecord("transactions", 0, i, b"c1", tx(f"e{i}", c))
-            for i, c in enumerate(["USD", "usd", None, "JPY", "EUR"])]
-    for setting, kept, dead in ((None, 5, {}), ("USD", 3, {"currency": 2}),
-                                ("usd", 3, {"currency": 2})):
+            for i, c in enumerate(["USD", "usd", None, "JPY", "EUR", "u\u017fd"])]
+    # "u\u017fd" (a long s) is "USD" to str.upper(), not to ISO 4217
+    for setting, kept, dead in ((None, 6, {}), ("USD", 3, {"currency": 3}),
+                                ("usd", 3, {"currency": 3})):
         st, sink = MemoryFeatureStore(), Sink()
         bp = BatchProcessor(load_settings(currency=setting), st, sink,
                             clock=lambda: (T0 + 365 * DAY) / 1000)
@@ -269,7 +270,7 @@ def test_the_deployments_currency_dead_letters_transactions_in_another() -> None
         assert feats["monetary_total"] == 10 * kept, (setting, feats["monetary_total"])
         if dead:
             dl = [orjson.loads(v) for _, _, v in sink.sent if orjson.loads(v).get("reason")]
-            assert sorted(d["offset"] for d in dl) == [3, 4]
+            assert sorted(d["offset"] for d in dl) == [3, 4, 5]
             assert all("SEGSTREAM_CURRENCY" in d["error"] for d in dl), dl
 
 

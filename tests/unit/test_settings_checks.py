@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[2]
     ("SEGSTREAM_ALLOWED_LATENESS_DAYS", "nan", "finite number"),
     ("SEGSTREAM_SWEEP_INTERVAL_S", "nan", "finite number"),
     ("SEGSTREAM_CURRENCY", "US", "pattern"),
+    ("SEGSTREAM_DATA_DIR", "~no-such-user-here/x", "home directory"),
     # durations too short to work (a timeout under a round trip, a busy sweep loop)
     ("SEGSTREAM_REDIS_TIMEOUT_S", "1e-9", "greater than or equal to 0.05"),
     ("SEGSTREAM_SWEEP_INTERVAL_S", "1e-9", "greater than or equal to 0.1"),

@@ -546,7 +546,8 @@ def reset(yes: Annotated[bool, typer.Option("--yes", help="Really delete")] = Fa
     try:
         # Only keys of the engine's own families: a deployment whose prefix starts with
         # this one's (``segstream:`` and ``segstream:eu:``) keeps its keys.
-        n = delete_matching(r, f"{s.redis_prefix}*", only=Keys(s.redis_prefix).owns)
+        keys = Keys(s.redis_prefix)
+        n = delete_matching(r, keys.all_pattern(), only=keys.owns)
     finally:
         r.close()
     _wait_topics_gone(s, names)

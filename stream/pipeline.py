@@ -90,7 +90,7 @@ def record_decoder(settings: Settings) -> Callable[[str, bytes | None, bytes | N
              settings.transactions_topic: "transactions"}
     if settings.currency:
         return partial(decode_record, kinds, settings.max_event_bytes,
-                       currency=settings.currency)
+                       currency=settings.currency.upper())
     return partial(decode_record, kinds, settings.max_event_bytes)
 
 

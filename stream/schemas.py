@@ -286,7 +286,8 @@ def _plain_event(kind: str, doc: dict[str, Any]) -> Event | None:
 
 def decode(kind: str, key: bytes | None, value: bytes | None, max_bytes: int,
            currency: str | None = None) -> Event | Rejection:
-    """Turn a raw record of input topic ``kind`` into an event or a rejection.
+    """Turn a raw record of input topic ``kind`` into an event or a rejection; with
+    ``currency`` (upper case), a transaction naming another is rejected.
 
     >>> decode("transactions", b"c1", b'{"event_id":"e","customer_id":"c1","ts":0,"amount":1}',
     ...        1000).amount_units
@@ -336,9 +337,9 @@ def _decode(kind: str, key: bytes | None, value: bytes | None, max_bytes: int,
     if currency is not None and isinstance(event, TransactionEvent):
         named = doc.get("currency")
         # ASCII case only: str.upper() folds some other letters onto ASCII ones (a long s is "S")
-        if named is not None and (not named.isascii() or named.upper() != currency.upper()):
+        if named is not None and (not named.isascii() or named.upper() != currency):
             return Rejection("currency", f"currency {named!r} is not the deployment's "
-                             f"{currency.upper()} (SEGSTREAM_CURRENCY)")
+                             f"{currency} (SEGSTREAM_CURRENCY)")
     if isinstance(event, TransactionEvent) and (event.amount_units >= _EXACT_UNITS
                                                 or _near_half_unit(doc.get("amount"))):
         event = _exact_amount(event, text, doc.get("amount"))

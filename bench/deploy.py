@@ -20,6 +20,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from stream.kafka import admin, ensure_topics
 from stream.settings import Settings, env_name
@@ -109,6 +110,16 @@ class BenchDeployment:
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=10)
 
+    def forget_keys(self, role: str) -> None:
+        """Delete the Redis keys of one role (its prefix), e.g. an E run already measured."""
+        import redis
+
+        r = redis.from_url(self.base.redis_url)
+        try:
+            _unlink_matching(r, f"{self.name}-{role}:*")
+        finally:
+            r.close()
+
     def cleanup(self, keep_logs: bool = False) -> None:
         """Stop children; delete the run's topics, groups, Redis keys (and logs unless kept)."""
         for p in self.procs:
@@ -128,14 +139,7 @@ class BenchDeployment:
 
         r = redis.from_url(self.base.redis_url)
         try:
-            batch: list[bytes] = []
-            for k in r.scan_iter(match=f"{self.name}*", count=2000):
-                batch.append(k)
-                if len(batch) >= 2000:
-                    r.unlink(*batch)
-                    batch = []
-            if batch:
-                r.unlink(*batch)
+            _unlink_matching(r, f"{self.name}*")
         finally:
             r.close()
         for g in set(self.groups):
@@ -154,3 +158,14 @@ class BenchDeployment:
             finally:
                 a.close()
             time.sleep(0.5)
+
+
+def _unlink_matching(r: Any, pattern: str) -> None:
+    batch: list[bytes] = []
+    for k in r.scan_iter(match=pattern, count=2000):
+        batch.append(k)
+        if len(batch) >= 2000:
+            r.unlink(*batch)
+            batch = []
+    if batch:
+        r.unlink(*batch)

@@ -82,6 +82,11 @@ def table(doc: dict[str, Any]) -> Table:
         sc = doc["scaling"]
         rows.append((f"E with {sc['workers']} workers",
                      f"{_n(sc['eps'])} ev/s (x{sc['ratio_vs_1']:.2f} vs 1)"))
+        if "one_worker_again" in sc:
+            rows.append(("E with 1 worker again, after it",
+                         f"{_n(sc['one_worker_again']['eps'])} ev/s: "
+                         f"x{sc['ratio_vs_1_again']:.2f} vs it, "
+                         f"x{sc['ratio_vs_1_bracketed']:.2f} vs the mean of both"))
     method = doc.get("latency_method") or "skipped"
     if doc.get("latency_event_time"):
         method += f"; live event time: {doc['latency_event_time']}"

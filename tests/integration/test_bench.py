@@ -163,6 +163,36 @@ def test_a_small_run_of_many_events_per_customer_measures_the_engine(
     assert doc["engine"]["dead_letters"] == {}, doc["engine"]
 
 
+def test_two_workers_are_measured_between_two_runs_of_one(
+        services: dict[str, str], tmp_path: Path) -> None:
+    env = dict(os.environ, SEGSTREAM_KAFKA_BOOTSTRAP=services["kafka"],
+               SEGSTREAM_REDIS_URL=services["redis"], PYTHONUNBUFFERED="1")
+    proc = subprocess.run(
+        [*_bench_cmd(), "--events", "30000", "--customers", "3000", "--skip-latency",
+         "--workers", "2", "--json", "--results-dir", str(tmp_path)],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    doc = json.loads(proc.stdout)
+    sc, e1 = doc["scaling"], doc["engine"]
+    again = sc["one_worker_again"]
+    assert (sc["workers"], e1["workers"], again["workers"]) == (2, 1, 1)
+    for run in (e1, sc, again):
+        # each run measured the same input, all of it but what came before its first
+        # progress sample, and rejected none of it
+        assert 0.8 * doc["events"] <= run["events_measured"] <= doc["events"], run
+        assert run["eps"] > 0 and run["dead_letters"] == {}, run
+    # A worker that got no batch has no account (at this size the first worker to join
+    # may take every partition's records before the second one has any).
+    accounts = [w for w in sc["per_worker"] if w is not None]
+    assert len(sc["per_worker"]) == 2 and accounts, sc["per_worker"]
+    assert sum(w["records"] for w in accounts) >= sc["events_measured"], accounts
+    assert sc["ratio_vs_1"] == round(sc["eps"] / e1["eps"], 3)
+    assert sc["ratio_vs_1_again"] == round(sc["eps"] / again["eps"], 3)
+    mean = (e1["eps"] + again["eps"]) / 2
+    assert abs(sc["ratio_vs_1_bracketed"] - sc["eps"] / mean) < 0.002, sc
+
+
 def test_the_limit_times_a_run_that_fits_in_one_fetch(services: dict[str, str]) -> None:
     # L is timed from its first fetch to its last: 3,000 records fit in one fetch of
     # 10,000, which left nothing timed and reported 0 events/s.

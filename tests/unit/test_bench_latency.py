@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import time
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -103,3 +104,42 @@ def test_the_table_shows_each_phase_by_second_and_its_cpu() -> None:
         line = next(ln for ln in text.splitlines() if f"{name}: CPU s per second" in ln)
         roles = lat["cpu_by_role"]
         assert f"{roles['machine']:.2f}: {roles['worker']:.2f}, {roles['learner']:.2f}" in line
+
+
+def _engine(workers: int, eps: float) -> Any:
+    from bench.engine import EngineResult
+
+    return EngineResult(workers=workers, events=100_000, seconds=100_000 / eps, eps=eps,
+                        startup_s=1.0, cpu_s=9.0, cpu_s_per_million_events=90.0,
+                        worker_cpu_s=8.0, rss_peak_mb=500.0, roundtrips=200, commands=600,
+                        server={})
+
+
+def test_scaling_is_reported_against_one_worker_before_and_after() -> None:
+    from pathlib import Path
+
+    import orjson
+    from rich.console import Console
+
+    from bench import report
+    from bench.run import scaling_json
+
+    before, two, after = _engine(1, 10_000.0), _engine(2, 15_000.0), _engine(1, 8_000.0)
+    doc = scaling_json(before, two, after)
+    assert doc["workers"] == 2 and doc["eps"] == 15_000.0
+    assert doc["ratio_vs_1"] == 1.5
+    assert doc["one_worker_again"]["eps"] == 8_000.0
+    assert doc["one_worker_again"]["workers"] == 1
+    assert doc["ratio_vs_1_again"] == round(15_000 / 8_000, 3)
+    assert doc["ratio_vs_1_bracketed"] == round(15_000 / 9_000, 3)
+    # without the run after it, only the ratio against E
+    assert set(scaling_json(before, two, None)) == set(doc) - {
+        "one_worker_again", "ratio_vs_1_again", "ratio_vs_1_bracketed"}
+
+    path = Path(__file__).resolve().parents[2] / "bench/results/20261206T175254Z.json"
+    result = {**orjson.loads(path.read_bytes()), "scaling": doc}
+    console = Console(width=400, record=True)
+    console.print(report.table(result))
+    text = console.export_text()
+    line = next(ln for ln in text.splitlines() if "E with 1 worker again" in ln)
+    assert "8,000 ev/s: x1.88 vs it, x1.67 vs the mean of both" in line, line

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stream.kafka import admin, ensure_topics
+from stream.kafka import admin, end_offsets, ensure_topics, start_offsets
 from stream.settings import Settings, env_name
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -109,6 +109,30 @@ class BenchDeployment:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=10)
+
+    def forget_examples(self) -> int:
+        """Move the start of the learner examples topic past every record in it; returns
+        how many records that skipped.
+
+        A later E run's learners (a consumer group of their own, reading from the earliest
+        offset) then learn only that run's examples, as a deployment's learner does, not
+        also those of the runs before it."""
+        from kafka.structs import TopicPartition
+
+        s = self.base.model_copy(update={"topic_prefix": f"{self.name}."})
+        topic = s.examples_topic
+        ends = end_offsets(s, [topic])
+        starts = start_offsets(s, [topic])
+        todo = {TopicPartition(t, p): off for (t, p), off in ends.items()
+                if off > starts.get((t, p), 0)}
+        if not todo:
+            return 0
+        a = admin(self.base)
+        try:
+            a.delete_records(todo)
+        finally:
+            a.close()
+        return sum(off - starts.get((tp.topic, tp.partition), 0) for tp, off in todo.items())
 
     def forget_keys(self, role: str) -> None:
         """Delete the Redis keys of one role (its prefix), e.g. an E run already measured."""

@@ -327,21 +327,29 @@ def run(opts: Options, console: Console | None = None) -> dict[str, Any]:
 
             ek: EngineResult | None = None
             again: EngineResult | None = None
+            skipped: list[int] = []
             if opts.workers > 1:
                 # Every E run starts from an empty keyspace, as the first one did (a run's
                 # keys make the next one's Redis rewrites larger).
                 dep.forget_keys("engine")
+                skipped = [dep.forget_examples()]
                 ek = _run_more(dep, bars, opts, f"engine{opts.workers}", opts.workers, w.events,
                                ends, f"E x{opts.workers}")
                 # One worker again, right after: on a shared machine the speed drifts over
                 # minutes, and E ran before the latency phases. The ratio against the mean
                 # of both one-worker runs brackets the several-worker run in time.
                 dep.forget_keys(f"engine{opts.workers}")
+                skipped.append(dep.forget_examples())
                 again = _run_more(dep, bars, opts, "engine-again", 1, w.events, ends,
                                   "E again")
 
         doc = assemble(opts, w, produce_eps, lim, (flo, floor_cpu), e1, ek, lat, mem, base,
                        again)
+        if "scaling" in doc:
+            # learner examples of the runs before each later run, which its learners skipped
+            doc["scaling"]["examples_skipped"] = skipped[0]
+            if "one_worker_again" in doc["scaling"]:
+                doc["scaling"]["one_worker_again"]["examples_skipped"] = skipped[1]
         if e1.profile_path is not None and e1.profile_path.exists():
             # The speedscope file sits beside the result: its name, not this machine's path.
             doc["profile"] = {"path": e1.profile_path.name,

@@ -301,14 +301,24 @@ def delete_topics(settings: Settings) -> list[str]:
 
 def end_offsets(settings: Settings, topics: Iterable[str]) -> dict[tuple[str, int], int]:
     """Next offset to be written of every partition of these topics."""
+    return _offsets(settings, topics, "end_offsets")
+
+
+def start_offsets(settings: Settings, topics: Iterable[str]) -> dict[tuple[str, int], int]:
+    """First offset still held of every partition of these topics."""
+    return _offsets(settings, topics, "beginning_offsets")
+
+
+def _offsets(settings: Settings, topics: Iterable[str], which: str
+             ) -> dict[tuple[str, int], int]:
     c = consumer(settings)
     try:
         tps = []
         for t in topics:
             parts = c.partitions_for_topic(t) or set()
             tps += [TopicPartition(t, p) for p in parts]
-        ends = c.end_offsets(tps) if tps else {}
-        return {(tp.topic, tp.partition): off for tp, off in ends.items()}
+        got = getattr(c, which)(tps) if tps else {}
+        return {(tp.topic, tp.partition): off for tp, off in got.items()}
     finally:
         c.close()
 

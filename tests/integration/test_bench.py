@@ -191,6 +191,8 @@ def test_two_workers_are_measured_between_two_runs_of_one(
     assert sc["ratio_vs_1_again"] == round(sc["eps"] / again["eps"], 3)
     mean = (e1["eps"] + again["eps"]) / 2
     assert abs(sc["ratio_vs_1_bracketed"] - sc["eps"] / mean) < 0.002, sc
+    # the later runs' learners were moved past the examples of the runs before them
+    assert sc["examples_skipped"] >= 0 and again["examples_skipped"] >= 0, sc
 
 
 def test_the_limit_times_a_run_that_fits_in_one_fetch(services: dict[str, str]) -> None:
@@ -255,3 +257,52 @@ def test_seeded_serving_models_are_what_the_engine_scores_with(services: dict[st
         if keys:
             r.delete(*keys)
         r.close()
+
+
+def test_a_later_run_s_learners_skip_the_examples_of_the_runs_before(
+        services: dict[str, str]) -> None:
+    from kafka.structs import TopicPartition
+
+    from bench.deploy import BenchDeployment
+    from stream.kafka import consumer, producer
+    from stream.settings import load_settings
+
+    dep = BenchDeployment(load_settings(kafka_bootstrap=services["kafka"],
+                                        redis_url=services["redis"]))
+    try:
+        dep.create_topics()
+        s = dep.settings("engine")
+        assert dep.forget_examples() == 0  # nothing to skip yet
+        p = producer(s)
+        try:
+            for i in range(37):
+                p.send(s.examples_topic, key=f"c{i}".encode(), value=b"{}")
+            p.flush()
+        finally:
+            p.close()
+        assert dep.forget_examples() == 37
+        assert dep.forget_examples() == 0  # already past them
+        # A new consumer group from the earliest offset (as a later run's learner) reads none
+        # of them, and does read what comes after.
+        p = producer(s)
+        try:
+            p.send(s.examples_topic, key=b"late", value=b"{}")
+            p.flush()
+        finally:
+            p.close()
+        c = consumer(s, group_id=f"{dep.name}-check", auto_offset_reset="earliest",
+                     enable_auto_commit=False)
+        try:
+            parts = c.partitions_for_topic(s.examples_topic) or set()
+            c.assign([TopicPartition(s.examples_topic, q) for q in parts])
+            got: list[bytes] = []
+            for _ in range(20):
+                for recs in c.poll(timeout_ms=500).values():
+                    got += [r.key for r in recs]
+                if got:
+                    break
+        finally:
+            c.close()
+        assert got == [b"late"]
+    finally:
+        dep.cleanup()

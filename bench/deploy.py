@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stream.kafka import admin, end_offsets, ensure_topics, start_offsets
+from stream.kafka import admin, delete_groups, end_offsets, ensure_topics, start_offsets
 from stream.settings import Settings, env_name
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -154,11 +154,16 @@ class BenchDeployment:
             if mine:
                 with contextlib.suppress(Exception):
                     a.delete_topics(mine)
-            groups = sorted(set(self.groups))
-            with contextlib.suppress(Exception):
-                a.delete_consumer_groups(groups)
         finally:
             a.close()
+        # Each engine role's learners have a group of their own beside the workers'.
+        groups = sorted({*self.groups, *(f"{g}-learner" for g in self.groups)})
+        try:
+            failed = {g: e for g, e in delete_groups(self.base, groups).items() if e}
+        except Exception as exc:
+            failed = {"*": repr(exc)}
+        if failed:
+            print(f"benchmark consumer groups not deleted: {failed}", file=sys.stderr)
         import redis
 
         r = redis.from_url(self.base.redis_url)

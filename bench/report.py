@@ -82,7 +82,10 @@ def table(doc: dict[str, Any]) -> Table:
         sc = doc["scaling"]
         rows.append((f"E with {sc['workers']} workers",
                      f"{_n(sc['eps'])} ev/s (x{sc['ratio_vs_1']:.2f} vs 1)"))
-        if "one_worker_again" in sc:
+        if "error" in sc.get("one_worker_again", {}):
+            rows.append(("E with 1 worker again, after it",
+                         f"failed: {sc['one_worker_again']['error'][-200:]}"))
+        elif "one_worker_again" in sc:
             rows.append(("E with 1 worker again, after it",
                          f"{_n(sc['one_worker_again']['eps'])} ev/s: "
                          f"x{sc['ratio_vs_1_again']:.2f} vs it, "

@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 import redis
+from kafka.errors import KafkaError
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -217,12 +218,24 @@ def _run_more(dep: BenchDeployment, bars: Bars, opts: Options, role: str, worker
     return e
 
 
-def scaling_json(e1: EngineResult, ek: EngineResult, again: EngineResult | None
+def _forget_examples(dep: BenchDeployment) -> int | str:
+    """:meth:`BenchDeployment.forget_examples`, or why it failed (a broker that refuses
+    DeleteRecords: the next run's learners then also learn the examples before it)."""
+    try:
+        return dep.forget_examples()
+    except KafkaError as exc:
+        return f"not skipped: {exc!r}"
+
+
+def scaling_json(e1: EngineResult, ek: EngineResult, again: EngineResult | str | None
                  ) -> dict[str, Any]:
     """The several-worker run against one worker: before it (E) and, when measured, right
-    after it (``one_worker_again``), and against the mean of both."""
+    after it (``one_worker_again``; the error when that run failed), and against the mean
+    of both."""
     doc = {**_engine_json(ek), "ratio_vs_1": round(ek.eps / e1.eps, 3)}
-    if again is not None and again.eps > 0:
+    if isinstance(again, str):
+        doc["one_worker_again"] = {"error": again[-4000:]}
+    elif again is not None:
         doc["one_worker_again"] = _engine_json(again)
         doc["ratio_vs_1_again"] = round(ek.eps / again.eps, 3)
         doc["ratio_vs_1_bracketed"] = round(ek.eps / ((e1.eps + again.eps) / 2), 3)
@@ -326,29 +339,34 @@ def run(opts: Options, console: Console | None = None) -> dict[str, Any]:
                 dep.stop(p)
 
             ek: EngineResult | None = None
-            again: EngineResult | None = None
-            skipped: list[int] = []
+            again: EngineResult | str | None = None
+            skipped: list[int | str] = []
             if opts.workers > 1:
                 # Every E run starts from an empty keyspace, as the first one did (a run's
                 # keys make the next one's Redis rewrites larger).
                 dep.forget_keys("engine")
-                skipped = [dep.forget_examples()]
+                skipped = [_forget_examples(dep)]
                 ek = _run_more(dep, bars, opts, f"engine{opts.workers}", opts.workers, w.events,
                                ends, f"E x{opts.workers}")
                 # One worker again, right after: on a shared machine the speed drifts over
                 # minutes, and E ran before the latency phases. The ratio against the mean
-                # of both one-worker runs brackets the several-worker run in time.
+                # of both one-worker runs brackets the several-worker run in time. It only
+                # adds to the result: a failure is reported in it, not raised.
                 dep.forget_keys(f"engine{opts.workers}")
-                skipped.append(dep.forget_examples())
-                again = _run_more(dep, bars, opts, "engine-again", 1, w.events, ends,
-                                  "E again")
+                skipped.append(_forget_examples(dep))
+                try:
+                    again = _run_more(dep, bars, opts, "engine-again", 1, w.events, ends,
+                                      "E again")
+                except BenchError as exc:
+                    again = f"{exc}"
+                    console.print(f"[yellow]E again failed: {exc}")
 
         doc = assemble(opts, w, produce_eps, lim, (flo, floor_cpu), e1, ek, lat, mem, base,
                        again)
         if "scaling" in doc:
             # learner examples of the runs before each later run, which its learners skipped
             doc["scaling"]["examples_skipped"] = skipped[0]
-            if "one_worker_again" in doc["scaling"]:
+            if len(skipped) > 1:
                 doc["scaling"]["one_worker_again"]["examples_skipped"] = skipped[1]
         if e1.profile_path is not None and e1.profile_path.exists():
             # The speedscope file sits beside the result: its name, not this machine's path.

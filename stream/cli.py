@@ -529,19 +529,20 @@ def reset(yes: Annotated[bool, typer.Option("--yes", help="Really delete")] = Fa
         err.print("refusing without --yes")
         raise typer.Exit(2)
     from features.store import Keys
-    from stream.kafka import admin, delete_topics
+    from stream.kafka import delete_groups, delete_topics
+    from stream.learner_service import group_id as learner_group
     from stream.redisconn import delete_matching, redis_sync_client
 
     s = _settings()
     names = delete_topics(s)
-    a = admin(s)
+    # The workers', the learner's and the reference trigger consumer's default groups.
+    groups = [s.app_id, learner_group(s), f"{s.app_id}-triggers"]
     try:
-        # kafka-python 3 renamed delete_consumer_groups to delete_groups
-        (getattr(a, "delete_groups", None) or a.delete_consumer_groups)([s.app_id])
-    except Exception:
-        pass
-    finally:
-        a.close()
+        kept = {g: e for g, e in delete_groups(s, groups).items() if e is not None}
+    except Exception as exc:
+        kept = dict.fromkeys(groups, repr(exc))
+    for g, e in kept.items():
+        err.print(f"[yellow]consumer group {g} not deleted: {e}")
     r = redis_sync_client(s)
     try:
         # Only keys of the engine's own families: a deployment whose prefix starts with

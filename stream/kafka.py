@@ -299,6 +299,28 @@ def delete_topics(settings: Settings) -> list[str]:
         a.close()
 
 
+def delete_groups(settings: Settings, names: Iterable[str]) -> dict[str, str | None]:
+    """Delete these consumer groups; returns each one's error name (None: deleted, or
+    there was no such group)."""
+    names = list(names)
+    if not names:
+        return {}
+    a = admin(settings)
+    try:
+        # kafka-python 3 renamed delete_consumer_groups to delete_groups, and answers a
+        # dict of error names ("OK") where 2 answered (group, error class) pairs
+        delete = getattr(a, "delete_groups", None) or a.delete_consumer_groups
+        got = delete(names)
+    finally:
+        a.close()
+    out: dict[str, str | None] = {}
+    for group, err in (got.items() if isinstance(got, dict) else got):
+        name = err if isinstance(err, str) or err is None else getattr(
+            err, "__name__", type(err).__name__)
+        out[group] = None if name in (None, "OK", "NoError", "GroupIdNotFoundError") else name
+    return out
+
+
 def end_offsets(settings: Settings, topics: Iterable[str]) -> dict[tuple[str, int], int]:
     """Next offset to be written of every partition of these topics."""
     return _offsets(settings, topics, "end_offsets")

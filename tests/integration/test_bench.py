@@ -191,8 +191,10 @@ def test_two_workers_are_measured_between_two_runs_of_one(
     assert sc["ratio_vs_1_again"] == round(sc["eps"] / again["eps"], 3)
     mean = (e1["eps"] + again["eps"]) / 2
     assert abs(sc["ratio_vs_1_bracketed"] - sc["eps"] / mean) < 0.002, sc
-    # the later runs' learners were moved past the examples of the runs before them
-    assert sc["examples_skipped"] >= 0 and again["examples_skipped"] >= 0, sc
+    # the later runs' learners were moved past the examples of the runs before them (at
+    # this size E may have published next to none)
+    skipped = (sc["examples_skipped"], again["examples_skipped"])
+    assert all(isinstance(n, int) for n in skipped) and sum(skipped) > 0, skipped
 
 
 def test_the_limit_times_a_run_that_fits_in_one_fetch(services: dict[str, str]) -> None:

@@ -43,3 +43,33 @@ def test_reset_keeps_the_keys_of_a_deployment_whose_prefix_starts_with_its_own(
         for k in r.scan_iter(match=f"{pa}*"):
             r.delete(k)
         r.close()
+
+
+def test_reset_deletes_the_workers_learners_and_triggers_consumer_groups(
+        make_deployment: Any) -> None:
+    from kafka.structs import OffsetAndMetadata, TopicPartition
+
+    from stream.kafka import admin, consumer, ensure_topics
+
+    d = make_deployment()
+    s = d.settings
+    ensure_topics(s)
+    groups = [s.app_id, f"{s.app_id}-learner", f"{s.app_id}-triggers"]
+    topic = s.migrations_topic
+    for g in groups:  # a committed offset makes the group exist, as a consumer's would
+        c = consumer(s, group_id=g, enable_auto_commit=False)
+        try:
+            c.commit({TopicPartition(topic, 0): OffsetAndMetadata(0, "", -1)})
+        finally:
+            c.close()
+
+    def present() -> set[str]:
+        a = admin(s)
+        try:
+            return {g["group_id"] for g in a.list_groups()} & set(groups)
+        finally:
+            a.close()
+
+    assert present() == set(groups)
+    out = d.cli("reset", "--yes", timeout=120)
+    assert present() == set(), out

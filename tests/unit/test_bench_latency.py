@@ -132,6 +132,10 @@ def test_scaling_is_reported_against_one_worker_before_and_after() -> None:
     assert doc["one_worker_again"]["workers"] == 1
     assert doc["ratio_vs_1_again"] == round(15_000 / 8_000, 3)
     assert doc["ratio_vs_1_bracketed"] == round(15_000 / 9_000, 3)
+    # a run after it that failed is reported, not raised
+    failed = scaling_json(before, two, "engine made no progress")
+    assert failed["one_worker_again"] == {"error": "engine made no progress"}
+    assert "ratio_vs_1_bracketed" not in failed and failed["ratio_vs_1"] == 1.5
     # without the run after it, only the ratio against E
     assert set(scaling_json(before, two, None)) == set(doc) - {
         "one_worker_again", "ratio_vs_1_again", "ratio_vs_1_bracketed"}
@@ -143,3 +147,9 @@ def test_scaling_is_reported_against_one_worker_before_and_after() -> None:
     text = console.export_text()
     line = next(ln for ln in text.splitlines() if "E with 1 worker again" in ln)
     assert "8,000 ev/s: x1.88 vs it, x1.67 vs the mean of both" in line, line
+
+    console = Console(width=400, record=True)
+    console.print(report.table({**result, "scaling": failed}))
+    line = next(ln for ln in console.export_text().splitlines()
+                if "E with 1 worker again" in ln)
+    assert "failed: engine made no progress" in line, line

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -227,18 +228,23 @@ def _forget_examples(dep: BenchDeployment) -> int | str:
         return f"not skipped: {exc!r}"
 
 
-def scaling_json(e1: EngineResult, ek: EngineResult, again: EngineResult | str | None
-                 ) -> dict[str, Any]:
+def scaling_json(e1: EngineResult, ek: EngineResult, again: EngineResult | str | None,
+                 skipped: Sequence[int | str] = ()) -> dict[str, Any]:
     """The several-worker run against one worker: before it (E) and, when measured, right
     after it (``one_worker_again``; the error when that run failed), and against the mean
-    of both."""
+    of both; ``skipped``: the learner examples of the runs before each of the two, which
+    its learners skipped (:func:`_forget_examples`)."""
     doc = {**_engine_json(ek), "ratio_vs_1": round(ek.eps / e1.eps, 3)}
+    if skipped:
+        doc["examples_skipped"] = skipped[0]
     if isinstance(again, str):
         doc["one_worker_again"] = {"error": again[-4000:]}
     elif again is not None:
         doc["one_worker_again"] = _engine_json(again)
         doc["ratio_vs_1_again"] = round(ek.eps / again.eps, 3)
         doc["ratio_vs_1_bracketed"] = round(ek.eps / ((e1.eps + again.eps) / 2), 3)
+    if again is not None and len(skipped) > 1:
+        doc["one_worker_again"]["examples_skipped"] = skipped[1]
     return doc
 
 
@@ -362,12 +368,7 @@ def run(opts: Options, console: Console | None = None) -> dict[str, Any]:
                     console.print(f"[yellow]E again failed: {exc}")
 
         doc = assemble(opts, w, produce_eps, lim, (flo, floor_cpu), e1, ek, lat, mem, base,
-                       again)
-        if "scaling" in doc:
-            # learner examples of the runs before each later run, which its learners skipped
-            doc["scaling"]["examples_skipped"] = skipped[0]
-            if len(skipped) > 1:
-                doc["scaling"]["one_worker_again"]["examples_skipped"] = skipped[1]
+                       again, skipped)
         if e1.profile_path is not None and e1.profile_path.exists():
             # The speedscope file sits beside the result: its name, not this machine's path.
             doc["profile"] = {"path": e1.profile_path.name,
@@ -397,7 +398,8 @@ def run(opts: Options, console: Console | None = None) -> dict[str, Any]:
 def assemble(opts: Options, w: workload.Workload, produce_eps: float, lim: RateResult,
              floor: tuple[RateResult, float | None], e1: EngineResult, ek: EngineResult | None,
              lat: dict[str, latency.LatencyResult], mem: dict[str, Any],
-             base: Settings, again: EngineResult | None = None) -> dict[str, Any]:
+             base: Settings, again: EngineResult | str | None = None,
+             skipped: Sequence[int | str] = ()) -> dict[str, Any]:
     """The result document: DESIGN's keys first, then the details."""
     flo, floor_cpu = floor
     fixed = lat.get("at_fixed")
@@ -456,5 +458,5 @@ def assemble(opts: Options, w: workload.Workload, produce_eps: float, lim: RateR
                       round(floor_cpu, 1) if floor_cpu is not None else None)},
     }
     if ek is not None:
-        doc["scaling"] = scaling_json(e1, ek, again)
+        doc["scaling"] = scaling_json(e1, ek, again, skipped)
     return doc

@@ -331,9 +331,7 @@ async def _learner_done(s: Settings, r: Any) -> bool:
     end = sum(end_offsets(s, [s.examples_topic]).values())
     if end == 0:
         return True
-    from stream.learner_service import group_id
-
-    group = group_id(s) if s.learner == "process" else s.app_id
+    group = s.learner_group if s.learner == "process" else s.app_id
     if _committed(s, s.examples_topic, group) < end:
         return False
     row = await r.hgetall(registry_keys(s.redis_prefix)["learner"])
@@ -530,13 +528,12 @@ def reset(yes: Annotated[bool, typer.Option("--yes", help="Really delete")] = Fa
         raise typer.Exit(2)
     from features.store import Keys
     from stream.kafka import delete_groups, delete_topics
-    from stream.learner_service import group_id as learner_group
     from stream.redisconn import delete_matching, redis_sync_client
 
     s = _settings()
     names = delete_topics(s)
     # The workers', the learner's and the reference trigger consumer's default groups.
-    groups = [s.app_id, learner_group(s), f"{s.app_id}-triggers"]
+    groups = [s.app_id, s.learner_group, s.triggers_group]
     try:
         kept = {g: e for g, e in delete_groups(s, groups).items() if e is not None}
     except Exception as exc:

@@ -307,18 +307,10 @@ def delete_groups(settings: Settings, names: Iterable[str]) -> dict[str, str | N
         return {}
     a = admin(settings)
     try:
-        # kafka-python 3 renamed delete_consumer_groups to delete_groups, and answers a
-        # dict of error names ("OK") where 2 answered (group, error class) pairs
-        delete = getattr(a, "delete_groups", None) or a.delete_consumer_groups
-        got = delete(names)
+        got = a.delete_groups(names)  # {group: "OK" or the error's name}
     finally:
         a.close()
-    out: dict[str, str | None] = {}
-    for group, err in (got.items() if isinstance(got, dict) else got):
-        name = err if isinstance(err, str) or err is None else getattr(
-            err, "__name__", type(err).__name__)
-        out[group] = None if name in (None, "OK", "NoError", "GroupIdNotFoundError") else name
-    return out
+    return {g: None if e in ("OK", "GroupIdNotFoundError") else str(e) for g, e in got.items()}
 
 
 def end_offsets(settings: Settings, topics: Iterable[str]) -> dict[tuple[str, int], int]:

@@ -49,7 +49,7 @@ LOAD_RETRY_MAX_S = 5.0
 
 
 def group_id(settings: Settings) -> str:
-    return f"{settings.app_id}-learner"
+    return settings.learner_group
 
 
 class _Assignments(ConsumerRebalanceListener):  # type: ignore[misc]

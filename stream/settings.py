@@ -388,6 +388,16 @@ class Settings(BaseSettings):
         return int(self.max_future_skew_s * 1000)
 
     @property
+    def learner_group(self) -> str:
+        """The consumer group of the learner process (``segstream learner``)."""
+        return f"{self.app_id}-learner"
+
+    @property
+    def triggers_group(self) -> str:
+        """The reference trigger consumer's default consumer group."""
+        return f"{self.app_id}-triggers"
+
+    @property
     def api_url(self) -> str:
         """The HTTP API's base URL as a client on this host reaches it: a wildcard bind
         address (``0.0.0.0``, ``::``, empty) is reached on the loopback, and an IPv6

@@ -314,7 +314,7 @@ async def run_triggers(
     await asyncio.to_thread(check_redis, settings)
     consumer = AIOKafkaConsumer(
         settings.migrations_topic,
-        group_id=group or f"{settings.app_id}-triggers",
+        group_id=group or settings.triggers_group,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         **aiokafka_config(settings),

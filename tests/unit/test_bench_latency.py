@@ -132,6 +132,10 @@ def test_scaling_is_reported_against_one_worker_before_and_after() -> None:
     assert doc["one_worker_again"]["workers"] == 1
     assert doc["ratio_vs_1_again"] == round(15_000 / 8_000, 3)
     assert doc["ratio_vs_1_bracketed"] == round(15_000 / 9_000, 3)
+    # the examples each later run's learners skipped go with that run
+    with_skips = scaling_json(before, two, after, [12, 345])
+    assert with_skips["examples_skipped"] == 12
+    assert with_skips["one_worker_again"]["examples_skipped"] == 345
     # a run after it that failed is reported, not raised
     failed = scaling_json(before, two, "engine made no progress")
     assert failed["one_worker_again"] == {"error": "engine made no progress"}

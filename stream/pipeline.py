@@ -204,6 +204,25 @@ def outbox_order(blob: bytes) -> tuple[int, int]:
     return unpack_outbox(blob).order
 
 
+def _as_text(raw: bytes, limit: int) -> tuple[str, str]:
+    """The first ``limit`` bytes of ``raw`` as text and its encoding, for a dead letter.
+
+    UTF-8 stays text; a cut inside the last character keeps the whole characters before it
+    (at most 3 bytes fewer). Bytes that are not UTF-8 before the cut are given in base64, so
+    the record's own bytes can be recovered from the dead letter.
+
+    >>> _as_text("ab\\u00e9".encode(), 3), _as_text(b"\\xffc1", 512)
+    (('ab', 'utf-8'), ('/2Mx', 'base64'))
+    """
+    cut = raw[:limit]
+    try:
+        return cut.decode("utf-8"), "utf-8"
+    except UnicodeDecodeError as e:
+        if len(raw) > limit and e.reason == "unexpected end of data":
+            return cut[:e.start].decode("utf-8"), "utf-8"
+        return base64.b64encode(cut).decode("ascii"), "base64"
+
+
 def dlq_key(key: bytes | None) -> bytes | None:
     """The Kafka key of a dead letter: the input record's key, cut to :data:`DLQ_KEY_BYTES`.
 
@@ -564,21 +583,12 @@ class BatchProcessor:
 
     def dead_letter(self, rec: RawRecord, rejection: Rejection) -> bytes:
         """The DLQ record of a rejected input, as the bytes to publish."""
-        limit = self.settings.dlq_payload_bytes
         raw = rec.value or b""
-        cut = raw[:limit]
-        try:
-            payload, encoding = cut.decode("utf-8"), "utf-8"
-        except UnicodeDecodeError as e:
-            if len(raw) > limit and e.reason == "unexpected end of data":
-                # UTF-8 cut inside its last character: keep the whole characters before it
-                # (at most 3 bytes fewer), not a base64 of text
-                payload, encoding = cut[:e.start].decode("utf-8"), "utf-8"
-            else:
-                payload, encoding = base64.b64encode(cut).decode("ascii"), "base64"
-        key = None
+        limit = self.settings.dlq_payload_bytes
+        payload, encoding = _as_text(raw, limit)
+        key = key_encoding = None
         if rec.key is not None:
-            key = rec.key[:DLQ_KEY_BYTES].decode("utf-8", errors="replace")
+            key, key_encoding = _as_text(rec.key, DLQ_KEY_BYTES)
         return orjson.dumps({
             "source_topic": rec.topic,
             "partition": rec.partition,
@@ -589,6 +599,8 @@ class BatchProcessor:
             "payload_truncated": len(raw) > limit,
             "payload_encoding": encoding,
             "key": key,
+            "key_truncated": rec.key is not None and len(rec.key) > DLQ_KEY_BYTES,
+            "key_encoding": key_encoding,
             "at": wall_iso(self.clock()),
         })
 

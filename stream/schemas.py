@@ -59,7 +59,10 @@ def parse_ts(value: Any) -> int:
             raise ValueError("timestamp is not finite")
         ms = math.floor(value)  # as for an RFC 3339 time: -0.5 is before the epoch, not at it
     elif isinstance(value, str):
-        text = value.strip()
+        text = value
+        if text != text.strip():
+            # RFC 3339 has no room for them; str.strip() would also take control characters
+            raise ValueError("timestamp has whitespace or control characters around it")
         m = _RFC3339.match(text)
         if m is None:
             # datetime.fromisoformat also takes ISO 8601 forms RFC 3339 does not have
@@ -196,6 +199,8 @@ class DlqRecord(BaseModel):
     payload_truncated: bool = False
     payload_encoding: Literal["utf-8", "base64"] = "utf-8"
     key: str | None = None
+    key_truncated: bool = False
+    key_encoding: Literal["utf-8", "base64"] | None = None
     at: str
 
 
@@ -303,8 +308,9 @@ def decode(kind: str, key: bytes | None, value: bytes | None, max_bytes: int,
 
 def _decode(kind: str, key: bytes | None, value: bytes | None, max_bytes: int,
             currency: str | None = None) -> Event | Rejection:
-    if value is None:
-        return Rejection("empty", "record has no value")
+    if not value:
+        return Rejection("empty", "record has no value" if value is None else
+                         "record value is empty (zero bytes)")
     if len(value) > max_bytes:
         return Rejection("too_large", f"{len(value)} bytes > limit {max_bytes}")
     try:
@@ -314,7 +320,9 @@ def _decode(kind: str, key: bytes | None, value: bytes | None, max_bytes: int,
     try:
         doc = orjson.loads(text)
     except orjson.JSONDecodeError as exc:
-        return Rejection("not_json", str(exc))
+        doc = _loads_wide_numbers(text) if _OUT_OF_DOUBLE in str(exc) else None
+        if doc is None:
+            return Rejection("not_json", str(exc))
     if not isinstance(doc, dict):
         return Rejection("invalid_schema", f"expected a JSON object, got {type(doc).__name__}")
     event = _plain_event(kind, doc)
@@ -347,6 +355,54 @@ def _decode(kind: str, key: bytes | None, value: bytes | None, max_bytes: int,
             return Rejection("invalid_schema", "amount: Input should be less than or equal "
                              "to 1000000000000")
     return event
+
+
+#: How orjson refuses a JSON number beyond a double's range (``1e400``, 400 digits).
+_OUT_OF_DOUBLE = "number is infinity when parsed as double"
+#: Longer integers are read as floats (infinite): Python refuses to convert them exactly.
+_MAX_INT_DIGITS = 4000
+
+
+def _int_or_float(text: str) -> int | float:
+    return int(text) if len(text) <= _MAX_INT_DIGITS else float(text)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _loads_wide_numbers(text: str) -> Any:
+    """A document orjson refused only for a number beyond a double's range, or None.
+
+    Such a number is valid JSON, and the field that holds it may be one the engine does not
+    read (``items``, a click's ``properties``): the record must not be lost for it. The
+    standard library reads it as an exact integer or an infinite float, which the schema then
+    judges where the engine reads it (an ``amount`` or ``ts`` that large fails the schema).
+    As orjson does, NaN, Infinity and lone surrogates are refused.
+
+    >>> _loads_wide_numbers('{"amount": 1, "items": 1e400}')
+    {'amount': 1, 'items': inf}
+    >>> _loads_wide_numbers('{"items": 1e400, "x": "\\ud800"}') is None
+    True
+    """
+    try:
+        doc = json.loads(text, parse_int=_int_or_float, parse_constant=_no_constant)
+    except (ValueError, RecursionError):
+        return None
+    todo = [doc]
+    while todo:
+        x = todo.pop()
+        if isinstance(x, dict):
+            todo.extend(x.keys())
+            todo.extend(x.values())
+        elif isinstance(x, list):
+            todo.extend(x)
+        elif isinstance(x, str):
+            try:
+                x.encode("utf-8")
+            except UnicodeEncodeError:
+                return None
+    return doc
 
 
 def _near_half_unit(amount: Any) -> bool:

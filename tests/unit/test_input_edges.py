@@ -119,7 +119,11 @@ def test_an_id_is_deduplicated_per_input_topic() -> None:
 @pytest.mark.parametrize("ts", ["20250101T000000Z", "2025-W01-1T00:00:00Z", "2025-01-01T00:00Z",
                                 "2025-01-01T00:00:00+0000", "2025-01-01T00:00:00,5Z",
                                 "2025-01-01T00:00:00+05:99", "2025-01-01T00:00:00-00:60",
-                                "2025-01-01T00:00:00+24:00", "2025-01-01T00:00:00+00:75"])
+                                "2025-01-01T00:00:00+24:00", "2025-01-01T00:00:00+00:75",
+                                # RFC 3339 has no room for whitespace or control characters
+                                " 2025-01-01T00:00:00Z", "2025-01-01T00:00:00Z\n",
+                                "\x1c2025-01-01T00:00:00Z", "2025-01-01T00:00:00Z\x1f",
+                                "\x852025-01-01T00:00:00Z", "\u20282025-01-01T00:00:00Z"])
 def test_timestamps_that_are_not_rfc3339_are_rejected(ts: str) -> None:
     """DESIGN §3: ts is an RFC 3339 string or epoch ms; README: a record failing the schema
     goes to the DLQ as invalid_schema. datetime.fromisoformat (3.11) takes ISO 8601 forms."""
@@ -225,7 +229,10 @@ def test_a_deeply_nested_unknown_field_does_not_decide_whether_a_record_is_accep
 
 
 @pytest.mark.parametrize("items", ["2", "-5", '"abc"', '{"sku": "a"}', "2.5", "1e30", "true",
-                                   '[{"sku": "a", "qty": 2}]', "null"])
+                                   '[{"sku": "a", "qty": 2}]', "null",
+                                   # valid JSON numbers beyond a double's range
+                                   "1e400", "-1e400", "1" * 401, "9" * 5001,
+                                   '{"qty": [1e999]}'])
 def test_a_purchase_is_never_lost_over_its_items(items: str) -> None:
     """The engine does not read ``items``: any JSON value is accepted, by both decoders."""
     rec = (f'{{"event_id":"b","customer_id":"c2","ts":{T0},"amount":3.5,"kind":"purchase",'
@@ -435,3 +442,40 @@ def test_second_60_outside_the_last_minute_of_a_utc_day_is_rejected(ts: str) -> 
 def test_a_leap_second_in_any_offset_is_read_as_the_next_second(ts: str) -> None:
     v = orjson.dumps({"event_id": "e", "customer_id": "c1", "ts": ts, "event_type": "login"})
     assert decode("clickstream", b"c1", v, 65536).ts_ms == 1_483_228_800_000  # 2017-01-01Z
+
+
+@pytest.mark.parametrize("doc,reason", [
+    (f'{{"event_id":"b","customer_id":"c2","ts":{T0},"amount":1e400}}', "invalid_schema"),
+    (f'{{"event_id":"b","customer_id":"c2","ts":{T0},"amount":{"9" * 500}}}', "invalid_schema"),
+    ('{"event_id":"b","customer_id":"c2","ts":1e400,"amount":1}', "invalid_schema"),
+    (f'{{"event_id":"b","customer_id":"c2","ts":{"9" * 500},"amount":1}}', "invalid_schema"),
+    # still not JSON, whatever number comes first
+    (f'{{"event_id":"b","customer_id":"c2","ts":{T0},"amount":1,"items":[1e400,NaN]}}',
+     "not_json"),
+    (f'{{"event_id":"b","customer_id":"c2","ts":{T0},"amount":1,"items":1e400,'
+     '"x":"\\ud800"}', "not_json"),
+    (f'{{"event_id":"b","customer_id":"c2","ts":{T0},"amount":1,"items":1e400}} {{}}',
+     "not_json"),
+])
+def test_a_number_beyond_a_double_is_judged_where_the_engine_reads_it(doc: str,
+                                                                       reason: str) -> None:
+    """An ``amount`` or ``ts`` beyond a double's range fails the schema like any amount or
+    time out of range; a document that is not JSON elsewhere stays ``not_json``."""
+    res = decode("transactions", b"c2", doc.encode(), 100_000)
+    assert getattr(res, "reason", None) == reason, res
+
+
+def test_a_click_is_not_lost_over_a_huge_number_in_its_properties() -> None:
+    v = (f'{{"event_id":"e","customer_id":"c1","ts":{T0},"event_type":"view",'
+         f'"properties":{{"n":{"1" * 5001},"m":-1e400}}}}').encode()
+    res = decode("clickstream", b"c1", v, 65536)
+    assert getattr(res, "customer_id", None) == "c1" and res.ts_ms == T0, res
+
+
+@pytest.mark.parametrize("value,error", [(None, "no value"), (b"", "empty")])
+def test_a_record_without_a_value_or_of_zero_bytes_is_empty(value: bytes | None,
+                                                           error: str) -> None:
+    """README: the reason ``empty`` is a record with no value; zero bytes are no value."""
+    res = decode("transactions", b"c1", value, 65536)
+    assert getattr(res, "reason", None) == "empty" and error in res.error, res
+    assert getattr(decode("transactions", b"c1", b" ", 65536), "reason", None) == "not_json"

@@ -14,6 +14,7 @@ from features import serial
 from features.state import derive
 from features.store import MemoryFeatureStore
 from stream.pipeline import BatchProcessor, RawRecord
+from stream.schemas import DlqRecord
 from stream.settings import load_settings
 
 DAY = 86_400_000
@@ -192,6 +193,33 @@ def test_a_utf8_payload_cut_inside_a_character_stays_text(lead: int) -> None:
     d = orjson.loads(sink.sent[0][2])
     assert d["payload_encoding"] == "base64"
     assert base64.b64decode(d["payload"]) == (b"\xff" + raw)[:limit]
+
+
+@pytest.mark.parametrize("key,text,encoding,truncated", [
+    (b"c1", "c1", "utf-8", False),
+    (b"\xffc1", base64.b64encode(b"\xffc1").decode(), "base64", False),
+    # cut at 512 bytes inside a character: the whole characters before it
+    (("a" + "\u00e9" * 300).encode(), "a" + "\u00e9" * 255, "utf-8", True),
+    (b"\xff" * 600, base64.b64encode(b"\xff" * 512).decode(), "base64", True),
+])
+def test_a_dead_letters_key_keeps_the_records_key_bytes(key: bytes, text: str, encoding: str,
+                                                       truncated: bool) -> None:
+    """README: a dead letter carries the record's Kafka key (its first 512 bytes); a key that
+    is not UTF-8 is given in base64, as the payload is, so its bytes can be recovered."""
+    p, _, sink = make()
+    run(p, [RawRecord("transactions", 0, 3, key, b"not json")])
+    d = DlqRecord.model_validate_json(sink.sent[0][2])
+    assert (d.key, d.key_encoding, d.key_truncated) == (text, encoding, truncated)
+    raw = base64.b64decode(d.key) if encoding == "base64" else d.key.encode()
+    assert key.startswith(raw)
+    assert len(raw) == len(key) if not truncated else 509 <= len(raw) <= 512
+
+
+def test_a_dead_letter_without_a_key_has_no_key_encoding() -> None:
+    p, _, sink = make()
+    run(p, [RawRecord("transactions", 0, 3, None, b"not json")])
+    d = orjson.loads(sink.sent[0][2])
+    assert (d["key"], d["key_encoding"], d["key_truncated"]) == (None, None, False)
 
 
 @pytest.mark.parametrize("var,value", [("SEGSTREAM_PARTITIONS", "0"),

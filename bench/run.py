@@ -38,7 +38,8 @@ from bench.engine import (
 )
 from bench.limit import RateResult, run_limit
 from bench.models import seed_serving_models
-from stream.kafka import end_offsets
+from stream.kafka import check_connection, end_offsets
+from stream.redisconn import check_redis
 from stream.settings import Settings, load_settings
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -256,6 +257,10 @@ def run(opts: Options, console: Console | None = None) -> dict[str, Any]:
     started = time.monotonic()
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     base = load_settings()
+    # Both services answer before anything is built: a clean error at once, and no clean-up
+    # of a run that never started waiting for an unreachable broker a second time.
+    check_connection(base)
+    check_redis(base)
     dep = BenchDeployment(base)
     bars = Bars(console)
     doc: dict[str, Any] = {}

@@ -248,11 +248,23 @@ def fit_gamma_gamma(x: ArrayLike, m: ArrayLike) -> GammaGammaParams:
         return float(-gamma_gamma_loglik(GammaGammaParams(p, q, v), x, m).mean())
 
     bounds = [(-_LOG_BOUND, _LOG_BOUND)] * 3
-    res = minimize(nll, np.zeros(3), method="Nelder-Mead", bounds=bounds,
-                   options={"xatol": 1e-10, "fatol": 1e-12, "maxiter": 20_000, "maxfev": 40_000})
-    res = minimize(nll, res.x, method="L-BFGS-B", bounds=bounds,
-                   options={"ftol": 1e-15, "gtol": 1e-10})
-    p, q, v = np.exp(res.x)
+    # The likelihood has a ridge towards p -> inf, v -> 0 (spend without heterogeneity):
+    # from p = q = v = 1 alone Nelder-Mead can run out along it and stop below the maximum.
+    # Other starts put the population mean spend p v / (q - 1) at the sample's.
+    mean = float(np.mean(m))
+    starts = [np.zeros(3)] + [np.log([p, q, mean * (q - 1) / p])
+                              for p, q in ((1.0, 3.0), (4.0, 3.0), (2.0, 8.0), (8.0, 1.5))]
+    best = None
+    for start in starts:
+        res = minimize(nll, np.clip(start, -_LOG_BOUND, _LOG_BOUND), method="Nelder-Mead",
+                       bounds=bounds, options={"xatol": 1e-10, "fatol": 1e-12,
+                                               "maxiter": 20_000, "maxfev": 40_000})
+        res = minimize(nll, res.x, method="L-BFGS-B", bounds=bounds,
+                       options={"ftol": 1e-15, "gtol": 1e-10})
+        if best is None or res.fun < best.fun:
+            best = res
+    assert best is not None
+    p, q, v = np.exp(best.x)
     return GammaGammaParams(float(p), float(q), float(v))
 
 

@@ -658,7 +658,8 @@ class _Parser:
         self.known = None if known is None else frozenset(known)
         self.tokens = list(tokenize(text))
         self.i = 0
-        self.depth = 0
+        # levels of parentheses, `not` and unary minus; the whole condition is level 0
+        self.depth = -1
 
     @property
     def tok(self) -> _Token:

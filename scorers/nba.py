@@ -62,9 +62,10 @@ class ActionDefaults(BaseModel):
     model_config = ConfigDict(ignored_types=_FUNCTIONS, extra="forbid", frozen=True,
                               allow_inf_nan=False)
 
-    holdout_share: float = Field(default=0.1, ge=0.0, le=1.0)
-    cooldown_days: float = Field(default=14.0, ge=0.0, le=MAX_DAYS)
-    attribution_days: float = Field(default=14.0, gt=0.0, le=MAX_DAYS)
+    # numbers only (strict): YAML's true or "7" is no share or number of days
+    holdout_share: float = Field(default=0.1, ge=0.0, le=1.0, strict=True)
+    cooldown_days: float = Field(default=14.0, ge=0.0, le=MAX_DAYS, strict=True)
+    attribution_days: float = Field(default=14.0, gt=0.0, le=MAX_DAYS, strict=True)
 
 
 class ActionRule(BaseModel):
@@ -78,10 +79,10 @@ class ActionRule(BaseModel):
     from_: tuple[str | None, ...] | None = Field(default=None, alias="from")
     action_id: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9._:-]+$")
     channel: Channel
-    priority: int = 0
-    cooldown_days: float | None = Field(default=None, ge=0.0, le=MAX_DAYS)
-    attribution_days: float | None = Field(default=None, gt=0.0, le=MAX_DAYS)
-    holdout_share: float | None = Field(default=None, ge=0.0, le=1.0)
+    priority: int = Field(default=0, strict=True)
+    cooldown_days: float | None = Field(default=None, ge=0.0, le=MAX_DAYS, strict=True)
+    attribution_days: float | None = Field(default=None, gt=0.0, le=MAX_DAYS, strict=True)
+    holdout_share: float | None = Field(default=None, ge=0.0, le=1.0, strict=True)
 
     @field_validator("from_", mode="before")
     @classmethod
@@ -95,6 +96,16 @@ class ActionRule(BaseModel):
         if any(n is not None and _SEP in n for n in names):
             raise ValueError(f"segment names must not contain {_SEP!r}")
         return v
+
+    @model_validator(mode="after")
+    def _can_fire(self) -> ActionRule:
+        if self.from_ is not None and not self.from_:
+            raise ValueError("'from' is empty, so the rule never fires; leave it out to act "
+                             "on entering 'to' from anywhere")
+        if self.to in (self.from_ or ()):
+            raise ValueError(f"'from' names 'to' ({self.to!r}): a customer never moves from a "
+                             "segment to the same one")
+        return self
 
     def matches(self, scheme: str, from_segment: str | None, to_segment: str) -> bool:
         """Whether a migration of ``scheme`` from ``from_segment`` to ``to_segment`` fires."""
@@ -123,7 +134,7 @@ class ActionCatalogue(BaseModel):
     model_config = ConfigDict(ignored_types=_FUNCTIONS, extra="forbid", frozen=True)
 
     defaults: ActionDefaults = ActionDefaults()
-    max_actions_per_7d: int = Field(default=3, ge=0)
+    max_actions_per_7d: int = Field(default=3, ge=0, strict=True)
     holdout_salt: str = ""
     rules: tuple[ActionRule, ...] = ()
 

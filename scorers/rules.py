@@ -42,7 +42,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import yaml  # type: ignore[import-untyped, unused-ignore]
@@ -62,7 +62,10 @@ _FUNCTIONS = (type(lambda: None),)
 MS_PER_DAY = 86_400_000
 #: Names a segment condition may use by default: every feature and every score.
 KNOWN_NAMES: tuple[str, ...] = FEATURE_NAMES + SCORE_NAMES
-_SCHEME_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+_SCHEME_NAME = re.compile(r"[A-Za-z0-9_.-]+")  # whole name: fullmatch (a "$" lets "\n" end it)
+#: What a segment name may not hold: control characters (C0, DEL, C1) and the line and
+#: paragraph separators, as the engine's ids.
+_NAME_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 #: The longest period a catalogue may set (a dwell, a cooldown), in days: a century. Longer
 #: means nothing and would overflow the millisecond timestamps derived from it.
 MAX_DAYS = 36_500
@@ -112,8 +115,9 @@ class _SegmentSpec(_Strict):
 
 
 class _AntiFlappingSpec(_Strict):
-    min_dwell_days: float = Field(default=0.0, ge=0, le=MAX_DAYS)
-    hysteresis: dict[str, float] = Field(default_factory=dict)
+    # numbers only: YAML's true or "5" is no number of days
+    min_dwell_days: float = Field(default=0.0, ge=0, le=MAX_DAYS, strict=True)
+    hysteresis: dict[str, Annotated[float, Field(strict=True)]] = Field(default_factory=dict)
 
 
 class _SchemeSpec(_Strict):
@@ -173,6 +177,11 @@ def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[
 
 _CatalogueLoader.add_constructor(
     yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+# YAML 1.2 reads 1e9 as a number; PyYAML (YAML 1.1) wants a dot (1.0e9) and gave a string,
+# which the catalogue's number fields then refused. (The class gets its own resolver table.)
+_CatalogueLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
 
 
 def read_catalogue_text(path: str | Path) -> str:
@@ -338,10 +347,16 @@ def _parse(source: str | Path | Mapping[str, Any]) -> Any:
 def _compile_scheme(name: str, spec: _SchemeSpec, known: frozenset[str],
                     problems: list[str]) -> Scheme:
     where = f"scheme {short_repr(name)}"
-    if not _SCHEME_NAME.match(name):
+    if not _SCHEME_NAME.fullmatch(name):
         problems.append(f"{where}: name must use letters, digits, '_', '.', '-' only")
     segments: list[Segment] = []
     first_index: dict[str, int] = {}
+    for what, text in [*((f"segment #{i} name", seg.name)
+                         for i, seg in enumerate(spec.segments, start=1)),
+                       ("fallback", spec.fallback)]:
+        wrong = _name_problem(text)
+        if wrong:
+            problems.append(f"{where}: {what} {short_repr(text)} {wrong}")
     for i, seg in enumerate(spec.segments, start=1):
         if seg.name in first_index:
             problems.append(f"{where}: duplicate segment name {short_repr(seg.name)} "
@@ -357,16 +372,35 @@ def _compile_scheme(name: str, spec: _SchemeSpec, known: frozenset[str],
     if spec.fallback in first_index:
         problems.append(f"{where}: fallback {short_repr(spec.fallback)} collides with a "
                         "segment name")
+    read = frozenset().union(*(seg.condition.names for seg in segments))
     for key, amount in spec.anti_flapping.hysteresis.items():
         if key not in known:
             problems.append(f"{where}: hysteresis on unknown name {short_repr(key)}")
         elif key in TEXT_SCORES:
             problems.append(f"{where}: hysteresis on {key!r}, a text score, has no meaning")
+        elif key not in read and len(segments) == len(spec.segments):
+            problems.append(f"{where}: hysteresis on {key!r}, which no condition of the "
+                            "scheme reads, would change nothing")
         if amount < 0:
             problems.append(f"{where}: hysteresis for {short_repr(key)} must be >= 0, "
                             f"got {amount:g}")
     return Scheme(name, tuple(segments), spec.fallback, spec.description,
                   spec.anti_flapping.min_dwell_days, dict(spec.anti_flapping.hysteresis))
+
+
+def _name_problem(name: str) -> str | None:
+    """Why a segment name cannot be one (blank, padded, a control character), or None.
+
+    >>> _name_problem("At Risk"), _name_problem(" "), _name_problem("High "), _name_problem("a\\nb")
+    (None, 'is only whitespace', 'starts or ends with whitespace', 'holds a control character')
+    """
+    if not name.strip():
+        return "is only whitespace"
+    if name != name.strip():
+        return "starts or ends with whitespace"
+    if _NAME_CONTROL.search(name):
+        return "holds a control character"
+    return None
 
 
 def load_catalogue(

@@ -150,10 +150,12 @@ def learner() -> None:
     import logging
     import os
 
+    from stream.kafka import check_connection
     from stream.learner_service import run
 
     s = _settings()
     redact.install_from_settings(s)
+    check_connection(s)  # an unreachable broker or a refused login, named as a setting
     logging.basicConfig(level=s.log_level,
                         format="[%(asctime)s] [%(process)d] [%(levelname)s] %(message)s")
     parent = os.environ.get("SEGSTREAM_LEARNER_PARENT_PID")

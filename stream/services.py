@@ -37,7 +37,14 @@ class Health:
 
 
 def _hostport(bootstrap: str) -> tuple[str, int]:
+    """The first broker's host and port; an IPv6 address loses its brackets.
+
+    >>> _hostport("[::1]:9092,other:9092"), _hostport("127.0.0.1:19092")
+    (('::1', 9092), ('127.0.0.1', 19092))
+    """
     host, _, port = bootstrap.split(",")[0].strip().rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
     return host, int(port)
 
 
@@ -79,7 +86,7 @@ def kafka_healthy(settings: Settings) -> bool:
 
 def redis_healthy(settings: Settings) -> bool:
     """Redis answers PING."""
-    from redis.exceptions import RedisError
+    from redis.exceptions import RedisClusterException, RedisError
 
     from stream.redisconn import redis_sync_client
 
@@ -89,7 +96,7 @@ def redis_healthy(settings: Settings) -> bool:
             return bool(r.ping())
         finally:
             r.close()
-    except (RedisError, OSError):
+    except (RedisError, RedisClusterException, OSError):  # a cluster's are not RedisErrors
         return False
 
 

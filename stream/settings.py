@@ -39,6 +39,27 @@ OTHER_ENV_VARS = frozenset({
 _TEST_ENV_PREFIX = "SEGSTREAM_TEST"
 
 
+
+def _redis_url_options(scheme: str) -> set[str]:
+    """The query options a Redis URL of ``scheme`` may carry: those redis-py reads itself
+    and the arguments of the connection class it then builds, and of its pool."""
+    import inspect
+
+    from redis.asyncio import connection as conn
+    from redis.connection import URL_QUERY_ARGUMENT_PARSERS
+
+    cls = {"rediss": conn.SSLConnection, "unix": conn.UnixDomainSocketConnection}.get(
+        scheme, conn.Connection)
+    names = set(URL_QUERY_ARGUMENT_PARSERS)
+    for klass in (*cls.__mro__, conn.ConnectionPool):
+        init = klass.__dict__.get("__init__")
+        if init is not None:
+            names.update(n for n, p in inspect.signature(init).parameters.items()
+                         if n != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+    # objects a query string cannot spell
+    return names - {"connection_class", "connection_pool", "parser_class", "encoder_class",
+                    "retry", "credential_provider", "event_dispatcher", "redis_connect_func"}
+
 class Settings(BaseSettings):
     """Engine configuration. Every field is ``SEGSTREAM_<FIELD>`` in the environment."""
 
@@ -312,6 +333,14 @@ class Settings(BaseSettings):
             redis_parse_url(v)
         except ValueError as exc:  # its messages name the option, never the password
             raise ValueError(str(exc)) from None
+        # redis-py hands an option it does not know to the connection, whose first command
+        # then fails with a TypeError: a misspelt ?socket_timout=5 is refused here instead.
+        known = _redis_url_options(v.split(":", 1)[0])
+        unknown = sorted(set(parse_qs(url.query, keep_blank_values=True)) - known)
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], sorted(known), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"unknown option {unknown[0]!r} in the URL's query{hint}")
         return v
 
     @field_validator("redis_cluster")

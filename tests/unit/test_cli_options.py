@@ -10,6 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from stream import cli
+from stream.errors import ServiceError
 
 CDNOW = """ customer_id  date number_of_cds  dollar_value
  00001 19970101  1   11.77
@@ -418,3 +419,47 @@ def test_unbounded_sizes_are_refused_before_anything_runs(
     result = run(*args)
     assert result.exit_code == 2, result.output
     assert args[1] in _text(result)
+
+
+@pytest.fixture
+def kafka_down(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing listens at the bootstrap address, and the check does not wait for it."""
+    monkeypatch.setenv("SEGSTREAM_KAFKA_BOOTSTRAP", "127.0.0.1:1")
+    monkeypatch.setattr("stream.kafka.UNREACHABLE_WAIT_S", 0.0)
+
+
+def test_learner_names_the_bootstrap_setting_when_kafka_is_unreachable(
+        kafka_down: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    def learn(*_a: Any) -> None:
+        raise AssertionError("the learner started without a broker")
+
+    monkeypatch.setattr("stream.learner_service.run", learn)
+    result = run("learner")
+    # segstream's main() prints a ServiceError as one line and exits 2
+    assert isinstance(result.exception, ServiceError), result.output
+    assert "SEGSTREAM_KAFKA_BOOTSTRAP" in str(result.exception)
+
+
+def test_bench_checks_the_services_before_it_builds_or_cleans_anything(
+        kafka_down: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A benchmark that cannot reach Kafka fails at once, naming the setting: its clean-up
+    used to wait for the unreachable broker a second time."""
+    def built(*_a: Any, **_kw: Any) -> None:
+        raise AssertionError("the benchmark deployment was built")
+
+    monkeypatch.setattr("bench.run.BenchDeployment", built)
+    result = run("bench", "--events", "10", "--customers", "2", "--skip-latency",
+                 "--results-dir", str(tmp_path), "--json")
+    assert isinstance(result.exception, ServiceError), result.output
+    assert "SEGSTREAM_KAFKA_BOOTSTRAP" in str(result.exception)
+
+
+def test_status_reports_an_unreachable_redis_cluster_as_down(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """redis-py's cluster errors are not RedisErrors: status printed a traceback."""
+    from stream import services
+    from stream.settings import load_settings
+
+    monkeypatch.setenv("SEGSTREAM_REDIS_URL", "redis://127.0.0.1:2/0")
+    monkeypatch.setenv("SEGSTREAM_REDIS_CLUSTER", "true")
+    assert services.redis_healthy(load_settings()) is False

@@ -55,6 +55,13 @@ ROOT = Path(__file__).resolve().parents[2]
     ("SEGSTREAM_KAFKA_BOOTSTRAP", "h:9092 b:9093", "'h:9092 b:9093' is not host:port"),
     ("SEGSTREAM_KAFKA_BOOTSTRAP", "h :9092", "'h :9092' is not host:port"),
     ("SEGSTREAM_KAFKA_BOOTSTRAP", "a:1,[h]:9092", "'[h]:9092' is not host:port"),
+    # redis-py passes an option it does not know to the connection: every command failed
+    ("SEGSTREAM_REDIS_URL", "redis://127.0.0.1:6379/0?socket_timout=5",
+     "unknown option 'socket_timout' in the URL's query (did you mean 'socket_timeout'?)"),
+    ("SEGSTREAM_REDIS_URL", "redis://127.0.0.1:6379/0?foo=", "unknown option 'foo'"),
+    # a TLS option on a connection without TLS
+    ("SEGSTREAM_REDIS_URL", "redis://127.0.0.1:6379/0?ssl_cert_reqs=none",
+     "unknown option 'ssl_cert_reqs'"),
 ])
 def test_wrong_setting_names_the_variable(monkeypatch: pytest.MonkeyPatch, var: str,
                                           value: str, why: str) -> None:
@@ -357,3 +364,12 @@ def test_a_redis_that_does_not_answer_names_the_timeout_setting() -> None:
         s = load_settings(redis_url=f"redis://127.0.0.1:{port}/0", redis_timeout_s=0.3)
         with pytest.raises(ServiceError, match=r"SEGSTREAM_REDIS_TIMEOUT_S = 0\.3 s"):
             check_redis(s)
+
+
+@pytest.mark.parametrize("url", ["redis://127.0.0.1:6379/0?socket_timeout=5&max_connections=4",
+                                 "rediss://127.0.0.1:6379/0?ssl_cert_reqs=none",
+                                 "unix:///tmp/redis.sock?db=1&health_check_interval=10"])
+def test_redis_url_options_the_client_takes_are_accepted(monkeypatch: pytest.MonkeyPatch,
+                                                         url: str) -> None:
+    monkeypatch.setenv("SEGSTREAM_REDIS_URL", url)
+    assert load_settings().redis_url == url

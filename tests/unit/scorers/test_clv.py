@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 
 import cdnow_oracle
@@ -304,3 +306,49 @@ def test_the_2f1_series_refuses_what_it_cannot_sum() -> None:
     got = clv.hyp2f1_series(1000.0, 1000.0, 1.0, 0.5, log=True)[()]
     assert got > 710 and got == pytest.approx(float(total.ln()), rel=1e-12)
     assert np.isinf(clv.hyp2f1_series(1000.0, 1000.0, 1.0, 0.5)[()])
+
+
+def _gg_nll(params: tuple[float, float, float], x: np.ndarray, m: np.ndarray) -> float:
+    """lifetimes' own Gamma-Gamma negative log-likelihood at ``params``."""
+    return float(GammaGammaFitter._negative_log_likelihood(
+        np.log(np.asarray(params, dtype=float)), x, m, np.ones(len(x)), 0.0))
+
+
+def _lifetimes_gg(x: np.ndarray, m: np.ndarray) -> tuple[float, float, float] | None:
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints a fit it doubts
+            fit = GammaGammaFitter().fit(x, m)
+    except Exception:  # lifetimes does not converge on every sample
+        return None
+    return tuple(float(v) for v in fit.params_[["p", "q", "v"]])
+
+
+def test_gamma_gamma_fit_does_not_stop_on_the_ridge_below_the_maximum() -> None:
+    """Eight repeat customers where a single start ran out along the p -> inf, v -> 0 ridge
+    and stopped at a lower likelihood than lifetimes' fit of the same data."""
+    x = np.array([4, 2, 1, 1, 4, 1, 1, 4], dtype=float)
+    m = np.array([10.07, 16.87, 21.07, 11.96, 24.48, 4.04, 10.9, 35.95])
+    ref = _lifetimes_gg(x, m)
+    assert ref is not None
+    gg = clv.fit_gamma_gamma(x, m)
+    assert _gg_nll((gg.p, gg.q, gg.v), x, m) <= _gg_nll(ref, x, m) + 1e-9
+    assert gg.p == pytest.approx(ref[0], rel=0.02) and gg.q == pytest.approx(ref[1], rel=0.02)
+
+
+def test_gamma_gamma_fit_is_at_least_as_likely_as_lifetimes_on_samples_of_the_model() -> None:
+    """Samples drawn from the Gamma-Gamma model itself, over a wide range of parameters:
+    the fit's likelihood is never below lifetimes' fit of the same sample."""
+    rng = np.random.default_rng(11)
+    compared = 0
+    for _ in range(40):
+        p, q, v = np.exp(rng.uniform(np.log([0.5, 1.5, 1.0]), np.log([15.0, 15.0, 100.0])))
+        n = int(rng.choice([50, 200]))
+        x = rng.integers(1, 12, n).astype(float)
+        m = rng.gamma(p * x, 1 / (rng.gamma(q, 1 / v, n) * x))
+        ref = _lifetimes_gg(x, m)
+        if ref is None:
+            continue
+        compared += 1
+        gg = clv.fit_gamma_gamma(x, m)
+        assert _gg_nll((gg.p, gg.q, gg.v), x, m) <= _gg_nll(ref, x, m) + 1e-6 * n, (p, q, v, n)
+    assert compared >= 25

@@ -117,6 +117,19 @@ def test_deep_nesting_is_an_error_not_a_crash() -> None:
         compile_condition("x > 1 and " * 2000 + "x > 1")
 
 
+@pytest.mark.parametrize("open_,close", [("(", ")"), ("not ", ""), ("-", "")])
+def test_64_levels_of_parentheses_not_or_minus_are_accepted_and_65_refused(
+        open_: str, close: str) -> None:
+    """README: "at most 64 levels of parentheses and `not`" (a unary minus is a level too).
+    An even number of `not` or `-` is the plain comparison."""
+    c = compile_condition(open_ * 64 + "x > 1" + close * 64)
+    assert [c.evaluate({"x": v}) for v in (2.0, 0.0)] == [True, False]
+    assert c.evaluate_columns(Columns({"x": [2.0, 0.0]}, 2)).tolist() == [True, False]
+    assert "x=2" in c.explain({"x": 2.0})
+    with pytest.raises(ConditionError, match="nested too deeply"):
+        compile_condition(open_ * 65 + "x > 1" + close * 65)
+
+
 def test_long_arithmetic_chains_are_an_error_at_compile_time_not_at_evaluation() -> None:
     # Evaluation recurses through the operands of each operation: a chain the parser
     # accepts must evaluate (also as columns and explained), and a longer one is refused.

@@ -120,6 +120,17 @@ def test_version_follows_content_not_formatting(cat: ActionCatalogue) -> None:
         ("rules: " + "[" * 20_000 + "]" * 20_000, "nested deeper than"),
         ("r: &r {scheme: rfm, to: Lost, action_id: a, channel: sms}\nrules: [*r, *r]\n",
          "aliases (*name) are not allowed"),
+        # rules that could never fire
+        (SMALL.replace("from: [Champions]", "from: []"), "rules.1: Value error, 'from' is empty"),
+        (SMALL.replace("from: [Champions]", "from: [Champions, At Risk]"),
+         "rules.1: Value error, 'from' names 'to' ('At Risk')"),
+        # numbers only: YAML's true and "7" are no counts or days
+        (SMALL.replace("max_actions_per_7d: 2", "max_actions_per_7d: true"),
+         "max_actions_per_7d: Input should be a valid integer"),
+        (SMALL.replace("cooldown_days: 10", "cooldown_days: '7'"),
+         "defaults.cooldown_days: Input should be a valid number"),
+        (SMALL.replace("priority: 90", "priority: true"), "rules.1.priority"),
+        (SMALL.replace("holdout_share: 1.0", "holdout_share: yes"), "rules.3.holdout_share"),
     ],
 )
 def test_catalogue_errors_name_the_problem(text: str, needle: str) -> None:

@@ -122,6 +122,25 @@ def _scheme(segments: str, extra: str = "", fallback: str = "Other") -> str:
     ("missing.yaml", ["cannot read catalogue 'missing.yaml'"]),
     ("schemes:\n  'bad name':\n    segments: [{name: A, when: 'true'}]\n    fallback: B\n",
      ["scheme 'bad name'", "letters, digits"]),
+    # a "$" in the name pattern let a final newline through
+    ("schemes:\n  \"s\\n\":\n    segments: [{name: A, when: 'true'}]\n    fallback: B\n",
+     ["letters, digits"]),
+    (_scheme('[{name: " ", when: "rfm_r > 1"}, {name: "High ", when: "rfm_f > 1"}]',
+             fallback='"  "'),
+     ["segment #1 name ' ' is only whitespace", "segment #2 name 'High ' starts or ends",
+      "fallback '  ' is only whitespace"]),
+    (_scheme('[{name: "Hi\\ngh", when: "rfm_r > 1"}]', fallback='"Lo\\u0085w"'),
+     ["segment #1 name 'Hi\\ngh' holds a control character",
+      "fallback 'Lo\\x85w' holds a control character"]),
+    (_scheme('[{name: A, when: "rfm_r > 1"}]',
+             "    anti_flapping: {hysteresis: {recency_days: 5}}\n"),
+     ["hysteresis on 'recency_days', which no condition of the scheme reads"]),
+    # numbers only: YAML's true and "5" are no days
+    (_scheme('[{name: A, when: "rfm_r > 1"}]', "    anti_flapping: {min_dwell_days: true}\n"),
+     ["min_dwell_days", "valid number", "True"]),
+    (_scheme('[{name: A, when: "rfm_r > 1"}]',
+             "    anti_flapping: {hysteresis: {rfm_r: '5'}}\n"),
+     ["hysteresis.rfm_r", "valid number", "'5'"]),
 ])
 def test_invalid_catalogues_name_scheme_segment_and_problem(text: str,
                                                             fragments: list[str]) -> None:
@@ -436,3 +455,12 @@ def test_cli_validate_defaults_to_the_packaged_catalogue() -> None:
     result = CliRunner().invoke(rules_app, ["validate", "--json"])
     assert result.exit_code == 0
     assert json.loads(result.output)["version"] == default_catalogue().version
+
+
+def test_a_number_written_1e1_is_a_number_as_in_yaml_1_2() -> None:
+    """PyYAML (YAML 1.1) reads 1e1 as a string; a catalogue reads it as the number."""
+    cat = load_catalogue(_scheme('[{name: A, when: "rfm_r > 1"}]',
+                                 "    anti_flapping: {min_dwell_days: 1e1, "
+                                 "hysteresis: {rfm_r: 5E-1}}\n"))
+    assert cat.schemes["s"].min_dwell_days == 10.0
+    assert cat.schemes["s"].hysteresis == {"rfm_r": 0.5}

@@ -130,16 +130,51 @@ def scalar(v: Any) -> Scalar:
     return None
 
 
-def _fmt(v: Scalar) -> str:
+def _fmt(v: Scalar, digits: int = 4) -> str:
+    """A value as a reason shows it: four significant digits (two decimals from 1,000 up)
+    unless ``digits`` asks for more (see :func:`_digits`); 17 is the exact value."""
     if v is None:
         return "null"
     if isinstance(v, str):
         return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if v.is_integer() and abs(v) < 1e15:
         return str(int(v))
+    if digits >= 17:
+        return repr(v)
     if abs(v) >= 1000:
-        return f"{v:.2f}".rstrip("0").rstrip(".")
-    return f"{v:.4g}"
+        return f"{v:.{digits - 2}f}".rstrip("0").rstrip(".")
+    return f"{v:.{digits}g}"
+
+
+#: The precisions a reason tries, fewest digits first.
+_PRECISIONS = (4, 6, 8, 10, 12, 17)
+
+
+def _shown(v: Scalar, digits: int) -> Scalar:
+    return float(_fmt(v, digits)) if isinstance(v, float) else v
+
+
+def _digits(op: str, a: Scalar, b: Scalar, a_exact: bool = False, b_exact: bool = False
+            ) -> int:
+    """The fewest digits with which ``a <op> b``, as shown, is as true as it is.
+
+    104.99 < 105 shown with four digits read "105 < 105"; a reason must be a true
+    statement about the values it shows. A side shown exactly (a literal, as written) is
+    not rounded.
+
+    >>> _digits("<", 104.99, 105.0), _digits(">=", 3.0, 2.0), _digits("<", 0.29996, 0.3)
+    (6, 4, 6)
+    """
+    if not (isinstance(a, float) and isinstance(b, float)) or (
+            a.is_integer() and b.is_integer()):
+        return 4
+    truth, same = _compare(op, a, b, 0.0), a == b
+    for digits in _PRECISIONS:
+        sa = a if a_exact else _shown(a, digits)
+        sb = b if b_exact else _shown(b, digits)
+        if _compare(op, sa, sb, 0.0) == truth and (sa == sb) == same:
+            return digits
+    return 17
 
 
 def _compare(op: str, a: Scalar, b: Scalar, shift: float) -> bool:
@@ -243,7 +278,7 @@ class _Value:
     def column(self, cols: Columns) -> Column:
         raise NotImplementedError
 
-    def render(self, env: Mapping[str, Any]) -> str:
+    def render(self, env: Mapping[str, Any], digits: int = 4) -> str:
         raise NotImplementedError
 
     def compiled(self) -> ValueFn:
@@ -262,7 +297,7 @@ class _Literal(_Value):
     def column(self, cols: Columns) -> Column:
         return cols.const(self.v)
 
-    def render(self, env: Mapping[str, Any]) -> str:
+    def render(self, env: Mapping[str, Any], digits: int = 4) -> str:
         return self.source
 
     def compiled(self) -> ValueFn:
@@ -284,8 +319,8 @@ class _Ref(_Value):
     def column(self, cols: Columns) -> Column:
         return cols.get(self.name)
 
-    def render(self, env: Mapping[str, Any]) -> str:
-        return f"{self.name}={_fmt(self.value(env))}"
+    def render(self, env: Mapping[str, Any], digits: int = 4) -> str:
+        return f"{self.name}={_fmt(self.value(env), digits)}"
 
     def compiled(self) -> ValueFn:
         name = self.name
@@ -341,11 +376,11 @@ class _Arith(_Value):
                 r = a + b if self.op == "+" else a - b if self.op == "-" else a * b
         return np.asarray(r, dtype=np.float64)
 
-    def render(self, env: Mapping[str, Any]) -> str:
+    def render(self, env: Mapping[str, Any], digits: int = 4) -> str:
         p = _PRECEDENCE[self.op]
 
         def side(node: _Value, right: bool) -> str:
-            s = node.render(env)
+            s = node.render(env, digits)
             if isinstance(node, _Arith) and (
                 _PRECEDENCE[node.op] < p or (right and _PRECEDENCE[node.op] == p)
             ):
@@ -444,7 +479,9 @@ class _Cmp(_Bool):
         shift = _shift(self.op, amount, pol)
         a, b = self.left.value(env), self.right.value(env)
         ok = _compare(self.op, a, b, shift)
-        text = f"{self.left.render(env)} {self.op} {self.right.render(env)}"
+        d = _digits(self.op, a, b, isinstance(self.left, _Literal),
+                    isinstance(self.right, _Literal))
+        text = f"{self.left.render(env, d)} {self.op} {self.right.render(env, d)}"
         note = _note(amount, ok, _compare(self.op, a, b, 0.0))
         return ok, (text + note) if ok else f"not ({text})"
 
@@ -491,8 +528,12 @@ class _Between(_Bool):
         lo, _ = self._atoms()
         amount = lo._amount(slack)
         ok = self.eval(env, slack, pol)
-        text = (f"{self.subject.render(env)} between {self.lo.render(env)}"
-                f" and {self.hi.render(env)}")
+        x = self.subject.value(env)
+        exact = isinstance(self.subject, _Literal)
+        d = max(_digits(">=", x, self.lo.value(env), exact, isinstance(self.lo, _Literal)),
+                _digits("<=", x, self.hi.value(env), exact, isinstance(self.hi, _Literal)))
+        text = (f"{self.subject.render(env, d)} between {self.lo.render(env, d)}"
+                f" and {self.hi.render(env, d)}")
         note = _note(amount, ok, self.eval(env, {}, pol))
         return ok, (text + note) if ok else f"not ({text})"
 
@@ -520,7 +561,11 @@ class _In(_Bool):
 
     def explain(self, env: Mapping[str, Any], slack: Slack, pol: int) -> tuple[bool, str]:
         ok = self.eval(env, slack, pol)
-        text = f"{self.subject.render(env)} in [{', '.join(i.source for i in self.items)}]"
+        x = self.subject.value(env)
+        exact = isinstance(self.subject, _Literal)
+        d = max((_digits("==", x, i.v, exact, True) for i in self.items), default=4)
+        text = (f"{self.subject.render(env, d)} in "
+                f"[{', '.join(i.source for i in self.items)}]")
         return ok, text if ok else f"not ({text})"
 
     def compiled(self, slack: Slack, pol: int) -> Predicate:

@@ -467,17 +467,23 @@ def _by_time(e: Event) -> int:
     return e.ts_ms
 
 
+def _settled_now(c: CustomerInput, ctx: ScoringContext) -> int:
+    """Engine time as the customer's input partition sees it: ``lateness`` past the time
+    behind which no event of theirs can still be accepted."""
+    settled = c.settled_ms if c.settled_ms is not None else ctx.settled_ms
+    if settled is None:
+        settled = ctx.now_ms - ctx.lateness_ms
+    return settled + ctx.lateness_ms
+
+
 def _labels(c: CustomerInput, f: Mapping[str, Any], x: dict[str, float] | None,
             stored: dict[str, Any], o: Outcome, ctx: ScoringContext) -> dict[str, Any]:
     if ctx.label_options is None:
         return stored
     events = [(e.ts_ms, isinstance(e, TransactionEvent) and e.kind == "purchase")
               for e in sorted(c.events, key=_by_time)]
-    settled = c.settled_ms if c.settled_ms is not None else ctx.settled_ms
-    if settled is None:
-        settled = ctx.now_ms - ctx.lateness_ms
     # on_time waits ``lateness`` past the horizon itself; hand it the settled time as "now".
-    settled_now = settled + ctx.lateness_ms
+    settled_now = _settled_now(c, ctx)
     if labels.is_quiet(stored, events, settled_now, ctx.lateness_ms, ctx.now_ms,
                        **ctx.label_options):
         return stored
@@ -499,7 +505,10 @@ def _actions_on_events(c: CustomerInput, track: _NbaTrack, o: Outcome,
         return
     purchases = [e.ts_ms for e in sorted(c.events, key=_by_time)
                  if isinstance(e, TransactionEvent) and e.kind == "purchase"]
-    if nba.is_quiet(track.stored, purchases, ctx.now_ms, ctx.lateness_ms, ctx.actions):
+    # An exposure waits for purchases as long as the customer's partition still accepts
+    # them: engine time moved on by another topic or partition must not close it.
+    settled_now = _settled_now(c, ctx)
+    if nba.is_quiet(track.stored, purchases, settled_now, ctx.lateness_ms, ctx.actions):
         return
     st = track.get()
     for ts_ms in purchases:
@@ -507,7 +516,7 @@ def _actions_on_events(c: CustomerInput, track: _NbaTrack, o: Outcome,
         for conv in conversions:
             o.add(ACTION_HASH, nba.counter_field(conv.action_id, conv.segment,
                                                  conv.holdout, "converted"), 1)
-    track.set(nba.expire(st, ctx.now_ms, ctx.lateness_ms, ctx.actions))
+    track.set(nba.expire(st, settled_now, ctx.lateness_ms, ctx.actions))
 
 
 def _segments(c: CustomerInput, f: dict[str, Any], scores: dict[str, Any],

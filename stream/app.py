@@ -692,9 +692,16 @@ class Engine:
         return int(getattr(fetcher, "_fetch_min_bytes", 1))
 
     def kafka_connected(self) -> bool:
+        """Whether the input consumer holds an open connection to a broker.
+
+        A consumer that runs fetches and heartbeats continuously, so while a broker answers
+        it has a connection open; when every broker is gone, aiokafka closes them. (The
+        consumer's client lives on the consumer's own thread: this only reads its state.)
+        """
         try:
-            return bool(self.app.producer is not None and self.app.consumer is not None
-                        and self.owned_partitions() is not None)
+            consumer = self.app.consumer._thread._consumer
+            conns = list(consumer._client._conns.values()) if consumer is not None else []
+            return any(conn.connected() for conn in conns)
         except Exception:
             return False
 

@@ -173,7 +173,7 @@ OPENAPI: dict[str, Any] = {
             _json(_ref("MigrationPage"), "a page of migrations"),
             parameters=[
                 {"name": "since", "in": "query", "required": False,
-                 "schema": {"type": "string", "pattern": "^[0-9]+(-[0-9]+)?$"},
+                 "schema": {"type": "string", "pattern": "^[0-9]{1,20}(-[0-9]{1,20})?$"},
                  "description": "the `next` cursor of the previous page (`<ms>-<seq>`), "
                                 "or `<ms>` alone: after every entry of that millisecond "
                                 "(of the log's clock); anything else is a 400"},

@@ -11,10 +11,13 @@ it could not publish while the broker was down are published from the outbox.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -104,17 +107,34 @@ def test_kafka_killed_and_restarted_mid_stream(private_kafka: PrivateKafka, make
     w = dep.start_worker(tmp_path)
     t0 = time.monotonic()
     fault_oracle.wait_applied(dep, EVENTS // 3)
+    assert _ready(dep.web_url(w)) == (200, True)
     private_kafka.kill()
     at_kill = fault_oracle.applied(dep)
     print(f"broker killed at {at_kill} of {EVENTS} applied ({time.monotonic() - t0:.0f}s)")
-    time.sleep(10)
+    # README: /readyz is ready when Redis and Kafka are reachable (it said Kafka was
+    # reachable whenever the worker had a consumer object)
+    down_at = time.monotonic()
+    while _ready(dep.web_url(w)) != (503, False) and time.monotonic() - down_at < 10:
+        time.sleep(0.5)
+    assert _ready(dep.web_url(w)) == (503, False), "readyz still ready without a broker"
+    time.sleep(max(0.0, 10 - (time.monotonic() - down_at)))
     assert w.poll() is None, "the worker exited while the broker was down"
     private_kafka.start()
     print(f"broker restarted ({time.monotonic() - t0:.0f}s)")
     dep.cli("wait", "--timeout", "600")
     print(f"caught up after {time.monotonic() - t0:.0f}s")
+    assert _ready(dep.web_url(w)) == (200, True), "readyz not ready after the broker returned"
     text = dep.logs[0].read_text(errors="replace")
     assert w.poll() is None, "the worker exited"
     assert text.count("Worker]: Ready") == 1, "the worker restarted"
     assert at_kill < EVENTS, "the replay finished before the broker went down"
     print(fault_oracle.judge(dep, inputs))
+
+
+def _ready(base: str) -> tuple[int, bool | None]:
+    """/readyz's status and its ``kafka`` check."""
+    try:
+        with urllib.request.urlopen(f"{base}/readyz", timeout=10) as resp:
+            return resp.status, json.loads(resp.read())["kafka"]
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())["kafka"]

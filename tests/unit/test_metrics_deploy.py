@@ -199,6 +199,25 @@ def test_every_metric_used_is_exposed(source: str) -> None:
     assert not unknown, f"{source} uses metrics the worker does not expose: {unknown}"
 
 
+#: Gauges every worker exports with the same deployment-wide value.
+DEPLOYMENT_WIDE = ("segstream_segment_customers", "segstream_action_lift",
+                   "segstream_action_uplift", "segstream_action_exposures",
+                   "segstream_action_conversions")
+
+
+def test_the_dashboard_does_not_add_up_what_every_worker_reports() -> None:
+    """With N workers a sum of a deployment-wide gauge is N times the count; a ratio of two
+    sums (a conversion rate) is still right."""
+    for expr in _exprs_in_dashboard():
+        if expr.startswith("label_values("):
+            continue
+        used = [n for n in DEPLOYMENT_WIDE if n in expr]
+        if not used or ("/" in expr and all(n.startswith("segstream_action_") for n in used)
+                        and "sum by" in expr and expr.count("sum by") == 2):
+            continue
+        assert expr.startswith("max by ("), expr
+
+
 def test_every_metric_family_is_on_the_dashboard() -> None:
     families = {family_of(n) for n in _names(_exprs_in_dashboard())}
     missing = sorted(set(METRIC_TYPES) - families)

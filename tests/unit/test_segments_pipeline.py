@@ -210,6 +210,37 @@ def _ms(iso: str) -> int:
     return int(datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp() * 1000)
 
 
+@pytest.mark.parametrize("then", ["own click", "sweep"])
+def test_a_purchase_the_partition_still_accepts_converts_an_exposure(then: str) -> None:
+    """README: a purchase within the attribution window after the migration converts the
+    exposure. Engine time moved on by the clickstream topic must not close the window while
+    the customer's transactions partition still accepts a purchase inside it."""
+    from scorers.nba import load_actions
+
+    cat = load_catalogue("schemes:\n  spend:\n    segments:\n"
+                         "      - {name: High, when: 'monetary_total >= 105'}\n"
+                         "    fallback: Low\n")
+    actions = load_actions(
+        "max_actions_per_7d: 10\n"
+        "defaults: {holdout_share: 0.0, cooldown_days: 0, attribution_days: 14}\n"
+        "rules:\n  - {scheme: spend, to: High, action_id: up, channel: email}\n",
+        {"spend": ["High", "Low"]})
+    h = Harness(cat, actions)
+    h.buy([("c", T0, 200.0)])  # High: exposed, the window runs to day 14
+    h.click("o", T0 + 30 * DAY)  # the clickstream topic is at day 30
+    if then == "sweep":
+        h.sweep()
+    else:
+        h.click("c", T0 + 30 * DAY)
+    h.buy([("c", T0 + 10 * DAY, 5.0)])  # transactions are at day 0: on time
+    counted: dict[str, int] = defaultdict(int)
+    for (_part, table), row in h.store.tables.items():
+        if table == ACTION_HASH:
+            for name, n in row.items():
+                counted[name] += n
+    assert dict(counted) == {"up|High|treated|exposed": 1, "up|High|treated|converted": 1}
+
+
 def test_a_move_recurring_at_one_engine_time_gets_a_new_id() -> None:
     # Rules flip between two versions while engine time stands still: the same customer
     # goes Low -> High -> Low -> High; every migration needs its own id or a consumer

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import builtins
 import math
+import re
 from typing import Any
 
 import numpy as np
@@ -352,3 +353,41 @@ def test_condition_is_immutable_and_reusable() -> None:
     with pytest.raises(AttributeError):
         c.text = "y"  # type: ignore[misc]
     assert [c.evaluate({"x": v}) for v in (0, 2, math.inf)] == [False, True, True]
+
+
+_SHOWN = re.compile(r"^(not \()?x=(\S+) (<|<=|>|>=|==|!=) (?:y=)?(\S+?)\)?$")
+
+
+@given(st.floats(-1e6, 1e6, allow_nan=False), st.floats(-1e6, 1e6, allow_nan=False),
+       st.sampled_from(["<", "<=", ">", ">=", "==", "!="]), st.booleans(),
+       st.integers(0, 6))
+@settings(max_examples=400, deadline=None)
+def test_a_reason_is_true_of_the_values_it_shows(a: float, b: float, op: str,
+                                                 literal: bool, near: int) -> None:
+    """A reason names the values that decided: read back as shown, the comparison comes out
+    as it did on the values themselves (104.99 < 105 was shown as "105 < 105")."""
+    if near:  # values within a few units of the last shown digit of each other
+        b = float(f"{a:.4g}") + (near - 3) * 10.0 ** (math.floor(math.log10(abs(a) or 1)) - 5)
+    right = repr(b) if literal else "y"
+    c = compile_condition(f"x {op} {right}")
+    env = {"x": a, "y": b}
+    m = _SHOWN.match(c.explain(env))
+    assert m is not None, c.explain(env)
+    shown_a, shown_b = float(m.group(2)), float(m.group(4))
+    holds = {"<": shown_a < shown_b, "<=": shown_a <= shown_b, ">": shown_a > shown_b,
+             ">=": shown_a >= shown_b, "==": shown_a == shown_b, "!=": shown_a != shown_b}[op]
+    assert holds == c.evaluate(env) == (m.group(1) is None), c.explain(env)
+
+
+@pytest.mark.parametrize("text,env,want", [
+    ("spend_7d < 105", {"spend_7d": 104.99}, "spend_7d=104.99 < 105"),
+    ("spend_7d > 2000", {"spend_7d": 2000.001}, "spend_7d=2000.001 > 2000"),
+    ("p_alive < 0.3", {"p_alive": 0.29996}, "p_alive=0.29996 < 0.3"),
+    # four digits where they tell the truth
+    ("p_alive < 0.3", {"p_alive": 0.123456}, "p_alive=0.1235 < 0.3"),
+    ("x between 1 and 2", {"x": 2.00001}, "not (x=2.00001 between 1 and 2)"),
+    ("x in [1, 2]", {"x": 1.000001}, "not (x=1.000001 in [1, 2])"),
+])
+def test_reasons_show_as_many_digits_as_the_comparison_needs(text: str, env: dict[str, Any],
+                                                             want: str) -> None:
+    assert compile_condition(text).explain(env) == want

@@ -168,6 +168,10 @@ def _digits(op: str, a: Scalar, b: Scalar, a_exact: bool = False, b_exact: bool 
     if not (isinstance(a, float) and isinstance(b, float)) or (
             a.is_integer() and b.is_integer()):
         return 4
+    # Four digits move a value by at most 5e-4 of it (0.005 from 1,000 up, two decimals):
+    # values further apart than both errors together compare the same once shown.
+    if abs(a - b) > 1e-3 * max(abs(a), abs(b)) + 0.01:
+        return 4
     truth, same = _compare(op, a, b, 0.0), a == b
     for digits in _PRECISIONS:
         sa = a if a_exact else _shown(a, digits)

@@ -181,6 +181,26 @@ def _digits(op: str, a: Scalar, b: Scalar, a_exact: bool = False, b_exact: bool 
     return 17
 
 
+def _digits_of(op: str, left: _Value, right: _Value, env: Mapping[str, Any]) -> int:
+    """:func:`_digits` for two sides of a comparison as a reason renders them.
+
+    With arithmetic on a side its operands are what is shown, so each precision is judged
+    on the result of the shown operands: ``x - y > 0.02`` with 100.04 and 100.01 read
+    ``x=100 - y=100 > 0.02`` at four digits.
+    """
+    a, b = left.value(env), right.value(env)
+    if not (isinstance(left, _Arith) or isinstance(right, _Arith)):
+        return _digits(op, a, b, isinstance(left, _Literal), isinstance(right, _Literal))
+    if not (isinstance(a, float) and isinstance(b, float)):
+        return 4
+    truth, same = _compare(op, a, b, 0.0), a == b
+    for digits in _PRECISIONS:
+        sa, sb = left.shown(env, digits), right.shown(env, digits)
+        if _compare(op, sa, sb, 0.0) == truth and (sa == sb) == same:
+            return digits
+    return 17
+
+
 def _compare(op: str, a: Scalar, b: Scalar, shift: float) -> bool:
     if a is None or b is None:
         return False
@@ -285,6 +305,10 @@ class _Value:
     def render(self, env: Mapping[str, Any], digits: int = 4) -> str:
         raise NotImplementedError
 
+    def shown(self, env: Mapping[str, Any], digits: int) -> Scalar:
+        """The value a reader computes from :meth:`render` with these digits."""
+        raise NotImplementedError
+
     def compiled(self) -> ValueFn:
         """A closure computing :meth:`value`."""
         raise NotImplementedError
@@ -303,6 +327,9 @@ class _Literal(_Value):
 
     def render(self, env: Mapping[str, Any], digits: int = 4) -> str:
         return self.source
+
+    def shown(self, env: Mapping[str, Any], digits: int) -> Scalar:
+        return self.v
 
     def compiled(self) -> ValueFn:
         v = self.v
@@ -325,6 +352,12 @@ class _Ref(_Value):
 
     def render(self, env: Mapping[str, Any], digits: int = 4) -> str:
         return f"{self.name}={_fmt(self.value(env), digits)}"
+
+    def shown(self, env: Mapping[str, Any], digits: int) -> Scalar:
+        v = self.value(env)
+        if isinstance(v, float) and v.is_integer() and abs(v) < 1e15:
+            return v  # shown as it is
+        return _shown(v, digits)
 
     def compiled(self) -> ValueFn:
         name = self.name
@@ -392,6 +425,9 @@ class _Arith(_Value):
             return s
 
         return f"{side(self.left, False)} {self.op} {side(self.right, True)}"
+
+    def shown(self, env: Mapping[str, Any], digits: int) -> Scalar:
+        return _arith(self.op, self.left.shown(env, digits), self.right.shown(env, digits))
 
     def compiled(self) -> ValueFn:
         op, left, right = self.op, self.left.compiled(), self.right.compiled()
@@ -483,8 +519,7 @@ class _Cmp(_Bool):
         shift = _shift(self.op, amount, pol)
         a, b = self.left.value(env), self.right.value(env)
         ok = _compare(self.op, a, b, shift)
-        d = _digits(self.op, a, b, isinstance(self.left, _Literal),
-                    isinstance(self.right, _Literal))
+        d = _digits_of(self.op, self.left, self.right, env)
         text = f"{self.left.render(env, d)} {self.op} {self.right.render(env, d)}"
         note = _note(amount, ok, _compare(self.op, a, b, 0.0))
         return ok, (text + note) if ok else f"not ({text})"
@@ -532,10 +567,8 @@ class _Between(_Bool):
         lo, _ = self._atoms()
         amount = lo._amount(slack)
         ok = self.eval(env, slack, pol)
-        x = self.subject.value(env)
-        exact = isinstance(self.subject, _Literal)
-        d = max(_digits(">=", x, self.lo.value(env), exact, isinstance(self.lo, _Literal)),
-                _digits("<=", x, self.hi.value(env), exact, isinstance(self.hi, _Literal)))
+        d = max(_digits_of(">=", self.subject, self.lo, env),
+                _digits_of("<=", self.subject, self.hi, env))
         text = (f"{self.subject.render(env, d)} between {self.lo.render(env, d)}"
                 f" and {self.hi.render(env, d)}")
         note = _note(amount, ok, self.eval(env, {}, pol))
@@ -565,9 +598,7 @@ class _In(_Bool):
 
     def explain(self, env: Mapping[str, Any], slack: Slack, pol: int) -> tuple[bool, str]:
         ok = self.eval(env, slack, pol)
-        x = self.subject.value(env)
-        exact = isinstance(self.subject, _Literal)
-        d = max((_digits("==", x, i.v, exact, True) for i in self.items), default=4)
+        d = max((_digits_of("==", self.subject, i, env) for i in self.items), default=4)
         text = (f"{self.subject.render(env, d)} in "
                 f"[{', '.join(i.source for i in self.items)}]")
         return ok, text if ok else f"not ({text})"

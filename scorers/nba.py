@@ -34,7 +34,15 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from features.record import record
-from scorers.rules import MAX_DAYS, RulesError, parse_yaml, read_catalogue_text, short_repr
+from scorers.rules import (
+    MAX_DAYS,
+    Number,
+    RulesError,
+    Whole,
+    parse_yaml,
+    read_catalogue_text,
+    short_repr,
+)
 
 #: This module's functions: pydantic must take the methods of its models for methods,
 #: not fields, also when the module runs compiled (see stream.native), where a function
@@ -62,10 +70,9 @@ class ActionDefaults(BaseModel):
     model_config = ConfigDict(ignored_types=_FUNCTIONS, extra="forbid", frozen=True,
                               allow_inf_nan=False)
 
-    # numbers only (strict): YAML's true or "7" is no share or number of days
-    holdout_share: float = Field(default=0.1, ge=0.0, le=1.0, strict=True)
-    cooldown_days: float = Field(default=14.0, ge=0.0, le=MAX_DAYS, strict=True)
-    attribution_days: float = Field(default=14.0, gt=0.0, le=MAX_DAYS, strict=True)
+    holdout_share: Number = Field(default=0.1, ge=0.0, le=1.0)
+    cooldown_days: Number = Field(default=14.0, ge=0.0, le=MAX_DAYS)
+    attribution_days: Number = Field(default=14.0, gt=0.0, le=MAX_DAYS)
 
 
 class ActionRule(BaseModel):
@@ -79,10 +86,10 @@ class ActionRule(BaseModel):
     from_: tuple[str | None, ...] | None = Field(default=None, alias="from")
     action_id: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9._:-]+$")
     channel: Channel
-    priority: int = Field(default=0, strict=True)
-    cooldown_days: float | None = Field(default=None, ge=0.0, le=MAX_DAYS, strict=True)
-    attribution_days: float | None = Field(default=None, gt=0.0, le=MAX_DAYS, strict=True)
-    holdout_share: float | None = Field(default=None, ge=0.0, le=1.0, strict=True)
+    priority: Whole = 0
+    cooldown_days: Number | None = Field(default=None, ge=0.0, le=MAX_DAYS)
+    attribution_days: Number | None = Field(default=None, gt=0.0, le=MAX_DAYS)
+    holdout_share: Number | None = Field(default=None, ge=0.0, le=1.0)
 
     @field_validator("from_", mode="before")
     @classmethod
@@ -102,9 +109,9 @@ class ActionRule(BaseModel):
         if self.from_ is not None and not self.from_:
             raise ValueError("'from' is empty, so the rule never fires; leave it out to act "
                              "on entering 'to' from anywhere")
-        if self.to in (self.from_ or ()):
-            raise ValueError(f"'from' names 'to' ({self.to!r}): a customer never moves from a "
-                             "segment to the same one")
+        if self.from_ and all(f == self.to for f in self.from_):
+            raise ValueError(f"'from' names only 'to' ({self.to!r}), so the rule never fires: "
+                             "a customer never moves from a segment to the same one")
         return self
 
     def matches(self, scheme: str, from_segment: str | None, to_segment: str) -> bool:
@@ -134,7 +141,7 @@ class ActionCatalogue(BaseModel):
     model_config = ConfigDict(ignored_types=_FUNCTIONS, extra="forbid", frozen=True)
 
     defaults: ActionDefaults = ActionDefaults()
-    max_actions_per_7d: int = Field(default=3, ge=0, strict=True)
+    max_actions_per_7d: Whole = Field(default=3, ge=0)
     holdout_salt: str = ""
     rules: tuple[ActionRule, ...] = ()
 
@@ -457,16 +464,26 @@ def on_purchase(state: NbaState, ts_ms: int) -> tuple[NbaState, list[Conversion]
     return NbaState(state.last_sent, state.recent, tuple(keep)), converted
 
 
+#: The most exposures a customer keeps waiting for a purchase: windows stay open as long as
+#: the customer's partition accepts purchases inside them, which a topic that stays quiet
+#: would make forever; past this many the oldest are dropped (unconverted).
+MAX_PENDING_EXPOSURES = 16
+
+
 def expire(
     state: NbaState,
     now_ms: int,
     lateness_ms: int,
     catalogue: ActionCatalogue | None = None,
+    settled_now_ms: int | None = None,
 ) -> NbaState:
-    """Drop exposures whose window closed more than ``lateness_ms`` ago, and sends too old to
-    matter for the cap (and, given the catalogue, for any cooldown)."""
+    """Drop exposures whose window closed more than ``lateness_ms`` before ``settled_now_ms``
+    (the customer's partition's time; default ``now_ms``) and all but the newest
+    :data:`MAX_PENDING_EXPOSURES`, and sends too old at ``now_ms`` to matter for the cap
+    (and, given the catalogue, for any cooldown)."""
     horizon = now_ms - lateness_ms
-    pending = tuple(e for e in state.pending if e.until_ms >= horizon)
+    settled = (now_ms if settled_now_ms is None else settled_now_ms) - lateness_ms
+    pending = tuple(e for e in state.pending if e.until_ms >= settled)[-MAX_PENDING_EXPOSURES:]
     recent = tuple(t for t in state.recent if t + WEEK_MS >= horizon)
     last_sent = state.last_sent
     if catalogue is not None:
@@ -484,6 +501,7 @@ def is_quiet(
     now_ms: int,
     lateness_ms: int,
     catalogue: ActionCatalogue | None = None,
+    settled_now_ms: int | None = None,
 ) -> bool:
     """Whether a stored state (a :meth:`NbaState.to_dict`) stays exactly as it is.
 
@@ -498,9 +516,12 @@ def is_quiet(
     if not NbaState.is_canonical(doc):
         return False
     horizon = now_ms - lateness_ms
+    settled = (now_ms if settled_now_ms is None else settled_now_ms) - lateness_ms
     times = list(purchase_ts)
+    if len(doc["pending"]) > MAX_PENDING_EXPOSURES:
+        return False
     for _action, _segment, _holdout, at_ms, until_ms in doc["pending"]:
-        if until_ms < horizon or any(at_ms < ts <= until_ms for ts in times):
+        if until_ms < settled or any(at_ms < ts <= until_ms for ts in times):
             return False
     if any(t + WEEK_MS < horizon for t in doc["recent"]):
         return False

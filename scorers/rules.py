@@ -47,7 +47,7 @@ from typing import Annotated, Any
 import numpy as np
 import yaml  # type: ignore[import-untyped, unused-ignore]
 from numpy.typing import NDArray
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from features.record import record
 from features.state import FEATURE_NAMES, iso
@@ -114,10 +114,22 @@ class _SegmentSpec(_Strict):
     description: str = ""
 
 
+def _written_as_number(v: Any) -> Any:
+    """A catalogue's number must be written as one: pydantic would read YAML's ``true`` as 1
+    and ``"5"`` as 5 (an integral float such as 10.0 is still a whole number)."""
+    if isinstance(v, bool | str):
+        raise ValueError(f"Input should be a valid number, not {short_repr(v)}")
+    return v
+
+
+#: A float or an int of a catalogue, written as a number.
+Number = Annotated[float, BeforeValidator(_written_as_number)]
+Whole = Annotated[int, BeforeValidator(_written_as_number)]
+
+
 class _AntiFlappingSpec(_Strict):
-    # numbers only: YAML's true or "5" is no number of days
-    min_dwell_days: float = Field(default=0.0, ge=0, le=MAX_DAYS, strict=True)
-    hysteresis: dict[str, Annotated[float, Field(strict=True)]] = Field(default_factory=dict)
+    min_dwell_days: Number = Field(default=0.0, ge=0, le=MAX_DAYS)
+    hysteresis: dict[str, Number] = Field(default_factory=dict)
 
 
 class _SchemeSpec(_Strict):

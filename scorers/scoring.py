@@ -508,7 +508,8 @@ def _actions_on_events(c: CustomerInput, track: _NbaTrack, o: Outcome,
     # An exposure waits for purchases as long as the customer's partition still accepts
     # them: engine time moved on by another topic or partition must not close it.
     settled_now = _settled_now(c, ctx)
-    if nba.is_quiet(track.stored, purchases, settled_now, ctx.lateness_ms, ctx.actions):
+    if nba.is_quiet(track.stored, purchases, ctx.now_ms, ctx.lateness_ms, ctx.actions,
+                    settled_now):
         return
     st = track.get()
     for ts_ms in purchases:
@@ -516,7 +517,7 @@ def _actions_on_events(c: CustomerInput, track: _NbaTrack, o: Outcome,
         for conv in conversions:
             o.add(ACTION_HASH, nba.counter_field(conv.action_id, conv.segment,
                                                  conv.holdout, "converted"), 1)
-    track.set(nba.expire(st, settled_now, ctx.lateness_ms, ctx.actions))
+    track.set(nba.expire(st, ctx.now_ms, ctx.lateness_ms, ctx.actions, settled_now))
 
 
 def _segments(c: CustomerInput, f: dict[str, Any], scores: dict[str, Any],

@@ -547,6 +547,9 @@ def _broker_credentials(settings: Settings) -> Any:
 class Engine:
     """Everything a worker holds: the Faust app, the store and the batch processor."""
 
+    #: set once reading the consumer's connections failed (logged the first time)
+    _kafka_check_failed = False
+
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.app = LeanApp(
@@ -702,7 +705,11 @@ class Engine:
             consumer = self.app.consumer._thread._consumer
             conns = list(consumer._client._conns.values()) if consumer is not None else []
             return any(conn.connected() for conn in conns)
-        except Exception:
+        except Exception as exc:  # Faust's or aiokafka's internals moved: say so, once
+            if not self._kafka_check_failed:
+                self._kafka_check_failed = True
+                log.warning("cannot read the consumer's broker connections (%r): /readyz "
+                            "reports Kafka unreachable", exc)
             return False
 
     def model_quality(self) -> dict[str, dict[str, Any]]:

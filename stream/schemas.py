@@ -434,8 +434,8 @@ _MAX_UNITS = 10**16
 
 def _exact_amount(event: TransactionEvent, text: str, amount: Any = None) -> TransactionEvent:
     try:
-        amount = json.loads(text, parse_float=Decimal).get("amount")
-    except RecursionError:
+        amount = json.loads(text, parse_float=Decimal, parse_int=_int_or_float).get("amount")
+    except (RecursionError, ValueError):
         # An unknown field nested deeper than the decimal parser goes (orjson read it):
         # the shortest decimal that reads back as the double, which is the amount as
         # written for any amount written with at most 15 significant digits.

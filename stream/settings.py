@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import parse_qs, unquote, urlparse
 
-from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from redis.connection import parse_url as redis_parse_url
 
@@ -39,26 +46,34 @@ OTHER_ENV_VARS = frozenset({
 _TEST_ENV_PREFIX = "SEGSTREAM_TEST"
 
 
+def _redis_client_refuses(url: str, cluster: bool) -> str | None:
+    """Why redis-py cannot build the engine's client from ``url``, or None.
 
-def _redis_url_options(scheme: str) -> set[str]:
-    """The query options a Redis URL of ``scheme`` may carry: those redis-py reads itself
-    and the arguments of the connection class it then builds, and of its pool."""
-    import inspect
-
-    from redis.asyncio import connection as conn
+    redis-py hands a query option it does not read itself to the client or its connections,
+    whose constructor then fails with a TypeError at the first command: the client is built
+    here, without connecting, to find that out at start.
+    """
+    from redis import asyncio as aioredis
     from redis.connection import URL_QUERY_ARGUMENT_PARSERS
 
-    cls = {"rediss": conn.SSLConnection, "unix": conn.UnixDomainSocketConnection}.get(
-        scheme, conn.Connection)
-    names = set(URL_QUERY_ARGUMENT_PARSERS)
-    for klass in (*cls.__mro__, conn.ConnectionPool):
-        init = klass.__dict__.get("__init__")
-        if init is not None:
-            names.update(n for n, p in inspect.signature(init).parameters.items()
-                         if n != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
-    # objects a query string cannot spell
-    return names - {"connection_class", "connection_pool", "parser_class", "encoder_class",
-                    "retry", "credential_provider", "event_dispatcher", "redis_connect_func"}
+    try:
+        if cluster:
+            aioredis.RedisCluster.from_url(url, socket_timeout=1.0)
+        else:
+            aioredis.ConnectionPool.from_url(url, socket_timeout=1.0).make_connection()
+    except TypeError as exc:
+        m = re.search(r"unexpected keyword argument '([^']*)'", str(exc))
+        if m is None:
+            return str(exc)
+        close = difflib.get_close_matches(
+            m.group(1), sorted(set(URL_QUERY_ARGUMENT_PARSERS) - {m.group(1)}), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        client = "a Redis Cluster client" if cluster else "the client"
+        return f"{client} takes no option {m.group(1)!r} in the URL's query{hint}"
+    except Exception:  # anything else is the URL's or the connection's to report, later
+        return None
+    return None
+
 
 class Settings(BaseSettings):
     """Engine configuration. Every field is ``SEGSTREAM_<FIELD>`` in the environment."""
@@ -333,14 +348,6 @@ class Settings(BaseSettings):
             redis_parse_url(v)
         except ValueError as exc:  # its messages name the option, never the password
             raise ValueError(str(exc)) from None
-        # redis-py hands an option it does not know to the connection, whose first command
-        # then fails with a TypeError: a misspelt ?socket_timout=5 is refused here instead.
-        known = _redis_url_options(v.split(":", 1)[0])
-        unknown = sorted(set(parse_qs(url.query, keep_blank_values=True)) - known)
-        if unknown:
-            close = difflib.get_close_matches(unknown[0], sorted(known), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(f"unknown option {unknown[0]!r} in the URL's query{hint}")
         return v
 
     @field_validator("redis_cluster")
@@ -354,6 +361,14 @@ class Settings(BaseSettings):
         if v and any(db not in ("", "0") for db in dbs):
             raise ValueError("a Redis Cluster has only database 0 (use .../0 in the URL)")
         return v
+
+    @model_validator(mode="after")
+    def _redis_url_options(self) -> Settings:
+        # after both fields: a cluster client takes other options than a single server's
+        why = _redis_client_refuses(self.redis_url, self.redis_cluster)
+        if why is not None:
+            raise ValueError(f"{env_name('redis_url')}: {why}")
+        return self
 
     @field_validator("redis_tls_ca_file", "redis_tls_cert_file", "redis_tls_key_file")
     @classmethod
@@ -551,7 +566,10 @@ def load_settings(**overrides: object) -> Settings:
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
-            field = str(err["loc"][0]) if err["loc"] else "?"
+            if not err["loc"]:  # a check of several settings: its message names them
+                lines.append(str(err["msg"]).removeprefix("Value error, "))
+                continue
+            field = str(err["loc"][0])
             info = Settings.model_fields.get(field)
             secret = info is not None and "SecretStr" in str(info.annotation)
             shown = err.get("input")

@@ -479,3 +479,12 @@ def test_a_record_without_a_value_or_of_zero_bytes_is_empty(value: bytes | None,
     res = decode("transactions", b"c1", value, 65536)
     assert getattr(res, "reason", None) == "empty" and error in res.error, res
     assert getattr(decode("transactions", b"c1", b" ", 65536), "reason", None) == "not_json"
+
+
+def test_an_amount_read_again_as_a_decimal_is_not_lost_over_a_huge_number_elsewhere() -> None:
+    """An amount near a half unit is read again from the text as a decimal; a 5,001-digit
+    integer in ``items`` made that second reading fail, and the purchase with it."""
+    v = (f'{{"event_id":"b","customer_id":"c2","ts":{T0},"amount":1.00005,'
+         f'"items":{"9" * 5001}}}').encode()
+    res = decode("transactions", b"c2", v, 100_000)
+    assert isinstance(res, T) and res.amount_units == 10_000, res  # 10,000.5 half-even

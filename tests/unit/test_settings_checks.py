@@ -57,11 +57,13 @@ ROOT = Path(__file__).resolve().parents[2]
     ("SEGSTREAM_KAFKA_BOOTSTRAP", "a:1,[h]:9092", "'[h]:9092' is not host:port"),
     # redis-py passes an option it does not know to the connection: every command failed
     ("SEGSTREAM_REDIS_URL", "redis://127.0.0.1:6379/0?socket_timout=5",
-     "unknown option 'socket_timout' in the URL's query (did you mean 'socket_timeout'?)"),
-    ("SEGSTREAM_REDIS_URL", "redis://127.0.0.1:6379/0?foo=", "unknown option 'foo'"),
+     "takes no option 'socket_timout' in the URL's query (did you mean 'socket_timeout'?)"),
+    ("SEGSTREAM_REDIS_URL", "redis://127.0.0.1:6379/0?foo=1", "takes no option 'foo'"),
+    # one redis-py reads from the URL but no connection takes
+    ("SEGSTREAM_REDIS_URL", "redis://127.0.0.1:6379/0?timeout=5", "takes no option 'timeout'"),
     # a TLS option on a connection without TLS
     ("SEGSTREAM_REDIS_URL", "redis://127.0.0.1:6379/0?ssl_cert_reqs=none",
-     "unknown option 'ssl_cert_reqs'"),
+     "takes no option 'ssl_cert_reqs'"),
 ])
 def test_wrong_setting_names_the_variable(monkeypatch: pytest.MonkeyPatch, var: str,
                                           value: str, why: str) -> None:
@@ -366,10 +368,27 @@ def test_a_redis_that_does_not_answer_names_the_timeout_setting() -> None:
             check_redis(s)
 
 
-@pytest.mark.parametrize("url", ["redis://127.0.0.1:6379/0?socket_timeout=5&max_connections=4",
-                                 "rediss://127.0.0.1:6379/0?ssl_cert_reqs=none",
-                                 "unix:///tmp/redis.sock?db=1&health_check_interval=10"])
+@pytest.mark.parametrize("url,cluster", [
+    ("redis://127.0.0.1:6379/0?socket_timeout=5&max_connections=4", "false"),
+    ("rediss://127.0.0.1:6379/0?ssl_cert_reqs=none", "false"),
+    ("unix:///tmp/redis.sock?db=1&health_check_interval=10", "false"),
+    ("redis://127.0.0.1:6379/0?password=p", "false"),
+    ("redis://127.0.0.1:6379/0?foo=", "false"),  # redis-py drops a blank option
+    ("redis://127.0.0.1:6379/0?read_from_replicas=true", "true"),
+])
 def test_redis_url_options_the_client_takes_are_accepted(monkeypatch: pytest.MonkeyPatch,
-                                                         url: str) -> None:
+                                                         url: str, cluster: str) -> None:
     monkeypatch.setenv("SEGSTREAM_REDIS_URL", url)
+    monkeypatch.setenv("SEGSTREAM_REDIS_CLUSTER", cluster)
     assert load_settings().redis_url == url
+
+
+@pytest.mark.parametrize("option", ["retry_on_timeout=true", "timeout=5"])
+def test_a_redis_url_option_a_cluster_client_refuses_names_the_url(
+        monkeypatch: pytest.MonkeyPatch, option: str) -> None:
+    """A Redis Cluster client takes other options than a single server's connections."""
+    monkeypatch.setenv("SEGSTREAM_REDIS_URL", f"redis://127.0.0.1:6379/0?{option}")
+    monkeypatch.setenv("SEGSTREAM_REDIS_CLUSTER", "true")
+    with pytest.raises(SettingsError, match="SEGSTREAM_REDIS_URL: a Redis Cluster client "
+                                            "takes no option"):
+        load_settings()

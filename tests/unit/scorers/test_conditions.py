@@ -391,3 +391,34 @@ def test_a_reason_is_true_of_the_values_it_shows(a: float, b: float, op: str,
 def test_reasons_show_as_many_digits_as_the_comparison_needs(text: str, env: dict[str, Any],
                                                              want: str) -> None:
     assert compile_condition(text).explain(env) == want
+
+
+_SHOWN_DIFF = re.compile(r"^(not \()?x=(\S+) - y=(\S+) (<|<=|>|>=|==|!=) (\S+?)\)?$")
+
+
+@given(st.floats(-1e6, 1e6, allow_nan=False), st.floats(-1e3, 1e3, allow_nan=False),
+       st.floats(-10, 10, allow_nan=False), st.sampled_from(["<", "<=", ">", ">=", "==", "!="]))
+@settings(max_examples=300, deadline=None)
+def test_a_reason_with_arithmetic_is_true_of_the_operands_it_shows(x: float, dy: float,
+                                                                   c: float, op: str) -> None:
+    """The operands of arithmetic are what a reason shows: computed back from them, the
+    comparison comes out as it did (``x=100 - y=100 > 0.02`` for 100.04 and 100.01)."""
+    cond = compile_condition(f"x - y {op} {c!r}")
+    env = {"x": x, "y": x - dy}
+    m = _SHOWN_DIFF.match(cond.explain(env))
+    assert m is not None, cond.explain(env)
+    got = float(m.group(2)) - float(m.group(3))
+    want = float(m.group(5))
+    holds = {"<": got < want, "<=": got <= want, ">": got > want, ">=": got >= want,
+             "==": got == want, "!=": got != want}[m.group(4)]
+    assert holds == cond.evaluate(env) == (m.group(1) is None), cond.explain(env)
+
+
+@pytest.mark.parametrize("text,env,want", [
+    ("x - y > 0.02", {"x": 100.04, "y": 100.01}, "x=100.04 - y=100.01 > 0.02"),
+    ("x - y > 0", {"x": 1000.004, "y": 999.999}, "x=1000.004 - y=999.999 > 0"),
+    ("(rfm_f + rfm_m) / 2 >= 4", {"rfm_f": 3.0, "rfm_m": 5.0}, "(rfm_f=3 + rfm_m=5) / 2 >= 4"),
+])
+def test_reasons_with_arithmetic_show_the_digits_the_result_needs(
+        text: str, env: dict[str, Any], want: str) -> None:
+    assert compile_condition(text).explain(env) == want

@@ -122,13 +122,13 @@ def test_version_follows_content_not_formatting(cat: ActionCatalogue) -> None:
          "aliases (*name) are not allowed"),
         # rules that could never fire
         (SMALL.replace("from: [Champions]", "from: []"), "rules.1: Value error, 'from' is empty"),
-        (SMALL.replace("from: [Champions]", "from: [Champions, At Risk]"),
-         "rules.1: Value error, 'from' names 'to' ('At Risk')"),
+        (SMALL.replace("from: [Champions]", "from: [At Risk]"),
+         "rules.1: Value error, 'from' names only 'to' ('At Risk')"),
         # numbers only: YAML's true and "7" are no counts or days
         (SMALL.replace("max_actions_per_7d: 2", "max_actions_per_7d: true"),
-         "max_actions_per_7d: Input should be a valid integer"),
+         "max_actions_per_7d: Value error, Input should be a valid number, not True"),
         (SMALL.replace("cooldown_days: 10", "cooldown_days: '7'"),
-         "defaults.cooldown_days: Input should be a valid number"),
+         "defaults.cooldown_days: Value error, Input should be a valid number, not '7'"),
         (SMALL.replace("priority: 90", "priority: true"), "rules.1.priority"),
         (SMALL.replace("holdout_share: 1.0", "holdout_share: yes"), "rules.3.holdout_share"),
     ],
@@ -300,6 +300,49 @@ def test_expire_drops_closed_windows_after_lateness(cat: ActionCatalogue) -> Non
     assert expire(s, 100 * DAY_MS, DAY_MS).last_sent == {"win-back": 0}
 
 
+def test_exposures_wait_on_the_partitions_time_and_sends_age_on_engine_time() -> None:
+    """An exposure waits for a purchase while the customer's partition still accepts one
+    inside its window (``settled_now_ms``); the cap's record of sends ages on engine time."""
+    s = NbaState({}, (0,), (Exposure("a", "High", False, 0, 5 * DAY_MS),))
+    at = expire(s, 100 * DAY_MS, DAY_MS, settled_now_ms=6 * DAY_MS)
+    assert at.pending == s.pending and at.recent == ()
+    assert expire(s, 100 * DAY_MS, DAY_MS, settled_now_ms=6 * DAY_MS + 1).pending == ()
+
+
+def test_exposures_waiting_on_a_quiet_partition_are_bounded() -> None:
+    """A partition whose purchases stay quiet would keep every window open: the newest
+    MAX_PENDING_EXPOSURES are kept, and is_quiet agrees with expire."""
+    from scorers.nba import MAX_PENDING_EXPOSURES, is_quiet
+
+    many = tuple(Exposure("a", "High", False, d * DAY_MS, (d + 1) * DAY_MS) for d in range(40))
+    s = NbaState({}, (), many)
+    kept = expire(s, 200 * DAY_MS, DAY_MS, settled_now_ms=0)
+    assert kept.pending == many[-MAX_PENDING_EXPOSURES:]
+    assert not is_quiet(s.to_dict(), [], 200 * DAY_MS, DAY_MS, settled_now_ms=0)
+    assert is_quiet(kept.to_dict(), [], 200 * DAY_MS, DAY_MS, settled_now_ms=0)
+
+
+@given(st.lists(st.tuples(st.integers(0, 60), st.integers(0, 30)), max_size=24),
+       st.lists(st.integers(0, 90), max_size=6), st.integers(0, 120), st.integers(0, 120),
+       st.integers(0, 10))
+@settings(max_examples=300, deadline=None)
+def test_is_quiet_says_exactly_when_purchases_and_expiry_change_nothing(
+        windows: list[tuple[int, int]], purchases: list[int], now: int, settled: int,
+        lateness: int) -> None:
+    from scorers.nba import is_quiet, on_purchase
+
+    pending = tuple(Exposure("a", "High", False, a * DAY_MS, (a + w) * DAY_MS)
+                    for a, w in windows)
+    s = NbaState({}, tuple(a * DAY_MS for a, _ in windows[:3]), pending)
+    after = s
+    for ts in purchases:
+        after, _ = on_purchase(after, ts * DAY_MS)
+    after = expire(after, now * DAY_MS, lateness * DAY_MS, settled_now_ms=settled * DAY_MS)
+    quiet = is_quiet(s.to_dict(), [t * DAY_MS for t in purchases], now * DAY_MS,
+                     lateness * DAY_MS, settled_now_ms=settled * DAY_MS)
+    assert quiet == (after.to_dict() == s.to_dict())
+
+
 # -- counters and lift --------------------------------------------------------------------
 
 
@@ -349,3 +392,17 @@ def test_lift_table_zero_holdout_rate_has_no_relative_lift() -> None:
                        "a|S|holdout|exposed": 10})
     assert rows[0]["uplift"] == pytest.approx(0.2) and rows[0]["relative_lift"] is None
     assert rows[0]["p_value"] == pytest.approx(0.136037, abs=1e-5)
+
+
+def test_a_rule_that_can_still_fire_from_another_segment_is_kept() -> None:
+    """``from: [Champions, At Risk]`` into At Risk fires from Champions."""
+    cat = load_actions(SMALL.replace("from: [Champions]", "from: [Champions, At Risk]"),
+                       SCHEMES)
+    assert cat.rules[1].matches("rfm", "Champions", "At Risk")
+
+
+def test_a_whole_number_written_with_a_point_is_still_one() -> None:
+    cat = load_actions(SMALL.replace("priority: 90", "priority: 90.0"), SCHEMES)
+    assert cat.rules[1].priority == 90
+    with pytest.raises(ActionCatalogueError, match=r"rules\.1\.priority"):
+        load_actions(SMALL.replace("priority: 90", "priority: 90.5"), SCHEMES)

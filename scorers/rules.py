@@ -51,6 +51,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from features.record import record
 from features.state import FEATURE_NAMES, iso
+from features.text import CONTROL, shows_nothing
 from scorers.conditions import Columns, Condition, ConditionError, compile_condition
 from scorers.names import SCORE_NAMES, TEXT_SCORES
 
@@ -63,9 +64,6 @@ MS_PER_DAY = 86_400_000
 #: Names a segment condition may use by default: every feature and every score.
 KNOWN_NAMES: tuple[str, ...] = FEATURE_NAMES + SCORE_NAMES
 _SCHEME_NAME = re.compile(r"[A-Za-z0-9_.-]+")  # whole name: fullmatch (a "$" lets "\n" end it)
-#: What a segment name may not hold: control characters (C0, DEL, C1) and the line and
-#: paragraph separators, as the engine's ids.
-_NAME_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 #: The longest period a catalogue may set (a dwell, a cooldown), in days: a century. Longer
 #: means nothing and would overflow the millisecond timestamps derived from it.
 MAX_DAYS = 36_500
@@ -404,13 +402,13 @@ def _name_problem(name: str) -> str | None:
     """Why a segment name cannot be one (blank, padded, a control character), or None.
 
     >>> _name_problem("At Risk"), _name_problem(" "), _name_problem("High "), _name_problem("a\\nb")
-    (None, 'is only whitespace', 'starts or ends with whitespace', 'holds a control character')
+    (None, 'is blank', 'starts or ends with whitespace', 'holds a control character')
     """
-    if not name.strip():
-        return "is only whitespace"
+    if shows_nothing(name):
+        return "is blank"
     if name != name.strip():
         return "starts or ends with whitespace"
-    if _NAME_CONTROL.search(name):
+    if CONTROL.search(name):
         return "holds a control character"
     return None
 

@@ -19,6 +19,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from features.events import ClickEvent, Event, TransactionEvent, epoch_ms, to_units
+from features.text import BLANK, CONTROL, shows_nothing
 
 #: This module's functions: pydantic must take the methods of its models for methods,
 #: not fields, also when the module runs compiled (see stream.native), where a function
@@ -29,9 +30,6 @@ MAX_ID_CHARS = 256
 MAX_NESTING = 8
 # Epoch-ms bounds accepted at all: 1970 .. 2200. Finer checks are event-time ones.
 _TS_MIN, _TS_MAX = 0, 7_258_118_400_000
-#: Control characters (C0, DEL, C1) and the Unicode line and paragraph separators: an id
-#: holding one breaks log lines and line-based tools downstream.
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 # RFC 3339 5.6: time-numoffset is time-hour (00-23) ":" time-minute (00-59).
 _RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:(\d{2})(\.\d+)?"
                       r"([Zz]|[+-](?:[01]\d|2[0-3]):[0-5]\d)\Z", re.ASCII)
@@ -95,10 +93,10 @@ def parse_ts(value: Any) -> int:
 
 
 def _no_control(v: str | None) -> str | None:
-    if v is not None and _CONTROL.search(v):
+    if v is not None and CONTROL.search(v):
         raise ValueError("contains control characters")
-    if v is not None and v.isspace():
-        raise ValueError("is only whitespace")
+    if v is not None and shows_nothing(v):
+        raise ValueError("shows nothing (only whitespace or invisible characters)")
     return v
 
 
@@ -178,7 +176,7 @@ class TransactionIn(_Input):
     @classmethod
     def _currency_text(cls, v: str | None) -> str | None:
         if v is not None and not _id_ok(v, 8):
-            raise ValueError("currency may not be only whitespace nor hold a control "
+            raise ValueError("currency may not show nothing nor hold a control "
                              "character")
         return v
 
@@ -248,8 +246,8 @@ _MODELS: dict[str, type[ClickstreamIn] | type[TransactionIn]] = {
 
 
 def _id_ok(v: Any, limit: int = MAX_ID_CHARS) -> bool:
-    return (type(v) is str and 0 < len(v) <= limit and _CONTROL.search(v) is None
-            and not v.isspace())
+    return (type(v) is str and 0 < len(v) <= limit and CONTROL.search(v) is None
+            and v.strip(BLANK) != "")  # as shows_nothing, inline: every id passes here
 
 
 def _plain_event(kind: str, doc: dict[str, Any]) -> Event | None:

@@ -360,7 +360,8 @@ def test_amounts_round_half_even_on_the_decimal_they_write(text: str, units: int
 
 @pytest.mark.parametrize("field", ["event_id", "customer_id", "session_id", "event_type"])
 @pytest.mark.parametrize("bad", [" ", "\t \u3000", "a\u0085b", "a\u2028b", "a\u2029b",
-                                 "a\x9fb", "a\x00b"])
+                                 "a\x9fb", "a\x00b", "\u200b", "\ufeff", "\u200b \u2060\u00ad",
+                                 "\u3164", "a\u202eb", "\u2066a\u2069"])
 def test_ids_of_whitespace_or_with_control_characters_are_rejected(field: str,
                                                                     bad: str) -> None:
     doc = {"event_id": "e", "customer_id": "c1", "ts": T0, "event_type": "login",
@@ -371,7 +372,8 @@ def test_ids_of_whitespace_or_with_control_characters_are_rejected(field: str,
         assert getattr(res, "reason", None) == "invalid_schema", (field, bad, res)
 
 
-@pytest.mark.parametrize("good", ["c 1", " c1", "kund\u00e9-7", "\u00a0x", "\u4e2d\u6587"])
+@pytest.mark.parametrize("good", ["c 1", " c1", "kund\u00e9-7", "\u00a0x", "\u4e2d\u6587",
+                                  "\u200bx", "\U0001f469\u200d\U0001f4bb"])
 def test_ids_with_inner_spaces_or_letters_beyond_ascii_are_accepted(good: str) -> None:
     doc = {"event_id": good, "customer_id": good, "ts": T0, "event_type": "login"}
     res = decode("clickstream", good.encode(), orjson.dumps(doc), 65536)

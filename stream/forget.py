@@ -16,11 +16,17 @@ retention governs them); replaying them would recreate the customer. A worker's 
 publish already under way when the customer is forgotten can still deliver (and log)
 the records it read before: forget a customer while their partition is quiet, or run it
 again once that publish has ended to drop what it logged.
+
+The reference trigger consumer (``segstream triggers``) posts none of the customer's
+migrations emitted before the erase, even one it reads later (a consumer behind, a
+replay of the topic): the erase time is kept for it for 90 days, under the customer's
+pseudonym.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import orjson
@@ -68,6 +74,12 @@ async def forget(s: Settings, r: aioredis.Redis, store: RedisFeatureStore,
     parts = [found[0]] if found is not None else list(range(s.partitions))
     removed["outbox_records"] = await _drop_outbox(s, store, parts, customer_id)
     removed["log_entries"] = await _drop_log(s, r, customer_id)
+    # The trigger consumers post none of the customer's migrations emitted until now
+    # (one behind still reads them), named by the pseudonym, not the id.
+    from stream.triggers import FORGOTTEN_TTL_S, forgotten_key
+
+    await r.set(forgotten_key(s, customer_hash(customer_id)), str(int(time.time() * 1000)),
+                ex=FORGOTTEN_TTL_S)
     return removed
 
 

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import math
 import random
-from collections.abc import Sequence
+import re
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -22,12 +24,13 @@ from urllib.parse import urlsplit
 import aiohttp
 import orjson
 import redis.asyncio as aioredis
-from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 from redis.exceptions import RedisError
 
+from scorers.labels import customer_hash
 from stream.errors import SegstreamError, ServiceError
-from stream.kafka import aiokafka_config
+from stream.kafka import aiokafka_config, check_connection, ensure_topics
 from stream.redisconn import check_redis, redis_client, redis_failed
 from stream.settings import Settings
 
@@ -71,11 +74,22 @@ def check_webhook_url(url: str) -> str:
         ok = parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port != 0
     except ValueError:
         ok = False
-    if not ok:
+    if not ok or any(c.isspace() or ord(c) < 32 for c in url):
         raise TriggerOptionError(
-            f"--webhook must be an http:// or https:// URL with a host (got {url!r})"
+            f"--webhook must be an http:// or https:// URL with a host and no spaces "
+            f"(got {_masked(url)!r})"
         )
     return url
+
+
+def _masked(url: str) -> str:
+    """``url`` with its user information and query hidden (for a URL that is not valid).
+
+    >>> _masked("htp://ops:pw@host/x?token=t")
+    'htp://***@host/x?***'
+    """
+    return re.sub(r"\?.*", "?***", re.sub(r"//[^/?#]*@", "//***@", url, count=1), count=1,
+                  flags=re.DOTALL)
 
 
 def check_request_timeout(seconds: float) -> float:
@@ -105,6 +119,7 @@ class TriggerStats:
     holdout: int = 0
     no_action: int = 0
     tombstones: int = 0
+    forgotten: int = 0
     rejected: int = 0
     malformed: int = 0
     retries: int = 0
@@ -145,9 +160,70 @@ def usable_id(value: Any) -> str | None:
     return value
 
 
-def seen_key(settings: Settings, migration_id: str) -> str:
-    """Redis key marking a migration as delivered."""
-    return f"{settings.redis_prefix}triggers:seen:{migration_id}"
+def seen_key(settings: Settings, group: str, migration_id: str) -> str:
+    """Redis key marking a migration as delivered by the consumers of ``group``.
+
+    Each group delivers to its own webhook, so each keeps its own marks (a digest of the
+    group's name keeps the key unambiguous whatever characters the name holds).
+
+    >>> s = Settings()
+    >>> seen_key(s, "crm", "m1") != seen_key(s, "email", "m1")
+    True
+    """
+    tag = hashlib.blake2b(group.encode("utf-8"), digest_size=8).hexdigest()
+    return f"{settings.redis_prefix}triggers:seen:{tag}:{migration_id}"
+
+
+#: How long ``segstream forget`` keeps a customer's erase time for the trigger consumers: a
+#: consumer further behind than this posts the customer's earlier migrations again.
+FORGOTTEN_TTL_S = 90 * 86_400
+
+
+def forgotten_key(settings: Settings, pseudonym: str) -> str:
+    """Redis key holding when ``segstream forget`` erased a customer (wall-clock ms),
+    named by the customer's pseudonym (``scorers.labels.customer_hash``), not the id."""
+    return f"{settings.redis_prefix}triggers:forgotten:{pseudonym}"
+
+
+def emitted_ms(doc: dict[str, Any]) -> int | None:
+    """When a migration was emitted (its ``emitted_at``), in wall-clock ms, or None.
+
+    >>> emitted_ms({"emitted_at": "2025-01-01T00:00:00.250Z"})
+    1735689600250
+    >>> emitted_ms({"emitted_at": 5}) is None
+    True
+    """
+    from datetime import datetime
+
+    value = doc.get("emitted_at")
+    if not isinstance(value, str):
+        return None
+    try:
+        at = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    if at.tzinfo is None:
+        return None
+    return int(at.timestamp() * 1000)
+
+
+def shown_url(url: str) -> str:
+    """The webhook as messages show it: scheme, host and port, never the user, password,
+    path or query, which often carry the receiver's secret.
+
+    >>> shown_url("https://ops:pw@hooks.example.com:8443/services/T0/B0/XYZ?token=t")
+    'https://hooks.example.com:8443/…'
+    >>> shown_url("http://[::1]/")
+    'http://[::1]/…'
+    """
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or "?"
+        port = parts.port
+    except ValueError:
+        return "the --webhook URL"
+    host = f"[{host}]" if ":" in host else host
+    return f"{parts.scheme}://{host}{f':{port}' if port else ''}/…"
 
 
 def _where(rec: ConsumerRecord[Any, Any]) -> str:
@@ -174,6 +250,7 @@ class TriggerRunner:
         policy: RetryPolicy,
         stop: asyncio.Event,
         seen_ttl_s: int,
+        group: str | None = None,
     ) -> None:
         self.settings = settings
         self.url = webhook_url
@@ -182,13 +259,24 @@ class TriggerRunner:
         self.policy = policy
         self.stop = stop
         self.seen_ttl_s = seen_ttl_s
+        self.group = group or settings.triggers_group
         self.stats = TriggerStats()
+        #: Partitions a rebalance took away: their records are left to the new owner.
+        self.revoked: set[TopicPartition] = set()
+        #: Per partition, the offset after the last record handled and not yet committed.
+        self.handled: dict[TopicPartition, int] = {}
+        self._wait: float | None = None
 
-    async def handle_partition(self, records: Sequence[ConsumerRecord[Any, Any]]) -> int:
-        """Handle records in order; the offset to commit after them."""
+    async def handle_partition(self, records: Sequence[ConsumerRecord[Any, Any]]) -> int | None:
+        """Handle records in order, up to a rebalance that takes their partition away;
+        the offset to commit after them (None when none was handled)."""
+        tp = TopicPartition(records[0].topic, records[0].partition)
         for rec in records:
+            if tp in self.revoked:
+                break
             await self.handle(rec)
-        return int(records[-1].offset) + 1
+            self.handled[tp] = int(rec.offset) + 1
+        return self.handled.get(tp)
 
     async def handle(self, rec: ConsumerRecord[Any, Any]) -> None:
         if rec.value is None:
@@ -198,6 +286,7 @@ class TriggerRunner:
             doc = orjson.loads(rec.value)
             migration_id = usable_id(doc["migration_id"])
             action = doc.get("action")
+            customer_id = doc.get("customer_id")
         except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
             migration_id = None
         if migration_id is None:
@@ -214,13 +303,22 @@ class TriggerRunner:
         if action.get("holdout", False):
             self.stats.holdout += 1
             return
-        key = seen_key(self.settings, migration_id)
+        key = seen_key(self.settings, self.group, migration_id)
+        erased = (forgotten_key(self.settings, customer_hash(customer_id))
+                  if isinstance(customer_id, str) else None)
         try:
-            if await self.redis.exists(key):
-                self.stats.duplicates += 1
-                return
+            seen, forgotten_at = await self.redis.mget(key, erased or key)
         except RedisError as exc:
             raise redis_failed(self.settings, exc) from None
+        if seen:
+            self.stats.duplicates += 1
+            return
+        if erased is not None and forgotten_at is not None:
+            emitted = emitted_ms(doc)
+            # Emitted before the customer was erased (or when cannot be told): not sent.
+            if emitted is None or emitted <= int(forgotten_at):
+                self.stats.forgotten += 1
+                return
         body = orjson.dumps({f: doc.get(f) for f in PAYLOAD_FIELDS})
         if await self.post(body, migration_id, rec):
             try:
@@ -230,57 +328,123 @@ class TriggerRunner:
                 # Idempotency-Key; the offset is not committed past it.
                 raise redis_failed(self.settings, exc) from None
 
-    async def post(self, body: bytes, migration_id: str, rec: ConsumerRecord[Any, Any]) -> bool:
-        """POST with retries; True when accepted, False when rejected for good (4xx)."""
-        headers = {"Content-Type": "application/json", "Idempotency-Key": migration_id}
+    async def _until_stopped(self, request: Awaitable[bool | str]) -> bool | str:
+        """``request``'s result, or :class:`_Stopped` (the request cancelled) on a stop."""
+        task = asyncio.ensure_future(request)
+        stopping = asyncio.ensure_future(self.stop.wait())
+        try:
+            await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+                raise _Stopped
+        return task.result()
+
+    async def _attempt(self, body: bytes, headers: dict[str, str],
+                       rec: ConsumerRecord[Any, Any]) -> bool | str:
+        """One POST: True accepted, False rejected for good, else the problem (retried)."""
         timeout = aiohttp.ClientTimeout(total=self.policy.request_timeout_s)
+        self._wait = None
+        try:
+            # A redirect is not followed: the client would send the POST again as a
+            # GET without its body, and a 2xx to that would mark an undelivered
+            # trigger as sent. It is retried, then reported.
+            async with self.http.post(
+                self.url, data=body, headers=headers, timeout=timeout,
+                allow_redirects=False,
+            ) as resp:
+                await resp.read()
+                if 200 <= resp.status < 300:
+                    return True
+                if 300 <= resp.status < 400:
+                    where = resp.headers.get("Location", "?")[:200]
+                    return (f"HTTP {resp.status} redirect to {where!r}; redirects are not "
+                            "followed, point --webhook at the final URL")
+                if resp.status >= 500 or resp.status in RETRY_STATUSES:
+                    self._wait = _retry_after(resp)
+                    return f"HTTP {resp.status}"
+                log.warning(
+                    "webhook rejected migration at %s with HTTP %d; skipped",
+                    _where(rec),
+                    resp.status,
+                )
+                return False
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            return type(exc).__name__
+
+    async def post(self, body: bytes, migration_id: str, rec: ConsumerRecord[Any, Any]) -> bool:
+        """POST with retries; True when accepted, False when rejected for good (4xx).
+
+        A stop (``stop`` set) cancels the request under way or the wait before the next
+        one and raises :class:`_Stopped`: the migration is not marked as sent, and a
+        restart posts it again with the same ``Idempotency-Key``.
+        """
+        headers = {"Content-Type": "application/json", "Idempotency-Key": migration_id}
         problem = ""
-        wait: float | None = None
+        self._wait = None
         for attempt in range(self.policy.max_attempts):
             if attempt:
-                self.stats.retries += 1
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.stop.wait(), self.policy.delay(attempt - 1, wait))
-                if self.stop.is_set():
-                    raise _Stopped
-                wait = None
-            try:
-                # A redirect is not followed: the client would send the POST again as a
-                # GET without its body, and a 2xx to that would mark an undelivered
-                # trigger as sent. It is retried, then reported.
-                async with self.http.post(
-                    self.url, data=body, headers=headers, timeout=timeout,
-                    allow_redirects=False,
-                ) as resp:
-                    await resp.read()
-                    if 200 <= resp.status < 300:
-                        self.stats.posted += 1
-                        return True
-                    if 300 <= resp.status < 400:
-                        where = resp.headers.get("Location", "?")[:200]
-                        problem = (f"HTTP {resp.status} redirect to {where!r}; redirects are "
-                                   "not followed, point --webhook at the final URL")
-                        continue
-                    if resp.status >= 500 or resp.status in RETRY_STATUSES:
-                        problem = f"HTTP {resp.status}"
-                        wait = _retry_after(resp)
-                        continue
-                    log.warning(
-                        "webhook rejected migration at %s with HTTP %d; skipped",
-                        _where(rec),
-                        resp.status,
-                    )
-                    self.stats.rejected += 1
-                    return False
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                problem = type(exc).__name__
+                    await asyncio.wait_for(self.stop.wait(),
+                                           self.policy.delay(attempt - 1, self._wait))
+            if self.stop.is_set():
+                raise _Stopped
+            if attempt:
+                self.stats.retries += 1
+            outcome = await self._until_stopped(self._attempt(body, headers, rec))
+            if outcome is True:
+                self.stats.posted += 1
+                return True
+            if outcome is False:
+                self.stats.rejected += 1
+                return False
+            problem = str(outcome)
             log.debug(
                 "attempt %d for migration at %s failed: %s", attempt + 1, _where(rec), problem
             )
+        if self.stop.is_set():
+            raise _Stopped
         raise TriggerDeliveryError(
-            f"webhook {self.url} failed {self.policy.max_attempts} times ({problem}) for the "
-            f"migration at {_where(rec)}; offsets are not committed past it"
+            f"webhook {shown_url(self.url)} failed {self.policy.max_attempts} times "
+            f"({problem}) for the migration at {_where(rec)}; offsets are not committed "
+            "past it"
         )
+
+
+class _Revocations(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Stops handling the partitions a rebalance takes away, and commits what was handled
+    of them before they go: their new owner starts after it, so a scale-out or a restart
+    of another member posts nothing twice (only a request under way when the rebalance
+    began can be posted again, and only once it has finished)."""
+
+    def __init__(self, runner: TriggerRunner, idle: asyncio.Event) -> None:
+        self.runner = runner
+        self.idle = idle
+        self.consumer: AIOKafkaConsumer | None = None
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        lost = set(revoked)
+        self.runner.revoked |= lost
+        # The batch under way stops before its next record of these partitions; its
+        # request under way ends within the request timeout.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.idle.wait(), self.runner.policy.request_timeout_s + 5)
+        done = {tp: off for tp, off in self.runner.handled.items() if tp in lost}
+        if done and self.consumer is not None:
+            try:
+                await self.consumer.commit(done)
+                self.runner.stats.commits += 1
+            except KafkaError as exc:
+                log.warning("triggers: offset commit on rebalance failed (%s); records will "
+                            "be redelivered", type(exc).__name__)
+        for tp in lost:
+            self.runner.handled.pop(tp, None)
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        self.runner.revoked -= set(assigned)
 
 
 async def run_triggers(
@@ -308,30 +472,41 @@ async def run_triggers(
     check_webhook_url(webhook_url)
     check_request_timeout(request_timeout_s)
     stop = stop or asyncio.Event()
+    group = group or settings.triggers_group
     policy = RetryPolicy(max_attempts, backoff_base_s, backoff_max_s, request_timeout_s)
     # Fails naming SEGSTREAM_REDIS_URL (or the TLS, cluster or ACL setting) when Redis
-    # cannot be used, before anything is consumed.
+    # cannot be used, before anything is consumed; then naming SEGSTREAM_KAFKA_BOOTSTRAP
+    # (or the security setting) when Kafka cannot. The topics are created when missing,
+    # as a worker creates them, so the consumer can start before the first worker.
     await asyncio.to_thread(check_redis, settings)
+    await asyncio.to_thread(check_connection, settings)
+    await asyncio.to_thread(ensure_topics, settings)
     consumer = AIOKafkaConsumer(
-        settings.migrations_topic,
-        group_id=group or settings.triggers_group,
+        group_id=group,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         **aiokafka_config(settings),
     )
     redis = redis_client(settings)
-    try:
-        await consumer.start()
-    except KafkaError as exc:
-        await redis.aclose()
-        raise ServiceError(
-            f"cannot reach Kafka at {settings.kafka_bootstrap} (SEGSTREAM_KAFKA_BOOTSTRAP): {exc}"
-        ) from None
-    log.info("triggers: consuming %s, posting to the webhook", settings.migrations_topic)
+    idle = asyncio.Event()
+    idle.set()
     try:
         async with aiohttp.ClientSession() as http:
-            runner = TriggerRunner(settings, webhook_url, redis, http, policy, stop, seen_ttl_s)
-            await _loop(consumer, runner, stop, batch_max)
+            runner = TriggerRunner(settings, webhook_url, redis, http, policy, stop, seen_ttl_s,
+                                   group)
+            listener = _Revocations(runner, idle)
+            listener.consumer = consumer
+            consumer.subscribe([settings.migrations_topic], listener=listener)
+            try:
+                await consumer.start()
+            except KafkaError as exc:
+                raise ServiceError(
+                    f"cannot consume {settings.migrations_topic} from "
+                    f"{settings.kafka_bootstrap} (SEGSTREAM_KAFKA_BOOTSTRAP): {exc}"
+                ) from None
+            log.info("triggers: consuming %s, posting to %s", settings.migrations_topic,
+                     shown_url(webhook_url))
+            await _loop(consumer, runner, stop, batch_max, idle)
             return runner.stats
     finally:
         await consumer.stop()
@@ -339,29 +514,37 @@ async def run_triggers(
 
 
 async def _loop(
-    consumer: AIOKafkaConsumer, runner: TriggerRunner, stop: asyncio.Event, batch_max: int
+    consumer: AIOKafkaConsumer, runner: TriggerRunner, stop: asyncio.Event, batch_max: int,
+    idle: asyncio.Event,
 ) -> None:
     logged = TriggerStats()
     while not stop.is_set():
         batch = await consumer.getmany(timeout_ms=500, max_records=batch_max)
+        batch = {tp: recs for tp, recs in batch.items() if recs and tp not in runner.revoked}
         if not batch:
             continue
         tps = list(batch)
-        # Partitions run concurrently; records within one stay in order.
-        results = await asyncio.gather(
-            *(runner.handle_partition(batch[tp]) for tp in tps), return_exceptions=True
-        )
-        done: dict[TopicPartition, int] = {}
+        idle.clear()
+        try:
+            # Partitions run concurrently; records within one stay in order.
+            results = await asyncio.gather(
+                *(runner.handle_partition(batch[tp]) for tp in tps), return_exceptions=True
+            )
+        finally:
+            idle.set()
         failure: BaseException | None = None
-        for tp, res in zip(tps, results, strict=True):
+        for res in results:
             if isinstance(res, BaseException):
                 failure = failure if isinstance(failure, TriggerDeliveryError) else res
-            else:
-                done[tp] = res
+        # What a rebalance took away was committed by the listener, before it went.
+        done = {tp: off for tp, off in runner.handled.items() if tp not in runner.revoked}
         if done:
             try:
                 await consumer.commit(done)
                 runner.stats.commits += 1
+                for tp, off in done.items():
+                    if runner.handled.get(tp) == off:
+                        del runner.handled[tp]
             except KafkaError as exc:
                 # Typically a rebalance took the partitions away; their new owner redelivers.
                 log.warning(

@@ -250,3 +250,107 @@ def test_stopped_and_crashed_consumer_resumes_without_missing_any(deployment: An
     # partition), and only where that POST was not yet marked as delivered.
     repeated = [m for m, o in hook.outcomes.items() if o.count("ok") > 1]
     assert len(repeated) <= s.partitions, repeated
+
+
+class PacedWebhook(FlakyWebhook):
+    """A FlakyWebhook that takes ``pace_s`` over every request (a busy receiver)."""
+
+    def __init__(self, seed: int, slow_s: float, pace_s: float) -> None:
+        super().__init__(seed, slow_s)
+        self.pace_s = pace_s
+
+    async def handle(self, request: web.Request) -> web.Response:
+        await asyncio.sleep(self.pace_s)
+        return await super().handle(request)
+
+
+def test_a_second_consumer_joining_the_group_posts_nothing_twice(deployment: Any) -> None:
+    """Scale-out: a second consumer joins the group while the first is mid-batch. The
+    rebalance takes partitions from the first; what it handled of them is committed before
+    they go and it handles no more of them, so the new owner posts nothing twice."""
+    s = deployment.settings
+    records, kinds = migrations(400, seed=3)
+    deployment.produce("segment-migrations", records)
+    group = f"{s.app_id}-triggers"
+    eligible = kinds["eligible"]
+
+    async def scenario() -> tuple[PacedWebhook, TriggerStats, TriggerStats]:
+        async with PacedWebhook(seed=13, slow_s=0.8, pace_s=0.08) as hook:
+            stops = [asyncio.Event(), asyncio.Event()]
+
+            def start(i: int) -> asyncio.Task[TriggerStats]:
+                return asyncio.create_task(run_triggers(
+                    s, hook.url, max_attempts=40, stop=stops[i], request_timeout_s=0.3,
+                    backoff_base_s=0.01, backoff_max_s=0.2, batch_max=50))
+
+            first = start(0)
+            while len(hook.ok() & eligible) < len(eligible) // 5:
+                assert not first.done(), first
+                await asyncio.sleep(0.05)
+            second = start(1)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 180
+            while not (eligible <= hook.ok() and await committed_up_to_end(s, group)):
+                assert loop.time() < deadline, "not delivered in time"
+                assert not first.done() and not second.done()
+                await asyncio.sleep(0.1)
+            for stop in stops:
+                stop.set()
+            a, b = await asyncio.wait_for(asyncio.gather(first, second), 60)
+            return hook, a, b
+
+    hook, a, b = asyncio.run(scenario())
+    check_deliveries(hook, kinds, records)
+    twice = [m for m, o in hook.outcomes.items() if o.count("ok") > 1]
+    assert not twice, twice
+    assert b.posted > 0, "the second consumer never got a partition"
+    assert a.posted + b.posted == len(eligible)
+
+
+def test_each_group_delivers_every_migration_to_its_own_webhook(deployment: Any) -> None:
+    """One consumer group per downstream system (--group): each gets every migration."""
+    s = deployment.settings
+    records, kinds = migrations(120, seed=4)
+    deployment.produce("segment-migrations", records)
+
+    async def deliver(group: str) -> FlakyWebhook:
+        async with FlakyWebhook(seed=17, slow_s=0.8) as hook:
+            stop = asyncio.Event()
+            task = asyncio.create_task(run_triggers(
+                s, hook.url, group=group, max_attempts=40, stop=stop, request_timeout_s=0.3,
+                backoff_base_s=0.01, backoff_max_s=0.2))
+            deadline = asyncio.get_running_loop().time() + 120
+            while not (kinds["eligible"] <= hook.ok() and await committed_up_to_end(s, group)):
+                assert asyncio.get_running_loop().time() < deadline and not task.done()
+                await asyncio.sleep(0.05)
+            stop.set()
+            await asyncio.wait_for(task, 30)
+            return hook
+
+    for group in (f"{s.app_id}-email", f"{s.app_id}-crm"):
+        hook = asyncio.run(deliver(group))
+        check_deliveries(hook, kinds, records)
+
+
+def test_the_consumer_starts_before_any_worker_created_the_topics(deployment: Any) -> None:
+    """The trigger consumer creates the deployment's topics when missing, as a worker does,
+    instead of failing on a topic that does not exist yet."""
+    from stream.kafka import admin
+
+    s = deployment.settings
+
+    async def scenario() -> TriggerStats:
+        async with FlakyWebhook(seed=1, slow_s=0.8) as hook:
+            stop = asyncio.Event()
+            task = asyncio.create_task(run_triggers(s, hook.url, stop=stop))
+            await asyncio.sleep(5)
+            assert not task.done() or task.exception() is None
+            stop.set()
+            return await asyncio.wait_for(task, 30)
+
+    assert asyncio.run(scenario()).posted == 0
+    a = admin(s)
+    try:
+        assert s.migrations_topic in set(a.list_topics())
+    finally:
+        a.close()

@@ -16,7 +16,17 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from stream.errors import ServiceError
 from stream.settings import load_settings
-from stream.triggers import RetryPolicy, TriggerDeliveryError, TriggerRunner, seen_key
+from scorers.labels import customer_hash
+from stream.triggers import (
+    RetryPolicy,
+    TriggerDeliveryError,
+    TriggerRunner,
+    _Stopped,
+    check_webhook_url,
+    forgotten_key,
+    seen_key,
+    shown_url,
+)
 
 ACTION = {"action_id": "winback", "channel": "email", "holdout": False}
 
@@ -28,10 +38,10 @@ class Marks:
         self.keys: dict[str, bytes] = {}
         self.fail = fail
 
-    async def exists(self, key: str) -> int:
+    async def mget(self, *keys: str) -> list[bytes | None]:
         if self.fail:
             raise RedisConnectionError("Error 111 connecting to 127.0.0.1:1")
-        return int(key in self.keys)
+        return [self.keys.get(k) for k in keys]
 
     async def set(self, key: str, value: bytes, **_: Any) -> bool:
         self.keys[key] = value
@@ -104,7 +114,7 @@ def test_a_migration_id_that_cannot_be_a_header_or_key_is_skipped_as_malformed(m
         await runner.handle(record(migration(mid), 0))
         await runner.handle(record(migration("ok-1"), 1))  # the partition goes on
         assert runner.stats.malformed == 1 and runner.stats.posted == 1
-        assert list(marks.keys) == [seen_key(runner.settings, "ok-1")]
+        assert list(marks.keys) == [seen_key(runner.settings, runner.group, "ok-1")]
 
     seen = serve(accepting, body)
     assert len(seen) == 1 and orjson.loads(seen[0][2])["migration_id"] == "ok-1"
@@ -125,3 +135,105 @@ def test_redis_failing_names_the_setting() -> None:
             await runner.handle(record(migration("m1")))
 
     assert serve(accepting, body, Marks(fail=True)) == []
+
+
+def test_each_group_keeps_its_own_marks() -> None:
+    """Two trigger consumers with their own --group (one per downstream system) each post
+    every migration: one's marks do not make the other skip it."""
+    async def body(runner: TriggerRunner, marks: Marks) -> None:
+        await runner.handle(record(migration("m1")))
+        runner.group = "crm-triggers"
+        await runner.handle(record(migration("m1")))
+        await runner.handle(record(migration("m1")))
+        assert (runner.stats.posted, runner.stats.duplicates) == (2, 1)
+
+    assert len(serve(accepting, body)) == 2
+
+
+def test_migrations_emitted_before_the_customer_was_forgotten_are_not_posted() -> None:
+    """stream/forget.py: downstream consumers forget the customer too. A consumer behind
+    the erase reads the customer's earlier migrations after it: none is posted; one
+    emitted after the erase (the customer came back) is."""
+    def mig(mid: str, emitted: str) -> dict[str, Any]:
+        return {**migration(mid), "customer_id": "zed@example.com", "emitted_at": emitted}
+
+    async def body(runner: TriggerRunner, marks: Marks) -> None:
+        erased = 1_735_689_600_000  # 2025-01-01T00:00:00Z
+        marks.keys[forgotten_key(runner.settings, customer_hash("zed@example.com"))] = \
+            str(erased).encode()
+        await runner.handle(record(mig("before", "2024-12-31T23:59:59.999Z"), 0))
+        await runner.handle(record(mig("unknown", "soon"), 1))
+        await runner.handle(record(mig("after", "2025-01-01T00:00:00.001Z"), 2))
+        await runner.handle(record(migration("other"), 3))
+        assert (runner.stats.forgotten, runner.stats.posted) == (2, 2)
+
+    seen = serve(accepting, body)
+    assert [orjson.loads(b)["migration_id"] for _, _, b in seen] == ["after", "other"]
+
+
+def test_a_stop_cancels_the_request_under_way_and_marks_nothing() -> None:
+    """SIGTERM while the webhook hangs: the run stops at once (not after the request's
+    timeout), the migration stays unmarked, and no retry is counted."""
+    def routes(app: web.Application, seen: list[tuple[str, str, bytes]]) -> None:
+        async def hook(request: web.Request) -> web.Response:
+            seen.append((request.method, request.path, await request.read()))
+            await asyncio.sleep(30)
+            return web.Response(status=200)
+
+        app.router.add_route("*", "/hook", hook)
+
+    async def body(runner: TriggerRunner, marks: Marks) -> None:
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.3, runner.stop.set)
+        t0 = loop.time()
+        with pytest.raises(_Stopped):
+            await runner.handle(record(migration("m1")))
+        assert loop.time() - t0 < 3
+        assert not marks.keys and runner.stats.retries == 0 and runner.stats.posted == 0
+
+    assert len(serve(routes, body)) == 1
+
+
+def test_a_stop_during_the_last_attempt_is_a_stop_not_a_delivery_failure() -> None:
+    box: dict[str, TriggerRunner] = {}
+
+    def routes(app: web.Application, seen: list[tuple[str, str, bytes]]) -> None:
+        async def hook(request: web.Request) -> web.Response:
+            seen.append((request.method, request.path, await request.read()))
+            if len(seen) == 3:  # the last of three attempts
+                box["runner"].stop.set()
+            return web.Response(status=503)
+
+        app.router.add_route("*", "/hook", hook)
+
+    async def body(runner: TriggerRunner, marks: Marks) -> None:
+        box["runner"] = runner
+        with pytest.raises(_Stopped):
+            await runner.handle(record(migration("m1")))
+        assert runner.stats.retries == 2 and not marks.keys
+
+    assert len(serve(routes, body)) == 3
+
+
+def test_messages_never_show_the_webhooks_credentials() -> None:
+    url = "https://ops:S3cretPW@hooks.example.com/services/T0/B0/XYZ?token=T0KEN"
+    assert shown_url(url) == "https://hooks.example.com/…"
+
+    def failing(app: web.Application, seen: list[tuple[str, str, bytes]]) -> None:
+        async def hook(request: web.Request) -> web.Response:
+            seen.append((request.method, request.path, await request.read()))
+            return web.Response(status=503)
+
+        app.router.add_route("*", "/hook", hook)
+
+    async def body(runner: TriggerRunner, marks: Marks) -> None:
+        runner.url = runner.url.replace("http://", "http://ops:S3cretPW@") + "?token=T0KEN"
+        with pytest.raises(TriggerDeliveryError) as info:
+            await runner.handle(record(migration("m1")))
+        assert "S3cretPW" not in str(info.value) and "T0KEN" not in str(info.value)
+
+    serve(failing, body)
+    for bad in ("http://ops:S3cretPW@exa mple.com/x?token=T0KEN", "htp://ops:S3cretPW@h/x"):
+        with pytest.raises(Exception, match="--webhook") as info:
+            check_webhook_url(bad)
+        assert "S3cretPW" not in str(info.value) and "T0KEN" not in str(info.value)

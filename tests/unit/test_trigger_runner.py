@@ -14,9 +14,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from scorers.labels import customer_hash
 from stream.errors import ServiceError
 from stream.settings import load_settings
-from scorers.labels import customer_hash
 from stream.triggers import (
     RetryPolicy,
     TriggerDeliveryError,

@@ -512,7 +512,12 @@ def forget(customer_id: str, json_: JsonOpt = False) -> None:
         raise typer.BadParameter(
             f"the customer id must have 1 to {MAX_ID_CHARS} characters, not only whitespace "
             "and no control character", param_hint="CUSTOMER_ID")
+    from stream.kafka import check_partitions
+
     s = _settings()
+    # The customer's partition follows from SEGSTREAM_PARTITIONS: a wrong count would look
+    # in the wrong place, find nothing and publish a tombstone for a customer still stored.
+    check_partitions(s)
     doc = asyncio.run(_with_store(s, lambda r, store: erase.forget(s, r, store, customer_id)))
     erase.publish_tombstone(s, customer_id)
     doc["tombstone"] = True
@@ -528,11 +533,17 @@ def reset(yes: Annotated[bool, typer.Option("--yes", help="Really delete")] = Fa
     if not yes:
         err.print("refusing without --yes")
         raise typer.Exit(2)
+    from redis.exceptions import RedisError
+
     from features.store import Keys
-    from stream.kafka import delete_groups, delete_topics
-    from stream.redisconn import delete_matching, redis_sync_client
+    from stream.kafka import check_connection, delete_groups, delete_topics
+    from stream.redisconn import check_redis, delete_matching, redis_failed, redis_sync_client
 
     s = _settings()
+    # Both services first: topics deleted while Redis keeps the partitions' watermarks would
+    # make the recreated topics' records, which start at offset 0 again, look processed.
+    check_redis(s)
+    check_connection(s)
     names = delete_topics(s)
     # The workers', the learner's and the reference trigger consumer's default groups.
     groups = [s.app_id, s.learner_group, s.triggers_group]
@@ -548,6 +559,9 @@ def reset(yes: Annotated[bool, typer.Option("--yes", help="Really delete")] = Fa
         # this one's (``segstream:`` and ``segstream:eu:``) keeps its keys.
         keys = Keys(s.redis_prefix)
         n = delete_matching(r, keys.all_pattern(), only=keys.owns)
+    except RedisError as exc:
+        raise SegstreamError(f"{redis_failed(s, exc)}; the topics are deleted: run "
+                             "`segstream reset --yes` again before starting a worker") from None
     finally:
         r.close()
     _wait_topics_gone(s, names)

@@ -17,7 +17,9 @@ publish already under way when the customer is forgotten can still deliver (and 
 the records it read before: forget a customer while their partition is quiet, or run it
 again once that publish has ended to drop what it logged.
 
-The reference trigger consumer (``segstream triggers``) posts none of the customer's
+Records already published stay on the engine's own topics until their retention removes
+them: the customer's dead letters (keyed by the customer) and learner examples (named by
+the pseudonym). The reference trigger consumer (``segstream triggers``) posts none of the customer's
 migrations emitted before the erase, even one it reads later (a consumer behind, a
 replay of the topic): the erase time is kept for it for 90 days, under the customer's
 pseudonym.

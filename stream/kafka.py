@@ -216,6 +216,31 @@ def contract_topics(settings: Settings) -> dict[str, int]:
     }
 
 
+def _partition_mismatch(settings: Settings, meta: Iterable[dict[str, Any]]) -> None:
+    for t in meta:
+        n = len(t.get("partitions") or ())
+        if n != settings.partitions:
+            name = t.get("topic") or t.get("name")
+            raise ServiceError(
+                f"topic {name} has {n} partitions but SEGSTREAM_PARTITIONS is "
+                f"{settings.partitions}; input topics must be co-partitioned"
+            )
+
+
+def check_partitions(settings: Settings) -> None:
+    """Fail naming ``SEGSTREAM_PARTITIONS`` when an existing input topic has another count
+    (a customer's partition, and so where their state is, follows from it)."""
+    check_connection(settings)
+    a = admin(settings)
+    try:
+        existing = set(a.list_topics())
+        present = [t for t in settings.input_topics if t in existing]
+        if present:
+            _partition_mismatch(settings, a.describe_topics(present))
+    finally:
+        a.close()
+
+
 def ensure_topics(settings: Settings) -> None:
     """Create missing topics; fail if an input topic has the wrong partition count."""
     a = admin(settings)
@@ -232,14 +257,7 @@ def ensure_topics(settings: Settings) -> None:
             if all(t.get("partitions") for t in meta):
                 break
             time.sleep(0.2)
-        for t in meta:
-            n = len(t.get("partitions") or ())
-            if n != settings.partitions:
-                name = t.get("topic") or t.get("name")
-                raise ServiceError(
-                    f"topic {name} has {n} partitions but SEGSTREAM_PARTITIONS is "
-                    f"{settings.partitions}; input topics must be co-partitioned"
-                )
+        _partition_mismatch(settings, meta)
         check_batch_limit(a, settings)
     finally:
         a.close()

@@ -73,3 +73,52 @@ def test_reset_deletes_the_workers_learners_and_triggers_consumer_groups(
     assert present() == set(groups)
     out = d.cli("reset", "--yes", timeout=120)
     assert present() == set(), out
+
+
+def test_reset_with_redis_unreachable_deletes_nothing_and_names_the_setting(
+        make_deployment: Any) -> None:
+    """Topics deleted while Redis kept the partitions' watermarks made the recreated topics'
+    records (from offset 0 again) look processed: reset checks both services first."""
+    from stream.kafka import admin, ensure_topics
+
+    d = make_deployment()
+    s = d.settings
+    ensure_topics(s)
+    good, d.env["SEGSTREAM_REDIS_URL"] = d.env["SEGSTREAM_REDIS_URL"], "redis://127.0.0.1:1/0"
+    try:
+        proc = d.cli("reset", "--yes", check=False, timeout=120)
+    finally:
+        d.env["SEGSTREAM_REDIS_URL"] = good
+    assert proc.returncode == 2, proc
+    assert "SEGSTREAM_REDIS_URL" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    a = admin(s)
+    try:
+        assert set(s.input_topics) <= set(a.list_topics())
+    finally:
+        a.close()
+
+
+def test_forget_with_the_wrong_partition_count_refuses_and_erases_nothing(
+        make_deployment: Any) -> None:
+    """forget looks for the customer in the partition SEGSTREAM_PARTITIONS gives: with the
+    wrong count it found nothing, exited 0 and published a tombstone for a customer still
+    stored. It now refuses, naming the setting."""
+    from stream.kafka import ensure_topics
+
+    d = make_deployment(partitions=3)
+    s = d.settings
+    ensure_topics(s)
+    r = redis.from_url(s.redis_url)
+    try:
+        before = sorted(r.scan_iter(match=f"{s.redis_prefix}*"))
+        d.env["SEGSTREAM_PARTITIONS"] = "2"
+        try:
+            proc = d.cli("forget", "c1", check=False, timeout=120)
+        finally:
+            d.env["SEGSTREAM_PARTITIONS"] = "3"
+        assert proc.returncode == 2, proc
+        assert "SEGSTREAM_PARTITIONS" in proc.stderr, proc.stderr
+        assert sorted(r.scan_iter(match=f"{s.redis_prefix}*")) == before
+        assert d.consume_all("segment-migrations", timeout_s=3) == []
+    finally:
+        r.close()

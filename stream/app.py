@@ -639,6 +639,7 @@ class Engine:
             self.sweeper = Sweeper(self.processor, self.runtime, self.store, self.lock,
                                    busy=self._busy, max_share=self.settings.sweep_max_share)
             self.processor.on_published = self.backend.on_published
+            self.processor.on_publish_failed = self.metrics.publish_failed
             self.processor.on_redis = self.backend.on_redis
             self.processor.on_stage = self.metrics.observe_stage
             self.processor.on_conflicts = self.metrics.commit_conflicts

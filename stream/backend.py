@@ -84,45 +84,23 @@ class EngineBackend:
 
     # -- periodic upkeep -----------------------------------------------------------------
     async def sample(self) -> None:
-        """Refresh gauges and append one history sample."""
+        """Refresh gauges and append one history sample.
+
+        The worker's own figures (lag, partitions, throughput, readiness, model quality)
+        come first: a Redis outage fails the reads after them, and must not freeze them
+        (readiness then reads 0, as ``/readyz`` says).
+        """
         e = self.engine
         store, r = e.store, e.redis
         if store is None or r is None:
             return
         s = e.settings
         t = time.time()
-        with self.metrics.redis_call("read"):
-            seg = await queries.segments_doc(s, r, store)
-            acts = await queries.actions_doc(s, store)
-        self.segment_sizes = seg["schemes"]
-        self.actions_rows = acts["actions"]
-        self.metrics.set_segment_sizes(self.segment_sizes)
-        self.metrics.set_action_lift(self.actions_rows)
-        now = await store.now()
-        if now >= 0:
-            self.metrics.set_engine_now(now)
         self.lags = e.consumer_lags()
         self.metrics.set_lags(self.lags)
         owned = e.owned_partitions()
         self.metrics.set_partitions_assigned(len(owned))
         self.metrics.set_fetch_min_bytes(e.fetch_min_bytes())
-        # Only the owned partitions, so that summing over workers counts each record once.
-        with self.metrics.redis_call("read"):
-            async with r.pipeline(transaction=False) as pipe:
-                for p in owned:
-                    pipe.hlen(store.keys.outbox(p))
-                pending = await pipe.execute() if owned else []
-        self.metrics.set_outbox_pending(sum(int(n) for n in pending))
-        # Scrapers see readiness without anyone probing /readyz.
-        ready, _ = await self.ready()
-        self.metrics.set_worker_state(ready=ready)
-        for name, q in e.model_quality().items():
-            self.metrics.set_model_quality(name, q)
-            self.model_history.setdefault(name, collections.deque(maxlen=HISTORY)).append(
-                {"t": int(t * 1000), "auc": q.get("auc"), "log_loss": q.get("log_loss")})
-        for scheme, sizes in self.segment_sizes.items():
-            self.segment_history.setdefault(scheme, collections.deque(maxlen=HISTORY)).append(
-                {"t": int(t * 1000), "sizes": dict(sizes)})
         counts = dict(self._counts)
         if self._last is not None:
             dt = max(1e-6, t - self._last[0])
@@ -135,6 +113,41 @@ class EngineBackend:
                 "lag": sum(self.lags.values()),
             })
         self._last = (t, counts)
+        for name, q in e.model_quality().items():
+            self.metrics.set_model_quality(name, q)
+            self.model_history.setdefault(name, collections.deque(maxlen=HISTORY)).append(
+                {"t": int(t * 1000), "auc": q.get("auc"), "log_loss": q.get("log_loss")})
+        # Scrapers see readiness without anyone probing /readyz.
+        ready, _ = await self.ready()
+        self.metrics.set_worker_state(ready=ready)
+        try:
+            await self._sample_redis(s, store, r, owned, t)
+        except Exception:
+            self.metrics.set_worker_state(ready=False)
+            raise
+
+    async def _sample_redis(self, s: Any, store: Any, r: Any, owned: list[int],
+                            t: float) -> None:
+        with self.metrics.redis_call("read"):
+            seg = await queries.segments_doc(s, r, store)
+            acts = await queries.actions_doc(s, store)
+        self.segment_sizes = seg["schemes"]
+        self.actions_rows = acts["actions"]
+        self.metrics.set_segment_sizes(self.segment_sizes)
+        self.metrics.set_action_lift(self.actions_rows)
+        now = await store.now()
+        if now >= 0:
+            self.metrics.set_engine_now(now)
+        # Only the owned partitions, so that summing over workers counts each record once.
+        with self.metrics.redis_call("read"):
+            async with r.pipeline(transaction=False) as pipe:
+                for p in owned:
+                    pipe.hlen(store.keys.outbox(p))
+                pending = await pipe.execute() if owned else []
+        self.metrics.set_outbox_pending(sum(int(n) for n in pending))
+        for scheme, sizes in self.segment_sizes.items():
+            self.segment_history.setdefault(scheme, collections.deque(maxlen=HISTORY)).append(
+                {"t": int(t * 1000), "sizes": dict(sizes)})
 
     # -- ApiBackend ------------------------------------------------------------------------
     async def customer(self, customer_id: str) -> dict[str, Any] | None:

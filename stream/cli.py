@@ -102,10 +102,11 @@ def status(json_: JsonOpt = False) -> None:
     if json_:
         _print_json(doc)
     else:
+        out = Console()  # the report is the command's output: stdout, as segments' table
         for name in ("kafka", "redis"):
             ok = doc[name]["healthy"]  # type: ignore[index]
-            err.print(f"{name}: {'[green]healthy' if ok else '[red]down'}")
-        err.print(f"api: {doc['api']}")
+            out.print(f"{name}: {'[green]healthy' if ok else '[red]down'}")
+        out.print(f"api: {escape(str(doc['api']))}")
     if not (h.kafka and h.redis):
         raise typer.Exit(1)
 
@@ -513,8 +514,10 @@ def forget(customer_id: str, json_: JsonOpt = False) -> None:
             f"the customer id must have 1 to {MAX_ID_CHARS} characters, not only whitespace "
             "and no control character", param_hint="CUSTOMER_ID")
     from stream.kafka import check_partitions
+    from stream.redisconn import check_redis
 
     s = _settings()
+    check_redis(s)
     # The customer's partition follows from SEGSTREAM_PARTITIONS: a wrong count would look
     # in the wrong place, find nothing and publish a tombstone for a customer still stored.
     check_partitions(s)

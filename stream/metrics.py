@@ -64,7 +64,12 @@ REDIS_BUCKETS = (
 # (kind, name without prefix, help, labels)
 _FAMILIES: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
     ("counter", "events_in", "Records consumed from the input topics.", ("topic",)),
-    ("counter", "dlq_records", "Records sent to the dead-letter topic.", ("reason",)),
+    ("counter", "dlq_records",
+     "Records judged dead letters, by reason (published to the dead-letter topic through "
+     "the outbox).", ("reason",)),
+    ("counter", "publish_failures",
+     "Outbox records a publish to Kafka failed to deliver (they stay in the outbox and are "
+     "published again).", ()),
     ("histogram", "batch_size", "Records per micro-batch.", ()),
     ("histogram", "batch_seconds", "Seconds to process one micro-batch.", ()),
     ("histogram", "batch_wait_seconds",
@@ -116,8 +121,11 @@ _FAMILIES: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
      "Absolute uplift (treated rate minus holdout rate) per action and segment, "
      "deployment-wide.",
      ("action", "segment")),
-    ("gauge", "engine_now_seconds", "Engine event time (largest accepted event ts), epoch s.", ()),
-    ("gauge", "outbox_pending", "Migration records in the outbox not yet acknowledged.", ()),
+    ("gauge", "engine_now_seconds",
+     "Engine event time (largest accepted event ts), epoch s; NaN until the first event.", ()),
+    ("gauge", "outbox_pending",
+     "Records in the outbox of this worker's partitions not yet acknowledged by Kafka: "
+     "migrations, dead letters and learner examples.", ()),
     ("gauge", "worker_up", "1 while the worker process runs.", ()),
     ("gauge", "worker_ready", "1 when Kafka and Redis are reachable and partitions assigned.", ()),
     ("gauge", "partitions_assigned", "Input partitions assigned to this worker.", ()),
@@ -212,6 +220,8 @@ class EngineMetrics:
         self._gc_pending: deque[tuple[int, float]] = deque(maxlen=100_000)
         self._labels_set: dict[str, set[tuple[str, ...]]] = {}
         self._m["worker_up"].set(1)
+        # Unknown until the first event: 0 would read as 1970 (56 years behind the clock).
+        self._m["engine_now_seconds"].set(float("nan"))
 
     # -- ingestion -------------------------------------------------------------------------
     def events_in(self, topic: str, n: int = 1) -> None:
@@ -399,6 +409,11 @@ class EngineMetrics:
         """Set the engine's event time (epoch milliseconds)."""
         if now_ms is not None:
             self._m["engine_now_seconds"].set(now_ms / 1000.0)
+
+    def publish_failed(self, n: int) -> None:
+        """Count ``n`` outbox records a publish failed to deliver."""
+        if n:
+            self._m["publish_failures"].inc(n)
 
     def set_outbox_pending(self, n: int) -> None:
         """Set the number of outbox records not yet acknowledged by Kafka."""

@@ -324,6 +324,8 @@ class BatchProcessor:
         self.on_stage: Callable[[str, float], None] | None = None
         #: called with the outbox records after Kafka acknowledged them (metrics)
         self.on_published: Callable[[list[OutboxRecord]], None] | None = None
+        #: called with the number of outbox records a publish failed to deliver (metrics)
+        self.on_publish_failed: Callable[[int], None] | None = None
         #: called with (partition, customer id, profile, -1) for each evaluation that moved
         #: a customer (the sweeper times the end of the minimum dwell it starts)
         self.on_moved: Callable[[int, str, Any, int], None] | None = None
@@ -995,6 +997,8 @@ class BatchProcessor:
             # Left in the outbox; the periodic flush publishes them later.
             self.mark_dirty(pending)
             log.warning("publishing %d outbox records failed: %r", len(records), exc)
+            if self.on_publish_failed is not None:
+                self.on_publish_failed(len(records))
             return 0
         migrations = [v for t, _, v in records if t == self.settings.migrations_topic]
         try:

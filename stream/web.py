@@ -245,6 +245,8 @@ class _Views:
             return error(400, problem)
         raw = request.query.get("limit", str(DEFAULT_LIMIT))
         # int() also takes "+5", "1_0", " 5" and other scripts' digits
+        if raw.startswith("-") and raw[1:].isascii() and raw[1:].isdigit():
+            return error(400, f"limit must be between 1 and {MAX_LIMIT}, got {_shown(raw)}")
         if not (raw.isascii() and raw.isdigit()):
             return error(400, f"limit must be an integer, got {_shown(raw)}")
         digits = raw.lstrip("0") or "0"  # int() refuses over 4,300 digits, zeros included

@@ -93,11 +93,14 @@ def test_a_failed_background_publish_goes_out_first_with_the_next_batch() -> Non
     async def main() -> None:
         gate = Gate(fail=[True])
         bp, store = make(gate)
+        failed: list[int] = []
+        bp.on_publish_failed = failed.append  # segstream_publish_failures_total
         await bp.process([bad(0), bad(1)])
         await bp.process([bad(2)])
         await bp.drain()
         assert offsets(gate.sent) == [0, 1, 2]
         assert not store.outboxes.get(0)
+        assert failed == [2]
 
     asyncio.run(main())
 

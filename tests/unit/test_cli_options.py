@@ -228,6 +228,8 @@ def test_customer_and_forget_print_ids_as_text_not_markup(
 
     monkeypatch.setattr(cli, "_with_store", erased)
     monkeypatch.setattr("stream.forget.publish_tombstone", lambda _s, _cid: None)
+    monkeypatch.setattr("stream.redisconn.check_redis", lambda _s: None)
+    monkeypatch.setattr("stream.kafka.check_partitions", lambda _s: None)
     result = run("forget", "vip[/x]")
     assert result.exit_code == 0, result.output
     assert "forgot vip[/x]" in result.output
@@ -463,3 +465,13 @@ def test_status_reports_an_unreachable_redis_cluster_as_down(
     monkeypatch.setenv("SEGSTREAM_REDIS_URL", "redis://127.0.0.1:2/0")
     monkeypatch.setenv("SEGSTREAM_REDIS_CLUSTER", "true")
     assert services.redis_healthy(load_settings()) is False
+
+
+def test_status_prints_its_report_on_stdout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The report is the command's output (as segments' and customer's), for pipes."""
+    from stream import services
+
+    monkeypatch.setattr(services, "health", lambda _s: services.Health(True, False))
+    result = CliRunner().invoke(cli.app, ["status"])
+    assert result.exit_code == 1
+    assert "kafka: healthy" in result.stdout and "redis: down" in result.stdout, result.stdout

@@ -290,8 +290,25 @@ RULE_TESTS: list[dict[str, Any]] = [
         ],
         "alert_rule_test": [
             _alert("SegstreamNoEventsIn", "15m", None),
+            # "no input events consumed for 15 minutes": not at 13, yes at 26
+            _alert("SegstreamNoEventsIn", "23m", None),
+            _alert("SegstreamNoEventsIn", "26m", {"severity": "warning"},
+                   _annotations("SegstreamNoEventsIn")),
             _alert("SegstreamNoEventsIn", "40m", {"severity": "warning"},
                    _annotations("SegstreamNoEventsIn")),
+        ],
+    },
+    {   # publishing fails from minute 5 on (a topic refuses the records)
+        "interval": "1m",
+        "input_series": [
+            {"series": 'segstream_publish_failures_total{instance="w1"}',
+             "values": "0x5 0+40x30"},
+        ],
+        "alert_rule_test": [
+            _alert("SegstreamPublishFailing", "5m", None),
+            _alert("SegstreamPublishFailing", "12m", None),
+            _alert("SegstreamPublishFailing", "20m", {"severity": "critical"},
+                   _annotations("SegstreamPublishFailing")),
         ],
     },
     {   # 10 % of the input goes to the DLQ

@@ -410,6 +410,10 @@ def test_limit_is_plain_ascii_digits_and_errors_do_not_echo_long_input() -> None
             assert resp.status == 400, bad
             body = await resp.json()
             assert "limit" in body["error"] and len(body["error"]) < 200, bad
+        for negative in ("-1", "-0", "-5000"):  # an integer, out of range: says the range
+            resp = await client.get(f"/migrations?limit={negative}")
+            assert resp.status == 400, negative
+            assert "between 1 and" in (await resp.json())["error"], negative
         assert backend.calls == []
         resp = await client.get("/customers/" + "x" * 5_000)
         assert resp.status == 404 and len((await resp.json())["error"]) < 200

@@ -1,0 +1,83 @@
+"""The worker's own gauges during a Redis outage, and the gauges' values before any event."""
+from __future__ import annotations
+
+import asyncio
+import math
+from typing import Any
+
+import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from stream.backend import EngineBackend
+from stream.metrics import EngineMetrics
+from stream.settings import load_settings
+
+
+class _Down:
+    """A Redis client and store whose every call fails, as during an outage."""
+
+    def __getattr__(self, name: str) -> Any:
+        async def fail(*_a: Any, **_k: Any) -> Any:
+            raise RedisConnectionError("Error 111 connecting to 127.0.0.1:6379")
+
+        return fail
+
+
+class _Engine:
+    def __init__(self) -> None:
+        self.settings = load_settings()
+        self.store = _Down()
+        self.redis = _Down()
+        self.lags = {("clickstream", 0): 2_000, ("transactions", 0): 5}
+
+    def ensure(self) -> None:
+        pass
+
+    def kafka_connected(self) -> bool:
+        return True
+
+    def consumer_lags(self) -> dict[tuple[str, int], int]:
+        return dict(self.lags)
+
+    def owned_partitions(self) -> list[int]:
+        return [0]
+
+    def fetch_min_bytes(self) -> int:
+        return 1
+
+    def model_quality(self) -> dict[str, Any]:
+        return {}
+
+
+def _value(metrics: EngineMetrics, name: str, **labels: str) -> float:
+    v = metrics.registry.get_sample_value(name, labels)
+    assert v is not None, name
+    return v
+
+
+def test_a_redis_outage_does_not_freeze_lag_and_readiness() -> None:
+    """worker_ready stayed 1 and consumer_lag at its last value while Redis was down: the
+    Redis reads came first and their failure skipped every later gauge."""
+    metrics = EngineMetrics()
+    backend = EngineBackend(_Engine(), metrics)  # type: ignore[arg-type]
+    metrics.set_worker_state(ready=True)
+    with pytest.raises(RedisConnectionError):
+        asyncio.run(backend.sample())
+    assert _value(metrics, "segstream_worker_ready") == 0
+    assert _value(metrics, "segstream_consumer_lag", topic="clickstream", partition="0") == 2_000
+    assert _value(metrics, "segstream_partitions_assigned") == 1
+    assert backend.lags == {("clickstream", 0): 2_000, ("transactions", 0): 5}
+
+
+def test_engine_time_is_unknown_not_1970_before_the_first_event() -> None:
+    metrics = EngineMetrics()
+    assert math.isnan(_value(metrics, "segstream_engine_now_seconds"))
+    metrics.set_engine_now(1_735_689_600_000)
+    assert _value(metrics, "segstream_engine_now_seconds") == 1_735_689_600
+
+
+def test_failed_publishes_are_counted() -> None:
+    metrics = EngineMetrics()
+    metrics.publish_failed(40)
+    metrics.publish_failed(0)
+    assert _value(metrics, "segstream_publish_failures_total") == 40

@@ -52,6 +52,8 @@ class EngineBackend:
         for reason, n in stats.dead_letters.items():
             self.metrics.dead_letter(reason, n)
             self._counts["dlq"] += n
+        self.metrics.skipped("duplicate", stats.duplicates)
+        self.metrics.skipped("below_watermark", stats.skipped_below_watermark)
         self.metrics.observe_batch(stats.records, seconds, stats.conflicts, wait_s)
 
     def on_redis(self, op: str, seconds: float, ok: bool) -> None:

@@ -67,6 +67,10 @@ _FAMILIES: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
     ("counter", "dlq_records",
      "Records judged dead letters, by reason (published to the dead-letter topic through "
      "the outbox).", ("reason",)),
+    ("counter", "events_skipped",
+     "Input records not applied: a duplicate of an event applied before (same event_id "
+     "within the allowed lateness), or a redelivery at or below the partition's watermark "
+     "(already applied).", ("reason",)),
     ("counter", "publish_failures",
      "Outbox records a publish to Kafka failed to deliver (they stay in the outbox and are "
      "published again).", ()),
@@ -409,6 +413,11 @@ class EngineMetrics:
         """Set the engine's event time (epoch milliseconds)."""
         if now_ms is not None:
             self._m["engine_now_seconds"].set(now_ms / 1000.0)
+
+    def skipped(self, reason: str, n: int) -> None:
+        """Count ``n`` input records not applied for ``reason``."""
+        if n:
+            self._m["events_skipped"].labels(reason).inc(n)
 
     def publish_failed(self, n: int) -> None:
         """Count ``n`` outbox records a publish failed to deliver."""

@@ -125,6 +125,8 @@ class BatchStats:
     records: int = 0
     applied: int = 0
     skipped_below_watermark: int = 0
+    #: records not applied because their event was applied before (DESIGN §2's dedup)
+    duplicates: int = 0
     dead_letters: dict[str, int] = field(default_factory=dict)
     conflicts: int = 0
     store_retries: int = 0
@@ -809,6 +811,7 @@ class BatchProcessor:
         stats.migrations += sum(sum(1 for k in c.outbox if k.startswith("m:"))
                                 for c in commits if ok.get(c.partition))
         stats.skipped_below_watermark += local.skipped_below_watermark
+        stats.duplicates += local.duplicates
         for reason, n in local.dead_letters.items():
             if any(ok.get(c.partition) for c in commits):
                 stats.dead_letters[reason] = stats.dead_letters.get(reason, 0) + n
@@ -863,6 +866,7 @@ class BatchProcessor:
             if self._duplicate(snap, acc, res):
                 # applied before (or earlier in this batch): not accepted again, so it
                 # moves neither engine time nor the partition's lateness horizon
+                local.duplicates += 1
                 continue
             acc.now_ms = max(acc.now_ms, res.ts_ms)
             if res.ts_ms > hi:

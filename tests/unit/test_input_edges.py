@@ -490,3 +490,16 @@ def test_an_amount_read_again_as_a_decimal_is_not_lost_over_a_huge_number_elsewh
          f'"items":{"9" * 5001}}}').encode()
     res = decode("transactions", b"c2", v, 100_000)
     assert isinstance(res, T) and res.amount_units == 10_000, res  # 10,000.5 half-even
+
+
+def test_duplicates_and_redeliveries_are_counted_as_skipped() -> None:
+    """segstream_events_skipped_total: a duplicate event (same id within the lateness, at a
+    new offset) and a redelivery of an applied offset are neither applied nor lost from
+    sight."""
+    bp, _, _ = _proc()
+    first = asyncio.run(bp.process([RawRecord("transactions", 0, 0, b"c1", _tx("a", T0)),
+                                    RawRecord("transactions", 0, 1, b"c1", _tx("a", T0))]))
+    assert (first.applied, first.duplicates, first.skipped_below_watermark) == (1, 1, 0)
+    again = asyncio.run(bp.process([RawRecord("transactions", 0, 0, b"c1", _tx("a", T0)),
+                                    RawRecord("transactions", 0, 2, b"c1", _tx("a", T0 + 1))]))
+    assert (again.applied, again.duplicates, again.skipped_below_watermark) == (0, 1, 1)

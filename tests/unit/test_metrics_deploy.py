@@ -69,6 +69,7 @@ def exercised() -> EngineMetrics:
     m = EngineMetrics()
     m.events_in("clickstream", 5)
     m.dead_letter("too_late")
+    m.skipped("duplicate", 2)
     m.observe_batch(5, 0.01, wait_s=0.04)
     m.observe_batch(3, 0.02, wait_s=-0.5)  # producer clock ahead: counted as no wait
     m.migration("rfm", "Loyal", "At Risk", latency_s=0.02)

@@ -81,3 +81,14 @@ def test_failed_publishes_are_counted() -> None:
     metrics.publish_failed(40)
     metrics.publish_failed(0)
     assert _value(metrics, "segstream_publish_failures_total") == 40
+
+
+def test_skipped_records_are_counted_by_reason() -> None:
+    from stream.pipeline import BatchStats
+
+    metrics = EngineMetrics()
+    backend = EngineBackend(_Engine(), metrics)  # type: ignore[arg-type]
+    backend.on_batch({"clickstream": 10}, BatchStats(records=10, applied=6, duplicates=3,
+                                                     skipped_below_watermark=1), 0.01)
+    assert _value(metrics, "segstream_events_skipped_total", reason="duplicate") == 3
+    assert _value(metrics, "segstream_events_skipped_total", reason="below_watermark") == 1

@@ -18,6 +18,10 @@ class NoLog:
     async def xrange(self, *args, **kwargs):
         return []
 
+    async def set(self, key, value, **kwargs):  # the erase time kept for the trigger consumer
+        self.erased = (key, value)
+        return True
+
 
 def _example(cid: str, n: int) -> bytes:
     return Example(f"ex-{cid}-{n}", "churn", customer_hash(cid), 1, 2, {"a": 1.0}, 0).to_bytes()

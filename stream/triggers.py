@@ -334,14 +334,17 @@ class TriggerRunner:
         stopping = asyncio.ensure_future(self.stop.wait())
         try:
             await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
+        except BaseException:  # cancelled from outside (a crash of the run): as it is
+            task.cancel()
             stopping.cancel()
-            if not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
-                raise _Stopped
-        return task.result()
+            raise
+        stopping.cancel()
+        if task.done():
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        raise _Stopped
 
     async def _attempt(self, body: bytes, headers: dict[str, str],
                        rec: ConsumerRecord[Any, Any]) -> bool | str:

@@ -237,3 +237,25 @@ def test_messages_never_show_the_webhooks_credentials() -> None:
         with pytest.raises(Exception, match="--webhook") as info:
             check_webhook_url(bad)
         assert "S3cretPW" not in str(info.value) and "T0KEN" not in str(info.value)
+
+
+def test_a_cancelled_run_is_cancelled_not_stopped() -> None:
+    """A crash of the run (its task cancelled) propagates as a cancellation, with the
+    request under way cancelled too: it is not taken for a graceful stop."""
+    def routes(app: web.Application, seen: list[tuple[str, str, bytes]]) -> None:
+        async def hook(request: web.Request) -> web.Response:
+            seen.append((request.method, request.path, await request.read()))
+            await asyncio.sleep(30)
+            return web.Response(status=200)
+
+        app.router.add_route("*", "/hook", hook)
+
+    async def body(runner: TriggerRunner, marks: Marks) -> None:
+        task = asyncio.create_task(runner.handle(record(migration("m1"))))
+        await asyncio.sleep(0.3)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert not marks.keys and not runner.stop.is_set()
+
+    assert len(serve(routes, body)) == 1

@@ -61,7 +61,10 @@ class BenchDeployment:
         return s
 
     def create_topics(self) -> None:
-        ensure_topics(self.base.model_copy(update={"topic_prefix": f"{self.name}."}))
+        # Under the run's own app id: the contract topics include the app's leader topic,
+        # which would otherwise be created (and left) under the user's SEGSTREAM_APP_ID.
+        ensure_topics(self.base.model_copy(update={"topic_prefix": f"{self.name}.",
+                                                   "app_id": f"{self.name}-topics"}))
 
     def env(self, s: Settings, **extra: str) -> dict[str, str]:
         """The environment of a child process running with settings ``s``."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import signal
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -249,6 +250,10 @@ def scaling_json(e1: EngineResult, ek: EngineResult, again: EngineResult | str |
     return doc
 
 
+def _terminated(signum: int, _frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
 def run(opts: Options, console: Console | None = None) -> dict[str, Any]:
     """Run the whole benchmark once; returns the JSON document (also written to a file)."""
     console = console or Console(stderr=True)
@@ -265,6 +270,9 @@ def run(opts: Options, console: Console | None = None) -> dict[str, Any]:
     bars = Bars(console)
     doc: dict[str, Any] = {}
     failed = True
+    # A SIGTERM (a CI timeout, kill) ends the run through the clean-up below, as Ctrl-C
+    # does: the run's topics, groups, keys and children are not left behind.
+    previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         with bars.progress:
             t = bars.add("generate", opts.events)
@@ -382,6 +390,7 @@ def run(opts: Options, console: Console | None = None) -> dict[str, Any]:
                                       "worker; E figures of a profiled run are slightly low"}
         failed = False
     finally:
+        signal.signal(signal.SIGTERM, previous)
         dep.cleanup(keep_logs=failed)
         if failed:
             console.print(f"[red]benchmark failed; child logs kept in {dep.workdir}")

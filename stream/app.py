@@ -242,6 +242,14 @@ class _Consumer(EagerDelivery, fa.Consumer):
             self.log.warning("could not compare the state store's watermarks with the "
                              "committed offsets: %r", exc)
             return
+        held = getattr(self.app, "held_positions", None)
+        if held is not None:
+            # What the store holds now for the partitions assigned: the idle and per-batch
+            # checks of a lost store then cover a worker that has not committed yet (just
+            # started, or just given the partitions), not only what it committed itself.
+            held({(tp.topic, tp.partition): positions[(tp.topic, tp.partition)]
+                  for tp in self.assignment()
+                  if tp.topic in inbox.topics and positions.get((tp.topic, tp.partition), 0) > 0})
         back: dict[Any, int] = {}
         for tp in self.assignment():
             if tp.topic not in inbox.topics:
@@ -303,6 +311,8 @@ class LeanApp(faust.App):
     #: set before the worker starts: per input (topic, partition) the offset after the
     #: state store's watermark (the consumer seeks back there after a rebalance)
     stored_positions: Callable[[], Awaitable[dict[tuple[str, int], int]]] | None = None
+    #: called with the positions after the store's watermarks of the partitions just assigned
+    held_positions: Callable[[dict[tuple[str, int], int]], None] | None = None
 
     def __init__(self, *args: Any, fetch_max_wait_ms: int | None = None,
                  fetch_coalesce_ms: int | None = None, **kwargs: Any) -> None:
@@ -607,6 +617,7 @@ class Engine:
         self.app.inbox = self.inbox
         self.app.decode_input = record_decoder(settings)
         self.app.stored_positions = self._stored_positions
+        self.app.held_positions = self._held_positions
         self.app.agent(self.source, name="ingest", concurrency=1)(self._ingest)
         self.app.timer(OUTBOX_FLUSH_INTERVAL_S)(self._flush_outbox)
         self.app.on_partitions_assigned.connect(self._on_partitions_assigned)
@@ -654,6 +665,14 @@ class Engine:
         wms = await self.store.watermarks(self.settings.partitions,
                                           list(self.settings.input_topics))
         return {k: v + 1 for k, v in wms.items()}
+
+    def _held_positions(self, positions: dict[tuple[str, int], int]) -> None:
+        """The store holds these positions (offset after its watermark) of partitions just
+        assigned: a store that later loses them stops the worker (``check_kept``)."""
+        held: dict[int, dict[str, int]] = {}
+        for (topic, partition), nxt in positions.items():
+            held.setdefault(partition, {})[topic] = nxt - 1
+        self.ensure().note_held(held)
 
     def _ack_range(self, tp: Any, first: int, last: int) -> None:
         """A batch's offsets go to Kafka once its state is in the store: a batch committing

@@ -448,6 +448,10 @@ class BatchProcessor:
         """Remember the watermarks of the commits the store applied."""
         self._note_held({c.partition: c.watermarks for c in commits if ok.get(c.partition)})
 
+    def note_held(self, watermarks: Mapping[int, Mapping[str, int]]) -> None:
+        """Remember watermarks the store was seen to hold (a partition's assignment)."""
+        self._note_held(watermarks)
+
     def _note_held(self, watermarks: Mapping[int, Mapping[str, int]]) -> None:
         """Remember watermarks the store holds: what a commit wrote, or what a load found
         (a commit whose reply was lost, another owner's commits)."""

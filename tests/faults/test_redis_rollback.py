@@ -150,3 +150,32 @@ def test_an_idle_worker_whose_redis_was_emptied_stops_without_new_input(
         r.close()
     assert w.wait(timeout=120) == 70
     _stopped_then_exact_after_restart(deployment, tmp_path, inputs)
+
+
+def test_a_freshly_started_idle_worker_whose_redis_was_emptied_stops(
+        deployment, tmp_path: Path) -> None:
+    """The same loss under a worker that has committed nothing yet (just started after
+    another applied everything): it knew no watermark to check, went on unaware, and
+    the next input was applied on top of an empty state, the earlier events lost for
+    good. It now takes the watermarks it finds when its partitions are assigned."""
+    import time
+
+    import redis
+
+    events = 2_000
+    inputs = fault_oracle.synthetic_input(events, seed=17)
+    fault_oracle.produce(deployment, inputs)
+    first = deployment.start_worker(tmp_path)
+    fault_oracle.wait_applied(deployment, events)
+    deployment.kill(first, signal.SIGTERM)
+    assert first.returncode == 0
+    w = deployment.start_worker(tmp_path)
+    time.sleep(8)  # assigned, positioned, idle
+    assert w.poll() is None
+    r = redis.Redis.from_url(deployment.settings.redis_url)
+    try:
+        _put_back(deployment, r, {})  # every key of the deployment gone
+    finally:
+        r.close()
+    assert w.wait(timeout=120) == 70
+    _stopped_then_exact_after_restart(deployment, tmp_path, inputs)

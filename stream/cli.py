@@ -118,12 +118,13 @@ def worker() -> None:
 
     from stream.app import create_engine, tune_gc, use_event_loop, watch_gc
     from stream.kafka import ensure_topics
-    from stream.redisconn import check_lateness, check_redis
+    from stream.redisconn import check_eviction, check_lateness, check_redis
 
     s = _settings()
     use_event_loop(s)
     redact.install_from_settings(s)
     check_redis(s)  # a wrong password or TLS setting fails here, naming the setting
+    check_eviction(s)  # a Redis that evicts keys when full would lose state silently
     check_lateness(s)
     ensure_topics(s)
     engine = create_engine(s)

@@ -8,6 +8,7 @@ builds (asyncio for the worker, sync for CLI paths) comes from here, so they all
 
 from __future__ import annotations
 
+import logging
 import ssl
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -206,6 +207,54 @@ def check_redis(settings: Settings) -> None:
         raise ServiceError(
             f"SEGSTREAM_REDIS_URL: cannot use Redis at {where}: {_first_line(exc)}{hint}"
         ) from None
+
+
+#: maxmemory policies under which Redis deletes keys the engine never set to expire.
+EVICTING = ("allkeys-lru", "allkeys-lfu", "allkeys-random")
+
+
+def _policies(answer: Any) -> set[str]:
+    """The maxmemory-policy values in a CONFIG GET answer (one server's, or per node)."""
+    found: set[str] = set()
+    if isinstance(answer, dict):
+        for k, v in answer.items():
+            key = k.decode() if isinstance(k, bytes) else str(k)
+            if key == "maxmemory-policy":
+                found.add(v.decode() if isinstance(v, bytes) else str(v))
+            elif isinstance(v, dict):
+                found |= _policies(v)
+    return found
+
+
+def check_eviction(settings: Settings) -> None:
+    """Refuse a Redis that evicts keys when full: the engine's state would go silently.
+
+    The state, watermarks and outbox have no expiry, so only an ``allkeys-*`` policy can
+    evict them (``noeviction`` makes a full Redis refuse writes, which a worker retries;
+    ``volatile-*`` evicts only keys with an expiry, such as the trigger consumer's marks).
+    A server that does not let the user read its configuration (managed services, ACL
+    users without ``CONFIG``) gets a warning instead.
+    """
+    where = redacted_url(settings.redis_url)
+    try:
+        client = redis_sync_client(settings)
+        try:
+            policies = _policies(client.config_get("maxmemory-policy"))
+        finally:
+            client.close()
+    except RedisError as exc:
+        logging.getLogger(__name__).warning(
+            "could not read maxmemory-policy of Redis at %s (%s); make sure it is "
+            "noeviction: a Redis that evicts keys loses the engine's state silently",
+            where, _first_line(exc))
+        return
+    evicting = sorted(p for p in policies if p in EVICTING)
+    if evicting:
+        raise SettingsError(
+            f"SEGSTREAM_REDIS_URL: Redis at {where} evicts keys when it is full "
+            f"(maxmemory-policy {evicting[0]}), which would lose customer state and offsets "
+            "silently; set maxmemory-policy noeviction on the server (a full Redis then "
+            "refuses writes, and the worker retries them)")
 
 
 def _serves_cluster(client: Any) -> bool:

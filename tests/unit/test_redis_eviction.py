@@ -1,0 +1,59 @@
+"""A worker refuses a Redis whose maxmemory-policy evicts keys the engine never set to expire."""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytest
+from redis.exceptions import NoPermissionError
+
+from stream import redisconn
+from stream.errors import SettingsError
+from stream.settings import load_settings
+
+
+class _Client:
+    def __init__(self, answer: Any) -> None:
+        self.answer = answer
+
+    def config_get(self, _name: str) -> Any:
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer
+
+    def close(self) -> None:
+        pass
+
+
+def _with(monkeypatch: pytest.MonkeyPatch, answer: Any) -> None:
+    monkeypatch.setattr(redisconn, "redis_sync_client", lambda _s: _Client(answer))
+
+
+@pytest.mark.parametrize("policy", ["allkeys-lru", "allkeys-lfu", "allkeys-random"])
+def test_an_evicting_policy_is_refused_naming_it(monkeypatch: pytest.MonkeyPatch,
+                                                 policy: str) -> None:
+    _with(monkeypatch, {"maxmemory-policy": policy})
+    with pytest.raises(SettingsError, match=f"maxmemory-policy {policy}.*noeviction"):
+        redisconn.check_eviction(load_settings())
+
+
+def test_a_cluster_node_that_evicts_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    _with(monkeypatch, {"10.0.0.1:6379": {b"maxmemory-policy": b"noeviction"},
+                        "10.0.0.2:6379": {b"maxmemory-policy": b"allkeys-lru"}})
+    with pytest.raises(SettingsError, match="allkeys-lru"):
+        redisconn.check_eviction(load_settings())
+
+
+@pytest.mark.parametrize("policy", ["noeviction", "volatile-lru", "volatile-ttl"])
+def test_policies_that_keep_the_engines_keys_pass(monkeypatch: pytest.MonkeyPatch,
+                                                  policy: str) -> None:
+    _with(monkeypatch, {"maxmemory-policy": policy})
+    redisconn.check_eviction(load_settings())
+
+
+def test_a_server_that_hides_its_configuration_gets_a_warning(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    _with(monkeypatch, NoPermissionError("this user has no permissions to run 'config'"))
+    with caplog.at_level(logging.WARNING):
+        redisconn.check_eviction(load_settings())
+    assert "maxmemory-policy" in caplog.text and "noeviction" in caplog.text

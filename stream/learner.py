@@ -74,16 +74,28 @@ class Learner:
         blobs = await mget_any(self.r, [*(checkpoint_key(prefix, n) for n in names),
                                         *(model_key(prefix, n) for n in names)])
         for i, name in enumerate(names):
-            blob = blobs[i] or blobs[i + len(names)]
-            if blob is None:
-                continue
-            if name == "cluster":
-                from scorers.personas import PersonaModel
+            candidates = [(checkpoint_key(prefix, name), blobs[i]),
+                          (model_key(prefix, name), blobs[i + len(names)])]
+            for at, (key, blob) in enumerate(candidates):
+                if blob is None:
+                    continue
+                try:
+                    if name == "cluster":
+                        from scorers.personas import PersonaModel
 
-                self.personas = PersonaModel.restore(blob)
-            else:
-                self.models[name] = OnlineModel.restore(blob)
-            log.info("learner resumed model %s", name)
+                        self.personas = PersonaModel.restore(blob)
+                    else:
+                        self.models[name] = OnlineModel.restore(blob)
+                except Exception as exc:
+                    # A blob no restart can read (corrupt, or of an unknown format) is not
+                    # an outage to wait out: the next copy, else a fresh model.
+                    then = ("trying the serving snapshot" if at == 0 and candidates[1][1]
+                            else "starting it afresh")
+                    log.error("learner: model %s at %s cannot be read (%s); %s", name, key,
+                              type(exc).__name__, then)
+                    continue
+                log.info("learner resumed model %s", name)
+                break
         if self.personas is None:
             try:
                 from scorers.personas import PersonaModel

@@ -165,24 +165,28 @@ async def all_customers(s: Settings, r: aioredis.Redis, store: RedisFeatureStore
 
 async def models_doc(s: Settings, r: aioredis.Redis) -> dict[str, Any]:
     """Serving model versions, their prequential quality and the personas' centroids."""
-    from stream.runtime import model_key, registry_keys
+    from stream.runtime import model_key, registry_keys, registry_versions
 
-    versions = {(k.decode() if isinstance(k, bytes) else k): int(v)
-                for k, v in (await r.hgetall(registry_keys(s.redis_prefix)["models"])).items()}
+    versions = registry_versions(await r.hgetall(registry_keys(s.redis_prefix)["models"]))
     out: dict[str, Any] = {"models": {}, "personas": []}
     for name, version in sorted(versions.items()):
         blob = await r.get(model_key(s.redis_prefix, name))
         if blob is None:
             continue
-        if name == "cluster":
-            from scorers.personas import PersonaModel
+        try:
+            if name == "cluster":
+                from scorers.personas import PersonaModel
 
-            out["personas"] = PersonaModel.restore(blob).describe()
-            out["models"][name] = {"version": version}
-        else:
-            from scorers.online import OnlineModel
+                out["personas"] = PersonaModel.restore(blob).describe()
+                out["models"][name] = {"version": version}
+            else:
+                from scorers.online import OnlineModel
 
-            out["models"][name] = {**OnlineModel.restore(blob).quality(), "version": version}
+                out["models"][name] = {**OnlineModel.restore(blob).quality(),
+                                       "version": version}
+        except Exception as exc:  # one unreadable snapshot: the others are still shown
+            out["models"][name] = {"version": version,
+                                   "error": f"snapshot unreadable ({type(exc).__name__})"}
     clv = await r.get(registry_keys(s.redis_prefix)["clv"])
     out["clv"] = orjson.loads(clv) if clv else None
     return out

@@ -13,7 +13,7 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,27 @@ def registry_keys(prefix: str) -> dict[str, str]:
         "context": f"{prefix}context",
         "learner": f"{prefix}learner",
     }
+
+
+def registry_versions(raw: Mapping[Any, Any], unreadable: set[Any] | None = None
+                      ) -> dict[str, int]:
+    """The models registry's ``{name: version}``; an entry that is not a whole number is
+    skipped (logged once per name and value when ``unreadable`` is given).
+
+    >>> registry_versions({b"churn": b"3", b"cluster": b"v-x"})
+    {'churn': 3}
+    """
+    out: dict[str, int] = {}
+    for k, v in raw.items():
+        name = k.decode() if isinstance(k, bytes) else str(k)
+        try:
+            out[name] = int(v)
+        except (TypeError, ValueError):
+            if unreadable is not None and (name, v) not in unreadable:
+                unreadable.add((name, v))
+                log.error("models registry entry %s is not a version number (%r); skipped",
+                          name, v[:40] if isinstance(v, bytes | str) else v)
+    return out
 
 
 def model_key(prefix: str, name: str) -> str:
@@ -123,6 +144,9 @@ class ScoringRuntime:
         self.models: dict[str, Any] = {}
         self.personas: Any | None = None
         self.versions: dict[str, int] = {}
+        #: (model, version) pairs whose snapshot could not be read, and registry entries
+        #: that are not versions: each logged once, not tried again
+        self._unreadable: set[Any] = set()
         self._models_at = 0.0
         self.clv: ClvModel | None = None
         self.published_rules = False
@@ -181,8 +205,7 @@ class ScoringRuntime:
                     self._sketch_read_at[p] = t
         if want_models:
             self._models_at = t
-            versions = {(k.decode() if isinstance(k, bytes) else k): int(v)
-                        for k, v in (res[i] or {}).items()}
+            versions = registry_versions(res[i] or {}, self._unreadable)
             await self._load_models(versions)
             self._set_clv(res[i + 1])
 
@@ -209,7 +232,10 @@ class ScoringRuntime:
     async def _load_models(self, versions: dict[str, int]) -> None:
         if not self.settings.models_enabled:
             return
-        changed = [n for n, v in versions.items() if self.versions.get(n) != v]
+        # A version that could not be read is not tried again (it was logged once); the
+        # model serves its previous version until the learner publishes a newer one.
+        changed = [n for n, v in versions.items()
+                   if self.versions.get(n) != v and (n, v) not in self._unreadable]
         if not changed:
             return
         from scorers.online import OnlineModel
@@ -232,8 +258,11 @@ class ScoringRuntime:
                 else:
                     self.models[name] = OnlineModel.restore(blob)
                 self.versions[name] = versions[name]
-            except Exception:
-                log.exception("model %s version %s could not be loaded", name, versions[name])
+            except Exception as exc:
+                self._unreadable.add((name, versions[name]))
+                log.error("model %s version %s cannot be read (%s); serving version %s until "
+                          "a newer one is published", name, versions[name], type(exc).__name__,
+                          self.versions.get(name, "none"))
 
     def _set_clv(self, raw: bytes | None) -> None:
         if not raw:

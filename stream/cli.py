@@ -424,6 +424,8 @@ def customer(customer_id: str, json_: JsonOpt = False) -> None:
     s = _settings()
     doc = customer_doc(s, customer_id)
     if doc is None:
+        if json_:  # one JSON document, as on success (and as the HTTP API's 404)
+            _print_json({"error": f"unknown customer {customer_id!r}"})
         err.print(f"[red]unknown customer {escape(repr(customer_id))}")
         raise typer.Exit(2)
     if json_:
@@ -664,6 +666,9 @@ def main() -> None:
     except SegstreamError as exc:
         # Messages quote setting values and user input: never read them as markup.
         err.print(f"[red]error:[/red] {escape(str(exc))}")
+        if "--json" in sys.argv[1:]:
+            # "--json prints one JSON document" (DESIGN §6): on failure too, on stdout
+            _print_json({"error": str(exc)})
         sys.exit(2)
 
 

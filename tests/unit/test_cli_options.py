@@ -475,3 +475,23 @@ def test_status_prints_its_report_on_stdout(monkeypatch: pytest.MonkeyPatch) -> 
     result = CliRunner().invoke(cli.app, ["status"])
     assert result.exit_code == 1
     assert "kafka: healthy" in result.stdout and "redis: down" in result.stdout, result.stdout
+
+
+def test_a_failing_json_command_prints_one_json_document(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """DESIGN §6: --json prints one JSON document, also when the command fails."""
+    import json
+
+    monkeypatch.setenv("SEGSTREAM_REDIS_URL", "redis://127.0.0.1:1/0")
+    monkeypatch.setattr(sys, "argv", ["segstream", "segments", "--json"])
+    with pytest.raises(SystemExit) as info:
+        cli.main()
+    assert info.value.code == 2
+    out = capsys.readouterr()
+    doc = json.loads(out.out)
+    assert "SEGSTREAM_REDIS_URL" in doc["error"] and "SEGSTREAM_REDIS_URL" in out.err
+
+    monkeypatch.setattr(cli, "customer_doc", lambda _s, _cid: None)
+    result = CliRunner().invoke(cli.app, ["customer", "nosuch", "--json"])
+    assert result.exit_code == 2
+    assert json.loads(result.stdout) == {"error": "unknown customer 'nosuch'"}

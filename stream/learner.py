@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import pickle
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -24,6 +25,7 @@ from features.state import derive
 from features.store import RedisFeatureStore
 from scorers.labels import MODELS, Example
 from scorers.online import OnlineModel
+from stream.errors import SegstreamError
 from stream.redisconn import mget_any
 from stream.runtime import model_key, registry_keys
 from stream.settings import Settings
@@ -44,6 +46,23 @@ LEARN_CHUNK = 100
 def checkpoint_key(prefix: str, name: str) -> str:
     """The learner's newest training state of a model (not yet the serving version)."""
     return f"{prefix}model:{name}:checkpoint"
+
+
+def _other_release(blob: bytes) -> str | None:
+    """The format a snapshot names when it is a segstream snapshot of another format.
+
+    >>> import pickle
+    >>> _other_release(pickle.dumps({"format": "segstream.online/99", "state": {}}))
+    'segstream.online/99'
+    >>> _other_release(b"garbage") is None
+    True
+    """
+    try:
+        doc = pickle.loads(blob)  # our own registry's bytes only
+    except Exception:
+        return None
+    fmt = doc.get("format") if isinstance(doc, dict) else None
+    return fmt if isinstance(fmt, str) and fmt.startswith("segstream.") else None
 
 
 class Learner:
@@ -87,8 +106,15 @@ class Learner:
                     else:
                         self.models[name] = OnlineModel.restore(blob)
                 except Exception as exc:
-                    # A blob no restart can read (corrupt, or of an unknown format) is not
-                    # an outage to wait out: the next copy, else a fresh model.
+                    written_by = _other_release(blob)
+                    if written_by is not None:
+                        # A newer release's model: a fresh one would be promoted over it.
+                        raise SegstreamError(
+                            f"model {name} at {key} is in format {written_by!r}, which this "
+                            "release does not read; run the release that wrote it, or "
+                            "delete the key to train the model afresh") from None
+                    # A corrupt blob no restart can read is not an outage to wait out: the
+                    # next copy, else a fresh model.
                     then = ("trying the serving snapshot" if at == 0 and candidates[1][1]
                             else "starting it afresh")
                     log.error("learner: model %s at %s cannot be read (%s); %s", name, key,

@@ -239,7 +239,12 @@ def check_eviction(settings: Settings) -> None:
     try:
         client = redis_sync_client(settings)
         try:
-            policies = _policies(client.config_get("maxmemory-policy"))
+            if settings.redis_cluster:  # every node's: each holds a share of the keys
+                answer = client.config_get("maxmemory-policy",
+                                           target_nodes=client.ALL_NODES)
+            else:
+                answer = client.config_get("maxmemory-policy")
+            policies = _policies(answer)
         finally:
             client.close()
     except RedisError as exc:
@@ -248,6 +253,16 @@ def check_eviction(settings: Settings) -> None:
             "noeviction: a Redis that evicts keys loses the engine's state silently",
             where, _first_line(exc))
         return
+    if not policies:
+        logging.getLogger(__name__).warning(
+            "Redis at %s did not say its maxmemory-policy; make sure it is noeviction: a "
+            "Redis that evicts keys loses the engine's state silently", where)
+        return
+    if any(p.startswith("volatile-") for p in policies):
+        logging.getLogger(__name__).warning(
+            "Redis at %s evicts keys with an expiry when full (maxmemory-policy %s): the "
+            "trigger consumer's marks and erase times can go, and with them its "
+            "deduplication; noeviction keeps them", where, sorted(policies)[0])
     evicting = sorted(p for p in policies if p in EVICTING)
     if evicting:
         raise SettingsError(

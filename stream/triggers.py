@@ -26,12 +26,12 @@ import orjson
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from scorers.labels import customer_hash
 from stream.errors import SegstreamError, ServiceError
 from stream.kafka import aiokafka_config, check_connection, ensure_topics
-from stream.redisconn import check_redis, redis_client, redis_failed
+from stream.redisconn import check_redis, mget_any, redis_client, redis_failed
 from stream.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -83,13 +83,17 @@ def check_webhook_url(url: str) -> str:
 
 
 def _masked(url: str) -> str:
-    """``url`` with its user information and query hidden (for a URL that is not valid).
+    """``url`` with its user information, path and query hidden (for a URL that is not
+    valid): they often hold the receiver's secret.
 
-    >>> _masked("htp://ops:pw@host/x?token=t")
-    'htp://***@host/x?***'
+    >>> _masked("htp://ops:pw@host/services/T0/XYZ?token=t")
+    'htp://***@host/…'
     """
-    return re.sub(r"\?.*", "?***", re.sub(r"//[^/?#]*@", "//***@", url, count=1), count=1,
-                  flags=re.DOTALL)
+    m = re.match(r"([^:/?#]*:)?(//[^/?#]*)?(.*)", url, flags=re.DOTALL)
+    assert m is not None  # every part is optional
+    scheme, authority, rest = m.group(1) or "", m.group(2) or "", m.group(3)
+    authority = re.sub(r"//[^@]*@", "//***@", authority)
+    return f"{scheme}{authority}{'/…' if rest else ''}"
 
 
 def check_request_timeout(seconds: float) -> float:
@@ -108,6 +112,10 @@ def check_request_timeout(seconds: float) -> float:
 
 class _Stopped(Exception):
     """Stop was requested while a partition was still retrying."""
+
+
+class _Revoked(Exception):
+    """A rebalance took the partition of the record being retried to another consumer."""
 
 
 @dataclass
@@ -265,7 +273,6 @@ class TriggerRunner:
         self.revoked: set[TopicPartition] = set()
         #: Per partition, the offset after the last record handled and not yet committed.
         self.handled: dict[TopicPartition, int] = {}
-        self._wait: float | None = None
 
     async def handle_partition(self, records: Sequence[ConsumerRecord[Any, Any]]) -> int | None:
         """Handle records in order, up to a rebalance that takes their partition away;
@@ -274,7 +281,12 @@ class TriggerRunner:
         for rec in records:
             if tp in self.revoked:
                 break
-            await self.handle(rec)
+            try:
+                await self.handle(rec)
+            except _Revoked:
+                break
+            if tp in self.revoked:
+                break  # the listener committed without it: the new owner has it
             self.handled[tp] = int(rec.offset) + 1
         return self.handled.get(tp)
 
@@ -307,8 +319,9 @@ class TriggerRunner:
         erased = (forgotten_key(self.settings, customer_hash(customer_id))
                   if isinstance(customer_id, str) else None)
         try:
-            seen, forgotten_at = await self.redis.mget(key, erased or key)
-        except RedisError as exc:
+            # Two keys in different hash slots: read per slot on a cluster.
+            seen, forgotten_at = await mget_any(self.redis, [key, erased or key])
+        except (RedisError, RedisClusterException) as exc:
             raise redis_failed(self.settings, exc) from None
         if seen:
             self.stats.duplicates += 1
@@ -328,7 +341,7 @@ class TriggerRunner:
                 # Idempotency-Key; the offset is not committed past it.
                 raise redis_failed(self.settings, exc) from None
 
-    async def _until_stopped(self, request: Awaitable[bool | str]) -> bool | str:
+    async def _until_stopped(self, request: Awaitable[Any]) -> Any:
         """``request``'s result, or :class:`_Stopped` (the request cancelled) on a stop."""
         task = asyncio.ensure_future(request)
         stopping = asyncio.ensure_future(self.stop.wait())
@@ -344,13 +357,16 @@ class TriggerRunner:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await task
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise asyncio.CancelledError  # cancelled from outside meanwhile: as it is
         raise _Stopped
 
     async def _attempt(self, body: bytes, headers: dict[str, str],
-                       rec: ConsumerRecord[Any, Any]) -> bool | str:
-        """One POST: True accepted, False rejected for good, else the problem (retried)."""
+                       rec: ConsumerRecord[Any, Any]) -> tuple[bool | str, float | None]:
+        """One POST: True accepted, False rejected for good, else the problem (retried),
+        with the answer's Retry-After."""
         timeout = aiohttp.ClientTimeout(total=self.policy.request_timeout_s)
-        self._wait = None
         try:
             # A redirect is not followed: the client would send the POST again as a
             # GET without its body, and a 2xx to that would mark an undelivered
@@ -361,22 +377,22 @@ class TriggerRunner:
             ) as resp:
                 await resp.read()
                 if 200 <= resp.status < 300:
-                    return True
+                    return True, None
                 if 300 <= resp.status < 400:
-                    where = resp.headers.get("Location", "?")[:200]
-                    return (f"HTTP {resp.status} redirect to {where!r}; redirects are not "
-                            "followed, point --webhook at the final URL")
+                    where = resp.headers.get("Location", "")
+                    shown = shown_url(where) if "//" in where else "a path of the same host"
+                    return (f"HTTP {resp.status} redirect to {shown}; redirects are not "
+                            "followed, point --webhook at the final URL"), None
                 if resp.status >= 500 or resp.status in RETRY_STATUSES:
-                    self._wait = _retry_after(resp)
-                    return f"HTTP {resp.status}"
+                    return f"HTTP {resp.status}", _retry_after(resp)
                 log.warning(
                     "webhook rejected migration at %s with HTTP %d; skipped",
                     _where(rec),
                     resp.status,
                 )
-                return False
+                return False, None
         except (aiohttp.ClientError, TimeoutError) as exc:
-            return type(exc).__name__
+            return type(exc).__name__, None
 
     async def post(self, body: bytes, migration_id: str, rec: ConsumerRecord[Any, Any]) -> bool:
         """POST with retries; True when accepted, False when rejected for good (4xx).
@@ -387,17 +403,20 @@ class TriggerRunner:
         """
         headers = {"Content-Type": "application/json", "Idempotency-Key": migration_id}
         problem = ""
-        self._wait = None
+        wait: float | None = None
+        tp = TopicPartition(rec.topic, rec.partition)
         for attempt in range(self.policy.max_attempts):
             if attempt:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.stop.wait(),
-                                           self.policy.delay(attempt - 1, self._wait))
+                                           self.policy.delay(attempt - 1, wait))
             if self.stop.is_set():
                 raise _Stopped
+            if tp in self.revoked:
+                raise _Revoked  # a rebalance gave the partition to another consumer
             if attempt:
                 self.stats.retries += 1
-            outcome = await self._until_stopped(self._attempt(body, headers, rec))
+            outcome, wait = await self._until_stopped(self._attempt(body, headers, rec))
             if outcome is True:
                 self.stats.posted += 1
                 return True
@@ -447,7 +466,10 @@ class _Revocations(ConsumerRebalanceListener):  # type: ignore[misc]
             self.runner.handled.pop(tp, None)
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
-        self.runner.revoked -= set(assigned)
+        got = set(assigned)
+        self.runner.revoked -= got
+        for tp in got:  # positions start from the group's committed offsets again
+            self.runner.handled.pop(tp, None)
 
 
 async def run_triggers(
@@ -488,6 +510,9 @@ async def run_triggers(
         group_id=group,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
+        # The group waits this long for a member handing partitions over: longer than the
+        # listener's wait for the request under way, so its commit still counts.
+        rebalance_timeout_ms=int((request_timeout_s + 15) * 1000),
         **aiokafka_config(settings),
     )
     redis = redis_client(settings)

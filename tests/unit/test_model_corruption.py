@@ -42,7 +42,7 @@ def _trained(name: str) -> tuple[Learner, bytes]:
     return learner, learner.models[name].snapshot()
 
 
-@pytest.mark.parametrize("bad", [GARBAGE, UNKNOWN])
+@pytest.mark.parametrize("bad", [GARBAGE, pickle.dumps({"no": "format"})])
 def test_a_corrupt_checkpoint_falls_back_to_the_serving_snapshot(
         bad: bytes, caplog: pytest.LogCaptureFixture) -> None:
     s = load_settings()
@@ -59,6 +59,18 @@ def test_a_corrupt_checkpoint_falls_back_to_the_serving_snapshot(
     assert "serving snapshot" in caplog.text and "afresh" in caplog.text
     learner.learn([(0, Example("x", "purchase_7d", "h", 0, 0, {"a": 1.0}, 1).to_bytes())])
     assert learner.models["purchase_7d"].examples == 1  # learning goes on
+
+
+def test_a_newer_releases_snapshot_is_not_overwritten_by_a_fresh_model() -> None:
+    """A learner of an older release (a rollback) meets a format it does not read: it
+    stops with a message naming the key instead of promoting a fresh model over it."""
+    from stream.errors import SegstreamError
+
+    s = load_settings()
+    r = _Redis({checkpoint_key(s.redis_prefix, "churn"): GARBAGE,
+                model_key(s.redis_prefix, "churn"): UNKNOWN})
+    with pytest.raises(SegstreamError, match="segstream.online/99.*delete the key"):
+        asyncio.run(Learner(s, r).load())  # type: ignore[arg-type]
 
 
 def test_the_worker_logs_an_unreadable_version_once_and_keeps_serving(

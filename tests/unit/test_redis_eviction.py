@@ -38,14 +38,26 @@ def test_an_evicting_policy_is_refused_naming_it(monkeypatch: pytest.MonkeyPatch
 
 
 def test_a_cluster_node_that_evicts_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    _with(monkeypatch, {"10.0.0.1:6379": {b"maxmemory-policy": b"noeviction"},
-                        "10.0.0.2:6379": {b"maxmemory-policy": b"allkeys-lru"}})
+    """Every node is asked (redis-py asks one node unless told otherwise)."""
+    asked: list[Any] = []
+
+    class _Cluster(_Client):
+        ALL_NODES = "all"
+
+        def config_get(self, _name: str, target_nodes: Any = None) -> Any:
+            asked.append(target_nodes)
+            return self.answer if target_nodes == "all" else {"maxmemory-policy": "noeviction"}
+
+    monkeypatch.setattr(redisconn, "redis_sync_client", lambda _s: _Cluster(
+        {"10.0.0.1:6379": {b"maxmemory-policy": b"noeviction"},
+         "10.0.0.2:6379": {b"maxmemory-policy": b"allkeys-lru"}}))
     with pytest.raises(SettingsError, match="allkeys-lru"):
-        redisconn.check_eviction(load_settings())
+        redisconn.check_eviction(load_settings(redis_cluster=True))
+    assert asked == ["all"]
 
 
 @pytest.mark.parametrize("policy", ["noeviction", "volatile-lru", "volatile-ttl"])
-def test_policies_that_keep_the_engines_keys_pass(monkeypatch: pytest.MonkeyPatch,
+def test_policies_that_keep_the_engines_state_pass(monkeypatch: pytest.MonkeyPatch,
                                                   policy: str) -> None:
     _with(monkeypatch, {"maxmemory-policy": policy})
     redisconn.check_eviction(load_settings())
@@ -57,3 +69,12 @@ def test_a_server_that_hides_its_configuration_gets_a_warning(
     with caplog.at_level(logging.WARNING):
         redisconn.check_eviction(load_settings())
     assert "maxmemory-policy" in caplog.text and "noeviction" in caplog.text
+
+
+@pytest.mark.parametrize("answer", [{}, {"maxmemory-policy": "volatile-lru"}])
+def test_no_answer_or_a_volatile_policy_gets_a_warning(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, answer: Any) -> None:
+    _with(monkeypatch, answer)
+    with caplog.at_level(logging.WARNING):
+        redisconn.check_eviction(load_settings())
+    assert "noeviction" in caplog.text

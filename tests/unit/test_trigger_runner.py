@@ -38,7 +38,7 @@ class Marks:
         self.keys: dict[str, bytes] = {}
         self.fail = fail
 
-    async def mget(self, *keys: str) -> list[bytes | None]:
+    async def mget(self, keys: list[str]) -> list[bytes | None]:
         if self.fail:
             raise RedisConnectionError("Error 111 connecting to 127.0.0.1:1")
         return [self.keys.get(k) for k in keys]

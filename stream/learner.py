@@ -27,7 +27,7 @@ from scorers.labels import MODELS, Example
 from scorers.online import OnlineModel
 from stream.errors import SegstreamError
 from stream.redisconn import mget_any
-from stream.runtime import model_key, registry_keys
+from stream.runtime import model_key, registry_keys, restore_model
 from stream.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -99,12 +99,7 @@ class Learner:
                 if blob is None:
                     continue
                 try:
-                    if name == "cluster":
-                        from scorers.personas import PersonaModel
-
-                        self.personas = PersonaModel.restore(blob)
-                    else:
-                        self.models[name] = OnlineModel.restore(blob)
+                    model = restore_model(name, blob)
                 except Exception as exc:
                     written_by = _other_release(blob)
                     if written_by is not None:
@@ -120,6 +115,10 @@ class Learner:
                     log.error("learner: model %s at %s cannot be read (%s); %s", name, key,
                               type(exc).__name__, then)
                     continue
+                if name == "cluster":
+                    self.personas = model
+                else:
+                    self.models[name] = model
                 log.info("learner resumed model %s", name)
                 break
         if self.personas is None:

@@ -47,6 +47,17 @@ def registry_keys(prefix: str) -> dict[str, str]:
     }
 
 
+def restore_model(name: str, blob: bytes) -> Any:
+    """A model from its snapshot bytes: the personas for ``cluster``, else an online model."""
+    if name == "cluster":
+        from scorers.personas import PersonaModel
+
+        return PersonaModel.restore(blob)
+    from scorers.online import OnlineModel
+
+    return OnlineModel.restore(blob)
+
+
 def registry_versions(raw: Mapping[Any, Any], unreadable: set[Any] | None = None
                       ) -> dict[str, int]:
     """The models registry's ``{name: version}``; an entry that is not a whole number is
@@ -238,7 +249,6 @@ class ScoringRuntime:
                    if self.versions.get(n) != v and (n, v) not in self._unreadable]
         if not changed:
             return
-        from scorers.online import OnlineModel
 
         try:
             blobs = await mget_any(self.r, [model_key(self.settings.redis_prefix, n)
@@ -251,12 +261,11 @@ class ScoringRuntime:
             if blob is None:
                 continue
             try:
+                model = restore_model(name, blob)
                 if name == "cluster":
-                    from scorers.personas import PersonaModel
-
-                    self.personas = PersonaModel.restore(blob)
+                    self.personas = model
                 else:
-                    self.models[name] = OnlineModel.restore(blob)
+                    self.models[name] = model
                 self.versions[name] = versions[name]
             except Exception as exc:
                 self._unreadable.add((name, versions[name]))

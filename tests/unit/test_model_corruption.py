@@ -69,7 +69,7 @@ def test_a_newer_releases_snapshot_is_not_overwritten_by_a_fresh_model() -> None
     s = load_settings()
     r = _Redis({checkpoint_key(s.redis_prefix, "churn"): GARBAGE,
                 model_key(s.redis_prefix, "churn"): UNKNOWN})
-    with pytest.raises(SegstreamError, match="segstream.online/99.*delete the key"):
+    with pytest.raises(SegstreamError, match=r"segstream\.online/99.*delete the key"):
         asyncio.run(Learner(s, r).load())  # type: ignore[arg-type]
 
 

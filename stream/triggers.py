@@ -273,6 +273,8 @@ class TriggerRunner:
         self.revoked: set[TopicPartition] = set()
         #: Per partition, the offset after the last record handled and not yet committed.
         self.handled: dict[TopicPartition, int] = {}
+        #: Revoked partitions whose handled offsets the listener already committed.
+        self.released: set[TopicPartition] = set()
 
     async def handle_partition(self, records: Sequence[ConsumerRecord[Any, Any]]) -> int | None:
         """Handle records in order, up to a rebalance that takes their partition away;
@@ -285,8 +287,8 @@ class TriggerRunner:
                 await self.handle(rec)
             except _Revoked:
                 break
-            if tp in self.revoked:
-                break  # the listener committed without it: the new owner has it
+            if tp in self.released:
+                break  # the listener committed (and gave the partition up) without it
             self.handled[tp] = int(rec.offset) + 1
         return self.handled.get(tp)
 
@@ -464,10 +466,12 @@ class _Revocations(ConsumerRebalanceListener):  # type: ignore[misc]
                             "be redelivered", type(exc).__name__)
         for tp in lost:
             self.runner.handled.pop(tp, None)
+        self.runner.released |= lost
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
         got = set(assigned)
         self.runner.revoked -= got
+        self.runner.released -= got
         for tp in got:  # positions start from the group's committed offsets again
             self.runner.handled.pop(tp, None)
 

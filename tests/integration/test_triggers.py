@@ -300,7 +300,9 @@ def test_a_second_consumer_joining_the_group_posts_nothing_twice(deployment: Any
             return hook, a, b
 
     hook, a, b = asyncio.run(scenario())
-    check_deliveries(hook, kinds, records)
+    # A rejection (4xx) is not marked: one in flight when its partition moved may be offered
+    # to the webhook again by the new owner, as after a restart.
+    check_deliveries(hook, kinds, records, restarted=True)
     twice = [m for m, o in hook.outcomes.items() if o.count("ok") > 1]
     assert not twice, twice
     assert b.posted > 0, "the second consumer never got a partition"

@@ -446,15 +446,12 @@ class BatchProcessor:
 
     def _note_written(self, commits: Sequence[PartitionCommit], ok: Mapping[int, bool]) -> None:
         """Remember the watermarks of the commits the store applied."""
-        self._note_held({c.partition: c.watermarks for c in commits if ok.get(c.partition)})
+        self.note_held({c.partition: c.watermarks for c in commits if ok.get(c.partition)})
 
     def note_held(self, watermarks: Mapping[int, Mapping[str, int]]) -> None:
-        """Remember watermarks the store was seen to hold (a partition's assignment)."""
-        self._note_held(watermarks)
-
-    def _note_held(self, watermarks: Mapping[int, Mapping[str, int]]) -> None:
-        """Remember watermarks the store holds: what a commit wrote, or what a load found
-        (a commit whose reply was lost, another owner's commits)."""
+        """Remember watermarks the store holds: what a commit wrote, what a load found
+        (a commit whose reply was lost, another owner's commits), or what the store held
+        when the partitions were assigned."""
         wrote = self._wrote
         for p, wms in watermarks.items():
             for t, off in wms.items():
@@ -719,7 +716,7 @@ class BatchProcessor:
         if inflight:
             now = max(now, self._overlay(snaps, inflight))
         self.check_kept(snaps)
-        self._note_held(held if held is not None else
+        self.note_held(held if held is not None else
                         {p: s.watermarks for p, s in snaps.items()})
         t2 = time.perf_counter()
         if stage is not None:

@@ -67,6 +67,20 @@ def _stopped_then_exact_after_restart(deployment, tmp_path: Path, inputs: list) 
     fault_oracle.check_counters(deployment, fault_oracle.profiles(deployment))
 
 
+def _emptied_under(deployment, tmp_path: Path, w, inputs: list) -> None:
+    """Every key of the deployment deleted under the idle worker ``w``: it must stop by
+    itself (exit 70), and a restarted one applies everything again exactly."""
+    import redis
+
+    r = redis.Redis.from_url(deployment.settings.redis_url)
+    try:
+        _put_back(deployment, r, {})
+    finally:
+        r.close()
+    assert w.wait(timeout=120) == 70
+    _stopped_then_exact_after_restart(deployment, tmp_path, inputs)
+
+
 def test_a_worker_after_redis_lost_writes_reads_the_lost_events_again(
         deployment, tmp_path: Path) -> None:
     import redis
@@ -136,20 +150,13 @@ def test_an_idle_worker_whose_redis_was_emptied_stops_without_new_input(
     next input against the partial state) until input came for a partition it had
     committed to. Its idle check of the stored watermarks stops it by itself (exit 70);
     restarted, it reads the input again from the start and everything is exact."""
-    import redis
 
     events = 3_000
     inputs = fault_oracle.synthetic_input(events, seed=13)
     fault_oracle.produce(deployment, inputs)
     w = deployment.start_worker(tmp_path)
     fault_oracle.wait_applied(deployment, events)
-    r = redis.Redis.from_url(deployment.settings.redis_url)
-    try:
-        _put_back(deployment, r, {})  # every key of the deployment gone
-    finally:
-        r.close()
-    assert w.wait(timeout=120) == 70
-    _stopped_then_exact_after_restart(deployment, tmp_path, inputs)
+    _emptied_under(deployment, tmp_path, w, inputs)
 
 
 def test_a_freshly_started_idle_worker_whose_redis_was_emptied_stops(
@@ -160,7 +167,6 @@ def test_a_freshly_started_idle_worker_whose_redis_was_emptied_stops(
     good. It now takes the watermarks it finds when its partitions are assigned."""
     import time
 
-    import redis
 
     events = 2_000
     inputs = fault_oracle.synthetic_input(events, seed=17)
@@ -172,10 +178,4 @@ def test_a_freshly_started_idle_worker_whose_redis_was_emptied_stops(
     w = deployment.start_worker(tmp_path)
     time.sleep(8)  # assigned, positioned, idle
     assert w.poll() is None
-    r = redis.Redis.from_url(deployment.settings.redis_url)
-    try:
-        _put_back(deployment, r, {})  # every key of the deployment gone
-    finally:
-        r.close()
-    assert w.wait(timeout=120) == 70
-    _stopped_then_exact_after_restart(deployment, tmp_path, inputs)
+    _emptied_under(deployment, tmp_path, w, inputs)

@@ -86,6 +86,16 @@ def accepting(app: web.Application, seen: list[tuple[str, str, bytes]]) -> None:
     app.router.add_route("*", "/hook", hook)
 
 
+def hanging(app: web.Application, seen: list[tuple[str, str, bytes]]) -> None:
+    """A webhook that takes the request and answers only after 30 s."""
+    async def hook(request: web.Request) -> web.Response:
+        seen.append((request.method, request.path, await request.read()))
+        await asyncio.sleep(30)
+        return web.Response(status=200)
+
+    app.router.add_route("*", "/hook", hook)
+
+
 def test_a_redirect_is_not_followed_and_the_trigger_is_not_marked_sent() -> None:
     def routes(app: web.Application, seen: list[tuple[str, str, bytes]]) -> None:
         async def hook(request: web.Request) -> web.Response:
@@ -174,14 +184,6 @@ def test_migrations_emitted_before_the_customer_was_forgotten_are_not_posted() -
 def test_a_stop_cancels_the_request_under_way_and_marks_nothing() -> None:
     """SIGTERM while the webhook hangs: the run stops at once (not after the request's
     timeout), the migration stays unmarked, and no retry is counted."""
-    def routes(app: web.Application, seen: list[tuple[str, str, bytes]]) -> None:
-        async def hook(request: web.Request) -> web.Response:
-            seen.append((request.method, request.path, await request.read()))
-            await asyncio.sleep(30)
-            return web.Response(status=200)
-
-        app.router.add_route("*", "/hook", hook)
-
     async def body(runner: TriggerRunner, marks: Marks) -> None:
         loop = asyncio.get_running_loop()
         loop.call_later(0.3, runner.stop.set)
@@ -191,7 +193,7 @@ def test_a_stop_cancels_the_request_under_way_and_marks_nothing() -> None:
         assert loop.time() - t0 < 3
         assert not marks.keys and runner.stats.retries == 0 and runner.stats.posted == 0
 
-    assert len(serve(routes, body)) == 1
+    assert len(serve(hanging, body)) == 1
 
 
 def test_a_stop_during_the_last_attempt_is_a_stop_not_a_delivery_failure() -> None:
@@ -242,14 +244,6 @@ def test_messages_never_show_the_webhooks_credentials() -> None:
 def test_a_cancelled_run_is_cancelled_not_stopped() -> None:
     """A crash of the run (its task cancelled) propagates as a cancellation, with the
     request under way cancelled too: it is not taken for a graceful stop."""
-    def routes(app: web.Application, seen: list[tuple[str, str, bytes]]) -> None:
-        async def hook(request: web.Request) -> web.Response:
-            seen.append((request.method, request.path, await request.read()))
-            await asyncio.sleep(30)
-            return web.Response(status=200)
-
-        app.router.add_route("*", "/hook", hook)
-
     async def body(runner: TriggerRunner, marks: Marks) -> None:
         task = asyncio.create_task(runner.handle(record(migration("m1"))))
         await asyncio.sleep(0.3)
@@ -258,4 +252,4 @@ def test_a_cancelled_run_is_cancelled_not_stopped() -> None:
             await task
         assert not marks.keys and not runner.stop.is_set()
 
-    assert len(serve(routes, body)) == 1
+    assert len(serve(hanging, body)) == 1

@@ -36,6 +36,7 @@ from scorers.profile import Profile
 from scorers.scoring import CustomerInput, Outcome, ScoringContext, evaluate
 from stream.errors import PipelineFailed
 from stream.redact import cid_ref, describe
+from stream.redisconn import refusal_hint
 from stream.schemas import Rejection, decode
 from stream.settings import Settings
 
@@ -682,7 +683,8 @@ class BatchProcessor:
                 stats.store_retries += 1
                 delay = min(5.0, 0.05 * 2 ** min(stats.store_retries, 7))
                 if isinstance(exc, StoreUnavailable):
-                    log.warning("state store unavailable (%s); retrying in %.2fs", exc, delay)
+                    log.warning("state store unavailable (%s)%s; retrying in %.2fs", exc,
+                                refusal_hint(exc), delay)
                 else:
                     log.error("batch failed (%r); retrying in %.2fs", exc, delay,
                               exc_info=stats.store_retries == 1)

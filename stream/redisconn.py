@@ -45,6 +45,28 @@ def redis_failed(settings: Settings, exc: Exception) -> ServiceError:
                         f"(SEGSTREAM_REDIS_URL): {first}")
 
 
+#: How Redis words a refused login or a command the ACL user may not run.
+_REFUSALS = ("WRONGPASS", "NOAUTH", "NOPERM", "invalid username-password",
+             "Authentication required", "no permissions")
+
+
+def refusal_hint(exc: BaseException) -> str:
+    """`` (…SEGSTREAM_REDIS_URL…)`` when ``exc`` is Redis refusing the engine's user or
+    password or a command of it, so a password rotated or an ACL narrowed under a running
+    worker names the setting to fix; otherwise ``""``.
+
+    >>> "SEGSTREAM_REDIS_URL" in refusal_hint(Exception("redis load failed: WRONGPASS …"))
+    True
+    >>> refusal_hint(Exception("Connection refused"))
+    ''
+    """
+    text = str(exc)
+    if any(word in text for word in _REFUSALS):
+        return (" (Redis refused the user or password or a command of it: check "
+                "SEGSTREAM_REDIS_URL and the user's ACL)")
+    return ""
+
+
 def connection_kwargs(settings: Settings) -> dict[str, Any]:
     """Keyword arguments every client gets on top of what the URL says."""
     kw: dict[str, Any] = {

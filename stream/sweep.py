@@ -27,6 +27,7 @@ from scorers.profile import Profile
 from scorers.scoring import RFM_HASH, CustomerInput, ScoringContext, is_current
 from stream.pipeline import BatchProcessor, Scoring, settled_ms
 from stream.redact import cid_ref
+from stream.redisconn import refusal_hint
 
 #: The swept marker of a partition with held customers coming due: never the context, so
 #: ``segstream wait`` does not count the partition as settled until they are evaluated.
@@ -471,7 +472,7 @@ class Sweeper:
             ok = await self.store.commit([commit])
         except StoreUnavailable as exc:
             self.processor.mark_dirty([p])  # the commit may have been applied
-            log.warning("sweep commit failed (%s); retrying", exc)
+            log.warning("sweep commit failed (%s)%s; retrying", exc, refusal_hint(exc))
             return "failed"
         if ok.get(p):
             stats.migrations += sum(1 for k in commit.outbox if k.startswith("m:"))

@@ -9,6 +9,7 @@ held to the batch computation, and what the user may not do is tried for real.
 from __future__ import annotations
 
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -161,3 +162,48 @@ def test_openssl_sees_a_tls_only_server(tls) -> None:
          str(tls.ca_file), "-verify_return_error", "-brief"],
         input="", capture_output=True, text=True, timeout=30)
     assert "Verification: OK" in out.stderr + out.stdout, out.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_a_password_rotated_under_a_running_worker_names_the_setting_and_loses_nothing(
+        tls, make_deployment, tmp_path: Path) -> None:
+    """The engine user's password changes while the worker runs: the worker keeps retrying,
+    says which setting to fix, and once the password is back applies everything exactly."""
+    prefix = f"{PREFIX}rot:"
+    dep = make_deployment(partitions=3, **{**engine_env(tls), "SEGSTREAM_REDIS_PREFIX": prefix})
+    worker = dep.start_worker(tmp_path)
+    events = cdnow_events(cdnow_path(), UNTIL)
+    half = len(events) // 2
+    dep.produce("transactions", [(e["customer_id"].encode(), orjson.dumps(e))
+                                 for e in events[:half]])
+    dep.cli("wait", "--timeout", "600")
+
+    a = admin(tls)
+    user = redis_servers.ENGINE_USER
+    try:
+        a.execute_command("ACL", "SETUSER", user, "resetpass", ">rotated-elsewhere")
+        a.execute_command("CLIENT", "KILL", "USER", user)
+        dep.produce("transactions", [(e["customer_id"].encode(), orjson.dumps(e))
+                                     for e in events[half:]])
+        deadline = time.monotonic() + 120
+        log = ""
+        while time.monotonic() < deadline:
+            log = dep.logs[0].read_text()
+            if "state store unavailable" in log:
+                break
+            time.sleep(1)
+        refused = [line for line in log.splitlines() if "state store unavailable" in line]
+        assert refused, log[-3000:]
+        assert all("SEGSTREAM_REDIS_URL" in line for line in refused), refused[:3]
+        assert "rotated-elsewhere" not in log and redis_servers.ENGINE_PASSWORD not in log
+        assert worker.poll() is None, "the worker died while Redis refused it"
+    finally:
+        a.execute_command("ACL", "SETUSER", user, "resetpass",
+                          f">{redis_servers.ENGINE_PASSWORD}")
+        a.close()
+    dep.cli("wait", "--timeout", "600")
+    assert worker.poll() is None, "the worker died"
+    df = cdnow_oracle.load()
+    df = df[df["date"] < UNTIL]
+    _, feats = dep.features()
+    assert cdnow_oracle.mismatches(cdnow_oracle.expected_features(df), feats) == []

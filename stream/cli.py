@@ -275,7 +275,8 @@ def wait(
     from redis.exceptions import RedisError
 
     from features.store import StoreUnavailable
-    from stream.kafka import end_offsets
+    from stream import kafka
+    from stream.kafka import check_connection, end_offsets
     from stream.redisconn import check_redis
 
     for name, value in (("--timeout", timeout), ("--quiet-s", quiet_s)):
@@ -284,6 +285,8 @@ def wait(
                                      param_hint=name)
     s = _settings()
     check_redis(s)
+    # A broker down is reported within the timeout, not after the clients' own wait.
+    check_connection(s, wait_s=min(timeout, kafka.UNREACHABLE_WAIT_S))
     ends = end_offsets(s, s.input_topics)
     quiet = min(quiet_s, timeout / 2)  # a short timeout must still be able to succeed
 

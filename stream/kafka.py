@@ -161,9 +161,12 @@ def _run(coro: Coroutine[Any, Any, BaseException | None]) -> BaseException | Non
         return pool.submit(asyncio.run, coro).result()
 
 
-def check_connection(settings: Settings, timeout_s: float = CHECK_TIMEOUT_S) -> None:
+def check_connection(settings: Settings, timeout_s: float = CHECK_TIMEOUT_S,
+                     wait_s: float | None = None) -> None:
     """Connect to a bootstrap broker with the configured TLS and SASL settings, once per
-    process and configuration; raise :class:`ServiceError` naming the setting to fix."""
+    process and configuration; raise :class:`ServiceError` naming the setting to fix.
+    A broker nobody answers for is waited for up to ``wait_s`` seconds
+    (:data:`UNREACHABLE_WAIT_S` when not given)."""
     password = settings.kafka_sasl_password
     fingerprint = hashlib.sha256(repr((
         settings.kafka_bootstrap, settings.kafka_security_protocol,
@@ -174,7 +177,10 @@ def check_connection(settings: Settings, timeout_s: float = CHECK_TIMEOUT_S) -> 
         return
     # A broker that is still starting refuses connections: wait for it as long as the clients
     # would; a rejected password or certificate fails at once.
-    deadline = time.monotonic() + UNREACHABLE_WAIT_S
+    if wait_s is None:
+        wait_s = UNREACHABLE_WAIT_S
+    deadline = time.monotonic() + wait_s
+    timeout_s = min(timeout_s, max(wait_s, 1.0))
     failure = _run(_probe(settings, timeout_s))
     while failure is not None and _nobody_listening(failure) and time.monotonic() < deadline:
         time.sleep(1.0)

@@ -495,3 +495,30 @@ def test_a_failing_json_command_prints_one_json_document(
     result = CliRunner().invoke(cli.app, ["customer", "nosuch", "--json"])
     assert result.exit_code == 2
     assert json.loads(result.stdout) == {"error": "unknown customer 'nosuch'"}
+
+
+def test_wait_with_kafka_down_gives_up_within_its_timeout(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``wait --timeout`` bounds the wait for a broker nobody answers for (it used to wait
+    the clients' own 30 s whatever the timeout)."""
+    monkeypatch.setenv("SEGSTREAM_KAFKA_BOOTSTRAP", "127.0.0.1:1")
+    monkeypatch.setattr("stream.redisconn.check_redis", lambda _s: None)
+    waited: list[float] = []
+
+    def probe(_settings: Any, timeout_s: float) -> Any:
+        async def refused() -> Exception:
+            return ConnectionRefusedError(111, "Connect call failed")
+        waited.append(timeout_s)
+        return refused()
+
+    monkeypatch.setattr("stream.kafka._probe", probe)
+    # The clock only moves when the check sleeps (negative entries).
+    monkeypatch.setattr("stream.kafka.time.sleep", lambda s: waited.append(-s))
+    monkeypatch.setattr("stream.kafka.time.monotonic",
+                        lambda: sum(-w for w in waited if w < 0))
+    result = run("wait", "--timeout", "3")
+    assert isinstance(result.exception, ServiceError), result.output
+    assert "SEGSTREAM_KAFKA_BOOTSTRAP" in str(result.exception)
+    slept = sum(-w for w in waited if w < 0)
+    assert 2 <= slept <= 4, waited  # about the timeout, not UNREACHABLE_WAIT_S
+    assert max(w for w in waited if w > 0) <= 3, waited

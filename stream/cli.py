@@ -117,10 +117,11 @@ def worker() -> None:
     from faust.worker import Worker
 
     from stream.app import create_engine, tune_gc, use_event_loop, watch_gc
-    from stream.kafka import ensure_topics
+    from stream.kafka import check_codecs, ensure_topics
     from stream.redisconn import check_eviction, check_lateness, check_redis
 
     s = _settings()
+    check_codecs()  # a compressed batch it cannot read would crash the worker for good
     use_event_loop(s)
     redact.install_from_settings(s)
     check_redis(s)  # a wrong password or TLS setting fails here, naming the setting

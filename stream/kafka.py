@@ -161,6 +161,21 @@ def _run(coro: Coroutine[Any, Any, BaseException | None]) -> BaseException | Non
         return pool.submit(asyncio.run, coro).result()
 
 
+def check_codecs() -> None:
+    """Refuse to run without the libraries that decompress snappy, lz4 and zstd record
+    batches: a producer may use any of them, and a batch the consumer cannot decompress
+    stops the fetcher (the worker would crash on it again at every restart), far from
+    where a dead letter could be written."""
+    from aiokafka import codec
+
+    missing = [name for name, present in (("snappy", codec.has_snappy), ("lz4", codec.has_lz4),
+                                          ("zstd", codec.has_zstd)) if not present()]
+    if missing:
+        raise ServiceError(
+            f"cannot decompress {', '.join(missing)} record batches: install the codecs "
+            "with pip install 'aiokafka[lz4,snappy,zstd]' (segstream depends on them)")
+
+
 def check_connection(settings: Settings, timeout_s: float = CHECK_TIMEOUT_S,
                      wait_s: float | None = None) -> None:
     """Connect to a bootstrap broker with the configured TLS and SASL settings, once per

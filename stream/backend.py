@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
 import time
@@ -25,6 +26,11 @@ log = logging.getLogger(__name__)
 #: Samples of history kept for the dashboard (one every STATS_INTERVAL_S).
 HISTORY = 180
 STATS_INTERVAL_S = 2.0
+#: API requests reading Redis at once; more wait their turn. The worker's client holds at
+#: most its pool's connections (redis-py refuses one more at once rather than wait), and
+#: the batches, sweeps and outbox share them: hundreds of clients at once used to take
+#: them all, so requests answered 503 and commits failed while Redis was healthy.
+API_READS = 16
 
 
 class EngineBackend:
@@ -42,6 +48,7 @@ class EngineBackend:
         self.lags: dict[tuple[str, int], int] = {}
         self.segment_sizes: dict[str, dict[str, int]] = {}
         self.actions_rows: list[dict[str, Any]] = []
+        self._reads = asyncio.Semaphore(API_READS)
 
     # -- hooks called by the engine ------------------------------------------------------
     def on_batch(self, records_by_topic: dict[str, int], stats: BatchStats,
@@ -156,25 +163,30 @@ class EngineBackend:
         e = self.engine
         e.ensure()
         assert e.store is not None and e.redis is not None
-        return await queries.customer_doc(e.settings, e.redis, e.store, e.runtime, customer_id)
+        async with self._reads:
+            return await queries.customer_doc(e.settings, e.redis, e.store, e.runtime,
+                                              customer_id)
 
     async def segments(self) -> dict[str, Any]:
         e = self.engine
         e.ensure()
         assert e.store is not None and e.redis is not None
-        return await queries.segments_doc(e.settings, e.redis, e.store)
+        async with self._reads:
+            return await queries.segments_doc(e.settings, e.redis, e.store)
 
     async def migrations(self, since: str | None, limit: int) -> dict[str, Any]:
         e = self.engine
         e.ensure()
         assert e.redis is not None
-        return await queries.migrations_doc(e.settings, e.redis, since, limit)
+        async with self._reads:
+            return await queries.migrations_doc(e.settings, e.redis, since, limit)
 
     async def actions(self) -> dict[str, Any]:
         e = self.engine
         e.ensure()
         assert e.store is not None
-        return await queries.actions_doc(e.settings, e.store)
+        async with self._reads:
+            return await queries.actions_doc(e.settings, e.store)
 
     async def health(self) -> dict[str, Any]:
         return {"status": "ok", "app_id": self.engine.settings.app_id}
@@ -185,7 +197,8 @@ class EngineBackend:
         try:
             e.ensure()
             assert e.redis is not None
-            checks["redis"] = bool(await e.redis.ping())
+            async with self._reads:
+                checks["redis"] = bool(await e.redis.ping())
         except Exception as exc:
             checks["redis"] = False
             checks["redis_error"] = type(exc).__name__
@@ -197,7 +210,8 @@ class EngineBackend:
     async def stats(self) -> dict[str, Any]:
         e = self.engine
         try:
-            now = await e.store.now() if e.store is not None else -1
+            async with self._reads:
+                now = await e.store.now() if e.store is not None else -1
         except Exception as exc:
             if not is_outage(exc):
                 raise

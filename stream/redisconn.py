@@ -235,16 +235,19 @@ def check_redis(settings: Settings) -> None:
 EVICTING = ("allkeys-lru", "allkeys-lfu", "allkeys-random")
 
 
-def _policies(answer: Any) -> set[str]:
-    """The maxmemory-policy values in a CONFIG GET answer (one server's, or per node)."""
-    found: set[str] = set()
+def _policies(answer: Any, node: str = "") -> dict[str, set[str]]:
+    """The maxmemory-policy values in a CONFIG GET answer (one server's, or per node of a
+    cluster), each with the nodes that gave it (``""`` for a single server's answer)."""
+    found: dict[str, set[str]] = {}
     if isinstance(answer, dict):
         for k, v in answer.items():
             key = k.decode() if isinstance(k, bytes) else str(k)
             if key == "maxmemory-policy":
-                found.add(v.decode() if isinstance(v, bytes) else str(v))
+                found.setdefault(v.decode() if isinstance(v, bytes) else str(v),
+                                 set()).add(node)
             elif isinstance(v, dict):
-                found |= _policies(v)
+                for policy, nodes in _policies(v, key).items():
+                    found.setdefault(policy, set()).update(nodes)
     return found
 
 
@@ -287,11 +290,16 @@ def check_eviction(settings: Settings) -> None:
             "deduplication; noeviction keeps them", where, sorted(policies)[0])
     evicting = sorted(p for p in policies if p in EVICTING)
     if evicting:
+        nodes = sorted(n for p in evicting for n in policies[p] if n)
+        server = (f"Redis at {where}" if not nodes else
+                  f"the cluster at {where} has node{'s' if len(nodes) > 1 else ''} "
+                  f"{', '.join(nodes)} that")
         raise SettingsError(
-            f"SEGSTREAM_REDIS_URL: Redis at {where} evicts keys when it is full "
+            f"SEGSTREAM_REDIS_URL: {server} evicts keys when it is full "
             f"(maxmemory-policy {evicting[0]}), which would lose customer state and offsets "
-            "silently; set maxmemory-policy noeviction on the server (a full Redis then "
-            "refuses writes, and the worker retries them)")
+            "silently; set maxmemory-policy noeviction on "
+            f"{'that node' if len(nodes) == 1 else 'the server' if not nodes else 'those nodes'}"
+            " (a full Redis then refuses writes, and the worker retries them)")
 
 
 def _serves_cluster(client: Any) -> bool:

@@ -20,6 +20,7 @@ from aiohttp import web
 from redis.exceptions import (
     AuthenticationError,
     ClusterDownError,
+    ClusterError,
     RedisClusterUnreachableError,
     TryAgainError,
 )
@@ -39,9 +40,10 @@ MAX_LIMIT = 1000
 DEFAULT_LIMIT = 100
 #: Errors of a store that is down or does not answer in time (also when wrapped, as
 #: ``features.store.StoreUnavailable`` does): 503 with ``Retry-After``. Any other error, a
-#: refused command or credentials among them, is a 500.
+#: refused command or credentials among them, is a 500. ``ClusterError`` is a cluster's
+#: redirects not settling ("TTL exhausted"), as while a slot is being moved.
 STORE_DOWN = (RedisConnectionError, RedisTimeoutError, TimeoutError, ClusterDownError,
-              TryAgainError, RedisClusterUnreachableError)
+              ClusterError, TryAgainError, RedisClusterUnreachableError)
 RETRY_AFTER_S = 5
 
 

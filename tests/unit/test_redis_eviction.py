@@ -51,9 +51,12 @@ def test_a_cluster_node_that_evicts_is_refused(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(redisconn, "redis_sync_client", lambda _s: _Cluster(
         {"10.0.0.1:6379": {b"maxmemory-policy": b"noeviction"},
          "10.0.0.2:6379": {b"maxmemory-policy": b"allkeys-lru"}}))
-    with pytest.raises(SettingsError, match="allkeys-lru"):
+    with pytest.raises(SettingsError, match="allkeys-lru") as refused:
         redisconn.check_eviction(load_settings(redis_cluster=True))
     assert asked == ["all"]
+    # The node to fix is named, not the one the URL points at.
+    assert "node 10.0.0.2:6379 that" in str(refused.value)
+    assert "10.0.0.1:6379" not in str(refused.value)
 
 
 @pytest.mark.parametrize("policy", ["noeviction", "volatile-lru", "volatile-ttl"])

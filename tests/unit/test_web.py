@@ -462,6 +462,7 @@ def _store_error(kind: str) -> BaseException:
     from redis.exceptions import (
         AuthenticationError,
         ClusterDownError,
+        ClusterError,
         NoPermissionError,
         RedisClusterUnreachableError,
         ResponseError,
@@ -475,6 +476,8 @@ def _store_error(kind: str) -> BaseException:
         "wrapped timeout": _wrapped(RedisTimeoutError("Timeout reading from socket")),
         "cluster down": ClusterDownError("CLUSTERDOWN The cluster is down"),
         "cluster unreachable": RedisClusterUnreachableError("no node answered"),
+        # redirects that do not settle while a slot moves (redis-py's pipelines under ASK)
+        "redirects": _wrapped(ClusterError("TTL exhausted.")),
         "wrapped noperm": _wrapped(NoPermissionError("NOPERM no permissions")),
         "wrongtype": ResponseError("WRONGTYPE Operation against a key"),
         "credentials": AuthenticationError("invalid username-password pair"),
@@ -483,7 +486,7 @@ def _store_error(kind: str) -> BaseException:
 
 @pytest.mark.parametrize(("kind", "status"), [
     ("connection", 503), ("timeout", 503), ("wrapped timeout", 503), ("cluster down", 503),
-    ("cluster unreachable", 503), ("wrapped noperm", 500), ("wrongtype", 500),
+    ("cluster unreachable", 503), ("redirects", 503), ("wrapped noperm", 500), ("wrongtype", 500),
     ("credentials", 500)])
 @pytest.mark.parametrize("route", ["/customers/c42", "/segments", "/migrations", "/actions"])
 def test_a_store_that_does_not_answer_is_a_503_with_retry_after(kind: str, status: int,

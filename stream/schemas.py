@@ -318,9 +318,11 @@ def _decode(kind: str, key: bytes | None, value: bytes | None, max_bytes: int,
     try:
         doc = orjson.loads(text)
     except orjson.JSONDecodeError as exc:
-        doc = _loads_wide_numbers(text) if _OUT_OF_DOUBLE in str(exc) else None
+        why = str(exc)
+        doc = (_loads_wide_numbers(text) if _OUT_OF_DOUBLE in why else
+               _loads_deep(text) if _TOO_DEEP in why else None)
         if doc is None:
-            return Rejection("not_json", str(exc))
+            return Rejection("not_json", why)
     if not isinstance(doc, dict):
         return Rejection("invalid_schema", f"expected a JSON object, got {type(doc).__name__}")
     event = _plain_event(kind, doc)
@@ -359,6 +361,89 @@ def _decode(kind: str, key: bytes | None, value: bytes | None, max_bytes: int,
 _OUT_OF_DOUBLE = "number is infinity when parsed as double"
 #: Longer integers are read as floats (infinite): Python refuses to convert them exactly.
 _MAX_INT_DIGITS = 4000
+
+
+#: How orjson refuses a document nested deeper than it reads (1,024 levels).
+_TOO_DEEP = "depth limit exceeded"
+#: Containers this deep are checked and then read as ``null``: no field the engine reads
+#: lies this deep, and a click's ``properties`` deeper than 8 levels is refused anyway.
+_DEEP_CUT = 64
+_TOKEN = re.compile(
+    r'[ \t\n\r]*(?:(?P<p>[\[\]{},:])'
+    r'|(?P<s>"(?:[^"\\\x00-\x1f]|\\(?:["\\/bfnrt]|u[0-9a-fA-F]{4}))*")'
+    r'|(?P<n>-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?)'
+    r'|(?P<l>true|false|null))')
+_END = re.compile(r"[ \t\n\r]*")
+
+
+def _loads_deep(text: str) -> Any:
+    """A document orjson refused only for its depth, or None when it is not JSON.
+
+    Valid JSON of any depth is a valid record as long as the fields the engine reads are
+    right (``items``, unknown fields: any JSON value, so a purchase is not lost over one).
+    The whole text is checked as JSON without recursion; containers nested more than
+    ``_DEEP_CUT`` levels are then read as ``null`` (what they held is never read), and the
+    rest by orjson (or, for numbers beyond a double, :func:`_loads_wide_numbers`).
+
+    >>> _loads_deep('{"amount": 1, "items": ' + "[" * 3000 + "]" * 3000 + "}")["amount"]
+    1
+    >>> _loads_deep('{"items": ' + "[" * 3000 + "]" * 2999 + "}") is None
+    True
+    """
+    out: list[str] = []
+    stack: list[str] = []  # the open containers' brackets
+    # what may come next: value, value or ], key or }, key, colon, comma, end
+    expect = "value"
+    pos = 0
+    cut_at = -1  # where in ``out`` the container being cut began, or -1
+    while (m := _TOKEN.match(text, pos)) is not None:
+        kind, pos = m.lastgroup, m.end()
+        tok = m.group(kind or 0)
+        if tok in ("[", "{") and kind == "p":
+            if expect not in ("value", "value]"):
+                return None
+            stack.append(tok)
+            expect = "value]" if tok == "[" else "key}"
+            if len(stack) == _DEEP_CUT + 1 and cut_at < 0:
+                cut_at = len(out)
+                continue
+        elif tok in ("]", "}") and kind == "p":
+            if not stack or stack.pop() != ("[" if tok == "]" else "{") or expect not in (
+                    "value]" if tok == "]" else "key}", "comma"):
+                return None
+            expect = "comma" if stack else "end"
+            if cut_at >= 0 and len(stack) == _DEEP_CUT:
+                del out[cut_at:]
+                out.append(" null")
+                cut_at = -1
+                continue
+        elif tok == "," and kind == "p":
+            if expect != "comma":
+                return None
+            expect = "value" if stack[-1] == "[" else "key"
+        elif tok == ":" and kind == "p":
+            if expect != "colon":
+                return None
+            expect = "value"
+        elif kind == "s" and expect in ("key", "key}"):
+            if "\\u" in tok and _loads_wide_numbers(tok) is None:
+                return None  # a lone surrogate, refused as orjson refuses it
+            expect = "colon"
+        else:
+            if expect not in ("value", "value]"):
+                return None
+            if kind == "s" and "\\u" in tok and _loads_wide_numbers(tok) is None:
+                return None
+            expect = "comma" if stack else "end"
+        if cut_at < 0:
+            out.append(text[m.start():pos])
+    if expect != "end" or _END.match(text, pos).end() != len(text):  # type: ignore[union-attr]
+        return None
+    shallow = "".join(out)
+    try:
+        return orjson.loads(shallow)
+    except orjson.JSONDecodeError as exc:
+        return _loads_wide_numbers(shallow) if _OUT_OF_DOUBLE in str(exc) else None
 
 
 def _int_or_float(text: str) -> int | float:

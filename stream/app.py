@@ -336,6 +336,43 @@ class LeanApp(faust.App):
         return deps
 
 
+def check_worker_host(settings: Settings) -> None:
+    """Refuse, naming the setting, a listen address the worker's web server cannot bind and
+    a data directory it cannot write, before anything starts (they failed later as
+    tracebacks that named neither)."""
+    import errno
+    import socket
+    import tempfile
+
+    from stream.errors import SettingsError
+
+    host, port = settings.web_host, settings.web_port
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise SettingsError(f"SEGSTREAM_WEB_HOST: cannot listen on {host!r}: "
+                            f"{getattr(exc, 'strerror', None) or exc}") from None
+    family, kind, proto, _, addr = infos[0]
+    try:
+        with socket.socket(family, kind, proto) as sock:
+            # As the server binds: a port still in TIME_WAIT is free to it.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(addr)
+    except OSError as exc:
+        which = "SEGSTREAM_WEB_PORT" if exc.errno in (errno.EADDRINUSE, errno.EACCES) \
+            else "SEGSTREAM_WEB_HOST"
+        raise SettingsError(f"{which}: cannot listen on {host}:{port}: "
+                            f"{exc.strerror or exc}") from None
+    try:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=settings.data_dir):
+            pass
+    except OSError as exc:
+        raise SettingsError(f"SEGSTREAM_DATA_DIR: cannot write to {settings.data_dir}: "
+                            f"{exc.strerror or exc}") from None
+
+
 def use_event_loop(settings: Settings) -> None:
     """Select the worker's event loop (``SEGSTREAM_EVENT_LOOP``) before anything makes one.
 

@@ -116,12 +116,19 @@ def worker() -> None:
     """Run a Faust worker of the engine in this process (signals reach it)."""
     from faust.worker import Worker
 
-    from stream.app import create_engine, tune_gc, use_event_loop, watch_gc
+    from stream.app import (
+        check_worker_host,
+        create_engine,
+        tune_gc,
+        use_event_loop,
+        watch_gc,
+    )
     from stream.kafka import check_codecs, ensure_topics
     from stream.redisconn import check_eviction, check_lateness, check_redis
 
     s = _settings()
     check_codecs()  # a compressed batch it cannot read would crash the worker for good
+    check_worker_host(s)  # its web server's address and its data directory
     use_event_loop(s)
     redact.install_from_settings(s)
     check_redis(s)  # a wrong password or TLS setting fails here, naming the setting
@@ -422,9 +429,20 @@ async def _with_store(s: Settings, fn: Any) -> Any:
         await r.aclose()
 
 
+def _stored_id(customer_id: str) -> None:
+    """Refuse, as a bad argument, an id the input schema refuses (no such id is stored)."""
+    from stream.schemas import MAX_ID_CHARS, _id_ok
+
+    if not _id_ok(customer_id):
+        raise typer.BadParameter(
+            f"the customer id must have 1 to {MAX_ID_CHARS} characters, not only whitespace "
+            "and no control character", param_hint="CUSTOMER_ID")
+
+
 @app.command()
 def customer(customer_id: str, json_: JsonOpt = False) -> None:
     """A customer's features, scores, segments and migration history."""
+    _stored_id(customer_id)
     s = _settings()
     doc = customer_doc(s, customer_id)
     if doc is None:
@@ -512,14 +530,10 @@ def models(json_: JsonOpt = False) -> None:
 def forget(customer_id: str, json_: JsonOpt = False) -> None:
     """Erase a customer everywhere the engine keeps data and publish a tombstone."""
     from stream import forget as erase
-    from stream.schemas import MAX_ID_CHARS, _id_ok
 
     # Ids the input schema refuses were never stored: erasing one would only publish a
     # tombstone for a key no migration has.
-    if not _id_ok(customer_id):
-        raise typer.BadParameter(
-            f"the customer id must have 1 to {MAX_ID_CHARS} characters, not only whitespace "
-            "and no control character", param_hint="CUSTOMER_ID")
+    _stored_id(customer_id)
     from stream.kafka import check_partitions
     from stream.redisconn import check_redis
 

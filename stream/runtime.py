@@ -236,7 +236,8 @@ class ScoringRuntime:
             log.error("rules not reloaded, keeping version %s: %s", self.catalogue.version, exc)
             return
         if cat.version != self.catalogue.version or acts.version != self.actions.version:
-            log.info("rules reloaded: %s -> %s", self.catalogue.version, cat.version)
+            log.info("rules reloaded: catalogue %s -> %s, actions %s -> %s",
+                     self.catalogue.version, cat.version, self.actions.version, acts.version)
             self.catalogue, self.actions = cat, acts
             self.published_rules = False
 

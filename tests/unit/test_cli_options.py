@@ -392,16 +392,18 @@ def test_native_names_a_bad_setting_without_a_traceback(tmp_path: Path, env: dic
         assert why in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
+@pytest.mark.parametrize("command", ["forget", "customer"])
 @pytest.mark.parametrize("cid", ["", "   ", "a\x01b", "x" * 257, "a\u2028b"])
-def test_forget_refuses_an_id_the_input_schema_refuses(monkeypatch: pytest.MonkeyPatch,
-                                                       cid: str) -> None:
-    """Such an id was never stored; erasing it only published a tombstone keyed by it."""
+def test_forget_and_customer_refuse_an_id_the_input_schema_refuses(
+        monkeypatch: pytest.MonkeyPatch, cid: str, command: str) -> None:
+    """Such an id was never stored: erasing it only published a tombstone keyed by it, and
+    looking it up echoed all of it back (100 KB) as unknown."""
     def touched(*_a: Any, **_kw: Any) -> Any:
         raise AssertionError("reached Redis or Kafka")
 
     monkeypatch.setattr("stream.forget.publish_tombstone", touched)
     monkeypatch.setattr(cli, "_with_store", touched)
-    result = run("forget", cid)
+    result = run(command, cid)
     assert result.exit_code == 2, result.output
     assert "CUSTOMER_ID" in _text(result)
 

@@ -392,3 +392,32 @@ def test_a_redis_url_option_a_cluster_client_refuses_names_the_url(
     with pytest.raises(SettingsError, match="SEGSTREAM_REDIS_URL: a Redis Cluster client "
                                             "takes no option"):
         load_settings()
+
+
+def test_a_worker_refuses_a_listen_address_or_data_dir_it_cannot_use(tmp_path) -> None:
+    """Each names its setting before anything starts (they used to end in tracebacks)."""
+    import socket
+
+    from stream.app import check_worker_host
+    from stream.errors import SettingsError
+    from stream.settings import load_settings
+
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    port = held.getsockname()[1]
+    try:
+        with pytest.raises(SettingsError, match=r"SEGSTREAM_WEB_PORT.*in use"):
+            check_worker_host(load_settings(web_port=port, data_dir=tmp_path))
+    finally:
+        held.close()
+    check_worker_host(load_settings(web_port=port, data_dir=tmp_path))  # free again
+    for host in ("nosuch.invalid", "999.1.1.1"):
+        with pytest.raises(SettingsError, match="SEGSTREAM_WEB_HOST"):
+            check_worker_host(load_settings(web_host=host, data_dir=tmp_path))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(SettingsError, match="SEGSTREAM_DATA_DIR"):
+        check_worker_host(load_settings(data_dir=blocker / "below"))
+    check_worker_host(load_settings(data_dir=tmp_path / "new" / "dir"))
+    assert (tmp_path / "new" / "dir").is_dir()

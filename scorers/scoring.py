@@ -529,9 +529,10 @@ def _segments(c: CustomerInput, f: dict[str, Any], scores: dict[str, Any],
     catalogue = ctx.catalogue
     assert catalogue is not None
     values = {**f, **scores}
+    # A scheme taken out of the catalogue keeps its customers where they are (and its
+    # counts): its migration chains end in their last segment, and go on from there if the
+    # scheme comes back. The views show only the catalogue's schemes.
     segments = dict(current_segments)
-    for gone in [s for s in segments if s not in catalogue.schemes]:
-        o.add(SEGMENT_HASH, f"{gone}|{segments.pop(gone)[0]}", -1)
     for name, scheme in catalogue.schemes.items():
         if name not in moving:
             continue

@@ -138,7 +138,7 @@ class EngineBackend:
     async def _sample_redis(self, s: Any, store: Any, r: Any, owned: list[int],
                             t: float) -> None:
         with self.metrics.redis_call("read"):
-            seg = await queries.segments_doc(s, r, store)
+            seg = await queries.segments_doc(s, r, store, self._schemes())
             acts = await queries.actions_doc(s, store)
         self.segment_sizes = seg["schemes"]
         self.actions_rows = acts["actions"]
@@ -158,6 +158,11 @@ class EngineBackend:
             self.segment_history.setdefault(scheme, collections.deque(maxlen=HISTORY)).append(
                 {"t": int(t * 1000), "sizes": dict(sizes)})
 
+    def _schemes(self) -> Any:
+        """The live catalogue's schemes (None before the runtime is up: all of them)."""
+        runtime = self.engine.runtime
+        return runtime.catalogue.schemes if runtime is not None else None
+
     # -- ApiBackend ------------------------------------------------------------------------
     async def customer(self, customer_id: str) -> dict[str, Any] | None:
         e = self.engine
@@ -172,7 +177,7 @@ class EngineBackend:
         e.ensure()
         assert e.store is not None and e.redis is not None
         async with self._reads:
-            return await queries.segments_doc(e.settings, e.redis, e.store)
+            return await queries.segments_doc(e.settings, e.redis, e.store, self._schemes())
 
     async def migrations(self, since: str | None, limit: int) -> dict[str, Any]:
         e = self.engine

@@ -469,8 +469,12 @@ def customer(customer_id: str, json_: JsonOpt = False) -> None:
 @app.command()
 def segments(json_: JsonOpt = False) -> None:
     """Segment sizes per scheme."""
+    from stream.runtime import load_rules
+
     s = _settings()
-    doc = asyncio.run(_with_store(s, lambda r, store: queries.segments_doc(s, r, store)))
+    schemes = load_rules(s)[0].schemes  # the catalogue's (a scheme taken out keeps counts)
+    doc = asyncio.run(_with_store(s, lambda r, store: queries.segments_doc(s, r, store,
+                                                                           schemes)))
     if json_:
         _print_json(doc)
         return

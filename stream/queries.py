@@ -5,6 +5,7 @@ Each function reads Redis only; the shapes are the contract of DESIGN §6.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 import orjson
@@ -40,13 +41,14 @@ async def customer_doc(s: Settings, r: aioredis.Redis, store: RedisFeatureStore,
     ctx = runtime.context(now)
     ctx.label_options = None  # a read must not look like an observation
     outcome = evaluate([CustomerInput(customer_id, state, profile)], ctx)[0]
+    schemes = ctx.catalogue.schemes if ctx.catalogue is not None else profile.segments
     return {
         "customer_id": customer_id,
         "as_of": iso(now),
         "features": derive(state, now),
         "scores": outcome.scores,
-        "segments": {k: v[0] for k, v in profile.segments.items()},
-        "segments_since": {k: iso(v[1]) for k, v in profile.segments.items()},
+        "segments": {k: v[0] for k, v in profile.segments.items() if k in schemes},
+        "segments_since": {k: iso(v[1]) for k, v in profile.segments.items() if k in schemes},
         "history": [
             {"at": iso(h[0]), "scheme": h[1], "from_segment": h[2], "to_segment": h[3],
              "migration_id": h[4], "action_id": h[5] if len(h) > 5 else None}
@@ -56,14 +58,18 @@ async def customer_doc(s: Settings, r: aioredis.Redis, store: RedisFeatureStore,
     }
 
 
-async def segments_doc(s: Settings, r: aioredis.Redis, store: RedisFeatureStore
-                       ) -> dict[str, Any]:
-    """``{"as_of", "schemes": {scheme: {segment: count}}}`` summed over partitions."""
+async def segments_doc(s: Settings, r: aioredis.Redis, store: RedisFeatureStore,
+                       only: Collection[str] | None = None) -> dict[str, Any]:
+    """``{"as_of", "schemes": {scheme: {segment: count}}}`` summed over partitions, of
+    the schemes in ``only`` when given (a scheme taken out of the catalogue keeps its
+    customers' last segments, and counts, in case it comes back)."""
     tables = await store.read_tables(SEGMENT_HASH, range(s.partitions))
     schemes: dict[str, dict[str, int]] = {}
     for rows in tables.values():
         for fld, n in rows.items():
             scheme, _, segment = fld.partition("|")
+            if only is not None and scheme not in only:
+                continue
             bucket = schemes.setdefault(scheme, {})
             bucket[segment] = bucket.get(segment, 0) + n
     out = {k: dict(sorted(v.items(), key=lambda kv: -kv[1])) for k, v in sorted(schemes.items())}

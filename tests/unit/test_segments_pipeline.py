@@ -258,6 +258,54 @@ def test_a_move_recurring_at_one_engine_time_gets_a_new_id() -> None:
     assert len({m["at"] for m in moves}) == 1
 
 
+def test_a_scheme_taken_out_and_put_back_continues_its_chains() -> None:
+    """Taking a scheme out of the catalogue used to drop its customers without a migration,
+    and putting it back placed them again from null: two first placements in one chain."""
+    two = load_catalogue(SPEND_RULES % {"dwell": 0, "hyst": ""} + """
+  tier:
+    segments:
+      - {name: Buyer, when: "purchases_total >= 1"}
+    fallback: Browser
+""")
+    one = load_catalogue("""
+schemes:
+  tier:
+    segments:
+      - {name: Buyer, when: "purchases_total >= 1"}
+    fallback: Browser
+""")
+    h = Harness(two)
+    h.buy([("c1", T0, 150.0), ("c2", T0, 5.0)])
+    for cat in (one, two):
+        h.scoring.catalogue = cat
+        h.sweep()
+    h.scoring.catalogue = one
+    h.buy([("c1", T0 + DAY, 1.0)])  # moves while the scheme is out: nothing in it
+    h.scoring.catalogue = two
+    h.sweep()
+    h.buy([("c2", T0 + 2 * DAY, 150.0)])  # back in: c2 moves on from where it was
+    moves = h.sink.migrations()
+    spend = [(m["customer_id"], m["from_segment"], m["to_segment"])
+             for m in moves if m["scheme"] == "spend"]
+    assert spend == [("c1", None, "High"), ("c2", None, "Low"), ("c2", "Low", "High")]
+    assert _chains_in_topic_order(moves)
+    assert len({m["migration_id"] for m in moves}) == len(moves)
+    # The counts never lost the scheme's customers while it was out.
+    counts: dict[str, int] = defaultdict(int)
+    for rows in asyncio.run(h.store.read_tables("seg", [0])).values():
+        for fld, n in rows.items():
+            counts[fld] += n
+    assert {k: v for k, v in counts.items() if k.startswith("spend|") and v} == {
+        "spend|High": 2}
+    # The views show the catalogue's schemes only.
+    from stream.queries import segments_doc
+
+    shown = asyncio.run(segments_doc(h.s, None, h.store, one.schemes))  # type: ignore[arg-type]
+    assert set(shown["schemes"]) == {"tier"}
+    assert set(asyncio.run(segments_doc(h.s, None, h.store))["schemes"]) == {  # type: ignore
+        "tier", "spend"}
+
+
 def _chains_in_topic_order(migrations: list[dict[str, Any]]) -> bool:
     last: dict[tuple[str, str], str | None] = {}
     for m in migrations:

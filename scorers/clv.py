@@ -113,6 +113,10 @@ def fit_bgnbd(x: ArrayLike, t_x: ArrayLike, T: ArrayLike) -> BgNbdParams:
     if not (x > 0).any() or not (T > 0).any():
         raise ValueError("BG/NBD needs customers with repeat purchases and some time "
                          "observed (bgnbd_frequency > 0 and bgnbd_T > 0)")
+    if not (np.isfinite(x) & np.isfinite(t_x) & np.isfinite(T)).all() or (
+            (x < 0) | (t_x < 0) | (t_x > T)).any():
+        raise ValueError("BG/NBD inputs out of range: every customer needs "
+                         "0 <= bgnbd_recency <= bgnbd_T and bgnbd_frequency >= 0")
     rows, weights = np.unique(np.column_stack([x, t_x, T]), axis=0, return_counts=True)
     ux, ut, uT = rows[:, 0], rows[:, 1], rows[:, 2]
     # Work in a time unit where T is about 10, as the likelihood is badly scaled in days.
@@ -131,9 +135,11 @@ def fit_bgnbd(x: ArrayLike, t_x: ArrayLike, T: ArrayLike) -> BgNbdParams:
                                 "maxfev": 40_000})
         res = minimize(nll, res.x, method="L-BFGS-B", bounds=bounds,
                        options={"ftol": 1e-15, "gtol": 1e-10})
-        if best is None or res.fun < best.fun:
+        if best is None or res.fun < best.fun or not np.isfinite(best.fun):
             best = res
     assert best is not None
+    if not np.isfinite(best.fun):
+        raise ValueError("the BG/NBD likelihood is not finite at any point tried")
     r, alpha, a, b = np.exp(best.x)
     return BgNbdParams(float(r), float(alpha / scale), float(a), float(b))
 
@@ -261,9 +267,11 @@ def fit_gamma_gamma(x: ArrayLike, m: ArrayLike) -> GammaGammaParams:
                                                "maxiter": 20_000, "maxfev": 40_000})
         res = minimize(nll, res.x, method="L-BFGS-B", bounds=bounds,
                        options={"ftol": 1e-15, "gtol": 1e-10})
-        if best is None or res.fun < best.fun:
+        if best is None or res.fun < best.fun or not np.isfinite(best.fun):
             best = res
     assert best is not None
+    if not np.isfinite(best.fun):
+        raise ValueError("the Gamma-Gamma likelihood is not finite at any point tried")
     p, q, v = np.exp(best.x)
     return GammaGammaParams(float(p), float(q), float(v))
 

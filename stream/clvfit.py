@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 
 from features import serial
-from features.state import derive
+from features.state import derive, last_activity_ts
 from features.store import RedisFeatureStore
 from scorers import clv
 from stream.errors import SegstreamError
@@ -44,7 +44,12 @@ async def refit_clv(settings: Settings, r: AsyncRedis, store: RedisFeatureStore
     now = await store.now()
     rows = []
     async for _, _, blob in store.iter_customers(settings.partitions):
-        f = derive(serial.decode(blob), now)
+        state = serial.decode(blob)
+        # A customer committed while the scan runs may hold events past the engine time
+        # read before it (a replay or catch-up under way): each is observed up to its own
+        # newest event then, not before its purchases (T < 0 made the likelihood NaN, and
+        # the optimiser's starting point was stored as a fit).
+        f = derive(state, max(now, last_activity_ts(state)))
         if f["bgnbd_frequency"] is not None:
             rows.append((f["bgnbd_frequency"], f["bgnbd_recency"], f["bgnbd_T"],
                          f["bgnbd_monetary"]))
@@ -60,8 +65,11 @@ async def refit_clv(settings: Settings, r: AsyncRedis, store: RedisFeatureStore
         raise SegstreamError("every purchasing customer is new today; nothing to fit")
     if not any(f > 0 and s > 0 for f, s in zip(x, m, strict=True)):
         raise SegstreamError("no repeat purchase of positive spend yet; nothing to fit")
-    bg = clv.fit_bgnbd(x, t_x, t_big)
-    gg = clv.fit_gamma_gamma(x, m)
+    try:
+        bg = clv.fit_bgnbd(x, t_x, t_big)
+        gg = clv.fit_gamma_gamma(x, m)
+    except ValueError as exc:
+        raise SegstreamError(f"no fit stored: {exc}") from None
     doc: dict[str, Any] = {"customers": len(rows), "as_of": now, "bgnbd": bg.to_json(),
                            "gamma_gamma": {"p": gg.p, "q": gg.q, "v": gg.v}}
     keys = registry_keys(settings.redis_prefix)

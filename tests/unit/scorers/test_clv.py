@@ -183,6 +183,18 @@ def test_bgnbd_refuses_data_that_cannot_identify_it(x, t_x, big_t) -> None:
         clv.fit_bgnbd(x, t_x, big_t)
 
 
+@pytest.mark.parametrize("x, t_x, big_t", [
+    ([2, 1, 0], [5, 3, 0], [10, -2, 4]),   # a first purchase after the observation end
+    ([2, 1, 0], [5, 9, 0], [10, 6, 4]),    # a repeat purchase after it
+    ([2, 1, 0], [5, 3, 0], [10, float("nan"), 4]),
+])
+def test_bgnbd_refuses_customers_observed_before_their_purchases(x, t_x, big_t) -> None:
+    """Such a row made the likelihood NaN everywhere, and the optimiser's starting point
+    (r = a = b = 1) came back as the fit, which was stored and served."""
+    with pytest.raises(ValueError, match="out of range"):
+        clv.fit_bgnbd(x, t_x, big_t)
+
+
 @pytest.mark.parametrize("x, m", [([0, 0, 0], [0.0, 0.0, 0.0]), ([1, 2], [-5.0, -3.0]),
                                   ([0, 3], [12.0, 0.0])])
 def test_gamma_gamma_refuses_data_without_a_repeat_customer_of_positive_spend(x, m) -> None:

@@ -149,7 +149,8 @@ def test_main_prints_a_settings_error_without_reading_it_as_markup(
 @pytest.mark.parametrize("row", [" 00004 19970101  1   abc", " 00004 1997-01-01  1   1.0",
                                  " 00004 199701012  1   1.0", " X0004 19970101  1   1.0",
                                  " 00004 19970101  1", " 00004 19970101  1   $12.00",
-                                 " 00004 19970101  1   nan"])
+                                 " 00004 19970101  1   nan", " 00004 19970101  1   -3.00",
+                                 " 00004 19970101  1   2e12"])
 def test_replay_cdnow_names_the_file_and_line_of_a_malformed_row(
         no_services: list[str], tmp_path: Path, row: str) -> None:
     path = tmp_path / "cdnow.txt"
@@ -164,7 +165,7 @@ def test_replay_cdnow_reads_a_header_blank_lines_and_crlf(tmp_path: Path) -> Non
     from stream.replay import read_cdnow
 
     path = tmp_path / "cdnow.txt"
-    path.write_bytes(CDNOW.replace("\n", "\r\n").encode() + b"\r\n   \r\n")
+    path.write_bytes(b"\r\n  \r\n" + CDNOW.replace("\n", "\r\n").encode() + b"\r\n   \r\n")
     rows = read_cdnow(path)
     assert [(r.customer_id, r.day, r.quantity, r.amount) for r in rows] == [
         ("00001", "19970101", 1, 11.77), ("00002", "19970112", 1, 12.0),

@@ -162,9 +162,11 @@ def learner() -> None:
 
     from stream.kafka import check_connection
     from stream.learner_service import run
+    from stream.redisconn import check_redis
 
     s = _settings()
     redact.install_from_settings(s)
+    check_redis(s)  # a wrong password, TLS setting or prefix, named as a setting
     check_connection(s)  # an unreachable broker or a refused login, named as a setting
     logging.basicConfig(level=s.log_level,
                         format="[%(asctime)s] [%(process)d] [%(levelname)s] %(message)s")

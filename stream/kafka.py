@@ -103,6 +103,12 @@ def _explain(settings: Settings, exc: BaseException) -> ServiceError:
     if isinstance(exc, aioerrors.UnsupportedSaslMechanismError):
         return ServiceError(f"Kafka at {where} does not offer SASL mechanism "
                             f"{settings.kafka_sasl_mechanism} (SEGSTREAM_KAFKA_SASL_MECHANISM)")
+    if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_code in (62, 64):
+        # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH: the CA is right
+        return ServiceError(
+            f"the TLS certificate of Kafka at {where} does not name that host "
+            f"({exc.verify_message}): use in SEGSTREAM_KAFKA_BOOTSTRAP a name the broker's "
+            "certificate carries (and the broker's advertised.listeners)")
     if isinstance(exc, ssl.SSLCertVerificationError):
         return ServiceError(
             f"the TLS certificate of Kafka at {where} is not trusted ({exc.verify_message}): "

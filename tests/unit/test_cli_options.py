@@ -439,10 +439,24 @@ def test_learner_names_the_bootstrap_setting_when_kafka_is_unreachable(
         raise AssertionError("the learner started without a broker")
 
     monkeypatch.setattr("stream.learner_service.run", learn)
+    monkeypatch.setattr("stream.redisconn.check_redis", lambda _s: None)
     result = run("learner")
     # segstream's main() prints a ServiceError as one line and exits 2
     assert isinstance(result.exception, ServiceError), result.output
     assert "SEGSTREAM_KAFKA_BOOTSTRAP" in str(result.exception)
+
+
+def test_learner_names_the_redis_setting_when_redis_cannot_be_used(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """It used to start, log a warning per assignment and run on without its store."""
+    def learn(*_a: Any) -> None:
+        raise AssertionError("the learner started without Redis")
+
+    monkeypatch.setattr("stream.learner_service.run", learn)
+    monkeypatch.setenv("SEGSTREAM_REDIS_URL", "redis://127.0.0.1:1/0")
+    result = run("learner")
+    assert isinstance(result.exception, ServiceError), result.output
+    assert "SEGSTREAM_REDIS_URL" in str(result.exception)
 
 
 def test_bench_checks_the_services_before_it_builds_or_cleans_anything(

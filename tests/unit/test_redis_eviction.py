@@ -81,3 +81,22 @@ def test_no_answer_or_a_volatile_policy_gets_a_warning(
     with caplog.at_level(logging.WARNING):
         redisconn.check_eviction(load_settings())
     assert "noeviction" in caplog.text
+
+
+@pytest.mark.parametrize("said", [
+    "Error 1 connecting to 10.0.0.5:6380. [SSL: TLSV13_ALERT_CERTIFICATE_REQUIRED] tlsv13 "
+    "alert certificate required (_ssl.c:2580).",
+    "Error 8 connecting to 10.0.0.5:6380. EOF occurred in violation of protocol (_ssl.c:992).",
+])
+def test_a_server_that_wants_a_client_certificate_names_those_settings(
+        monkeypatch: pytest.MonkeyPatch, said: str) -> None:
+    """It used to name the CA file and the host name, which were right."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    class _Refusing(_Client):
+        def ping(self) -> Any:
+            raise RedisConnectionError(said)
+
+    monkeypatch.setattr(redisconn, "redis_sync_client", lambda _s: _Refusing(None))
+    with pytest.raises(SettingsError, match="SEGSTREAM_REDIS_TLS_CERT_FILE"):
+        redisconn.check_redis(load_settings(redis_url="rediss://10.0.0.5:6380/0"))

@@ -139,9 +139,9 @@ class BenchDeployment:
 
     def forget_keys(self, role: str) -> None:
         """Delete the Redis keys of one role (its prefix), e.g. an E run already measured."""
-        import redis
+        from stream.redisconn import redis_sync_client
 
-        r = redis.from_url(self.base.redis_url)
+        r = redis_sync_client(self.base)
         try:
             _unlink_matching(r, f"{self.name}-{role}:*")
         finally:
@@ -167,9 +167,9 @@ class BenchDeployment:
             failed = {"*": repr(exc)}
         if failed:
             print(f"benchmark consumer groups not deleted: {failed}", file=sys.stderr)
-        import redis
+        from stream.redisconn import redis_sync_client
 
-        r = redis.from_url(self.base.redis_url)
+        r = redis_sync_client(self.base)
         try:
             _unlink_matching(r, f"{self.name}*")
         finally:

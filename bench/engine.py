@@ -28,6 +28,7 @@ from bench.deploy import BenchDeployment
 from features.store import Keys
 from scorers.labels import MODELS
 from stream.kafka import end_offsets
+from stream.redisconn import redis_sync_client
 from stream.runtime import registry_keys
 from stream.settings import Settings
 
@@ -208,7 +209,7 @@ def run_engine(dep: BenchDeployment, role: str, workers: int, total: int,
         ends = end_offsets(s, s.input_topics)
     if sum(ends.values()) < total:
         raise BenchError(f"input topics hold {sum(ends.values())} records, expected {total}")
-    r = redis.from_url(s.redis_url)
+    r = redis_sync_client(s)
     counters = [dep.workdir / f"{role}-{i}.counters" for i in range(workers)]
     spawned = time.monotonic()
     procs = [dep.spawn("bench.worker", s, f"{role}-{i}", BENCH_COUNTERS=str(counters[i]))

@@ -99,7 +99,9 @@ def describe(settings: Settings) -> dict[str, Any]:
     """CPU, cores, RAM, Python, Kafka, Redis and the code's git commit."""
     import redis
 
-    r = redis.from_url(settings.redis_url, decode_responses=True)
+    from stream.redisconn import redis_sync_client
+
+    r = redis_sync_client(settings, decode_responses=True)
     try:
         info: dict[str, Any] = r.info("server")  # type: ignore[assignment]
         redis_version = str(info.get("redis_version", "unknown"))

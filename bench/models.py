@@ -16,10 +16,10 @@ them. ``--models cold`` measures the fresh deployment instead.
 from __future__ import annotations
 
 import orjson
-import redis
 
 from bench.profile_scoring import build
 from stream.learner import checkpoint_key
+from stream.redisconn import redis_sync_client
 from stream.runtime import model_key, registry_keys
 from stream.settings import Settings
 
@@ -44,7 +44,7 @@ def seed_serving_models(settings: Settings, customers: int = 1000, seed: int = 1
     clv_doc = {"customers": customers, "as_of": ctx.now_ms, "version": 1,
                "bgnbd": bg.to_json(),
                "gamma_gamma": {"p": gg.p, "q": gg.q, "v": gg.v} if gg else None}
-    r = redis.from_url(settings.redis_url)
+    r = redis_sync_client(settings)
     try:
         pipe = r.pipeline(transaction=False)
         for name, blob in blobs.items():

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import redis
 from kafka.errors import KafkaError
 from rich.console import Console
 from rich.progress import (
@@ -40,7 +39,7 @@ from bench.engine import (
 from bench.limit import RateResult, run_limit
 from bench.models import seed_serving_models
 from stream.kafka import check_connection, end_offsets
-from stream.redisconn import check_redis
+from stream.redisconn import check_redis, redis_sync_client
 from stream.settings import Settings, load_settings
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -130,7 +129,7 @@ def run_floor(dep: BenchDeployment, expect: int) -> tuple[RateResult, float | No
 
 def redis_memory(s: Settings, used_before: float) -> dict[str, Any]:
     """Memory of the engine's keys: ``used_memory`` delta and ``MEMORY USAGE`` of every key."""
-    r = redis.from_url(s.redis_url)
+    r = redis_sync_client(s)
     try:
         used_after = float(r.info("memory")["used_memory"])  # type: ignore[index]
         customers = 0
@@ -179,7 +178,7 @@ def redis_memory(s: Settings, used_before: float) -> dict[str, Any]:
 
 
 def _used_memory(s: Settings) -> float:
-    r = redis.from_url(s.redis_url)
+    r = redis_sync_client(s)
     try:
         return float(r.info("memory")["used_memory"])  # type: ignore[index]
     finally:

@@ -127,9 +127,10 @@ def redis_client(settings: Settings) -> AsyncRedis:
         aioredis.from_url(settings.redis_url, health_check_interval=30, **kw))
 
 
-def redis_sync_client(settings: Settings, timeout_s: float | None = None) -> SyncRedis:
+def redis_sync_client(settings: Settings, timeout_s: float | None = None,
+                      **extra: Any) -> SyncRedis:
     """The blocking twin of :func:`redis_client` (CLI commands, health checks, benchmarks)."""
-    kw = connection_kwargs(settings)
+    kw = {**connection_kwargs(settings), **extra}
     if timeout_s is not None:
         kw["socket_timeout"] = kw["socket_connect_timeout"] = timeout_s
     if settings.redis_cluster:

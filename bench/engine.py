@@ -233,8 +233,9 @@ def run_engine(dep: BenchDeployment, role: str, workers: int, total: int,
                                      f"{dep.log_tail(f'{role}-{i}')}")
             if first is None:
                 # The workers' metrics before the watermarks E starts from: a worker counts a
-                # batch just after committing it, so every batch counted here is already in
-                # the watermarks read next, and the per-worker account covers what E measures.
+                # batch once evaluated, so every batch counted here is in the watermarks read
+                # next but for one whose commit is still under way in the background, and the
+                # per-worker account covers what E measures but for that batch.
                 before = [breakdown.scrape(dep.metrics_url(p), token) for p in procs]
             done = watermark_progress(r, s, ends)
             now = time.monotonic()

@@ -95,17 +95,22 @@ def status(json_: JsonOpt = False) -> None:
     from stream import services
 
     s = _settings()
-    h = services.health(s)
-    doc = {"kafka": {"bootstrap": s.kafka_bootstrap, "healthy": h.kafka},
-           "redis": {"url": redacted_url(s.redis_url), "healthy": h.redis},
-           "api": s.api_url}
+    h = services.diagnose(s)
+    doc: dict[str, Any] = {
+        "kafka": {"bootstrap": s.kafka_bootstrap, "healthy": h.kafka},
+        "redis": {"url": redacted_url(s.redis_url), "healthy": h.redis},
+        "api": s.api_url}
+    for name, why in (("kafka", h.kafka_reason), ("redis", h.redis_reason)):
+        if why:
+            doc[name]["reason"] = why
     if json_:
         _print_json(doc)
     else:
         out = Console()  # the report is the command's output: stdout, as segments' table
         for name in ("kafka", "redis"):
-            ok = doc[name]["healthy"]  # type: ignore[index]
-            out.print(f"{name}: {'[green]healthy' if ok else '[red]down'}")
+            ok, why = doc[name]["healthy"], doc[name].get("reason")
+            out.print(f"{name}: {'[green]healthy' if ok else '[red]down'}"
+                      + (f" ({escape(why)})" if why else ""))
         out.print(f"api: {escape(str(doc['api']))}")
     if not (h.kafka and h.redis):
         raise typer.Exit(1)

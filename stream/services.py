@@ -19,6 +19,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 from stream.errors import ServiceError, SettingsError
@@ -34,6 +35,9 @@ START_TIMEOUT_S = 120.0
 class Health:
     kafka: bool
     redis: bool
+    #: why a service is not usable, naming the setting to fix (``diagnose`` only)
+    kafka_reason: str | None = None
+    redis_reason: str | None = None
 
 
 def _hostport(bootstrap: str) -> tuple[str, int]:
@@ -102,6 +106,29 @@ def redis_healthy(settings: Settings) -> bool:
 
 def health(settings: Settings) -> Health:
     return Health(kafka=kafka_healthy(settings), redis=redis_healthy(settings))
+
+
+def diagnose(settings: Settings) -> Health:
+    """Whether the engine can use each service, with the reason when not: the checks every
+    command runs first (TLS, credentials, the deployment's key prefix), so a rejected
+    password is told apart from a server that is down, in about a second."""
+    from stream.errors import SegstreamError
+    from stream.kafka import check_connection
+    from stream.redisconn import check_redis
+
+    def reason(check: Any) -> str | None:
+        try:
+            check()
+        except SegstreamError as exc:
+            return str(exc)
+        return None
+
+    kafka_reason = reason(lambda: check_connection(settings, wait_s=5.0))
+    if kafka_reason is None and not kafka_healthy(settings):
+        kafka_reason = (f"Kafka at {settings.kafka_bootstrap} took the connection but did "
+                        "not answer a metadata request (SEGSTREAM_KAFKA_BOOTSTRAP)")
+    redis_reason = reason(lambda: check_redis(settings))
+    return Health(kafka_reason is None, redis_reason is None, kafka_reason, redis_reason)
 
 
 def _pid_alive(pid_file: Path) -> int | None:

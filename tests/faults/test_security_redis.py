@@ -207,3 +207,19 @@ def test_a_password_rotated_under_a_running_worker_names_the_setting_and_loses_n
     df = df[df["date"] < UNTIL]
     _, feats = dep.features()
     assert cdnow_oracle.mismatches(cdnow_oracle.expected_features(df), feats) == []
+
+
+def test_status_says_why_the_engine_cannot_use_redis(tls, make_deployment) -> None:
+    """It said "down" for a refused password (the server was up) and "healthy" for a user
+    that may not touch the deployment's keys; now it gives every command's reason."""
+    for env, named in ((engine_env(tls, tls.url(password="not-the-password")),
+                        "SEGSTREAM_REDIS_URL"),
+                       ({**engine_env(tls), "SEGSTREAM_REDIS_PREFIX": "someone-else:"},
+                        "SEGSTREAM_REDIS_PREFIX")):
+        dep = make_deployment(partitions=1, **env)
+        proc = dep.cli("status", "--json", check=False, timeout=120)
+        assert proc.returncode == 1, proc.stderr
+        doc = orjson.loads(proc.stdout)
+        assert doc["redis"]["healthy"] is False and named in doc["redis"]["reason"], doc
+        assert doc["kafka"]["healthy"] is True, doc
+        assert "not-the-password" not in proc.stdout + proc.stderr

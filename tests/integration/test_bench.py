@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
+from stream.settings import load_settings
+
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 DESIGN_KEYS = ("limit_eps", "faust_floor_eps", "engine_eps", "redis_roundtrips_per_event",
@@ -85,10 +87,11 @@ def test_small_bench_reports_every_figure(services: dict[str, str], tmp_path: Pa
     assert doc["engine"]["dead_letters"] == {}, "the benchmark's own input is all valid"
     # The worker's own account of E: the records of its batches cover what E measured (its
     # metrics are read before the watermarks E starts from; a record fetched again after
-    # the consumer group's first rebalance counts twice), and its CPU per record is the
-    # worker's CPU over them.
+    # the consumer group's first rebalance counts twice), but for one batch: a batch is
+    # counted once evaluated, and its commit may still be under way in the background
+    # when the watermarks are read. Its CPU per record is the worker's CPU over them.
     (own,) = doc["engine"]["per_worker"]
-    assert own["records"] >= doc["engine"]["events_measured"], own
+    assert own["records"] >= doc["engine"]["events_measured"] - load_settings().batch_max, own
     assert own["batches"] > 0 and own["stages"]["evaluate"]["mean_ms"] > 0, own
     assert 0 < own["cpu_us_per_record"] <= doc["engine"]["worker_cpu_s"] / own["records"] \
         * 1e6 * 1.5, own

@@ -266,7 +266,7 @@ def test_a_store_failure_after_the_check_still_names_the_setting(
 
     monkeypatch.setattr("stream.redisconn.check_redis", lambda _s: None)
 
-    async def failing(_s: Any, _r: Any, _store: Any) -> Any:
+    async def failing(_s: Any, _r: Any, _store: Any, _only: Any = None) -> Any:
         raise StoreUnavailable("redis read failed: Connection reset by peer")
 
     monkeypatch.setattr("stream.queries.segments_doc", failing)
@@ -286,6 +286,7 @@ def test_status_and_up_never_print_the_redis_password(
 
     monkeypatch.setenv("SEGSTREAM_REDIS_URL", url)
     monkeypatch.setattr(services, "health", lambda _s: services.Health(True, True))
+    monkeypatch.setattr(services, "diagnose", lambda _s: services.Health(True, True))
     monkeypatch.setattr(services, "up", lambda _s: {"kafka": "reused", "redis": "reused"})
     result = run(*command)
     assert result.exit_code == 0, result.output
@@ -310,7 +311,7 @@ def test_status_json_gives_an_api_url_a_client_can_open(
 
     monkeypatch.setenv("SEGSTREAM_WEB_HOST", host)
     monkeypatch.setenv("SEGSTREAM_WEB_PORT", "7001")
-    monkeypatch.setattr(services, "health", lambda _s: services.Health(True, True))
+    monkeypatch.setattr(services, "diagnose", lambda _s: services.Health(True, True))
     result = run("status", "--json")
     assert result.exit_code == 0, result.output
     got = json.loads(result.output)["api"]
@@ -488,10 +489,12 @@ def test_status_prints_its_report_on_stdout(monkeypatch: pytest.MonkeyPatch) -> 
     """The report is the command's output (as segments' and customer's), for pipes."""
     from stream import services
 
-    monkeypatch.setattr(services, "health", lambda _s: services.Health(True, False))
+    monkeypatch.setattr(services, "diagnose", lambda _s: services.Health(
+        True, False, redis_reason="SEGSTREAM_REDIS_URL: refused"))
     result = CliRunner().invoke(cli.app, ["status"])
     assert result.exit_code == 1
     assert "kafka: healthy" in result.stdout and "redis: down" in result.stdout, result.stdout
+    assert "SEGSTREAM_REDIS_URL: refused" in result.stdout
 
 
 def test_a_failing_json_command_prints_one_json_document(

@@ -689,9 +689,29 @@ def native(
         raise typer.Exit(1)
 
 
+def _kafka_failed(exc: Exception) -> SegstreamError:
+    """A Kafka client's error after the start-up check passed: the bootstrap broker
+    answered, another did not (often a broker's advertised address, or a certificate
+    that does not name it)."""
+    import os
+
+    bootstrap = os.environ.get("SEGSTREAM_KAFKA_BOOTSTRAP", "127.0.0.1:9092")
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return SegstreamError(
+        f"Kafka at {bootstrap} (SEGSTREAM_KAFKA_BOOTSTRAP) failed: {type(exc).__name__}: "
+        f"{text}; if the bootstrap broker answers, check the brokers' advertised.listeners "
+        "(each must be reachable from here and, with TLS, named in its certificate)")
+
+
 def main() -> None:
+    from aiokafka.errors import KafkaError as AioKafkaError
+    from kafka.errors import KafkaError
+
     try:
-        app()
+        try:
+            app()
+        except (KafkaError, AioKafkaError) as exc:
+            raise _kafka_failed(exc) from None
     except SegstreamError as exc:
         # Messages quote setting values and user input: never read them as markup.
         err.print(f"[red]error:[/red] {escape(str(exc))}")

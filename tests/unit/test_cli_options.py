@@ -542,3 +542,31 @@ def test_wait_with_kafka_down_gives_up_within_its_timeout(
     slept = sum(-w for w in waited if w < 0)
     assert 2 <= slept <= 4, waited  # about the timeout, not UNREACHABLE_WAIT_S
     assert max(w for w in waited if w > 0) <= 3, waited
+
+
+@pytest.mark.parametrize("error", ["kafka", "aiokafka"])
+def test_a_kafka_failure_after_the_check_is_one_line_naming_the_setting(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        error: str) -> None:
+    """The bootstrap broker passed the check, another broker (its advertised address)
+    failed the TLS handshake: a raw traceback named no setting."""
+    if error == "kafka":
+        from kafka.errors import KafkaConnectionError
+    else:
+        from aiokafka.errors import KafkaConnectionError  # type: ignore[assignment]
+
+    def handshake(*_a: Any, **_kw: Any) -> Any:
+        raise KafkaConnectionError("Handshake failed: [SSL: CERTIFICATE_VERIFY_FAILED] "
+                                   "IP address mismatch")
+
+    monkeypatch.setenv("SEGSTREAM_KAFKA_BOOTSTRAP", "127.0.0.1:9093")
+    monkeypatch.setattr("stream.redisconn.check_redis", lambda _s: None)
+    monkeypatch.setattr("stream.kafka.check_connection", lambda *_a, **_kw: None)
+    monkeypatch.setattr("stream.kafka.end_offsets", handshake)
+    monkeypatch.setattr(sys, "argv", ["segstream", "wait", "--timeout", "1"])
+    with pytest.raises(SystemExit) as info:
+        cli.main()
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "SEGSTREAM_KAFKA_BOOTSTRAP" in err and "advertised.listeners" in err, err
+    assert "Traceback" not in err

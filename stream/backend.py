@@ -160,7 +160,7 @@ class EngineBackend:
 
     def _schemes(self) -> Any:
         """The live catalogue's schemes (None before the runtime is up: all of them)."""
-        runtime = self.engine.runtime
+        runtime = getattr(self.engine, "runtime", None)
         return runtime.catalogue.schemes if runtime is not None else None
 
     # -- ApiBackend ------------------------------------------------------------------------

@@ -385,8 +385,7 @@ def _evaluate_one(c: CustomerInput, f: dict[str, Any], x: dict[str, float] | Non
     nba_track = _NbaTrack(profile.nba)
     _actions_on_events(c, nba_track, o, ctx)
     segments, history = profile.segments, profile.history
-    if ctx.catalogue is not None and (moving or any(
-            s not in ctx.catalogue.schemes for s in segments)):
+    if ctx.catalogue is not None and moving:
         segments, history = _segments(c, f, scores, segments, history, nba_track, o, ctx,
                                       moving, batch)
     nba_doc = nba_track.doc()

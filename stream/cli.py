@@ -476,10 +476,11 @@ def customer(customer_id: str, json_: JsonOpt = False) -> None:
 @app.command()
 def segments(json_: JsonOpt = False) -> None:
     """Segment sizes per scheme."""
-    from stream.runtime import load_rules
+    from stream.runtime import load_segment_catalogue
 
     s = _settings()
-    schemes = load_rules(s)[0].schemes  # the catalogue's (a scheme taken out keeps counts)
+    # The catalogue's schemes (one taken out keeps its counts, in case it comes back).
+    schemes = load_segment_catalogue(s).schemes
     doc = asyncio.run(_with_store(s, lambda r, store: queries.segments_doc(s, r, store,
                                                                            schemes)))
     if json_:
@@ -693,9 +694,10 @@ def _kafka_failed(exc: Exception) -> SegstreamError:
     """A Kafka client's error after the start-up check passed: the bootstrap broker
     answered, another did not (often a broker's advertised address, or a certificate
     that does not name it)."""
-    import os
-
-    bootstrap = os.environ.get("SEGSTREAM_KAFKA_BOOTSTRAP", "127.0.0.1:9092")
+    try:
+        bootstrap = load_settings().kafka_bootstrap
+    except Exception:  # the settings were read before: this is only for the message
+        bootstrap = "the bootstrap brokers"
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return SegstreamError(
         f"Kafka at {bootstrap} (SEGSTREAM_KAFKA_BOOTSTRAP) failed: {type(exc).__name__}: "

@@ -383,7 +383,11 @@ async def _read(s: Settings, what: str) -> Any:
         store = RedisFeatureStore(r, s.redis_prefix)
         if what == "now":
             return await store.now()
-        return (await queries.segments_doc(s, r, store), await queries.actions_doc(s, store))
+        from stream.runtime import load_segment_catalogue
+
+        schemes = load_segment_catalogue(s).schemes
+        return (await queries.segments_doc(s, r, store, schemes),
+                await queries.actions_doc(s, store))
     finally:
         await r.aclose()
 

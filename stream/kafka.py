@@ -201,7 +201,9 @@ def check_connection(settings: Settings, timeout_s: float = CHECK_TIMEOUT_S,
     if wait_s is None:
         wait_s = UNREACHABLE_WAIT_S
     deadline = time.monotonic() + wait_s
-    timeout_s = min(timeout_s, max(wait_s, 1.0))
+    # A short wait shortens the handshake too, but never below what a remote TLS broker
+    # needs to answer.
+    timeout_s = min(timeout_s, max(wait_s, 5.0))
     failure = _run(_probe(settings, timeout_s))
     while failure is not None and _nobody_listening(failure) and time.monotonic() < deadline:
         time.sleep(1.0)

@@ -83,15 +83,22 @@ def model_key(prefix: str, name: str) -> str:
     return f"{prefix}model:{name}"
 
 
-def load_rules(settings: Settings) -> tuple[Any, Any]:
-    """The segment catalogue and action catalogue the settings point at (or the defaults)."""
-    from scorers import nba, rules
+def load_segment_catalogue(settings: Settings) -> Any:
+    """The segment catalogue the settings point at (or the default one)."""
+    from scorers import rules
 
     try:
-        cat = (rules.load_catalogue(settings.rules_path) if settings.rules_path
-               else rules.default_catalogue())
+        return (rules.load_catalogue(settings.rules_path) if settings.rules_path
+                else rules.default_catalogue())
     except rules.RulesError as exc:
         raise SettingsError(f"SEGSTREAM_RULES_PATH: {exc}") from None
+
+
+def load_rules(settings: Settings) -> tuple[Any, Any]:
+    """The segment catalogue and action catalogue the settings point at (or the defaults)."""
+    from scorers import nba
+
+    cat = load_segment_catalogue(settings)
     schemes = {name: list(s.segment_names) for name, s in cat.schemes.items()}
     try:
         acts = (nba.load_actions(settings.actions_path, schemes) if settings.actions_path

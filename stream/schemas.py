@@ -319,8 +319,11 @@ def _decode(kind: str, key: bytes | None, value: bytes | None, max_bytes: int,
         doc = orjson.loads(text)
     except orjson.JSONDecodeError as exc:
         why = str(exc)
-        doc = (_loads_wide_numbers(text) if _OUT_OF_DOUBLE in why else
-               _loads_deep(text) if _TOO_DEEP in why else None)
+        doc = _loads_wide_numbers(text) if _OUT_OF_DOUBLE in why else None
+        if doc is None and (_OUT_OF_DOUBLE in why or _TOO_DEEP in why):
+            # orjson names only its first complaint: a wide number may come before a
+            # depth the standard library cannot read either (it reads both).
+            doc = _loads_deep(text)
         if doc is None:
             return Rejection("not_json", why)
     if not isinstance(doc, dict):

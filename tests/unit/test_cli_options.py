@@ -541,7 +541,8 @@ def test_wait_with_kafka_down_gives_up_within_its_timeout(
     assert "SEGSTREAM_KAFKA_BOOTSTRAP" in str(result.exception)
     slept = sum(-w for w in waited if w < 0)
     assert 2 <= slept <= 4, waited  # about the timeout, not UNREACHABLE_WAIT_S
-    assert max(w for w in waited if w > 0) <= 3, waited
+    # Each attempt still gives a remote TLS broker its few seconds to answer.
+    assert max(w for w in waited if w > 0) <= 5, waited
 
 
 @pytest.mark.parametrize("error", ["kafka", "aiokafka"])

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stream.schemas import _loads_deep, decode
+from stream.schemas import _loads_deep, _loads_wide_numbers, decode
 
 T = b'{"event_id": "e1", "customer_id": "c1", "ts": 1735689600000, "amount": 12.5'
 _scalar = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6),
@@ -30,6 +30,15 @@ def test_a_purchase_with_deep_items_is_applied(depth: int) -> None:
         ev = decode("transactions", b"c1", T + extra.encode() + b"}", 1 << 20)
         assert not hasattr(ev, "reason"), ev
         assert ev.amount_units == 125_000  # type: ignore[union-attr]
+
+
+def test_a_wide_number_before_a_deep_value_does_not_lose_the_purchase() -> None:
+    """orjson names only its first complaint (the number): the standard library, which
+    reads wide numbers, cannot read the depth either."""
+    doc = T + b', "x": 1e400, "items": ' + _deep(3_000).encode() + b"}"
+    ev = decode("transactions", b"c1", doc, 1 << 20)
+    assert not hasattr(ev, "reason"), ev
+    assert ev.amount_units == 125_000  # type: ignore[union-attr]
 
 
 def test_deep_click_properties_are_refused_for_their_depth_not_as_json() -> None:
@@ -75,7 +84,10 @@ def test_damaged_documents_are_refused_exactly_when_orjson_refuses_them(
     damaged = text[:i] + char + text[i + (0 if insert else 1):]
     try:
         want = orjson.loads(damaged)
-    except orjson.JSONDecodeError:
-        assert _loads_deep(damaged) is None
+    except orjson.JSONDecodeError as exc:
+        if "number is infinity" in str(exc):  # valid JSON: read as the wide-number path does
+            assert _loads_deep(damaged) == _loads_wide_numbers(damaged)
+        else:
+            assert _loads_deep(damaged) is None
     else:
         assert _loads_deep(damaged) == want

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import re
@@ -165,13 +166,17 @@ def learner() -> None:
     import logging
     import os
 
+    from stream.errors import ServiceError
     from stream.kafka import check_connection
     from stream.learner_service import run
     from stream.redisconn import check_redis
 
     s = _settings()
     redact.install_from_settings(s)
-    check_redis(s)  # a wrong password, TLS setting or prefix, named as a setting
+    # A wrong password, TLS setting or prefix stops it, named as a setting; a Redis that
+    # does not answer yet is waited for (the learner retries, and loses nothing fetched).
+    with contextlib.suppress(ServiceError):
+        check_redis(s)
     check_connection(s)  # an unreachable broker or a refused login, named as a setting
     logging.basicConfig(level=s.log_level,
                         format="[%(asctime)s] [%(process)d] [%(levelname)s] %(message)s")

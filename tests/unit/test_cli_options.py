@@ -447,17 +447,32 @@ def test_learner_names_the_bootstrap_setting_when_kafka_is_unreachable(
     assert "SEGSTREAM_KAFKA_BOOTSTRAP" in str(result.exception)
 
 
-def test_learner_names_the_redis_setting_when_redis_cannot_be_used(
+def test_learner_names_the_redis_setting_when_redis_refuses_it(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """It used to start, log a warning per assignment and run on without its store."""
-    def learn(*_a: Any) -> None:
-        raise AssertionError("the learner started without Redis")
+    """A refused password or prefix: it used to start, log a warning per assignment and run
+    on without its store. A Redis that does not answer yet is waited for instead
+    (tests/integration/test_learner_service.py)."""
+    from stream.errors import SettingsError
 
-    monkeypatch.setattr("stream.learner_service.run", learn)
-    monkeypatch.setenv("SEGSTREAM_REDIS_URL", "redis://127.0.0.1:1/0")
+    started: list[Any] = []
+
+    def refused(_s: Any) -> None:
+        raise SettingsError("SEGSTREAM_REDIS_URL: Redis refused the user name or password")
+
+    monkeypatch.setattr("stream.learner_service.run", lambda *a: started.append(a))
+    monkeypatch.setattr("stream.kafka.check_connection", lambda *_a, **_kw: None)
+    monkeypatch.setattr("stream.redisconn.check_redis", refused)
     result = run("learner")
-    assert isinstance(result.exception, ServiceError), result.output
-    assert "SEGSTREAM_REDIS_URL" in str(result.exception)
+    assert isinstance(result.exception, SettingsError), result.output
+    assert "SEGSTREAM_REDIS_URL" in str(result.exception) and not started
+
+    def down(_s: Any) -> None:
+        raise ServiceError("SEGSTREAM_REDIS_URL: cannot use Redis: Connection refused")
+
+    monkeypatch.setattr("stream.redisconn.check_redis", down)
+    result = run("learner")
+    assert result.exception is None, result.output
+    assert len(started) == 1
 
 
 def test_bench_checks_the_services_before_it_builds_or_cleans_anything(

@@ -218,9 +218,9 @@ def check_redis(settings: Settings) -> None:
         raise ServiceError(f"Redis at {where} answered with an error: {text}") from None
     except RedisError as exc:
         cause = exc.__cause__ or exc.__context__
+        said = f"{exc} {cause}"
         if settings.redis_tls_cert_file is None and settings.redis_url.startswith(
-                "rediss://") and ("CERTIFICATE_REQUIRED" in str(exc) or "EOF occurred" in str(
-                exc) or "CERTIFICATE_REQUIRED" in str(cause)):
+                "rediss://") and ("CERTIFICATE_REQUIRED" in said or "EOF occurred" in said):
             raise SettingsError(
                 f"SEGSTREAM_REDIS_TLS_CERT_FILE / SEGSTREAM_REDIS_TLS_KEY_FILE: Redis at {where} "
                 f"ended the TLS handshake ({_first_line(exc)}); a server that requires client "

@@ -679,6 +679,10 @@ class Engine:
             self.redis = redis_client(self.settings)
             self.store = RedisFeatureStore(self.redis, self.settings.redis_prefix)
             self.runtime = ScoringRuntime(self.settings, self.redis, self.store)
+            self.runtime.on_rules = self.metrics.set_rules
+            self.runtime.on_rules_refused = self.metrics.rules_reload_failed
+            self.metrics.set_rules(str(self.runtime.catalogue.version),
+                                   str(self.runtime.actions.version))
             s = self.settings
             self.processor = BatchProcessor(s, self.store, FaustPublisher(self.app, s),
                                             scoring=self.runtime,

@@ -133,6 +133,13 @@ _FAMILIES: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
     ("gauge", "worker_up", "1 while the worker process runs.", ()),
     ("gauge", "worker_ready", "1 when Kafka and Redis are reachable and partitions assigned.", ()),
     ("gauge", "partitions_assigned", "Input partitions assigned to this worker.", ()),
+    ("gauge", "rules_info",
+     "The segment catalogue and the actions file this worker evaluates with: one series "
+     "of value 1 whose labels are their versions (workers showing different versions run "
+     "different rules).", ("catalogue", "actions")),
+    ("counter", "rules_reload_failures",
+     "Edits of the segment catalogue or the actions file refused at reload (the rules "
+     "loaded before keep running; the worker's log names the error).", ()),
     ("gauge", "kafka_fetch_min_bytes",
      "fetch.min.bytes the worker's consumer asks the broker for: it follows the input rate "
      "when SEGSTREAM_KAFKA_FETCH_COALESCE_MS is set, else 1.", ()),
@@ -427,6 +434,14 @@ class EngineMetrics:
     def set_outbox_pending(self, n: int) -> None:
         """Set the number of outbox records not yet acknowledged by Kafka."""
         self._m["outbox_pending"].set(n)
+
+    def set_rules(self, catalogue: str, actions: str) -> None:
+        """Set the versions of the catalogue and the actions file in use."""
+        self._replace("rules_info", {(catalogue, actions): 1.0})
+
+    def rules_reload_failed(self) -> None:
+        """Count an edit of the rules refused at reload."""
+        self._m["rules_reload_failures"].inc()
 
     def set_worker_state(self, *, up: bool = True, ready: bool) -> None:
         """Set the worker's liveness and readiness."""

@@ -155,6 +155,10 @@ class ScoringRuntime:
         self.catalogue, self.actions = load_rules(settings)
         self._rules_mtime = (_mtime(settings.rules_path), _mtime(settings.actions_path))
         self._rules_checked = clock()
+        #: called with the catalogue's and the actions file's versions once they are
+        #: loaded again, and with no argument when an edit of them is refused
+        self.on_rules: Callable[[str, str], None] | None = None
+        self.on_rules_refused: Callable[[], None] | None = None
         self.population = rfm.Population.empty()
         #: the sketch per partition, and when each partition's part was last read
         self._sketch = rfm.SketchParts()
@@ -241,12 +245,16 @@ class ScoringRuntime:
             cat, acts = await asyncio.to_thread(load_rules, self.settings)
         except SettingsError as exc:
             log.error("rules not reloaded, keeping version %s: %s", self.catalogue.version, exc)
+            if self.on_rules_refused is not None:
+                self.on_rules_refused()
             return
         if cat.version != self.catalogue.version or acts.version != self.actions.version:
             log.info("rules reloaded: catalogue %s -> %s, actions %s -> %s",
                      self.catalogue.version, cat.version, self.actions.version, acts.version)
             self.catalogue, self.actions = cat, acts
             self.published_rules = False
+            if self.on_rules is not None:
+                self.on_rules(str(cat.version), str(acts.version))
 
     async def _load_models(self, versions: dict[str, int]) -> None:
         if not self.settings.models_enabled:

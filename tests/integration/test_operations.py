@@ -422,6 +422,30 @@ def test_the_worker_measures_its_event_loop_lag(live: Live) -> None:
     assert found and float(found.group(1)) > 0, "no event loop lag observed"
 
 
+def test_the_worker_exports_the_rules_it_runs(live: Live) -> None:
+    """The versions in ``segstream_rules_info`` are the ones the worker announced in Redis,
+    which are the sha256 prefixes of the packaged catalogue's canonical content."""
+    import redis as redis_sync
+
+    from stream.runtime import load_rules, registry_keys
+
+    body = live.get("/metrics").body.decode()
+    rows = re.findall(r'^segstream_rules_info\{actions="([^"]+)",catalogue="([^"]+)"\} 1\.0$',
+                      body, re.M)
+    assert len(rows) == 1, body
+    s = live.deployment.settings
+    r = redis_sync.Redis.from_url(s.redis_url)
+    try:
+        announced = r.get(registry_keys(s.redis_prefix)["rules"])
+    finally:
+        r.close()
+    actions, catalogue = rows[0]
+    assert announced is not None and announced.decode() == f"{catalogue}/{actions}"
+    cat, acts = load_rules(s)
+    assert (catalogue, actions) == (cat.version, acts.version)
+    assert re.search(r"^segstream_rules_reload_failures_total 0\.0$", body, re.M)
+
+
 @needs_prometheus
 def test_prometheus_scrapes_segment_populations(live: Live) -> None:
     prom = live.prometheus

@@ -102,6 +102,8 @@ def exercised() -> EngineMetrics:
     m.set_engine_now(1_709_294_400_000)
     m.set_outbox_pending(2)
     m.set_worker_state(ready=True)
+    m.set_rules("3f2a", "9c1d")
+    m.rules_reload_failed()
     return m
 
 
@@ -149,6 +151,8 @@ def test_helpers_set_the_values() -> None:
     assert s['segstream_model_drift_alarms_total{model="churn"}'] == 1
     assert s['segstream_action_exposures{action="winback",arm="holdout",segment="At Risk"}'] == 10
     assert s["segstream_engine_now_seconds"] == 1_709_294_400
+    assert s["segstream_rules_reload_failures_total"] == 1
+    assert s['segstream_rules_info{actions="9c1d",catalogue="3f2a"}'] == 1
     lifts = [k for k in s if k.startswith("segstream_action_lift{")]
     assert lifts == ['segstream_action_lift{action="upsell",segment="Loyal"}'], "unknown lift"
 
@@ -162,6 +166,9 @@ def test_stale_labels_are_dropped_and_drift_total_is_followed() -> None:
     s = _samples(m)
     assert [k for k in s if k.startswith("segstream_segment_customers")] == [
         'segstream_segment_customers{scheme="rfm",segment="Loyal"}']
+    m.set_rules("3f2b", "9c1d")
+    assert [k for k in _samples(m) if k.startswith("segstream_rules_info")] == [
+        'segstream_rules_info{actions="9c1d",catalogue="3f2b"}']
     assert [k for k in s if k.startswith("segstream_consumer_lag")] == [
         'segstream_consumer_lag{partition="1",topic="transactions"}']
     assert s['segstream_model_drift_alarms_total{model="churn"}'] == 3
@@ -389,6 +396,35 @@ RULE_TESTS: list[dict[str, Any]] = [
             _alert("SegstreamRedisErrors", "10m", {"severity": "critical"},
                    {**_annotations("SegstreamRedisErrors"),
                     "summary": "15 Redis errors in 5 minutes"}),
+        ],
+    },
+    {   # w2 refuses an edit at minute 10 and keeps the old rules; w1 loads it
+        "interval": "1m",
+        "input_series": [
+            {"series": 'segstream_rules_reload_failures_total{instance="w2"}',
+             "values": "0x10 1x40"},
+            {"series": 'segstream_rules_info{instance="w1",catalogue="a",actions="x"}',
+             "values": "1x10 _x40"},
+            {"series": 'segstream_rules_info{instance="w1",catalogue="b",actions="x"}',
+             "values": "_x10 1x40"},
+            {"series": 'segstream_rules_info{instance="w2",catalogue="a",actions="x"}',
+             "values": "1x50"},
+        ],
+        "alert_rule_test": [
+            _alert("SegstreamRulesReloadRefused", "9m", None),
+            _alert("SegstreamRulesReloadRefused", "12m",
+                   {"severity": "warning", "instance": "w2"},
+                   {**_annotations("SegstreamRulesReloadRefused"),
+                    "summary": "w2 refused an edit of the segment catalogue or the actions "
+                               "file"}),
+            # the refusal is an event: it stops firing once it is 15 minutes old
+            _alert("SegstreamRulesReloadRefused", "30m", None),
+            _alert("SegstreamRulesDiffer", "9m", None),
+            _alert("SegstreamRulesDiffer", "20m", None),
+            _alert("SegstreamRulesDiffer", "30m", {"severity": "warning"},
+                   {**_annotations("SegstreamRulesDiffer"),
+                    "summary": "workers have run 2 different versions of the rules for 15 "
+                               "minutes"}),
         ],
     },
 ]

@@ -32,6 +32,12 @@ STATS_INTERVAL_S = 2.0
 #: them all, so requests answered 503 and commits failed while Redis was healthy.
 API_READS = 16
 
+#: Seconds a worker's batch commits may keep failing before ``/readyz`` says it is not
+#: ready, while Redis still answers pings: a Redis out of memory (``noeviction``), a
+#: replica left read-only after a failover, a disk error stopping writes (``MISCONF``) or
+#: an ACL narrowed under the worker. Shorter failures are a blip the retries ride out.
+COMMITS_FAILING_S = 30.0
+
 
 class EngineBackend:
     """Answers the API from Redis and keeps the dashboard's recent history in memory."""
@@ -49,6 +55,9 @@ class EngineBackend:
         self.segment_sizes: dict[str, dict[str, int]] = {}
         self.actions_rows: list[dict[str, Any]] = []
         self._reads = asyncio.Semaphore(API_READS)
+        #: monotonic time of the first failed commit since the last one that succeeded
+        self._commits_failing_since: float | None = None
+        self.clock: Any = time.monotonic
 
     # -- hooks called by the engine ------------------------------------------------------
     def on_batch(self, records_by_topic: dict[str, int], stats: BatchStats,
@@ -67,6 +76,11 @@ class EngineBackend:
         self.metrics.observe_redis(seconds, op)
         if not ok:
             self.metrics.redis_error(op)
+        if op == "commit":
+            if ok:
+                self._commits_failing_since = None
+            elif self._commits_failing_since is None:
+                self._commits_failing_since = self.clock()
 
     def on_published(self, records: Sequence[OutboxRecord]) -> None:
         topic = self.engine.settings.migrations_topic
@@ -210,6 +224,12 @@ class EngineBackend:
         checks["kafka"] = e.kafka_connected()
         checks["partitions_assigned"] = len(e.owned_partitions())
         ok = bool(checks["redis"] and checks["kafka"] and checks["partitions_assigned"] > 0)
+        since = self._commits_failing_since
+        failing = 0.0 if since is None else self.clock() - since
+        if failing >= COMMITS_FAILING_S:
+            # Redis may answer pings and reads while refusing every write.
+            checks["commits_failing_s"] = round(failing, 1)
+            ok = False
         return ok, checks
 
     async def stats(self) -> dict[str, Any]:

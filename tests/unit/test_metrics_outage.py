@@ -92,3 +92,48 @@ def test_skipped_records_are_counted_by_reason() -> None:
                                                      skipped_below_watermark=1), 0.01)
     assert _value(metrics, "segstream_events_skipped_total", reason="duplicate") == 3
     assert _value(metrics, "segstream_events_skipped_total", reason="below_watermark") == 1
+
+
+class _Up(_Engine):
+    """Redis answers pings (reads work) whatever its commits do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+        class _Ping:
+            async def ping(self) -> bool:
+                return True
+
+        self.redis = _Ping()  # type: ignore[assignment]
+
+
+def test_commits_refused_while_redis_answers_pings_make_the_worker_unready() -> None:
+    """A Redis that refuses writes (out of memory, read-only, an ACL narrowed) answered
+    pings, so /readyz and segstream_worker_ready said ready while no batch committed."""
+    from stream.backend import COMMITS_FAILING_S
+
+    clock = [1_000.0]
+    backend = EngineBackend(_Up(), EngineMetrics())  # type: ignore[arg-type]
+    backend.clock = lambda: clock[0]
+    ready, checks = asyncio.run(backend.ready())
+    assert ready and "commits_failing_s" not in checks
+
+    backend.on_redis("commit", 0.01, False)
+    clock[0] += COMMITS_FAILING_S / 2
+    backend.on_redis("commit", 0.01, False)
+    backend.on_redis("load", 0.01, True)  # a read that works does not end it
+    ready, _ = asyncio.run(backend.ready())
+    assert ready, "a short failure is retried, not reported"
+
+    clock[0] += COMMITS_FAILING_S / 2
+    ready, checks = asyncio.run(backend.ready())
+    assert not ready and checks["redis"] is True
+    assert checks["commits_failing_s"] == pytest.approx(COMMITS_FAILING_S)
+
+    backend.on_redis("commit", 0.01, True)
+    ready, checks = asyncio.run(backend.ready())
+    assert ready and "commits_failing_s" not in checks
+    # the next failure starts its own count
+    backend.on_redis("commit", 0.01, False)
+    clock[0] += COMMITS_FAILING_S - 1
+    assert asyncio.run(backend.ready())[0]

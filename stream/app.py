@@ -32,7 +32,13 @@ from stream.fetch_size import FetchSizer
 from stream.inbox import Inbox
 from stream.learner import Learner
 from stream.metrics import EngineMetrics
-from stream.pipeline import BatchProcessor, PipelineFailed, RawRecord, record_decoder
+from stream.pipeline import (
+    BatchProcessor,
+    PartlyPublished,
+    PipelineFailed,
+    RawRecord,
+    record_decoder,
+)
 from stream.redisconn import redis_client
 from stream.runtime import ScoringRuntime, load_rules
 from stream.settings import Settings
@@ -497,15 +503,17 @@ class FaustPublisher:
             return
         kafka = self._kafka()
         partitioner = self._partitioner()
-        futures: list[asyncio.Future[Any]] = []
+        #: each queued batch's future and the indexes of its records, in queue order
+        queued: list[tuple[asyncio.Future[Any], list[int]]] = []
         loop = asyncio.get_running_loop()
         topic = records[0][0]
+        failure: BaseException | None = None
         try:
             # one deadline moved forward per wait: no task per send on the hot path
             async with asyncio.timeout(None) as deadline:
-                groups: dict[tuple[str, int], list[tuple[bytes | None, bytes]]] = {}
+                groups: dict[tuple[str, int], list[int]] = {}
                 partitions: dict[str, tuple[list[int], int]] = {}
-                for topic, key, value in records:
+                for i, (topic, key, _) in enumerate(records):
                     known = partitions.get(topic)
                     if known is None:
                         deadline.reschedule(loop.time() + self.queue_timeout_s)
@@ -513,28 +521,46 @@ class FaustPublisher:
                         known = partitions[topic] = (every, random.choice(every))
                     every, keyless = known
                     p = keyless if key is None else partitioner(key, every, every)
-                    groups.setdefault((topic, p), []).append((key, value))
+                    groups.setdefault((topic, p), []).append(i)
                 for (topic, p), rows in groups.items():
                     batch = kafka.create_batch()
-                    for key, value in rows:
+                    held: list[int] = []
+                    for i in rows:
+                        _, key, value = records[i]
                         if batch.append(key=key, value=value, timestamp=None) is None:
                             # full (a first record always fits): queue it, start another
                             deadline.reschedule(loop.time() + self.queue_timeout_s)
-                            futures.append(await kafka.send_batch(batch, topic, partition=p))
-                            batch = kafka.create_batch()
+                            queued.append((await kafka.send_batch(batch, topic, partition=p),
+                                           held))
+                            batch, held = kafka.create_batch(), []
                             batch.append(key=key, value=value, timestamp=None)
+                        held.append(i)
                     deadline.reschedule(loop.time() + self.queue_timeout_s)
-                    futures.append(await kafka.send_batch(batch, topic, partition=p))
+                    queued.append((await kafka.send_batch(batch, topic, partition=p), held))
         except Exception as exc:
-            for f in futures:  # queued already: delivered or not, nobody waits for them
-                f.add_done_callback(_ignore_outcome)
             failed = topic
             if isinstance(exc, TimeoutError):
                 exc = TimeoutError(f"records for {failed} not queued within "
                                    f"{self.queue_timeout_s:g}s")
             await self._recreate_missing_topics(failed)
-            raise exc from None
-        await asyncio.gather(*futures)
+            failure = exc
+        # What was queued is delivered or refused by the producer in its own time: wait
+        # for it, so that what Kafka took is known and not sent again.
+        outcomes = await asyncio.gather(*(f for f, _ in queued), return_exceptions=True)
+        delivered = [False] * len(records)
+        refused: set[tuple[str, bytes | None]] = set()
+        for outcome, (_, held) in zip(outcomes, queued, strict=True):
+            if isinstance(outcome, BaseException):
+                failure = failure or outcome
+                refused.update(records[i][:2] for i in held)
+            else:
+                for i in held:
+                    delivered[i] = records[i][:2] not in refused
+        if failure is None:
+            return
+        if not any(delivered):
+            raise failure from None
+        raise PartlyPublished(delivered, failure)
 
     async def _recreate_missing_topics(self, topic: str) -> None:
         if self.settings is None:
@@ -564,11 +590,6 @@ def fail_stop(exc: BaseException) -> NoReturn:
                  "watermarks", exc)
     logging.shutdown()
     os._exit(70)
-
-
-def _ignore_outcome(fut: asyncio.Future[Any]) -> None:
-    if not fut.cancelled():
-        fut.exception()
 
 
 def _broker_credentials(settings: Settings) -> Any:

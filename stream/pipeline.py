@@ -114,9 +114,30 @@ def decode_record(kinds: Mapping[str, str], max_bytes: int, topic: str, key: byt
 
 
 class Publisher(Protocol):
-    """Sends records to Kafka and returns once the broker acknowledged all of them."""
+    """Sends records to Kafka and returns once the broker acknowledged all of them.
+
+    When some were acknowledged and others not, it raises :class:`PartlyPublished`
+    saying which: those acknowledged are not sent again.
+    """
 
     async def publish(self, records: Sequence[tuple[str, bytes | None, bytes]]) -> None: ...
+
+
+class PartlyPublished(Exception):
+    """A publish where Kafka acknowledged some records and refused (or never took) the
+    others: ``delivered[i]`` says whether ``records[i]`` was acknowledged.
+
+    A record after a refused one of the same topic and key counts as not delivered, even
+    when Kafka took it: sent again behind the refused one, a customer's records keep
+    their order on the topic.
+    """
+
+    def __init__(self, delivered: Sequence[bool], cause: BaseException) -> None:
+        self.delivered = list(delivered)
+        self.cause = cause
+        missing = self.delivered.count(False)
+        super().__init__(f"{missing} of {len(self.delivered)} records not delivered: "
+                         f"{cause!r}")
 
 
 @dataclass(slots=True)
@@ -1000,6 +1021,26 @@ class BatchProcessor:
         records = [(r.topic, r.key, r.value) for r in unpacked]
         try:
             await self.publisher.publish(records)
+        except PartlyPublished as exc:
+            # Only what Kafka refused waits for the next flush: sending the whole outbox
+            # again would repeat every record Kafka took, at every flush, for as long as
+            # one topic refuses its records.
+            done: dict[int, list[str]] = {}
+            sent: list[OutboxRecord] = []
+            kept: set[int] = set()
+            flags = iter(exc.delivered)
+            for p, rows in pending.items():
+                for oid, rec in rows.items():
+                    if next(flags):
+                        done.setdefault(p, []).append(oid)
+                        sent.append(rec)
+                    else:
+                        kept.add(p)
+            self.mark_dirty(kept)
+            log.warning("publishing %d of %d outbox records failed: %r",
+                        len(records) - len(sent), len(records), exc.cause)
+            if self.on_publish_failed is not None:
+                self.on_publish_failed(len(records) - len(sent))
         except Exception as exc:
             # Left in the outbox; the periodic flush publishes them later.
             self.mark_dirty(pending)
@@ -1007,21 +1048,24 @@ class BatchProcessor:
             if self.on_publish_failed is not None:
                 self.on_publish_failed(len(records))
             return 0
-        migrations = [v for t, _, v in records if t == self.settings.migrations_topic]
+        else:
+            done = {p: list(rows) for p, rows in pending.items()}
+            sent = unpacked
+        migrations = [r.value for r in sent if r.topic == self.settings.migrations_topic]
         try:
             # One round trip: forget the records and append the migrations to the
             # recent-migrations log the API reads.
-            await self.store.outbox_done(
-                {p: list(rows) for p, rows in pending.items()},
-                LogAppend("migrations:log", migrations, MIGRATION_LOG_MAXLEN)
-                if migrations else None)
+            if done:
+                await self.store.outbox_done(
+                    done, LogAppend("migrations:log", migrations, MIGRATION_LOG_MAXLEN)
+                    if migrations else None)
         except StoreUnavailable:
             self.mark_dirty(pending)  # published, not forgotten: they go out again later
             raise
         self._mark_clean(parts, marks)
         if self.on_published is not None:
-            for i in range(0, len(unpacked), OUTBOX_SLICE):
+            for i in range(0, len(sent), OUTBOX_SLICE):
                 if i:
                     await asyncio.sleep(0)
-                self.on_published(unpacked[i:i + OUTBOX_SLICE])
-        return len(records)
+                self.on_published(sent[i:i + OUTBOX_SLICE])
+        return len(sent)

@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stream.app import RECREATE_TOPICS_EVERY_S, FaustPublisher
+from stream.pipeline import PartlyPublished
 from stream.settings import load_settings
 
 PARTITIONS = 6
@@ -41,9 +42,13 @@ class _Kafka:
     """An aiokafka producer's batch interface; a topic in ``missing`` never gets metadata,
     and a topic in ``stuck`` never has room for a batch."""
 
-    def __init__(self, missing: str = "", stuck: str = "", room: int = 1000) -> None:
+    def __init__(self, missing: str = "", stuck: str = "", room: int = 1000,
+                 refuse: Any = None) -> None:
         self.missing, self.stuck, self.room = missing, stuck, room
+        #: refuse(topic, partition, n): whether the n-th batch queued is refused
+        self.refuse = refuse or (lambda topic, partition, n: False)
         self.queued: list[tuple[str, int, list[tuple[bytes | None, bytes]]]] = []
+        self.refused: list[int] = []
 
     async def partitions_for(self, topic: str) -> set[int]:
         if topic == self.missing:
@@ -58,9 +63,13 @@ class _Kafka:
         if topic == self.stuck:
             await asyncio.Event().wait()
         assert batch.rows, "an empty batch was queued"
-        self.queued.append((topic, partition, list(batch.rows)))
         fut = asyncio.get_running_loop().create_future()
-        fut.set_result(None)
+        if self.refuse(topic, partition, len(self.queued) + len(self.refused)):
+            self.refused.append(len(self.queued) + len(self.refused))
+            fut.set_exception(ValueError("MessageSizeTooLargeError"))
+        else:
+            self.queued.append((topic, partition, list(batch.rows)))
+            fut.set_result(None)
         return fut
 
     def values(self) -> list[bytes]:
@@ -106,10 +115,15 @@ def test_a_batch_that_cannot_be_queued_fails_the_publish_in_bounded_time() -> No
 
     async def go() -> None:
         t0 = time.perf_counter()
-        with pytest.raises(TimeoutError, match="segmentation-examples"):
+        with pytest.raises(PartlyPublished) as caught:
             await pub.publish([("segment-migrations", b"k", b"1"),
                                ("segmentation-examples", None, b"2")])
         assert time.perf_counter() - t0 < 5
+        # the migration queued before the stuck batch went out: it is not sent again
+        assert caught.value.delivered == [True, False]
+        assert isinstance(caught.value.cause, TimeoutError)
+        assert "segmentation-examples" in str(caught.value.cause)
+        assert kafka.values() == [b"1"]
 
     asyncio.run(go())
 
@@ -154,3 +168,60 @@ def test_each_partition_gets_its_records_in_order_in_full_batches(
 def test_nothing_to_publish_needs_no_producer() -> None:
     app = SimpleNamespace(producer=None)
     asyncio.run(FaustPublisher(app, load_settings()).publish([]))  # type: ignore[arg-type]
+
+
+def test_a_refused_topic_leaves_the_others_delivered() -> None:
+    """A dead-letter topic refusing its records (its max.message.bytes) used to fail the
+    whole publish, so the migrations Kafka took were sent again at every flush."""
+    kafka = _Kafka(refuse=lambda topic, p, n: topic == "segmentation-dlq")
+    records = [("segment-migrations", b"c1", b"m1"), ("segmentation-dlq", b"c1", b"d1"),
+               ("segment-migrations", b"c2", b"m2"), ("segmentation-dlq", None, b"d2")]
+
+    async def go() -> PartlyPublished:
+        with pytest.raises(PartlyPublished) as caught:
+            await _publisher(kafka).publish(records)
+        return caught.value
+
+    exc = asyncio.run(go())
+    assert exc.delivered == [True, False, True, False]
+    assert "MessageSizeTooLargeError" in repr(exc.cause)
+    assert sorted(kafka.values()) == [b"m1", b"m2"]
+
+    everything = _Kafka(refuse=lambda topic, p, n: True)
+    with pytest.raises(ValueError, match="MessageSizeTooLarge"):  # nothing went out
+        asyncio.run(_publisher(everything).publish(records))
+
+
+@settings(max_examples=80, deadline=None)
+@given(_records, st.integers(1, 4), st.sets(st.integers(0, 30), max_size=6))
+def test_what_is_delivered_is_what_kafka_took_before_its_key_was_refused(
+        spec: list[tuple[str, bytes | None]], room: int, refused: set[int]) -> None:
+    """Batches refused at random: a record counts as delivered exactly when Kafka took
+    its batch and no earlier record of its topic and key was refused, so what goes out
+    again later keeps each customer's order."""
+    records = [(topic, key, b"%d" % i) for i, (topic, key) in enumerate(spec)]
+    kafka = _Kafka(room=room, refuse=lambda topic, p, n: n in refused)
+
+    async def go() -> list[bool]:
+        try:
+            await _publisher(kafka).publish(records)
+        except PartlyPublished as exc:
+            return exc.delivered
+        except ValueError:
+            return [False] * len(records)
+        return [True] * len(records)
+
+    delivered = asyncio.run(go())
+    taken = set(kafka.values())
+    for (_, _, value), ok in zip(records, delivered, strict=True):
+        if ok:
+            assert value in taken
+    for topic, key in {(t, k) for t, k, _ in records}:
+        flags = [ok for (t, k, _), ok in zip(records, delivered, strict=True)
+                 if (t, k) == (topic, key)]
+        values = [v for t, k, v in records if (t, k) == (topic, key)]
+        # a prefix of each key's records, and all of them up to its first refused one
+        assert flags == sorted(flags, reverse=True), flags
+        first_lost = next((v for v in values if v not in taken), None)
+        want = values if first_lost is None else values[:values.index(first_lost)]
+        assert [v for v, ok in zip(values, flags, strict=True) if ok] == want

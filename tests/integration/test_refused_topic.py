@@ -1,0 +1,91 @@
+"""One output topic refusing its records does not repeat what the others took.
+
+The dead-letter topic's ``max.message.bytes`` is set below a dead letter's size once the
+worker runs (at start it refuses such a topic, naming it), so the
+broker refuses every dead letter while it accepts the migrations of the same outbox
+flush. Before, the whole flush counted as failed and was sent again every flush interval:
+each migration of it reached the topic about ten times in 40 s. Now the migrations go out
+once each, the dead letters wait in the outbox, and once the topic accepts them again
+they go out once each too; every feature and migration chain is exact.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from pathlib import Path
+
+import fault_oracle
+import orjson
+import pytest
+from fault_oracle import eventually
+from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient
+
+pytestmark = pytest.mark.integration
+
+EVENTS = 1_500
+BAD = 4
+
+
+def _max_message_bytes(dep, value: str) -> None:
+    from stream.kafka import client_config
+
+    s = dep.settings
+    admin = KafkaAdminClient(**client_config(s))
+    try:
+        admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, s.topic("segmentation-dlq"),
+                                            configs={"max.message.bytes": value})])
+    finally:
+        admin.close()
+
+
+def _produce(dep, records: list[tuple[str, bytes, bytes]]) -> None:
+    """Without the topic checks of ``fault_oracle.produce``, which refuse the small topic."""
+    from stream.kafka import producer
+
+    s = dep.settings
+    p = producer(s)
+    try:
+        for topic, key, value in records:
+            p.send(s.topic(topic), key=key, value=value)
+        p.flush()
+    finally:
+        p.close()
+
+
+def _migration_ids(dep) -> collections.Counter[str]:
+    return collections.Counter(orjson.loads(r.value)["migration_id"]
+                               for r in dep.consume_all("segment-migrations"))
+
+
+def test_a_topic_refusing_its_records_does_not_repeat_the_migrations(make_deployment,
+                                                                      tmp_path: Path) -> None:
+    from stream.kafka import ensure_topics
+
+    dep = make_deployment()
+    ensure_topics(dep.settings)
+    dep.start_worker(tmp_path)
+    # After the worker's start-up check, which refuses a topic this small by name.
+    _max_message_bytes(dep, "200")
+    inputs = fault_oracle.synthetic_input(EVENTS, seed=47)
+    _produce(dep, [(t, str(d["customer_id"]).encode(), orjson.dumps(d)) for t, d in inputs]
+             + [("transactions", b"c-bad", b"not json %d " % i + b"x" * 300)
+                for i in range(BAD)])
+    fault_oracle.wait_applied(dep, EVENTS)
+    time.sleep(15)  # three outbox flushes, each refused by the dead-letter topic
+    ids = _migration_ids(dep)
+    assert ids, "no migration was published"
+    repeated = {k: n for k, n in ids.items() if n > 1}
+    assert not repeated, f"{len(repeated)} of {len(ids)} migrations published again"
+    assert fault_oracle.dead_letters(dep, timeout_s=5) == []
+    log = dep.logs[0].read_text(errors="replace")
+    assert f"publishing {BAD} of" in log, "the refused dead letters were not reported"
+
+    _max_message_bytes(dep, "1048588")
+    dead = eventually(lambda: (lambda d: d if len(d) >= BAD else None)(
+        fault_oracle.dead_letters(dep, timeout_s=5)), 60, "the dead letters published")
+    assert len(dead) == BAD, f"{len(dead)} dead letters for {BAD} bad records"
+    dep.cli("wait", "--timeout", "300")
+    after = _migration_ids(dep)
+    assert after == ids, "migrations published again once the dead letters went out"
+    print(fault_oracle.judge(dep, inputs, allow_dead=True))

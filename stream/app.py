@@ -660,6 +660,7 @@ class Engine:
         # Fail at start, naming the setting, if the rules do not load.
         load_rules(settings)
         self.metrics = EngineMetrics()
+        self.metrics.prime(settings.input_topics)
         self.backend = EngineBackend(self, self.metrics)
         self._mount_web()
         self.source = self.app.topic(

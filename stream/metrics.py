@@ -38,11 +38,14 @@ PREFIX = "segstream_"
 # exactly this (names are plain ASCII, so the 1.0.0 escaping rules change nothing).
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
-# End-to-end latency runs from a few milliseconds (hot path) to seconds (batching, outbox
-# retries); the buckets are fine enough for p50/p95/p99 anywhere between 5 ms and 10 s.
+# End-to-end latency runs from a few milliseconds (hot path) to seconds (batching) and, while
+# an output topic refuses records or a backlog is worked off, minutes to hours; the buckets
+# are fine enough for p50/p95/p99 anywhere between 5 ms and 10 s, and a delay of an hour
+# still reads as an hour, not as the largest bucket.
 LATENCY_BUCKETS = (
     0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75,
-    1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 30.0,
+    1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 2400.0,
+    3600.0,
 )
 BATCH_SIZE_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2000, 5000, 10000, 50000)
 BATCH_SECONDS_BUCKETS = (
@@ -158,6 +161,13 @@ METRIC_NAMES: frozenset[str] = frozenset(
 
 ARMS = ("treated", "holdout")
 
+#: Every reason a record is dead-lettered for (``Rejection`` in stream/schemas.py and
+#: stream/pipeline.py), every reason one is skipped, and the Redis round trips timed.
+DLQ_REASONS = ("not_utf8", "not_json", "empty", "invalid_schema", "too_large", "key_mismatch",
+               "currency", "unknown_topic", "too_late", "from_future", "processing_error")
+SKIP_REASONS = ("duplicate", "below_watermark")
+REDIS_OPS = ("load", "commit", "read")
+
 
 def _no_created_series() -> None:
     # ``*_created`` series double the series count and nothing here reads them.
@@ -233,6 +243,21 @@ class EngineMetrics:
         self._m["worker_up"].set(1)
         # Unknown until the first event: 0 would read as 1970 (56 years behind the clock).
         self._m["engine_now_seconds"].set(float("nan"))
+
+    def prime(self, input_topics: Iterable[str]) -> None:
+        """Export every label value known in advance at 0. A labelled counter's series
+        otherwise appears at its first increment, which Prometheus takes as its starting
+        value: a first burst of 300 dead letters of a new reason showed as no increase at
+        all, to the DLQ-rate alert and the dashboard."""
+        for topic in input_topics:
+            self._m["events_in"].labels(topic)
+        for reason in DLQ_REASONS:
+            self._m["dlq_records"].labels(reason)
+        for reason in SKIP_REASONS:
+            self._m["events_skipped"].labels(reason)
+        for op in REDIS_OPS:
+            self._m["redis_errors"].labels(op)
+            self._m["redis_roundtrip_seconds"].labels(op)
 
     # -- ingestion -------------------------------------------------------------------------
     def events_in(self, topic: str, n: int = 1) -> None:

@@ -178,6 +178,8 @@ def test_latency_buckets_resolve_5ms_to_10s() -> None:
     from stream.metrics import LATENCY_BUCKETS
 
     assert LATENCY_BUCKETS[0] <= 0.005 and 10.0 in LATENCY_BUCKETS
+    # a migration held back for minutes (a topic refusing records) is not read as 30 s
+    assert LATENCY_BUCKETS[-1] >= 3600
     ratios = [b / a for a, b in itertools.pairwise(LATENCY_BUCKETS)]
     assert max(ratios) <= 2.5, "buckets too coarse for useful quantiles"
 
@@ -493,3 +495,28 @@ def test_a_collection_noted_while_a_scrape_holds_the_histogram_lock_does_not_wai
     t.join(5)
     assert not t.is_alive(), "observe_gc waited for a lock its own thread held"
     assert _samples(m)['segstream_gc_pause_seconds_count{generation="2"}'] == 1
+
+
+def test_known_label_values_are_exported_at_zero_before_their_first_increment() -> None:
+    """Prometheus takes a series' first sample as its start: a burst of 300 dead letters
+    of a reason never seen before showed as no increase at all."""
+    m = EngineMetrics()
+    m.prime(["p.clickstream", "p.transactions"])
+    s = _samples(m)
+    assert s['segstream_events_in_total{topic="p.clickstream"}'] == 0
+    assert s['segstream_events_in_total{topic="p.transactions"}'] == 0
+    assert s['segstream_dlq_records_total{reason="not_utf8"}'] == 0
+    assert s['segstream_events_skipped_total{reason="duplicate"}'] == 0
+    assert s['segstream_redis_errors_total{op="commit"}'] == 0
+    m.dead_letter("not_utf8", 300)
+    assert _samples(m)['segstream_dlq_records_total{reason="not_utf8"}'] == 300
+
+
+def test_every_dead_letter_reason_is_primed() -> None:
+    from stream.metrics import DLQ_REASONS
+
+    used = set()
+    for path in (ROOT / "stream").glob("*.py"):
+        used |= set(re.findall(r'Rejection\(\s*"([a-z_]+)"', path.read_text()))
+    assert {"not_json", "too_late", "invalid_schema"} <= used  # the scan finds them
+    assert used <= set(DLQ_REASONS), sorted(used - set(DLQ_REASONS))

@@ -21,8 +21,8 @@ regression with RMSProp) with the bookkeeping a streaming engine needs around it
 >>> for i in range(20):
 ...     m.learn(Example(f"e{i}", "churn", "h", i, i, {"idle": float(i % 2)}, i % 2))
 >>> m.learn(Example("e3", "churn", "h", 3, 3, {"idle": 1.0}, 1))  # duplicate: ignored
->>> m.quality()["examples"], m.version
-(20, 20)
+>>> m.quality()["examples"], m.version  # a version is given by the learner's promotion
+(20, 0)
 >>> p_busy, p_idle = m.predict_many([{"idle": 0.0}, {"idle": 1.0}])
 >>> p_busy < 0.5 < p_idle
 True
@@ -90,6 +90,7 @@ class OnlineModel:
         #: labels in the rolling window, to tell when the AUC is undefined (one class only)
         self.window_labels: deque[int] = deque(maxlen=window)
         self.detector: Any = _drift.ADWIN(delta=drift_delta)
+        #: the serving version the learner promoted this model as (0 before its first)
         self.version = 0
         self.examples = 0
         self.positives = 0
@@ -145,19 +146,19 @@ class OnlineModel:
         self.pipeline.learn_one(dict(example.x), y)
         self.examples += 1
         self.positives += int(y)
-        self.version += 1
 
     # scoring ----------------------------------------------------------------
 
     def _params(self) -> tuple[list[str], Any, Any, Any, float]:
-        if self._cache is None or self._cache[0] != self.version:
+        # Every example learned changes the parameters (a duplicate learns nothing).
+        if self._cache is None or self._cache[0] != self.examples:
             scaler, lr = self.pipeline.steps.values()
             names = list(scaler.counts)
             means = np.array([scaler.means[n] for n in names], dtype=float)
             var = np.array([scaler.vars[n] for n in names], dtype=float)
             inv_std = np.divide(1.0, np.sqrt(var), out=np.zeros_like(var), where=var > 0)
             weights = np.array([lr._weights.get(n, 0.0) for n in names], dtype=float)
-            self._cache = (self.version, names, means, inv_std, weights, float(lr.intercept))
+            self._cache = (self.examples, names, means, inv_std, weights, float(lr.intercept))
         return self._cache[1:]
 
     def predict_many(self, xs: Sequence[Mapping[str, float]]) -> list[float | None]:

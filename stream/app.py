@@ -801,9 +801,12 @@ class Engine:
         models = dict(self.runtime.models) if self.runtime else {}
         if self.learner is not None:
             models.update(self.learner.models)
+        served = self.runtime.versions if self.runtime else {}
         for name, m in models.items():
             q = dict(m.quality())
-            q["version"] = m.version
+            # The version scored with, from the registry (none served yet: 0); the
+            # inline learner's training model is newer than any version.
+            q["version"] = served.get(name, 0)
             out[name] = q
         return out
 

@@ -121,7 +121,7 @@ def test_duplicates_are_ignored() -> None:
         twice.learn(e)
     xs = [e.x for e in examples[:20]]
     assert twice.predict_many(xs) == once.predict_many(xs)
-    assert twice.version == once.version == 400
+    assert twice.examples == once.examples == 400
     assert twice.quality()["duplicates"] == 500
     assert {k: v for k, v in twice.quality().items() if k != "duplicates"} == {
         k: v for k, v in once.quality().items() if k != "duplicates"}

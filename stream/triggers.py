@@ -16,9 +16,10 @@ import logging
 import math
 import random
 import re
-from collections.abc import Awaitable, Sequence
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -33,6 +34,8 @@ from stream.errors import SegstreamError, ServiceError
 from stream.kafka import aiokafka_config, check_connection, ensure_topics
 from stream.redisconn import check_redis, mget_any, redis_client, redis_failed
 from stream.settings import Settings
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +91,17 @@ def _masked(url: str) -> str:
 
     >>> _masked("htp://ops:pw@host/services/T0/XYZ?token=t")
     'htp://***@host/…'
+    >>> _masked("http://ops:se#cret@hooks.example.com/x"), _masked("http://ops:a/b@h/x")
+    ('http://***', 'http://***')
     """
     m = re.match(r"([^:/?#]*:)?(//[^/?#]*)?(.*)", url, flags=re.DOTALL)
     assert m is not None  # every part is optional
     scheme, authority, rest = m.group(1) or "", m.group(2) or "", m.group(3)
+    if "@" in rest:
+        # A password holding "/", "?" or "#" ends the authority early as parsed here, so
+        # the rest of it would show as the host: where the user information ends cannot
+        # be told, and nothing of it is shown.
+        return f"{scheme}//***"
     authority = re.sub(r"//[^@]*@", "//***@", authority)
     return f"{scheme}{authority}{'/…' if rest else ''}"
 
@@ -149,6 +159,10 @@ class RetryPolicy:
         d = cap / 2 + random.uniform(0, cap / 2)
         return float(min(self.max_s, max(d, retry_after or 0.0)))
 
+
+#: A run logs its counts at least this often (seconds) while they change, and at every
+#: thousand posts.
+PROGRESS_LOG_S = 60.0
 
 #: Longest migration id accepted (the engine's are 32 hexadecimal characters).
 MAX_ID_CHARS = 512
@@ -320,11 +334,9 @@ class TriggerRunner:
         key = seen_key(self.settings, self.group, migration_id)
         erased = (forgotten_key(self.settings, customer_hash(customer_id))
                   if isinstance(customer_id, str) else None)
-        try:
-            # Two keys in different hash slots: read per slot on a cluster.
-            seen, forgotten_at = await mget_any(self.redis, [key, erased or key])
-        except (RedisError, RedisClusterException) as exc:
-            raise redis_failed(self.settings, exc) from None
+        # Two keys in different hash slots: read per slot on a cluster.
+        seen, forgotten_at = await self._redis(
+            lambda: mget_any(self.redis, [key, erased or key]), rec)
         if seen:
             self.stats.duplicates += 1
             return
@@ -335,13 +347,32 @@ class TriggerRunner:
                 self.stats.forgotten += 1
                 return
         body = orjson.dumps({f: doc.get(f) for f in PAYLOAD_FIELDS})
-        if await self.post(body, migration_id, rec):
+        # Accepted or rejected for good (4xx), it is marked: a restart before the offset
+        # commit posts neither again. A mark that cannot be written after the retries
+        # stops the run with the offset not committed past it; the next run posts it
+        # again with the same Idempotency-Key.
+        mark = b"1" if await self.post(body, migration_id, rec) else b"rejected"
+        await self._redis(lambda: self.redis.set(key, mark, nx=True, ex=self.seen_ttl_s), rec)
+
+    async def _redis(self, call: Callable[[], Awaitable[T]], rec: ConsumerRecord[Any, Any]
+                     ) -> T:
+        """``call()`` retried with the webhook's backoff while Redis fails (a restart, a
+        failover): the run stops, naming SEGSTREAM_REDIS_URL, only after
+        ``max_attempts`` failures in a row."""
+        for attempt in range(self.policy.max_attempts):
+            if attempt:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stop.wait(), self.policy.delay(attempt - 1))
+                if self.stop.is_set():
+                    raise _Stopped
             try:
-                await self.redis.set(key, b"1", nx=True, ex=self.seen_ttl_s)
-            except RedisError as exc:
-                # Delivered but not marked: a restart posts it again, with the same
-                # Idempotency-Key; the offset is not committed past it.
-                raise redis_failed(self.settings, exc) from None
+                return await call()
+            except (RedisError, RedisClusterException) as exc:
+                if attempt + 1 >= self.policy.max_attempts:
+                    raise redis_failed(self.settings, exc) from None
+                log.warning("triggers: Redis failed at %s (%s); retrying", _where(rec),
+                            type(exc).__name__)
+        raise AssertionError("unreachable")
 
     async def _until_stopped(self, request: Awaitable[Any]) -> Any:
         """``request``'s result, or :class:`_Stopped` (the request cancelled) on a stop."""
@@ -426,9 +457,11 @@ class TriggerRunner:
                 self.stats.rejected += 1
                 return False
             problem = str(outcome)
-            log.debug(
-                "attempt %d for migration at %s failed: %s", attempt + 1, _where(rec), problem
-            )
+            # The first failure of a migration is worth an operator's eye (a webhook
+            # down shows at once, not only when the run gives up); the rest is noise.
+            log.log(logging.WARNING if attempt == 0 else logging.DEBUG,
+                    "triggers: attempt %d for migration at %s failed: %s; retrying",
+                    attempt + 1, _where(rec), problem)
         if self.stop.is_set():
             raise _Stopped
         raise TriggerDeliveryError(
@@ -550,6 +583,7 @@ async def _loop(
     idle: asyncio.Event,
 ) -> None:
     logged = TriggerStats()
+    logged_at = time.monotonic()
     while not stop.is_set():
         batch = await consumer.getmany(timeout_ms=500, max_records=batch_max)
         batch = {tp: recs for tp, recs in batch.items() if recs and tp not in runner.revoked}
@@ -588,7 +622,10 @@ async def _loop(
         if failure is not None:
             break
         s = runner.stats
-        if s.posted // 1000 != logged.posted // 1000:
+        now = time.monotonic()
+        if s != logged and (s.posted // 1000 != logged.posted // 1000
+                            or now - logged_at >= PROGRESS_LOG_S):
+            logged_at = now
             log.info(
                 "triggers: %d posted, %d duplicates, %d hold-out, %d rejected, %d retries",
                 s.posted,

@@ -134,6 +134,8 @@ class OnlineModel:
             p = float(self.pipeline.predict_proba_one(example.x).get(True, 0.0))
             self.scored += 1
             self.auc.update(y, p)
+            if self.scored % (self.window_labels.maxlen or 1) == 0:
+                self._settle_auc()
             self.log_loss.update(y, p)
             self.window_labels.append(int(y))
             before = self.detector.estimation
@@ -216,6 +218,13 @@ class OnlineModel:
         """The logistic weights on standardised inputs (for inspection)."""
         return dict(self.pipeline.steps["LogisticRegression"].weights)
 
+    def _settle_auc(self) -> None:
+        """River's rolling AUC keeps every update in Python lists until it is read (it
+        moves them into its window in one call): unread, as in the learner process, the
+        lists held every example ever scored, and so did every snapshot (1.7 MB after
+        155,000 examples, against 5 KB). Reading it moves them into the bounded window."""
+        self.auc.get()
+
     def snapshot(self, serving: bool = False) -> bytes:
         """The whole model (with ``position`` and the recent ids) as bytes.
 
@@ -224,6 +233,7 @@ class OnlineModel:
         ``dedupe`` of them) were nearly all of a snapshot's bytes and of its loading
         time (about 3.3 MB and 30 ms against 70 KB and 1 ms, at 100,000 ids).
         """
+        self._settle_auc()
         skip = ("_cache", "_seen", "_order") if serving else ("_cache",)
         state = {k: v for k, v in self.__dict__.items() if k not in skip}
         return pickle.dumps({"format": SNAPSHOT_FORMAT, "state": state},
@@ -244,6 +254,7 @@ class OnlineModel:
         model.__dict__.setdefault("_seen", set())
         model.__dict__.setdefault("_order", deque())
         model._cache = None
+        model._settle_auc()  # a snapshot written before the lists were bounded
         return model
 
 

@@ -179,3 +179,24 @@ def test_auc_is_unknown_while_the_window_holds_one_class() -> None:
     for i in range(80, 100):
         m.learn(Example(f"e{i}", "churn", "h", i, i + 1, {"a": float(i % 3)}, i % 2))
     assert m.quality()["auc"] is not None
+
+
+def test_snapshots_stay_bounded_however_many_examples_were_scored() -> None:
+    """River's rolling AUC buffered every scored example until it was read; the learner
+    process never read it, so its checkpoints and every serving snapshot grew by about 11
+    bytes per example, for ever."""
+    small, big = OnlineModel("churn", window=200), OnlineModel("churn", window=200)
+    for e in _stream(1_000, 3):
+        small.learn(e)
+    for e in _stream(12_000, 3):
+        big.learn(e)
+    assert big.scored > 10 * small.scored > 0
+    grown = len(big.snapshot(serving=True)) - len(small.snapshot(serving=True))
+    assert grown < 2_000, f"the serving snapshot grew by {grown} bytes"
+    assert len(big.auc._buf_labels) < 200  # River's buffer, read back at most a window
+    # reading the metric early changes nothing of its value
+    unread = OnlineModel("churn", window=200)
+    unread._settle_auc = lambda: None  # type: ignore[method-assign]
+    for e in _stream(12_000, 3):
+        unread.learn(e)
+    assert unread.quality()["auc"] == big.quality()["auc"]

@@ -295,7 +295,8 @@ async def _run(s: Settings, store: MemoryFeatureStore | RedisFeatureStore, event
                        personas=ctx.personas if models else None)
     scoring.every = sketch_every
     bp = BatchProcessor(s, store, _Published(), clock=lambda: wall_s, scoring=scoring,
-                        background_publish=background, background_commit=background)
+                        background_publish=background, background_commit=background,
+                        check_partitions=True)
     tune_gc(s)
     if not live:
         return await _timed(bp, batches, "backlog", prof)

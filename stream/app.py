@@ -716,7 +716,8 @@ class Engine:
             self.processor = BatchProcessor(s, self.store, FaustPublisher(self.app, s),
                                             scoring=self.runtime,
                                             background_publish=s.publish_in_background,
-                                            background_commit=s.commit_in_background)
+                                            background_commit=s.commit_in_background,
+                                            check_partitions=True)
             self.sweeper = Sweeper(self.processor, self.runtime, self.store, self.lock,
                                    busy=self._busy, max_share=self.settings.sweep_max_share)
             self.processor.on_published = self.backend.on_published

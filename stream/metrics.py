@@ -164,7 +164,8 @@ ARMS = ("treated", "holdout")
 #: Every reason a record is dead-lettered for (``Rejection`` in stream/schemas.py and
 #: stream/pipeline.py), every reason one is skipped, and the Redis round trips timed.
 DLQ_REASONS = ("not_utf8", "not_json", "empty", "invalid_schema", "too_large", "key_mismatch",
-               "currency", "unknown_topic", "too_late", "from_future", "processing_error")
+               "currency", "unknown_topic", "too_late", "from_future", "wrong_partition",
+               "processing_error")
 SKIP_REASONS = ("duplicate", "below_watermark")
 REDIS_OPS = ("load", "commit", "read")
 

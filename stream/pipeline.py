@@ -20,6 +20,7 @@ from typing import Any, Protocol, TypeVar
 
 import msgpack
 import orjson
+from aiokafka.partitioner import murmur2
 
 from features import serial
 from features.events import Event, TransactionEvent, id_hash
@@ -81,6 +82,30 @@ class RawRecord:
         w.value = value
         w.timestamp_ms = timestamp_ms
         w.decoded = decoded
+
+
+class HomePartitions:
+    """The partition each customer's records belong in: Kafka's default partition of the
+    key (murmur2, as the Java client, aiokafka and kafka-python place a keyed record, and
+    librdkafka with ``partitioner=murmur2_random``), remembered for the keys seen lately.
+
+    >>> home = HomePartitions(6)
+    >>> home(b"00042"), home(b"00042"), home(b"00043")
+    (0, 0, 5)
+    """
+
+    def __init__(self, partitions: int, keep: int = 200_000) -> None:
+        self.partitions = partitions
+        self._keep = keep
+        self._known: dict[bytes, int] = {}
+
+    def __call__(self, key: bytes) -> int:
+        p = self._known.get(key)
+        if p is None:
+            if len(self._known) >= self._keep:
+                self._known.clear()
+            p = self._known[key] = (murmur2(key) & 0x7FFFFFFF) % self.partitions
+        return p
 
 
 def record_decoder(settings: Settings) -> Callable[[str, bytes | None, bytes | None],
@@ -304,8 +329,12 @@ class BatchProcessor:
         scoring: Scoring | None = None,
         background_publish: bool = False,
         background_commit: bool = False,
+        check_partitions: bool = False,
     ) -> None:
         self.settings = settings
+        #: with ``check_partitions``, a record whose key belongs in another partition is
+        #: a dead letter: applied, it would start a second state of its customer there
+        self._home = HomePartitions(settings.partitions) if check_partitions else None
         self._lateness_ms = settings.lateness_ms  # settings are frozen; read per event
         #: publish a batch's outbox while the next batch is loaded and evaluated (see
         #: :meth:`drain`); otherwise :meth:`process` returns once it is published
@@ -636,13 +665,23 @@ class BatchProcessor:
         horizon = int(self.clock() * 1000) + self.settings.future_skew_ms
         by_part: dict[int, list[tuple[RawRecord, Event | Rejection]]] = {}
         decode_one = self.decode_record
+        home = self._home
         for rec in records:
             res = rec.decoded
             if res is None:
                 res = decode_one(rec.topic, rec.key, rec.value)
-            if not isinstance(res, Rejection) and res.ts_ms > horizon:
-                res = Rejection("from_future", "timestamp is more than "
-                                f"{self.settings.max_future_skew_s:g}s ahead of wall clock")
+            if not isinstance(res, Rejection):
+                if res.ts_ms > horizon:
+                    res = Rejection("from_future", "timestamp is more than "
+                                    f"{self.settings.max_future_skew_s:g}s ahead of wall clock")
+                elif home is not None and home(rec.key) != rec.partition:  # type: ignore[arg-type]
+                    res = Rejection(
+                        "wrong_partition",
+                        f"record in partition {rec.partition}, but its key belongs in "
+                        f"partition {home(rec.key)} of {home.partitions} (Kafka's default "  # type: ignore[arg-type]
+                        "partitioner, murmur2 of the key): all of a customer's records must "
+                        "be in one partition, so produce with the default partitioner "
+                        "(librdkafka: partitioner=murmur2_random) and no explicit partition")
             by_part.setdefault(rec.partition, []).append((rec, res))
         return by_part
 

@@ -503,3 +503,25 @@ def test_a_partition_given_back_after_another_owner_saw_a_loss_is_not_a_loss() -
     asyncio.run(scenario())
     assert store.meta[0]["wm:transactions"] == 29
     assert purchases(store) == 30
+
+
+def test_a_record_in_another_partition_than_its_key_s_is_a_dead_letter() -> None:
+    """A customer's records placed by another partitioner (librdkafka's default crc32) or
+    an explicit partition started a second state of the customer in that partition: two
+    half-histories, two segment counts, and a forget that left one behind."""
+    from aiokafka.partitioner import murmur2
+
+    s = load_settings()
+    store, sink = MemoryFeatureStore(), Sink()
+    p = BatchProcessor(s, store, sink, clock=lambda: WALL, check_partitions=True)
+    home = (murmur2(b"m1") & 0x7FFFFFFF) % s.partitions
+    away = (home + 1) % s.partitions
+    stats = run(p, [rec(0, tx(0, "m1", T0, 10.0), key=b"m1", part=home),
+                    rec(0, tx(1, "m1", T0 + 5, 20.0), key=b"m1", part=away),
+                    rec(1, tx(2, "m1", T0 + 9, 5.0), key=b"m1", part=home)])
+    assert stats.dead_letters == {"wrong_partition": 1}
+    assert purchases(store, "m1", home) == 2
+    assert (away, "m1") not in store.customers
+    [dlq] = [DlqRecord.model_validate_json(v) for t, _, v in sink.sent if t == s.dlq_topic]
+    assert dlq.reason == "wrong_partition" and dlq.partition == away
+    assert f"belongs in partition {home} of {s.partitions}" in dlq.error

@@ -30,7 +30,8 @@ RUN pip install --no-cache-dir -c /src/constraints.txt /src && rm -rf /src
 COPY --from=native /opt/segstream/native /opt/segstream/native
 ENV SEGSTREAM_NATIVE_DIR=/opt/segstream/native
 
-# Faust keeps its data directory relative to the working directory.
+# The worker's working directory; its data goes to SEGSTREAM_DATA_DIR (by default
+# ~/.cache/segstream, in the home directory created above).
 WORKDIR /app
 RUN chown segstream:segstream /app
 

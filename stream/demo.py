@@ -447,9 +447,20 @@ def run_demo(s: Settings, opts: DemoOptions, console: Console | None = None) -> 
 
     con = console or get_console()
     if not (opts.cdnow or (opts.synthetic and opts.customers > 0)):
-        con.print("[red]nothing to replay: drop --no-cdnow or --no-synthetic")
+        drop = ["--no-cdnow"] + (["--no-synthetic"] if not opts.synthetic else [])
+        con.print(f"[red]nothing to replay: drop {' or '.join(drop)}"
+                  + (" or give --customers above 0" if opts.synthetic else ""))
         return 2
     try:
+        if opts.cdnow:
+            from stream.replay import cdnow_path
+
+            try:
+                cdnow_path()
+            except FileNotFoundError:
+                con.print("[red]the CDNOW log ships with the lifetimes package, which is not "
+                          "installed: pip install lifetimes, or run with --no-cdnow")
+                return 2
         with con.status("Kafka and Redis"):
             done = services.up(s)
         con.print(f"kafka {s.kafka_bootstrap} ({done['kafka']}), "
@@ -461,7 +472,12 @@ def run_demo(s: Settings, opts: DemoOptions, console: Console | None = None) -> 
     except KeyboardInterrupt:
         con.print("interrupted")
         return 130
-    con.print(f"replay: {plan.describe()} at {opts.rate:,.0f} events/s")
+    if plan.total == 0:
+        con.print("[red]nothing to replay: no event of the chosen sources is in the period "
+                  "(see --until and --days)")
+        return 2
+    pace = f"{opts.rate:,.0f} events/s" if opts.rate else "full speed (unthrottled)"
+    con.print(f"replay: {plan.describe()} at {pace}")
     if now >= 0 and plan.start_ms < now - s.lateness_ms:
         con.print(f"[yellow]this deployment's clock is already at "
                   f"{datetime.fromtimestamp(now / 1000, UTC):%Y-%m-%d}: earlier events go to the "

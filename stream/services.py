@@ -131,7 +131,28 @@ def diagnose(settings: Settings) -> Health:
     return Health(kafka_reason is None, redis_reason is None, kafka_reason, redis_reason)
 
 
-def _pid_alive(pid_file: Path) -> int | None:
+def _command_line(pid: int) -> str | None:
+    """The command line of process ``pid`` (its arguments joined by spaces), or None."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:
+        if Path("/proc/self").exists():
+            return None  # Linux: no such process
+        try:  # elsewhere (macOS): ask ps
+            out = subprocess.run(["ps", "-o", "command=", "-p", str(pid)],
+                                 capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() or None
+    except OSError:
+        return None
+    return raw.replace(b"\0", b" ").decode(errors="replace").strip() or None
+
+
+def _pid_alive(pid_file: Path, *marks: str) -> int | None:
+    """The pid in ``pid_file`` if that process runs and is the one ``up`` started: its
+    command line holds every one of ``marks``. A pid left in a stale file may by now be
+    any other process, which ``down`` must not signal."""
     try:
         pid = int(pid_file.read_text().strip())
     except (OSError, ValueError):
@@ -140,16 +161,49 @@ def _pid_alive(pid_file: Path) -> int | None:
         os.kill(pid, 0)
     except OSError:
         return None
+    cmd = _command_line(pid)
+    if cmd is None or not all(m in cmd for m in marks):
+        return None
     return pid
 
 
-def _wait(check: object, what: str, timeout: float = START_TIMEOUT_S) -> None:
+def _wait(check: object, what: str, timeout: float = START_TIMEOUT_S,
+          exited: Any = None) -> None:
+    """Until ``check()``; fails at once when ``exited()`` gives a reason (the service's
+    process ended), instead of waiting out the timeout for a service that is gone."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if check():  # type: ignore[operator]
             return
+        why = exited() if exited is not None else None
+        if why:
+            raise ServiceError(f"{what} exited at start: {why}")
         time.sleep(0.5)
     raise ServiceError(f"{what} did not become healthy within {timeout:.0f}s")
+
+
+def _last_line(log: Path, *, containing: tuple[str, ...] = ()) -> str:
+    """The last line of ``log`` (the last holding one of ``containing``, when given)."""
+    try:
+        lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return f"see {log}"
+    if containing:
+        picked = [ln for ln in lines if any(c in ln for c in containing)]
+        lines = picked or lines
+    return (lines[-1][:300] + f" (see {log})") if lines else f"see {log}"
+
+
+def _port_free(port: int) -> bool:
+    """Nothing listens on loopback ``port`` and it can be bound."""
+    if _port_open("127.0.0.1", port, timeout=0.5):
+        return False
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 # -- Redis -------------------------------------------------------------------------
@@ -188,21 +242,46 @@ def start_redis(settings: Settings) -> None:
         # A single plaintext server on that port would not be what the settings describe.
         raise ServiceError("`up` only starts a plain single Redis; start the Redis Cluster or "
                            "TLS Redis yourself (SEGSTREAM_REDIS_CLUSTER / SEGSTREAM_REDIS_URL)")
-    d = settings.data_dir / "redis"
+    if not _port_free(port):
+        raise ServiceError(f"port {port} of SEGSTREAM_REDIS_URL is in use by something that "
+                           "is not a Redis answering there; stop it or choose another port")
+    d = _redis_dir(settings, port)
     d.mkdir(parents=True, exist_ok=True)
+    pid_file = d / "redis.pid"
+    pid_file.unlink(missing_ok=True)
+    started = time.monotonic()
     subprocess.run(
         [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1",
          "--appendonly", "yes", "--appendfsync", "everysec", "--dir", str(d),
          "--auto-aof-rewrite-percentage", str(REDIS_AOF_REWRITE_PERCENTAGE),
-         "--daemonize", "yes", "--pidfile", str(d / "redis.pid"),
+         "--daemonize", "yes", "--pidfile", str(pid_file),
          "--logfile", str(d / "redis.log"), "--save", ""],
         check=True,
     )
-    _wait(lambda: redis_healthy(settings), f"Redis on port {port}")
+
+    def exited() -> str | None:
+        # The daemon writes its pid file once it runs; give it a moment to.
+        if time.monotonic() - started < 3 or _pid_alive(pid_file, *_redis_marks(port)):
+            return None
+        return _last_line(d / "redis.log", containing=("#",))
+
+    _wait(lambda: redis_healthy(settings), f"Redis on port {port}", exited=exited)
+
+
+def _redis_dir(settings: Settings, port: int) -> Path:
+    """Each port's server has its own directory (its append-only file and pid file)."""
+    return settings.data_dir / "redis" / f"port-{port}"
+
+
+def _redis_marks(port: int) -> tuple[str, ...]:
+    """What the command line of the Redis ``up`` started on ``port`` holds (redis-server
+    shows its address there)."""
+    return ("redis-server", f":{port}")
 
 
 def stop_redis(settings: Settings) -> bool:
-    return _stop(settings.data_dir / "redis" / "redis.pid")
+    _, port = _redis_hostport(settings.redis_url)
+    return _stop(_redis_dir(settings, port) / "redis.pid", *_redis_marks(port))
 
 
 # -- Kafka -------------------------------------------------------------------------
@@ -263,6 +342,13 @@ def start_kafka(settings: Settings) -> None:
                            "`up` only starts a local broker")
     if not shutil.which("java"):
         raise ServiceError("Java 17+ is needed to run the Kafka broker")
+    for p, what in ((port, ""), (port + 1, " (the local broker's controller listens on the "
+                                           "next port)")):
+        if not _port_free(p):
+            raise ServiceError(
+                f"port {p} is in use{what}, so a broker for SEGSTREAM_KAFKA_BOOTSTRAP "
+                f"{settings.kafka_bootstrap} cannot start; stop what uses it or choose "
+                "another port")
     libs = kafka_libs(settings)
     base = settings.data_dir / "kafka" / f"node-{port}"
     data = base / "data"
@@ -292,16 +378,25 @@ def start_kafka(settings: Settings) -> None:
          f"-Dlog4j2.configurationFile={log4j}", "-cp", cp, "kafka.Kafka", str(props)],
         stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
     )
-    (settings.data_dir / "kafka" / "kafka.pid").write_text(str(proc.pid))
-    _wait(lambda: kafka_healthy(settings), f"Kafka on port {port}")
+    (base / "kafka.pid").write_text(str(proc.pid))
+
+    def exited() -> str | None:
+        if proc.poll() is None:
+            return None
+        return _last_line(base / "server.log", containing=("ERROR", "Exception")) \
+            if (base / "server.log").exists() else _last_line(base / "stdout.log")
+
+    _wait(lambda: kafka_healthy(settings), f"Kafka on port {port}", exited=exited)
 
 
 def stop_kafka(settings: Settings) -> bool:
-    return _stop(settings.data_dir / "kafka" / "kafka.pid")
+    _, port = _hostport(settings.kafka_bootstrap)
+    base = settings.data_dir / "kafka" / f"node-{port}"
+    return _stop(base / "kafka.pid", "kafka.Kafka", str(base / "server.properties"))
 
 
-def _stop(pid_file: Path, timeout: float = 30.0) -> bool:
-    pid = _pid_alive(pid_file)
+def _stop(pid_file: Path, *marks: str, timeout: float = 30.0) -> bool:
+    pid = _pid_alive(pid_file, *marks)
     if pid is None:
         pid_file.unlink(missing_ok=True)
         return False
@@ -312,6 +407,8 @@ def _stop(pid_file: Path, timeout: float = 30.0) -> bool:
             os.kill(pid, 0)
         except OSError:
             break
+        if _command_line(pid) is None:
+            break  # exited, not yet reaped by its parent (a zombie has no command line)
         time.sleep(0.2)
     else:
         os.kill(pid, signal.SIGKILL)
@@ -330,6 +427,37 @@ def docker_available() -> bool:
         return subprocess.run(["docker", "info"], capture_output=True, timeout=10).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
         return False
+
+
+#: Where ``docker-compose.yml`` publishes its services on the host.
+COMPOSE_KAFKA_PORT = 29092
+COMPOSE_REDIS_PORT = 6379
+
+
+def check_compose_ports(settings: Settings) -> None:
+    """Fail naming the setting when the compose services would not be where the settings
+    look for them (they would start, and ``up`` would wait for nothing).
+
+    >>> try:
+    ...     check_compose_ports(Settings(kafka_bootstrap="127.0.0.1:9092"))
+    ... except SettingsError as exc:
+    ...     print(str(exc).rpartition(": ")[2])
+    set SEGSTREAM_KAFKA_BOOTSTRAP=localhost:29092
+    >>> check_compose_ports(Settings(kafka_bootstrap="localhost:29092",
+    ...                              redis_url="redis://localhost:6379/0"))
+    """
+    host, port = _hostport(settings.kafka_bootstrap)
+    if host not in ("127.0.0.1", "localhost") or port != COMPOSE_KAFKA_PORT:
+        raise SettingsError(
+            f"SEGSTREAM_KAFKA_BOOTSTRAP is {settings.kafka_bootstrap}, but docker-compose.yml "
+            f"publishes Kafka on localhost:{COMPOSE_KAFKA_PORT}: set "
+            f"SEGSTREAM_KAFKA_BOOTSTRAP=localhost:{COMPOSE_KAFKA_PORT}")
+    host, port = _redis_hostport(settings.redis_url)
+    if host not in ("127.0.0.1", "localhost") or port != COMPOSE_REDIS_PORT:
+        raise SettingsError(
+            f"SEGSTREAM_REDIS_URL points at {host}:{port}, but docker-compose.yml publishes "
+            f"Redis on localhost:{COMPOSE_REDIS_PORT}: set "
+            f"SEGSTREAM_REDIS_URL=redis://localhost:{COMPOSE_REDIS_PORT}/0")
 
 
 def _compose_up() -> None:
@@ -351,6 +479,7 @@ def up(settings: Settings) -> dict[str, str]:
     h = health(settings)
     if not (h.kafka and h.redis) and os.environ.get("SEGSTREAM_USE_DOCKER") == "1" \
             and docker_available():
+        check_compose_ports(settings)
         _compose_up()
         _wait(lambda: health(settings).kafka and health(settings).redis, "docker services")
         return {"kafka": "docker", "redis": "docker"}

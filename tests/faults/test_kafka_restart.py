@@ -54,7 +54,8 @@ class PrivateKafka:
                                       data_dir=directory)
         (directory / "kafka").mkdir(parents=True, exist_ok=True)
         (directory / "kafka" / shared.name).symlink_to(shared, target_is_directory=True)
-        self.pid_file = directory / "kafka" / "kafka.pid"
+        port = int(self.bootstrap.rpartition(":")[2])
+        self.pid_file = directory / "kafka" / f"node-{port}" / "kafka.pid"
 
     @property
     def bootstrap(self) -> str:

@@ -12,7 +12,7 @@ import math
 import re
 from dataclasses import dataclass
 from datetime import datetime
-from decimal import ROUND_HALF_EVEN, Decimal
+from decimal import ROUND_FLOOR, ROUND_HALF_EVEN, Decimal
 from typing import Annotated, Any, Literal
 
 import orjson
@@ -351,6 +351,13 @@ def _decode(kind: str, key: bytes | None, value: bytes | None, max_bytes: int,
         if named is not None and (not named.isascii() or named.upper() != currency):
             return Rejection("currency", f"currency {named!r} is not the deployment's "
                              f"{currency} (SEGSTREAM_CURRENCY)")
+    ts = doc.get("ts")
+    if type(ts) is float and ts.is_integer():
+        # A fraction of a millisecond just below a whole one (…999.9999) reads as the
+        # whole one in a double: floor it from the JSON text, as an RFC 3339 time is.
+        event = _exact_ts(event, text)
+        if isinstance(event, Rejection):
+            return event
     if isinstance(event, TransactionEvent) and (event.amount_units >= _EXACT_UNITS
                                                 or _near_half_unit(doc.get("amount"))):
         event = _exact_amount(event, text, doc.get("amount"))
@@ -516,6 +523,32 @@ def _near_half_unit(amount: Any) -> bool:
 _EXACT_UNITS = 10**12
 #: The largest amount (1e12), in units.
 _MAX_UNITS = 10**16
+
+
+def _exact_ts(event: Event, text: str) -> Event | Rejection:
+    """``event`` with its time floored from the record's JSON text (an epoch-ms number
+    with a fraction that a double rounded up to the next millisecond).
+
+    >>> t = '{"event_id":"e","customer_id":"c","ts":1796515199999.99999,"event_type":"v"}'
+    >>> _exact_ts(ClickEvent("e", "c", 1796515200000, "v"), t).ts_ms
+    1796515199999
+    """
+    try:
+        ts = json.loads(text, parse_float=Decimal, parse_int=_int_or_float).get("ts")
+    except (RecursionError, ValueError):
+        return event  # nested past the decimal parser: the double's reading stands
+    if not isinstance(ts, Decimal) or not ts.is_finite():
+        return event
+    ms = int(ts.to_integral_value(ROUND_FLOOR))
+    if ms == event.ts_ms:
+        return event
+    if not _TS_MIN <= ms <= _TS_MAX:
+        return Rejection("invalid_schema", "ts: timestamp out of range")
+    if isinstance(event, ClickEvent):
+        return ClickEvent(event.event_id, event.customer_id, ms, event.event_type,
+                          event.session_id)
+    return TransactionEvent(event.event_id, event.customer_id, ms, event.amount_units,
+                            event.kind)
 
 
 def _exact_amount(event: TransactionEvent, text: str, amount: Any = None) -> TransactionEvent:

@@ -91,3 +91,31 @@ def test_damaged_documents_are_refused_exactly_when_orjson_refuses_them(
             assert _loads_deep(damaged) is None
     else:
         assert _loads_deep(damaged) == want
+
+
+@settings(max_examples=300, deadline=None)
+@given(ms=st.integers(0, 4_102_444_800_000),
+       fraction=st.text(alphabet="0123456789", min_size=1, max_size=25))
+def test_a_fractional_epoch_ms_is_floored_as_written(ms: int, fraction: str) -> None:
+    """A fraction just below a whole millisecond (…999.99999) read as the next millisecond
+    in a double: a click at 23:59:59.999 counted on the next day."""
+    from decimal import ROUND_FLOOR, Decimal
+
+    from stream.schemas import decode
+
+    written = f"{ms}.{fraction}"
+    value = b'{"event_id":"e","customer_id":"c","ts":' + written.encode() \
+        + b',"event_type":"view"}'
+    got = decode("clickstream", b"c", value, 100_000)
+    want = int(Decimal(written).to_integral_value(ROUND_FLOOR))
+    assert not hasattr(got, "reason") or want > 4_102_444_800_000, got
+    if not hasattr(got, "reason"):
+        assert got.ts_ms == want
+
+
+def test_the_last_instant_of_a_day_stays_on_that_day() -> None:
+    from stream.schemas import decode
+
+    for written in ("1796515199999.99999", "1796515199999.9999", "1796515199999.5"):
+        value = b'{"event_id":"e","customer_id":"c","ts":' + written.encode() + b',"amount":1}'
+        assert decode("transactions", b"c", value, 100_000).ts_ms == 1796515199999, written

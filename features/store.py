@@ -127,7 +127,7 @@ class StoreUnavailable(Exception):
 #: The first part (up to a colon) of every deployment-wide key after the prefix; a
 #: partition's keys start with its hash tag ``{pN}`` instead.
 KEY_FAMILIES = frozenset({"now", "context", "models", "model", "clv", "rules", "learner",
-                          "kept_lateness_ms", "triggers", "migrations"})
+                          "kept_lateness_ms", "kept_currency", "triggers", "migrations"})
 
 
 @dataclass(frozen=True, slots=True)

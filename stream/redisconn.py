@@ -376,3 +376,52 @@ def check_lateness(settings: Settings) -> None:
             "new lateness could be counted twice or land in days already folded. Keep it at "
             f"most {days}, or build the state again with it (segstream reset --yes, then "
             "replay the input)")
+
+
+#: Keeps the currency setting the deployment's state was built with (the first one a
+#: worker started with; "" for none) and returns it.
+_CURRENCY_KEPT = """
+local v = redis.call('GET', KEYS[1])
+if not v then
+  redis.call('SET', KEYS[1], ARGV[1])
+  return ARGV[1]
+end
+return v
+"""
+
+
+def currency_key(settings: Settings) -> str:
+    """The key holding the currency setting the deployment's state was built with."""
+    return f"{settings.redis_prefix}kept_currency"
+
+
+def check_currency(settings: Settings) -> None:
+    """Refuse, naming the setting, a ``SEGSTREAM_CURRENCY`` other than the one the
+    deployment's state was built with.
+
+    The money features sum amounts as numbers: amounts accepted in one currency and then in
+    another (or, with no currency set, in any) would be added together, and two workers of
+    one group with different settings would disagree partition by partition. The first
+    worker to start on a deployment keeps its setting.
+    """
+    want = (settings.currency or "").upper()
+    try:
+        client = redis_sync_client(settings)
+        try:
+            kept = client.eval(_CURRENCY_KEPT, 1, currency_key(settings), want)
+        finally:
+            client.close()
+    except RedisError as exc:
+        raise ServiceError(
+            f"SEGSTREAM_REDIS_URL: cannot keep the currency in Redis at "
+            f"{redacted_url(settings.redis_url)}: {_first_line(exc)}") from None
+    kept = kept.decode() if isinstance(kept, bytes) else str(kept)
+    if kept != want:
+        def said(c: str) -> str:
+            return c if c else "not set (amounts of any currency, summed as given)"
+
+        raise SettingsError(
+            f"SEGSTREAM_CURRENCY is {said(want)}, but this deployment's state was built with "
+            f"it {said(kept)}: its money features would add amounts of different currencies. "
+            f"Set it back to {kept or 'nothing'}, or build the state again with the new one "
+            "(segstream reset --yes, then replay the input)")

@@ -57,3 +57,44 @@ def test_the_smallest_lateness_kept_is_remembered_and_a_larger_one_refused(servi
         for k in r.scan_iter(f"{prefix}*"):
             r.delete(k)
         r.close()
+
+
+def test_the_currency_the_state_was_built_with_is_kept_and_another_refused(services) -> None:
+    """Restarted with another SEGSTREAM_CURRENCY, a worker used to add the new currency's
+    amounts to the totals built in the old one, silently."""
+    from stream.redisconn import check_currency, currency_key
+
+    prefix = f"kc-{uuid.uuid4().hex[:8]}:"
+
+    def settings(currency: str | None) -> Any:
+        return load_settings(kafka_bootstrap=services["kafka"], redis_url=services["redis"],
+                             redis_prefix=prefix, currency=currency)
+
+    r = redis.from_url(services["redis"])
+    try:
+        check_currency(settings("usd"))  # a fresh deployment takes any, upper-cased
+        assert r.get(currency_key(settings(None))) == b"USD"
+        check_currency(settings("USD"))
+        with pytest.raises(SettingsError, match="SEGSTREAM_CURRENCY is EUR") as info:
+            check_currency(settings("eur"))
+        assert "built with it USD" in str(info.value) and "reset --yes" in str(info.value)
+        with pytest.raises(SettingsError, match="SEGSTREAM_CURRENCY is not set"):
+            check_currency(settings(None))
+
+        r.delete(currency_key(settings(None)))
+        check_currency(settings(None))  # none kept: "" from now on
+        assert r.get(currency_key(settings(None))) == b""
+        with pytest.raises(SettingsError, match="built with it not set"):
+            check_currency(settings("USD"))
+
+        env = {**os.environ, "SEGSTREAM_KAFKA_BOOTSTRAP": services["kafka"],
+               "SEGSTREAM_REDIS_URL": services["redis"], "SEGSTREAM_REDIS_PREFIX": prefix,
+               "SEGSTREAM_CURRENCY": "EUR"}
+        res = subprocess.run([sys.executable, "-m", "stream.cli", "worker"], env=env,
+                             capture_output=True, text=True, timeout=120)
+        assert res.returncode == 2, res.stderr[-2000:]
+        assert "SEGSTREAM_CURRENCY" in res.stderr and "Traceback" not in res.stderr
+    finally:
+        for k in r.scan_iter(f"{prefix}*"):
+            r.delete(k)
+        r.close()

@@ -193,3 +193,47 @@ def test_dashboard_renders_every_chart(tmp_path: Path) -> None:
     if not SCREENSHOT.exists() or os.environ.get("SEGSTREAM_UPDATE_SCREENSHOT") == "1":
         SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(shot, SCREENSHOT)
+
+
+class StoreDownBackend(RealisticBackend):
+    """Redis does not answer: the routes reading it answer 503, the worker's own figures
+    (its last segment sizes among them) are still served, with no event time."""
+
+    async def segments(self) -> dict[str, Any]:
+        from redis.exceptions import ConnectionError as RedisConnectionError
+
+        raise RedisConnectionError("Error 111 connecting to 127.0.0.1:6379")
+
+    async def actions(self) -> dict[str, Any]:
+        return await self.segments()
+
+    async def ready(self) -> tuple[bool, dict[str, Any]]:
+        return False, {"kafka": True, "redis": False, "partitions": 6}
+
+    async def stats(self) -> dict[str, Any]:
+        return {**await super().stats(), "as_of": None}
+
+
+def test_with_the_store_down_the_page_says_its_sizes_are_not_current(tmp_path: Path) -> None:
+    """With Redis down the page showed the last segment sizes as "now", with no warning."""
+    async def main() -> tuple[str, str]:
+        app = web.Application()
+        add_routes(app, StoreDownBackend(), EngineMetrics(), TOKEN)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        port = _free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        try:
+            return await chromium(f"http://127.0.0.1:{port}/?token={TOKEN}",
+                                  tmp_path / "profile", "--dump-dom")
+        finally:
+            await runner.cleanup()
+
+    dom, log = asyncio.run(main())
+    parsed = Charts()
+    parsed.feed(dom)
+    assert "display: block" in (parsed.banner_style or ""), parsed.banner_style
+    assert "The state store (Redis) does not answer" in dom
+    assert "last reading" in dom and "not now" in dom
+    assert parsed.ready == "not ready"
+    assert "Uncaught" not in log, log[-2000:]

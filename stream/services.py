@@ -162,7 +162,8 @@ def _pid_alive(pid_file: Path, *marks: str) -> int | None:
     except OSError:
         return None
     cmd = _command_line(pid)
-    if cmd is None or not all(m in cmd for m in marks):
+    # each mark ends an argument: ":6379 " is not found in "…:63790 "
+    if cmd is None or not all(m in f"{cmd} " for m in marks):
         return None
     return pid
 
@@ -276,7 +277,7 @@ def _redis_dir(settings: Settings, port: int) -> Path:
 def _redis_marks(port: int) -> tuple[str, ...]:
     """What the command line of the Redis ``up`` started on ``port`` holds (redis-server
     shows its address there)."""
-    return ("redis-server", f":{port}")
+    return ("redis-server", f":{port} ")
 
 
 def stop_redis(settings: Settings) -> bool:
@@ -392,7 +393,7 @@ def start_kafka(settings: Settings) -> None:
 def stop_kafka(settings: Settings) -> bool:
     _, port = _hostport(settings.kafka_bootstrap)
     base = settings.data_dir / "kafka" / f"node-{port}"
-    return _stop(base / "kafka.pid", "kafka.Kafka", str(base / "server.properties"))
+    return _stop(base / "kafka.pid", "kafka.Kafka ", f"{base / 'server.properties'} ")
 
 
 def _stop(pid_file: Path, *marks: str, timeout: float = 30.0) -> bool:

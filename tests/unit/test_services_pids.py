@@ -33,7 +33,8 @@ def test_a_stale_pid_file_never_stops_another_process(tmp_path: Path) -> None:
     port, kport = _free_port(), _free_port()
     s = load_settings(data_dir=tmp_path, redis_url=f"redis://127.0.0.1:{port}/0",
                       kafka_bootstrap=f"127.0.0.1:{kport}")
-    other, other_too = _sleeper(), _sleeper("kafka.Kafka")  # not the broker of this node
+    # not the broker of this node, nor a Redis on this port (but one on a port it prefixes)
+    other, other_too = _sleeper(f"redis-server 127.0.0.1:{port}0"), _sleeper("kafka.Kafka")
     try:
         rdir = tmp_path / "redis" / f"port-{port}"
         kdir = tmp_path / "kafka" / f"node-{kport}"

@@ -336,6 +336,21 @@ return v
 """
 
 
+def _keep(settings: Settings, script: str, key: str, value: Any, what: str) -> Any:
+    """Run one of the scripts that keep a setting the state was built with; a Redis that
+    fails names SEGSTREAM_REDIS_URL."""
+    try:
+        client = redis_sync_client(settings)
+        try:
+            return client.eval(script, 1, key, value)
+        finally:
+            client.close()
+    except RedisError as exc:
+        raise ServiceError(
+            f"SEGSTREAM_REDIS_URL: cannot keep {what} in Redis at "
+            f"{redacted_url(settings.redis_url)}: {_first_line(exc)}") from None
+
+
 def lateness_key(settings: Settings) -> str:
     """The key holding the smallest allowed lateness the deployment's state was kept with."""
     return f"{settings.redis_prefix}kept_lateness_ms"
@@ -356,17 +371,8 @@ def check_lateness(settings: Settings) -> None:
     would be counted twice, or into days already folded. A smaller one is always safe, and
     from then on is the one kept.
     """
-    try:
-        client = redis_sync_client(settings)
-        try:
-            kept = int(client.eval(_LATENESS_KEPT, 1, lateness_key(settings),
-                                   settings.lateness_ms))
-        finally:
-            client.close()
-    except RedisError as exc:
-        raise ServiceError(
-            f"SEGSTREAM_REDIS_URL: cannot keep the allowed lateness in Redis at "
-            f"{redacted_url(settings.redis_url)}: {_first_line(exc)}") from None
+    kept = int(_keep(settings, _LATENESS_KEPT, lateness_key(settings), settings.lateness_ms,
+                     "the allowed lateness"))
     if settings.lateness_ms > kept:
         days = f"{kept / 86_400_000:g}"
         raise SettingsError(
@@ -405,16 +411,7 @@ def check_currency(settings: Settings) -> None:
     worker to start on a deployment keeps its setting.
     """
     want = (settings.currency or "").upper()
-    try:
-        client = redis_sync_client(settings)
-        try:
-            kept = client.eval(_CURRENCY_KEPT, 1, currency_key(settings), want)
-        finally:
-            client.close()
-    except RedisError as exc:
-        raise ServiceError(
-            f"SEGSTREAM_REDIS_URL: cannot keep the currency in Redis at "
-            f"{redacted_url(settings.redis_url)}: {_first_line(exc)}") from None
+    kept = _keep(settings, _CURRENCY_KEPT, currency_key(settings), want, "the currency")
     kept = kept.decode() if isinstance(kept, bytes) else str(kept)
     if kept != want:
         def said(c: str) -> str:

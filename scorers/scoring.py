@@ -592,5 +592,6 @@ def _decide_action(customer_id: str, scheme: str, frm: str | None, to: str,
     if decision is None:
         return None
     o.add(ACTION_HASH, nba.counter_field(decision.action_id, to, decision.holdout, "exposed"), 1)
+    # DESIGN §3's action object: its priority only chose it among the rules that matched.
     return {"action_id": decision.action_id, "channel": decision.channel,
-            "priority": decision.priority, "holdout": decision.holdout}
+            "holdout": decision.holdout}

@@ -171,6 +171,9 @@ def test_holdout_share_and_lift_equal_a_hand_computation() -> None:
     assert not [r for r in h.sink.sent if r[0] == "segmentation-dlq"]
     migrations = h.sink.migrations()
     acted = [m for m in migrations if m["action"]]
+    # DESIGN §3's action object, exactly (the rule's priority was carried along too)
+    assert {frozenset(m["action"]) for m in acted} == {
+        frozenset({"action_id", "channel", "holdout"})}
     by_action: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for m in acted:
         by_action[m["action"]["action_id"]].append(m)
@@ -754,3 +757,4 @@ def test_a_partition_revoked_during_a_pass_is_not_marked_by_it() -> None:
     h.sweeper._chunk = revoked_midway  # type: ignore[method-assign]
     asyncio.run(h.sweeper.run_pass(parts))
     assert 0 not in h.sweeper.swept and h.store.swept.get(0) == before
+

@@ -127,7 +127,8 @@ class StoreUnavailable(Exception):
 #: The first part (up to a colon) of every deployment-wide key after the prefix; a
 #: partition's keys start with its hash tag ``{pN}`` instead.
 KEY_FAMILIES = frozenset({"now", "context", "models", "model", "clv", "rules", "learner",
-                          "kept_lateness_ms", "kept_currency", "triggers", "migrations"})
+                          "kept_lateness_ms", "kept_currency", "kept_partitions", "triggers",
+                          "migrations"})
 
 
 @dataclass(frozen=True, slots=True)

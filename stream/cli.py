@@ -130,7 +130,13 @@ def worker() -> None:
         watch_gc,
     )
     from stream.kafka import check_codecs, ensure_topics
-    from stream.redisconn import check_currency, check_eviction, check_lateness, check_redis
+    from stream.redisconn import (
+        check_currency,
+        check_eviction,
+        check_lateness,
+        check_partition_count,
+        check_redis,
+    )
 
     s = _settings()
     check_codecs()  # a compressed batch it cannot read would crash the worker for good
@@ -141,6 +147,7 @@ def worker() -> None:
     check_eviction(s)  # a Redis that evicts keys when full would lose state silently
     check_lateness(s)
     check_currency(s)  # amounts of another currency would be summed with the state's
+    check_partition_count(s)  # customers would get a second state in another partition
     ensure_topics(s)
     engine = create_engine(s)
     w = Worker(engine.app, loglevel=s.log_level, quiet=True, redirect_stdouts=False)

@@ -384,21 +384,58 @@ def check_lateness(settings: Settings) -> None:
             "replay the input)")
 
 
-#: Keeps the currency setting the deployment's state was built with (the first one a
-#: worker started with; "" for none) and returns it.
-_CURRENCY_KEPT = """
+#: Keeps a setting the deployment's state was built with, and returns the one kept: the
+#: current one (ARGV[1]) is taken when none is kept yet and the deployment has no state
+#: (KEYS[2], its engine time, does not exist), or ARGV[2] is "adopt"; else "?" (unknown).
+_SETTING_KEPT = """
 local v = redis.call('GET', KEYS[1])
-if not v then
+if v then return v end
+if ARGV[2] == 'adopt' or redis.call('EXISTS', KEYS[2]) == 0 then
   redis.call('SET', KEYS[1], ARGV[1])
   return ARGV[1]
 end
-return v
+return false
 """
 
 
 def currency_key(settings: Settings) -> str:
     """The key holding the currency setting the deployment's state was built with."""
     return f"{settings.redis_prefix}kept_currency"
+
+
+def partitions_key(settings: Settings) -> str:
+    """The key holding the partition count the deployment's state was built with."""
+    return f"{settings.redis_prefix}kept_partitions"
+
+
+def _kept_setting(settings: Settings, key: str, value: str, what: str,
+                  adopt: bool = False) -> str | None:
+    """The value of a setting the state was built with (taking ``value`` on a deployment
+    without state, or with ``adopt``); None when the state predates keeping it."""
+    from features.store import Keys
+
+    now_key = Keys(settings.redis_prefix).now()
+    try:
+        client = redis_sync_client(settings)
+        try:
+            if settings.redis_cluster:
+                # The two keys are in different slots on a cluster: one call each.
+                kept = client.get(key)
+                if kept is None and (adopt or not client.exists(now_key)):
+                    client.set(key, value, nx=True)
+                    kept = client.get(key)
+            else:
+                kept = client.eval(_SETTING_KEPT, 2, key, now_key, value,
+                                   "adopt" if adopt else "")
+        finally:
+            client.close()
+    except RedisError as exc:
+        raise ServiceError(
+            f"SEGSTREAM_REDIS_URL: cannot keep {what} in Redis at "
+            f"{redacted_url(settings.redis_url)}: {_first_line(exc)}") from None
+    if kept is None:
+        return None
+    return kept.decode() if isinstance(kept, bytes) else str(kept)
 
 
 def check_currency(settings: Settings) -> None:
@@ -408,13 +445,21 @@ def check_currency(settings: Settings) -> None:
     The money features sum amounts as numbers: amounts accepted in one currency and then in
     another (or, with no currency set, in any) would be added together, and two workers of
     one group with different settings would disagree partition by partition. The first
-    worker to start on a deployment keeps its setting.
+    worker to start on a deployment without state keeps its setting. A state built by a
+    version that did not keep it takes the current setting, with a warning: which currency
+    its amounts were in cannot be told.
     """
     want = (settings.currency or "").upper()
-    kept = _keep(settings, _CURRENCY_KEPT, currency_key(settings), want, "the currency")
-    kept = kept.decode() if isinstance(kept, bytes) else str(kept)
+    key = currency_key(settings)
+    kept = _kept_setting(settings, key, want, "the currency")
+    if kept is None:
+        logging.getLogger(__name__).warning(
+            "the currency this deployment's state was built with is not known (it predates "
+            "keeping it); taking SEGSTREAM_CURRENCY=%s as its currency from now on",
+            want or "(not set)")
+        kept = _kept_setting(settings, key, want, "the currency", adopt=True)
     if kept != want:
-        def said(c: str) -> str:
+        def said(c: str | None) -> str:
             return c if c else "not set (amounts of any currency, summed as given)"
 
         raise SettingsError(
@@ -422,3 +467,55 @@ def check_currency(settings: Settings) -> None:
             f"it {said(kept)}: its money features would add amounts of different currencies. "
             f"Set it back to {kept or 'nothing'}, or build the state again with the new one "
             "(segstream reset --yes, then replay the input)")
+
+
+def check_partition_count(settings: Settings) -> None:
+    """Refuse, naming ``SEGSTREAM_PARTITIONS``, another partition count than the one the
+    deployment's state was built with.
+
+    A customer's state lives in the partition of their key, which follows from the count:
+    with another count, a customer's next events go to another partition, which starts a
+    second state beside the first (two half-histories, segment counts twice). A state that
+    predates keeping the count has it inferred from the partitions holding state.
+    """
+    want = str(settings.partitions)
+    key = partitions_key(settings)
+    kept = _kept_setting(settings, key, want, "the partition count")
+    if kept is None:
+        held = _partitions_with_state(settings)
+        kept = _kept_setting(settings, key, str(held or settings.partitions),
+                             "the partition count", adopt=True)
+    if kept != want:
+        raise SettingsError(
+            f"SEGSTREAM_PARTITIONS is {want}, but this deployment's state was built with "
+            f"{kept} partitions: each customer's state is in the partition of their key, "
+            f"which changes with the count, so their next events would start a second state. "
+            f"Set it back to {kept} (and the input topics' partitions with it), or build the "
+            "state again with the new count (segstream reset --yes, recreate the topics, then "
+            "replay the input)")
+
+
+#: The most partitions a state is looked for in when its count was not kept.
+_MAX_PROBED_PARTITIONS = 4096
+
+
+def _partitions_with_state(settings: Settings) -> int:
+    """One more than the highest partition whose metadata exists (0 when none does)."""
+    from features.store import Keys
+
+    keys = Keys(settings.redis_prefix)
+    try:
+        client = redis_sync_client(settings)
+        try:
+            pipe = client.pipeline(transaction=False)
+            for p in range(_MAX_PROBED_PARTITIONS):
+                pipe.exists(keys.meta(p))
+            found = pipe.execute()
+        finally:
+            client.close()
+    except RedisError as exc:
+        raise ServiceError(
+            f"SEGSTREAM_REDIS_URL: cannot read the state's partitions in Redis at "
+            f"{redacted_url(settings.redis_url)}: {_first_line(exc)}") from None
+    held = [p for p, n in enumerate(found) if n]
+    return held[-1] + 1 if held else 0

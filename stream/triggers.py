@@ -93,6 +93,8 @@ def _masked(url: str) -> str:
     'htp://***@host/…'
     >>> _masked("http://ops:se#cret@hooks.example.com/x"), _masked("http://ops:a/b@h/x")
     ('http://***', 'http://***')
+    >>> _masked("http://ops:p@ss@hooks.example.com:99999/x")
+    'http://***@hooks.example.com:99999/…'
     """
     m = re.match(r"([^:/?#]*:)?(//[^/?#]*)?(.*)", url, flags=re.DOTALL)
     assert m is not None  # every part is optional
@@ -102,7 +104,8 @@ def _masked(url: str) -> str:
         # the rest of it would show as the host: where the user information ends cannot
         # be told, and nothing of it is shown.
         return f"{scheme}//***"
-    authority = re.sub(r"//[^@]*@", "//***@", authority)
+    # Up to the last "@": a password may hold a raw "@" too (URL parsers end it at the last).
+    authority = re.sub(r"//.*@", "//***@", authority, flags=re.DOTALL)
     return f"{scheme}{authority}{'/…' if rest else ''}"
 
 

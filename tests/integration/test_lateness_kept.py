@@ -98,3 +98,54 @@ def test_the_currency_the_state_was_built_with_is_kept_and_another_refused(servi
         for k in r.scan_iter(f"{prefix}*"):
             r.delete(k)
         r.close()
+
+
+def test_the_partition_count_the_state_was_built_with_is_kept_and_another_refused(
+        services) -> None:
+    """Following "add partitions" on a deployment with state used to split customers: their
+    next events went to another partition and started a second state there."""
+    from features.store import Keys
+    from stream.redisconn import check_currency, check_partition_count, partitions_key
+
+    prefix = f"kp-{uuid.uuid4().hex[:8]}:"
+
+    def settings(n: int, currency: str | None = None) -> Any:
+        return load_settings(kafka_bootstrap=services["kafka"], redis_url=services["redis"],
+                             redis_prefix=prefix, partitions=n, currency=currency)
+
+    r = redis.from_url(services["redis"])
+    keys = Keys(prefix)
+    try:
+        check_partition_count(settings(3))  # a fresh deployment takes its count
+        assert r.get(partitions_key(settings(3))) == b"3"
+        check_partition_count(settings(3))
+        with pytest.raises(SettingsError, match="SEGSTREAM_PARTITIONS is 6") as info:
+            check_partition_count(settings(6))
+        assert "built with 3 partitions" in str(info.value)
+
+        # A state from before the count was kept: inferred from the partitions holding it.
+        r.delete(partitions_key(settings(3)))
+        r.set(keys.now(), 1)
+        for p in range(3):
+            r.hset(keys.meta(p), "ver", 1)
+        with pytest.raises(SettingsError, match="built with 3 partitions"):
+            check_partition_count(settings(6))
+        check_partition_count(settings(3))
+        assert r.get(partitions_key(settings(3))) == b"3"
+
+        # ... and its currency, which cannot be told, is taken from the setting (a warning)
+        check_currency(settings(3, "usd"))
+        with pytest.raises(SettingsError, match="SEGSTREAM_CURRENCY is EUR"):
+            check_currency(settings(3, "eur"))
+
+        env = {**os.environ, "SEGSTREAM_KAFKA_BOOTSTRAP": services["kafka"],
+               "SEGSTREAM_REDIS_URL": services["redis"], "SEGSTREAM_REDIS_PREFIX": prefix,
+               "SEGSTREAM_CURRENCY": "usd", "SEGSTREAM_PARTITIONS": "6"}
+        res = subprocess.run([sys.executable, "-m", "stream.cli", "worker"], env=env,
+                             capture_output=True, text=True, timeout=120)
+        assert res.returncode == 2, res.stderr[-2000:]
+        assert "SEGSTREAM_PARTITIONS" in res.stderr and "Traceback" not in res.stderr
+    finally:
+        for k in r.scan_iter(f"{prefix}*"):
+            r.delete(k)
+        r.close()

@@ -276,7 +276,8 @@ def test_messages_never_show_the_webhooks_credentials() -> None:
     serve(failing, body)
     for bad in ("http://ops:S3cretPW@exa mple.com/x?token=T0KEN", "htp://ops:S3cretPW@h/x",
                 "http://ops:S3c#retPW@h/x", "http://ops:S3c?retPW@h/x",
-                "http://ops:S3c/retPW@h/x", "htp://ops:S3c/retPW@h/x"):
+                "http://ops:S3c/retPW@h/x", "htp://ops:S3c/retPW@h/x",
+                "http://ops:S3c@retPW@h:99999/x", "ftp://ops:S3c@r@tPW@h/x"):
         with pytest.raises(Exception, match="--webhook") as info:
             check_webhook_url(bad)
         assert "S3c" not in str(info.value) and "T0KEN" not in str(info.value)

@@ -27,7 +27,7 @@ from stream.backend import STATS_INTERVAL_S, EngineBackend
 from stream.batching import assigned_positions, kafka_backlog
 from stream.clvfit import refit_clv_in_child
 from stream.delivery import Delivery, EagerDelivery
-from stream.errors import SegstreamError
+from stream.errors import PublishRefused, SegstreamError
 from stream.fetch_size import FetchSizer
 from stream.inbox import Inbox
 from stream.learner import Learner
@@ -464,6 +464,11 @@ def watch_gc(observe: Callable[[int, float], None]) -> Callable[[str, dict[str, 
 #: outbox. The producer's own limit is Faust's request timeout, 20 minutes, which every
 #: batch waited out while an output topic was missing.
 PUBLISH_QUEUE_TIMEOUT_S = 15.0
+#: The longest a publish waits for Kafka to acknowledge what it queued. What is not
+#: acknowledged by then counts as not delivered (it stays in the outbox and goes out again:
+#: at least once, under its stable id). A topic deleted under a running worker, still in
+#: the producer's metadata, held every batch for the producer's 20-minute request timeout.
+PUBLISH_DELIVERY_TIMEOUT_S = 60.0
 #: Least time between two attempts of a worker to recreate missing output topics.
 RECREATE_TOPICS_EVERY_S = 10.0
 
@@ -490,12 +495,18 @@ class FaustPublisher:
 
     def __init__(self, app: faust.App, settings: Settings | None = None,
                  queue_timeout_s: float = PUBLISH_QUEUE_TIMEOUT_S,
-                 recreate: Callable[[Settings], None] | None = None) -> None:
+                 recreate: Callable[[Settings], None] | None = None,
+                 delivery_timeout_s: float = PUBLISH_DELIVERY_TIMEOUT_S) -> None:
         self.app = app
         self.settings = settings
         self.queue_timeout_s = queue_timeout_s
+        self.delivery_timeout_s = delivery_timeout_s
         self._recreate = recreate
         self._recreated_at = -RECREATE_TOPICS_EVERY_S
+        #: per topic, the most records a batch holds after the topic refused a batch as
+        #: too large (its max.message.bytes lowered under the worker): halved at each
+        #: refusal, down to one record a batch
+        self.batch_records: dict[str, int] = {}
 
     def _kafka(self) -> Any:
         """The app's started aiokafka producer."""
@@ -532,9 +543,11 @@ class FaustPublisher:
                 for (topic, p), rows in groups.items():
                     batch = kafka.create_batch()
                     held: list[int] = []
+                    cap = self.batch_records.get(topic)
                     for i in rows:
                         _, key, value = records[i]
-                        if batch.append(key=key, value=value, timestamp=None) is None:
+                        if (cap is not None and len(held) >= cap) or batch.append(
+                                key=key, value=value, timestamp=None) is None:
                             # full (a first record always fits): queue it, start another
                             deadline.reschedule(loop.time() + self.queue_timeout_s)
                             queued.append((await kafka.send_batch(batch, topic, partition=p),
@@ -552,22 +565,52 @@ class FaustPublisher:
             await self._recreate_missing_topics(failed)
             failure = exc
         # What was queued is delivered or refused by the producer in its own time: wait
-        # for it, so that what Kafka took is known and not sent again.
-        outcomes = await asyncio.gather(*(f for f, _ in queued), return_exceptions=True)
+        # for it (a bounded time), so that what Kafka took is known and not sent again.
+        futures = [f for f, _ in queued]
+        if futures:
+            await asyncio.wait(futures, timeout=self.delivery_timeout_s)
         delivered = [False] * len(records)
         refused: set[tuple[str, bytes | None]] = set()
-        for outcome, (_, held) in zip(outcomes, queued, strict=True):
-            if isinstance(outcome, BaseException):
-                failure = failure or outcome
+        for fut, held in queued:
+            outcome: BaseException | None
+            if not fut.done():
+                fut.add_done_callback(_ignore_outcome)  # delivered or not, nobody waits
+                outcome = TimeoutError(
+                    f"records for {records[held[0]][0]} not acknowledged within "
+                    f"{self.delivery_timeout_s:g}s")
+            elif fut.cancelled():
+                outcome = asyncio.CancelledError()
+            else:
+                outcome = fut.exception()
+            if outcome is not None:
+                if failure is None:
+                    topic = records[held[0]][0]
+                    failure = self._explained(topic, outcome, len(held))
                 refused.update(records[i][:2] for i in held)
             else:
                 for i in held:
                     delivered[i] = records[i][:2] not in refused
         if failure is None:
             return
+        if isinstance(failure, TimeoutError) or "UnknownTopic" in type(failure).__name__:
+            await self._recreate_missing_topics(topic)
         if not any(delivered):
             raise failure from None
         raise PartlyPublished(delivered, failure)
+
+    def _explained(self, topic: str, exc: BaseException, records: int) -> BaseException:
+        """``exc`` as the publish reports it, naming the topic; a batch the topic refused as
+        too large makes that topic's next batches half as large."""
+        if "MessageSizeTooLarge" not in type(exc).__name__:
+            return exc
+        if records > 1:
+            self.batch_records[topic] = max(1, min(self.batch_records.get(topic, records),
+                                                   records) // 2)
+        return PublishRefused(
+            f"{topic} refused a batch of {records} records as too large ({exc!r}): its "
+            "max.message.bytes is below SEGSTREAM_KAFKA_PRODUCE_BATCH_BYTES; its batches "
+            f"now hold at most {self.batch_records.get(topic, 1)} records, and a single "
+            "record it refuses waits in the outbox until the topic's limit is raised")
 
     async def _recreate_missing_topics(self, topic: str) -> None:
         if self.settings is None:
@@ -586,6 +629,11 @@ class FaustPublisher:
                         topic, exc)
         else:
             log.warning("publishing to %s failed; the engine's missing topics were created", topic)
+
+
+def _ignore_outcome(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()
 
 
 def fail_stop(exc: BaseException) -> NoReturn:
@@ -641,6 +689,9 @@ class Engine:
             consumer_auto_offset_reset="earliest",
             producer_acks=-1,
             producer_max_batch_size=settings.kafka_produce_batch_bytes,
+            # The producer gives a batch up after this (Faust's default: 20 minutes), as the
+            # outbox publish stops waiting for it: the outbox sends it again.
+            producer_request_timeout=PUBLISH_DELIVERY_TIMEOUT_S,
             web_enabled=True,
             # The engine serves its own API; Faust's table and router endpoints stay off.
             web_tables_enabled=False,

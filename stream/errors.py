@@ -30,3 +30,9 @@ class PipelineFailed(SegstreamError):
     the worker stops, and restarted it resumes from the store's watermarks. Its message
     carries no customer data (logs keep it: an underlying error is described with
     :func:`stream.redact.describe`)."""
+
+
+class PublishRefused(SegstreamError):
+    """An output topic refused records of the outbox (they wait there for the next flush);
+    the message names the topic and the setting or topic limit to change, and carries no
+    customer data."""

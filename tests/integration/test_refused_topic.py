@@ -27,13 +27,13 @@ EVENTS = 1_500
 BAD = 4
 
 
-def _max_message_bytes(dep, value: str) -> None:
+def _max_message_bytes(dep, value: str, topic: str = "segmentation-dlq") -> None:
     from stream.kafka import client_config
 
     s = dep.settings
     admin = KafkaAdminClient(**client_config(s))
     try:
-        admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, s.topic("segmentation-dlq"),
+        admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, s.topic(topic),
                                             configs={"max.message.bytes": value})])
     finally:
         admin.close()
@@ -89,3 +89,25 @@ def test_a_topic_refusing_its_records_does_not_repeat_the_migrations(make_deploy
     after = _migration_ids(dep)
     assert after == ids, "migrations published again once the dead letters went out"
     print(fault_oracle.judge(dep, inputs, allow_dead=True))
+
+
+def test_a_topic_whose_limit_drops_below_a_batch_gets_smaller_batches(make_deployment,
+                                                                      tmp_path: Path) -> None:
+    """The migrations topic's max.message.bytes lowered under the worker below a batch but
+    above each record: every flush was refused for good, and no migration went out. The
+    worker now makes that topic's batches smaller until they pass."""
+    from stream.kafka import ensure_topics
+
+    dep = make_deployment()
+    ensure_topics(dep.settings)
+    dep.start_worker(tmp_path)
+    _max_message_bytes(dep, "4000", "segment-migrations")  # a few records, not a batch
+    inputs = fault_oracle.synthetic_input(EVENTS, seed=53)
+    _produce(dep, [(t, str(d["customer_id"]).encode(), orjson.dumps(d)) for t, d in inputs])
+    fault_oracle.wait_applied(dep, EVENTS)
+    dep.cli("wait", "--timeout", "300")  # returns once every outbox is published
+    ids = _migration_ids(dep)
+    assert ids and max(ids.values()) == 1, "a migration was published twice"
+    log = dep.logs[0].read_text(errors="replace")
+    assert "refused a batch" in log and "max.message.bytes" in log
+    print(fault_oracle.judge(dep, inputs))

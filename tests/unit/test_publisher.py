@@ -11,11 +11,13 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from aiokafka.errors import MessageSizeTooLargeError
 from aiokafka.partitioner import murmur2
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stream.app import RECREATE_TOPICS_EVERY_S, FaustPublisher
+from stream.errors import PublishRefused
 from stream.pipeline import PartlyPublished
 from stream.settings import load_settings
 
@@ -43,8 +45,12 @@ class _Kafka:
     and a topic in ``stuck`` never has room for a batch."""
 
     def __init__(self, missing: str = "", stuck: str = "", room: int = 1000,
-                 refuse: Any = None) -> None:
+                 refuse: Any = None, hang: str = "", most: int | None = None) -> None:
         self.missing, self.stuck, self.room = missing, stuck, room
+        #: a topic whose batches are queued but never acknowledged (deleted under us)
+        self.hang = hang
+        #: the most records a batch may hold before the broker refuses it as too large
+        self.most = most
         #: refuse(topic, partition, n): whether the n-th batch queued is refused
         self.refuse = refuse or (lambda topic, partition, n: False)
         self.queued: list[tuple[str, int, list[tuple[bytes | None, bytes]]]] = []
@@ -64,7 +70,12 @@ class _Kafka:
             await asyncio.Event().wait()
         assert batch.rows, "an empty batch was queued"
         fut = asyncio.get_running_loop().create_future()
-        if self.refuse(topic, partition, len(self.queued) + len(self.refused)):
+        if topic == self.hang:
+            return fut
+        if self.most is not None and len(batch.rows) > self.most:
+            self.refused.append(len(self.queued) + len(self.refused))
+            fut.set_exception(MessageSizeTooLargeError())
+        elif self.refuse(topic, partition, len(self.queued) + len(self.refused)):
             self.refused.append(len(self.queued) + len(self.refused))
             fut.set_exception(ValueError("MessageSizeTooLargeError"))
         else:
@@ -225,3 +236,55 @@ def test_what_is_delivered_is_what_kafka_took_before_its_key_was_refused(
         first_lost = next((v for v in values if v not in taken), None)
         want = values if first_lost is None else values[:values.index(first_lost)]
         assert [v for v, ok in zip(values, flags, strict=True) if ok] == want
+
+
+def test_a_topic_that_never_acknowledges_fails_the_publish_in_bounded_time() -> None:
+    """The migrations topic deleted under the worker, still in the producer's metadata: its
+    batches were queued and waited for 20 minutes, holding every batch of the input."""
+    recreated: list[float] = []
+    kafka = _Kafka(hang="segment-migrations")
+    pub = _publisher(kafka, delivery_timeout_s=0.3,
+                     recreate=lambda s: recreated.append(time.time()))
+
+    async def go() -> PartlyPublished:
+        t0 = time.perf_counter()
+        with pytest.raises(PartlyPublished) as caught:
+            await pub.publish([("segment-migrations", b"c1", b"m1"),
+                               ("segmentation-dlq", b"c1", b"d1")])
+        assert time.perf_counter() - t0 < 5
+        return caught.value
+
+    exc = asyncio.run(go())
+    assert exc.delivered == [False, True]
+    assert isinstance(exc.cause, TimeoutError) and "segment-migrations" in str(exc.cause)
+    assert len(recreated) == 1  # the engine's missing topics are created
+
+
+def test_a_topic_refusing_batches_as_too_large_gets_smaller_ones_until_they_pass() -> None:
+    """An output topic whose max.message.bytes was lowered under the worker below a batch
+    but above each record refused every flush for good; its batches now halve until they
+    fit, keeping each customer's order."""
+    kafka = _Kafka(most=3)
+    pub = _publisher(kafka)
+    records = [("segment-migrations", b"c%d" % (i % 2), b"%d" % i) for i in range(20)]
+
+    async def go() -> int:
+        rounds, pending = 0, list(records)
+        while pending:
+            rounds += 1
+            assert rounds < 10, "never delivered"
+            try:
+                await pub.publish(pending)
+                pending = []
+            except PartlyPublished as exc:
+                assert "max.message.bytes" in str(exc.cause)
+                pending = [r for r, ok in zip(pending, exc.delivered, strict=True) if not ok]
+            except PublishRefused as exc:
+                assert "SEGSTREAM_KAFKA_PRODUCE_BATCH_BYTES" in str(exc)
+        return rounds
+
+    rounds = asyncio.run(go())
+    assert rounds > 1 and pub.batch_records["segment-migrations"] <= 3
+    for key in (b"c0", b"c1"):  # every record once, each customer's in order
+        got = [v for _, _, rows in kafka.queued for k, v in rows if k == key]
+        assert got == [v for _, k, v in records if k == key]

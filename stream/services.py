@@ -200,6 +200,9 @@ def _port_free(port: int) -> bool:
     if _port_open("127.0.0.1", port, timeout=0.5):
         return False
     with socket.socket() as sock:
+        # As the servers bind it: connections of a server just stopped, left in TIME_WAIT,
+        # do not keep the port from being bound again.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:

@@ -25,7 +25,13 @@ def _free_port() -> int:
 
 def _sleeper(*argv: str) -> subprocess.Popen[bytes]:
     """A process whose command line holds ``argv`` (it only sleeps)."""
-    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", *argv])
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", *argv])
+    deadline = time.monotonic() + 10
+    last = argv[-1] if argv else "time.sleep"
+    while (cmd := services._command_line(proc.pid)) is None or last not in cmd:
+        assert time.monotonic() < deadline, "the process did not start"
+        time.sleep(0.05)
+    return proc
 
 
 def test_a_stale_pid_file_never_stops_another_process(tmp_path: Path) -> None:

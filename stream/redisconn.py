@@ -336,6 +336,12 @@ return v
 """
 
 
+def _cannot(settings: Settings, doing: str, exc: RedisError) -> ServiceError:
+    """What a failed start-up read or write of the state's settings raises."""
+    return ServiceError(f"SEGSTREAM_REDIS_URL: cannot {doing} in Redis at "
+                        f"{redacted_url(settings.redis_url)}: {_first_line(exc)}")
+
+
 def _keep(settings: Settings, script: str, key: str, value: Any, what: str) -> Any:
     """Run one of the scripts that keep a setting the state was built with; a Redis that
     fails names SEGSTREAM_REDIS_URL."""
@@ -346,9 +352,7 @@ def _keep(settings: Settings, script: str, key: str, value: Any, what: str) -> A
         finally:
             client.close()
     except RedisError as exc:
-        raise ServiceError(
-            f"SEGSTREAM_REDIS_URL: cannot keep {what} in Redis at "
-            f"{redacted_url(settings.redis_url)}: {_first_line(exc)}") from None
+        raise _cannot(settings, f"keep {what}", exc) from None
 
 
 def lateness_key(settings: Settings) -> str:
@@ -430,9 +434,7 @@ def _kept_setting(settings: Settings, key: str, value: str, what: str,
         finally:
             client.close()
     except RedisError as exc:
-        raise ServiceError(
-            f"SEGSTREAM_REDIS_URL: cannot keep {what} in Redis at "
-            f"{redacted_url(settings.redis_url)}: {_first_line(exc)}") from None
+        raise _cannot(settings, f"keep {what}", exc) from None
     if kept is None:
         return None
     return kept.decode() if isinstance(kept, bytes) else str(kept)
@@ -514,8 +516,6 @@ def _partitions_with_state(settings: Settings) -> int:
         finally:
             client.close()
     except RedisError as exc:
-        raise ServiceError(
-            f"SEGSTREAM_REDIS_URL: cannot read the state's partitions in Redis at "
-            f"{redacted_url(settings.redis_url)}: {_first_line(exc)}") from None
+        raise _cannot(settings, "read the state's partitions", exc) from None
     held = [p for p, n in enumerate(found) if n]
     return held[-1] + 1 if held else 0

@@ -317,6 +317,7 @@ def dead_letters(dep: BenchDeployment, s: Settings, procs: list[subprocess.Popen
         if got is None:
             return None
         for reason, n in got.items():
-            out[reason] = out.get(reason, 0) + int(n)
+            if int(n):  # every known reason is exported, at 0 until its first record
+                out[reason] = out.get(reason, 0) + int(n)
     return out
 

@@ -19,6 +19,14 @@ from stream.settings import load_settings
 pytestmark = pytest.mark.integration
 
 
+def _worker(services: dict[str, str], prefix: str, **env: str) -> Any:
+    """`segstream worker` of the deployment ``prefix`` with ``env``, as run from a shell."""
+    full = {**os.environ, "SEGSTREAM_KAFKA_BOOTSTRAP": services["kafka"],
+            "SEGSTREAM_REDIS_URL": services["redis"], "SEGSTREAM_REDIS_PREFIX": prefix, **env}
+    return subprocess.run([sys.executable, "-m", "stream.cli", "worker"], env=full,
+                          capture_output=True, text=True, timeout=120)
+
+
 def test_the_smallest_lateness_kept_is_remembered_and_a_larger_one_refused(services) -> None:
     prefix = f"lk-{uuid.uuid4().hex[:8]}:"
 
@@ -45,11 +53,7 @@ def test_the_smallest_lateness_kept_is_remembered_and_a_larger_one_refused(servi
         check_lateness(settings(2.5))
 
         # the worker command refuses it before it starts (exit 2, one line naming it)
-        env = {**os.environ, "SEGSTREAM_KAFKA_BOOTSTRAP": services["kafka"],
-               "SEGSTREAM_REDIS_URL": services["redis"], "SEGSTREAM_REDIS_PREFIX": prefix,
-               "SEGSTREAM_ALLOWED_LATENESS_DAYS": "7"}
-        res = subprocess.run([sys.executable, "-m", "stream.cli", "worker"], env=env,
-                             capture_output=True, text=True, timeout=120)
+        res = _worker(services, prefix, SEGSTREAM_ALLOWED_LATENESS_DAYS="7")
         assert res.returncode == 2, res.stderr[-2000:]
         assert "SEGSTREAM_ALLOWED_LATENESS_DAYS" in res.stderr
         assert "Traceback" not in res.stderr
@@ -87,11 +91,7 @@ def test_the_currency_the_state_was_built_with_is_kept_and_another_refused(servi
         with pytest.raises(SettingsError, match="built with it not set"):
             check_currency(settings("USD"))
 
-        env = {**os.environ, "SEGSTREAM_KAFKA_BOOTSTRAP": services["kafka"],
-               "SEGSTREAM_REDIS_URL": services["redis"], "SEGSTREAM_REDIS_PREFIX": prefix,
-               "SEGSTREAM_CURRENCY": "EUR"}
-        res = subprocess.run([sys.executable, "-m", "stream.cli", "worker"], env=env,
-                             capture_output=True, text=True, timeout=120)
+        res = _worker(services, prefix, SEGSTREAM_CURRENCY="EUR")
         assert res.returncode == 2, res.stderr[-2000:]
         assert "SEGSTREAM_CURRENCY" in res.stderr and "Traceback" not in res.stderr
     finally:
@@ -138,11 +138,7 @@ def test_the_partition_count_the_state_was_built_with_is_kept_and_another_refuse
         with pytest.raises(SettingsError, match="SEGSTREAM_CURRENCY is EUR"):
             check_currency(settings(3, "eur"))
 
-        env = {**os.environ, "SEGSTREAM_KAFKA_BOOTSTRAP": services["kafka"],
-               "SEGSTREAM_REDIS_URL": services["redis"], "SEGSTREAM_REDIS_PREFIX": prefix,
-               "SEGSTREAM_CURRENCY": "usd", "SEGSTREAM_PARTITIONS": "6"}
-        res = subprocess.run([sys.executable, "-m", "stream.cli", "worker"], env=env,
-                             capture_output=True, text=True, timeout=120)
+        res = _worker(services, prefix, SEGSTREAM_CURRENCY="usd", SEGSTREAM_PARTITIONS="6")
         assert res.returncode == 2, res.stderr[-2000:]
         assert "SEGSTREAM_PARTITIONS" in res.stderr and "Traceback" not in res.stderr
     finally:

@@ -730,7 +730,8 @@ class Engine:
             partitions=settings.partitions,
         )
         self.inbox = Inbox(settings.input_topics, stream_buffering(settings)[
-            "stream_buffer_maxsize"], self._ack_range)
+            "stream_buffer_maxsize"], self._ack_range, lag=self._input_lag,
+            align_wait_s=settings.align_wait_s, flow=self._input_flow)
         self.app.inbox = self.inbox
         self.app.decode_input = record_decoder(settings)
         self.app.stored_positions = self._stored_positions
@@ -808,6 +809,31 @@ class Engine:
             ack()
         else:
             self.processor.when_committed(ack)
+
+    def _input_lag(self, tp: Any) -> int | None:
+        """Records of an input partition Kafka holds beyond the last one fetched (None:
+        not known yet); the high watermark is as of the consumer's latest fetch."""
+        try:
+            consumer = self.app.consumer
+            high = consumer.highwater(tp)
+            if high is None:
+                return None
+            read = consumer._read_offset.get(tp)
+            pos = read + 1 if read is not None else consumer._committed_offset.get(tp)
+        except Exception:  # not started or not assigned yet
+            return None
+        if pos is None:
+            return 0 if high <= 0 else None
+        return max(0, int(high) - int(pos))
+
+    def _input_flow(self, pause: set[Any], resume: set[Any]) -> None:
+        """Pause the fetching of input partitions whose records wait past the inbox's cut,
+        and resume it once they were taken (:mod:`stream.inbox`)."""
+        consumer = self.app.consumer
+        if pause:
+            consumer.pause_partitions(pause)
+        if resume:
+            consumer.resume_partitions({tp for tp in resume if self.inbox.owns(tp)})
 
     def _busy(self) -> bool:
         """Whether input arrived within the last ``IDLE_S``."""

@@ -20,6 +20,7 @@ from aiokafka import TopicPartition
 from aiokafka.partitioner import DefaultPartitioner
 from faust import transport
 from faust.transport.drivers import aiokafka as fa
+from faust.types import TP
 
 from features.store import RedisFeatureStore
 from stream import native
@@ -830,10 +831,13 @@ class Engine:
         """Pause the fetching of input partitions whose records wait past the inbox's cut,
         and resume it once they were taken (:mod:`stream.inbox`)."""
         consumer = self.app.consumer
+        # Faust's own partition type: what the fetch returned is aiokafka's (equal, but
+        # Faust's checks of its active set are by type).
         if pause:
-            consumer.pause_partitions(pause)
+            consumer.pause_partitions({TP(tp.topic, tp.partition) for tp in pause})
         if resume:
-            consumer.resume_partitions({tp for tp in resume if self.inbox.owns(tp)})
+            consumer.resume_partitions({TP(tp.topic, tp.partition) for tp in resume
+                                        if self.inbox.owns(tp)})
 
     def _busy(self) -> bool:
         """Whether input arrived within the last ``IDLE_S``."""

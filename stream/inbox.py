@@ -325,12 +325,28 @@ class Inbox:
             if not kept:
                 self._arrived.clear()
             self._update_room()
-        pause = held - self._paused
-        resume = self._paused - held
+        if held or self._paused:
+            # A partition is paused once many of its records wait past the cut, and
+            # fetched again once few do: a live partition a few records ahead keeps
+            # its fetches (pausing it would only make it fall behind).
+            waiting: dict[Any, int] = {}
+            for chunk in self._chunks:
+                waiting[chunk.tp] = waiting.get(chunk.tp, 0) + len(chunk.records)
+            high = self.pause_at()
+            pause = {tp for tp in held - self._paused if waiting.get(tp, 0) >= high}
+            resume = {tp for tp in self._paused
+                      if tp not in held or waiting.get(tp, 0) < high // 2}
+        else:
+            pause = resume = set()
         if pause or resume:
             self._paused = (self._paused | pause) - resume
             self._set_flow(pause, resume)
         return batch
+
+    def pause_at(self) -> int:
+        """Records of one partition waiting past the cut that pause its fetching: a
+        quarter of the inbox shared among the partitions assigned."""
+        return max(1, self.capacity // (4 * max(1, len(self._owned))))
 
     @staticmethod
     def _cut_for(items: list[tuple[_Chunk, int]], max_: int, cut: int) -> int:

@@ -149,9 +149,8 @@ class Settings(BaseSettings):
     batch_within_s: float = Field(0.05, ge=0.001, le=10)
     #: Align catch-up on event time: a batch takes no record newer than what the
     #: partitions still behind in Kafka have fetched, and waits at most this long for
-    #: one whose fetch does not come (:mod:`stream.inbox`). 0 (the default): no
-    #: alignment; on, a live worker near its capacity fell behind in ``segstream bench``.
-    align_wait_s: float = Field(0.0, ge=0, le=600)
+    #: one whose fetch does not come (:mod:`stream.inbox`). 0: no alignment.
+    align_wait_s: float = Field(2.0, ge=0, le=600)
     #: Publish a batch's outbox (migrations, examples, dead letters) while the next batch
     #: is loaded and evaluated; off, a batch ends once its outbox is published. Either way
     #: the outbox is committed with the batch and published in commit order.

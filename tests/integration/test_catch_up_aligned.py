@@ -3,7 +3,7 @@ its own ``at``, recomputed in pandas from the input events up to that time.
 
 The whole input is in Kafka before the worker starts, so every partition of both topics
 is behind and Kafka hands them out at its own pace. Without the inbox's alignment on
-event time (``SEGSTREAM_ALIGN_WAIT_S=0``, the default) a batch evaluates customers at an engine time
+event time (``SEGSTREAM_ALIGN_WAIT_S=0``) a batch evaluates customers at an engine time
 ahead of their own events still unread, and some migrations carry stale windows and
 recency.
 """
@@ -32,8 +32,7 @@ def test_catch_up_migrations_carry_the_features_of_their_own_moment(
         make_deployment, tmp_path: Path) -> None:
     # Small batches: most of what waits is more than one batch, so the oldest events
     # must go first, not only those below the partitions behind.
-    dep = make_deployment(partitions=3, SEGSTREAM_BATCH_MAX="250",
-                          SEGSTREAM_ALIGN_WAIT_S="2")
+    dep = make_deployment(partitions=3, SEGSTREAM_BATCH_MAX="250")
     inputs = synthetic_input(12_000, seed=23, customers=1_200)
     produce(dep, inputs)
     dep.start_worker(tmp_path)

@@ -927,6 +927,7 @@ class Engine:
         """Micro-batches from the inbox; the agent's own stream never receives anything,
         it only subscribes the worker to the input topics."""
         processor = self.ensure()
+        unaligned = self.inbox.unaligned
         try:
             async for records in self.inbox.batches(
                     self.settings.batch_max, self.settings.batch_within_s,
@@ -948,6 +949,9 @@ class Engine:
                         oldest = ts
                 wait_s = started - oldest / 1000 if oldest is not None else None
                 self.backend.on_batch(by_topic, stats, time.perf_counter() - t0, wait_s)
+                inbox = self.inbox
+                self.metrics.observe_inbox(inbox.unaligned - unaligned, inbox.paused)
+                unaligned = inbox.unaligned
                 yield len(records)
         finally:
             # The last batch's outbox may still be publishing; what a stop cuts short

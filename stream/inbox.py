@@ -232,6 +232,11 @@ class Inbox:
         self._arrived.set()
         return True
 
+    @property
+    def paused(self) -> int:
+        """Input partitions paused now because their records wait past the cut."""
+        return len(self._paused)
+
     def cut(self) -> int | None:
         """The newest event time a batch may take now (None: any).
 

@@ -74,6 +74,13 @@ _FAMILIES: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
      "Input records not applied: a duplicate of an event applied before (same event_id "
      "within the allowed lateness), or a redelivery at or below the partition's watermark "
      "(already applied).", ("reason",)),
+    ("counter", "events_unaligned",
+     "Input records a batch took past the event-time cut of the catch-up alignment "
+     "(SEGSTREAM_ALIGN_WAIT_S): a partition behind whose fetch did not come in time, or a "
+     "full inbox.", ()),
+    ("gauge", "input_partitions_paused",
+     "Input partitions whose fetching is paused because many of their records wait past "
+     "the event-time cut (the others are behind).", ()),
     ("counter", "publish_failures",
      "Outbox records a publish to Kafka failed to deliver (they stay in the outbox and are "
      "published again).", ()),
@@ -451,6 +458,12 @@ class EngineMetrics:
         """Count ``n`` input records not applied for ``reason``."""
         if n:
             self._m["events_skipped"].labels(reason).inc(n)
+
+    def observe_inbox(self, unaligned: int, paused: int) -> None:
+        """Count ``unaligned`` more records taken past the cut; ``paused`` partitions now."""
+        if unaligned:
+            self._m["events_unaligned"].inc(unaligned)
+        self._m["input_partitions_paused"].set(paused)
 
     def publish_failed(self, n: int) -> None:
         """Count ``n`` outbox records a publish failed to deliver."""

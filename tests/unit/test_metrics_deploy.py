@@ -104,6 +104,8 @@ def exercised() -> EngineMetrics:
     m.set_worker_state(ready=True)
     m.set_rules("3f2a", "9c1d")
     m.rules_reload_failed()
+    m.observe_inbox(7, 2)
+    m.observe_inbox(0, 1)
     return m
 
 
@@ -152,6 +154,8 @@ def test_helpers_set_the_values() -> None:
     assert s['segstream_action_exposures{action="winback",arm="holdout",segment="At Risk"}'] == 10
     assert s["segstream_engine_now_seconds"] == 1_709_294_400
     assert s["segstream_rules_reload_failures_total"] == 1
+    assert s["segstream_events_unaligned_total"] == 7
+    assert s["segstream_input_partitions_paused"] == 1
     assert s['segstream_rules_info{actions="9c1d",catalogue="3f2a"}'] == 1
     lifts = [k for k in s if k.startswith("segstream_action_lift{")]
     assert lifts == ['segstream_action_lift{action="upsell",segment="Loyal"}'], "unknown lift"

@@ -31,8 +31,9 @@ Streams does for the partitions of one task, a batch only takes a partition's re
 to the *cut*: the smallest event time fetched so far among the partitions that still
 have records in Kafka (a partition Kafka has nothing more of does not hold the others
 back). What lies beyond the cut waits, a partition prefix at a time (offsets still move
-in order), and a partition with records waiting past the cut is paused (``flow``) so its
-fetches stop until the others have caught up, which bounds what waits. A partition
+in order), and a partition with many records waiting past the cut (:meth:`Inbox.pause_at`)
+is paused (``flow``) so its fetches stop until the others have caught up, which bounds
+what waits. A batch smaller than what may go takes the oldest events first. A partition
 whose fetch does not come (a broker down) holds the others back at most
 ``align_wait_s``: then the batch takes what waits, unaligned; so does a full inbox.
 """

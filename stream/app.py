@@ -25,7 +25,7 @@ from faust.types import TP
 from features.store import RedisFeatureStore
 from stream import native
 from stream.backend import STATS_INTERVAL_S, EngineBackend
-from stream.batching import assigned_positions, kafka_backlog
+from stream.batching import assigned_positions, kafka_backlog, partition_lag
 from stream.clvfit import refit_clv_in_child
 from stream.delivery import Delivery, EagerDelivery
 from stream.errors import PublishRefused, SegstreamError
@@ -816,16 +816,10 @@ class Engine:
         not known yet); the high watermark is as of the consumer's latest fetch."""
         try:
             consumer = self.app.consumer
-            high = consumer.highwater(tp)
-            if high is None:
-                return None
-            read = consumer._read_offset.get(tp)
-            pos = read + 1 if read is not None else consumer._committed_offset.get(tp)
+            return partition_lag(consumer.highwater(tp), consumer._committed_offset.get(tp),
+                                 consumer._read_offset.get(tp))
         except Exception:  # not started or not assigned yet
             return None
-        if pos is None:
-            return 0 if high <= 0 else None
-        return max(0, int(high) - int(pos))
 
     def _input_flow(self, pause: set[Any], resume: set[Any]) -> None:
         """Pause the fetching of input partitions whose records wait past the inbox's cut,

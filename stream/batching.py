@@ -74,12 +74,19 @@ def kafka_backlog(app: Any, topics: Collection[str]) -> int:
     The partition's high watermark minus the offset after the last record delivered to the
     streams (the committed offset before any). Partitions not fetched yet count nothing.
     """
-    total = 0
-    for _, high, committed, last in assigned_positions(app, topics):
-        pos = last + 1 if last is not None else committed
-        if high is not None and pos is not None:
-            total += max(0, int(high) - int(pos))
-    return total
+    return sum(partition_lag(high, committed, last) or 0
+               for _, high, committed, last in assigned_positions(app, topics))
+
+
+def partition_lag(high: int | None, committed: int | None, last: int | None) -> int | None:
+    """Records of a partition Kafka holds past the last one delivered (the committed offset
+    before any); None when not known yet (no fetch answered, or no position)."""
+    if high is None:
+        return None
+    pos = last + 1 if last is not None else committed
+    if pos is None:
+        return 0 if high <= 0 else None
+    return max(0, int(high) - int(pos))
 
 
 async def take_batches(stream: Any, max_: int, within_s: float, drained: Callable[[], bool]

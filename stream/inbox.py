@@ -70,7 +70,7 @@ class _Chunk:
     records: list[RawRecord]
     start: int
     #: per record, the newest event time up to it (records without one: the smallest
-    #: int); computed when the alignment first needs it, dropped when the chunk is split
+    #: int); computed when the chunk is put (with the alignment on), dropped when it is split
     run: list[int] | None = None
 
     def newest(self) -> list[int]:
@@ -218,17 +218,15 @@ class Inbox:
             return True
         start = records[0].offset if last is None else last + 1
         self._last[tp] = records[-1].offset
-        if self.align_wait_s:
-            front = self._front.get(tp)
-            for rec in records:
-                ts = getattr(rec.decoded, "ts_ms", None)
-                if ts is not None and (front is None or ts > front):
-                    front = ts
-            if front is not None:
-                self._front[tp] = front
         # A chunk is split in place by take(): keep a list of our own.
         own = records if isinstance(records, list) else list(records)
-        self._chunks.append(_Chunk(tp, own, start))
+        chunk = _Chunk(tp, own, start)
+        self._chunks.append(chunk)
+        if self.align_wait_s:
+            # The chunk's running newest event time, which take() needs anyway.
+            newest = chunk.newest()[-1]
+            if newest != _NOTHING and newest > self._front.get(tp, _NOTHING):
+                self._front[tp] = newest
         self.size += len(records)
         self._arrived.set()
         return True
@@ -267,15 +265,15 @@ class Inbox:
     def take(self, max_: int, aligned: bool = True) -> Batch:
         """Up to ``max_`` waiting records, oldest fetch first (a chunk may be split); with
         ``aligned``, only each partition's records up to :meth:`cut` (see the module)."""
-        cut = self.cut() if aligned and self.align_wait_s else None
-        if cut is None and aligned and self.align_wait_s:
-            cut = _EVERYTHING  # nothing behind: still the oldest events first
-        if cut is None:
+        if not (aligned and self.align_wait_s):
             batch = self._take_all(max_)
             if self._paused:
                 resume, self._paused = self._paused, set()
                 self._set_flow(set(), resume)
             return batch
+        cut = self.cut()
+        if cut is None:
+            cut = _EVERYTHING  # nothing behind: still the oldest events first
         # Per partition, the prefix of what waits up to the cut (a partition's chunks in
         # order, none after one that stops short).
         items: list[tuple[_Chunk, int]] = []

@@ -522,15 +522,14 @@ class FaustPublisher:
             return
         kafka = self._kafka()
         partitioner = self._partitioner()
-        #: each queued batch's future and the indexes of its records, in queue order
-        queued: list[tuple[asyncio.Future[Any], list[int]]] = []
         loop = asyncio.get_running_loop()
         topic = records[0][0]
         failure: BaseException | None = None
+        #: per topic-partition, the indexes of its records, in order
+        groups: dict[tuple[str, int], list[int]] = {}
         try:
             # one deadline moved forward per wait: no task per send on the hot path
             async with asyncio.timeout(None) as deadline:
-                groups: dict[tuple[str, int], list[int]] = {}
                 partitions: dict[str, tuple[list[int], int]] = {}
                 for i, (topic, key, _) in enumerate(records):
                     known = partitions.get(topic)
@@ -541,56 +540,80 @@ class FaustPublisher:
                     every, keyless = known
                     p = keyless if key is None else partitioner(key, every, every)
                     groups.setdefault((topic, p), []).append(i)
-                for (topic, p), rows in groups.items():
-                    batch = kafka.create_batch()
-                    held: list[int] = []
-                    cap = self.batch_records.get(topic)
-                    for i in rows:
-                        _, key, value = records[i]
-                        if (cap is not None and len(held) >= cap) or batch.append(
-                                key=key, value=value, timestamp=None) is None:
-                            # full (a first record always fits): queue it, start another
-                            deadline.reschedule(loop.time() + self.queue_timeout_s)
-                            queued.append((await kafka.send_batch(batch, topic, partition=p),
-                                           held))
-                            batch, held = kafka.create_batch(), []
-                            batch.append(key=key, value=value, timestamp=None)
-                        held.append(i)
-                    deadline.reschedule(loop.time() + self.queue_timeout_s)
-                    queued.append((await kafka.send_batch(batch, topic, partition=p), held))
         except Exception as exc:
-            failed = topic
-            if isinstance(exc, TimeoutError):
-                exc = TimeoutError(f"records for {failed} not queued within "
-                                   f"{self.queue_timeout_s:g}s")
-            await self._recreate_missing_topics(failed)
-            failure = exc
-        # What was queued is delivered or refused by the producer in its own time: wait
-        # for it (a bounded time), so that what Kafka took is known and not sent again.
-        futures = [f for f, _ in queued]
-        if futures:
-            await asyncio.wait(futures, timeout=self.delivery_timeout_s)
+            failure = self._unqueued(topic, exc)
+            await self._recreate_missing_topics(topic)
+            raise failure from None
         delivered = [False] * len(records)
-        refused: set[tuple[str, bytes | None]] = set()
-        for fut, held in queued:
-            outcome: BaseException | None
-            if not fut.done():
-                fut.add_done_callback(_ignore_outcome)  # delivered or not, nobody waits
-                outcome = TimeoutError(
-                    f"records for {records[held[0]][0]} not acknowledged within "
-                    f"{self.delivery_timeout_s:g}s")
-            elif fut.cancelled():
-                outcome = asyncio.CancelledError()
-            else:
-                outcome = fut.exception()
-            if outcome is not None:
+        # Rounds: each queues the next batch of every partition whose batches so far were
+        # all acknowledged, then waits for them. A partition whose batch was refused gets
+        # nothing more: a later batch Kafka took would be counted as not delivered (to go
+        # out again behind the refused one, in order) and so reach the topic twice. Kafka
+        # sends one batch per partition at a time anyway, so a partition's batches in
+        # rounds cost no extra round trip; a flush mostly holds one batch per partition.
+        ends = loop.time() + self.delivery_timeout_s
+        sent = dict.fromkeys(groups, 0)
+        active = list(groups)
+        while active:
+            #: each queued batch: its partition, future and the indexes of its records
+            queued: list[tuple[tuple[str, int], asyncio.Future[Any], list[int]]] = []
+            stop = False
+            try:
+                async with asyncio.timeout(None) as deadline:
+                    for tp in active:
+                        topic, p = tp
+                        cap = self.batch_records.get(topic)
+                        batch = kafka.create_batch()
+                        held: list[int] = []
+                        for i in groups[tp][sent[tp]:]:
+                            if cap is not None and len(held) >= cap:
+                                break
+                            _, key, value = records[i]
+                            # full (a first record always fits): the rest in a later round
+                            if batch.append(key=key, value=value, timestamp=None) is None:
+                                break
+                            held.append(i)
+                        deadline.reschedule(loop.time() + self.queue_timeout_s)
+                        queued.append((tp, await kafka.send_batch(batch, topic, partition=p),
+                                       held))
+            except Exception as exc:
                 if failure is None:
-                    topic = records[held[0]][0]
-                    failure = self._explained(topic, outcome, len(held))
-                refused.update(records[i][:2] for i in held)
-            else:
+                    failure = self._unqueued(topic, exc)
+                await self._recreate_missing_topics(topic)
+                stop = True
+            # What was queued is delivered or refused by the producer in its own time: wait
+            # for it (a bounded time), so that what Kafka took is known and not sent again.
+            if queued:
+                await asyncio.wait([f for _, f, _ in queued],
+                                   timeout=max(0.0, ends - loop.time()))
+            active = []
+            for tp, fut, held in queued:
+                outcome: BaseException | None
+                if not fut.done():
+                    fut.add_done_callback(_ignore_outcome)  # delivered or not, nobody waits
+                    outcome = TimeoutError(
+                        f"records for {tp[0]} not acknowledged within "
+                        f"{self.delivery_timeout_s:g}s")
+                elif fut.cancelled():
+                    outcome = asyncio.CancelledError()
+                else:
+                    outcome = fut.exception()
+                if outcome is not None:
+                    if failure is None:
+                        topic = tp[0]
+                        failure = self._explained(topic, outcome, len(held))
+                    continue
                 for i in held:
-                    delivered[i] = records[i][:2] not in refused
+                    delivered[i] = True
+                sent[tp] += len(held)
+                if sent[tp] < len(groups[tp]):
+                    active.append(tp)
+            if stop or loop.time() >= ends:
+                if active and failure is None:
+                    failure = TimeoutError(
+                        f"records for {active[0][0]} not acknowledged within "
+                        f"{self.delivery_timeout_s:g}s")
+                break
         if failure is None:
             return
         if isinstance(failure, TimeoutError) or "UnknownTopic" in type(failure).__name__:
@@ -598,6 +621,13 @@ class FaustPublisher:
         if not any(delivered):
             raise failure from None
         raise PartlyPublished(delivered, failure)
+
+    def _unqueued(self, topic: str, exc: Exception) -> Exception:
+        """A failure to queue records for ``topic`` (its metadata or room in the producer)."""
+        if isinstance(exc, TimeoutError):
+            return TimeoutError(f"records for {topic} not queued within "
+                                f"{self.queue_timeout_s:g}s")
+        return exc
 
     def _explained(self, topic: str, exc: BaseException, records: int) -> BaseException:
         """``exc`` as the publish reports it, naming the topic; a batch the topic refused as

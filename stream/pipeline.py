@@ -152,9 +152,9 @@ class PartlyPublished(Exception):
     """A publish where Kafka acknowledged some records and refused (or never took) the
     others: ``delivered[i]`` says whether ``records[i]`` was acknowledged.
 
-    A record after a refused one of the same topic and key counts as not delivered, even
-    when Kafka took it: sent again behind the refused one, a customer's records keep
-    their order on the topic.
+    A publisher sends nothing of a topic-partition after a refused batch of it: what
+    goes out again later comes behind what Kafka took, so a customer's records keep
+    their order on the topic, and a record Kafka took is never sent a second time.
     """
 
     def __init__(self, delivered: Sequence[bool], cause: BaseException) -> None:

@@ -569,8 +569,11 @@ class FaustPublisher:
                             if cap is not None and len(held) >= cap:
                                 break
                             _, key, value = records[i]
-                            # full (a first record always fits): the rest in a later round
+                            # full: the rest in a later round (a first record always
+                            # fits; were it refused, no round would make progress)
                             if batch.append(key=key, value=value, timestamp=None) is None:
+                                if not held:
+                                    raise RuntimeError(f"a record for {topic} fits no batch")
                                 break
                             held.append(i)
                         deadline.reschedule(loop.time() + self.queue_timeout_s)

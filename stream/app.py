@@ -594,9 +594,7 @@ class FaustPublisher:
                 outcome: BaseException | None
                 if not fut.done():
                     fut.add_done_callback(_ignore_outcome)  # delivered or not, nobody waits
-                    outcome = TimeoutError(
-                        f"records for {tp[0]} not acknowledged within "
-                        f"{self.delivery_timeout_s:g}s")
+                    outcome = self._unacknowledged(tp[0])
                 elif fut.cancelled():
                     outcome = asyncio.CancelledError()
                 else:
@@ -613,9 +611,7 @@ class FaustPublisher:
                     active.append(tp)
             if stop or loop.time() >= ends:
                 if active and failure is None:
-                    failure = TimeoutError(
-                        f"records for {active[0][0]} not acknowledged within "
-                        f"{self.delivery_timeout_s:g}s")
+                    failure = self._unacknowledged(active[0][0])
                 break
         if failure is None:
             return
@@ -624,6 +620,10 @@ class FaustPublisher:
         if not any(delivered):
             raise failure from None
         raise PartlyPublished(delivered, failure)
+
+    def _unacknowledged(self, topic: str) -> TimeoutError:
+        return TimeoutError(f"records for {topic} not acknowledged within "
+                            f"{self.delivery_timeout_s:g}s")
 
     def _unqueued(self, topic: str, exc: Exception) -> Exception:
         """A failure to queue records for ``topic`` (its metadata or room in the producer)."""

@@ -63,6 +63,9 @@ class EngineResult:
     #: (None: not during the run); until then churn and propensity scores are null,
     #: which makes an evaluation cheaper
     models_serving_from: int | None = None
+    #: input records already committed at the first progress sample, which E is timed
+    #: from: they are not in ``events``
+    events_before: int = 0
     #: input records the workers dead-lettered during the run, by reason (None: their
     #: metrics could not be read); a benchmark whose input is rejected measures little
     dead_letters: dict[str, int] | None = None
@@ -293,7 +296,8 @@ def run_engine(dep: BenchDeployment, role: str, workers: int, total: int,
                 profiler.wait(timeout=60)
         r.close()
     return EngineResult(
-        workers=workers, events=events, seconds=seconds, eps=events / seconds,
+        workers=workers, events=events, events_before=n0, seconds=seconds,
+        eps=events / seconds,
         startup_s=t0 - spawned, cpu_s=cpu_s,
         cpu_s_per_million_events=cpu_s / max(1, events) * 1e6,
         worker_cpu_s=worker_cpu_s, rss_peak_mb=tree.rss_peak / 2**20,

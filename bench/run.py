@@ -187,7 +187,8 @@ def _used_memory(s: Settings) -> float:
 
 def _engine_json(e: EngineResult) -> dict[str, Any]:
     return {
-        "workers": e.workers, "events_measured": e.events, "seconds": round(e.seconds, 2),
+        "workers": e.workers, "events_measured": e.events,
+        "events_before_first_sample": e.events_before, "seconds": round(e.seconds, 2),
         "eps": round(e.eps, 1), "startup_s": round(e.startup_s, 2), "cpu_s": round(e.cpu_s, 2),
         "cpu_s_per_million_events": round(e.cpu_s_per_million_events, 1),
         # the worker processes alone (without the learners), and their CPU seconds per

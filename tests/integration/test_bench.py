@@ -182,8 +182,10 @@ def test_two_workers_are_measured_between_two_runs_of_one(
     assert (sc["workers"], e1["workers"], again["workers"]) == (2, 1, 1)
     for run in (e1, sc, again):
         # each run measured the same input, all of it but what came before its first
-        # progress sample, and rejected none of it
-        assert 0.8 * doc["events"] <= run["events_measured"] <= doc["events"], run
+        # progress sample (two workers on two cores may commit a third of this small
+        # input before it), and rejected none of it
+        assert 0 < run["events_measured"] <= doc["events"], run
+        assert run["events_measured"] + run["events_before_first_sample"] >= doc["events"], run
         assert run["eps"] > 0 and run["dead_letters"] == {}, run
     # A worker that got no batch has no account (at this size the first worker to join
     # may take every partition's records before the second one has any).

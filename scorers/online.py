@@ -81,7 +81,9 @@ class OnlineModel:
                  dedupe: int = 100_000) -> None:
         self.name = name
         self.min_per_class = min_per_class
-        self.pipeline: Any = compose.Pipeline(
+        #: the learning state as flat lists while learning (see :class:`_Learning`)
+        self._fast: _Learning | None = None
+        self.pipeline = compose.Pipeline(
             preprocessing.StandardScaler(),
             linear_model.LogisticRegression(optimizer=optim.RMSProp(lr), l2=l2),
         )
@@ -108,6 +110,32 @@ class OnlineModel:
     # learning ---------------------------------------------------------------
 
     @property
+    def pipeline(self) -> Any:
+        """The River pipeline, up to date with everything learned."""
+        fast = self.__dict__.get("_fast")
+        if fast is not None:
+            fast.store()
+        return self.__dict__["pipeline"]
+
+    @pipeline.setter
+    def pipeline(self, value: Any) -> None:
+        self.__dict__["pipeline"] = value
+        self.__dict__["_fast"] = None
+
+    def _learning(self) -> _Learning | None:
+        """The flat learning state, taken from the pipeline when it has none yet."""
+        fast = self._fast
+        if fast is None:
+            fast = self._fast = _Learning.take(self.__dict__["pipeline"])
+        return fast
+
+    def _leave_fast(self) -> None:
+        fast = self._fast
+        if fast is not None:
+            fast.store()
+            self._fast = None
+
+    @property
     def ready(self) -> bool:
         """Whether the model has seen enough of both classes to score customers."""
         negatives = self.examples - self.positives
@@ -130,8 +158,15 @@ class OnlineModel:
             self.duplicates += 1
             return
         y = example.y == 1
+        fast = self._learning()
+        row = fast.row(example.x) if fast is not None else None
+        if row is None and fast is not None:
+            self._leave_fast()  # inputs of other names: River's own path from here
         if self.ready:
-            p = float(self.pipeline.predict_proba_one(example.x).get(True, 0.0))
+            if row is not None:
+                p = fast.predict(row)  # type: ignore[union-attr]
+            else:
+                p = float(self.pipeline.predict_proba_one(example.x).get(True, 0.0))
             self.scored += 1
             self.auc.update(y, p)
             if self.scored % (self.window_labels.maxlen or 1) == 0:
@@ -145,7 +180,10 @@ class OnlineModel:
             if self.detector.drift_detected and self.detector.estimation > before:
                 self.drift_alarms += 1
                 self.last_drift_at = example.resolved_ts_ms
-        self.pipeline.learn_one(dict(example.x), y)
+        if row is not None:
+            fast.learn(row, y)  # type: ignore[union-attr]
+        else:
+            self.pipeline.learn_one(dict(example.x), y)
         self.examples += 1
         self.positives += int(y)
 
@@ -234,7 +272,9 @@ class OnlineModel:
         time (about 3.3 MB and 30 ms against 70 KB and 1 ms, at 100,000 ids).
         """
         self._settle_auc()
-        skip = ("_cache", "_seen", "_order") if serving else ("_cache",)
+        if self._fast is not None:
+            self._fast.store()
+        skip = ("_cache", "_fast", "_seen", "_order") if serving else ("_cache", "_fast")
         state = {k: v for k, v in self.__dict__.items() if k not in skip}
         return pickle.dumps({"format": SNAPSHOT_FORMAT, "state": state},
                             protocol=pickle.HIGHEST_PROTOCOL)
@@ -254,8 +294,177 @@ class OnlineModel:
         model.__dict__.setdefault("_seen", set())
         model.__dict__.setdefault("_order", deque())
         model._cache = None
+        model._fast = None
         model._settle_auc()  # a snapshot written before the lists were bounded
         return model
+
+
+class _Learning:
+    """A model's scaler and logistic regression as flat lists, learning as River does.
+
+    River's ``learn_one`` through the pipeline costs about 25 µs an example, nearly all
+    of it dispatch and the dictionaries built per step; the learner spends most of its
+    time there. This is the same arithmetic, operation for operation, on lists in the
+    scaler's key order: the running mean and variance of
+    ``preprocessing.StandardScaler.learn_one``, its ``transform_one``, then
+    ``linear_model.LogisticRegression.learn_one`` (log loss, clipped gradient, L2 term,
+    constant intercept rate) with ``optim.RMSProp``'s step. Sums run in key order, so a
+    result can differ from River's in the last bit (``tests/unit/scorers/test_online.py``
+    checks they agree to 1e-12 over thousands of examples).
+
+    It is taken from a pipeline of exactly that shape that has learned at least once
+    (:meth:`take`), serves examples with exactly the pipeline's input names
+    (:meth:`row`), and writes itself back into the River objects whenever they are read
+    (:meth:`store`): snapshots stay River pipelines.
+    """
+
+    def __init__(self, names: list[str], scaler: Any, lr: Any) -> None:
+        self.names = names
+        self.scaler = scaler
+        self.lr = lr
+        opt = lr.optimizer
+        self.counts = [scaler.counts[n] for n in names]
+        self.means = [scaler.means[n] for n in names]
+        self.vars = [scaler.vars[n] for n in names]
+        weights = lr._weights
+        g2 = opt.g2
+        self.weights = [weights[n] for n in names]
+        self.g2 = [g2[n] for n in names]
+        self.intercept = lr.intercept
+        self.rate = opt.lr.learning_rate
+        self.rho = opt.rho
+        self.eps = opt.eps
+        self.l2 = lr.l2
+        self.intercept_rate = lr.intercept_lr.learning_rate
+        self.clip = lr.clip_gradient
+        self.weight_pos = lr.loss.weight_pos
+        self.weight_neg = lr.loss.weight_neg
+        #: examples learned since the River objects were last written
+        self.pending = 0
+
+    @classmethod
+    def take(cls, pipeline: Any) -> _Learning | None:
+        """The flat state of ``pipeline``, or None when it is not of the shape this knows."""
+        steps = list(pipeline.steps.values())
+        if len(steps) != 2:
+            return None
+        scaler, lr = steps
+        if (type(scaler) is not preprocessing.StandardScaler or not scaler.with_std
+                or scaler.window_size is not None):
+            return None
+        if type(lr) is not linear_model.LogisticRegression or lr.l1 != 0:
+            return None
+        opt = lr.optimizer
+        if (type(opt) is not optim.RMSProp or type(opt.lr) is not optim.schedulers.Constant
+                or type(lr.intercept_lr) is not optim.schedulers.Constant
+                or type(lr.loss) is not optim.losses.Log
+                or type(lr.initializer) is not optim.initializers.Zeros
+                or type(opt.g2) is not utils.VectorDict):
+            return None
+        names = list(scaler.counts)
+        if (not names or set(lr._weights.keys()) != set(names)
+                or set(opt.g2.keys()) != set(names) or set(scaler.means) != set(names)
+                or set(scaler.vars) != set(names)):
+            return None
+        return cls(names, scaler, lr)
+
+    def row(self, x: Mapping[str, float]) -> list[float] | None:
+        """``x``'s values in key order, or None when its names are not exactly the model's."""
+        names = self.names
+        if len(x) != len(names):
+            return None
+        try:
+            return [x[n] for n in names]
+        except KeyError:
+            return None
+
+    def predict(self, row: list[float]) -> float:
+        """River's ``predict_proba_one(x)[True]`` (the scaler does not learn from it)."""
+        z = 0.0
+        for xi, m, v, w in zip(row, self.means, self.vars, self.weights, strict=True):
+            z += w * ((xi - m) / v**0.5 if v else 0.0)
+        return _sigmoid(z + self.intercept)
+
+    def learn(self, row: list[float], y: bool) -> None:
+        """River's ``pipeline.learn_one(x, y)``; nothing changes if the inputs are refused."""
+        counts = [c + 1 for c in self.counts]
+        means: list[float] = []
+        vars_: list[float] = []
+        scaled: list[float] = []
+        z = 0.0
+        for xi, c, m, v, w in zip(row, counts, self.means, self.vars, self.weights,
+                                      strict=True):
+            m1 = m + (xi - m) / c
+            v1 = v + ((xi - m) * (xi - m1) - v) / c
+            means.append(m1)
+            vars_.append(v1)
+            s = (xi - m1) / v1**0.5 if v1 else 0.0
+            scaled.append(s)
+            z += w * s
+        z += self.intercept
+        # optim.losses.Log.gradient with y in {-1, 1}
+        if y:
+            sign = 1
+            weight = self.weight_pos
+        else:
+            sign = -1
+            weight = self.weight_neg
+        zy = z * sign
+        if zy > 18.0:
+            grad = weight * math.exp(-zy) * -sign
+        elif zy < -18.0:
+            grad = weight * -sign
+        else:
+            grad = weight * -sign / (math.exp(zy) + 1.0)
+        grad = float(max(min(grad * 1.0, self.clip), -self.clip))
+        rate = self.rate
+        rho = self.rho
+        eps = self.eps
+        l2 = self.l2
+        weights: list[float] = []
+        g2: list[float] = []
+        for s, w, q in zip(scaled, self.weights, self.g2, strict=True):
+            g = s * grad
+            if l2:
+                g += w * l2
+            q = rho * q + (1 - rho) * g**2
+            g2.append(q)
+            weights.append(w - rate / (q + eps) ** 0.5 * g)
+        self.counts = counts
+        self.means = means
+        self.vars = vars_
+        self.weights = weights
+        self.g2 = g2
+        self.intercept -= self.intercept_rate * grad
+        self.pending += 1
+
+    def store(self) -> None:
+        """Write what was learned into the River objects."""
+        if not self.pending:
+            return
+        scaler = self.scaler
+        lr = self.lr
+        weights = lr._weights
+        g2 = lr.optimizer.g2
+        for n, c, m, v, w, q in zip(self.names, self.counts, self.means, self.vars,
+                                    self.weights, self.g2, strict=True):
+            scaler.counts[n] = c
+            scaler.means[n] = m
+            scaler.vars[n] = v
+            weights[n] = w
+            g2[n] = q
+        lr.intercept = self.intercept
+        lr.optimizer.n_iterations += self.pending  # one optimiser step per example
+        self.pending = 0
+
+
+def _sigmoid(z: float) -> float:
+    """``river.utils.math.sigmoid``, as a float."""
+    if z < -30:
+        return 0.0
+    if z > 30:
+        return 1.0
+    return 1 / (1 + math.exp(-z))
 
 
 def input_matrix(names: Sequence[str], xs: Sequence[Mapping[str, float]]) -> Any:

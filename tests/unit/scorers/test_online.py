@@ -7,6 +7,8 @@ import random
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from scorers.labels import Example
 from scorers.online import OnlineModel
@@ -200,3 +202,95 @@ def test_snapshots_stay_bounded_however_many_examples_were_scored() -> None:
     for e in _stream(12_000, 3):
         unread.learn(e)
     assert unread.quality()["auc"] == big.quality()["auc"]
+
+
+def _river(lr: float = 0.001, l2: float = 1e-4) -> object:
+    """The pipeline :class:`OnlineModel` documents, built from River alone."""
+    from river import compose, linear_model, optim, preprocessing
+
+    return compose.Pipeline(
+        preprocessing.StandardScaler(),
+        linear_model.LogisticRegression(optimizer=optim.RMSProp(lr), l2=l2))
+
+
+def _agrees_with_river(model: OnlineModel, river: object, xs: list[dict[str, float]]) -> None:
+    """The model's whole learning state and its scores equal River's (to a few ulps: the
+    model's dot products may sum in another order)."""
+    ours_scaler, ours_lr = model.pipeline.steps.values()
+    ref_scaler, ref_lr = river.steps.values()  # type: ignore[attr-defined]
+    assert dict(ours_scaler.counts) == dict(ref_scaler.counts)
+    for mine, ref in ((ours_scaler.means, ref_scaler.means), (ours_scaler.vars, ref_scaler.vars),
+                      (ours_lr.weights, ref_lr.weights),
+                      (ours_lr.optimizer.g2.to_dict(), ref_lr.optimizer.g2.to_dict())):
+        assert set(mine) == set(ref)
+        for k in ref:
+            assert mine[k] == pytest.approx(ref[k], rel=1e-12, abs=1e-300), k
+    assert ours_lr.intercept == pytest.approx(ref_lr.intercept, rel=1e-12)
+    assert ours_lr.optimizer.n_iterations == ref_lr.optimizer.n_iterations
+    for x, p in zip(xs, model.predict_many(xs), strict=True):
+        expected = river.predict_proba_one(x)[True]  # type: ignore[attr-defined]
+        assert p is None if not model.ready else p == pytest.approx(expected, abs=1e-12)
+
+
+_value = st.one_of(st.floats(-1e6, 1e6, allow_nan=False), st.sampled_from([0.0, 1.0, -3.5]),
+                   st.integers(-1000, 1000))
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.lists(st.tuples(st.lists(_value, min_size=3, max_size=3), st.booleans()),
+                     min_size=1, max_size=120),
+       l2=st.sampled_from([0.0, 1e-4, 0.5]), reorder=st.booleans())
+def test_learning_is_rivers_learning(rows: list[tuple[list[float], bool]], l2: float,
+                                     reorder: bool) -> None:
+    """The model learns with its own arithmetic on flat lists; every state it reaches is
+    the one River's ``learn_one`` reaches on the same examples, and so is its prequential
+    quality (which scores each example before learning it)."""
+    river = _river(l2=l2)
+    model = OnlineModel("churn", l2=l2, min_per_class=1)
+    for i, (values, y) in enumerate(rows):
+        names = ("a", "b", "c") if not (reorder and i % 2) else ("c", "a", "b")
+        x = dict(zip(names, values if names[0] == "a" else values[2:] + values[:2],
+                     strict=True))
+        model.learn(Example(f"e{i}", "churn", "h", i, i, x, int(y)))
+        river.learn_one(dict(x), y)  # type: ignore[attr-defined]
+    _agrees_with_river(model, river, [{"a": 1.0, "b": -2.0, "c": 0.5}, {"a": 0.0}])
+
+
+def test_inputs_whose_names_change_are_learned_as_river_learns_them() -> None:
+    """Examples that lack an input, or bring a new one, go River's own way; the model
+    keeps agreeing with River before, across and after them."""
+    river = _river()
+    model = OnlineModel("churn", min_per_class=5)
+    rnd = random.Random(21)
+    xs = []
+    for i in range(3000):
+        x = {"a": rnd.gauss(0, 1), "b": rnd.gauss(5, 3)}
+        if 1000 <= i < 1010:
+            del x["b"]  # an input missing
+        if i >= 2000:
+            x["c"] = rnd.random()  # a new input from here on
+        y = int(rnd.random() < 1 / (1 + math.exp(-2 * x["a"])))
+        model.learn(Example(f"e{i}", "churn", "h", i, i, x, y))
+        river.learn_one(dict(x), y == 1)  # type: ignore[attr-defined]
+        xs.append(x)
+        if i in (999, 1009, 1999, 2999):
+            _agrees_with_river(model, river, xs[-50:])
+    assert model._fast is not None  # back on the flat path with the new input
+
+
+def test_a_snapshot_taken_while_learning_carries_everything_learned() -> None:
+    river = _river()
+    model = OnlineModel("churn")
+    examples = _stream(2000, 22)
+    for e in examples[:1200]:
+        model.learn(e)
+        river.learn_one(dict(e.x), e.y == 1)  # type: ignore[attr-defined]
+    back = OnlineModel.restore(model.snapshot())
+    for e in examples[1200:]:
+        back.learn(e)
+        model.learn(e)
+        river.learn_one(dict(e.x), e.y == 1)  # type: ignore[attr-defined]
+    xs = [e.x for e in _stream(100, 23)]
+    _agrees_with_river(back, river, xs)
+    _agrees_with_river(model, river, xs)
+    assert back.quality() == model.quality()

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scorers.labels import Example
+from scorers.labels import INPUT_NAMES, Example
 from scorers.online import OnlineModel
 
 
@@ -294,3 +294,14 @@ def test_a_snapshot_taken_while_learning_carries_everything_learned() -> None:
     _agrees_with_river(back, river, xs)
     _agrees_with_river(model, river, xs)
     assert back.quality() == model.quality()
+
+
+def test_the_learner_benchmark_times_the_same_work_on_both_sides() -> None:
+    """``python -m bench.profile_learner`` compares the model's learning with River's own;
+    its figures mean something only if both reached the same weights."""
+    from bench.profile_learner import run
+
+    r = run(500, 3)
+    assert r["examples"] == 500 and r["inputs"] == len(INPUT_NAMES)
+    assert r["learn_us_per_example"] > 0 and r["river_model_only_us_per_example"] > 0
+    assert r["largest_relative_weight_difference"] < 1e-9

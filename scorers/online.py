@@ -7,7 +7,9 @@ regression with RMSProp) with the bookkeeping a streaming engine needs around it
   feeds a rolling ROC AUC, a rolling log loss and an ADWIN drift detector on the
   absolute error (an alarm is a significant rise of the error), and only then does the
   model learn from it. Examples whose id was seen recently are ignored, so an
-  at-least-once examples topic is harmless.
+  at-least-once examples topic is harmless. The learning itself is River's arithmetic
+  run on flat lists (``_Learning``), written back into the pipeline whenever it is
+  read, at about two fifths of River's own cost per example.
 * :meth:`OnlineModel.predict_many` scores a batch with numpy from the pipeline's
   current scaler statistics and weights (a few microseconds a customer), matching
   River's own ``predict_proba_one``. It answers ``None`` until the model has seen

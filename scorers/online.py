@@ -114,9 +114,7 @@ class OnlineModel:
     @property
     def pipeline(self) -> Any:
         """The River pipeline, up to date with everything learned."""
-        fast = self.__dict__.get("_fast")
-        if fast is not None:
-            fast.store()
+        self._store()
         return self.__dict__["pipeline"]
 
     @pipeline.setter
@@ -131,11 +129,11 @@ class OnlineModel:
             fast = self._fast = _Learning.take(self.__dict__["pipeline"])
         return fast
 
-    def _leave_fast(self) -> None:
-        fast = self._fast
+    def _store(self) -> None:
+        """Write what the flat lists learned into the River pipeline."""
+        fast = self.__dict__.get("_fast")
         if fast is not None:
             fast.store()
-            self._fast = None
 
     @property
     def ready(self) -> bool:
@@ -162,11 +160,12 @@ class OnlineModel:
         y = example.y == 1
         fast = self._learning()
         row = fast.row(example.x) if fast is not None else None
-        if row is None and fast is not None:
-            self._leave_fast()  # inputs of other names: River's own path from here
+        if fast is not None and row is None:
+            self._store()  # inputs of other names: River's own path from here
+            self._fast = fast = None
         if self.ready:
-            if row is not None:
-                p = fast.predict(row)  # type: ignore[union-attr]
+            if fast is not None and row is not None:
+                p = fast.predict(row)
             else:
                 p = float(self.pipeline.predict_proba_one(example.x).get(True, 0.0))
             self.scored += 1
@@ -182,8 +181,8 @@ class OnlineModel:
             if self.detector.drift_detected and self.detector.estimation > before:
                 self.drift_alarms += 1
                 self.last_drift_at = example.resolved_ts_ms
-        if row is not None:
-            fast.learn(row, y)  # type: ignore[union-attr]
+        if fast is not None and row is not None:
+            fast.learn(row, y)
         else:
             self.pipeline.learn_one(dict(example.x), y)
         self.examples += 1
@@ -274,8 +273,7 @@ class OnlineModel:
         time (about 3.3 MB and 30 ms against 70 KB and 1 ms, at 100,000 ids).
         """
         self._settle_auc()
-        if self._fast is not None:
-            self._fast.store()
+        self._store()
         skip = ("_cache", "_fast", "_seen", "_order") if serving else ("_cache", "_fast")
         state = {k: v for k, v in self.__dict__.items() if k not in skip}
         return pickle.dumps({"format": SNAPSHOT_FORMAT, "state": state},
@@ -304,10 +302,10 @@ class OnlineModel:
 class _Learning:
     """A model's scaler and logistic regression as flat lists, learning as River does.
 
-    River's ``learn_one`` through the pipeline costs about 25 µs an example, nearly all
-    of it dispatch and the dictionaries built per step; the learner spends most of its
-    time there. This is the same arithmetic, operation for operation, on lists in the
-    scaler's key order: the running mean and variance of
+    River's ``learn_one`` through the pipeline is most of the learner's time, nearly
+    all of it dispatch and the dictionaries built per step (``python -m
+    bench.profile_learner`` times both). This is the same arithmetic, operation for
+    operation, on lists in the scaler's key order: the running mean and variance of
     ``preprocessing.StandardScaler.learn_one``, its ``transform_one``, then
     ``linear_model.LogisticRegression.learn_one`` (log loss, clipped gradient, L2 term,
     constant intercept rate) with ``optim.RMSProp``'s step. Sums run in key order, so a
@@ -418,7 +416,7 @@ class _Learning:
             grad = weight * -sign
         else:
             grad = weight * -sign / (math.exp(zy) + 1.0)
-        grad = float(max(min(grad * 1.0, self.clip), -self.clip))
+        grad = float(max(min(grad, self.clip), -self.clip))  # the example weight is 1
         rate = self.rate
         rho = self.rho
         eps = self.eps

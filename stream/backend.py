@@ -37,6 +37,11 @@ API_READS = 16
 #: replica left read-only after a failover, a disk error stopping writes (``MISCONF``) or
 #: an ACL narrowed under the worker. Shorter failures are a blip the retries ride out.
 COMMITS_FAILING_S = 30.0
+#: Seconds the outbox of one of a worker's partitions may keep records that Kafka did not
+#: take before ``/readyz`` says it is not ready: an output topic deleted or refusing its
+#: records (``max.message.bytes``, an ACL), or brokers that take nothing. Migrations then
+#: wait in the stored outbox (``segstream_outbox_pending``) and go out once Kafka takes them.
+PUBLISHES_FAILING_S = 30.0
 
 
 class EngineBackend:
@@ -222,13 +227,20 @@ class EngineBackend:
             checks["redis"] = False
             checks["redis_error"] = type(exc).__name__
         checks["kafka"] = e.kafka_connected()
-        checks["partitions_assigned"] = len(e.owned_partitions())
+        owned = e.owned_partitions()
+        checks["partitions_assigned"] = len(owned)
         ok = bool(checks["redis"] and checks["kafka"] and checks["partitions_assigned"] > 0)
         since = self._commits_failing_since
         failing = 0.0 if since is None else self.clock() - since
         if failing >= COMMITS_FAILING_S:
             # Redis may answer pings and reads while refusing every write.
             checks["commits_failing_s"] = round(failing, 1)
+            ok = False
+        processor = e.processor
+        publishing = processor.publish_failing_s(owned) if processor is not None else 0.0
+        if publishing >= PUBLISHES_FAILING_S:
+            # Kafka answers (the consumer fetches) while an output topic takes nothing.
+            checks["publishes_failing_s"] = round(publishing, 1)
             ok = False
         return ok, checks
 

@@ -186,7 +186,8 @@ OPENAPI: dict[str, Any] = {
         "/healthz": _get("Liveness", _json(_ref("Health"), "the worker process is up"),
                          public=True),
         "/readyz": _get(
-            "Readiness: Kafka and Redis reachable, partitions assigned",
+            "Readiness: Kafka and Redis reachable, partitions assigned, commits and "
+            "publishes not failing for 30 s",
             _json(_ref("Ready"), "ready"),
             public=True,
         ),

@@ -395,6 +395,31 @@ class BatchProcessor:
         #: per partition, how often it was marked dirty: a flush marks a partition clean
         #: only if nobody marked it dirty while the flush ran
         self._dirtied: dict[int, int] = {}
+        #: per partition, when (``monotonic``) a publish of its outbox first left records
+        #: behind since the partition last published everything it held
+        self._publish_failing: dict[int, float] = {}
+        self.monotonic: Callable[[], float] = time.monotonic
+
+    def publish_failing_s(self, partitions: Iterable[int]) -> float:
+        """How long the outbox of one of these partitions has kept records a publish
+        could not deliver (the longest, in seconds; 0 when every publish since delivered
+        everything). Partitions not named are forgotten: they are no longer this
+        processor's, and a later owner starts its own count."""
+        owned = set(partitions)
+        for p in [p for p in self._publish_failing if p not in owned]:
+            del self._publish_failing[p]
+        if not self._publish_failing:
+            return 0.0
+        return max(0.0, self.monotonic() - min(self._publish_failing.values()))
+
+    def _published_all(self, partitions: Iterable[int], failed: Iterable[int] = ()) -> None:
+        """Note a flush of ``partitions``: ``failed`` kept records, the others none."""
+        left = set(failed)
+        for p in partitions:
+            if p in left:
+                self._publish_failing.setdefault(p, self.monotonic())
+            else:
+                self._publish_failing.pop(p, None)
 
     def mark_dirty(self, partitions: Iterable[int]) -> None:
         """The stored outbox of these partitions may hold records nobody published yet."""
@@ -1055,6 +1080,7 @@ class BatchProcessor:
                     pending[p] = {oid: unpack_outbox(b) for oid, b in known[p].items()}
         if not pending:
             self._mark_clean(stale, marks)
+            self._published_all(parts)
             return 0
         unpacked = [r for rows in pending.values() for r in rows.values()]
         records = [(r.topic, r.key, r.value) for r in unpacked]
@@ -1076,6 +1102,7 @@ class BatchProcessor:
                     else:
                         kept.add(p)
             self.mark_dirty(kept)
+            self._published_all(parts, kept)
             log.warning("publishing %d of %d outbox records failed: %r",
                         len(records) - len(sent), len(records), exc.cause)
             if self.on_publish_failed is not None:
@@ -1083,6 +1110,7 @@ class BatchProcessor:
         except Exception as exc:
             # Left in the outbox; the periodic flush publishes them later.
             self.mark_dirty(pending)
+            self._published_all(parts, pending)
             log.warning("publishing %d outbox records failed: %r", len(records), exc)
             if self.on_publish_failed is not None:
                 self.on_publish_failed(len(records))
@@ -1090,6 +1118,7 @@ class BatchProcessor:
         else:
             done = {p: list(rows) for p, rows in pending.items()}
             sent = unpacked
+            self._published_all(parts)
         migrations = [r.value for r in sent if r.topic == self.settings.migrations_topic]
         try:
             # One round trip: forget the records and append the migrations to the

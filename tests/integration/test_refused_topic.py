@@ -6,20 +6,28 @@ broker refuses every dead letter while it accepts the migrations of the same out
 flush. Before, the whole flush counted as failed and was sent again every flush interval:
 each migration of it reached the topic about ten times in 40 s. Now the migrations go out
 once each, the dead letters wait in the outbox, and once the topic accepts them again
-they go out once each too; every feature and migration chain is exact.
+they go out once each too; every feature and migration chain is exact. While the topic
+refuses them, the worker's ``/readyz`` turns 503 (Kafka answering all along), and 200 once
+they went out.
 """
 
 from __future__ import annotations
 
 import collections
+import json
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
+from typing import Any
 
 import fault_oracle
 import orjson
 import pytest
 from fault_oracle import eventually
 from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient
+
+from stream.backend import PUBLISHES_FAILING_S
 
 pytestmark = pytest.mark.integration
 
@@ -37,6 +45,14 @@ def _max_message_bytes(dep, value: str, topic: str = "segmentation-dlq") -> None
                                             configs={"max.message.bytes": value})])
     finally:
         admin.close()
+
+
+def _ready(base: str) -> tuple[int, dict[str, Any]]:
+    try:
+        with urllib.request.urlopen(f"{base}/readyz", timeout=10) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
 
 
 def _produce(dep, records: list[tuple[str, bytes, bytes]]) -> None:
@@ -64,7 +80,8 @@ def test_a_topic_refusing_its_records_does_not_repeat_the_migrations(make_deploy
 
     dep = make_deployment()
     ensure_topics(dep.settings)
-    dep.start_worker(tmp_path)
+    w = dep.start_worker(tmp_path)
+    base = dep.web_url(w)
     # After the worker's start-up check, which refuses a topic this small by name.
     _max_message_bytes(dep, "200")
     inputs = fault_oracle.synthetic_input(EVENTS, seed=47)
@@ -72,7 +89,16 @@ def test_a_topic_refusing_its_records_does_not_repeat_the_migrations(make_deploy
              + [("transactions", b"c-bad", b"not json %d " % i + b"x" * 300)
                 for i in range(BAD)])
     fault_oracle.wait_applied(dep, EVENTS)
-    time.sleep(15)  # three outbox flushes, each refused by the dead-letter topic
+    assert _ready(base)[0] == 200, "a refusal of a few seconds is retried, not reported"
+    # Every outbox flush is refused by the dead-letter topic, Kafka answering all along:
+    # the worker says it is not ready once that has lasted PUBLISHES_FAILING_S.
+    t0 = time.monotonic()
+    _, checks = eventually(lambda: (lambda r: r if r[0] == 503 else None)(_ready(base)),
+                           PUBLISHES_FAILING_S + 60, "/readyz 503 while a topic refuses")
+    print(f"not ready {time.monotonic() - t0:.0f}s after the input was applied: {checks}")
+    assert checks["kafka"] is True and checks["redis"] is True
+    assert checks["publishes_failing_s"] >= PUBLISHES_FAILING_S
+    assert "commits_failing_s" not in checks
     ids = _migration_ids(dep)
     assert ids, "no migration was published"
     repeated = {k: n for k, n in ids.items() if n > 1}
@@ -88,6 +114,7 @@ def test_a_topic_refusing_its_records_does_not_repeat_the_migrations(make_deploy
     dep.cli("wait", "--timeout", "300")
     after = _migration_ids(dep)
     assert after == ids, "migrations published again once the dead letters went out"
+    assert eventually(lambda: _ready(base)[0] == 200, 30, "ready again")
     print(fault_oracle.judge(dep, inputs, allow_dead=True))
 
 

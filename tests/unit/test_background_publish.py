@@ -306,3 +306,48 @@ def test_records_a_publish_delivered_are_not_sent_again(
         assert sum(failed) == gate.not_delivered
 
     asyncio.run(main())
+
+
+def test_how_long_a_partitions_outbox_kept_undelivered_records_is_known() -> None:
+    """``/readyz`` turns 503 once a partition's outbox has kept records Kafka would not
+    take for 30 s. The count runs per partition: another partition publishing everything
+    does not end it, and a partition's count ends only once it delivered all it held."""
+
+    async def main() -> None:
+        clock = [100.0]
+        # call 1 refuses offset 0 (partition 0's dead letter) and delivers partition 1's;
+        # call 2 delivers; call 3 refuses offset 0 again (nothing delivered at all)
+        gate = PartlyRefusing([frozenset({0}), None, frozenset({0}), None])
+        bp, store = make(gate)
+        bp.monotonic = lambda: clock[0]
+        assert bp.publish_failing_s([0, 1]) == 0.0
+        await bp.process([keyed(0, 0), keyed(1, 1)])
+        await bp.drain()
+        assert store.outboxes.get(0) and not store.outboxes.get(1)
+        clock[0] = 130.0
+        assert bp.publish_failing_s([0, 1]) == 30.0
+        await bp.process([keyed(2, 1)])  # partition 1 alone, delivered
+        await bp.drain()
+        assert gate.calls == 2 and bp.publish_failing_s([0, 1]) == 30.0
+        clock[0] = 140.0
+        await bp.flush_outbox([0, 1])  # refused again: the count goes on from 100
+        assert gate.calls == 3 and store.outboxes.get(0)
+        assert bp.publish_failing_s([0, 1]) == 40.0
+        await bp.flush_outbox([0, 1])  # delivered
+        assert not store.outboxes.get(0)
+        assert bp.publish_failing_s([0, 1]) == 0.0
+
+        # A whole publish failing starts a count for every partition it held.
+        gate.refuse = [frozenset({3, 4})]
+        gate.calls = 0
+        await bp.process([keyed(3, 0), keyed(4, 1)])
+        await bp.drain()
+        clock[0] = 150.0
+        assert bp.publish_failing_s([0, 1]) == 10.0
+        # partition 1 is no longer this processor's: its count is forgotten
+        assert bp.publish_failing_s([0]) == 10.0
+        await bp.flush_outbox([0])
+        assert store.outboxes.get(1), "partition 1's records wait for its next owner"
+        assert bp.publish_failing_s([0, 1]) == 0.0
+
+    asyncio.run(main())

@@ -29,6 +29,7 @@ class _Engine:
         self.store = _Down()
         self.redis = _Down()
         self.lags = {("clickstream", 0): 2_000, ("transactions", 0): 5}
+        self.processor: Any = None
 
     def ensure(self) -> None:
         pass
@@ -136,4 +137,37 @@ def test_commits_refused_while_redis_answers_pings_make_the_worker_unready() -> 
     # the next failure starts its own count
     backend.on_redis("commit", 0.01, False)
     clock[0] += COMMITS_FAILING_S - 1
+    assert asyncio.run(backend.ready())[0]
+
+
+class _Failing:
+    """A processor whose outbox has kept undelivered records for ``seconds``."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.asked: list[list[int]] = []
+
+    def publish_failing_s(self, partitions: Any) -> float:
+        self.asked.append(list(partitions))
+        return self.seconds
+
+
+def test_publishes_failing_while_kafka_answers_make_the_worker_unready() -> None:
+    """An output topic deleted or refusing every record (or brokers that take nothing)
+    left /readyz at 200 while migrations piled up in the outbox: the consumer still
+    fetched, so Kafka counted as connected."""
+    from stream.backend import PUBLISHES_FAILING_S
+
+    engine = _Up()
+    engine.processor = _Failing()
+    backend = EngineBackend(engine, EngineMetrics())  # type: ignore[arg-type]
+    engine.processor.seconds = PUBLISHES_FAILING_S - 0.5
+    ready, checks = asyncio.run(backend.ready())
+    assert ready and "publishes_failing_s" not in checks
+    assert engine.processor.asked == [[0]], "asked about the owned partitions"
+    engine.processor.seconds = PUBLISHES_FAILING_S
+    ready, checks = asyncio.run(backend.ready())
+    assert not ready and checks["kafka"] is True and checks["redis"] is True
+    assert checks["publishes_failing_s"] == pytest.approx(PUBLISHES_FAILING_S)
+    engine.processor.seconds = 0.0
     assert asyncio.run(backend.ready())[0]

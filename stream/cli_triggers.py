@@ -30,6 +30,10 @@ def triggers(
         help="Attempts per migration before giving up (exit 1; invalid options exit 2)."
     ),
     timeout: float = typer.Option(10.0, "--timeout", min=0.1, help="Seconds per request."),
+    metrics_port: int | None = typer.Option(
+        None, "--metrics-port", min=1, max=65535,
+        help="Serve Prometheus metrics at GET /metrics on SEGSTREAM_WEB_HOST and this port."
+    ),
     json_: bool = typer.Option(
         False, "--json", help="Print the run's counts as one JSON document."
     ),
@@ -51,7 +55,8 @@ def triggers(
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         stats = await run_triggers(
-            s, webhook, group=group, max_attempts=max_attempts, stop=stop, request_timeout_s=timeout
+            s, webhook, group=group, max_attempts=max_attempts, stop=stop,
+            request_timeout_s=timeout, metrics_port=metrics_port,
         )
         return asdict(stats)
 

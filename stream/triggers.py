@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import orjson
 import redis.asyncio as aioredis
+from aiohttp import web
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 from redis.exceptions import RedisClusterException, RedisError
@@ -34,6 +35,7 @@ from stream.errors import SegstreamError, ServiceError
 from stream.kafka import aiokafka_config, check_connection, ensure_topics
 from stream.redisconn import check_redis, mget_any, redis_client, redis_failed
 from stream.settings import Settings
+from stream.triggers_metrics import TriggerMetrics, serve
 
 T = TypeVar("T")
 
@@ -292,6 +294,10 @@ class TriggerRunner:
         self.handled: dict[TopicPartition, int] = {}
         #: Revoked partitions whose handled offsets the listener already committed.
         self.released: set[TopicPartition] = set()
+        #: Per partition, the offset of the next record to handle (for the lag metric).
+        self.position: dict[TopicPartition, int] = {}
+        #: called with the seconds of each POST attempt, answered or failed (metrics)
+        self.on_request: Callable[[float], None] | None = None
 
     async def handle_partition(self, records: Sequence[ConsumerRecord[Any, Any]]) -> int | None:
         """Handle records in order, up to a rebalance that takes their partition away;
@@ -300,13 +306,14 @@ class TriggerRunner:
         for rec in records:
             if tp in self.revoked:
                 break
+            self.position[tp] = int(rec.offset)
             try:
                 await self.handle(rec)
             except _Revoked:
                 break
             if tp in self.released:
                 break  # the listener committed (and gave the partition up) without it
-            self.handled[tp] = int(rec.offset) + 1
+            self.handled[tp] = self.position[tp] = int(rec.offset) + 1
         return self.handled.get(tp)
 
     async def handle(self, rec: ConsumerRecord[Any, Any]) -> None:
@@ -403,6 +410,7 @@ class TriggerRunner:
         """One POST: True accepted, False rejected for good, else the problem (retried),
         with the answer's Retry-After."""
         timeout = aiohttp.ClientTimeout(total=self.policy.request_timeout_s)
+        started = time.monotonic()
         try:
             # A redirect is not followed: the client would send the POST again as a
             # GET without its body, and a 2xx to that would mark an undelivered
@@ -429,6 +437,9 @@ class TriggerRunner:
                 return False, None
         except (aiohttp.ClientError, TimeoutError) as exc:
             return type(exc).__name__, None
+        finally:
+            if self.on_request is not None:
+                self.on_request(time.monotonic() - started)
 
     async def post(self, body: bytes, migration_id: str, rec: ConsumerRecord[Any, Any]) -> bool:
         """POST with retries; True when accepted, False when rejected for good (4xx).
@@ -502,6 +513,7 @@ class _Revocations(ConsumerRebalanceListener):  # type: ignore[misc]
                             "be redelivered", type(exc).__name__)
         for tp in lost:
             self.runner.handled.pop(tp, None)
+            self.runner.position.pop(tp, None)
         self.runner.released |= lost
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
@@ -510,6 +522,7 @@ class _Revocations(ConsumerRebalanceListener):  # type: ignore[misc]
         self.runner.released -= got
         for tp in got:  # positions start from the group's committed offsets again
             self.runner.handled.pop(tp, None)
+            self.runner.position.pop(tp, None)
 
 
 async def run_triggers(
@@ -524,9 +537,12 @@ async def run_triggers(
     backoff_max_s: float = 30.0,
     seen_ttl_s: int = 7 * 86_400,
     batch_max: int = 500,
+    metrics_port: int | None = None,
 ) -> TriggerStats:
     """Consume the migrations topic in group ``group`` (default ``<app_id>-triggers``) and POST
     every actionable, non-hold-out migration to ``webhook_url`` until ``stop`` is set.
+    With ``metrics_port``, ``GET /metrics`` on ``SEGSTREAM_WEB_HOST`` at that port serves
+    its Prometheus metrics (behind ``SEGSTREAM_API_TOKEN`` when set).
 
     Raises :class:`TriggerOptionError` for an invalid URL or timeout before connecting,
     :class:`~stream.errors.SettingsError` or :class:`~stream.errors.ServiceError` naming the
@@ -536,6 +552,8 @@ async def run_triggers(
     # Checked before anything connects, so a wrong option fails at once.
     check_webhook_url(webhook_url)
     check_request_timeout(request_timeout_s)
+    if metrics_port is not None and not 1 <= metrics_port <= 65535:
+        raise TriggerOptionError(f"--metrics-port must be between 1 and 65535, not {metrics_port}")
     stop = stop or asyncio.Event()
     group = group or settings.triggers_group
     policy = RetryPolicy(max_attempts, backoff_base_s, backoff_max_s, request_timeout_s)
@@ -558,10 +576,22 @@ async def run_triggers(
     redis = redis_client(settings)
     idle = asyncio.Event()
     idle.set()
+    served: web.AppRunner | None = None
     try:
         async with aiohttp.ClientSession() as http:
             runner = TriggerRunner(settings, webhook_url, redis, http, policy, stop, seen_ttl_s,
                                    group)
+            if metrics_port is not None:
+                metrics = TriggerMetrics(runner, consumer)
+                runner.on_request = metrics.observe_request
+                token = settings.api_token.get_secret_value() if settings.api_token else None
+                try:
+                    served = await serve(metrics, settings.web_host, metrics_port, token)
+                except OSError as exc:
+                    raise TriggerOptionError(
+                        f"--metrics-port {metrics_port}: cannot listen on "
+                        f"{settings.web_host}:{metrics_port} (SEGSTREAM_WEB_HOST): "
+                        f"{exc.strerror or exc}") from None
             listener = _Revocations(runner, idle)
             listener.consumer = consumer
             consumer.subscribe([settings.migrations_topic], listener=listener)
@@ -577,6 +607,8 @@ async def run_triggers(
             await _loop(consumer, runner, stop, batch_max, idle)
             return runner.stats
     finally:
+        if served is not None:
+            await served.cleanup()
         await consumer.stop()
         await redis.aclose()
 

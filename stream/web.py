@@ -172,7 +172,8 @@ def _json(value: Any, status: int = 200) -> web.Response:
     return web.json_response(value, status=status, dumps=_dumps)
 
 
-def _authorized(request: web.Request, token: bytes) -> bool:
+def authorized(request: web.Request, token: bytes) -> bool:
+    """Whether ``request`` carries ``Authorization: Bearer <token>``."""
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer":
         return False
@@ -185,7 +186,7 @@ def _guard(handler: Handler, token: str | None, public: bool) -> Handler:
     expected = token.encode() if token else None
 
     async def guarded(request: web.Request) -> web.StreamResponse:
-        if expected is not None and not public and not _authorized(request, expected):
+        if expected is not None and not public and not authorized(request, expected):
             return error(401, "missing or invalid bearer token",
                          **{"WWW-Authenticate": 'Bearer realm="segstream"'})
         try:

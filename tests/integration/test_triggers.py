@@ -368,3 +368,152 @@ def test_the_consumer_starts_before_any_worker_created_the_topics(deployment: An
         assert s.migrations_topic in set(a.list_topics())
     finally:
         a.close()
+
+
+class GatedWebhook:
+    """Answers 500 to the first attempt of every migration whose id ends in 3, else 204,
+    and holds every request while ``gate`` is clear; counts what it was sent."""
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.requests = 0
+        self.failed = 0
+        self.seen: set[str] = set()
+        self.url = ""
+        self._runner: web.AppRunner | None = None
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.requests += 1
+        await self.gate.wait()
+        mid = orjson.loads(await request.read())["migration_id"]
+        first = mid not in self.seen
+        self.seen.add(mid)
+        if first and mid.endswith("3"):
+            self.failed += 1
+            return web.Response(status=500)
+        return web.Response(status=204)
+
+    async def __aenter__(self) -> GatedWebhook:
+        app = web.Application()
+        app.router.add_post("/hook", self.handle)
+        self._runner = web.AppRunner(app, shutdown_timeout=1.0)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.url = f"http://127.0.0.1:{port}/hook"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._runner is not None
+        await self._runner.cleanup()
+
+
+def _samples(text: str) -> dict[str, float]:
+    """``name{labels}`` -> value of a Prometheus text exposition."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            out[key] = float(value)
+    return out
+
+
+def test_the_consumer_exports_its_counts_its_lag_and_the_webhook_times(
+        make_deployment: Any) -> None:
+    """`segstream triggers --metrics-port`: an operator sees the consumer fall behind while
+    the webhook hangs, and what became of every migration, against the records produced
+    and the requests the webhook counted."""
+    import socket
+    import urllib.error
+    import urllib.request
+
+    from stream.kafka import end_offsets
+    from stream.triggers import TriggerOptionError
+
+    token = "trigger-metrics-token"
+    dep = make_deployment(SEGSTREAM_API_TOKEN=token)
+    s = dep.settings
+    records, kinds = migrations(200, seed=5)
+    dep.produce("segment-migrations", records)
+    ends = end_offsets(s, [s.migrations_topic])
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    base = f"http://127.0.0.1:{port}/metrics"
+
+    def scrape(auth: bool = True) -> dict[str, float]:
+        req = urllib.request.Request(base, headers={"Authorization": f"Bearer {token}"}
+                                     if auth else {})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            assert resp.headers["Content-Type"].startswith("text/plain")
+            return _samples(resp.read().decode())
+
+    def lags(m: dict[str, float]) -> dict[int, float]:
+        head = 'segstream_triggers_consumer_lag{partition="'
+        return {int(k[len(head):-2]): v for k, v in m.items() if k.startswith(head)}
+
+    async def scenario() -> tuple[dict[str, float], dict[str, float], GatedWebhook, int]:
+        async with GatedWebhook() as hook:
+            stop = asyncio.Event()
+            task = asyncio.create_task(run_triggers(
+                s, hook.url, stop=stop, request_timeout_s=30, backoff_base_s=0.01,
+                backoff_max_s=0.05, metrics_port=port))
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 60
+            # Every partition fetched and stuck at its first actionable migration.
+            while True:
+                assert not task.done(), task
+                assert loop.time() < deadline, "the lag of every partition never showed"
+                try:
+                    held = await asyncio.to_thread(scrape)
+                except (urllib.error.URLError, ConnectionError):
+                    held = {}
+                if len(lags(held)) == len(ends) and hook.requests >= len(ends):
+                    break
+                await asyncio.sleep(0.2)
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                await asyncio.to_thread(scrape, False)
+            code = refused.value.code
+            # A second consumer cannot take the same port: it says which option.
+            with pytest.raises(TriggerOptionError, match="--metrics-port"):
+                await run_triggers(s, hook.url, group="other", metrics_port=port)
+            hook.gate.set()
+            group = f"{s.app_id}-triggers"
+            while not (await committed_up_to_end(s, group)
+                       and kinds["eligible"] <= hook.seen):
+                assert loop.time() < deadline + 120, "the consumer did not catch up"
+                await asyncio.sleep(0.2)
+            done = await asyncio.to_thread(scrape)
+            stop.set()
+            await asyncio.wait_for(task, 30)
+            return held, done, hook, code
+
+    held, done, hook, code = asyncio.run(scenario())
+    assert code == 401
+    total = sum(ends.values())
+    values = [v for _, v in records]
+    docs = [orjson.loads(v) for v in values if v is not None and v.startswith(b'{"migration_id"')]
+    eligible = [d for d in docs if d["migration_id"] in kinds["eligible"] | kinds["reject"]]
+    # Held: at most one record per partition handled past its first actionable one, none
+    # of which was answered, so every actionable record is still behind.
+    assert len(eligible) <= sum(lags(held).values()) <= total, (lags(held), total)
+    assert held.get('segstream_triggers_migrations_total{outcome="posted"}') == 0
+    # Caught up: nothing behind, and every record counted once under what became of it.
+    assert set(lags(done).values()) == {0.0}, lags(done)
+
+    def outcome(name: str) -> float:
+        return done[f'segstream_triggers_migrations_total{{outcome="{name}"}}']
+
+    assert outcome("posted") == len(kinds["eligible"]) + len(kinds["reject"])  # no 4xx here
+    assert outcome("holdout") == sum(1 for d in docs if d["action"] and d["action"]["holdout"])
+    assert outcome("no_action") == sum(1 for d in docs if d["action"] is None)
+    assert outcome("tombstone") == values.count(None)
+    assert outcome("malformed") == 2
+    assert outcome("duplicate") == len(eligible) - len(hook.seen)
+    assert outcome("rejected") == outcome("forgotten") == 0
+    assert done["segstream_triggers_retries_total"] == hook.failed > 0
+    assert done["segstream_triggers_webhook_seconds_count"] == hook.requests
+    assert done["segstream_triggers_offset_commits_total"] >= 1
+    # The requests held at the gate took their time, and show in the histogram.
+    assert done["segstream_triggers_webhook_seconds_sum"] > 0.1

@@ -160,11 +160,16 @@ _SUFFIXES = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_
 #: Family name (as configured) -> kind: ``counter``, ``gauge`` or ``histogram``.
 METRIC_TYPES: dict[str, str] = {PREFIX + name: kind for kind, name, _, _ in _FAMILIES}
 
-#: Every sample name a scrape can show (``_total`` for counters, ``_bucket``/``_sum``/``_count``
-#: for histograms, the plain name for gauges).
-METRIC_NAMES: frozenset[str] = frozenset(
-    family + suffix for family, kind in METRIC_TYPES.items() for suffix in _SUFFIXES[kind]
-)
+
+def sample_names(types: Mapping[str, str]) -> frozenset[str]:
+    """Every sample name a scrape of these families can show (``_total`` for counters,
+    ``_bucket``/``_sum``/``_count`` for histograms, the plain name for gauges)."""
+    return frozenset(family + suffix for family, kind in types.items()
+                     for suffix in _SUFFIXES[kind])
+
+
+#: Every sample name a scrape of the worker can show.
+METRIC_NAMES: frozenset[str] = sample_names(METRIC_TYPES)
 
 ARMS = ("treated", "holdout")
 
@@ -177,7 +182,7 @@ SKIP_REASONS = ("duplicate", "below_watermark")
 REDIS_OPS = ("load", "commit", "read")
 
 
-def _no_created_series() -> None:
+def no_created_series() -> None:
     # ``*_created`` series double the series count and nothing here reads them.
     _prom_metrics.disable_created_metrics()  # type: ignore[no-untyped-call]
 
@@ -220,7 +225,7 @@ class EngineMetrics:
     """Every metric the engine exposes, owned by a private registry."""
 
     def __init__(self) -> None:
-        _no_created_series()
+        no_created_series()
         self.registry = CollectorRegistry(auto_describe=True)
         self._m: dict[str, Any] = {}
         buckets = {

@@ -20,7 +20,7 @@ from aiokafka import AIOKafkaConsumer
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from stream.metrics import CONTENT_TYPE
+from stream.metrics import CONTENT_TYPE, no_created_series, sample_names
 from stream.web import authorized
 
 if TYPE_CHECKING:
@@ -41,6 +41,16 @@ OUTCOMES = (
 )
 #: Seconds a scrape waits for one partition's position before leaving its lag out.
 POSITION_WAIT_S = 1.0
+#: Family name -> kind, as a scrape shows them (the alert rules may use only these and the
+#: worker's).
+METRIC_TYPES: dict[str, str] = {
+    "segstream_triggers_migrations": "counter",
+    "segstream_triggers_retries": "counter",
+    "segstream_triggers_offset_commits": "counter",
+    "segstream_triggers_consumer_lag": "gauge",
+    "segstream_triggers_webhook_seconds": "histogram",
+}
+METRIC_NAMES: frozenset[str] = sample_names(METRIC_TYPES)
 
 
 class TriggerMetrics:
@@ -49,6 +59,7 @@ class TriggerMetrics:
     def __init__(self, runner: TriggerRunner, consumer: AIOKafkaConsumer | None = None) -> None:
         self.runner = runner
         self.consumer = consumer
+        no_created_series()
         self.registry = CollectorRegistry()
         self.webhook_seconds = Histogram(
             "segstream_triggers_webhook_seconds",

@@ -1,7 +1,8 @@
 """Metrics, alert rules and the Grafana dashboard agree with each other.
 
 ``promtool`` (Debian package ``prometheus``) checks and unit-tests the rules; every
-``segstream_*`` name in the rules and the dashboard must be one the worker exposes.
+``segstream_*`` name in the dashboard must be one the worker exposes, and in the rules one
+the worker or the trigger consumer (``segstream triggers --metrics-port``) exposes.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
+from stream import triggers_metrics
 from stream.metrics import METRIC_NAMES, METRIC_TYPES, EngineMetrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,13 +36,14 @@ _SUFFIXES = {"_bucket": "histogram", "_sum": "histogram", "_count": "histogram",
              "_total": "counter"}
 
 
-def family_of(sample: str) -> str | None:
-    """The metric family a sample name belongs to, if the worker exposes it."""
-    if METRIC_TYPES.get(sample) == "gauge":
+def family_of(sample: str, types: dict[str, str] = METRIC_TYPES) -> str | None:
+    """The metric family a sample name belongs to, if it is one of ``types`` (default:
+    the worker's)."""
+    if types.get(sample) == "gauge":
         return sample
     for suffix, kind in _SUFFIXES.items():
         base = sample.removesuffix(suffix)
-        if base != sample and METRIC_TYPES.get(base) == kind:
+        if base != sample and types.get(base) == kind:
             return base
     return None
 
@@ -209,8 +212,12 @@ def test_every_metric_used_is_exposed(source: str) -> None:
     exprs = _exprs_in_alerts() if source == "alerts" else _exprs_in_dashboard()
     used = _names(exprs)
     assert used
-    unknown = sorted(n for n in used if n not in METRIC_NAMES or family_of(n) is None)
-    assert not unknown, f"{source} uses metrics the worker does not expose: {unknown}"
+    names, types = METRIC_NAMES, METRIC_TYPES
+    if source == "alerts":  # the trigger consumer's too
+        names = names | triggers_metrics.METRIC_NAMES
+        types = {**types, **triggers_metrics.METRIC_TYPES}
+    unknown = sorted(n for n in used if n not in names or family_of(n, types) is None)
+    assert not unknown, f"{source} uses metrics nothing exposes: {unknown}"
 
 
 #: Gauges every worker exports with the same deployment-wide value.
@@ -310,6 +317,62 @@ RULE_TESTS: list[dict[str, Any]] = [
                    _annotations("SegstreamNoEventsIn")),
             _alert("SegstreamNoEventsIn", "40m", {"severity": "warning"},
                    _annotations("SegstreamNoEventsIn")),
+        ],
+    },
+    {   # the webhook slows down at minute 5: the lag grows by 200 a minute from then on
+        "interval": "1m",
+        "input_series": [
+            {"series": 'segstream_triggers_consumer_lag{instance="t1",partition="0"}',
+             "values": "0x5 0+200x40"},
+            {"series": 'segstream_triggers_consumer_lag{instance="t1",partition="1"}',
+             "values": "3x45"},
+        ],
+        "alert_rule_test": [
+            # over 1,000 from minute 11 on, growing; then 10 minutes "for"
+            _alert("SegstreamTriggersLagGrowing", "15m", None),
+            _alert("SegstreamTriggersLagGrowing", "25m",
+                   {"severity": "warning", "instance": "t1"},
+                   {**_annotations("SegstreamTriggersLagGrowing"),
+                    "summary": "trigger consumer t1 falls behind the migrations (3803 not "
+                               "handled)"}),
+        ],
+    },
+    {   # t1's webhook fails every POST from minute 10; t2's only retries some, and posts
+        "interval": "1m",
+        "input_series": [
+            {"series": 'segstream_triggers_retries_total{instance="t1"}',
+             "values": "0x10 0+30x30"},
+            {"series": 'segstream_triggers_migrations_total{instance="t1",outcome="posted"}',
+             "values": "0+50x10 500x30"},
+            {"series": 'segstream_triggers_retries_total{instance="t2"}',
+             "values": "0+5x40"},
+            {"series": 'segstream_triggers_migrations_total{instance="t2",outcome="posted"}',
+             "values": "0+50x40"},
+        ],
+        "alert_rule_test": [
+            _alert("SegstreamTriggersWebhookFailing", "12m", None),
+            # nothing posted in the last 10 minutes from minute 20; then 5 minutes "for"
+            _alert("SegstreamTriggersWebhookFailing", "27m",
+                   {"severity": "critical", "instance": "t1"},
+                   {**_annotations("SegstreamTriggersWebhookFailing"),
+                    "summary": "the webhook of trigger consumer t1 has taken no migration "
+                               "for 10 minutes"}),
+        ],
+    },
+    {   # three rejections at minute 10
+        "interval": "1m",
+        "input_series": [
+            {"series": 'segstream_triggers_migrations_total{instance="t1",outcome="rejected"}',
+             "values": "0x10 3x30"},
+        ],
+        "alert_rule_test": [
+            _alert("SegstreamTriggersRejected", "9m", None),
+            _alert("SegstreamTriggersRejected", "11m",
+                   {"severity": "warning", "instance": "t1"},
+                   {**_annotations("SegstreamTriggersRejected"),
+                    "summary": "the webhook of trigger consumer t1 rejected 3 migrations in "
+                               "15 minutes"}),
+            _alert("SegstreamTriggersRejected", "30m", None),
         ],
     },
     {   # publishing fails from minute 5 on (a topic refuses the records)
@@ -524,3 +587,32 @@ def test_every_dead_letter_reason_is_primed() -> None:
         used |= set(re.findall(r'Rejection\(\s*"([a-z_]+)"', path.read_text()))
     assert {"not_json", "too_late", "invalid_schema"} <= used  # the scan finds them
     assert used <= set(DLQ_REASONS), sorted(used - set(DLQ_REASONS))
+
+
+def test_the_trigger_consumer_exposes_the_families_the_rules_may_use() -> None:
+    """What a scrape of the trigger consumer shows is what the rules' check allows."""
+    import asyncio
+
+    from stream.triggers import TriggerStats
+    from stream.triggers_metrics import OUTCOMES, TriggerMetrics
+
+    class _Runner:
+        stats = TriggerStats(posted=7, rejected=2, retries=3, commits=1)
+        position: dict[Any, int] = {}
+
+    metrics = TriggerMetrics(_Runner())  # type: ignore[arg-type]
+    metrics.lags = {0: 5, 2: 0}
+    metrics.observe_request(0.02)
+    text = asyncio.run(metrics.exposition()).decode()
+    samples = {line.split("{")[0].split(" ")[0] for line in text.splitlines()
+               if line and not line.startswith("#")}
+    # every sample is one of the declared families' names, and every family shows
+    assert samples <= triggers_metrics.METRIC_NAMES, samples - triggers_metrics.METRIC_NAMES
+    assert {family_of(n, triggers_metrics.METRIC_TYPES) for n in samples} == set(
+        triggers_metrics.METRIC_TYPES)
+    assert 'segstream_triggers_migrations_total{outcome="posted"} 7.0' in text
+    assert 'segstream_triggers_migrations_total{outcome="rejected"} 2.0' in text
+    assert 'segstream_triggers_consumer_lag{partition="0"} 5.0' in text
+    assert "segstream_triggers_retries_total 3.0" in text
+    assert len(OUTCOMES) == 8  # every count of TriggerStats but retries and commits
+    assert {a for _, a in OUTCOMES} | {"retries", "commits"} == set(vars(TriggerStats()))

@@ -388,6 +388,9 @@ class BatchProcessor:
         #: decodes one input record: (topic, key, value) -> event or rejection
         self.decode_record = record_decoder(settings)
         self.topics = list(settings.input_topics)
+        #: the output topics' names (read per record: a settings property builds the name)
+        self.migrations_topic = settings.migrations_topic
+        self.examples_topic = settings.examples_topic
         #: partitions whose stored outbox holds nothing this processor has not published or
         #: is not publishing; any other partition's outbox is read back before publishing,
         #: so records a timed-out commit or a previous owner left there go out first
@@ -1036,11 +1039,11 @@ class BatchProcessor:
         ver = commit.expected_ver
         for m in o.migrations:
             commit.outbox[f"m:{m['migration_id']}"] = encode_outbox(
-                self.settings.migrations_topic, key, orjson.dumps(m), ingested,
+                self.migrations_topic, key, orjson.dumps(m), ingested,
                 (ver, len(commit.outbox)), (m["scheme"], m["from_segment"], m["to_segment"]))
         for ex in o.examples:
             commit.outbox[f"x:{ex.example_id}"] = encode_outbox(
-                self.settings.examples_topic, None, ex.to_bytes(), None,
+                self.examples_topic, None, ex.to_bytes(), None,
                 (ver, len(commit.outbox)))
 
     async def flush_outbox(self, partitions: Sequence[int],
@@ -1119,7 +1122,8 @@ class BatchProcessor:
             done = {p: list(rows) for p, rows in pending.items()}
             sent = unpacked
             self._published_all(parts)
-        migrations = [r.value for r in sent if r.topic == self.settings.migrations_topic]
+        topic = self.migrations_topic
+        migrations = [r.value for r in sent if r.topic == topic]
         try:
             # One round trip: forget the records and append the migrations to the
             # recent-migrations log the API reads.

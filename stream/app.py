@@ -506,7 +506,7 @@ class FaustPublisher:
         self._recreated_at = -RECREATE_TOPICS_EVERY_S
         #: per topic, the most records a batch holds after the topic refused a batch as
         #: too large (its max.message.bytes lowered under the worker): halved at each
-        #: refusal, down to one record a batch
+        #: refusal, down to one record a batch, within the publish that met it
         self.batch_records: dict[str, int] = {}
 
     def _kafka(self) -> Any:
@@ -600,6 +600,13 @@ class FaustPublisher:
                 else:
                     outcome = fut.exception()
                 if outcome is not None:
+                    if len(held) > 1 and "MessageSizeTooLarge" in type(outcome).__name__:
+                        # Kafka wrote nothing of a batch it refused as too large: its
+                        # records go again at once, in batches half as large, still first
+                        # of their partition (one flush, not one halving per flush).
+                        log.warning("%s", self._explained(tp[0], outcome, len(held)))
+                        active.append(tp)
+                        continue
                     if failure is None:
                         topic = tp[0]
                         failure = self._explained(topic, outcome, len(held))

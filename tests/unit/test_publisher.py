@@ -9,6 +9,7 @@ import asyncio
 import time
 from types import SimpleNamespace
 from typing import Any
+from unittest.mock import patch
 
 import pytest
 from aiokafka.errors import MessageSizeTooLargeError
@@ -16,6 +17,7 @@ from aiokafka.partitioner import murmur2
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from stream import app as app_module
 from stream.app import RECREATE_TOPICS_EVERY_S, FaustPublisher
 from stream.errors import PublishRefused
 from stream.pipeline import PartlyPublished
@@ -260,31 +262,63 @@ def test_a_topic_that_never_acknowledges_fails_the_publish_in_bounded_time() -> 
     assert len(recreated) == 1  # the engine's missing topics are created
 
 
-def test_a_topic_refusing_batches_as_too_large_gets_smaller_ones_until_they_pass() -> None:
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(2, 200), most=st.integers(1, 40), keys=st.integers(1, 5))
+def test_a_topic_refusing_batches_as_too_large_gets_smaller_ones_until_they_pass(
+        n: int, most: int, keys: int) -> None:
     """An output topic whose max.message.bytes was lowered under the worker below a batch
     but above each record refused every flush for good; its batches now halve until they
-    fit, keeping each customer's order."""
-    kafka = _Kafka(most=3)
+    fit, within the one publish (it used to halve once per flush, five seconds apart),
+    keeping each customer's order and sending nothing twice."""
+    kafka = _Kafka(most=most)
     pub = _publisher(kafka)
-    records = [("segment-migrations", b"c%d" % (i % 2), b"%d" % i) for i in range(20)]
-
-    async def go() -> int:
-        rounds, pending = 0, list(records)
-        while pending:
-            rounds += 1
-            assert rounds < 10, "never delivered"
-            try:
-                await pub.publish(pending)
-                pending = []
-            except PartlyPublished as exc:
-                assert "max.message.bytes" in str(exc.cause)
-                pending = [r for r, ok in zip(pending, exc.delivered, strict=True) if not ok]
-            except PublishRefused as exc:
-                assert "SEGSTREAM_KAFKA_PRODUCE_BATCH_BYTES" in str(exc)
-        return rounds
-
-    rounds = asyncio.run(go())
-    assert rounds > 1 and pub.batch_records["segment-migrations"] <= 3
-    for key in (b"c0", b"c1"):  # every record once, each customer's in order
+    records = [("segment-migrations", b"c%d" % (i % keys), b"%d" % i) for i in range(n)]
+    with patch.object(app_module.log, "warning") as warned:
+        asyncio.run(pub.publish(records))  # no failure: everything went out
+    assert sorted(kafka.values(), key=int) == [v for _, _, v in records]  # each once
+    for key in {k for _, k, _ in records}:  # each customer's in order
         got = [v for _, _, rows in kafka.queued for k, v in rows if k == key]
         assert got == [v for _, k, v in records if k == key]
+    assert all(len(rows) <= most for _, _, rows in kafka.queued)
+    if kafka.refused:
+        assert pub.batch_records["segment-migrations"] <= most
+        text = " ".join(str(c.args[1]) for c in warned.call_args_list)
+        assert "max.message.bytes" in text and "SEGSTREAM_KAFKA_PRODUCE_BATCH_BYTES" in text
+
+
+class _TooLarge(_Kafka):
+    """Refuses every batch of ``topic`` as too large, whatever it holds."""
+
+    def __init__(self, topic: str) -> None:
+        super().__init__()
+        self.topic = topic
+
+    async def send_batch(self, batch: _Batch, topic: str, *, partition: int
+                         ) -> asyncio.Future[Any]:
+        if topic != self.topic:
+            return await super().send_batch(batch, topic, partition=partition)
+        self.refused.append(len(batch.rows))
+        fut = asyncio.get_running_loop().create_future()
+        fut.set_exception(MessageSizeTooLargeError())
+        return fut
+
+
+def test_a_single_record_a_topic_refuses_fails_the_publish_naming_the_limit() -> None:
+    """A record larger than its topic's max.message.bytes: once its batches are down to
+    one record, the publish fails for it (it waits in the outbox, as what follows it of
+    its partition) and the other topics' records are delivered."""
+    kafka = _TooLarge("segment-migrations")
+    records = [("segment-migrations", b"c1", b"m%d" % i) for i in range(5)]
+    records.append(("segmentation-dlq", b"c1", b"d1"))
+
+    async def go() -> PartlyPublished:
+        with pytest.raises(PartlyPublished) as caught:
+            await _publisher(kafka).publish(records)
+        return caught.value
+
+    exc = asyncio.run(go())
+    assert exc.delivered == [False] * 5 + [True]
+    assert kafka.refused == [5, 2, 1]  # halved within the publish, down to one record
+    assert isinstance(exc.cause, PublishRefused)
+    assert "waits in the outbox" in str(exc.cause)
+    assert kafka.values() == [b"d1"]

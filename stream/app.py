@@ -778,10 +778,10 @@ class Engine:
         self.app.stored_positions = self._stored_positions
         self.app.held_positions = self._held_positions
         self.app.agent(self.source, name="ingest", concurrency=1)(self._ingest)
-        self.app.timer(OUTBOX_FLUSH_INTERVAL_S)(self._flush_outbox)
+        self._every(OUTBOX_FLUSH_INTERVAL_S, self._flush_outbox)
         self.app.on_partitions_assigned.connect(self._on_partitions_assigned)
         self.app.on_partitions_revoked.connect(self._on_partitions_revoked)
-        self.app.timer(SWEEP_CHECK_S)(self._sweep)
+        self._every(SWEEP_CHECK_S, self._sweep)
         self.app.timer(STATS_INTERVAL_S)(self._sample_stats)
         self.app.task(self._watch_loop)
         self.app.task(self._report_native)
@@ -795,6 +795,26 @@ class Engine:
             self.app.timer(settings.model_snapshot_s)(self._publish_models)
         if settings.clv_refit_interval_s > 0:
             self.app.timer(settings.clv_refit_interval_s, on_leader=True)(self._refit_clv)
+
+    def _every(self, interval_s: float, job: Callable[[], Awaitable[None]]) -> None:
+        """Run ``job`` ``interval_s`` seconds after each of its runs ends, until the worker
+        stops.
+
+        Faust's ``app.timer`` keeps a fixed beat and logs "Timer ... is overlapping" at
+        WARNING whenever a run outlasts its interval, which a sweep pass (seconds over a
+        large partition) and an outbox flush through a Kafka outage do in normal operation.
+        """
+        app = self.app
+
+        async def every() -> None:
+            while True:
+                await app.sleep(interval_s)
+                if app.should_stop:
+                    return
+                await job()
+
+        every.__qualname__ = f"{type(self).__name__}.{job.__name__}"  # the task's name
+        app.task(every)
 
     def ensure(self) -> BatchProcessor:
         if self.processor is None:

@@ -585,7 +585,7 @@ def reset(yes: Annotated[bool, typer.Option("--yes", help="Really delete")] = Fa
     from redis.exceptions import RedisError
 
     from features.store import Keys
-    from stream.kafka import check_connection, delete_groups, delete_topics
+    from stream.kafka import check_connection, delete_groups, delete_topics, group_members
     from stream.redisconn import check_redis, delete_matching, redis_failed, redis_sync_client
 
     s = _settings()
@@ -593,9 +593,19 @@ def reset(yes: Annotated[bool, typer.Option("--yes", help="Really delete")] = Fa
     # make the recreated topics' records, which start at offset 0 again, look processed.
     check_redis(s)
     check_connection(s)
-    names = delete_topics(s)
     # The workers', the learner's and the reference trigger consumer's default groups.
     groups = [s.app_id, s.learner_group, s.triggers_group]
+    # A worker still running would go on with its state deleted under it (it stops, the
+    # store having lost its writes) and recreate the topics it publishes to.
+    running = group_members(s, groups)
+    if running:
+        shown = ", ".join(f"{g} ({n} member{'s' if n > 1 else ''})"
+                          for g, n in running.items())
+        err.print(f"[red]refusing: consumers of this deployment are running: {escape(shown)}; "
+                  "stop its workers, learners and trigger consumers first (nothing was "
+                  "deleted)")
+        raise typer.Exit(1)
+    names = delete_topics(s)
     try:
         kept = {g: e for g, e in delete_groups(s, groups).items() if e is not None}
     except Exception as exc:

@@ -360,6 +360,20 @@ def delete_groups(settings: Settings, names: Iterable[str]) -> dict[str, str | N
     return {g: None if e in ("OK", "GroupIdNotFoundError") else str(e) for g, e in got.items()}
 
 
+def group_members(settings: Settings, names: Iterable[str]) -> dict[str, int]:
+    """How many members each of these consumer groups has, for those that have any (a
+    consumer of it is running)."""
+    names = list(names)
+    if not names:
+        return {}
+    a = admin(settings)
+    try:
+        described = a.describe_groups(names)  # {group: {"members": [...], ...}}
+    finally:
+        a.close()
+    return {g: len(d.get("members") or ()) for g, d in described.items() if d.get("members")}
+
+
 def end_offsets(settings: Settings, topics: Iterable[str]) -> dict[tuple[str, int], int]:
     """Next offset to be written of every partition of these topics."""
     return _offsets(settings, topics, "end_offsets")

@@ -2,6 +2,7 @@
 whose Redis prefix starts with this one's (``t-x:`` and ``t-x:eu:``) keeps its keys."""
 from __future__ import annotations
 
+import signal
 from typing import Any
 
 import pytest
@@ -120,5 +121,46 @@ def test_forget_with_the_wrong_partition_count_refuses_and_erases_nothing(
         assert "SEGSTREAM_PARTITIONS" in proc.stderr, proc.stderr
         assert sorted(r.scan_iter(match=f"{s.redis_prefix}*")) == before
         assert d.consume_all("segment-migrations", timeout_s=3) == []
+    finally:
+        r.close()
+
+
+def test_reset_under_a_running_worker_refuses_and_deletes_nothing(
+        make_deployment: Any, tmp_path: Any) -> None:
+    """Reset under a running worker deleted its topics and keys anyway (only its consumer
+    group was kept): the worker then went on against an empty store and recreated the
+    topics it publishes to. It now refuses, naming the group, until the worker stops."""
+    import fault_oracle
+
+    from stream.kafka import admin
+
+    d = make_deployment()
+    s = d.settings
+    inputs = fault_oracle.synthetic_input(600, seed=3)
+    fault_oracle.produce(d, inputs)
+    w = d.start_worker(tmp_path)
+    fault_oracle.wait_applied(d, len(inputs))
+    r = redis.from_url(s.redis_url)
+    try:
+        before = sorted(r.scan_iter(match=f"{s.redis_prefix}*"))
+        assert before
+        proc = d.cli("reset", "--yes", check=False, timeout=120)
+        assert proc.returncode == 1, proc
+        assert s.app_id in proc.stderr and "nothing was deleted" in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
+        # every key is still there (the running worker may have written more meanwhile)
+        assert set(before) <= set(r.scan_iter(match=f"{s.redis_prefix}*"))
+        a = admin(s)
+        try:
+            assert set(s.input_topics) <= set(a.list_topics())
+        finally:
+            a.close()
+        assert w.poll() is None, "the worker stopped"
+        d.kill(w, signal.SIGTERM)  # a clean stop: the worker and its learner leave
+        # Once the group has no member left (the broker drops a member that left at once).
+        fault_oracle.eventually(
+            lambda: d.cli("reset", "--yes", check=False, timeout=120).returncode == 0, 90,
+            "reset once the worker stopped")
+        assert list(r.scan_iter(match=f"{s.redis_prefix}*")) == []
     finally:
         r.close()

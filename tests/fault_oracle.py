@@ -23,6 +23,8 @@ import asyncio
 import itertools
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -373,6 +375,15 @@ def check_logs(dep: Any) -> None:
         noise = [line for line in path.read_text(errors="replace").splitlines()
                  if "is overlapping" in line and ("_sweep" in line or "_flush_outbox" in line)]
         assert not noise, f"{path.name}: {len(noise)} timer warnings, e.g. {noise[0]}"
+
+
+def readyz(base: str) -> tuple[int, dict[str, Any]]:
+    """A worker's ``/readyz`` at ``base``: its status and its checks."""
+    try:
+        with urllib.request.urlopen(f"{base}/readyz", timeout=10) as resp:
+            return resp.status, orjson.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, orjson.loads(exc.read())
 
 
 def eventually(check: Any, timeout_s: float, what: str, step_s: float = 0.25) -> Any:

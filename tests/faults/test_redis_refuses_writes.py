@@ -11,12 +11,10 @@ worker ready.
 
 from __future__ import annotations
 
-import json
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
 
 import fault_oracle
 import pytest
@@ -29,14 +27,6 @@ from stream.backend import COMMITS_FAILING_S
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 EVENTS = 12_000
-
-
-def _ready(base: str) -> tuple[int, dict[str, Any]]:
-    try:
-        with urllib.request.urlopen(f"{base}/readyz", timeout=10) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
 
 
 def _metric(base: str, name: str) -> float | None:
@@ -61,7 +51,7 @@ def test_writes_refused_make_the_worker_unready_and_lose_nothing(make_deployment
         w = dep.start_worker(tmp_path)
         base = dep.web_url(w)
         dep.cli("wait", "--timeout", "300")
-        assert _ready(base)[0] == 200
+        assert fault_oracle.readyz(base)[0] == 200
 
         used = int(admin.info("memory")["used_memory"])
         admin.config_set("maxmemory", str(max(1, used // 2)))
@@ -69,7 +59,7 @@ def test_writes_refused_make_the_worker_unready_and_lose_nothing(make_deployment
         fault_oracle.produce(dep, inputs[half:])
         refused_at = time.monotonic()
         _, checks = eventually(
-            lambda: (lambda r: r if r[0] == 503 else None)(_ready(base)),
+            lambda: (lambda r: r if r[0] == 503 else None)(fault_oracle.readyz(base)),
             COMMITS_FAILING_S + 60, "/readyz not ready while every commit is refused")
         waited = time.monotonic() - refused_at
         print(f"not ready after {waited:.0f}s: {checks}")
@@ -82,7 +72,7 @@ def test_writes_refused_make_the_worker_unready_and_lose_nothing(make_deployment
 
         admin.config_set("maxmemory", "0")
         dep.cli("wait", "--timeout", "300")
-        assert eventually(lambda: _ready(base)[0] == 200, 30, "ready again")
+        assert eventually(lambda: fault_oracle.readyz(base)[0] == 200, 30, "ready again")
         assert w.poll() is None
         text = dep.logs[0].read_text(errors="replace")
         assert "maxmemory" in text, "the refusal was not logged"

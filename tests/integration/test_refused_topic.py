@@ -14,12 +14,8 @@ they went out.
 from __future__ import annotations
 
 import collections
-import json
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
-from typing import Any
 
 import fault_oracle
 import orjson
@@ -45,14 +41,6 @@ def _max_message_bytes(dep, value: str, topic: str = "segmentation-dlq") -> None
                                             configs={"max.message.bytes": value})])
     finally:
         admin.close()
-
-
-def _ready(base: str) -> tuple[int, dict[str, Any]]:
-    try:
-        with urllib.request.urlopen(f"{base}/readyz", timeout=10) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
 
 
 def _produce(dep, records: list[tuple[str, bytes, bytes]]) -> None:
@@ -89,12 +77,13 @@ def test_a_topic_refusing_its_records_does_not_repeat_the_migrations(make_deploy
              + [("transactions", b"c-bad", b"not json %d " % i + b"x" * 300)
                 for i in range(BAD)])
     fault_oracle.wait_applied(dep, EVENTS)
-    assert _ready(base)[0] == 200, "a refusal of a few seconds is retried, not reported"
+    assert fault_oracle.readyz(base)[0] == 200, "a refusal of seconds is retried, not reported"
     # Every outbox flush is refused by the dead-letter topic, Kafka answering all along:
     # the worker says it is not ready once that has lasted PUBLISHES_FAILING_S.
     t0 = time.monotonic()
-    _, checks = eventually(lambda: (lambda r: r if r[0] == 503 else None)(_ready(base)),
-                           PUBLISHES_FAILING_S + 60, "/readyz 503 while a topic refuses")
+    _, checks = eventually(
+        lambda: (lambda r: r if r[0] == 503 else None)(fault_oracle.readyz(base)),
+        PUBLISHES_FAILING_S + 60, "/readyz 503 while a topic refuses")
     print(f"not ready {time.monotonic() - t0:.0f}s after the input was applied: {checks}")
     assert checks["kafka"] is True and checks["redis"] is True
     assert checks["publishes_failing_s"] >= PUBLISHES_FAILING_S
@@ -114,7 +103,7 @@ def test_a_topic_refusing_its_records_does_not_repeat_the_migrations(make_deploy
     dep.cli("wait", "--timeout", "300")
     after = _migration_ids(dep)
     assert after == ids, "migrations published again once the dead letters went out"
-    assert eventually(lambda: _ready(base)[0] == 200, 30, "ready again")
+    assert eventually(lambda: fault_oracle.readyz(base)[0] == 200, 30, "ready again")
     print(fault_oracle.judge(dep, inputs, allow_dead=True))
 
 

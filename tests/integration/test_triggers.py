@@ -16,7 +16,33 @@ from stream.triggers import TriggerStats, run_triggers
 pytestmark = pytest.mark.integration
 
 
-class FlakyWebhook:
+class Webhook:
+    """A local webhook at ``url`` (``POST /hook``) while in ``async with``; ``handle``
+    answers each request."""
+
+    url = ""
+    _runner: web.AppRunner | None = None
+
+    async def handle(self, request: web.Request) -> web.Response:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Any:
+        app = web.Application()
+        app.router.add_post("/hook", self.handle)
+        self._runner = web.AppRunner(app, shutdown_timeout=1.0)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.url = f"http://127.0.0.1:{port}/hook"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._runner is not None
+        await self._runner.cleanup()
+
+
+class FlakyWebhook(Webhook):
     """Fails ~30% of requests with 500, times out ~5%, rejects to_segment 'Reject' with 422."""
 
     def __init__(self, seed: int, slow_s: float) -> None:
@@ -24,8 +50,6 @@ class FlakyWebhook:
         self.slow_s = slow_s
         self.outcomes: dict[str, list[str]] = defaultdict(list)
         self.problems: list[str] = []
-        self.url = ""
-        self._runner: web.AppRunner | None = None
 
     async def handle(self, request: web.Request) -> web.Response:
         body = orjson.loads(await request.read())
@@ -51,21 +75,6 @@ class FlakyWebhook:
 
     def ok(self) -> set[str]:
         return {m for m, o in self.outcomes.items() if "ok" in o}
-
-    async def __aenter__(self) -> FlakyWebhook:
-        app = web.Application()
-        app.router.add_post("/hook", self.handle)
-        self._runner = web.AppRunner(app, shutdown_timeout=1.0)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://127.0.0.1:{port}/hook"
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._runner is not None
-        await self._runner.cleanup()
 
 
 def migrations(n: int, seed: int) -> tuple[list[tuple[bytes | None, bytes | None]], dict[str, Any]]:
@@ -370,7 +379,7 @@ def test_the_consumer_starts_before_any_worker_created_the_topics(deployment: An
         a.close()
 
 
-class GatedWebhook:
+class GatedWebhook(Webhook):
     """Answers 500 to the first attempt of every migration whose id ends in 3, else 204,
     and holds every request while ``gate`` is clear; counts what it was sent."""
 
@@ -379,8 +388,6 @@ class GatedWebhook:
         self.requests = 0
         self.failed = 0
         self.seen: set[str] = set()
-        self.url = ""
-        self._runner: web.AppRunner | None = None
 
     async def handle(self, request: web.Request) -> web.Response:
         self.requests += 1
@@ -392,21 +399,6 @@ class GatedWebhook:
             self.failed += 1
             return web.Response(status=500)
         return web.Response(status=204)
-
-    async def __aenter__(self) -> GatedWebhook:
-        app = web.Application()
-        app.router.add_post("/hook", self.handle)
-        self._runner = web.AppRunner(app, shutdown_timeout=1.0)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://127.0.0.1:{port}/hook"
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._runner is not None
-        await self._runner.cleanup()
 
 
 def _samples(text: str) -> dict[str, float]:

@@ -2,9 +2,9 @@
 
 The consumer is the last hop from a segment move to a campaign: an operator needs to see
 it falling behind, a webhook slowing down or rejecting, and retries piling up, as the
-worker's own ``/metrics`` shows the engine. Its counts are read from the run's
-:class:`~stream.triggers.TriggerStats` at each scrape (one set of books), its lag from the
-consumer's positions and the topic's high watermarks, then.
+worker's own ``/metrics`` shows the engine. Each scrape reads the counts from the run's
+:class:`~stream.triggers.TriggerStats` (one set of books) and works out the lag from the
+consumer's positions and the topic's high watermarks.
 """
 
 from __future__ import annotations
@@ -157,4 +157,3 @@ async def serve(metrics: TriggerMetrics, host: str, port: int,
         raise
     log.info("triggers: metrics on http://%s:%d/metrics", host, port)
     return runner
-
